@@ -1,0 +1,173 @@
+"""The `tfcal` command line: argument parsing and exit codes only.
+
+Exit codes: 0 ok; 1 a check failed (`drift`); 2 bad input or usage (one line, no traceback
+unless `--debug`); 3 an internal error (a bug: please report it with `--debug` output);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+_EPILOG = "Exit codes: 0 ok, 1 a check failed (drift), 2 bad input or usage, 3 internal error."
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tfcal",
+        description="Calibrate detector scores, tune a score threshold and NMS IoU per class, "
+                    "and export the result as a TF Serving SavedModel.",
+        epilog=_EPILOG)
+    _add_common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "tune", help="calibrate, search thresholds and IoU per class, report, then export",
+        description="Run the detector over the COCO validation set (cached), fit calibration and "
+                    "search (min_score_thresh, nms_iou) per class on the tune split, report on "
+                    "the holdout split, and export when export.enabled is true.",
+        epilog=_EPILOG)
+    p.add_argument("config", type=Path, help="YAML config (see configs/example.yaml)")
+    p.add_argument("--no-export", action="store_true", help="skip the export even if enabled")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "export", help="export the tuned post-processing as a TF Serving SavedModel",
+        description="Append <output.dir>/postprocess.json to the detector in model.saved_model and "
+                    "write export.dir/<model_name>/<version>/ with models.config, batching "
+                    "parameters and warmup requests.",
+        epilog=_EPILOG)
+    p.add_argument("config", type=Path, help="the YAML config used by `tfcal tune`")
+    p.add_argument("--version", type=int, default=None, help="version number (default: next free)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    p.add_argument("--postprocess-only", action="store_true",
+                   help="export only the post-processing (raw boxes and scores in)")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "evaluate", help="COCO metrics and per-class TP/FP/FN of a COCO results file",
+        description="Evaluate a COCO results JSON (list of {image_id, category_id, bbox, score}) "
+                    "against COCO annotations with pycocotools.",
+        epilog=_EPILOG)
+    p.add_argument("--annotations", type=Path, required=True, help="COCO instances JSON")
+    p.add_argument("--detections", type=Path, required=True, help="COCO results JSON")
+    p.add_argument("--match-iou", type=float, default=0.5, help="IoU for TP/FP/FN (default 0.5)")
+    p.add_argument("--out", type=Path, default=None, help="write the report JSON here")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "report", help="re-render report.md and plots from a report.json",
+        description="Re-render report.md (and plots, when their data is present) from report.json.",
+        epilog=_EPILOG)
+    p.add_argument("report", type=Path, help="report.json, or the run directory holding it")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "drift", help="re-check calibration and per-class precision on newly labelled data",
+        description="Run the tuned post-processing on newly labelled COCO data and compare ECE "
+                    "and per-class precision at the deployed thresholds with the tuning report. "
+                    "Exits 1 when outside the tolerances in the config's drift section.",
+        epilog=_EPILOG)
+    p.add_argument("config", type=Path, help="the YAML config used by `tfcal tune`")
+    p.add_argument("--annotations", type=Path, required=True, help="new COCO instances JSON")
+    p.add_argument("--images", type=Path, required=True, help="directory of the new images")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write drift.json here (default: <output.dir>/drift.json)")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "demo", help="run the whole job on the embedded synthetic dataset and detector",
+        description="Generate a synthetic COCO dataset, run the bundled demo detector, calibrate, "
+                    "tune for precision >= 0.9 per class, report and export. No downloads.",
+        epilog=_EPILOG)
+    p.add_argument("--out", type=Path, default=Path("runs/demo"),
+                   help="working directory for data, report and export (default runs/demo)")
+    p.add_argument("--num-images", type=int, default=None, help="images to generate")
+    _add_common(p)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Imports are here so that `--help` answers at once.
+    from tfcal import config as config_lib
+
+    if args.command == "tune":
+        cfg = config_lib.load_config(args.config)
+        from tfcal.tuning import pipeline
+        result = pipeline.run_tune(cfg, export=not args.no_export)
+        print(result.summary())
+        return EXIT_OK
+    if args.command == "export":
+        cfg = config_lib.load_config(args.config)
+        from tfcal.tuning import pipeline
+        result = pipeline.run_export(cfg, version=args.version, overwrite=args.overwrite,
+                                     postprocess_only=args.postprocess_only)
+        print(result.summary())
+        return EXIT_OK
+    if args.command == "evaluate":
+        from tfcal.tuning import pipeline
+        result = pipeline.run_evaluate(args.annotations, args.detections,
+                                       match_iou=args.match_iou, out=args.out)
+        print(result.summary())
+        return EXIT_OK
+    if args.command == "report":
+        from tfcal.tuning import report
+        path = report.render_report(args.report)
+        print(f"report: {path}")
+        return EXIT_OK
+    if args.command == "drift":
+        cfg = config_lib.load_config(args.config)
+        from tfcal.tuning import drift
+        result = drift.run_drift(cfg, args.annotations, args.images, out=args.out)
+        print(result.summary())
+        return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+    if args.command == "demo":
+        from tfcal.demo import run_demo
+        result = run_demo(args.out, num_images=args.num_images)
+        print(result.summary())
+        return EXIT_OK
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tfcal` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "PIL"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    from tfcal import TfcalError
+
+    try:
+        return _run(args)
+    except TfcalError as err:
+        if args.debug:
+            raise
+        print(f"tfcal: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("tfcal: interrupted; no partial output was kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - the one place that turns bugs into an exit code
+        if args.debug:
+            raise
+        print(f"tfcal: internal error: {type(err).__name__}: {err} (rerun with --debug)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The tuning config file: frozen dataclasses, `load_config(path)`, and all of its validation.
+
+A config is read once, at the boundary, into frozen dataclasses. Every check happens here, before
+any work starts; a bad file gives one `TfcalError` line that names the file and the key path:
+
+    configs/x.yaml: tuning.target_precision: must be in (0, 1], got 1.5
+
+Relative paths resolve against the directory of the config file. `configs/example.yaml`
+documents every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from tfcal import TfcalError
+
+ScoreConverter = Literal["sigmoid", "softmax", "identity"]
+CalibrationMethod = Literal["temperature", "platt", "isotonic", "none"]
+Objective = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
+OnUnreachable = Literal["disable", "best_effort", "error"]
+
+
+def _check(predicate, message):
+    """Field metadata: `predicate(value)` must hold, else `message` (with the value appended)."""
+    return {"check": (predicate, message)}
+
+
+def _unit_open(v):
+    return 0.0 < v <= 1.0
+
+
+def _unit_closed(v):
+    return 0.0 <= v <= 1.0
+
+
+def _positive(v):
+    return v > 0
+
+
+def _resolved_path(v):
+    return v is None or isinstance(v, Path)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The detector and how to read its raw (pre-NMS) outputs."""
+
+    saved_model: Path | None = None
+    raw_outputs: Path | None = None  # precomputed npz instead of a model (see README)
+    signature: str = "serving_default"
+    input: str = "input_tensor"
+    raw_boxes: str = "raw_detection_boxes"
+    raw_scores: str = "raw_detection_scores"
+    score_converter: ScoreConverter = "sigmoid"
+    background_column: bool = True
+    label_offset: int = dataclasses.field(default=1, metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    category_columns: dict[str, int] | None = None  # explicit {category id or name: column}
+    batch_size: int = dataclasses.field(default=8, metadata=_check(_positive, "must be > 0"))
+    cache_dir: Path | None = None  # default: <output.dir>/cache
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The COCO-format validation set and how it is split."""
+
+    annotations: Path | None = None
+    images: Path | None = None
+    holdout_fraction: float = dataclasses.field(
+        default=0.3, metadata=_check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"))
+    seed: int = 0
+    subgroups: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    """How raw scores become calibrated probabilities (fitted on the tune split)."""
+
+    method: CalibrationMethod = "temperature"
+    per_class: bool = True
+    min_samples: int = dataclasses.field(default=30, metadata=_check(_positive, "must be > 0"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassOverride:
+    """Per-class changes to the tuning target, keyed by category id or name."""
+
+    objective: Objective | None = None
+    target_precision: float | None = dataclasses.field(
+        default=None, metadata=_check(_unit_open, "must be in (0, 1]"))
+    target_recall: float | None = dataclasses.field(
+        default=None, metadata=_check(_unit_open, "must be in (0, 1]"))
+    beta: float | None = dataclasses.field(default=None, metadata=_check(_positive, "must be > 0"))
+    c_fp: float | None = dataclasses.field(default=None, metadata=_check(_positive, "must be > 0"))
+    c_fn: float | None = dataclasses.field(default=None, metadata=_check(_positive, "must be > 0"))
+    on_unreachable: OnUnreachable | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """The per-class joint search of `min_score_thresh` and NMS IoU."""
+
+    objective: Objective = "precision_target"
+    target_precision: float = dataclasses.field(
+        default=0.9, metadata=_check(_unit_open, "must be in (0, 1]"))
+    target_recall: float = dataclasses.field(
+        default=0.9, metadata=_check(_unit_open, "must be in (0, 1]"))
+    beta: float = dataclasses.field(default=1.0, metadata=_check(_positive, "must be > 0"))
+    c_fp: float = dataclasses.field(default=1.0, metadata=_check(_positive, "must be > 0"))
+    c_fn: float = dataclasses.field(default=1.0, metadata=_check(_positive, "must be > 0"))
+    confidence: float | None = dataclasses.field(
+        default=None, metadata=_check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"))
+    match_iou: float = dataclasses.field(
+        default=0.5, metadata=_check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"))
+    nms_iou_grid: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)
+    default_nms_iou: float | None = dataclasses.field(
+        default=None, metadata=_check(_unit_open, "must be in (0, 1]"))
+    max_detections_per_class: int = dataclasses.field(
+        default=100, metadata=_check(_positive, "must be > 0"))
+    max_total_detections: int = dataclasses.field(
+        default=100, metadata=_check(_positive, "must be > 0"))
+    min_support: int = dataclasses.field(default=10, metadata=_check(_positive, "must be > 0"))
+    on_unreachable: OnUnreachable = "disable"
+    classes: dict[str, ClassOverride] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    """Where report.json, report.md, postprocess.json and plots/ go."""
+
+    dir: Path = Path("runs/example")
+    plots: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """The TF Serving package written after tuning."""
+
+    enabled: bool = True
+    dir: Path = Path("export")
+    model_name: str = "detector"
+    version: int | None = dataclasses.field(default=None, metadata=_check(_positive, "must be > 0"))
+    overwrite: bool = False
+    include_raw_outputs: bool = False
+    verify: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftConfig:
+    """Tolerances of `tfcal drift` against the tuning report."""
+
+    ece_tolerance: float = dataclasses.field(default=0.05, metadata=_check(_unit_closed, "must be in [0, 1]"))
+    precision_tolerance: float = dataclasses.field(
+        default=0.05, metadata=_check(_unit_closed, "must be in [0, 1]"))
+    min_support: int = dataclasses.field(default=10, metadata=_check(_positive, "must be > 0"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole tuning config, as loaded from YAML."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    tuning: TuningConfig = TuningConfig()
+    output: OutputConfig = OutputConfig()
+    export: ExportConfig = ExportConfig()
+    drift: DriftConfig = DriftConfig()
+    source: Path | None = dataclasses.field(default=None, compare=False)
+    sha256: str = dataclasses.field(default="", compare=False)
+
+
+_PATH_KEYS = {"saved_model", "raw_outputs", "annotations", "images", "dir", "cache_dir"}
+
+
+class _Loader:
+    """Walks a YAML mapping into a dataclass tree, failing on the first bad key."""
+
+    def __init__(self, source: str, base: Path):
+        self.source = source
+        self.base = base
+
+    def fail(self, keypath: str, message: str, value: Any = dataclasses.MISSING):
+        got = "" if value is dataclasses.MISSING else f", got {value!r}"
+        raise TfcalError(f"{self.source}: {keypath}: {message}{got}")
+
+    def build(self, cls, raw: Any, keypath: str):
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            self.fail(keypath or "(top level)", "must be a mapping", raw)
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("source", "sha256")}
+        for key in raw:
+            if key not in fields:
+                known = ", ".join(sorted(fields))
+                self.fail(_join(keypath, str(key)), f"unknown key (known keys: {known})")
+        values = {}
+        for name, field in fields.items():
+            if name not in raw:
+                continue
+            path = _join(keypath, name)
+            value = self.convert(hints[name], raw[name], path, is_path=name in _PATH_KEYS)
+            check = field.metadata.get("check")
+            if check is not None and value is not None and not check[0](value):
+                self.fail(path, check[1], raw[name])
+            values[name] = value
+        return cls(**values)
+
+    def convert(self, hint, value, path, *, is_path=False):
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+        if origin in (typing.Union, _UnionType) and type(None) in args:
+            if value is None:
+                return None
+            inner = [a for a in args if a is not type(None)]
+            return self.convert(inner[0], value, path, is_path=is_path)
+        if origin is Literal:
+            if value not in args:
+                self.fail(path, "must be one of " + " | ".join(map(str, args)), value)
+            return value
+        if hint is bool:
+            if not isinstance(value, bool):
+                self.fail(path, "must be true or false", value)
+            return value
+        if hint is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                self.fail(path, "must be an integer", value)
+            return value
+        if hint is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                self.fail(path, "must be a number", value)
+            if not math.isfinite(value):
+                self.fail(path, "must be finite", value)
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str) or not value:
+                self.fail(path, "must be a non-empty string", value)
+            return value
+        if hint is Path:
+            if not isinstance(value, str) or not value:
+                self.fail(path, "must be a path string", value)
+            p = Path(value).expanduser()
+            return p if p.is_absolute() else (self.base / p)
+        if origin is tuple:
+            if not isinstance(value, (list, tuple)):
+                self.fail(path, "must be a list", value)
+            return tuple(self.convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if origin is dict:
+            if not isinstance(value, Mapping):
+                self.fail(path, "must be a mapping", value)
+            out = {}
+            for k, v in value.items():
+                if isinstance(k, bool) or not isinstance(k, (str, int)):
+                    self.fail(path, "keys must be category ids or names", k)
+                out[str(k)] = self.convert(args[1], v, _join(path, str(k)))
+            return out
+        if dataclasses.is_dataclass(hint):
+            return self.build(hint, value, path)
+        raise TypeError(f"unsupported config type {hint!r} at {path}")  # a bug, not user input
+
+
+_UnionType = type(int | None)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _cross_checks(cfg: Config, fail) -> None:
+    """Checks that involve more than one key."""
+    m, t = cfg.model, cfg.tuning
+    if (m.saved_model is None) == (m.raw_outputs is None):
+        fail("model", "give exactly one of saved_model or raw_outputs")
+    if not t.nms_iou_grid:
+        fail("tuning.nms_iou_grid", "must list at least one IoU")
+    for i, v in enumerate(t.nms_iou_grid):
+        if not 0.0 < v <= 1.0:
+            fail(f"tuning.nms_iou_grid[{i}]", "must be in (0, 1]", v)
+    if len(set(t.nms_iou_grid)) != len(t.nms_iou_grid):
+        fail("tuning.nms_iou_grid", "must not repeat a value", list(t.nms_iou_grid))
+    if t.default_nms_iou is not None and t.default_nms_iou not in t.nms_iou_grid:
+        fail("tuning.default_nms_iou", "must be one of tuning.nms_iou_grid", t.default_nms_iou)
+    if t.max_detections_per_class > t.max_total_detections:
+        fail("tuning.max_detections_per_class", "must be <= tuning.max_total_detections",
+             t.max_detections_per_class)
+    if m.category_columns is not None:
+        for key, col in m.category_columns.items():
+            if isinstance(col, bool) or not isinstance(col, int) or col < 0:
+                fail(f"model.category_columns.{key}", "must be a column index >= 0", col)
+    if cfg.data.annotations is None:
+        fail("data.annotations", "is required")
+    if len(set(cfg.data.subgroups)) != len(cfg.data.subgroups):
+        fail("data.subgroups", "must not repeat a field", list(cfg.data.subgroups))
+
+
+def load_config(path: str | Path) -> Config:
+    """Reads and validates a YAML tuning config.
+
+    Args:
+      path: the YAML file. Relative paths inside it resolve against its directory.
+
+    Returns:
+      The frozen `Config`, with `source` set to the file and `sha256` to its content hash.
+
+    Raises:
+      TfcalError: one line naming the file and key path, for a missing or unreadable file,
+        invalid YAML, an unknown key, a wrong type or an out-of-range value.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as err:
+        raise TfcalError(f"{path}: cannot read config: {err.strerror or err}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise TfcalError(f"{path}: invalid YAML{where}: {problem}") from None
+    loader = _Loader(str(path), path.resolve().parent)
+    cfg = loader.build(Config, raw, "")
+    _cross_checks(cfg, loader.fail)
+    return dataclasses.replace(cfg, source=path, sha256=hashlib.sha256(text).hexdigest())
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """A JSON-able view of a config (paths as strings), for reports and provenance."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                if f.name not in ("source", "sha256")}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    if isinstance(cfg, tuple):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    return cfg
