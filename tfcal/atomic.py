@@ -1,0 +1,75 @@
+"""Atomic writes: a file or directory appears whole, or not at all.
+
+Everything users depend on (reports, caches, exports) is written to a temporary sibling and
+renamed into place, so a crash or Ctrl-C never leaves a half-written result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Writes `data` to `path` atomically (temporary sibling, fsync, `os.replace`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Writes UTF-8 `text` to `path` atomically."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Writes `obj` as indented JSON (no NaN/Infinity: they are not JSON) atomically."""
+    return write_text(path, json.dumps(obj, indent=2, allow_nan=False, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def directory(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary directory that becomes `path` when the block ends without error.
+
+    Args:
+      path: the final directory. Its parent is created if needed.
+      overwrite: replace an existing `path`; when False an existing `path` raises
+        `FileExistsError` before anything is written.
+
+    The temporary directory is a hidden sibling of `path` (same file system, so the final
+    rename is atomic). On any exception, including KeyboardInterrupt, it is removed.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
