@@ -132,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
         print(result.summary())
         return EXIT_OK if result.ok else EXIT_CHECK_FAILED
     if args.command == "demo":
-        from tfcal.demo import run_demo
+        from tfcal.demo.run import run_demo
         result = run_demo(args.out, num_images=args.num_images)
         print(result.summary())
         return EXIT_OK
@@ -144,11 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not args.debug:
-        for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "PIL"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tfcal").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if args.debug else logging.ERROR)
     from tfcal import TfcalError
 
     try:

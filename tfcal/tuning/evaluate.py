@@ -1,0 +1,299 @@
+"""The honest numbers: the final serving post-processing measured on the holdout images.
+
+Nothing here chooses anything. It runs the exact `PostProcessor` that will be exported on the
+cached raw outputs of images that took no part in calibration or search, evaluates it with
+pycocotools and the COCO matcher, and assembles report.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from tfcal.tuning import pipeline as pl
+from tfcal.tuning.report import STAT_KEYS
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Counts:
+    """TP/FP/FN per class column (int64 `[K]` each) and their sum."""
+
+    tp: np.ndarray
+    fp: np.ndarray
+    fn: np.ndarray
+
+    @classmethod
+    def from_match(cls, result, columns, num_gt, num_classes) -> "Counts":
+        tp = np.bincount(columns, weights=result.tp, minlength=num_classes).astype(np.int64)
+        fp = np.bincount(columns, weights=result.fp, minlength=num_classes).astype(np.int64)
+        return cls(tp, fp, num_gt - tp)
+
+
+def _precision_block(tp: int, fp: int, fn: int) -> dict:
+    """Counts, precision with its two-sided Clopper–Pearson interval, and recall."""
+    from tfcal.thresholds import clopper_pearson
+
+    n = tp + fp
+    lower, upper = clopper_pearson(np.array([tp]), np.array([n]), pl.HOLDOUT_CONFIDENCE)
+    return {
+        "tp": int(tp), "fp": int(fp), "fn": int(fn),
+        "precision": tp / n if n else None,
+        "precision_lower": float(lower[0]) if n else None,
+        "precision_upper": float(upper[0]) if n else None,
+        "recall": tp / (tp + fn) if tp + fn else None,
+    }
+
+
+def _calibrated(calib, cfg, scores, columns):
+    """Calibrated probabilities of uncalibrated post-processed `scores` of class `columns`."""
+    from tfcal.calibration import probs_to_logits
+
+    if calib is None or scores.size == 0:
+        return scores.astype(np.float64)
+    x = scores if calib.method == "piecewise_linear" else probs_to_logits(scores)
+    return calib.apply(x, columns).astype(np.float64)
+
+
+def _meets(cfg, column_objective, block) -> bool | None:
+    if column_objective.name == "precision_target":
+        if block["precision"] is None:
+            return None
+        if column_objective.confidence is not None:
+            return bool(block["precision_lower"] >= column_objective.target_precision)
+        return bool(block["precision"] >= column_objective.target_precision)
+    if column_objective.name == "recall_target":
+        return None if block["recall"] is None else bool(
+            block["recall"] >= column_objective.target_recall)
+    return None
+
+
+def _downsample(*arrays, n=pl.CURVE_POINTS):
+    size = len(arrays[0])
+    if size <= n:
+        return [a.tolist() for a in arrays]
+    idx = np.unique(np.linspace(0, size - 1, n).round().astype(int))
+    return [a[idx].tolist() for a in arrays]
+
+
+def holdout_report(cfg, prep, ppc, calib, found, tune_idx, holdout_idx) -> dict:
+    """Builds report.json's content. See `tfcal.tuning.report` for the schema."""
+    from tfcal.coco.evaluation import coco_stats
+    from tfcal.metrics import brier_score, expected_calibration_error
+
+    k = prep.num_classes
+    holdout_ids = prep.dataset.image_ids[holdout_idx]
+    objective, overrides = pl._objectives(cfg, prep)
+
+    # Before: the OD API default (no calibration, score > 1e-8, one IoU, same detection caps).
+    before_ppc = pl._base_postprocess_config(
+        cfg, prep, nms_iou=(found.default_nms_iou,),
+        min_score_thresh=(pl.ODAPI_DEFAULT_SCORE_THRESH,))
+    before = pl.postprocess_images(before_ppc, prep.raw, holdout_idx)
+    before_coco, _ = pl.to_coco_detections(before, prep)
+    b_match, b_cols, num_gt = pl.match(prep, before, holdout_idx, cfg)
+    keep = ~b_match.ignored
+    labels = b_match.tp[keep].astype(np.int64)
+    p_before = b_match.score[keep].astype(np.float64)
+    p_after = _calibrated(calib, cfg, p_before, b_cols[keep])
+
+    # After: the exact serving post-processing.
+    final = pl.postprocess_images(ppc, prep.raw, holdout_idx)
+    final_coco, _ = pl.to_coco_detections(final, prep)
+    f_match, f_cols, _ = pl.match(prep, final, holdout_idx, cfg)
+    counts = Counts.from_match(f_match, f_cols, num_gt, k)
+
+    classes = []
+    for cat_id, name in zip(prep.dataset.category_ids, prep.dataset.category_names):
+        col = prep.mapping.column_of(int(cat_id))
+        choice = found.classes[col]
+        block = _precision_block(counts.tp[col], counts.fp[col], counts.fn[col])
+        block["meets_target"] = (_meets(cfg, overrides.get(col, objective), block)
+                                 if choice.enabled else None)
+        entry = {
+            "category_id": int(cat_id), "name": name, "column": col,
+            "status": choice.status if choice.enabled or choice.status != "ok" else "disabled",
+            "enabled": bool(choice.enabled),
+            "threshold": float(choice.min_score_thresh), "nms_iou": float(choice.nms_iou),
+            "objective": choice.objective,
+            "calibration": _class_calibration(calib, col),
+            "tune": {"tp": choice.tp, "fp": choice.fp, "fn": choice.fn,
+                     "precision": choice.precision, "recall": choice.recall,
+                     "num_gt": choice.num_gt},
+            "holdout": block,
+        }
+        if calib is not None and calib.method == "temperature":
+            entry["temperature"] = float(calib.temperature[col])
+        classes.append(entry)
+
+    enabled_cols = np.array([c["column"] for c in classes if c["enabled"]], dtype=np.int64)
+    # Recall counts every category's ground truth: a disabled class's objects are misses.
+    mapped_cols = np.array([c["column"] for c in classes], dtype=np.int64)
+    total = _precision_block(int(counts.tp[enabled_cols].sum()),
+                             int(counts.fp[enabled_cols].sum()),
+                             int(counts.fn[mapped_cols].sum()))
+
+    summary = {
+        "coco_stats_before": coco_stats(prep.dataset, before_coco, image_ids=holdout_ids),
+        "coco_stats_after": coco_stats(prep.dataset, final_coco, image_ids=holdout_ids),
+        "ece_before": _maybe(expected_calibration_error, p_before, labels),
+        "ece_after": _maybe(expected_calibration_error, p_after, labels),
+        "brier_before": _maybe(brier_score, p_before, labels),
+        "brier_after": _maybe(brier_score, p_after, labels),
+        "calibration_samples": int(labels.size),
+        "holdout": total,
+        "before_post_processing": {"nms_iou": found.default_nms_iou,
+                                   "score_threshold": pl.ODAPI_DEFAULT_SCORE_THRESH,
+                                   "calibration": "none"},
+    }
+    subgroups = _subgroups(cfg, prep, holdout_idx, f_match, f_cols, enabled_cols, b_match,
+                           keep, p_after, labels)
+    notes = _notes(cfg, prep, classes, calib)
+    t = cfg.tuning
+    report = {
+        "tfcal_version": pl.tfcal.__version__,
+        "target": {"objective": t.objective, "target_precision": t.target_precision,
+                   "target_recall": t.target_recall, "beta": t.beta, "c_fp": t.c_fp,
+                   "c_fn": t.c_fn, "confidence": t.confidence, "match_iou": t.match_iou,
+                   "nms_iou_grid": list(t.nms_iou_grid),
+                   "default_nms_iou": found.default_nms_iou,
+                   "on_unreachable": t.on_unreachable},
+        "split": {"tune_images": int(len(tune_idx)), "holdout_images": int(len(holdout_idx)),
+                  "holdout_fraction": cfg.data.holdout_fraction, "seed": cfg.data.seed},
+        "calibration": {"method": cfg.calibration.method, "per_class": cfg.calibration.per_class,
+                        "min_samples": cfg.calibration.min_samples,
+                        "fallback_classes": _fallback_ids(calib, prep)},
+        "holdout_confidence": pl.HOLDOUT_CONFIDENCE,
+        "classes": classes,
+        "summary": summary,
+        "subgroups": subgroups,
+        "notes": notes,
+        "provenance": dict(ppc.metadata),
+        "curves": _curves(prep, found, classes, p_before, p_after, labels),
+    }
+    return pl.jsonable(report)
+
+
+def _maybe(fn, probs, labels):
+    return float(fn(probs, labels)) if labels.size else None
+
+
+def _class_calibration(calib, col: int) -> dict:
+    if calib is None:
+        return {}
+    if calib.method == "temperature":
+        return {"temperature": float(calib.temperature[col])}
+    if calib.method == "platt":
+        return {"a": float(calib.platt_a[col]), "b": float(calib.platt_b[col])}
+    return {"knots": len(calib.knots_x[col])}
+
+
+def _fallback_ids(calib, prep) -> list[int]:
+    if calib is None:
+        return []
+    ids = prep.mapping.column_category_ids
+    return [int(ids[c]) for c in calib.fallback_classes if ids[c] >= 0]
+
+
+def _subgroups(cfg, prep, holdout_idx, f_match, f_cols, enabled_cols, b_match, keep, p_after,
+               labels) -> list[dict]:
+    from tfcal.metrics import expected_calibration_error
+
+    out = []
+    images = prep.dataset.dataset["images"]
+    on = np.isin(f_cols, enabled_cols)
+    gt_mask = ~prep.dataset.ann_iscrowd
+    objective = cfg.tuning.objective
+    for field in cfg.data.subgroups:
+        values = {}
+        for r in holdout_idx:
+            values.setdefault(str(images[r][field]), []).append(int(prep.dataset.image_ids[r]))
+        for value, ids in sorted(values.items()):
+            ids = np.array(ids, dtype=np.int64)
+            fm = np.isin(f_match.image_id, ids) & on
+            tp = int(f_match.tp[fm].sum())
+            fp = int(f_match.fp[fm].sum())
+            gt_cols = np.isin(prep.dataset.ann_image_ids, ids) & gt_mask
+            n_gt = int((gt_cols & np.isin(prep.dataset.ann_category_ids,
+                                          prep.mapping.category_ids)).sum())
+            block = _precision_block(tp, fp, n_gt - tp)
+            bm = np.isin(b_match.image_id[keep], ids)
+            ece = (float(expected_calibration_error(p_after[bm], labels[bm]))
+                   if bm.any() else None)
+            if objective == "precision_target":
+                below = block["precision"] is not None and \
+                    block["precision"] < cfg.tuning.target_precision
+            elif objective == "recall_target":
+                below = block["recall"] is not None and block["recall"] < cfg.tuning.target_recall
+            else:
+                below = False
+            out.append({"field": field, "value": value, "images": int(len(ids)), **block,
+                        "ece": ece, "below_target": bool(below)})
+    return out
+
+
+def _notes(cfg, prep, classes, calib) -> list[str]:
+    notes = []
+    unused = int((prep.mapping.column_category_ids < 0).sum())
+    if unused:
+        notes.append(f"{unused} score columns map to no category of the annotations; they keep "
+                     "the tuned post-processing's defaults and were not evaluated.")
+    for status, text in (("unreachable", "could not reach the target on the tune split"),
+                         ("insufficient_data", "had too little support and use the pooled "
+                                               "choice"),
+                         ("disabled", "are disabled (never emitted)")):
+        names = [c["name"] for c in classes if c["status"] == status]
+        if names:
+            notes.append(f"{len(names)} classes {text}: {', '.join(names[:12])}"
+                         + (" ..." if len(names) > 12 else ""))
+    missed = [c["name"] for c in classes if c["holdout"].get("meets_target") is False]
+    if missed:
+        notes.append(f"{len(missed)} enabled classes miss the target on the holdout images: "
+                     f"{', '.join(missed[:12])}" + (" ..." if len(missed) > 12 else "")
+                     + ". Small holdout counts make wide intervals: read the interval column.")
+    if calib is not None and calib.fallback_classes:
+        notes.append(f"calibration shrank {len(calib.fallback_classes)} classes toward the pooled "
+                     f"fit (fewer than {cfg.calibration.min_samples} tune detections).")
+    return notes
+
+
+def _curves(prep, found, classes, p_before, p_after, labels) -> dict:
+    by_support = sorted((c for c in classes if c["enabled"] and c["tune"]["num_gt"] > 0),
+                        key=lambda c: -c["tune"]["num_gt"])[:pl.PLOTTED_CLASSES]
+    grid = list(found.nms_iou_grid)
+    out_classes = []
+    for c in by_support:
+        curves = found.curves[grid.index(c["nms_iou"])]
+        thr, prec, rec = curves.for_class(c["column"])
+        if thr.size == 0:
+            continue
+        t, p, r = _downsample(thr, prec, rec)
+        out_classes.append({"category_id": c["category_id"], "name": c["name"],
+                            "nms_iou": c["nms_iou"], "threshold": t, "precision": p,
+                            "recall": r, "chosen": {"threshold": c["threshold"],
+                                                    "precision": c["tune"]["precision"],
+                                                    "recall": c["tune"]["recall"]}})
+    table = np.asarray(found.iou_table, dtype=np.float64)  # [G, K] best value, NaN: infeasible
+    scored = [c["column"] for c in classes if c["tune"]["num_gt"] > 0]
+    sub = table[:, scored] if scored else np.full((len(grid), 1), np.nan)
+    feasible = np.isfinite(sub)
+    objective = classes[0]["objective"] if classes else "value"
+    with np.errstate(invalid="ignore"):
+        mean_value = np.where(feasible.any(axis=1),
+                              np.nansum(np.where(feasible, sub, 0.0), axis=1)
+                              / np.maximum(feasible.sum(axis=1), 1), np.nan)
+    return {
+        "reliability": {"confidence_before": p_before.tolist(),
+                        "confidence_after": p_after.tolist(), "label": labels.tolist(),
+                        "num_bins": 10} if labels.size else None,
+        "classes": out_classes,
+        "iou_grid": {"nms_iou": grid,
+                     "classes reaching the target (fraction)": feasible.mean(axis=1).tolist(),
+                     f"mean best {_VALUE_NAME.get(objective, 'value')} (feasible classes)":
+                         [None if math.isnan(v) else float(v) for v in mean_value]},
+    }
+
+
+_VALUE_NAME = {"precision_target": "recall", "recall_target": "precision", "f1": "F1",
+               "fbeta": "F-beta", "cost": "-cost"}

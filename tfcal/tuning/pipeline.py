@@ -1,0 +1,513 @@
+"""The tuning job end to end: config -> raw outputs -> calibration -> search -> report -> export.
+
+Data flows one way. The detector runs once (its raw, pre-NMS outputs are cached); images are
+split into a tune part (calibration fit and threshold/IoU search) and a holdout part (every
+reported number). The final check runs the exact serving `PostProcessor` on the cached raw
+outputs of the holdout images and evaluates it with pycocotools.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import tfcal
+from tfcal import TfcalError, atomic
+from tfcal.config import Config, config_to_dict
+
+log = logging.getLogger(__name__)
+
+#: The detector's own post-processing we compare against (the OD API default).
+ODAPI_DEFAULT_SCORE_THRESH = 1e-8
+#: Two-sided level of the holdout precision intervals in the report.
+HOLDOUT_CONFIDENCE = 0.95
+#: Classes plotted as precision/recall against threshold (the most frequent ones).
+PLOTTED_CLASSES = 6
+#: Points kept per curve in report.json.
+CURVE_POINTS = 120
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparation: validated data, category mapping, raw outputs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prepared:
+    """Validated inputs of a job.
+
+    Attributes:
+      dataset: the `CocoDataset`.
+      mapping: the `CategoryMapping` of score columns to category ids.
+      raw: the `RawOutputs` (image_ids, boxes, scores, ...), in `dataset.image_ids` order.
+      num_classes: K, class score columns after dropping background.
+      model_fingerprint, data_fingerprint: hashes for provenance and caching.
+    """
+
+    dataset: Any
+    mapping: Any
+    raw: Any
+    num_classes: int
+    model_fingerprint: str
+    data_fingerprint: str
+
+
+def load_dataset(cfg: Config, annotations: Path | None = None, images: Path | None = None):
+    """Loads and validates the COCO set (and, with a model, its images) before any work."""
+    from tfcal.coco.dataset import load_coco
+
+    annotations = annotations or cfg.data.annotations
+    images = images if images is not None else cfg.data.images
+    need_images = cfg.model.saved_model is not None
+    if need_images and images is None:
+        raise TfcalError(f"{cfg.source}: data.images: is required to run model.saved_model")
+    dataset = load_coco(annotations, images if need_images else None, check_images=need_images)
+    for field in cfg.data.subgroups:
+        missing = [img.get("id") for img in dataset.dataset["images"] if field not in img]
+        if missing:
+            raise TfcalError(f"{annotations}: images[id={missing[0]}].{field}: missing "
+                             f"(data.subgroups lists it; {len(missing)} images lack it)")
+    return dataset
+
+
+def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None = None,
+            cache_dir: Path | None = None) -> Prepared:
+    """Validates the data, maps categories to columns and gets the raw outputs (cached)."""
+    from tfcal.coco import runner
+    from tfcal.coco.cache import load_raw_outputs
+    from tfcal.coco.dataset import CategoryMapping
+
+    dataset = load_dataset(cfg, annotations, images)
+    m = cfg.model
+    if m.saved_model is not None:
+        keys = runner.SignatureKeys(signature=m.signature, input=m.input, raw_boxes=m.raw_boxes,
+                                    raw_scores=m.raw_scores)
+        raw = runner.run_detector(
+            m.saved_model, dataset, keys=keys, batch_size=m.batch_size,
+            cache_dir=cache_dir or m.cache_dir or (cfg.output.dir / "cache"))
+    else:
+        raw = load_raw_outputs(m.raw_outputs, dataset)
+    num_columns = raw.scores.shape[-1]
+    num_classes = num_columns - 1 if m.background_column else num_columns
+    if num_classes < 1:
+        raise TfcalError(f"{m.saved_model or m.raw_outputs}: {m.raw_scores}: needs at least one "
+                         f"class column, got {num_columns} columns")
+    if m.category_columns is not None:
+        mapping = CategoryMapping.from_category_columns(dataset, m.category_columns, num_classes)
+    else:
+        mapping = CategoryMapping.odapi(dataset, num_classes, label_offset=m.label_offset)
+    return Prepared(dataset=dataset, mapping=mapping, raw=raw, num_classes=num_classes,
+                    model_fingerprint=raw.model_fingerprint, data_fingerprint=raw.data_fingerprint)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the real post-processing ops over cached raw outputs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FlatDetections:
+    """Post-processed detections of many images, flattened.
+
+    Attributes:
+      image_index: int64 `[D]` row in the raw outputs. column: int64 `[D]` class column.
+      score: float32 `[D]`. boxes: float32 `[D, 4]` normalized `[ymin, xmin, ymax, xmax]`.
+    """
+
+    image_index: np.ndarray
+    column: np.ndarray
+    score: np.ndarray
+    boxes: np.ndarray
+
+    def subset(self, mask: np.ndarray) -> "FlatDetections":
+        return FlatDetections(self.image_index[mask], self.column[mask], self.score[mask],
+                              self.boxes[mask])
+
+
+def postprocess_images(ppc, raw, indices: np.ndarray, *, batch_size: int = 32) -> FlatDetections:
+    """Runs the serving `PostProcessor` of `ppc` over the raw outputs of `indices`."""
+    from tfcal.layers import PostProcessor
+
+    layer = PostProcessor.from_postprocess_config(ppc)
+    fn = _compiled(layer)
+    parts = []
+    for start in range(0, len(indices), batch_size):
+        idx = np.asarray(indices[start:start + batch_size])
+        out = fn(raw.boxes[idx], raw.scores[idx])
+        n = out["num_detections"].numpy().astype(np.int64)
+        valid = np.arange(out["detection_scores"].shape[1])[None, :] < n[:, None]
+        parts.append((np.repeat(idx, n),
+                      out["detection_classes"].numpy()[valid].astype(np.int64) - ppc.label_offset,
+                      out["detection_scores"].numpy()[valid],
+                      out["detection_boxes"].numpy()[valid]))
+    if not parts:
+        return FlatDetections(np.zeros(0, np.int64), np.zeros(0, np.int64),
+                              np.zeros(0, np.float32), np.zeros((0, 4), np.float32))
+    return FlatDetections(*(np.concatenate(p) for p in zip(*parts)))
+
+
+def _compiled(layer):
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def fn(boxes, scores):
+        return layer(boxes, scores)
+
+    return fn
+
+
+def to_coco_detections(dets: FlatDetections, prep: Prepared):
+    """Normalized boxes of used columns -> `Detections` in COCO pixel xywh."""
+    from tfcal.coco.matching import Detections
+
+    cat = prep.mapping.columns_to_category_ids(dets.column)
+    keep = cat >= 0
+    d = dets.subset(keep)
+    h = prep.dataset.image_heights[d.image_index].astype(np.float64)
+    w = prep.dataset.image_widths[d.image_index].astype(np.float64)
+    b = d.boxes.astype(np.float64)
+    x0, y0 = b[:, 1] * w, b[:, 0] * h
+    xywh = np.stack([x0, y0, b[:, 3] * w - x0, b[:, 2] * h - y0], axis=1)
+    return Detections.from_arrays(prep.dataset.image_ids[d.image_index], cat[keep], xywh,
+                                  d.score), keep
+
+
+def match(prep: Prepared, dets: FlatDetections, image_indices: np.ndarray, cfg: Config):
+    """Matches `dets` on the images `image_indices`; returns (MatchResult, per-row column)."""
+    from tfcal.coco.matching import match_detections
+
+    coco_dets, _ = to_coco_detections(dets, prep)
+    result = match_detections(prep.dataset, coco_dets, iou_threshold=cfg.tuning.match_iou,
+                              max_dets=cfg.tuning.max_total_detections,
+                              image_ids=prep.dataset.image_ids[image_indices])
+    columns = np.array([prep.mapping.column_of(c) for c in result.category_ids], dtype=np.int64)
+    num_gt = np.zeros(prep.num_classes, dtype=np.int64)
+    num_gt[columns] = result.num_gt
+    return result, columns[np.searchsorted(result.category_ids, result.category_id)], num_gt
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
+def _base_postprocess_config(cfg: Config, prep: Prepared, **fields):
+    from tfcal.postprocess import PostProcessConfig
+
+    base = dict(
+        num_classes=prep.num_classes,
+        score_converter=cfg.model.score_converter,
+        background_column=cfg.model.background_column,
+        max_detections_per_class=cfg.tuning.max_detections_per_class,
+        max_total_detections=cfg.tuning.max_total_detections,
+        label_offset=cfg.model.label_offset,
+        class_ids=tuple(int(c) for c in prep.mapping.column_category_ids),
+    )
+    base.update(fields)
+    return PostProcessConfig(**base)
+
+
+def fit_calibration(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
+    """Fits the calibration on the tune split's detections (default IoU, no threshold).
+
+    Returns:
+      `(PerClassCalibration or None, FlatDetections, tp labels)`; the detections and labels are
+      the tune samples the fit used (None for method `none`).
+    """
+    from tfcal.calibration import fit_per_class, probs_to_logits
+    from tfcal.tuning.search import default_iou
+
+    method = cfg.calibration.method
+    if method == "none":
+        return None
+    if cfg.model.score_converter == "softmax" and method == "temperature":
+        raise TfcalError(f"{cfg.source}: calibration.method: temperature with score_converter "
+                         "softmax is not tuned per detection; use platt or isotonic")
+    iou = cfg.tuning.default_nms_iou or default_iou(cfg.tuning.nms_iou_grid)
+    plain = _base_postprocess_config(cfg, prep, nms_iou=(iou,),
+                                     min_score_thresh=(ODAPI_DEFAULT_SCORE_THRESH,))
+    dets = postprocess_images(plain, prep.raw, tune_idx)
+    result, columns, _ = match(prep, dets, tune_idx, cfg)
+    keep = ~result.ignored
+    probs = result.score[keep].astype(np.float64)
+    labels = result.tp[keep].astype(np.int64)
+    cols = columns[keep]
+    if labels.size == 0:
+        raise TfcalError(f"{cfg.data.annotations}: no detections on the tune images to "
+                         "calibrate with (check model.score_converter and the data)")
+    x = probs if method == "isotonic" else probs_to_logits(probs)
+    if cfg.calibration.per_class:
+        return fit_per_class(method, x, labels, cols, prep.num_classes,
+                             min_samples=cfg.calibration.min_samples)
+    pooled = fit_per_class(method, x, labels, np.zeros_like(cols), 1,
+                           min_samples=cfg.calibration.min_samples)
+    return _broadcast_pooled(pooled, prep.num_classes)
+
+
+def _broadcast_pooled(pooled, num_classes: int):
+    """A one-class fit repeated for every class column."""
+    return dataclasses.replace(
+        pooled, num_classes=num_classes,
+        temperature=pooled.temperature * num_classes if pooled.temperature else (),
+        platt_a=pooled.platt_a * num_classes if pooled.platt_a else (),
+        platt_b=pooled.platt_b * num_classes if pooled.platt_b else (),
+        knots_x=pooled.knots_x * num_classes if pooled.knots_x else (),
+        knots_y=pooled.knots_y * num_classes if pooled.knots_y else (),
+        fallback_classes=[], num_samples=(), weights=())
+
+
+def _calibration_fields(calib) -> dict:
+    if calib is None:
+        return {"calibration": "none"}
+    return calib.config_fields()
+
+
+def _objectives(cfg: Config, prep: Prepared):
+    from tfcal.tuning.search import Objective
+
+    t = cfg.tuning
+    base = Objective(name=t.objective, target_precision=t.target_precision,
+                     target_recall=t.target_recall, beta=t.beta, c_fp=t.c_fp, c_fn=t.c_fn,
+                     confidence=t.confidence, on_unreachable=t.on_unreachable)
+    overrides = {}
+    for key, ov in t.classes.items():
+        cat_id = _resolve_category_key(cfg, prep, key)
+        try:
+            column = prep.mapping.column_of(cat_id)
+        except ValueError:
+            raise TfcalError(f"{cfg.source}: tuning.classes.{key}: category {cat_id} has no "
+                             "score column") from None
+        fields = {f.name: getattr(ov, f.name) for f in dataclasses.fields(ov)}
+        overrides[column] = base.with_overrides(**fields)
+    return base, overrides
+
+
+def _resolve_category_key(cfg: Config, prep: Prepared, key: str) -> int:
+    ds = prep.dataset
+    names = {n: int(i) for i, n in zip(ds.category_ids, ds.category_names)}
+    if key in names:
+        return names[key]
+    if key.lstrip("-").isdigit() and int(key) in set(int(i) for i in ds.category_ids):
+        return int(key)
+    raise TfcalError(f"{cfg.source}: tuning.classes.{key}: not a category id or name of "
+                     f"{cfg.data.annotations}")
+
+
+def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
+    """Post-processes the tune split once per NMS IoU, matches once, and runs the search."""
+    from tfcal.tuning.search import MatchedDetections, joint_search
+
+    matched = {}
+    for iou in cfg.tuning.nms_iou_grid:
+        ppc = _base_postprocess_config(cfg, prep, nms_iou=(iou,), min_score_thresh=(0.0,),
+                                       **_calibration_fields(calib))
+        dets = postprocess_images(ppc, prep.raw, tune_idx)
+        result, columns, num_gt = match(prep, dets, tune_idx, cfg)
+        matched[iou] = MatchedDetections(score=result.score, column=columns, tp=result.tp,
+                                         ignored=result.ignored, num_gt=num_gt)
+    objective, overrides = _objectives(cfg, prep)
+    found = joint_search(matched, objective, overrides=overrides,
+                         default_nms_iou=cfg.tuning.default_nms_iou,
+                         min_support=cfg.tuning.min_support)
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneResult:
+    """What `tfcal tune` produced."""
+
+    run_dir: Path
+    report: dict
+    postprocess_path: Path
+    export: Any = None
+
+    def summary(self) -> str:
+        s = self.report["summary"]
+        h = s["holdout"]
+        statuses = {}
+        for c in self.report["classes"]:
+            statuses[c["status"]] = statuses.get(c["status"], 0) + 1
+        lines = [
+            f"report:      {self.run_dir / 'report.md'} (and report.json, plots/)",
+            f"postprocess: {self.postprocess_path}",
+            f"classes:     " + ", ".join(f"{v} {k}" for k, v in sorted(statuses.items())),
+            f"holdout:     precision {_f(h['precision'])}, recall {_f(h['recall'])} "
+            f"(TP {h['tp']}, FP {h['fp']}, FN {h['fn']}) on {self.report['split']['holdout_images']} images",
+            f"ECE:         {_f(s['ece_before'])} before -> {_f(s['ece_after'])} after calibration",
+            f"COCO AP50:   {_f(s['coco_stats_before']['AP50'])} default post-processing -> "
+            f"{_f(s['coco_stats_after']['AP50'])} tuned (holdout)",
+        ]
+        if self.export is not None:
+            lines.append(f"export:      {self.export.summary()}")
+        return "\n".join(lines)
+
+
+def _f(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def run_tune(cfg: Config, *, export: bool = True) -> TuneResult:
+    """`tfcal tune`: the whole job. See the module docstring."""
+    from tfcal.tuning.split import split_images
+
+    prep = prepare(cfg)
+    presence = _class_presence(prep)
+    tune_ids, holdout_ids = split_images(prep.dataset.image_ids, presence,
+                                         holdout_fraction=cfg.data.holdout_fraction,
+                                         seed=cfg.data.seed)
+    tune_idx = np.sort(prep.dataset.image_index(tune_ids))
+    holdout_idx = np.sort(prep.dataset.image_index(holdout_ids))
+    log.info("split: %d tune images, %d holdout images", len(tune_idx), len(holdout_idx))
+    calib = fit_calibration(cfg, prep, tune_idx)
+    found = search(cfg, prep, calib, tune_idx)
+    ppc = _base_postprocess_config(
+        cfg, prep, **_calibration_fields(calib), **found.postprocess_fields(),
+        metadata=_provenance(cfg, prep, found))
+    from tfcal.tuning.evaluate import holdout_report
+
+    report = holdout_report(cfg, prep, ppc, calib, found, tune_idx, holdout_idx)
+    run_dir = cfg.output.dir
+    from tfcal.tuning.report import write_report
+
+    ppc = dataclasses.replace(ppc, metadata={**ppc.metadata, "report_summary": _short(report)})
+    postprocess_path = run_dir / "postprocess.json"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ppc.save(postprocess_path)
+    write_report(run_dir, report, plots=cfg.output.plots)
+    exported = None
+    if export and cfg.export.enabled:
+        exported = _export(cfg, ppc, prep)
+    return TuneResult(run_dir=run_dir, report=report, postprocess_path=postprocess_path,
+                      export=exported)
+
+
+def _class_presence(prep: Prepared) -> np.ndarray:
+    """bool `[I, K]`: image i has a (non-crowd) box of class column k."""
+    ds = prep.dataset
+    presence = np.zeros((ds.num_images, prep.num_classes), dtype=bool)
+    ok = ~ds.ann_iscrowd
+    rows = ds.image_index(ds.ann_image_ids[ok]) if ok.any() else np.zeros(0, np.int64)
+    cats = ds.ann_category_ids[ok]
+    col_of = {int(c): prep.mapping.column_of(int(c)) for c in np.unique(cats)}
+    cols = np.array([col_of[int(c)] for c in cats], dtype=np.int64)
+    presence[rows, cols] = True
+    return presence
+
+
+def _versions() -> dict[str, str]:
+    import tensorflow as tf
+    import pycocotools  # noqa: F401 - version of the evaluator
+    from importlib.metadata import version
+
+    return {"tfcal": tfcal.__version__, "tensorflow": tf.__version__,
+            "numpy": np.__version__, "pycocotools": version("pycocotools"),
+            "python": platform.python_version()}
+
+
+def _provenance(cfg: Config, prep: Prepared, found) -> dict:
+    t = cfg.tuning
+    return {
+        "config_sha256": cfg.sha256,
+        "config_path": str(cfg.source),
+        "model_fingerprint": prep.model_fingerprint,
+        "data_fingerprint": prep.data_fingerprint,
+        "target": {"objective": t.objective, "target_precision": t.target_precision,
+                   "target_recall": t.target_recall, "confidence": t.confidence,
+                   "match_iou": t.match_iou},
+        "versions": _versions(),
+    }
+
+
+def _short(report: dict) -> dict:
+    s = report["summary"]
+    return {"holdout": s["holdout"], "ece_before": s["ece_before"], "ece_after": s["ece_after"],
+            "coco_AP50_after": s["coco_stats_after"]["AP50"],
+            "classes": {c["category_id"]: c["status"] for c in report["classes"]}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Export and evaluate
+
+
+def _export(cfg: Config, ppc, prep: Prepared | None, *, version=None, overwrite=None,
+            postprocess_only: bool = False):
+    from tfcal.export import export_for_serving
+
+    e = cfg.export
+    sample_images = None
+    if prep is not None and prep.dataset.image_paths:
+        sample_images = list(prep.dataset.image_paths[:2])
+    return export_for_serving(
+        None if postprocess_only else cfg.model.saved_model, ppc,
+        export_dir=e.dir, model_name=e.model_name,
+        version=version if version is not None else e.version,
+        overwrite=e.overwrite if overwrite is None else overwrite,
+        include_raw_outputs=e.include_raw_outputs, verify=e.verify,
+        signature=cfg.model.signature, boxes_key=cfg.model.raw_boxes,
+        scores_key=cfg.model.raw_scores, sample_images=sample_images)
+
+
+def run_export(cfg: Config, *, version: int | None = None, overwrite: bool = False,
+               postprocess_only: bool = False):
+    """`tfcal export`: exports `<output.dir>/postprocess.json` with the config's detector."""
+    from tfcal.postprocess import PostProcessConfig
+
+    path = cfg.output.dir / "postprocess.json"
+    if not path.exists():
+        raise TfcalError(f"{path}: missing; run `tfcal tune {cfg.source}` first")
+    ppc = PostProcessConfig.load(path)
+    if cfg.model.saved_model is None and not postprocess_only:
+        raise TfcalError(f"{cfg.source}: model.saved_model: needed to export a detector "
+                         "(or pass --postprocess-only)")
+    return _export(cfg, ppc, None, version=version, overwrite=overwrite or None,
+                   postprocess_only=postprocess_only)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateResult:
+    """What `tfcal evaluate` measured."""
+
+    report: dict
+    out: Path | None
+
+    def summary(self) -> str:
+        s = self.report["coco_stats"]
+        head = "  ".join(f"{k} {s[k]:.3f}" for k in ("AP", "AP50", "AP75", "AR_100"))
+        where = f"\nreport: {self.out}" if self.out else ""
+        return f"{head}{where}"
+
+
+def run_evaluate(annotations: Path, detections: Path, *, match_iou: float = 0.5,
+                 out: Path | None = None) -> EvaluateResult:
+    """`tfcal evaluate`: COCO stats and per-class TP/FP/FN of a COCO results file."""
+    from tfcal.coco.evaluation import evaluate_detections_file
+
+    if not 0.0 < match_iou < 1.0:
+        raise TfcalError(f"--match-iou: must be in (0, 1), got {match_iou}")
+    report = evaluate_detections_file(annotations, detections, match_iou=match_iou)
+    if out is not None:
+        atomic.write_json(out, report)
+    return EvaluateResult(report=report, out=out)
+
+
+def jsonable(obj: Any) -> Any:
+    """NumPy scalars/arrays and NaN -> plain JSON values (NaN becomes None)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return None if not math.isfinite(v) else v
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

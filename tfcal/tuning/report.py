@@ -1,0 +1,221 @@
+"""The tuning report: report.json's schema, report.md rendering, and the plots/ folder.
+
+`report.json` is the record; `report.md` and `plots/` are views of it and can be rebuilt with
+`tfcal report RUN_DIR`. Schema (every number measured on the holdout images unless the key
+says `tune`):
+
+- `classes`: one entry per category: `category_id`, `name`, `column`, `status`
+  (`ok` | `unreachable` | `insufficient_data` | `disabled` | `no_ground_truth`), `threshold`
+  (`min_score_thresh`, calibrated probability), `nms_iou`, `calibration` (the fitted
+  parameters: `temperature`, or `a`/`b`, or isotonic `knots`), `temperature` when the method
+  is temperature, `tune: {tp, fp, fn, precision, recall}`, and
+  `holdout: {tp, fp, fn, precision, precision_lower, precision_upper, recall, meets_target}`.
+- `summary`: `coco_stats_before` / `coco_stats_after` (12 COCO stats keyed `AP` ... `AR_large`),
+  `ece_before` / `ece_after`, `brier_before` / `brier_after`, holdout totals.
+- `subgroups`: per image-level field value: images, TP/FP/FN, precision with its bounds, recall,
+  ECE, and `below_target`.
+- `provenance`: config hash, model and data fingerprints, package versions.
+- `curves`: compact per-class precision/recall curves and the IoU-grid trade-off, for plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from tfcal import TfcalError, atomic
+
+log = logging.getLogger(__name__)
+
+STAT_KEYS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+             "AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large")
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _interval(h: dict) -> str:
+    lo, hi = h.get("precision_lower"), h.get("precision_upper")
+    if lo is None or hi is None:
+        return "–"
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def render_markdown(report: dict) -> str:
+    """Renders the readable summary of a report dict (as written to report.json)."""
+    s = report["summary"]
+    t = report["target"]
+    lines = ["# tfcal tuning report", ""]
+    target = t["objective"]
+    if target == "precision_target":
+        target += f" (precision >= {t['target_precision']}"
+        target += f", lower {t['confidence']:.0%} bound)" if t.get("confidence") else ")"
+    elif target == "recall_target":
+        target += f" (recall >= {t['target_recall']})"
+    lines += [
+        f"- Target: {target}; match IoU {t['match_iou']}; NMS IoU grid {t['nms_iou_grid']}.",
+        f"- Images: {report['split']['tune_images']} tune (calibration and search), "
+        f"{report['split']['holdout_images']} holdout (every number below).",
+        f"- Calibration: {report['calibration']['method']}"
+        + (" per class" if report["calibration"].get("per_class") else " pooled")
+        + (f"; pooled fallback for {len(report['calibration']['fallback_classes'])} classes"
+           if report["calibration"].get("fallback_classes") else "") + ".",
+        f"- ECE (holdout detections): {_fmt(s.get('ece_before'))} before, "
+        f"{_fmt(s.get('ece_after'))} after calibration. Brier {_fmt(s.get('brier_before'))} -> "
+        f"{_fmt(s.get('brier_after'))}.",
+        f"- Holdout at the chosen thresholds: TP {s['holdout']['tp']}, FP {s['holdout']['fp']}, "
+        f"FN {s['holdout']['fn']}; precision {_fmt(s['holdout']['precision'])}, "
+        f"recall {_fmt(s['holdout']['recall'])}.",
+        "",
+        "## COCO metrics on the holdout images",
+        "",
+        "Before: the detector's default post-processing (combined NMS, score > 1e-8, one IoU). "
+        "After: the tuned post-processing. Thresholding trades AP (which integrates over all "
+        "thresholds) for precision at the operating point, so AP after is expected to be lower.",
+        "",
+        "| stat | before | after |",
+        "| --- | ---: | ---: |",
+    ]
+    before, after = s.get("coco_stats_before") or {}, s.get("coco_stats_after") or {}
+    for key in STAT_KEYS:
+        lines.append(f"| {key} | {_fmt(before.get(key))} | {_fmt(after.get(key))} |")
+    lines += [
+        "",
+        "## Per class",
+        "",
+        "Precision interval: Clopper–Pearson, "
+        f"{report['holdout_confidence']:.0%} two-sided, on the holdout images.",
+        "",
+        "| id | name | status | threshold | NMS IoU | calibration | TP | FP | FN | precision | "
+        "interval | recall | meets target |",
+        "| ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    for c in report["classes"]:
+        h = c["holdout"]
+        meets = {True: "yes", False: "**no**", None: "–"}[h.get("meets_target")]
+        lines.append(
+            f"| {c['category_id']} | {c['name']} | {c['status']} | "
+            f"{_fmt(c['threshold']) if c.get('enabled', True) else 'never emitted'} | "
+            f"{_fmt(c['nms_iou'], 2)} | {_calibration_text(c.get('calibration'))} | {h['tp']} | "
+            f"{h['fp']} | {h['fn']} | {_fmt(h['precision'])} | {_interval(h)} | "
+            f"{_fmt(h['recall'])} | {meets} |")
+    if report.get("subgroups"):
+        lines += ["", "## Subgroups (holdout)", "",
+                  "| field | value | images | TP | FP | FN | precision | interval | recall | ECE | "
+                  "below target |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+        for g in report["subgroups"]:
+            lines.append(
+                f"| {g['field']} | {g['value']} | {g['images']} | {g['tp']} | {g['fp']} | "
+                f"{g['fn']} | {_fmt(g['precision'])} | {_interval(g)} | {_fmt(g['recall'])} | "
+                f"{_fmt(g['ece'])} | {'**yes**' if g['below_target'] else 'no'} |")
+    notes = report.get("notes") or []
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    if report.get("plots"):
+        lines += ["", "## Plots", ""]
+        for title, rel in report["plots"].items():
+            lines.append(f"- [{title}]({rel})")
+    p = report["provenance"]
+    lines += ["", "## Provenance", "",
+              f"- config sha256 `{p['config_sha256']}`",
+              f"- model fingerprint `{p['model_fingerprint']}`",
+              f"- data fingerprint `{p['data_fingerprint']}`",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def _calibration_text(cal: dict | None) -> str:
+    if not cal:
+        return "–"
+    if "temperature" in cal:
+        return f"T={cal['temperature']:.3g}"
+    if "a" in cal:
+        return f"a={cal['a']:.3g}, b={cal['b']:.3g}"
+    if "knots" in cal:
+        return f"isotonic, {cal['knots']} knots"
+    return "none"
+
+
+def write_plots(report: dict, plots_dir: Path) -> dict[str, str]:
+    """Draws the report's plots into `plots_dir`; returns {title: path relative to the run dir}.
+
+    Plots need matplotlib (the `[plots]` extra). Without it no plot is written and a log line
+    says so; the report itself is complete without plots.
+    """
+    try:
+        from tfcal import plots
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        log.warning("plots skipped: %s (pip install 'tfcal[plots]')", err)
+        return {}
+    curves = report.get("curves") or {}
+    out: dict[str, str] = {}
+    rel = Path("plots")
+    rd = curves.get("reliability")
+    if rd:
+        plots.plot_reliability_diagram(
+            rd["confidence_before"], rd["label"], plots_dir / "reliability.png",
+            probs_after=rd["confidence_after"], num_bins=rd.get("num_bins", 10),
+            title="Holdout detections: reliability before and after calibration")
+        out["Reliability diagram (before and after calibration)"] = str(rel / "reliability.png")
+    for c in curves.get("classes", []):
+        name = f"pr_threshold_{c['category_id']}.png"
+        plots.plot_threshold_curves(
+            c["threshold"], c["precision"], c["recall"], plots_dir / name,
+            chosen=c.get("chosen"), title=f"{c['name']} (tune split, NMS IoU {c['nms_iou']})")
+        out[f"Precision/recall vs threshold: {c['name']}"] = str(rel / name)
+    grid = curves.get("iou_grid")
+    if grid:
+        plots.plot_iou_tradeoff(grid, plots_dir / "iou_tradeoff.png")
+        out["Trade-off across the NMS IoU grid"] = str(rel / "iou_tradeoff.png")
+    return out
+
+
+def write_report(run_dir: Path, report: dict, *, plots: bool = True) -> dict[str, Path]:
+    """Writes report.json, report.md and plots/ into `run_dir`, each atomically."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if plots:
+        with atomic.directory(run_dir / "plots", overwrite=True) as tmp:
+            written = write_plots(report, tmp)
+        report = {**report, "plots": written}
+    paths = {"report_json": atomic.write_json(run_dir / "report.json", report)}
+    paths["report_md"] = atomic.write_text(run_dir / "report.md", render_markdown(report))
+    return paths
+
+
+def load_report(path: str | Path) -> dict:
+    """Reads report.json (or the run directory that holds it), with a clear error if invalid."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+    try:
+        report = json.loads(path.read_text())
+    except OSError as err:
+        raise TfcalError(f"{path}: cannot read report: {err.strerror or err}") from None
+    except json.JSONDecodeError as err:
+        raise TfcalError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from None
+    if not isinstance(report, dict):
+        raise TfcalError(f"{path}: must be a JSON object, got {type(report).__name__}")
+    for key in ("classes", "summary", "target", "split", "calibration", "provenance"):
+        if key not in report:
+            raise TfcalError(f"{path}: {key}: missing (not a tfcal report.json)")
+    return report
+
+
+def render_report(path: str | Path) -> Path:
+    """`tfcal report`: re-renders report.md and plots/ from report.json; returns report.md."""
+    path = Path(path)
+    report = load_report(path)
+    run_dir = path if path.is_dir() else path.parent
+    return write_report(run_dir, report, plots=bool(report.get("curves")))["report_md"]
