@@ -1,0 +1,286 @@
+"""Tests of tfcal.layers: config round trips, tf.function with dynamic batch, saving, semantics."""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfcal import ops
+from tfcal.layers import ClassThresholds, CombinedNMS, PostProcessor, ScoreCalibration
+from tfcal.postprocess import PostProcessConfig
+
+K = 3
+
+PP_CONFIG = PostProcessConfig(
+    num_classes=K, calibration="temperature", temperature=(1.5, 0.7, 1.1),
+    min_score_thresh=(0.3, 0.2, 0.4), class_enabled=(True, True, False), nms_iou=(0.5, 0.7, 0.5),
+    max_detections_per_class=4, max_total_detections=6, label_offset=1)
+
+# Every layer with every __init__ argument set to a non-default value.
+LAYER_CASES = [
+    (ScoreCalibration, dict(score_converter="identity", background_column=False,
+                            method="piecewise_linear", temperature=[2.0], platt_a=[1.0] * K,
+                            platt_b=[0.5] * K, knots_x=[[0.0, 1.0], [0.2, 0.5, 0.8], [0.5]],
+                            knots_y=[[0.1, 0.9], [0.0, 0.5, 1.0], [0.4]], num_classes=K)),
+    (ClassThresholds, dict(min_score_thresh=[0.1, 0.2, 0.3], class_enabled=[True, False, True],
+                           num_classes=K)),
+    (CombinedNMS, dict(iou_threshold=[0.4, 0.6, 0.4], max_detections_per_class=7,
+                       max_total_detections=9, score_threshold=0.05, clip_boxes=True,
+                       class_agnostic=False, label_offset=0, skip_empty_classes=True)),
+    (PostProcessor, dict(postprocess_config=PP_CONFIG.to_dict(), candidate_prefilter=False)),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs", LAYER_CASES, ids=lambda c: getattr(c, "__name__", ""))
+def test_get_config_holds_every_init_argument(cls, kwargs):
+    params = [p for p in inspect.signature(cls.__init__).parameters
+              if p not in ("self", "kwargs")]
+    assert sorted(params) == sorted(kwargs), "the case must set every argument"
+    layer = cls(**kwargs, name="probe", dtype="float32")
+    config = layer.get_config()
+    for p in params:
+        assert config[p] == kwargs[p], p
+    assert config["name"] == "probe" and "dtype" in config
+    clone = cls.from_config(config)
+    assert clone.get_config() == config
+    assert keras.saving.get_registered_object(f"tfcal>{cls.__name__}") is cls
+
+
+def make_inputs(seed, batch=2, num_boxes=12, background=True):
+    rng = np.random.default_rng(seed)
+    yx = rng.uniform(0, 0.8, (batch, num_boxes, 2))
+    hw = rng.uniform(0.05, 0.3, (batch, num_boxes, 2))
+    boxes = np.concatenate([yx, yx + hw], -1).astype(np.float32)
+    raw = rng.uniform(0, 1, (batch, num_boxes, K + int(background))).astype(np.float32)
+    return boxes, raw
+
+
+def test_post_processor_runs_under_tf_function_with_dynamic_batch_and_static_shapes():
+    layer = PostProcessor.from_postprocess_config(PP_CONFIG)
+    fn = tf.function(layer, input_signature=[tf.TensorSpec([None, None, 4], tf.float32),
+                                             tf.TensorSpec([None, None, K + 1], tf.float32)])
+    concrete = fn.get_concrete_function()
+    shapes = {k: v.shape.as_list() for k, v in concrete.structured_outputs.items()}
+    assert shapes == {"detection_boxes": [None, 6, 4], "detection_scores": [None, 6],
+                      "detection_classes": [None, 6], "num_detections": [None]}
+    for batch in (1, 3):
+        boxes, raw = make_inputs(batch, batch=batch)
+        out = fn(boxes, raw)
+        eager = layer(boxes, raw)
+        assert out["detection_boxes"].shape == (batch, 6, 4)
+        for key in out:
+            assert out[key].dtype == tf.float32
+            np.testing.assert_allclose(out[key].numpy(), eager[key].numpy())
+    assert fn.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("layer_factory, inputs", [
+    (lambda: ScoreCalibration(method="platt", platt_a=[1.2] * K, platt_b=[0.1] * K),
+     lambda b, r: (r,)),
+    (lambda: ClassThresholds(min_score_thresh=[0.3, 0.4, 0.5]), lambda b, r: (r[..., 1:],)),
+    (lambda: CombinedNMS(iou_threshold=[0.5, 0.6, 0.7], max_total_detections=5),
+     lambda b, r: (b, r[..., 1:])),
+], ids=["ScoreCalibration", "ClassThresholds", "CombinedNMS"])
+def test_layers_trace_once_for_any_batch_and_output_float32(layer_factory, inputs):
+    layer = layer_factory()
+    boxes, raw = make_inputs(3, batch=2)
+    args = inputs(tf.constant(boxes), tf.constant(raw, tf.float16))  # cast at the edge
+    spec = [tf.TensorSpec([None] + a.shape[1:].as_list(), a.dtype) for a in args]
+    fn = tf.function(layer, input_signature=spec)
+    out_a = fn(*args)
+    out_b = fn(*[a[:1] for a in args])
+    assert fn.experimental_get_tracing_count() == 1
+    for t in tf.nest.flatten(out_a) + tf.nest.flatten(out_b):
+        assert t.dtype == tf.float32
+
+
+@pytest.mark.parametrize("factory, message", [
+    (lambda: ScoreCalibration(score_converter="tanh"), "score_converter"),
+    (lambda: ScoreCalibration(method="isotonic"), "method"),
+    (lambda: ScoreCalibration(method="temperature"), "temperature"),
+    (lambda: ScoreCalibration(method="temperature", temperature=[-1.0]), "temperature"),
+    (lambda: ScoreCalibration(method="temperature", temperature=[1.0, 2.0], num_classes=3),
+     "temperature"),
+    (lambda: ScoreCalibration(method="platt", platt_a=[1.0], platt_b=[]), "platt"),
+    (lambda: ScoreCalibration(method="piecewise_linear", knots_x=[[0.5, 0.1]],
+                              knots_y=[[0.1, 0.2]]), "strictly increasing"),
+    (lambda: ScoreCalibration(num_classes=0), "num_classes"),
+    (lambda: ClassThresholds(min_score_thresh=1.5), "min_score_thresh"),
+    (lambda: ClassThresholds(min_score_thresh=[0.1, 0.2], num_classes=3), "min_score_thresh"),
+    (lambda: ClassThresholds(class_enabled=[1, 0]), "class_enabled"),
+    (lambda: CombinedNMS(iou_threshold=-0.1), "iou_threshold"),
+    (lambda: CombinedNMS(max_total_detections=0), "max_total_detections"),
+    (lambda: CombinedNMS(max_detections_per_class=2.5), "max_detections_per_class"),
+    (lambda: CombinedNMS(iou_threshold=[0.5, 0.6], class_agnostic=True), "class_agnostic"),
+    (lambda: CombinedNMS(label_offset=-1), "label_offset"),
+    (lambda: CombinedNMS(clip_boxes="no"), "clip_boxes"),
+    (lambda: PostProcessor({"num_classes": 2, "min_score_thresh": [0.1, 0.2, 0.3]}),
+     "min_score_thresh"),
+    (lambda: PostProcessor("config.json"), "postprocess_config"),
+])
+def test_bad_arguments_raise_value_error_in_init(factory, message):
+    with pytest.raises(ValueError, match=message):
+        factory()
+
+
+def test_wrong_column_count_is_rejected_at_call():
+    layer = ScoreCalibration(method="platt", platt_a=[1.0] * K, platt_b=[0.0] * K)
+    with pytest.raises(ValueError, match="columns"):
+        layer(np.zeros((1, 2, K), np.float32))  # background column missing
+
+
+@pytest.mark.parametrize("method, params", [
+    ("none", {}), ("temperature", dict(temperature=[1.0])),
+    ("platt", dict(platt_a=[1.0] * K, platt_b=[0.0] * K)),
+    ("piecewise_linear", dict(knots_x=[[0.0, 1.0]] * K, knots_y=[[0.0, 1.0]] * K)),
+])
+def test_identity_calibration_layer_returns_input(method, params):
+    _, raw = make_inputs(4)
+    raw[0, 0] = [0.0, 1.0, 0.0, 0.5]
+    out = ScoreCalibration(method=method, **params)(raw).numpy()
+    np.testing.assert_allclose(out, raw[..., 1:], atol=1e-6)
+
+
+def test_class_thresholds_keep_scores_equal_to_the_threshold():
+    scores = np.float32([[[0.3, 0.2, 0.9], [0.29, 0.19, 0.95]]])
+    out = ClassThresholds(min_score_thresh=[0.3, 0.2, 0.4], class_enabled=[True, True, False])(
+        scores).numpy()
+    np.testing.assert_array_equal(out, np.float32([[[0.3, 0.2, 0.0], [0.0, 0.0, 0.0]]]))
+
+
+def test_score_equal_to_threshold_survives_the_whole_chain():
+    # sigmoid converter, no calibration: the raw 0.3 is the calibrated score and equals the
+    # threshold -> emitted; 0.29999998 (the float32 below) is not; a disabled class never is.
+    cfg = PostProcessConfig(num_classes=2, min_score_thresh=(0.3,), class_enabled=(True, False),
+                            max_total_detections=3)
+    boxes = np.float32([[[0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5]]])
+    raw = np.float32([[[0.7, 0.3, 0.0], [0.7, np.nextafter(np.float32(0.3), 0), 0.0],
+                       [0.1, 0.0, 0.99]]])
+    for prefilter in (True, False):
+        out = PostProcessor(cfg.to_dict(), candidate_prefilter=prefilter)(boxes, raw)
+        np.testing.assert_array_equal(out["num_detections"].numpy(), [1.0])
+        np.testing.assert_array_equal(out["detection_scores"].numpy(), np.float32([[0.3, 0, 0]]))
+        np.testing.assert_array_equal(out["detection_classes"].numpy(), [[1.0, 0, 0]])
+
+
+def test_threshold_zero_keeps_positive_scores_only():
+    cfg = PostProcessConfig(num_classes=1, min_score_thresh=(0.0,), max_total_detections=3)
+    boxes = np.float32([[[0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5]]])
+    raw = np.float32([[[1.0, 0.0], [0.999, 1e-6], [0.0, 1.0]]])
+    out = PostProcessor(cfg)(boxes, raw)
+    np.testing.assert_allclose(out["detection_scores"].numpy(), [[1.0, 1e-6, 0.0]])
+
+
+PREFILTER_CASES = [
+    ("sigmoid", "none", {}),
+    ("sigmoid", "temperature", dict(temperature=(1.6, 0.5, 1.0))),
+    ("identity", "temperature", dict(temperature=(2.0,))),
+    ("sigmoid", "platt", dict(platt_a=(1.2, -0.5, 0.8), platt_b=(0.3, 0.1, -0.4))),
+    ("softmax", "platt", dict(platt_a=(1.2, 0.5, 0.8), platt_b=(0.3, 0.1, -0.4))),
+    ("softmax", "temperature", dict(temperature=(1.3,))),
+    ("identity", "piecewise_linear", dict(knots_x=((0.0, 0.5, 1.0), (0.2, 0.6), (0.4,)),
+                                          knots_y=((0.0, 0.2, 1.0), (0.1, 0.9), (0.5,)))),
+    ("sigmoid", "piecewise_linear", dict(knots_x=((0.0, 0.5, 1.0), (0.2, 0.6), (0.4,)),
+                                         knots_y=((0.0, 0.35, 0.35), (0.1, 0.9), (0.5,)))),
+]
+
+
+@pytest.mark.parametrize("converter, method, params", PREFILTER_CASES)
+def test_candidate_prefilter_gives_identical_detections(converter, method, params):
+    rng = np.random.default_rng(21)
+    cfg = PostProcessConfig(num_classes=K, score_converter=converter, calibration=method,
+                            min_score_thresh=(0.35, 0.2, 0.5), nms_iou=(0.3, 0.6, 0.3),
+                            max_detections_per_class=5, max_total_detections=8, **params)
+    boxes, _ = make_inputs(22, batch=3, num_boxes=40)
+    if converter == "identity":
+        raw = rng.normal(-2, 2, (3, 40, K + 1)).astype(np.float32)
+    else:
+        raw = rng.dirichlet(np.ones(K + 1) * 0.3, size=(3, 40)).astype(np.float32)
+    raw[2] = raw[2] * 0.01 if converter != "identity" else raw[2] - 20  # an image with nothing
+    fast = PostProcessor(cfg)(boxes, raw)
+    full = PostProcessor(cfg, candidate_prefilter=False)(boxes, raw)
+    assert full["num_detections"].numpy()[:2].min() > 0, "the case must produce detections"
+    for key in fast:
+        np.testing.assert_array_equal(fast[key].numpy(), full[key].numpy(), err_msg=key)
+
+
+def test_per_class_boxes_through_the_prefilter():
+    rng = np.random.default_rng(23)
+    boxes, raw = make_inputs(24, batch=2, num_boxes=30)
+    per_class = boxes[:, :, None, :] + rng.normal(0, 0.02, (2, 30, K, 4)).astype(np.float32)
+    fast = PostProcessor(PP_CONFIG)(per_class, raw)
+    full = PostProcessor(PP_CONFIG, candidate_prefilter=False)(per_class, raw)
+    assert fast["num_detections"].numpy().min() > 0
+    for key in fast:
+        np.testing.assert_array_equal(fast[key].numpy(), full[key].numpy(), err_msg=key)
+
+
+def test_post_processor_matches_the_ops_chain():
+    boxes, raw = make_inputs(8, batch=2, num_boxes=30)
+    out = PostProcessor(PP_CONFIG)(boxes, raw)
+    q = ops.calibrate_scores(raw, method="temperature", temperature=PP_CONFIG.temperature)
+    q = ops.apply_class_thresholds(q, PP_CONFIG.min_score_thresh, PP_CONFIG.class_enabled)
+    ref = ops.combined_nms(boxes, q, iou_threshold=PP_CONFIG.nms_iou, max_detections_per_class=4,
+                           max_total_detections=6)
+    for key in out:
+        np.testing.assert_array_equal(out[key].numpy(), ref[key].numpy(), err_msg=key)
+    assert 3.0 not in out["detection_classes"].numpy(), "class 3 is disabled"
+
+
+def test_saved_and_reloaded_keras_model_round_trip(tmp_path):
+    layer = PostProcessor.from_postprocess_config(PP_CONFIG)
+    boxes_in = keras.Input((None, 4), name="boxes")
+    raw_in = keras.Input((None, K + 1), name="raw_scores")
+    model = keras.Model([boxes_in, raw_in], layer(boxes_in, raw_in))
+    # Tuned numbers are weights: change one after building; the saved file must keep it.
+    layer.class_thresholds._thresh.assign([0.25, 0.2, 0.4])
+    boxes, raw = make_inputs(9, batch=2, num_boxes=25)
+    before = model([boxes, raw])
+    path = tmp_path / "post.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    after = loaded([boxes, raw])
+    for key in before:
+        np.testing.assert_array_equal(after[key].numpy(), before[key].numpy(), err_msg=key)
+    reloaded_layer = [lay for lay in loaded.layers if isinstance(lay, PostProcessor)][0]
+    assert PostProcessConfig.from_dict(
+        reloaded_layer.get_config()["postprocess_config"]) == PP_CONFIG
+    np.testing.assert_allclose(reloaded_layer.class_thresholds._thresh.numpy(), [0.25, 0.2, 0.4])
+    assert all(not w.trainable for w in reloaded_layer.weights)
+
+
+def test_tf_saved_model_round_trip_with_dynamic_shapes(tmp_path):
+    module = tf.Module()
+    module.post = PostProcessor(PP_CONFIG)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 4], tf.float32),
+                                  tf.TensorSpec([None, None, K + 1], tf.float32)])
+    def serve(boxes, raw_scores):
+        return module.post(boxes, raw_scores)
+
+    module.serve = serve
+    tf.saved_model.save(module, str(tmp_path / "sm"), signatures={"serving_default": serve})
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    for num_boxes in (5, 31):
+        boxes, raw = make_inputs(num_boxes, batch=2, num_boxes=num_boxes)
+        got = loaded.signatures["serving_default"](boxes=tf.constant(boxes),
+                                                   raw_scores=tf.constant(raw))
+        want = module.post(boxes, raw)
+        for key in want:
+            np.testing.assert_array_equal(got[key].numpy(), want[key].numpy(), err_msg=key)
+
+
+def test_class_agnostic_post_processor_with_per_class_boxes():
+    cfg = PP_CONFIG.replace(nms_iou=(0.5,), class_agnostic=True)
+    boxes, raw = make_inputs(25, batch=2, num_boxes=30)
+    per_class = np.repeat(boxes[:, :, None, :], K, axis=2)
+    fast = PostProcessor(cfg)(per_class, raw)
+    full = PostProcessor(cfg, candidate_prefilter=False)(boxes, raw)
+    assert fast["num_detections"].numpy().min() > 0
+    for key in fast:
+        np.testing.assert_array_equal(fast[key].numpy(), full[key].numpy(), err_msg=key)
+    assert 3.0 not in fast["detection_classes"].numpy(), "class 3 is disabled"

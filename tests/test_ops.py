@@ -1,0 +1,463 @@
+"""Tests of tfcal.ops: calibration maps, class thresholds, and NMS against a NumPy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfcal import ops
+
+# ----------------------------------------------------------------------------- NumPy reference
+
+
+def np_iou(a, b):
+    """IoU of two `[ymin, xmin, ymax, xmax]` boxes (corners in either order), 0 for empty union."""
+    a = np.concatenate([np.minimum(a[:2], a[2:]), np.maximum(a[:2], a[2:])])
+    b = np.concatenate([np.minimum(b[:2], b[2:]), np.maximum(b[:2], b[2:])])
+    ih = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
+    iw = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+    inter = ih * iw
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def np_nms(boxes, scores, iou_threshold):
+    """Greedy NMS (torchvision style): highest score first, ties by lower index; drop IoU > thr."""
+    keep = []
+    for i in np.argsort(-scores, kind="stable"):
+        if all(np_iou(boxes[i], boxes[j]) <= iou_threshold for j in keep):
+            keep.append(i)
+    return keep
+
+
+def np_combined_nms(boxes, scores, iou, max_per_class, max_total, score_threshold=0.0):
+    """Per-class greedy NMS for one image -> sorted list of (score, column, box)."""
+    num_classes = scores.shape[1]
+    iou = np.broadcast_to(iou, [num_classes])
+    dets = []
+    for k in range(num_classes):
+        cand = np.flatnonzero((scores[:, k] >= score_threshold) & (scores[:, k] > 0))
+        class_boxes = boxes[:, k] if boxes.ndim == 3 else boxes
+        kept = [cand[i] for i in np_nms(class_boxes[cand], scores[cand, k], iou[k])]
+        dets += [(scores[i, k], k, class_boxes[i]) for i in kept[:max_per_class]]
+    dets.sort(key=lambda d: -d[0])
+    return dets[:max_total]
+
+
+def as_sorted_rows(out, b):
+    """Valid rows of image `b` as an array sorted by (score desc, class, box) for comparison."""
+    n = int(out["num_detections"][b])
+    rows = np.concatenate([out["detection_scores"][b, :n, None],
+                           out["detection_classes"][b, :n, None],
+                           out["detection_boxes"][b, :n]], axis=1)
+    return rows[np.lexsort(rows.T[::-1])][::-1] if n else rows
+
+
+def ref_rows(dets, label_offset=1):
+    rows = np.array([[s, k + label_offset, *box] for s, k, box in dets], np.float32).reshape(-1, 6)
+    return rows[np.lexsort(rows.T[::-1])][::-1] if len(rows) else rows
+
+
+def boxes_near_threshold(rng, num_pairs, iou_threshold, delta=0.02):
+    """Pairs of equal-size boxes whose IoU is `iou_threshold +- delta` (alternating), shuffled.
+
+    Two w x h boxes shifted horizontally by d overlap with IoU (w - d) / (w + d), so
+    d = w (1 - iou) / (1 + iou).
+    """
+    boxes = []
+    for i in range(num_pairs):
+        target = iou_threshold + (delta if i % 2 else -delta)
+        y, x = rng.uniform(0, 0.7, size=2)
+        h, w = rng.uniform(0.1, 0.3, size=2)
+        d = w * (1 - target) / (1 + target)
+        boxes += [[y, x, y + h, x + w], [y, x + d, y + h, x + w + d]]
+    return np.asarray(boxes, np.float32)[rng.permutation(2 * num_pairs)]
+
+
+def run_nms(boxes, scores, **kw):
+    out = ops.combined_nms(tf.constant(boxes, tf.float32), tf.constant(scores, tf.float32), **kw)
+    return {k: v.numpy() for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- NMS vs reference
+
+
+@pytest.mark.parametrize("seed, skip_empty", [(0, False), (1, False), (2, True), (3, True)])
+def test_combined_nms_matches_numpy_reference_near_iou_threshold(seed, skip_empty):
+    rng = np.random.default_rng(seed)
+    iou = 0.5
+    boxes = np.stack([boxes_near_threshold(rng, 12, iou) for _ in range(2)])  # [2, 24, 4]
+    scores = rng.uniform(0, 1, size=(2, 24, 3)).astype(np.float32)
+    scores[rng.uniform(size=scores.shape) < 0.3] = 0.0
+    out = run_nms(boxes, scores, iou_threshold=iou, max_detections_per_class=10,
+                  max_total_detections=20, score_threshold=0.2, skip_empty_classes=skip_empty)
+    for b in range(2):
+        ref = np_combined_nms(boxes[b], scores[b], iou, 10, 20, score_threshold=0.2)
+        np.testing.assert_allclose(as_sorted_rows(out, b), ref_rows(ref), atol=1e-6)
+        assert np.all(np.diff(out["detection_scores"][b]) <= 0), "rows sorted by score"
+
+
+@pytest.mark.parametrize("seed, skip_empty", [(0, False), (1, True), (2, True)])
+def test_per_class_iou_and_per_class_boxes_match_reference(seed, skip_empty):
+    rng = np.random.default_rng(seed)
+    ious = [0.3, 0.5, 0.5, 0.7]  # three groups, one of them non-contiguous in value order
+    boxes = np.stack([boxes_near_threshold(rng, 8, 0.5, delta=0.2) for _ in range(4)], axis=1)
+    boxes = boxes[None]  # [1, 16, 4 classes, 4]: per-class boxes
+    scores = rng.uniform(0, 1, size=(1, 16, 4)).astype(np.float32)
+    scores[..., 1] = np.where(scores[..., 1] > 0.5, scores[..., 1], 0.0)
+    scores[..., 2] = 0.0  # an empty class inside a group
+    out = run_nms(boxes, scores, iou_threshold=ious, max_detections_per_class=5,
+                  max_total_detections=12, skip_empty_classes=skip_empty)
+    ref = np_combined_nms(boxes[0], scores[0], np.asarray(ious), 5, 12)
+    np.testing.assert_allclose(as_sorted_rows(out, 0), ref_rows(ref), atol=1e-6)
+
+
+def test_per_class_iou_equals_running_each_class_alone():
+    rng = np.random.default_rng(7)
+    ious = [0.4, 0.6, 0.4, 0.8, 0.6]
+    boxes = np.stack([boxes_near_threshold(rng, 10, 0.6, delta=0.25) for _ in range(3)])
+    scores = rng.uniform(0, 1, size=(3, 20, 5)).astype(np.float32)
+    kw = dict(max_detections_per_class=6, max_total_detections=15)
+    out = run_nms(boxes, scores, iou_threshold=ious, **kw)
+    alone = [run_nms(boxes, scores[:, :, k:k + 1], iou_threshold=ious[k], label_offset=k + 1,
+                     **kw) for k in range(5)]
+    for b in range(3):
+        rows = np.concatenate([as_sorted_rows(a, b) for a in alone])
+        rows = rows[np.argsort(-rows[:, 0], kind="stable")][:15]
+        rows = rows[np.lexsort(rows.T[::-1])][::-1]
+        np.testing.assert_allclose(as_sorted_rows(out, b), rows, atol=1e-6)
+
+
+def test_class_thresholds_before_nms_equal_filtering_after_hard_nms():
+    rng = np.random.default_rng(3)
+    boxes = np.stack([boxes_near_threshold(rng, 10, 0.5, delta=0.1) for _ in range(2)])
+    scores = rng.uniform(0, 1, size=(2, 20, 4)).astype(np.float32)
+    thresh = np.array([0.2, 0.5, 0.7, 0.9], np.float32)
+    kw = dict(iou_threshold=0.5, max_detections_per_class=20, max_total_detections=80)
+    before = run_nms(boxes, ops.apply_class_thresholds(scores, thresh).numpy(), **kw)
+    after = run_nms(boxes, scores, **kw)
+    for b in range(2):
+        rows = as_sorted_rows(after, b)
+        keep = rows[:, 0] >= thresh[rows[:, 1].astype(int) - 1]
+        np.testing.assert_array_equal(as_sorted_rows(before, b), rows[keep])
+
+
+# ----------------------------------------------------------------------------- NMS golden + edges
+
+
+def test_combined_nms_golden_values():
+    # A = [0,0,1,1] (0.9); C = A shifted 0.1 right: IoU(A,C) = 0.9 / 1.1 = 0.818 > 0.5 -> C is
+    # suppressed in class 0. B = A shifted 0.5 right: IoU(A,B) = 0.5 / 1.5 = 1/3 <= 0.5 -> kept.
+    # Class 1 only scores C (0.4): nothing suppresses it (NMS is per class).
+    boxes = np.array([[[0, 0, 1, 1], [0, 0.5, 1, 1.5], [0, 0.1, 1, 1.1]]], np.float32)
+    scores = np.array([[[0.9, 0.0], [0.6, 0.0], [0.8, 0.4]]], np.float32)
+    out = run_nms(boxes, scores, iou_threshold=0.5, max_detections_per_class=10,
+                  max_total_detections=5)
+    np.testing.assert_allclose(out["detection_scores"], [[0.9, 0.6, 0.4, 0.0, 0.0]])
+    np.testing.assert_array_equal(out["detection_classes"], [[1, 1, 2, 0, 0]])
+    np.testing.assert_allclose(out["detection_boxes"][0, :3], boxes[0, [0, 1, 2]])
+    np.testing.assert_array_equal(out["detection_boxes"][0, 3:], 0.0)
+    np.testing.assert_array_equal(out["num_detections"], [3.0])
+    assert all(v.dtype == np.float32 for v in out.values())
+
+
+def test_iou_equal_to_threshold_keeps_both():
+    # IoU([0,0,1,1], [0,0,1,0.5]) = 0.5 exactly; suppression needs IoU > threshold.
+    boxes = np.array([[[0, 0, 1, 1], [0, 0, 1, 0.5]]], np.float32)
+    scores = np.array([[[0.9], [0.8]]], np.float32)
+    assert run_nms(boxes, scores, iou_threshold=0.5)["num_detections"][0] == 2
+    assert run_nms(boxes, scores, iou_threshold=0.49)["num_detections"][0] == 1
+
+
+def test_score_threshold_equality_and_zero_scores():
+    boxes = np.array([[[0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5]]], np.float32)
+    below = np.nextafter(np.float32(0.3), np.float32(0))
+    scores = np.array([[[0.3], [below], [0.0]]], np.float32)
+    out = run_nms(boxes, scores, score_threshold=0.3)
+    # 0.3 >= 0.3 is kept; the float32 just below 0.3 is not.
+    np.testing.assert_array_equal(out["detection_scores"][0, :2], np.float32([0.3, 0.0]))
+    # Threshold 0: every positive score is kept, an exact 0.0 never is (0.0 means no detection).
+    out = run_nms(boxes, scores, score_threshold=0.0)
+    assert out["num_detections"][0] == 2
+    out = run_nms(boxes, np.ones_like(scores), score_threshold=1.0)
+    assert out["num_detections"][0] == 3  # 1.0 >= 1.0
+
+
+def test_strict_score_threshold_is_predecessor_or_zero():
+    t = ops.strict_score_threshold(0.3).numpy()
+    assert t == np.nextafter(np.float32(0.3), np.float32(0)) and t < np.float32(0.3)
+    assert ops.strict_score_threshold(0.0).numpy() == 0.0
+    assert ops.strict_score_threshold(1e-39).numpy() == 0.0  # subnormal predecessor -> 0
+
+
+@pytest.mark.parametrize("iou", [0.5, [0.5, 0.6, 0.5]])
+@pytest.mark.parametrize("skip_empty", [False, True])
+def test_no_box_passes_gives_all_zero_output(iou, skip_empty):
+    boxes = np.random.default_rng(0).uniform(0, 1, (2, 6, 4)).astype(np.float32)
+    out = run_nms(boxes, np.full((2, 6, 3), 0.1, np.float32), score_threshold=0.5,
+                  max_total_detections=4, iou_threshold=iou, skip_empty_classes=skip_empty)
+    np.testing.assert_array_equal(out["num_detections"], [0, 0])
+    for key in ("detection_boxes", "detection_scores", "detection_classes"):
+        np.testing.assert_array_equal(out[key], 0.0)
+
+
+def test_all_equal_scores_lower_index_wins():
+    # Boxes 0 and 1 coincide, as do 2 and 3; equal scores -> the lower index survives each pair.
+    boxes = np.array([[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]], np.float32)
+    boxes[0, 1] += 0.01  # tell the boxes apart in the output
+    boxes[0, 3] += 0.01
+    out = run_nms(boxes, np.full((1, 4, 1), 0.5, np.float32), iou_threshold=0.5)
+    assert out["num_detections"][0] == 2
+    kept = {tuple(b) for b in out["detection_boxes"][0, :2].round(3)}
+    assert kept == {(0, 0, 1, 1), (2, 2, 3, 3)}
+
+
+def test_zero_area_boxes_never_suppress():
+    # A zero-area box has IoU 0 with everything (empty intersection), so all survive.
+    boxes = np.array([[[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5], [0, 0, 1, 1]]], np.float32)
+    scores = np.array([[[0.9], [0.8], [0.7]]], np.float32)
+    out = run_nms(boxes, scores, iou_threshold=0.1)
+    assert out["num_detections"][0] == 3
+
+
+def test_boxes_outside_unit_square_and_clipping():
+    boxes = np.array([[[-0.5, -0.2, 0.5, 0.6], [0.8, 0.9, 1.7, 1.3]]], np.float32)
+    scores = np.array([[[0.9], [0.8]]], np.float32)
+    raw = run_nms(boxes, scores, max_total_detections=2)
+    np.testing.assert_allclose(raw["detection_boxes"][0], boxes[0])
+    clipped = run_nms(boxes, scores, max_total_detections=2, clip_boxes=True)
+    np.testing.assert_allclose(clipped["detection_boxes"][0], np.clip(boxes[0], 0, 1))
+
+
+def test_batch_with_different_counts_per_image_is_zero_padded():
+    boxes = np.tile(np.array([[0, 0, 0.2, 0.2], [0.3, 0.3, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9]],
+                             np.float32), (3, 1, 1))
+    scores = np.zeros((3, 3, 2), np.float32)
+    scores[0] = [[0.9, 0], [0.8, 0], [0, 0.7]]  # 3 detections
+    scores[2, 1, 1] = 0.6  # 1 detection; image 1 has none
+    out = run_nms(boxes, scores, iou_threshold=[0.5, 0.7], max_total_detections=4,
+                  skip_empty_classes=True)
+    np.testing.assert_array_equal(out["num_detections"], [3, 0, 1])
+    np.testing.assert_allclose(out["detection_scores"],
+                               [[0.9, 0.8, 0.7, 0], [0, 0, 0, 0], [0.6, 0, 0, 0]])
+    np.testing.assert_array_equal(out["detection_classes"],
+                                  [[1, 1, 2, 0], [0, 0, 0, 0], [2, 0, 0, 0]])
+    np.testing.assert_array_equal(out["detection_boxes"][1], 0.0)
+    np.testing.assert_array_equal(out["detection_boxes"][2, 1:], 0.0)
+
+
+def test_per_class_iou_merge_respects_max_total_detections():
+    # 3 IoU groups x 4 separated boxes each; only the best 5 of the 12 survive the merge.
+    boxes = np.array([[[i, i, i + 0.5, i + 0.5] for i in range(4)]], np.float32)
+    scores = np.array([[[0.91, 0.52, 0.13], [0.84, 0.45, 0.36], [0.77, 0.68, 0.29],
+                        [0.1, 0.2, 0.95]]], np.float32)
+    out = run_nms(boxes, scores, iou_threshold=[0.3, 0.5, 0.7], max_total_detections=5)
+    np.testing.assert_allclose(out["detection_scores"][0], [0.95, 0.91, 0.84, 0.77, 0.68])
+    np.testing.assert_array_equal(out["detection_classes"][0], [3, 1, 1, 1, 2])
+    assert out["num_detections"][0] == 5
+
+
+def test_max_detections_per_class_and_label_offset():
+    boxes = np.array([[[i, i, i + 0.5, i + 0.5] for i in range(5)]], np.float32)
+    scores = np.array([[[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4], [0.5, 0.45]]],
+                      np.float32)
+    out = run_nms(boxes, scores, max_detections_per_class=2, max_total_detections=6,
+                  label_offset=0)
+    np.testing.assert_allclose(out["detection_scores"][0, :4], [0.9, 0.8, 0.45, 0.4])
+    np.testing.assert_array_equal(out["detection_classes"][0, :4], [0, 0, 1, 1])
+
+
+def test_class_agnostic_nms_uses_best_class_per_box():
+    # Box 1 overlaps box 0 (IoU 0.818) and loses to it across classes in agnostic mode.
+    boxes = np.array([[[0, 0, 1, 1], [0, 0.1, 1, 1.1], [3, 3, 4, 4]]], np.float32)
+    scores = np.array([[[0.9, 0.1], [0.2, 0.8], [0.3, 0.6]]], np.float32)
+    out = run_nms(boxes, scores, iou_threshold=0.5, class_agnostic=True, max_total_detections=4)
+    np.testing.assert_allclose(out["detection_scores"][0], [0.9, 0.6, 0, 0])
+    np.testing.assert_array_equal(out["detection_classes"][0], [1, 2, 0, 0])
+    per_class = run_nms(boxes, scores, iou_threshold=0.5, max_total_detections=4)
+    assert per_class["num_detections"][0] == 4  # per class nothing is suppressed
+
+
+def test_combined_nms_rejects_bad_arguments():
+    boxes = tf.zeros([1, 3, 4])
+    scores = tf.zeros([1, 3, 2])
+    with pytest.raises(ValueError, match="iou_threshold"):
+        ops.combined_nms(boxes, scores, iou_threshold=[0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="iou_threshold"):
+        ops.combined_nms(boxes, scores, iou_threshold=1.5)
+    with pytest.raises(ValueError, match="class_agnostic"):
+        ops.combined_nms(boxes, scores, iou_threshold=[0.5, 0.6], class_agnostic=True)
+    with pytest.raises(ValueError, match="max_total_detections"):
+        ops.combined_nms(boxes, scores, max_total_detections=0)
+    with pytest.raises(ValueError, match="boxes"):
+        ops.combined_nms(tf.zeros([1, 3, 3]), scores)
+
+
+def test_box_iou_matches_reference():
+    rng = np.random.default_rng(5)
+    a = rng.uniform(-0.2, 1.2, (6, 4)).astype(np.float32)
+    b = rng.uniform(-0.2, 1.2, (5, 4)).astype(np.float32)
+    ref = np.array([[np_iou(x, y) for y in b] for x in a])
+    np.testing.assert_allclose(ops.box_iou(a, b).numpy(), ref, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def test_calibration_golden_values():
+    p = np.array([[[0.0, 0.5, sigmoid(2.0)]]], np.float32)  # background column first
+    # Temperature 2: sigmoid(logit(p) / 2): 0.5 -> 0.5; sigmoid(2) -> sigmoid(1) = 0.7310586.
+    q = ops.calibrate_scores(p, method="temperature", temperature=[2.0]).numpy()
+    np.testing.assert_allclose(q, [[[0.5, 0.7310586]]], atol=1e-6)
+    # Platt a = 2, b = -1 on p = 0.5 (z = 0): sigmoid(-1) = 0.2689414; on z = 2: sigmoid(3).
+    q = ops.calibrate_scores(p, method="platt", platt_a=[2.0, 2.0], platt_b=[-1.0, -1.0]).numpy()
+    np.testing.assert_allclose(q, [[[0.2689414, 0.9525741]]], atol=1e-6)
+    # Knots (0, 0), (0.5, 0.2), (1, 1): u = 0.25 -> 0.1; u = 0.75 -> 0.2 + 0.25 * 1.6 = 0.6.
+    u = np.array([[[0.0, 0.25, 0.75]]], np.float32)
+    knots = dict(knots_x=[[0, 0.5, 1], [0, 0.5, 1]], knots_y=[[0, 0.2, 1], [0, 0.2, 1]])
+    q = ops.calibrate_scores(u, method="piecewise_linear", **knots).numpy()
+    np.testing.assert_allclose(q, [[[0.1, 0.6]]], atol=1e-6)
+
+
+def test_softmax_temperature_golden_values():
+    # p = [0.5 (background), 0.25, 0.25]. Scalar T = 2 scales every column: softmax(log p / 2)
+    # is proportional to sqrt(p) = [0.7071, 0.5, 0.5] -> class probs 0.5 / 1.7071 = 0.2928932.
+    p = np.array([[[0.5, 0.25, 0.25]]], np.float32)
+    q = ops.calibrate_scores(p, score_converter="softmax", method="temperature", temperature=[2.0])
+    np.testing.assert_allclose(q.numpy(), [[[0.2928932, 0.2928932]]], atol=1e-6)
+    # Per-class T = [2, 2] keeps background at T = 1: weights [0.5, 0.5, 0.5] -> 1/3 each.
+    q = ops.calibrate_scores(p, score_converter="softmax", method="temperature",
+                             temperature=[2.0, 2.0])
+    np.testing.assert_allclose(q.numpy(), [[[1 / 3, 1 / 3]]], atol=1e-6)
+
+
+def test_piecewise_linear_clamps_and_handles_ragged_rows():
+    u = np.array([[0.0, 0.05, 0.5, 0.99, 1.0]] * 2, np.float32).T[None]  # [1, 5, 2]
+    q = ops.calibrate_scores(u, background_column=False, method="piecewise_linear",
+                             knots_x=[[0.1, 0.9], [0.3]], knots_y=[[0.2, 0.6], [0.4]]).numpy()
+    # Row 0: clamped to 0.2 below 0.1 and to 0.6 above 0.9; 0.5 -> 0.4. Row 1: a single knot
+    # is a constant map.
+    np.testing.assert_allclose(q[0, :, 0], [0.2, 0.2, 0.4, 0.6, 0.6], atol=1e-6)
+    np.testing.assert_allclose(q[0, :, 1], 0.4, atol=1e-6)
+
+
+CONVERTERS = ["sigmoid", "softmax", "identity"]
+METHOD_PARAMS = {
+    "none": {},
+    "temperature": dict(temperature=[1.7, 0.6]),
+    "platt": dict(platt_a=[1.3, 0.7], platt_b=[-0.2, 0.4]),
+    "piecewise_linear": dict(knots_x=[[0.0, 0.4, 1.0], [0.2, 0.9]],
+                             knots_y=[[0.05, 0.3, 0.95], [0.0, 1.0]]),
+}
+
+
+@pytest.mark.parametrize("converter", CONVERTERS)
+@pytest.mark.parametrize("method", list(METHOD_PARAMS))
+def test_scores_exactly_zero_and_one_through_every_converter(converter, method):
+    if converter == "identity":
+        raw = np.array([[[0.0, -30.0, 30.0], [0.0, 0.0, 1.0]]], np.float32)  # logits
+    else:
+        raw = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], np.float32)  # p = 0 and 1
+    q = ops.calibrate_scores(raw, score_converter=converter, method=method,
+                             **METHOD_PARAMS[method]).numpy()
+    assert q.shape == (1, 2, 2) and q.dtype == np.float32
+    assert np.all(np.isfinite(q)) and np.all((q >= 0) & (q <= 1))
+    if method == "none" and converter != "identity":
+        np.testing.assert_array_equal(q, raw[..., 1:])
+
+
+@pytest.mark.parametrize("converter", CONVERTERS)
+@pytest.mark.parametrize("method, params", [
+    ("none", {}),
+    ("temperature", dict(temperature=[1.0])),
+    ("platt", dict(platt_a=[1.0, 1.0, 1.0], platt_b=[0.0, 0.0, 0.0])),
+    ("piecewise_linear", dict(knots_x=[[0, 1]] * 3, knots_y=[[0, 1]] * 3)),
+])
+def test_identity_calibration_returns_input(converter, method, params):
+    rng = np.random.default_rng(11)
+    if converter == "identity":
+        raw = rng.normal(0, 4, (2, 5, 4)).astype(np.float32)
+        expected = sigmoid(raw[..., 1:].astype(np.float64))
+    else:
+        raw = rng.dirichlet(np.ones(4), size=(2, 5)).astype(np.float32)
+        raw[0, 0] = [0.0, 0.0, 1.0, 0.0]
+        expected = raw[..., 1:]
+    q = ops.calibrate_scores(raw, score_converter=converter, method=method, **params).numpy()
+    np.testing.assert_allclose(q, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("converter", CONVERTERS)
+@pytest.mark.parametrize("method", list(METHOD_PARAMS))
+def test_calibration_matches_numpy_twin(converter, method):
+    calibration = pytest.importorskip("tfcal.calibration")
+    rng = np.random.default_rng(13)
+    if converter == "identity":
+        raw = rng.normal(-1, 3, (3, 7, 3)).astype(np.float32)
+    else:
+        raw = rng.dirichlet(np.ones(3) * 0.5, size=(3, 7)).astype(np.float32)
+    kw = dict(score_converter=converter, background_column=True, method=method,
+              **METHOD_PARAMS[method])
+    np.testing.assert_allclose(ops.calibrate_scores(raw, **kw).numpy(),
+                               calibration.calibrate_scores(raw, **kw), atol=2e-6)
+
+
+def test_scores_to_logits_is_finite_at_the_ends():
+    p = np.array([0.0, 1.0, 0.5], np.float32)
+    z = ops.scores_to_logits(p, "sigmoid").numpy()
+    # logit(1e-7) = -16.118; 1 - 1e-7 rounds to 0.99999988 in float32, logit 15.942.
+    np.testing.assert_allclose(z, [-16.118095, 15.942385, 0.0], rtol=1e-6)
+    assert np.all(np.isfinite(ops.scores_to_logits(p, "softmax").numpy()))
+    with pytest.raises(ValueError, match="score_converter"):
+        ops.scores_to_logits(p, "tanh")
+
+
+def test_pad_knots_rejects_bad_rows():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ops.pad_knots([[0.5, 0.5]], [[0.1, 0.2]])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ops.pad_knots([[0.1, 0.5]], [[0.3, 0.2]])
+    with pytest.raises(ValueError, match="equally"):
+        ops.pad_knots([[0.1, 0.5]], [[0.3]])
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+
+def test_apply_class_thresholds_keeps_equality_and_zeroes_disabled():
+    scores = np.array([[[0.3, 0.5, 0.9], [0.29999998, 0.0, 0.1]]], np.float32)
+    out = ops.apply_class_thresholds(scores, [0.3, 0.0, 0.5], [True, True, False]).numpy()
+    # 0.3 >= 0.3 kept; 0.29999998 < 0.3 dropped; threshold 0 keeps 0.0 (it is 0 either way);
+    # class 2 disabled.
+    np.testing.assert_array_equal(out, np.float32([[[0.3, 0.5, 0.0], [0.0, 0.0, 0.0]]]))
+
+
+@pytest.mark.parametrize("converter", CONVERTERS)
+@pytest.mark.parametrize("method", list(METHOD_PARAMS))
+def test_raw_score_lower_bounds_are_conservative(converter, method):
+    rng = np.random.default_rng(17)
+    if converter == "identity":
+        raw = rng.normal(-1, 3, (4, 300, 3)).astype(np.float32)
+    else:
+        raw = rng.dirichlet(np.ones(3) * 0.4, size=(4, 300)).astype(np.float32)
+    params = METHOD_PARAMS[method]
+    thresh = np.array([0.3, 0.05], np.float32)
+    q = ops.calibrate_scores(raw, score_converter=converter, method=method, **params).numpy()
+    padded = {}
+    if method == "piecewise_linear":
+        padded["knots_x"], padded["knots_y"] = ops.pad_knots(params["knots_x"], params["knots_y"])
+    else:
+        padded = params
+    bounds = ops.raw_score_lower_bounds(thresh, [1.0, 1.0], score_converter=converter,
+                                        method=method, num_classes=2, **padded).numpy()
+    passing = q >= thresh
+    assert np.all(raw[..., 1:][passing] >= np.broadcast_to(bounds, q.shape)[passing])
+    if not (converter == "softmax" and method == "temperature"):
+        assert np.all(np.isfinite(bounds[:1])), "the 0.3 threshold actually filters"
+    disabled = ops.raw_score_lower_bounds(thresh, [1.0, 0.0], score_converter=converter,
+                                          method=method, num_classes=2, **padded).numpy()
+    assert disabled[1] == np.inf

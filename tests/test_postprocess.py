@@ -1,0 +1,114 @@
+"""Tests of tfcal.postprocess.PostProcessConfig: validation and JSON round trips."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tfcal.postprocess import PostProcessConfig
+
+
+def full_config(**changes) -> PostProcessConfig:
+    kw = dict(
+        num_classes=3, score_converter="softmax", background_column=True,
+        calibration="piecewise_linear", temperature=(1.5, 0.8, 1.0), platt_a=(1.0, 1.1, 0.9),
+        platt_b=(0.0, -0.1, 0.2), knots_x=((0.0, 0.5, 1.0), (0.1, 0.9), (0.3,)),
+        knots_y=((0.0, 0.4, 1.0), (0.0, 0.8), (0.5,)), min_score_thresh=(0.3, 0.25, 0.4),
+        class_enabled=(True, False, True), nms_iou=(0.5, 0.6, 0.5), max_detections_per_class=50,
+        max_total_detections=80, clip_boxes=True, label_offset=0, class_ids=(1, 3, 7),
+        metadata={"source": "unit test", "n": 12})
+    kw.update(changes)
+    return PostProcessConfig(**kw)
+
+
+def test_json_round_trip_preserves_every_field():
+    cfg = full_config()
+    again = PostProcessConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert json.loads(cfg.to_json())["knots_x"][2] == [0.3]
+
+
+def test_save_and_load(tmp_path):
+    cfg = full_config()
+    path = cfg.save(tmp_path / "sub" / "postprocess.json")
+    assert PostProcessConfig.load(path) == cfg
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_defaults_and_list_inputs_become_tuples():
+    cfg = PostProcessConfig(num_classes=2, min_score_thresh=[0.2, 0.3], nms_iou=np.array([0.5]),
+                            class_ids=[np.int64(4), 5])
+    assert cfg.min_score_thresh == (0.2, 0.3) and cfg.nms_iou == (0.5,)
+    assert cfg.class_ids == (4, 5) and type(cfg.class_ids[0]) is int
+    assert cfg.thresholds() == (0.2, 0.3) and cfg.ious() == (0.5, 0.5)
+    assert cfg.calibration == "none" and cfg.label_offset == 1
+
+
+def test_numpy_knots_from_a_fitter_are_accepted():
+    kx, ky = np.array([0.0, 0.2, 1.0]), np.array([0.0, 0.1, 0.9])
+    cfg = PostProcessConfig(num_classes=2, calibration="piecewise_linear", knots_x=[kx, kx],
+                            knots_y=[ky, ky])
+    assert cfg.knots_x[0] == (0.0, 0.2, 1.0)
+    assert PostProcessConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(num_classes=0), "num_classes"),
+    (dict(num_classes=2.0), "num_classes"),
+    (dict(score_converter="tanh"), "score_converter"),
+    (dict(calibration="isotonic"), "calibration"),
+    (dict(calibration="temperature", temperature=()), "temperature"),
+    (dict(temperature=(1.0, 2.0)), "temperature"),
+    (dict(temperature=(0.0,)), "temperature"),
+    (dict(calibration="platt", platt_a=(1.0,)), "platt_a"),
+    (dict(knots_x=((0.0, 1.0),) * 2), "knots"),
+    (dict(knots_x=((0.0, 0.5, 0.5), (0.1, 0.9), (0.3,))), "strictly increasing"),
+    (dict(knots_y=((0.5, 0.4, 1.0), (0.0, 0.8), (0.5,))), "non-decreasing"),
+    (dict(knots_x=((0.0, 0.5, 1.2), (0.1, 0.9), (0.3,))), "knots_x"),
+    (dict(knots_y=((0.0, 0.4), (0.0, 0.8), (0.5,))), "knots_y"),
+    (dict(min_score_thresh=(0.3, 0.2)), "min_score_thresh"),
+    (dict(min_score_thresh=(1.5,)), "min_score_thresh"),
+    (dict(min_score_thresh=(float("nan"),)), "min_score_thresh"),
+    (dict(class_enabled=(True, False)), "class_enabled"),
+    (dict(class_enabled=(1, 0, 1)), "class_enabled"),
+    (dict(nms_iou=(0.5, 1.2, 0.5)), "nms_iou"),
+    (dict(class_agnostic=True), "class_agnostic"),
+    (dict(max_total_detections=0), "max_total_detections"),
+    (dict(max_detections_per_class=True), "max_detections_per_class"),
+    (dict(label_offset=-1), "label_offset"),
+    (dict(class_ids=(1, 2)), "class_ids"),
+    (dict(metadata={"bad": object()}), "metadata"),
+    (dict(clip_boxes="yes"), "clip_boxes"),
+])
+def test_validation_names_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        full_config(**changes)
+
+
+def test_from_json_rejects_unknown_fields_and_bad_json():
+    data = full_config().to_dict()
+    data["nms_iou_typo"] = [0.5]
+    with pytest.raises(ValueError, match="nms_iou_typo"):
+        PostProcessConfig.from_dict(data)
+    with pytest.raises(ValueError, match="invalid JSON"):
+        PostProcessConfig.from_json("{")
+    with pytest.raises(ValueError, match="num_classes"):
+        PostProcessConfig.from_json("{}")
+
+
+def test_load_error_names_the_file(tmp_path):
+    path = tmp_path / "pp.json"
+    path.write_text('{"num_classes": 2, "nms_iou": [0.5, 0.5, 0.5]}')
+    with pytest.raises(ValueError, match="pp.json: nms_iou"):
+        PostProcessConfig.load(path)
+
+
+def test_config_is_frozen_and_replace_validates():
+    cfg = full_config()
+    with pytest.raises(AttributeError):
+        cfg.num_classes = 4
+    assert cfg.replace(label_offset=1).label_offset == 1
+    with pytest.raises(ValueError, match="label_offset"):
+        cfg.replace(label_offset=-2)

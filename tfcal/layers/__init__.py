@@ -1,0 +1,13 @@
+"""Thin Keras layers over `tfcal.ops`: calibration, class thresholds, NMS and their chain.
+
+Every layer is registered as Keras-serializable under the package name `tfcal`, runs under
+`tf.function` with a dynamic batch, computes in float32 and validates its arguments in
+`__init__`.
+"""
+
+from tfcal.layers.class_thresholds import ClassThresholds
+from tfcal.layers.combined_nms import CombinedNMS
+from tfcal.layers.post_processor import PostProcessor
+from tfcal.layers.score_calibration import ScoreCalibration
+
+__all__ = ["ClassThresholds", "CombinedNMS", "PostProcessor", "ScoreCalibration"]

@@ -1,0 +1,116 @@
+"""`CombinedNMS`: batched per-class NMS with per-class IoU and OD API outputs (a Keras layer)."""
+
+from __future__ import annotations
+
+import numbers
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfcal import ops
+from tfcal.layers._common import float32_by_default, float_list
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) \
+            or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+@keras.saving.register_keras_serializable(package="tfcal")
+class CombinedNMS(keras.layers.Layer):
+    """Per-class NMS over `tf.image.combined_non_max_suppression` (see `tfcal.ops.combined_nms`).
+
+    Classes that share an IoU threshold are grouped; each group runs one combined NMS, and the
+    groups' detections are merged by score. The IoU values decide the graph's structure, so they
+    are plain config (not weights). Detections need `score >= score_threshold` and `score > 0`.
+
+    Args:
+      iou_threshold: float or 1 or K floats in [0, 1]; default 0.5. A box is suppressed iff its
+        IoU with a higher-scored box of the same class is > the class's value.
+      max_detections_per_class: int >= 1, default 100.
+      max_total_detections: int >= 1, default 100: the output row count M.
+      score_threshold: float in [0, 1], default 0.0.
+      clip_boxes: clip output boxes to [0, 1]; default False.
+      class_agnostic: one NMS over all classes (each box with its best class); needs one IoU.
+      label_offset: int >= 0, default 1: column k is emitted as class id k + 1 (OD API).
+      skip_empty_classes: run NMS only on class columns with a score above the threshold
+        (identical detections; faster on few boxes, see `tfcal.ops.combined_nms`).
+      **kwargs: `keras.layers.Layer` arguments.
+
+    Call args:
+      boxes: float `[batch, num_boxes, 4]` or `[batch, num_boxes, K, 4]`,
+        `[ymin, xmin, ymax, xmax]`.
+      scores: float `[batch, num_boxes, K]` probabilities (K static).
+
+    Returns:
+      dict: `detection_boxes` float32 `[batch, M, 4]`, `detection_scores` float32 `[batch, M]`,
+      `detection_classes` float32 `[batch, M]`, `num_detections` float32 `[batch]`; rows sorted
+      by descending score, rows at or beyond `num_detections` all zero.
+    """
+
+    def __init__(self, iou_threshold=0.5, max_detections_per_class=100, max_total_detections=100,
+                 score_threshold=0.0, clip_boxes=False, class_agnostic=False, label_offset=1,
+                 skip_empty_classes=False, **kwargs):
+        super().__init__(**float32_by_default(kwargs))
+        self.iou_threshold = float_list("iou_threshold", iou_threshold, lo=0.0, hi=1.0)
+        if not self.iou_threshold:
+            raise ValueError("iou_threshold: expected 1 or K values, got []")
+        self.max_detections_per_class = _check_int("max_detections_per_class",
+                                                   max_detections_per_class, 1)
+        self.max_total_detections = _check_int("max_total_detections", max_total_detections, 1)
+        self.score_threshold = float_list("score_threshold", score_threshold, lo=0.0, hi=1.0,
+                                          lengths=(1,))[0]
+        for name, value in (("clip_boxes", clip_boxes), ("class_agnostic", class_agnostic),
+                            ("skip_empty_classes", skip_empty_classes)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name}: expected a bool, got {value!r}")
+        self.clip_boxes = bool(clip_boxes)
+        self.class_agnostic = bool(class_agnostic)
+        self.skip_empty_classes = bool(skip_empty_classes)
+        if self.class_agnostic and len(set(self.iou_threshold)) > 1:
+            raise ValueError(f"iou_threshold: class_agnostic needs a single value, got "
+                             f"{self.iou_threshold}")
+        self.label_offset = _check_int("label_offset", label_offset, 0)
+
+    def _iou(self):
+        return self.iou_threshold[0] if len(self.iou_threshold) == 1 else self.iou_threshold
+
+    def call(self, boxes, scores):
+        k = scores.shape[-1]
+        if len(self.iou_threshold) > 1 and k is not None and k != len(self.iou_threshold):
+            raise ValueError(f"scores: {k} class columns but iou_threshold has "
+                             f"{len(self.iou_threshold)} values")
+        return ops.combined_nms(
+            tf.cast(boxes, tf.float32), tf.cast(scores, tf.float32), iou_threshold=self._iou(),
+            max_detections_per_class=self.max_detections_per_class,
+            max_total_detections=self.max_total_detections,
+            score_threshold=self.score_threshold, clip_boxes=self.clip_boxes,
+            class_agnostic=self.class_agnostic, label_offset=self.label_offset,
+            skip_empty_classes=self.skip_empty_classes)
+
+    def compute_output_spec(self, boxes, scores):
+        batch = scores.shape[0]
+        m = self.max_total_detections
+        return {
+            "detection_boxes": keras.KerasTensor((batch, m, 4), dtype="float32"),
+            "detection_scores": keras.KerasTensor((batch, m), dtype="float32"),
+            "detection_classes": keras.KerasTensor((batch, m), dtype="float32"),
+            "num_detections": keras.KerasTensor((batch,), dtype="float32"),
+        }
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "iou_threshold": list(self.iou_threshold),
+            "max_detections_per_class": self.max_detections_per_class,
+            "max_total_detections": self.max_total_detections,
+            "score_threshold": self.score_threshold,
+            "clip_boxes": self.clip_boxes,
+            "class_agnostic": self.class_agnostic,
+            "label_offset": self.label_offset,
+            "skip_empty_classes": self.skip_empty_classes,
+        })
+        return config

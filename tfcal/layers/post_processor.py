@@ -1,0 +1,147 @@
+"""`PostProcessor`: calibration, class thresholds and NMS chained from one `PostProcessConfig`."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import keras
+import tensorflow as tf
+
+from tfcal import ops
+from tfcal.layers._common import float32_by_default
+from tfcal.layers.class_thresholds import ClassThresholds
+from tfcal.layers.combined_nms import CombinedNMS
+from tfcal.layers.score_calibration import ScoreCalibration
+from tfcal.postprocess import PostProcessConfig
+
+
+@keras.saving.register_keras_serializable(package="tfcal")
+class PostProcessor(keras.layers.Layer):
+    """Raw detector outputs to OD API detections: calibration -> class thresholds -> NMS.
+
+    Chains `ScoreCalibration`, `ClassThresholds` and `CombinedNMS`.
+
+    Built from a `PostProcessConfig` (or its `to_dict()`); `get_config()["postprocess_config"]`
+    is that dict, so a saved model carries every tuned number in its config as well as in the
+    sub-layers' non-trainable weights. The weights are what runs: assigning one (say
+    `class_thresholds` `min_score_thresh`) changes the output without retracing, but not
+    `get_config()`, which keeps the constructor's values. IoU values shape the graph (one NMS
+    per IoU group), so they are config only.
+
+    Before calibration, boxes that cannot pass any class threshold are dropped using
+    conservative raw-score bounds derived from the thresholds and the calibration map
+    (`tfcal.ops.raw_score_lower_bounds`); the detections are identical to running the full
+    tensor, and the cost of calibration and NMS scales with the few candidate boxes instead of
+    all of them. (Softmax temperature scaling mixes columns, so it is never pre-filtered.)
+
+    Args:
+      postprocess_config: a `PostProcessConfig` or a dict accepted by
+        `PostProcessConfig.from_dict` (validated here: lengths against `num_classes`, ranges).
+      candidate_prefilter: drop boxes that cannot pass before calibrating (default True; False
+        runs every box through every stage, for testing).
+      **kwargs: `keras.layers.Layer` arguments.
+
+    Call args:
+      boxes: float `[batch, num_boxes, 4]` or `[batch, num_boxes, K, 4]`,
+        `[ymin, xmin, ymax, xmax]`.
+      raw_scores: float `[batch, num_boxes, C]` in the detector's score space (`C = K + 1` with
+        a background column).
+
+    Returns:
+      The `CombinedNMS` dict: `detection_boxes` float32 `[batch, M, 4]`, `detection_scores`
+      float32 `[batch, M]`, `detection_classes` float32 `[batch, M]` (column + `label_offset`),
+      `num_detections` float32 `[batch]`, with `M = max_total_detections`.
+
+    Example:
+      >>> cfg = PostProcessConfig(num_classes=90, calibration="temperature", temperature=(1.3,),
+      ...                         min_score_thresh=(0.3,), nms_iou=(0.6,))
+      >>> out = PostProcessor.from_postprocess_config(cfg)(boxes, raw_scores)
+    """
+
+    def __init__(self, postprocess_config, candidate_prefilter=True, **kwargs):
+        super().__init__(**float32_by_default(kwargs))
+        if not isinstance(candidate_prefilter, bool):
+            raise ValueError(f"candidate_prefilter: expected a bool, got {candidate_prefilter!r}")
+        self.candidate_prefilter = candidate_prefilter
+        if isinstance(postprocess_config, PostProcessConfig):
+            cfg = postprocess_config
+        elif isinstance(postprocess_config, Mapping):
+            cfg = PostProcessConfig.from_dict(postprocess_config)
+        else:
+            raise ValueError(f"postprocess_config: expected a PostProcessConfig or a dict, got "
+                             f"{type(postprocess_config).__name__}")
+        self.postprocess_config = cfg
+        k = cfg.num_classes
+        self.score_calibration = ScoreCalibration(
+            score_converter=cfg.score_converter, background_column=cfg.background_column,
+            method=cfg.calibration, temperature=list(cfg.temperature),
+            platt_a=list(cfg.platt_a), platt_b=list(cfg.platt_b),
+            knots_x=[list(r) for r in cfg.knots_x], knots_y=[list(r) for r in cfg.knots_y],
+            num_classes=k, name="score_calibration")
+        self.class_thresholds = ClassThresholds(
+            min_score_thresh=list(cfg.min_score_thresh),
+            class_enabled=list(cfg.class_enabled) if cfg.class_enabled else None,
+            num_classes=k, name="class_thresholds")
+        self.nms = CombinedNMS(
+            iou_threshold=list(cfg.nms_iou), max_detections_per_class=cfg.max_detections_per_class,
+            max_total_detections=cfg.max_total_detections, score_threshold=0.0,
+            clip_boxes=cfg.clip_boxes, class_agnostic=cfg.class_agnostic,
+            label_offset=cfg.label_offset, skip_empty_classes=self._uses_prefilter(),
+            name="combined_nms")
+
+    @classmethod
+    def from_postprocess_config(cls, config: PostProcessConfig | Mapping[str, Any],
+                                **kwargs) -> "PostProcessor":
+        """Builds the layer from a `PostProcessConfig` (or its dict)."""
+        return cls(postprocess_config=config, **kwargs)
+
+    def build(self, boxes_shape, raw_scores_shape=None):
+        if raw_scores_shape is not None:
+            self.score_calibration.build(raw_scores_shape)
+            scores_shape = self.score_calibration.compute_output_shape(raw_scores_shape)
+            self.class_thresholds.build(scores_shape)
+        self.nms.build(boxes_shape)
+
+    def _uses_prefilter(self) -> bool:
+        cfg = self.postprocess_config
+        return self.candidate_prefilter and not (cfg.score_converter == "softmax"
+                                                 and cfg.calibration == "temperature")
+
+    def _raw_bounds(self) -> tf.Tensor:
+        """Conservative per-class raw-score bounds implied by the current weights."""
+        cal, thr = self.score_calibration, self.class_thresholds
+        kw = {}
+        if cal.method == "temperature":
+            kw["temperature"] = tf.convert_to_tensor(cal._temperature)
+        elif cal.method == "platt":
+            kw["platt_a"] = tf.convert_to_tensor(cal._platt_a)
+            kw["platt_b"] = tf.convert_to_tensor(cal._platt_b)
+        elif cal.method == "piecewise_linear":
+            kw["knots_x"] = tf.convert_to_tensor(cal._knots_x)
+            kw["knots_y"] = tf.convert_to_tensor(cal._knots_y)
+        enabled = None if thr._enabled is None else tf.convert_to_tensor(thr._enabled)
+        return ops.raw_score_lower_bounds(
+            tf.convert_to_tensor(thr._thresh), enabled, score_converter=cal.score_converter,
+            method=cal.method, num_classes=self.postprocess_config.num_classes, **kw)
+
+    def call(self, boxes, raw_scores):
+        boxes = tf.cast(boxes, tf.float32)
+        raw_scores = tf.cast(raw_scores, tf.float32)
+        if self._uses_prefilter():
+            # Only boxes that can pass some class threshold are calibrated and sent to NMS; the
+            # result is identical, and most boxes of a real detector are dropped here.
+            boxes, raw_scores = ops.select_candidate_boxes(
+                boxes, raw_scores, self._raw_bounds(),
+                background_column=self.postprocess_config.background_column)
+        scores = self.score_calibration(raw_scores)
+        scores = self.class_thresholds(scores)
+        return self.nms(boxes, scores)
+
+    def compute_output_spec(self, boxes, raw_scores):
+        return self.nms.compute_output_spec(boxes, raw_scores)
+
+    def get_config(self):
+        config = super().get_config()
+        config["postprocess_config"] = self.postprocess_config.to_dict()
+        config["candidate_prefilter"] = self.candidate_prefilter
+        return config

@@ -1,0 +1,643 @@
+"""Pure TF post-processing ops: score spaces, calibration, class thresholds, per-class-IoU NMS.
+
+No Keras and no config objects here; the layers in `tfcal.layers` are thin wrappers over these
+functions, and `tfcal.calibration` holds their NumPy twins. Everything computes in float32.
+
+Score spaces (shared with `tfcal.calibration`):
+
+- `sigmoid` converter: a raw score `p` is a probability; its logit is
+  `z = logit(clip(p, EPS, 1 - EPS))` with `EPS = 1e-7`, clipped in float32.
+- `identity` converter: a raw score is the logit `z` itself; the probability is `sigmoid(z)`.
+- `softmax` converter: raw scores are softmax probabilities over all columns (background
+  included when there is a background column); `z = log(clip(p, EPS, 1))`.
+
+Threshold and NMS conventions (stated once, relied on by the layers and the tuner):
+
+- A class score is kept by `apply_class_thresholds` iff `score >= min_score_thresh` and the
+  class is enabled; every other score becomes exactly 0.0.
+- `combined_nms` never emits a score <= 0: a 0.0 score means "no detection" (it is also the
+  padding value). So with a threshold of 0.0 a score of exactly 0.0 is dropped and any positive
+  score is kept. `tf.image.combined_non_max_suppression` keeps `score > score_threshold`
+  (strictly), so `combined_nms` passes it the largest float32 below the requested threshold to
+  keep `score >= score_threshold`.
+- A box suppresses another of the same class iff their IoU is strictly greater than the IoU
+  threshold (IoU == threshold keeps both), as in TF and torchvision. Among equal scores the lower
+  box index wins.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+EPS = 1e-7
+"""Probability clip before taking logits (float32-safe; equal to `tfcal.calibration.EPS`)."""
+
+SCORE_CONVERTERS = ("sigmoid", "softmax", "identity")
+CALIBRATION_METHODS = ("none", "temperature", "platt", "piecewise_linear")
+
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+__all__ = [
+    "CALIBRATION_METHODS",
+    "EPS",
+    "SCORE_CONVERTERS",
+    "apply_class_thresholds",
+    "box_iou",
+    "calibrate_scores",
+    "combined_nms",
+    "iou_groups",
+    "pad_knots",
+    "piecewise_linear",
+    "raw_score_lower_bounds",
+    "scores_to_logits",
+    "select_candidate_boxes",
+    "strict_score_threshold",
+]
+
+
+# ----------------------------------------------------------------------------- score spaces
+
+
+def _check_choice(name: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def _logit(p: tf.Tensor) -> tf.Tensor:
+    p = tf.clip_by_value(p, EPS, 1.0 - EPS)
+    return tf.math.log(p) - tf.math.log1p(-p)
+
+
+def scores_to_logits(scores, score_converter: str = "sigmoid") -> tf.Tensor:
+    """Turns raw detector scores into logits with a numerically safe inverse.
+
+    Args:
+      scores: float `[..., C]` raw scores in the detector's score space.
+      score_converter: {'sigmoid', 'softmax', 'identity'}, default='sigmoid'. `sigmoid`:
+        `logit(clip(p, EPS, 1 - EPS))`; `softmax`: `log(clip(p, EPS, 1))` (log-probabilities);
+        `identity`: the scores already are logits and are returned unchanged.
+
+    Returns:
+      float32 `[..., C]` logits, finite for any score in [0, 1].
+    """
+    _check_choice("score_converter", score_converter, SCORE_CONVERTERS)
+    s = tf.cast(scores, tf.float32)
+    if score_converter == "sigmoid":
+        return _logit(s)
+    if score_converter == "softmax":
+        return tf.math.log(tf.clip_by_value(s, EPS, 1.0))
+    return s
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def pad_knots(knots_x, knots_y) -> tuple[np.ndarray, np.ndarray]:
+    """Validates K rows of knots and pads them to one float32 `[K, M]` array pair.
+
+    Rows may have different lengths. A row is padded past its last knot with `x = x_last + 1,
+    x_last + 2, ...` (outside [0, 1], so never reached by a probability) and `y = y_last`, which
+    keeps every row strictly increasing in `x` and leaves the map unchanged. `M >= 2`.
+
+    Args:
+      knots_x: K sequences, each non-empty and strictly increasing in [0, 1].
+      knots_y: K sequences, each as long as its `knots_x` row, non-decreasing in [0, 1].
+
+    Returns:
+      `(xs, ys)`: float32 `[K, M]` each.
+
+    Raises:
+      ValueError: on a malformed row; the message names the row and includes its values.
+    """
+    if len(knots_x) != len(knots_y) or len(knots_x) == 0:
+        raise ValueError(f"knots: need the same non-zero number of knots_x and knots_y rows, "
+                         f"got {len(knots_x)} and {len(knots_y)}")
+    rows = []
+    for k, (rx, ry) in enumerate(zip(knots_x, knots_y)):
+        x = np.asarray(rx, dtype=np.float64).reshape(-1)
+        y = np.asarray(ry, dtype=np.float64).reshape(-1)
+        if x.size == 0 or x.shape != y.shape:
+            raise ValueError(f"knots row {k}: knots_x and knots_y must be non-empty and equally "
+                             f"long, got {x.tolist()} and {y.tolist()}")
+        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+            raise ValueError(f"knots row {k}: knots must be finite, got {x.tolist()}, {y.tolist()}")
+        if np.any(np.diff(x) <= 0) or x[0] < 0 or x[-1] > 1:
+            raise ValueError(f"knots row {k}: knots_x must be strictly increasing in [0, 1], "
+                             f"got {x.tolist()}")
+        if np.any(np.diff(y) < 0) or y[0] < 0 or y[-1] > 1:
+            raise ValueError(f"knots row {k}: knots_y must be non-decreasing in [0, 1], "
+                             f"got {y.tolist()}")
+        rows.append((x, y))
+    m = max(2, max(x.size for x, _ in rows))
+    xs = np.empty((len(rows), m), np.float32)
+    ys = np.empty((len(rows), m), np.float32)
+    for k, (x, y) in enumerate(rows):
+        pad = m - x.size
+        xs[k] = np.concatenate([x, x[-1] + np.arange(1, pad + 1)])
+        ys[k] = np.concatenate([y, np.full(pad, y[-1])])
+    return xs, ys
+
+
+def piecewise_linear(u, xs, ys) -> tf.Tensor:
+    """Per-column piecewise-linear map, clamped to the end knots' `y` outside the knot range.
+
+    Args:
+      u: float32 `[..., K]` uncalibrated probabilities.
+      xs: float32 `[K, M]` padded knots (see `pad_knots`), strictly increasing per row.
+      ys: float32 `[K, M]` knot values, non-decreasing per row.
+
+    Returns:
+      float32 `[..., K]`, `np.interp(u[..., k], xs[k], ys[k])` for every column k.
+    """
+    u = tf.cast(u, tf.float32)
+    xs = tf.cast(xs, tf.float32)
+    ys = tf.cast(ys, tf.float32)
+    shape = tf.shape(u)
+    k = tf.shape(xs)[0]
+    m = tf.shape(xs)[1]
+    flat = tf.transpose(tf.reshape(u, [-1, k]))  # [K, X]
+    idx = tf.searchsorted(xs, flat, side="right")  # number of knots <= u, in [0, M]
+    lo = tf.clip_by_value(idx - 1, 0, m - 2)
+    x0 = tf.gather(xs, lo, batch_dims=1)
+    x1 = tf.gather(xs, lo + 1, batch_dims=1)
+    y0 = tf.gather(ys, lo, batch_dims=1)
+    y1 = tf.gather(ys, lo + 1, batch_dims=1)
+    t = tf.clip_by_value((flat - x0) / (x1 - x0), 0.0, 1.0)
+    out = y0 + t * (y1 - y0)
+    return tf.reshape(tf.transpose(out), shape)
+
+
+def _as_vector(value) -> tf.Tensor:
+    return tf.reshape(tf.cast(value, tf.float32), [-1])
+
+
+def calibrate_scores(raw_scores, *, score_converter: str = "sigmoid",
+                     background_column: bool = True, method: str = "none",
+                     temperature=(), platt_a=(), platt_b=(), knots_x=(), knots_y=()) -> tf.Tensor:
+    """Maps raw detector scores to calibrated per-class probabilities.
+
+    Semantics (identical to `tfcal.calibration.calibrate_scores`):
+
+    - `none`: `q = p` exactly (`identity` converter: `q = sigmoid(z)`).
+    - `temperature`: `q = sigmoid(z / T)`; with the `softmax` converter, `q = softmax(z / T)`
+      over all columns (a scalar `T` applies to every column, a per-class `T` leaves the
+      background column at `T = 1`), then the background column is dropped.
+    - `platt`: `q = sigmoid(a * z + b)` (one-vs-rest for `softmax`, with `z = logit(clip(p))`).
+    - `piecewise_linear`: `q = interp(u, knots_x[k], knots_y[k])` on the uncalibrated
+      probability `u` (`p`, or `sigmoid(z)` for `identity`), clamped at the end knots.
+
+    Args:
+      raw_scores: float `[..., C]` raw scores; `C = K + 1` when `background_column`, else `K`.
+      score_converter: {'sigmoid', 'softmax', 'identity'}, default='sigmoid'.
+      background_column: raw column 0 is background and is dropped from the output.
+      method: {'none', 'temperature', 'platt', 'piecewise_linear'}, default='none'.
+      temperature: float scalar, `[1]` or `[K]`, each > 0 (checked by the callers that take
+        Python values; tensors are used as given).
+      platt_a, platt_b: float `[K]` (or `[1]`, broadcast).
+      knots_x, knots_y: K rows of knots (Python rows of any lengths), or float32 `[K, M]` arrays
+        already padded by `pad_knots`.
+
+    Returns:
+      float32 `[..., K]` calibrated probabilities in [0, 1].
+    """
+    _check_choice("score_converter", score_converter, SCORE_CONVERTERS)
+    _check_choice("method", method, CALIBRATION_METHODS)
+    raw = tf.cast(raw_scores, tf.float32)
+    start = 1 if background_column else 0
+    if score_converter == "softmax" and method == "temperature":
+        t = _as_vector(temperature)
+        z = scores_to_logits(raw, "softmax")
+        num_columns = tf.shape(raw)[-1]
+        # A scalar temperature scales every column; a per-class one leaves background at 1.
+        t_full = tf.cond(
+            tf.equal(tf.size(t), 1),
+            lambda: tf.fill([num_columns], t[0]),
+            lambda: tf.concat([tf.ones([start], tf.float32), t], axis=0))
+        q = tf.nn.softmax(z / t_full, axis=-1)
+        return q[..., start:]
+    cls = raw[..., start:]
+    if method == "none":
+        return tf.sigmoid(cls) if score_converter == "identity" else cls
+    if method == "piecewise_linear":
+        u = tf.sigmoid(cls) if score_converter == "identity" else cls
+        if isinstance(knots_x, (tf.Tensor, tf.Variable)) or (
+                isinstance(knots_x, np.ndarray) and knots_x.ndim == 2):
+            xs, ys = knots_x, knots_y
+        else:
+            xs, ys = pad_knots(knots_x, knots_y)
+        return piecewise_linear(u, xs, ys)
+    z = cls if score_converter == "identity" else _logit(cls)
+    if method == "temperature":
+        return tf.sigmoid(z / _as_vector(temperature))
+    return tf.sigmoid(_as_vector(platt_a) * z + _as_vector(platt_b))
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+
+def apply_class_thresholds(scores, min_score_thresh, class_enabled=None) -> tf.Tensor:
+    """Zeroes every score below its class threshold or of a disabled class.
+
+    Args:
+      scores: float `[..., K]` class probabilities.
+      min_score_thresh: float scalar, `[1]` or `[K]`, each in [0, 1]. A score is kept iff
+        `score >= min_score_thresh` (equality keeps it).
+      class_enabled: optional bool or 0/1 float `[K]`; scores of disabled classes become 0.
+
+    Returns:
+      float32 `[..., K]`: the kept scores, and exactly 0.0 elsewhere.
+    """
+    s = tf.cast(scores, tf.float32)
+    keep = s >= tf.cast(min_score_thresh, tf.float32)
+    if class_enabled is not None:
+        enabled = tf.cast(class_enabled, tf.float32) > 0.5
+        keep = tf.logical_and(keep, enabled)
+    return tf.where(keep, s, tf.zeros_like(s))
+
+
+# ----------------------------------------------------------------------------- NMS
+
+
+def box_iou(boxes_a, boxes_b) -> tf.Tensor:
+    """Pairwise IoU of `[ymin, xmin, ymax, xmax]` boxes (corners may come in either order).
+
+    Args:
+      boxes_a: float `[..., A, 4]`.
+      boxes_b: float `[..., B, 4]`.
+
+    Returns:
+      float32 `[..., A, B]`; 0 where the union is empty (zero-area boxes).
+    """
+    a = tf.cast(boxes_a, tf.float32)
+    b = tf.cast(boxes_b, tf.float32)
+
+    def corners(x):
+        y0, x0, y1, x1 = tf.unstack(x, axis=-1)
+        return tf.minimum(y0, y1), tf.minimum(x0, x1), tf.maximum(y0, y1), tf.maximum(x0, x1)
+
+    ay0, ax0, ay1, ax1 = corners(a)
+    by0, bx0, by1, bx1 = corners(b)
+    ih = tf.maximum(tf.minimum(ay1[..., :, None], by1[..., None, :])
+                    - tf.maximum(ay0[..., :, None], by0[..., None, :]), 0.0)
+    iw = tf.maximum(tf.minimum(ax1[..., :, None], bx1[..., None, :])
+                    - tf.maximum(ax0[..., :, None], bx0[..., None, :]), 0.0)
+    inter = ih * iw
+    area_a = (ay1 - ay0) * (ax1 - ax0)
+    area_b = (by1 - by0) * (bx1 - bx0)
+    union = area_a[..., :, None] + area_b[..., None, :] - inter
+    return tf.math.divide_no_nan(inter, union)
+
+
+def strict_score_threshold(score_threshold) -> tf.Tensor:
+    """The value `t'` with `score > t'` iff `score >= score_threshold and score > 0` (float32).
+
+    `t' = nextafter(score_threshold, 0)` for thresholds whose predecessor is a normal float32,
+    else 0.0 (TF flushes subnormal floats to zero on CPU, so a subnormal `t'` would act as 0).
+
+    Args:
+      score_threshold: float scalar (Python or tensor), >= 0.
+
+    Returns:
+      float32 scalar tensor.
+    """
+    t = tf.cast(score_threshold, tf.float32)
+    below = tf.math.nextafter(t, tf.zeros_like(t))
+    return tf.where(below >= _FLOAT32_TINY, below, tf.zeros_like(t))
+
+
+def iou_groups(iou_threshold, num_classes: int) -> list[tuple[float, list[int]]]:
+    """Groups class columns that share an IoU threshold.
+
+    Args:
+      iou_threshold: float or a sequence of 1 or `num_classes` floats, each in [0, 1].
+      num_classes: K.
+
+    Returns:
+      `[(iou, columns), ...]` sorted by IoU; `columns` ascending. One group when all are equal.
+
+    Raises:
+      ValueError: wrong length or a value outside [0, 1].
+    """
+    values = np.atleast_1d(np.asarray(iou_threshold, dtype=np.float64))
+    if values.ndim != 1 or values.size not in (1, num_classes):
+        raise ValueError(f"iou_threshold: expected a scalar or {num_classes} values, "
+                         f"got {np.asarray(iou_threshold).tolist()}")
+    if not np.all((values >= 0) & (values <= 1)):
+        raise ValueError(f"iou_threshold: each value must be in [0, 1], got {values.tolist()}")
+    if values.size == 1:
+        return [(float(values[0]), list(range(num_classes)))]
+    groups: dict[float, list[int]] = {}
+    for k, v in enumerate(values.astype(np.float32).tolist()):
+        groups.setdefault(v, []).append(k)
+    return sorted(groups.items())
+
+
+def _take_columns(x: tf.Tensor, columns: list[int], axis: int) -> tf.Tensor:
+    """Columns of `x` along `axis`: a slice when they are contiguous, else a gather."""
+    if columns == list(range(columns[0], columns[-1] + 1)):
+        begin = [0] * axis + [columns[0]]
+        size = [-1] * axis + [len(columns)]
+        rank = x.shape.rank
+        begin += [0] * (rank - axis - 1)
+        size += [-1] * (rank - axis - 1)
+        return tf.slice(x, begin, size)
+    return tf.gather(x, columns, axis=axis)
+
+
+def _pad_rows(boxes, scores, classes, num, max_total):
+    """Zeroes the rows at or beyond `num` (boxes, scores and classes)."""
+    valid = tf.range(max_total)[None, :] < num[:, None]
+    boxes = tf.where(valid[..., None], boxes, 0.0)
+    scores = tf.where(valid, scores, 0.0)
+    classes = tf.where(valid, classes, 0.0)
+    return boxes, scores, classes
+
+
+def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes):
+    """Class-agnostic NMS: each box competes once with its best class score."""
+    if boxes.shape.rank == 4:
+        best = tf.argmax(scores, axis=-1, output_type=tf.int32)
+        boxes = tf.gather(boxes, best, axis=2, batch_dims=2)
+    else:
+        best = tf.argmax(scores, axis=-1, output_type=tf.int32)
+    best_scores = tf.reduce_max(scores, axis=-1)
+
+    def one_image(args):
+        b, s, c = args
+        idx, sel_scores, n = tf.raw_ops.NonMaxSuppressionV5(
+            boxes=b, scores=s, max_output_size=max_total, iou_threshold=iou,
+            score_threshold=threshold, soft_nms_sigma=0.0, pad_to_max_output_size=True)
+        return tf.gather(b, idx), sel_scores, tf.cast(tf.gather(c, idx), tf.float32), n
+
+    out_boxes, out_scores, out_classes, num = tf.map_fn(
+        one_image, (boxes, best_scores, best),
+        fn_output_signature=(tf.TensorSpec([max_total, 4], tf.float32),
+                             tf.TensorSpec([max_total], tf.float32),
+                             tf.TensorSpec([max_total], tf.float32),
+                             tf.TensorSpec([], tf.int32)))
+    if clip_boxes:
+        out_boxes = tf.clip_by_value(out_boxes, 0.0, 1.0)
+    return out_boxes, out_scores, out_classes, num
+
+
+def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: int = 100,
+                 max_total_detections: int = 100, score_threshold=0.0, clip_boxes: bool = False,
+                 class_agnostic: bool = False, label_offset: int = 1,
+                 skip_empty_classes: bool = False) -> dict[str, tf.Tensor]:
+    """Batched per-class NMS over `tf.image.combined_non_max_suppression`, with per-class IoU.
+
+    Classes sharing an IoU threshold form a group; each group gets one combined NMS call on its
+    score columns, and the groups' detections are merged by score (top `max_total_detections`).
+    This equals running every class alone at its own IoU and keeping the best
+    `max_total_detections` detections overall.
+
+    Args:
+      boxes: float `[batch, num_boxes, 4]` or `[batch, num_boxes, 1, 4]` (shared by all
+        classes), or `[batch, num_boxes, num_classes, 4]`, as `[ymin, xmin, ymax, xmax]`.
+      scores: float `[batch, num_boxes, num_classes]` class probabilities (no background).
+      iou_threshold: Python float or sequence of 1 or K floats in [0, 1]; a box is suppressed
+        by a higher-scored box of its class iff their IoU > the class's threshold.
+      max_detections_per_class: int >= 1, detections kept per class and image.
+      max_total_detections: int >= 1, rows of the output (M).
+      score_threshold: float scalar >= 0 (Python or tensor): detections need
+        `score >= score_threshold` and `score > 0`.
+      clip_boxes: clip the output boxes to [0, 1]; NMS itself uses the boxes as given (as
+        `tf.image.combined_non_max_suppression` does).
+      class_agnostic: one NMS over all classes: each box keeps only its best class score (and,
+        for per-class boxes, that class's box); needs a single IoU; `max_detections_per_class`
+        is then not used.
+      label_offset: int; output class id = column + `label_offset` (1: OD API ids).
+      skip_empty_classes: send only the class columns with some score above the threshold to
+        NMS (same detections). Worth it when `num_boxes` is small, e.g. after
+        `select_candidate_boxes`; on a full detector output the extra pass may cost more.
+
+    Returns:
+      dict (OD API names and conventions), rows sorted by descending score, rows at or beyond
+      `num_detections` all zero:
+        `detection_boxes`: float32 `[batch, M, 4]`;
+        `detection_scores`: float32 `[batch, M]`;
+        `detection_classes`: float32 `[batch, M]`, column + `label_offset`;
+        `num_detections`: float32 `[batch]`.
+
+    Raises:
+      ValueError: bad arguments or shapes known at trace time.
+    """
+    boxes = tf.convert_to_tensor(boxes)
+    scores = tf.convert_to_tensor(scores)
+    boxes = tf.cast(boxes, tf.float32)
+    scores = tf.cast(scores, tf.float32)
+    if scores.shape.rank != 3:
+        raise ValueError(f"scores: expected [batch, num_boxes, num_classes], got {scores.shape}")
+    if boxes.shape.rank not in (3, 4) or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes: expected [batch, num_boxes, 4] or [batch, num_boxes, "
+                         f"num_classes, 4], got {boxes.shape}")
+    num_classes = scores.shape[-1]
+    if num_classes is None:
+        raise ValueError("scores: the class axis must have a static size")
+    if boxes.shape.rank == 4 and boxes.shape[2] not in (None, 1, num_classes):
+        raise ValueError(f"boxes: class axis {boxes.shape[2]} != scores class axis {num_classes}")
+    for name, value in (("max_detections_per_class", max_detections_per_class),
+                        ("max_total_detections", max_total_detections)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    if isinstance(score_threshold, (int, float)) and not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"score_threshold: expected a value in [0, 1], got {score_threshold!r}")
+    if boxes.shape.rank == 4 and boxes.shape[2] == 1:
+        boxes = boxes[:, :, 0, :]  # [batch, num_boxes, 1, 4]: shared by all classes
+    groups = iou_groups(iou_threshold, num_classes)
+    max_total = int(max_total_detections)
+    threshold = strict_score_threshold(score_threshold)
+
+    if class_agnostic:
+        if len(groups) != 1:
+            raise ValueError(f"iou_threshold: class_agnostic NMS needs a single IoU, got "
+                             f"{np.asarray(iou_threshold).tolist()}")
+        out_boxes, out_scores, out_classes, num = _agnostic_nms(
+            boxes, scores, iou=groups[0][0], max_total=max_total, threshold=threshold,
+            clip_boxes=clip_boxes)
+    else:
+        if boxes.shape.rank == 3:
+            boxes = boxes[:, :, None, :]
+        per_group = []
+        if skip_empty_classes:
+            active = tf.reduce_any(scores > threshold, axis=[0, 1])  # [K]
+        for iou, columns in groups:
+            if skip_empty_classes:
+                # Only the columns with some score above the threshold: combined NMS costs
+                # a few microseconds per class even when a class has no candidate.
+                in_group = np.zeros(num_classes, bool)
+                in_group[columns] = True
+                picked = tf.reshape(tf.where(active & in_group), [-1])
+                picked = tf.cast(picked, tf.int32)
+                # At least one column (it yields no detection when nothing passes).
+                picked = tf.concat([picked, [columns[0]]], 0)[:tf.maximum(tf.size(picked), 1)]
+                group_scores = tf.gather(scores, picked, axis=2)
+                group_boxes = boxes if boxes.shape[2] == 1 else tf.gather(boxes, picked, axis=2)
+                column_ids = picked
+            else:
+                group_scores = scores if len(groups) == 1 else _take_columns(scores, columns, 2)
+                group_boxes = boxes
+                if boxes.shape[2] != 1 and len(groups) > 1:
+                    group_boxes = _take_columns(boxes, columns, 2)
+                column_ids = None if len(groups) == 1 else tf.constant(columns, tf.int32)
+            r = tf.image.combined_non_max_suppression(
+                group_boxes, group_scores, max_output_size_per_class=int(max_detections_per_class),
+                max_total_size=max_total, iou_threshold=iou, score_threshold=threshold,
+                pad_per_class=False, clip_boxes=clip_boxes)
+            group_classes = tf.cast(r.nmsed_classes, tf.int32)
+            if column_ids is not None:
+                group_classes = tf.gather(column_ids, group_classes)
+            per_group.append((r.nmsed_boxes, r.nmsed_scores, group_classes, r.valid_detections))
+        if len(per_group) == 1:
+            out_boxes, out_scores, classes, num = per_group[0]
+        else:
+            out_boxes, out_scores, classes, num = _merge_groups(per_group, max_total)
+        out_classes = tf.cast(classes, tf.float32)
+    out_classes = out_classes + float(label_offset)
+    out_boxes, out_scores, out_classes = _pad_rows(out_boxes, out_scores, out_classes, num,
+                                                   max_total)
+    return {
+        "detection_boxes": out_boxes,
+        "detection_scores": out_scores,
+        "detection_classes": out_classes,
+        "num_detections": tf.cast(num, tf.float32),
+    }
+
+
+def _merge_groups(per_group, max_total):
+    """Merges per-group NMS results: the best `max_total` valid rows of all groups, by score."""
+    boxes = tf.concat([g[0] for g in per_group], axis=1)
+    scores = tf.concat([g[1] for g in per_group], axis=1)
+    classes = tf.concat([g[2] for g in per_group], axis=1)
+    valid = tf.concat([tf.range(max_total)[None, :] < g[3][:, None] for g in per_group], axis=1)
+    ranked = tf.where(valid, scores, -np.inf)
+    top_scores, idx = tf.math.top_k(ranked, k=max_total, sorted=True)
+    num = tf.minimum(tf.add_n([g[3] for g in per_group]), max_total)
+    return (tf.gather(boxes, idx, batch_dims=1), tf.maximum(top_scores, 0.0),
+            tf.gather(classes, idx, batch_dims=1), num)
+
+
+# ----------------------------------------------------------------------------- candidate pre-filter
+
+
+def raw_score_lower_bounds(min_score_thresh, class_enabled=None, *,
+                           score_converter: str = "sigmoid", method: str = "none",
+                           num_classes: int, temperature=(), platt_a=(), platt_b=(),
+                           knots_x=None, knots_y=None) -> tf.Tensor:
+    """Per-class raw-score bounds `r_k` with `calibrated_k >= min_score_thresh_k  =>  raw_k >= r_k`.
+
+    The bounds are conservative (a little low), so filtering raw scores with them never drops a
+    detection that the exact thresholds would keep; the exact check still runs afterwards.
+    `-inf` means "cannot filter this class" (softmax temperature, Platt with `a <= 0`, or
+    thresholds too low to matter); `+inf` means the class can never pass (disabled, or above the
+    map's range).
+
+    Args:
+      min_score_thresh: float `[1]` or `[K]` thresholds on calibrated probabilities.
+      class_enabled: optional 0/1 float `[K]`.
+      score_converter, method, temperature, platt_a, platt_b: as `calibrate_scores`.
+      num_classes: K.
+      knots_x, knots_y: float32 `[K, M]` padded knots (`pad_knots`), for `piecewise_linear`.
+
+    Returns:
+      float32 `[K]` bounds in the raw score space of the class columns.
+    """
+    _check_choice("score_converter", score_converter, SCORE_CONVERTERS)
+    _check_choice("method", method, CALIBRATION_METHODS)
+    k = num_classes
+    t = tf.broadcast_to(tf.reshape(tf.cast(min_score_thresh, tf.float32), [-1]), [k])
+    # Lower the threshold a little in calibrated space (covers flat maps and rounding) ...
+    t = tf.maximum(t - 1e-4, 0.0)
+    inf = tf.constant(np.inf, tf.float32)
+    if score_converter == "softmax" and method == "temperature":
+        bound_u = tf.fill([k], -inf)  # q_k depends on every column: no per-column bound
+        logit_space = False
+    elif method == "none":
+        bound_u, logit_space = t, False
+    elif method == "piecewise_linear":
+        xs = tf.cast(knots_x, tf.float32)
+        ys = tf.cast(knots_y, tf.float32)
+        # First knot with y >= t; the bound is where the segment before it reaches t.
+        reach = ys >= t[:, None]
+        j1 = tf.argmax(tf.cast(reach, tf.int32), axis=1, output_type=tf.int32)
+        j0 = tf.maximum(j1 - 1, 0)
+        x0 = tf.gather(xs, j0, batch_dims=1)
+        x1 = tf.gather(xs, j1, batch_dims=1)
+        y0 = tf.gather(ys, j0, batch_dims=1)
+        y1 = tf.gather(ys, j1, batch_dims=1)
+        frac = tf.clip_by_value(tf.math.divide_no_nan(t - y0, y1 - y0), 0.0, 1.0)
+        cross = x0 + frac * (x1 - x0)
+        any_reach = tf.reduce_any(reach, axis=1)
+        bound_u = tf.where(any_reach, cross, inf)  # no knot reaches t: never passes
+        bound_u = tf.where(any_reach & (j1 == 0), -inf, bound_u)  # the first knot reaches t
+        logit_space = False
+    else:
+        # temperature / platt in logit space: q = sigmoid(z / T) or sigmoid(a z + b).
+        lt = tf.math.log(t) - tf.math.log1p(-t)  # logit(t); -inf at t = 0
+        if method == "temperature":
+            temp = tf.broadcast_to(tf.reshape(tf.cast(temperature, tf.float32), [-1]), [k])
+            bound_z = temp * lt
+        else:
+            a = tf.broadcast_to(tf.reshape(tf.cast(platt_a, tf.float32), [-1]), [k])
+            b = tf.broadcast_to(tf.reshape(tf.cast(platt_b, tf.float32), [-1]), [k])
+            bound_z = tf.where(a > 0, (lt - b) / tf.where(a > 0, a, 1.0), -inf)
+        bound_z = tf.where(tf.math.is_nan(bound_z), -inf, bound_z)
+        if score_converter == "identity":
+            bound_u, logit_space = bound_z, True
+        else:
+            bound_u, logit_space = tf.sigmoid(bound_z), False
+            # Raw probabilities below EPS are clipped up to EPS, so a bound at or below EPS
+            # cannot separate them: do not filter.
+            bound_u = tf.where(bound_u <= 2 * EPS, -inf, bound_u)
+    if not logit_space and score_converter == "identity" and method in ("none",
+                                                                         "piecewise_linear"):
+        # u = sigmoid(z): move the probability bound to logit space.
+        u = bound_u
+        bound = tf.where(u <= 0.0, -inf, tf.where(u >= 1.0, inf,
+                                                   tf.math.log(u) - tf.math.log1p(-u)))
+        bound = tf.where(tf.math.is_nan(bound), -inf, bound)
+        margin = 1e-4 * (1.0 + tf.abs(tf.where(tf.math.is_finite(bound), bound, 0.0)))
+    elif logit_space:
+        bound = bound_u
+        margin = 1e-4 * (1.0 + tf.abs(tf.where(tf.math.is_finite(bound), bound, 0.0)))
+    else:
+        bound = bound_u
+        margin = tf.fill([k], 1e-5)
+    # ... and the bound a little in raw space (covers steep maps and rounding).
+    bound = bound - margin
+    if class_enabled is not None:
+        bound = tf.where(tf.cast(class_enabled, tf.float32) > 0.5, bound, inf)
+    return bound
+
+
+def select_candidate_boxes(boxes, raw_scores, lower_bounds, *, background_column: bool = True):
+    """Keeps only the boxes with at least one class column at or above its raw-score bound.
+
+    The result has `num_candidates = max over images of the passing-box count` boxes per image
+    (at least 1): each image's passing boxes first, in their original order (so NMS tie-breaking
+    by box index is unchanged), then filler boxes that pass nothing. With bounds from
+    `raw_score_lower_bounds`, running calibration, thresholds and NMS on the result gives the
+    same detections as on the full input.
+
+    Args:
+      boxes: float `[batch, num_boxes, 4]` or `[batch, num_boxes, K, 4]`.
+      raw_scores: float `[batch, num_boxes, C]`.
+      lower_bounds: float32 `[K]` bounds for the class columns.
+      background_column: raw column 0 is background (never a reason to keep a box).
+
+    Returns:
+      `(boxes, raw_scores)` with `num_boxes` replaced by `num_candidates`.
+    """
+    raw = tf.cast(raw_scores, tf.float32)
+    bounds = tf.cast(lower_bounds, tf.float32)
+    if background_column:
+        bounds = tf.concat([tf.constant([np.inf], tf.float32), bounds], axis=0)
+    passing = tf.reduce_any(raw >= bounds, axis=-1)  # [B, N]
+    count = tf.reduce_max(tf.reduce_sum(tf.cast(passing, tf.int32), axis=1))
+    num_candidates = tf.minimum(tf.maximum(count, 1), tf.shape(raw)[1])
+    # top_k breaks ties by lower index: passing boxes come first, in ascending index order.
+    _, idx = tf.math.top_k(tf.cast(passing, tf.float32), k=num_candidates, sorted=True)
+    return tf.gather(boxes, idx, batch_dims=1), tf.gather(raw, idx, batch_dims=1)
