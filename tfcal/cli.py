@@ -97,6 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_tensorflow_quietly() -> None:
+    """Imports TensorFlow with file descriptor 2 silenced.
+
+    TensorFlow's C++ runtime prints start-up lines (oneDNN, CUDA probing) to stderr before its
+    log settings apply; they are noise for a CLI user. Real errors surface later as exceptions.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow as tf
+            tf.config.list_physical_devices()
+            tf.constant(0)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _run(args: argparse.Namespace) -> int:
     # Imports are here so that `--help` answers at once.
     from tfcal import config as config_lib
@@ -143,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tfcal` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tfcal").setLevel(logging.DEBUG if args.debug else logging.INFO)
     for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "PIL"):
@@ -151,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     from tfcal import TfcalError
 
     try:
+        if args.command not in ("report", "evaluate") and not args.debug:
+            _import_tensorflow_quietly()
         return _run(args)
     except TfcalError as err:
         if args.debug:

@@ -300,8 +300,11 @@ def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
     """Post-processes the tune split once per NMS IoU, matches once, and runs the search."""
     from tfcal.tuning.search import MatchedDetections, joint_search
 
+    from tqdm.auto import tqdm
+
     matched = {}
-    for iou in cfg.tuning.nms_iou_grid:
+    for iou in tqdm(cfg.tuning.nms_iou_grid, desc="search over NMS IoU grid", unit="IoU",
+                    leave=False):
         ppc = _base_postprocess_config(cfg, prep, nms_iou=(iou,), min_score_thresh=(0.0,),
                                        **_calibration_fields(calib))
         dets = postprocess_images(ppc, prep.raw, tune_idx)
@@ -362,12 +365,19 @@ def run_tune(cfg: Config, *, export: bool = True) -> TuneResult:
     holdout_idx = np.sort(prep.dataset.image_index(holdout_ids))
     log.info("split: %d tune images, %d holdout images", len(tune_idx), len(holdout_idx))
     calib = fit_calibration(cfg, prep, tune_idx)
+    if calib is not None:
+        log.info("calibration: %s fitted on the tune split (%d classes shrunk toward the pooled "
+                 "fit)", calib.method, len(calib.fallback_classes))
     found = search(cfg, prep, calib, tune_idx)
+    log.info("search: %d classes ok, %d unreachable, %d insufficient data",
+             *(sum(c.status == s for c in found.classes)
+               for s in ("ok", "unreachable", "insufficient_data")))
     ppc = _base_postprocess_config(
         cfg, prep, **_calibration_fields(calib), **found.postprocess_fields(),
         metadata=_provenance(cfg, prep, found))
     from tfcal.tuning.evaluate import holdout_report
 
+    log.info("final check: the serving post-processing on %d holdout images", len(holdout_idx))
     report = holdout_report(cfg, prep, ppc, calib, found, tune_idx, holdout_idx)
     run_dir = cfg.output.dir
     from tfcal.tuning.report import write_report
