@@ -1,0 +1,309 @@
+"""Tests of tfcal.tuning.search: a hand-built fixture with known answers, properties against a
+naive per-threshold loop, policies, overrides, confidence mode and input validation."""
+
+import math
+
+import numpy as np
+import pytest
+
+from tfcal import TfcalError
+from tfcal.tuning.search import (
+    MatchedDetections,
+    Objective,
+    UnreachableTargetError,
+    default_iou,
+    joint_search,
+)
+
+
+def _md(rows, num_gt, ignored=()):
+    """rows: (score, column, tp) tuples; `ignored`: (score, column) tuples."""
+    rows = list(rows) + [(s, c, None) for s, c in ignored]
+    score = np.array([r[0] for r in rows], np.float32)
+    column = np.array([r[1] for r in rows])
+    tp = np.array([bool(r[2]) for r in rows])
+    ign = np.array([r[2] is None for r in rows])
+    return MatchedDetections(score, column, tp, ign, np.array(num_gt))
+
+
+def _counts(c):
+    return (c.column, c.status, c.enabled, c.min_score_thresh, c.nms_iou, c.tp, c.fp, c.fn)
+
+
+def hand_fixture(ignored=()):
+    """Two classes, two NMS IoUs; the right answer is derived in the comments.
+
+    Class 0 (4 GT). IoU 0.5: 0.9 T, 0.8 T, 0.7 F, 0.6 T, 0.5 F, 0.4 T. IoU 0.7 keeps a duplicate
+    (0.85 F). Precision >= 0.75 at IoU 0.5: t=0.9 (1/1), 0.8 (2/2), 0.6 (3/4 = 0.75, recall 0.75)
+    -> best recall 0.75 at t=0.6. At IoU 0.7 only t=0.9 (recall 0.25) is feasible. Answer:
+    (0.6, IoU 0.5), tp 3, fp 1, fn 1.
+    Class 1 (2 GT). IoU 0.5 suppresses a neighbour: 0.95 T, 0.3 F. IoU 0.7 keeps it: 0.95 T,
+    0.9 T, 0.3 F -> recall 1 at t=0.9 with precision 1. Answer: (0.9, IoU 0.7), tp 2, fp 0.
+    """
+    c0_05 = [(0.9, 0, 1), (0.8, 0, 1), (0.7, 0, 0), (0.6, 0, 1), (0.5, 0, 0), (0.4, 0, 1)]
+    c0_07 = c0_05 + [(0.85, 0, 0)]
+    c1_05 = [(0.95, 1, 1), (0.3, 1, 0)]
+    c1_07 = c1_05 + [(0.9, 1, 1)]
+    return {0.5: _md(c0_05 + c1_05, [4, 2], ignored), 0.7: _md(c0_07 + c1_07, [4, 2], ignored)}
+
+
+def test_hand_fixture_precision_target():
+    r = joint_search(hand_fixture(), Objective(target_precision=0.75), min_support=1)
+    c0, c1 = r.classes
+    assert (c0.status, c0.nms_iou, c0.tp, c0.fp, c0.fn) == ("ok", 0.5, 3, 1, 1)
+    assert c0.min_score_thresh == pytest.approx(0.6) and c0.recall == 0.75 and c0.value == 0.75
+    assert (c1.status, c1.nms_iou, c1.tp, c1.fp, c1.fn) == ("ok", 0.7, 2, 0, 0)
+    assert c1.min_score_thresh == pytest.approx(0.9)
+    fields = r.postprocess_fields()
+    assert fields["nms_iou"] == (0.5, 0.7) and fields["class_enabled"] == (True, True)
+    assert fields["min_score_thresh"] == (float(np.float32(0.6)), float(np.float32(0.9)))
+
+
+def test_ignored_detections_count_neither_and_are_not_candidates():
+    # An ignored detection between 0.8 and 0.7 changes nothing, and is never a threshold.
+    r = joint_search(hand_fixture(ignored=[(0.75, 0), (0.99, 1)]), Objective(target_precision=0.75),
+                     min_support=1)
+    base = joint_search(hand_fixture(), Objective(target_precision=0.75), min_support=1)
+    assert [_counts(c) for c in r.classes] == [_counts(c) for c in base.classes]
+    thr, _, _ = r.curves[0].for_class(0)
+    assert not np.any(np.isclose(thr, 0.75))
+
+
+def test_hand_fixture_recall_target():
+    # Class 0, recall >= 0.75: IoU 0.5 t=0.6 (precision 0.75) beats t=0.4 (0.667) and IoU 0.7.
+    r = joint_search(hand_fixture(), Objective("recall_target", target_recall=0.75), min_support=1)
+    assert (r.classes[0].nms_iou, r.classes[0].tp, r.classes[0].fp) == (0.5, 3, 1)
+    assert r.classes[0].value == 0.75
+
+
+def test_curves_and_iou_table():
+    r = joint_search(hand_fixture(), Objective(target_precision=0.75), min_support=1)
+    thr, p, rec = r.curves[0].for_class(0)
+    np.testing.assert_allclose(thr, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(p, [1, 1, 2 / 3, 0.75, 0.6, 4 / 6])
+    np.testing.assert_allclose(rec, [0.25, 0.5, 0.5, 0.75, 0.75, 1.0])
+    # Best feasible recall per (IoU, class): class 0 0.75 / 0.25, class 1 0.5 / 1.0.
+    np.testing.assert_allclose(r.iou_table, [[0.75, 0.5], [0.25, 1.0]])
+
+
+def test_tie_break_prefers_default_iou_then_lower_threshold():
+    same = [(0.9, 0, 1), (0.5, 0, 0)]
+    m = {0.4: _md(same, [1]), 0.5: _md(same, [1]), 0.6: _md(same, [1])}
+    assert default_iou(list(m)) == 0.5
+    assert joint_search(m, Objective("f1"), min_support=1).classes[0].nms_iou == 0.5
+    r = joint_search(m, Objective("f1"), min_support=1, default_nms_iou=0.6)
+    assert r.classes[0].nms_iou == 0.6
+    # Explicit thresholds 0.6, 0.7, 0.8 all give tp 1, fp 0: the lowest wins.
+    r = joint_search(m, Objective("f1"), min_support=1, thresholds=[0.8, 0.6, 0.7, 0.95])
+    assert r.classes[0].min_score_thresh == pytest.approx(0.6)
+    # Equal distance to the default: the lower IoU first.
+    m2 = {0.4: _md(same, [1]), 0.6: _md(same, [1]), 0.5: _md([(0.9, 0, 0)], [1])}
+    r = joint_search(m2, Objective("f1"), min_support=1, default_nms_iou=0.5)
+    assert r.classes[0].nms_iou == 0.4
+
+
+def _naive(md_by_iou, obj, default):
+    """Per class, loop over every (IoU, observed score) point and keep the best key tuple."""
+    grid = list(md_by_iou)
+    rank = {g: r for r, g in enumerate(sorted(grid, key=lambda g: (abs(g - default), g)))}
+    k = len(next(iter(md_by_iou.values())).num_gt)
+    out = []
+    for c in range(k):
+        best, choice = None, None
+        for g, md in md_by_iou.items():
+            sel = (md.column == c) & ~md.ignored
+            for t in np.unique(md.score[sel]):
+                keep = sel & (md.score >= t)
+                tp, fp = int(md.tp[keep].sum()), int((~md.tp[keep]).sum())
+                n = int(md.num_gt[c])
+                prec = tp / (tp + fp)
+                rec = tp / n
+                if obj.name == "precision_target":
+                    ok, key = prec >= obj.target_precision, (rec, prec)
+                elif obj.name == "recall_target":
+                    ok, key = rec >= obj.target_recall, (prec, rec)
+                elif obj.name == "f1":
+                    ok, key = True, (2.0 * tp / (2.0 * tp + fp + (n - tp)), rec)
+                elif obj.name == "fbeta":
+                    b2 = obj.beta * obj.beta
+                    ok, key = True, ((1.0 + b2) * tp / ((1.0 + b2) * tp + b2 * (n - tp) + fp), rec)
+                else:
+                    ok, key = True, (-(obj.c_fp * fp + obj.c_fn * (n - tp)), rec)
+                ok = ok and tp > 0
+                key = key + (-rank[g], -float(t))
+                if ok and (best is None or key > best):
+                    best, choice = key, (g, float(t), tp, fp)
+        out.append(choice)
+    return out
+
+
+def _random_matched(seed, k=4, d=300, grid=(0.4, 0.5, 0.6)):
+    rng = np.random.default_rng(seed)
+    num_gt = rng.integers(5, 60, k)
+    out = {}
+    for g in grid:
+        col = rng.integers(0, k, d)
+        score = np.round(rng.random(d), 2).astype(np.float32)  # rounding makes ties
+        tp = rng.random(d) < score * 0.8
+        for c in range(k):  # at most num_gt TPs per class
+            idx = np.flatnonzero(tp & (col == c))
+            tp[idx[num_gt[c]:]] = False
+        ign = ~tp & (rng.random(d) < 0.1)
+        out[g] = MatchedDetections(score, col, tp, ign, num_gt)
+    return out
+
+
+@pytest.mark.parametrize("obj", [Objective(target_precision=0.7),
+                                 Objective("recall_target", target_recall=0.6),
+                                 Objective("f1"), Objective("fbeta", beta=2.0),
+                                 Objective("cost", c_fp=1.0, c_fn=3.0)], ids=lambda o: o.name)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_naive_loop(obj, seed):
+    m = _random_matched(seed)
+    r = joint_search(m, obj, min_support=1)
+    for c, want in zip(r.classes, _naive(m, obj, 0.5)):
+        if want is None:
+            assert c.status == "unreachable" and not c.enabled
+        else:
+            assert c.status == "ok"
+            assert (c.nms_iou, c.min_score_thresh, c.tp, c.fp) == want
+
+
+def test_unreachable_policies():
+    m = hand_fixture()
+    obj = Objective(target_precision=1.0, on_unreachable="disable")
+    # Precision 1.0: class 0 reaches it at t=0.8 (recall 0.5), class 1 at t=0.9 (IoU 0.7).
+    r = joint_search(m, obj, min_support=1)
+    assert [c.status for c in r.classes] == ["ok", "ok"]
+    m = {0.5: _md([(0.9, 0, 0), (0.8, 0, 1), (0.7, 0, 0)], [3])}
+    r = joint_search(m, Objective(target_precision=0.9), min_support=1)
+    c = r.classes[0]
+    assert (c.status, c.enabled, c.min_score_thresh) == ("unreachable", False, 1.0)
+    assert (c.tp, c.fp, c.fn) == (0, 0, 3)
+    assert math.isnan(c.value)
+    assert r.postprocess_fields()["class_enabled"] == (False,)
+    # Best effort: the highest precision with a TP: t=0.8 (1/2), not t=0.7 (1/3).
+    r = joint_search(m, Objective(target_precision=0.9, on_unreachable="best_effort"),
+                     min_support=1)
+    c = r.classes[0]
+    assert (c.status, c.enabled, c.tp, c.fp) == ("unreachable", True, 1, 1)
+    assert c.min_score_thresh == pytest.approx(0.8)
+    with pytest.raises(UnreachableTargetError, match="column 0"):
+        joint_search(m, Objective(target_precision=0.9, on_unreachable="error"), min_support=1)
+    assert issubclass(UnreachableTargetError, TfcalError)
+    # No TP anywhere: disabled even under best effort.
+    m = {0.5: _md([(0.9, 0, 0)], [3])}
+    c = joint_search(m, Objective("f1", on_unreachable="best_effort"), min_support=1).classes[0]
+    assert (c.status, c.enabled) == ("unreachable", False)
+
+
+def test_insufficient_support_gets_pooled_choice():
+    m = hand_fixture()
+    # min_support 3: class 1 (2 GT) is pooled. Pooled at IoU 0.5: 0.95 T .9 T .8 T .7 F .6 T ...
+    r = joint_search(m, Objective(target_precision=0.75), min_support=3)
+    c0, c1 = r.classes
+    assert c0.status == "ok" and c1.status == "insufficient_data"
+    assert r.pooled is not None and r.pooled.status == "ok"
+    assert (c1.min_score_thresh, c1.nms_iou) == (r.pooled.min_score_thresh, r.pooled.nms_iou)
+    # Pooled (6 GT). IoU 0.5 scores .95T .9T .8T .7F .6T .5F .4T .3F: precision >= .75 best
+    # recall at t=0.6 (4/5, recall 4/6); IoU 0.7 adds .9T and .85F: t=0.6 gives 5/7 < .75,
+    # t=0.8 gives 4/5 (recall 4/6) -> tie on recall and precision, default IoU 0.5 wins.
+    assert r.pooled.nms_iou == 0.5 and r.pooled.min_score_thresh == pytest.approx(0.6)
+    assert (r.pooled.tp, r.pooled.fp) == (4, 1)
+    # Class 1's own counts at (0.6, IoU 0.5): 0.95 T only.
+    assert (c1.tp, c1.fp, c1.fn, c1.enabled) == (1, 0, 1, True)
+
+
+def test_too_few_detections_is_insufficient():
+    m = {0.5: _md([(0.9, 0, 1), (0.8, 0, 1), (0.7, 1, 1)], [20, 20])}
+    r = joint_search(m, Objective("f1"), min_support=1, min_detections=2)
+    assert [c.status for c in r.classes] == ["ok", "insufficient_data"]
+
+
+def test_overrides_per_column():
+    m = hand_fixture()
+    r = joint_search(m, Objective(target_precision=0.75), min_support=1,
+                     overrides={0: Objective(target_precision=1.0)})
+    # Class 0 at precision 1.0: t=0.8 at IoU 0.5 (recall 0.5) beats IoU 0.7 (0.9 only).
+    assert (r.classes[0].nms_iou, r.classes[0].tp, r.classes[0].fp) == (0.5, 2, 0)
+    assert r.classes[1].tp == 2
+    base = Objective(target_precision=0.75)
+    assert base.with_overrides(target_precision=None, objective="f1").name == "f1"
+    with pytest.raises(ValueError, match="overrides keys"):
+        joint_search(m, base, overrides={5: base})
+
+
+def test_confidence_mode_and_budget():
+    rng = np.random.default_rng(0)
+    k, d = 5, 2000
+    col = rng.integers(0, k, d)
+    score = rng.random(d).astype(np.float32)
+    tp = rng.random(d) < score
+    num_gt = np.bincount(col[tp], minlength=k) + 20
+    m = {0.5: MatchedDetections(score, col, tp, np.zeros(d, bool), num_gt)}
+    plain = joint_search(m, Objective(target_precision=0.8), min_support=1)
+    per = joint_search(m, Objective(target_precision=0.8, confidence=0.9), min_support=1)
+    bonf = joint_search(m, Objective(target_precision=0.8, confidence=0.9), min_support=1,
+                        confidence_budget="bonferroni")
+    from scipy.special import betaincinv  # betaincinv(a, b, q) is the Beta(a, b) quantile
+    for a, b, c in zip(plain.classes, per.classes, bonf.classes):
+        assert a.status == b.status == c.status == "ok"
+        assert c.recall <= b.recall <= a.recall  # stricter guarantees cost recall
+        # The one-sided Clopper-Pearson lower bound, from scipy.stats.beta directly.
+        want = betaincinv(b.tp, b.fp + 1, 0.1)
+        assert b.precision_lower == pytest.approx(want, rel=1e-9) and b.precision_lower >= 0.8
+        assert c.precision_lower == pytest.approx(betaincinv(c.tp, c.fp + 1, 0.1 / k), rel=1e-9)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(score=[0.5, np.nan], column=[0, 0], tp=[1, 0], ignored=[0, 0], num_gt=[2]), "finite"),
+    (dict(score=[0.5], column=[3], tp=[1], ignored=[0], num_gt=[2]), "column must be in"),
+    (dict(score=[0.5], column=[0, 0], tp=[1], ignored=[0], num_gt=[2]), "shape"),
+    (dict(score=[0.5], column=[0], tp=[1], ignored=[1], num_gt=[2]), "both tp and ignored"),
+    (dict(score=[0.5, 0.4], column=[0, 0], tp=[1, 1], ignored=[0, 0], num_gt=[1]),
+     "true positives"),
+    (dict(score=[0.5], column=[0], tp=[1], ignored=[0], num_gt=[]), "num_gt"),
+])
+def test_matched_detections_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        MatchedDetections(**{k: np.asarray(v) for k, v in bad.items()})
+
+
+def test_search_validation():
+    m = hand_fixture()
+    with pytest.raises(ValueError, match="at least one NMS IoU"):
+        joint_search({})
+    with pytest.raises(ValueError, match="default_nms_iou"):
+        joint_search(m, default_nms_iou=0.6)
+    with pytest.raises(ValueError, match="num_gt must be the same"):
+        joint_search({0.5: m[0.5], 0.7: _md([(0.9, 0, 1)], [4, 3])})
+    with pytest.raises(ValueError, match="thresholds"):
+        joint_search(m, thresholds=[])
+    with pytest.raises(ValueError, match="objective name"):
+        Objective("youden")
+    with pytest.raises(ValueError, match="target_precision"):
+        Objective(target_precision=0.0)
+    with pytest.raises(ValueError, match="confidence"):
+        Objective(confidence=1.0)
+
+
+def test_empty_class_and_no_detections():
+    m = {0.5: _md([], [3, 0])}
+    r = joint_search(m, Objective("f1"), min_support=1)
+    # No detections at all: both classes insufficient; the pooled search has no TP -> disabled.
+    assert [c.status for c in r.classes] == ["insufficient_data"] * 2
+    assert not any(c.enabled for c in r.classes)
+
+
+def test_from_match_maps_categories_to_columns():
+    from types import SimpleNamespace
+
+    match = SimpleNamespace(score=np.array([0.9, 0.8, 0.7]), category_id=np.array([7, 3, 99]),
+                            tp=np.array([True, False, False]),
+                            ignored=np.array([False, False, True]),
+                            category_ids=np.array([3, 7, 99]), num_gt=np.array([4, 2, 1]))
+    md = MatchedDetections.from_match(match, class_ids=[7, 3, 5])  # 99 is not a column
+    np.testing.assert_array_equal(md.column, [0, 1])
+    np.testing.assert_array_equal(md.tp, [True, False])
+    np.testing.assert_array_equal(md.num_gt, [2, 4, 0])
+    assert md.score.dtype == np.float32

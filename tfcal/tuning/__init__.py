@@ -1,0 +1,29 @@
+"""Tuning: the holdout split, candidate collection, the per-class joint search, and the report."""
+
+from tfcal.tuning.candidates import Candidates, collect_candidates
+from tfcal.tuning.search import (
+    ClassChoice,
+    Curves,
+    MatchedDetections,
+    Objective,
+    SearchResult,
+    UnreachableTargetError,
+    default_iou,
+    joint_search,
+)
+from tfcal.tuning.split import kfold, split_images
+
+__all__ = [
+    "Candidates",
+    "collect_candidates",
+    "ClassChoice",
+    "Curves",
+    "MatchedDetections",
+    "Objective",
+    "SearchResult",
+    "UnreachableTargetError",
+    "default_iou",
+    "joint_search",
+    "kfold",
+    "split_images",
+]

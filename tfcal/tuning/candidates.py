@@ -1,0 +1,143 @@
+"""Streaming candidate collection: calibrated, NMS'd detections per NMS IoU, batch by batch.
+
+`collect_candidates` turns raw detector outputs (an iterable of batches, e.g. read from the raw
+output cache) into the post-processed detections of every NMS IoU of the grid, at the lowest
+candidate threshold. Each batch is calibrated once and run through combined NMS once per IoU in
+one `tf.function`; only the post-NMS rows are kept, so memory is bounded by one batch of raw
+scores plus the (small) kept detections, never by the whole raw score tensor.
+
+The NMS is `tfcal.ops.combined_nms`, the op the serving graph runs: kept iff
+`score >= lowest_threshold` and `score > 0`. Exactness: for hard NMS, thresholding before NMS
+equals thresholding after, and the per-class and total caps keep the highest scores; so any
+global `min_score_thresh >= lowest_threshold` applied to these candidates gives what
+post-processing at that threshold gives. (Per-class thresholds can free total-cap slots for other
+classes; the final check with the serving graph measures that.)
+
+`calibrate_fn` runs on every raw score of a batch; a caller that knows a per-class raw floor below
+which no score can calibrate to `lowest_threshold` may compute only the entries above it (see
+benchmarks/tuner_speed.py: gather, calibrate, scatter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Candidates:
+    """Post-processed detections at one NMS IoU.
+
+    Attributes:
+        nms_iou: the NMS IoU used.
+        image_id: int64 `[D]`.
+        column: int32 `[D]` class column in `[0, K)`.
+        score: float32 `[D]` calibrated probability, >= the lowest threshold.
+        box: float32 `[D, 4]` `[ymin, xmin, ymax, xmax]` in the model's box units.
+    """
+
+    nms_iou: float
+    image_id: np.ndarray
+    column: np.ndarray
+    score: np.ndarray
+    box: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.score.shape[0])
+
+
+def _identity(scores):
+    return scores
+
+
+@functools.lru_cache(maxsize=8)
+def _combined_nms_fn(iou_grid, lowest_threshold, max_per_class, max_total, clip_boxes,
+                     calibrate_fn):
+    import tensorflow as tf
+
+    from tfcal.ops import combined_nms
+
+    @tf.function(reduce_retracing=True)
+    def run(boxes, raw_scores):
+        scores = tf.cast(calibrate_fn(raw_scores), tf.float32)
+        outs = []
+        for g in iou_grid:
+            r = combined_nms(boxes, scores, iou_threshold=g,
+                             max_detections_per_class=max_per_class,
+                             max_total_detections=max_total, score_threshold=lowest_threshold,
+                             clip_boxes=clip_boxes, label_offset=0)
+            outs.append((r["detection_boxes"], r["detection_scores"], r["detection_classes"],
+                         tf.cast(r["num_detections"], tf.int32)))
+        return outs
+
+    return run
+
+
+def collect_candidates(
+    raw_batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    calibrate_fn: Callable | None,
+    iou_grid: Sequence[float],
+    lowest_threshold: float,
+    max_detections_per_class: int,
+    max_total_detections: int,
+    *,
+    clip_boxes: bool = False,
+) -> dict[float, Candidates]:
+    """Calibrates and post-processes raw outputs batch by batch, once per NMS IoU.
+
+    Args:
+        raw_batches: iterable of `(image_ids, boxes, raw_scores)`: int `[B]`, float32
+            `[B, N, 4]` (or `[B, N, K, 4]` per-class boxes) `[ymin, xmin, ymax, xmax]`, and
+            float32 `[B, N, C]` raw scores. Batches may differ in `B`.
+        calibrate_fn: maps raw scores float32 `[B, N, C]` to calibrated class probabilities
+            float32 `[B, N, K]` (background dropped), with TF ops (it runs inside a
+            `tf.function`); None when the raw scores already are the `K` class probabilities.
+        iou_grid: NMS IoU values, each in (0, 1].
+        lowest_threshold: the lowest candidate `min_score_thresh`, in [0, 1].
+        max_detections_per_class: per-class cap of the combined NMS.
+        max_total_detections: per-image cap.
+        clip_boxes: passed to the NMS.
+
+    Returns:
+        `{nms_iou: Candidates}` in grid order.
+
+    Raises:
+        ValueError: bad grid, threshold or caps, or inconsistent batch shapes.
+    """
+    grid = tuple(float(g) for g in iou_grid)
+    if not grid or any(not 0.0 < g <= 1.0 for g in grid):
+        raise ValueError(f"iou_grid must be non-empty with values in (0, 1], got {list(iou_grid)}")
+    if not 0.0 <= float(lowest_threshold) <= 1.0:
+        raise ValueError(f"lowest_threshold must be in [0, 1], got {lowest_threshold!r}")
+    if max_detections_per_class < 1 or max_total_detections < 1:
+        raise ValueError(f"detection caps must be >= 1, got {max_detections_per_class}, "
+                         f"{max_total_detections}")
+    fn = _combined_nms_fn(grid, float(lowest_threshold), int(max_detections_per_class),
+                          int(max_total_detections), bool(clip_boxes),
+                          calibrate_fn if calibrate_fn is not None else _identity)
+    parts: list[list[tuple]] = [[] for _ in grid]
+    for image_ids, boxes, raw_scores in raw_batches:
+        image_ids = np.asarray(image_ids, np.int64).reshape(-1)
+        boxes = np.asarray(boxes, np.float32)
+        raw_scores = np.asarray(raw_scores, np.float32)
+        b = image_ids.shape[0]
+        if boxes.shape[0] != b or raw_scores.shape[0] != b or boxes.shape[1] != raw_scores.shape[1]:
+            raise ValueError(f"batch shapes disagree: image_ids [{b}], boxes {list(boxes.shape)}, "
+                             f"raw_scores {list(raw_scores.shape)}")
+        for gi, (nb, ns, nc, nv) in enumerate(fn(boxes, raw_scores)):
+            nv = nv.numpy()
+            valid = np.arange(ns.shape[1])[None, :] < nv[:, None]
+            parts[gi].append((np.repeat(image_ids, nv), nc.numpy()[valid].astype(np.int32),
+                              ns.numpy()[valid], nb.numpy()[valid]))
+    out = {}
+    for g, p in zip(grid, parts):
+        if p:
+            ids, cols, scores, bxs = (np.concatenate(a) for a in zip(*p))
+        else:
+            ids, cols = np.zeros(0, np.int64), np.zeros(0, np.int32)
+            scores, bxs = np.zeros(0, np.float32), np.zeros((0, 4), np.float32)
+        out[g] = Candidates(g, ids, cols, scores.astype(np.float32), bxs.astype(np.float32))
+    return out

@@ -1,0 +1,682 @@
+"""The per-class joint search of `min_score_thresh` and NMS IoU over matched tune-split detections.
+
+Input: for every NMS IoU `g` of the grid, the tune split's detections after calibration and one
+post-processing run at the lowest candidate threshold, matched once at `match_iou`
+(`MatchedDetections`: score, column, tp, ignored, and `num_gt` per class). For hard NMS, raising
+the score threshold only removes the lowest-scored detections of each class, and COCO matching
+gives each detection a flag that depends only on higher-scored detections, so the TP/FP counts at
+every threshold `t` are prefix sums over the score-sorted flags. `joint_search` reads precision
+and recall at every threshold of every class of every IoU in one vectorized pass: O(D log D) per
+IoU (one sort, one segmented cumulative sum), no loop over thresholds, no COCOeval per grid point.
+
+Conventions (the brute-force reference in tests/tuning/test_search_bruteforce.py follows them):
+
+- A detection is predicted positive iff `score >= t`. Ignored detections (matched to a crowd or
+  otherwise ignored ground truth) count neither as TP nor as FP.
+- Candidates: by default the distinct scores of a class's non-ignored detections at that IoU; or
+  an explicit shared list (`thresholds=`).
+- `precision = tp / (tp + fp)` (0 when nothing is predicted), `recall = tp / num_gt`,
+  `fn = num_gt - tp`. A grid point is feasible only if it has at least one TP.
+- Objectives (each maximizes a primary key, then a secondary key):
+
+  | objective          | feasible iff (and tp > 0)        | primary (= `value`)        | then      |
+  | ------------------ | -------------------------------- | -------------------------- | --------- |
+  | `precision_target` | precision (lower bound) >= target | recall                    | precision |
+  | `recall_target`    | recall >= target                 | precision                  | recall    |
+  | `f1`               | always                           | 2tp / (2tp + fp + fn)      | recall    |
+  | `fbeta`            | always                           | (1+b²)tp/((1+b²)tp+b²fn+fp) | recall   |
+  | `cost`             | always                           | -(c_fp fp + c_fn fn) [1]   | recall    |
+
+  [1] `value` reports the cost itself (lower is better).
+
+- Tie-break, after the primary and secondary keys: the default NMS IoU first, then the grid value
+  closest to it (the lower one on equal distance), then the lower threshold. So the choice is a
+  pure function of the counts, and identical in the brute force.
+- `confidence` (precision_target only): a point is feasible iff the one-sided Clopper–Pearson
+  lower bound of its precision, at level `confidence`, is >= the target. Error budget
+  (`confidence_budget`): `"per_class"` (default) gives each class its own level `confidence`
+  (each class's statement holds with that probability, not all classes at once);
+  `"bonferroni"` uses `1 - (1 - confidence) / K_eval` per class, where `K_eval` is the number of
+  classes searched in confidence mode (enough support), so all of them hold together with
+  probability >= `confidence`. Either way the threshold is selected on the same data the bound is
+  computed on; the holdout report is the honest check.
+- Unreachable (no feasible point at any IoU): `on_unreachable="disable"` disables the class;
+  `"best_effort"` takes the point that comes closest: for `precision_target` the highest precision
+  (its lower bound in confidence mode) with tp > 0, then recall; for `recall_target` the highest
+  recall, then precision; a class with no TP anywhere is disabled even then (it would only emit
+  false positives); `"error"` raises `UnreachableTargetError` listing every such class.
+- Too little support (`num_gt < min_support`, or fewer than `min_detections` non-ignored
+  detections at every IoU): status `insufficient_data`; the class gets the choice of the default
+  objective over all classes' detections pooled (per IoU), falling back to the pooled best effort
+  when the pooled target is unreachable. Its reported counts are its own at that point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+
+from tfcal import TfcalError
+
+log = logging.getLogger(__name__)
+
+ObjectiveName = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
+OnUnreachable = Literal["disable", "best_effort", "error"]
+Status = Literal["ok", "unreachable", "insufficient_data"]
+_OBJECTIVES = ("precision_target", "recall_target", "f1", "fbeta", "cost")
+_POLICIES = ("disable", "best_effort", "error")
+
+
+class UnreachableTargetError(TfcalError):
+    """Raised by `joint_search` when classes with `on_unreachable="error"` miss the target."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What one class is tuned for.
+
+    Attributes:
+        name: `{"precision_target", "recall_target", "f1", "fbeta", "cost"}`, default
+            `"precision_target"`.
+        target_precision: in (0, 1], default 0.9 (`precision_target`).
+        target_recall: in (0, 1], default 0.9 (`recall_target`).
+        beta: > 0, default 1.0 (`fbeta`).
+        c_fp: cost of one false positive, > 0, default 1.0 (`cost`).
+        c_fn: cost of one false negative, > 0, default 1.0 (`cost`).
+        confidence: in (0, 1) or None (`precision_target` only): require the Clopper–Pearson lower
+            bound of precision to reach the target.
+        on_unreachable: `{"disable", "best_effort", "error"}`, default `"disable"`.
+    """
+
+    name: ObjectiveName = "precision_target"
+    target_precision: float = 0.9
+    target_recall: float = 0.9
+    beta: float = 1.0
+    c_fp: float = 1.0
+    c_fn: float = 1.0
+    confidence: float | None = None
+    on_unreachable: OnUnreachable = "disable"
+
+    def __post_init__(self):
+        if self.name not in _OBJECTIVES:
+            raise ValueError(f"objective name must be one of {_OBJECTIVES}, got {self.name!r}")
+        if self.on_unreachable not in _POLICIES:
+            raise ValueError(f"on_unreachable must be one of {_POLICIES}, "
+                             f"got {self.on_unreachable!r}")
+        for field in ("target_precision", "target_recall"):
+            v = getattr(self, field)
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"{field} must be in (0, 1], got {v!r}")
+        for field in ("beta", "c_fp", "c_fn"):
+            v = getattr(self, field)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{field} must be finite and > 0, got {v!r}")
+        if self.confidence is not None and not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1) or None, got {self.confidence!r}")
+
+    def with_overrides(self, **overrides) -> "Objective":
+        """Returns a copy with every non-None keyword replaced (config `ClassOverride` fields map
+        one to one; `objective=` is accepted for `name`)."""
+        if "objective" in overrides:
+            overrides["name"] = overrides.pop("objective")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MatchedDetections:
+    """The tune split's detections at one NMS IoU, matched once.
+
+    Attributes:
+        score: float32 `[D]` calibrated probability of each detection.
+        column: int `[D]` class column in `[0, K)`.
+        tp: bool `[D]` matched to a non-ignored ground truth at `match_iou`.
+        ignored: bool `[D]` matched to an ignored (crowd) ground truth: neither TP nor FP.
+        num_gt: int `[K]` non-ignored ground truths per class column (same for every IoU).
+    """
+
+    score: np.ndarray
+    column: np.ndarray
+    tp: np.ndarray
+    ignored: np.ndarray
+    num_gt: np.ndarray
+
+    def __post_init__(self):
+        score = np.asarray(self.score, dtype=np.float32).reshape(-1)
+        column = np.asarray(self.column)
+        num_gt = np.asarray(self.num_gt)
+        if column.size and not np.issubdtype(column.dtype, np.integer):
+            if not np.all(column == np.round(column)):
+                raise TypeError(f"column must hold integers, got dtype {column.dtype}")
+        column = column.astype(np.int64).reshape(-1)
+        num_gt = num_gt.astype(np.int64).reshape(-1)
+        tp = np.asarray(self.tp, dtype=bool).reshape(-1)
+        ignored = np.asarray(self.ignored, dtype=bool).reshape(-1)
+        d = score.shape[0]
+        for name, arr in (("column", column), ("tp", tp), ("ignored", ignored)):
+            if arr.shape[0] != d:
+                raise ValueError(f"{name} must have shape [{d}] like score, got {list(arr.shape)}")
+        if not np.all(np.isfinite(score)):
+            raise ValueError("score must be finite, got NaN or inf")
+        k = num_gt.shape[0]
+        if k == 0:
+            raise ValueError("num_gt must have one entry per class column, got an empty array")
+        if np.any(num_gt < 0):
+            raise ValueError(f"num_gt must be >= 0, got {num_gt.min()}")
+        if d and (column.min() < 0 or column.max() >= k):
+            raise ValueError(f"column must be in [0, {k}), "
+                             f"got range [{column.min()}, {column.max()}]")
+        if np.any(tp & ignored):
+            raise ValueError("a detection cannot be both tp and ignored")
+        tp_per_class = np.bincount(column[tp], minlength=k)
+        if np.any(tp_per_class > num_gt):
+            c = int(np.argmax(tp_per_class - num_gt))
+            raise ValueError(f"class column {c} has {tp_per_class[c]} true positives but num_gt "
+                             f"{num_gt[c]}: each ground truth matches at most one detection")
+        for name, arr in (("score", score), ("column", column), ("tp", tp), ("ignored", ignored),
+                          ("num_gt", num_gt)):
+            object.__setattr__(self, name, arr)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.num_gt.shape[0])
+
+    @classmethod
+    def from_match(cls, match, class_ids) -> "MatchedDetections":
+        """From a `tfcal.coco.matching.MatchResult` and the category id of every class column.
+
+        Args:
+            match: a `MatchResult` (uses `score`, `category_id`, `tp`, `ignored`,
+                `category_ids`, `num_gt`).
+            class_ids: int `[K]` category id of each column (distinct). Detections of other
+                categories are dropped; a column whose category has no ground truth gets
+                `num_gt` 0.
+        """
+        class_ids = np.asarray(class_ids, np.int64).reshape(-1)
+        if np.unique(class_ids).size != class_ids.size:
+            raise ValueError(f"class_ids must be distinct, got {class_ids.tolist()}")
+        order = np.argsort(class_ids, kind="stable")
+        sorted_ids = class_ids[order]
+        cat = np.asarray(match.category_id, np.int64)
+        pos = np.clip(np.searchsorted(sorted_ids, cat), 0, max(class_ids.size - 1, 0))
+        known = sorted_ids[pos] == cat
+        num_gt = np.zeros(class_ids.size, np.int64)
+        gt_ids = np.asarray(match.category_ids, np.int64)
+        has = np.isin(class_ids, gt_ids)
+        num_gt[has] = np.asarray(match.num_gt, np.int64)[np.searchsorted(gt_ids, class_ids[has])]
+        return cls(np.asarray(match.score)[known], order[pos[known]],
+                   np.asarray(match.tp)[known], np.asarray(match.ignored)[known], num_gt)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Curves:
+    """Precision/recall of every class against threshold at one NMS IoU (tune split).
+
+    Points are grouped by class column and sorted by decreasing threshold; class `k` owns rows
+    `offsets[k]:offsets[k + 1]`.
+
+    Attributes:
+        nms_iou: the grid value.
+        column: int32 `[P]`. threshold: float32 `[P]`.
+        tp, fp: int64 `[P]` counts at `score >= threshold`.
+        num_gt: int64 `[K]`. offsets: int64 `[K + 1]`.
+    """
+
+    nms_iou: float
+    column: np.ndarray
+    threshold: np.ndarray
+    tp: np.ndarray
+    fp: np.ndarray
+    num_gt: np.ndarray
+    offsets: np.ndarray
+
+    def for_class(self, column: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Returns `(threshold, precision, recall)`: float64 `[P_k]` of one class, threshold
+        descending."""
+        s = slice(int(self.offsets[column]), int(self.offsets[column + 1]))
+        tp, fp = self.tp[s], self.fp[s]
+        n = int(self.num_gt[column])
+        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+        recall = tp / n if n > 0 else np.zeros(tp.shape)
+        return self.threshold[s].astype(np.float64), precision, recall
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassChoice:
+    """The chosen operating point of one class, measured on the tune split.
+
+    Attributes:
+        column: class column.
+        status: `"ok"`, `"unreachable"` or `"insufficient_data"`.
+        enabled: False when the class is never emitted (unreachable with `disable`, or no TP).
+        min_score_thresh: chosen threshold (a float32 value; 1.0 for a disabled class).
+        nms_iou: chosen NMS IoU (the default IoU for a disabled class).
+        tp, fp, fn: counts at the chosen point (0, 0, num_gt when disabled).
+        num_gt: non-ignored ground truths of the class.
+        precision, recall: at the chosen point.
+        value: the class objective's value there (see the module docstring; NaN when disabled).
+        precision_lower: Clopper–Pearson lower bound used in confidence mode, else NaN.
+        objective: the objective name used for this class.
+    """
+
+    column: int
+    status: Status
+    enabled: bool
+    min_score_thresh: float
+    nms_iou: float
+    tp: int
+    fp: int
+    fn: int
+    num_gt: int
+    precision: float
+    recall: float
+    value: float
+    precision_lower: float = math.nan
+    objective: str = "precision_target"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SearchResult:
+    """Everything `joint_search` found.
+
+    Attributes:
+        classes: one `ClassChoice` per class column, in column order.
+        nms_iou_grid: the grid, as given.
+        default_nms_iou: the IoU ties were broken toward.
+        curves: one `Curves` per grid value, in grid order.
+        iou_table: float64 `[G, K]`: best objective value of each class at each IoU (NaN where no
+            feasible point): the trade-off across the grid, for plots.
+        pooled: the pooled choice used for `insufficient_data` classes (column -1), or None.
+    """
+
+    classes: tuple[ClassChoice, ...]
+    nms_iou_grid: tuple[float, ...]
+    default_nms_iou: float
+    curves: tuple[Curves, ...]
+    iou_table: np.ndarray
+    pooled: ClassChoice | None = None
+
+    def postprocess_fields(self) -> dict[str, tuple]:
+        """Returns the `PostProcessConfig` fields this search sets: `min_score_thresh` (K floats),
+        `nms_iou` (K floats) and `class_enabled` (K bools)."""
+        return {
+            "min_score_thresh": tuple(float(c.min_score_thresh) for c in self.classes),
+            "nms_iou": tuple(float(c.nms_iou) for c in self.classes),
+            "class_enabled": tuple(bool(c.enabled) for c in self.classes),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Sorted:
+    """Non-ignored detections of one IoU sorted by (column, score desc), with segment cumsums."""
+
+    score: np.ndarray  # float32 [n]
+    tp_cum: np.ndarray  # int64 [n]
+    fp_cum: np.ndarray  # int64 [n]
+    offsets: np.ndarray  # int64 [K + 1]
+
+    def counts_at(self, column: int, threshold: float) -> tuple[int, int]:
+        lo, hi = int(self.offsets[column]), int(self.offsets[column + 1])
+        k = int(np.searchsorted(-self.score[lo:hi], -np.float32(threshold), side="right"))
+        if k == 0:
+            return 0, 0
+        return int(self.tp_cum[lo + k - 1]), int(self.fp_cum[lo + k - 1])
+
+
+def _sort_and_count(score, column, tp, num_classes) -> _Sorted:
+    order = np.lexsort((-score, column))  # column ascending, then score descending
+    s, c, t = score[order], column[order], tp[order]
+    counts = np.bincount(c, minlength=num_classes)
+    offsets = np.zeros(num_classes + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    ctp = np.cumsum(t, dtype=np.int64)
+    start = offsets[c]
+    ctp_before = np.concatenate([[0], ctp])[start]
+    tp_cum = ctp - ctp_before
+    fp_cum = (np.arange(1, s.shape[0] + 1) - start) - tp_cum
+    return _Sorted(s, tp_cum, fp_cum, offsets)
+
+
+def _curves(srt: _Sorted, num_gt, nms_iou, thresholds) -> Curves:
+    k = num_gt.shape[0]
+    n = srt.score.shape[0]
+    if thresholds is None:
+        col_of = np.repeat(np.arange(k), np.diff(srt.offsets))
+        last = np.ones(n, bool)  # last row of each run of equal (column, score)
+        last[:-1] = (col_of[1:] != col_of[:-1]) | (srt.score[1:] != srt.score[:-1])
+        idx = np.flatnonzero(last)
+        column = col_of[idx]
+        threshold = srt.score[idx]
+        tp, fp = srt.tp_cum[idx], srt.fp_cum[idx]
+        per = np.bincount(column, minlength=k)
+    else:
+        thr = thresholds  # float32, descending
+        m = thr.shape[0]
+        tp = np.zeros((k, m), np.int64)
+        fp = np.zeros((k, m), np.int64)
+        for col in range(k):  # cheap: one searchsorted per class
+            lo, hi = srt.offsets[col], srt.offsets[col + 1]
+            if hi == lo:
+                continue
+            cnt = np.searchsorted(-srt.score[lo:hi], -thr, side="right")
+            has = cnt > 0
+            tp[col, has] = srt.tp_cum[lo + cnt[has] - 1]
+            fp[col, has] = srt.fp_cum[lo + cnt[has] - 1]
+        column = np.repeat(np.arange(k), m)
+        threshold = np.tile(thr, k)
+        tp, fp = tp.reshape(-1), fp.reshape(-1)
+        per = np.full(k, m)
+    offsets = np.zeros(k + 1, np.int64)
+    np.cumsum(per, out=offsets[1:])
+    return Curves(float(nms_iou), column.astype(np.int32), threshold.astype(np.float32),
+                  tp.astype(np.int64), fp.astype(np.int64), num_gt.astype(np.int64), offsets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Objective keys
+
+
+def _cp_lower(tp, n, confidence):
+    """One-sided Clopper–Pearson lower bound of tp/n at level `confidence` per point (0 where
+    tp == 0), via `tfcal.thresholds.clopper_pearson` (one call per distinct level)."""
+    from tfcal.thresholds import clopper_pearson
+
+    tp = np.asarray(tp, np.float64)
+    n = np.asarray(n, np.float64)
+    conf = np.broadcast_to(np.asarray(confidence, np.float64), tp.shape)
+    out = np.zeros(tp.shape)
+    for level in np.unique(conf):
+        m = conf == level
+        if m.any():
+            out[m] = np.asarray(clopper_pearson(tp[m], n[m], float(level), sided="one")[0])
+    return out
+
+
+def _keys(obj: Objective, tp, fp, num_gt, confidence):
+    """Returns (feasible, primary, secondary, value, fallback_primary, fallback_secondary, lower).
+
+    All float64 arrays of the points' shape; `confidence` is the per-point level or None.
+    """
+    tp = tp.astype(np.float64)
+    fp = fp.astype(np.float64)
+    num_gt = num_gt.astype(np.float64)
+    fn = num_gt - tp
+    pred = tp + fp
+    precision = np.where(pred > 0, tp / np.maximum(pred, 1.0), 0.0)
+    recall = np.where(num_gt > 0, tp / np.maximum(num_gt, 1.0), 0.0)
+    has_tp = tp > 0
+    lower = np.full(tp.shape, np.nan)
+    if obj.name == "precision_target":
+        if confidence is not None:
+            lower = _cp_lower(tp, pred, confidence)
+            feasible = has_tp & (lower >= obj.target_precision)
+            fb_primary = lower
+        else:
+            feasible = has_tp & (precision >= obj.target_precision)
+            fb_primary = precision
+        return feasible, recall, precision, recall, fb_primary, recall, lower
+    if obj.name == "recall_target":
+        feasible = has_tp & (recall >= obj.target_recall)
+        return feasible, precision, recall, precision, recall, precision, lower
+    if obj.name == "f1":
+        den = 2.0 * tp + fp + fn
+        f = np.where(den > 0, 2.0 * tp / np.maximum(den, 1e-300), 0.0)
+        return has_tp, f, recall, f, f, recall, lower
+    if obj.name == "fbeta":
+        b2 = obj.beta * obj.beta
+        den = (1.0 + b2) * tp + b2 * fn + fp
+        f = np.where(den > 0, (1.0 + b2) * tp / np.maximum(den, 1e-300), 0.0)
+        return has_tp, f, recall, f, f, recall, lower
+    cost = obj.c_fp * fp + obj.c_fn * fn
+    return has_tp, -cost, recall, cost, -cost, recall, lower
+
+
+def _pick(group, primary, secondary, iou_rank, threshold, candidates, num_groups):
+    """Index of the best candidate point per group (-1 if none), by the documented key order."""
+    chosen = np.full(num_groups, -1, np.int64)
+    idx = np.flatnonzero(candidates)
+    if idx.size == 0:
+        return chosen
+    order = np.lexsort((threshold[idx], iou_rank[idx], -secondary[idx], -primary[idx], group[idx]))
+    idx = idx[order]
+    g = group[idx]
+    first = np.ones(idx.size, bool)
+    first[1:] = g[1:] != g[:-1]
+    chosen[g[first]] = idx[first]
+    return chosen
+
+
+def _iou_ranks(grid: Sequence[float], default: float) -> np.ndarray:
+    """Rank 0 = default IoU, then by distance to it, the lower IoU first on equal distance."""
+    order = sorted(range(len(grid)), key=lambda i: (abs(grid[i] - default), grid[i]))
+    ranks = np.empty(len(grid), np.int64)
+    ranks[order] = np.arange(len(grid))
+    return ranks
+
+
+def default_iou(grid: Sequence[float]) -> float:
+    """The default NMS IoU when none is configured: the grid's middle value (the lower middle)."""
+    s = sorted(grid)
+    return float(s[(len(s) - 1) // 2])
+
+
+# ----------------------------------------------------------------------------------------------
+# The search
+
+
+def joint_search(
+    matched: Mapping[float, MatchedDetections],
+    objective: Objective = Objective(),
+    *,
+    overrides: Mapping[int, Objective] | None = None,
+    default_nms_iou: float | None = None,
+    min_support: int = 10,
+    min_detections: int = 1,
+    thresholds: Sequence[float] | np.ndarray | None = None,
+    confidence_budget: Literal["per_class", "bonferroni"] = "per_class",
+) -> SearchResult:
+    """Chooses `(min_score_thresh, nms_iou)` per class column from matched tune-split detections.
+
+    Args:
+        matched: `{nms_iou: MatchedDetections}` for every value of the NMS IoU grid (insertion
+            order is the grid order). Every entry must have the same `num_gt`.
+        objective: the default `Objective` for every class.
+        overrides: `{column: Objective}` replacing the default for some classes.
+        default_nms_iou: the IoU ties are broken toward; must be in the grid. Default: the grid's
+            middle value (`default_iou`).
+        min_support: classes with fewer non-ignored ground truths get the pooled fallback.
+        min_detections: classes with fewer non-ignored detections at every IoU get it too.
+        thresholds: explicit candidate thresholds shared by all classes, or None (default) for
+            the observed scores.
+        confidence_budget: `{"per_class", "bonferroni"}`, default `"per_class"` (see module doc).
+
+    Returns:
+        A `SearchResult`.
+
+    Raises:
+        ValueError: inconsistent inputs (empty grid, grid mismatch, bad override column).
+        UnreachableTargetError: classes with `on_unreachable="error"` cannot reach the target.
+    """
+    if not matched:
+        raise ValueError("matched must hold at least one NMS IoU, got an empty mapping")
+    grid = tuple(float(g) for g in matched)
+    mds = [matched[g] for g in matched]
+    num_gt = mds[0].num_gt
+    k = num_gt.shape[0]
+    for g, md in zip(grid, mds):
+        if not np.array_equal(md.num_gt, num_gt):
+            raise ValueError(f"num_gt must be the same at every NMS IoU; it differs at nms_iou={g}")
+    if default_nms_iou is None:
+        default_nms_iou = default_iou(grid)
+    if float(default_nms_iou) not in grid:
+        raise ValueError(f"default_nms_iou must be one of the grid {list(grid)}, "
+                         f"got {default_nms_iou}")
+    default_nms_iou = float(default_nms_iou)
+    overrides = dict(overrides or {})
+    for col in overrides:
+        if not (isinstance(col, (int, np.integer)) and 0 <= col < k):
+            raise ValueError(f"overrides keys must be class columns in [0, {k}), got {col!r}")
+    if confidence_budget not in ("per_class", "bonferroni"):
+        raise ValueError(f"confidence_budget must be 'per_class' or 'bonferroni', "
+                         f"got {confidence_budget!r}")
+    thr = None
+    if thresholds is not None:
+        thr = np.unique(np.asarray(thresholds, np.float32).reshape(-1))[::-1]
+        if thr.size == 0 or not np.all(np.isfinite(thr)):
+            raise ValueError(f"thresholds must be a non-empty list of finite values, "
+                             f"got {thresholds!r}")
+
+    ranks = _iou_ranks(grid, default_nms_iou)
+    sorted_ = []
+    curves = []
+    for g, md in zip(grid, mds):
+        keep = ~md.ignored
+        srt = _sort_and_count(md.score[keep], md.column[keep], md.tp[keep], k)
+        sorted_.append(srt)
+        curves.append(_curves(srt, num_gt, g, thr))
+
+    # All points of all IoUs, concatenated.
+    col = np.concatenate([c.column for c in curves]).astype(np.int64)
+    thv = np.concatenate([c.threshold for c in curves])
+    tp = np.concatenate([c.tp for c in curves])
+    fp = np.concatenate([c.fp for c in curves])
+    gi = np.concatenate([np.full(c.column.shape[0], i, np.int64) for i, c in enumerate(curves)])
+    rank = ranks[gi]
+    ngt = num_gt[col]
+
+    objectives = [overrides.get(c, objective) for c in range(k)]
+    dets_per_class = np.max([np.diff(s.offsets) for s in sorted_], axis=0)
+    insufficient = (num_gt < min_support) | (dets_per_class < min_detections)
+
+    # Per-class confidence level in confidence mode.
+    conf_cols = [c for c in range(k) if not insufficient[c]
+                 and objectives[c].name == "precision_target"
+                 and objectives[c].confidence is not None]
+    level = np.full(k, np.nan)
+    for c in conf_cols:
+        a = 1.0 - objectives[c].confidence
+        level[c] = 1.0 - (a / len(conf_cols) if confidence_budget == "bonferroni" else a)
+
+    n_pts = col.shape[0]
+    feasible = np.zeros(n_pts, bool)
+    primary = np.zeros(n_pts)
+    secondary = np.zeros(n_pts)
+    value = np.zeros(n_pts)
+    fb_primary = np.zeros(n_pts)
+    fb_secondary = np.zeros(n_pts)
+    lower = np.full(n_pts, np.nan)
+    for obj in dict.fromkeys(objectives):  # distinct objectives, deterministic order
+        cols = [c for c in range(k) if objectives[c] == obj]
+        m = np.isin(col, cols)
+        conf = None
+        if obj.name == "precision_target" and obj.confidence is not None:
+            lv = level[col[m]]
+            conf = np.where(np.isnan(lv), obj.confidence, lv)
+        out = _keys(obj, tp[m], fp[m], ngt[m], conf)
+        targets = (feasible, primary, secondary, value, fb_primary, fb_secondary, lower)
+        for arr, o in zip(targets, out):
+            arr[m] = o
+
+    best = _pick(col, primary, secondary, rank, thv, feasible, k)
+    fallback = _pick(col, fb_primary, fb_secondary, rank, thv, tp > 0, k)
+
+    # Trade-off across the grid: best feasible value per (IoU, class).
+    cell = _pick(gi * k + col, primary, secondary, rank, thv, feasible, len(grid) * k)
+    iou_table = np.full(len(grid) * k, np.nan)
+    iou_table[cell >= 0] = value[cell[cell >= 0]]
+    iou_table = iou_table.reshape(len(grid), k)
+
+    pooled_choice, pooled_point = None, None
+    if insufficient.any():
+        pooled_choice, pooled_point = _pooled(mds, grid, objective, ranks, thr, default_nms_iou)
+
+    def disabled(c, status, obj):
+        n = int(num_gt[c])
+        return ClassChoice(c, status, False, 1.0, default_nms_iou, 0, 0, n, n, 0.0, 0.0, math.nan,
+                           objective=obj.name)
+
+    def at_point(c, status, i, obj):
+        t, f, n = int(tp[i]), int(fp[i]), int(num_gt[c])
+        return ClassChoice(c, status, True, float(thv[i]), grid[gi[i]], t, f, n - t, n,
+                           t / (t + f) if t + f else 0.0, t / n if n else 0.0, float(value[i]),
+                           float(lower[i]), obj.name)
+
+    choices: list[ClassChoice] = []
+    errors = []
+    for c in range(k):
+        obj = objectives[c]
+        if insufficient[c]:
+            if pooled_point is None:
+                choices.append(disabled(c, "insufficient_data", objective))
+                continue
+            g_idx, t_pool = pooled_point
+            t, f = sorted_[g_idx].counts_at(c, t_pool)
+            n = int(num_gt[c])
+            val = _keys(objective, np.array([t]), np.array([f]), np.array([n]),
+                        None if objective.confidence is None or objective.name != "precision_target"
+                        else np.array([objective.confidence]))[3][0]
+            choices.append(ClassChoice(c, "insufficient_data", True, float(t_pool), grid[g_idx],
+                                       t, f, n - t, n, t / (t + f) if t + f else 0.0,
+                                       t / n if n else 0.0, float(val), objective=objective.name))
+        elif best[c] >= 0:
+            choices.append(at_point(c, "ok", best[c], obj))
+        elif obj.on_unreachable == "error":
+            errors.append(c)
+        elif obj.on_unreachable == "best_effort" and fallback[c] >= 0:
+            choices.append(at_point(c, "unreachable", fallback[c], obj))
+        else:
+            choices.append(disabled(c, "unreachable", obj))
+    if errors:
+        detail = ", ".join(f"column {c} ({objectives[c].name}, num_gt {int(num_gt[c])})"
+                           for c in errors)
+        raise UnreachableTargetError(
+            f"tuning target unreachable on the tune split for {len(errors)} classes: {detail}")
+    return SearchResult(tuple(choices), grid, default_nms_iou, tuple(curves), iou_table,
+                        pooled_choice)
+
+
+def _pooled(mds, grid, objective, ranks, thr, default_nms_iou):
+    """The default objective's choice over all classes' detections pooled at each IoU."""
+    total = np.array([int(mds[0].num_gt.sum())])
+    cols, thvs, tps, fps, gis = [], [], [], [], []
+    for i, md in enumerate(mds):
+        keep = ~md.ignored
+        srt = _sort_and_count(md.score[keep], np.zeros(int(keep.sum()), np.int64), md.tp[keep], 1)
+        cv = _curves(srt, total, grid[i], thr)
+        cols.append(cv.column.astype(np.int64))
+        thvs.append(cv.threshold)
+        tps.append(cv.tp)
+        fps.append(cv.fp)
+        gis.append(np.full(cv.column.shape[0], i, np.int64))
+    col, thv, tp, fp, gi = (np.concatenate(a) for a in (cols, thvs, tps, fps, gis))
+    conf = None
+    if objective.name == "precision_target" and objective.confidence is not None:
+        conf = np.full(tp.shape, objective.confidence)
+    feasible, primary, secondary, value, fbp, fbs, lower = _keys(objective, tp, fp, total[col],
+                                                                 conf)
+    status = "ok"
+    i = _pick(col, primary, secondary, ranks[gi], thv, feasible, 1)[0]
+    if i < 0:
+        status = "unreachable"
+        i = _pick(col, fbp, fbs, ranks[gi], thv, tp > 0, 1)[0]
+        log.warning("pooled fallback: the %s target is unreachable over all classes pooled; "
+                    "using its best effort point", objective.name)
+    n = int(total[0])
+    if i < 0:
+        log.warning("pooled fallback: no true positive at any point; insufficient_data classes "
+                    "are disabled")
+        return ClassChoice(-1, "unreachable", False, 1.0, default_nms_iou, 0, 0, n, n, 0.0, 0.0,
+                           math.nan, objective=objective.name), None
+    t, f = int(tp[i]), int(fp[i])
+    choice = ClassChoice(-1, status, True, float(thv[i]), grid[gi[i]], t, f, n - t, n,
+                         t / (t + f) if t + f else 0.0, t / n if n else 0.0, float(value[i]),
+                         float(lower[i]), objective.name)
+    return choice, (int(gi[i]), float(thv[i]))
