@@ -127,6 +127,8 @@ class TuningConfig:
     max_total_detections: int = dataclasses.field(
         default=100, metadata=_check(_positive, "must be > 0"))
     min_support: int = dataclasses.field(default=10, metadata=_check(_positive, "must be > 0"))
+    min_candidate_thresh: float = dataclasses.field(
+        default=0.001, metadata=_check(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"))
     on_unreachable: OnUnreachable = "disable"
     classes: dict[str, ClassOverride] = dataclasses.field(default_factory=dict)
 

@@ -31,6 +31,8 @@ HOLDOUT_CONFIDENCE = 0.95
 PLOTTED_CLASSES = 6
 #: Points kept per curve in report.json.
 CURVE_POINTS = 120
+#: Images per post-processing call over cached raw outputs.
+POSTPROCESS_BATCH = 32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,12 +130,14 @@ class FlatDetections:
                               self.boxes[mask])
 
 
-def postprocess_images(ppc, raw, indices: np.ndarray, *, batch_size: int = 32) -> FlatDetections:
+def postprocess_images(ppc, raw, indices: np.ndarray, *, batch_size: int | None = None
+                       ) -> FlatDetections:
     """Runs the serving `PostProcessor` of `ppc` over the raw outputs of `indices`."""
     from tfcal.layers import PostProcessor
 
     layer = PostProcessor.from_postprocess_config(ppc)
     fn = _compiled(layer)
+    batch_size = batch_size or POSTPROCESS_BATCH
     parts = []
     for start in range(0, len(indices), batch_size):
         idx = np.asarray(indices[start:start + batch_size])
@@ -296,26 +300,54 @@ def _resolve_category_key(cfg: Config, prep: Prepared, key: str) -> int:
                      f"{cfg.data.annotations}")
 
 
+def _calibrate_fn(cfg: Config, calib):
+    """The calibration op (as the serving graph runs it) for `collect_candidates`."""
+    from tfcal import ops
+
+    fields = _calibration_fields(calib)
+    kwargs = {k: v for k, v in fields.items() if k != "calibration"}
+    if "knots_x" in kwargs:
+        kwargs["knots_x"], kwargs["knots_y"] = ops.pad_knots(kwargs["knots_x"], kwargs["knots_y"])
+
+    def calibrate(raw_scores):
+        return ops.calibrate_scores(raw_scores, score_converter=cfg.model.score_converter,
+                                    background_column=cfg.model.background_column,
+                                    method=fields["calibration"], **kwargs)
+
+    return calibrate
+
+
+def _raw_batches(raw, indices: np.ndarray, batch_size: int):
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        yield raw.image_ids[idx], raw.boxes[idx], raw.scores[idx]
+
+
 def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
-    """Post-processes the tune split once per NMS IoU, matches once, and runs the search."""
+    """Post-processes the tune split once per NMS IoU (streamed), matches once, and searches.
+
+    The candidates come from the serving ops (calibration, then combined NMS at
+    `tuning.min_candidate_thresh`); for hard NMS any higher threshold applied to them equals
+    post-processing at that threshold.
+    """
+    from tfcal.tuning.candidates import collect_candidates
     from tfcal.tuning.search import MatchedDetections, joint_search
 
-    from tqdm.auto import tqdm
-
+    t = cfg.tuning
+    candidates = collect_candidates(
+        _raw_batches(prep.raw, tune_idx, POSTPROCESS_BATCH), _calibrate_fn(cfg, calib),
+        t.nms_iou_grid, t.min_candidate_thresh, t.max_detections_per_class,
+        t.max_total_detections)
     matched = {}
-    for iou in tqdm(cfg.tuning.nms_iou_grid, desc="search over NMS IoU grid", unit="IoU",
-                    leave=False):
-        ppc = _base_postprocess_config(cfg, prep, nms_iou=(iou,), min_score_thresh=(0.0,),
-                                       **_calibration_fields(calib))
-        dets = postprocess_images(ppc, prep.raw, tune_idx)
+    for iou, cand in candidates.items():
+        dets = FlatDetections(prep.dataset.image_index(cand.image_id), cand.column.astype(np.int64),
+                              cand.score, cand.box)
         result, columns, num_gt = match(prep, dets, tune_idx, cfg)
         matched[iou] = MatchedDetections(score=result.score, column=columns, tp=result.tp,
                                          ignored=result.ignored, num_gt=num_gt)
     objective, overrides = _objectives(cfg, prep)
-    found = joint_search(matched, objective, overrides=overrides,
-                         default_nms_iou=cfg.tuning.default_nms_iou,
-                         min_support=cfg.tuning.min_support)
-    return found
+    return joint_search(matched, objective, overrides=overrides,
+                        default_nms_iou=t.default_nms_iou, min_support=t.min_support)
 
 
 @dataclasses.dataclass(frozen=True)
