@@ -476,20 +476,27 @@ def _short(report: dict) -> dict:
 
 def _export(cfg: Config, ppc, prep: Prepared | None, *, version=None, overwrite=None,
             postprocess_only: bool = False):
+    """Writes the TF Serving package (export.dir/<model_name>/<version>/ + models.config)."""
     from tfcal.export import export_for_serving
 
     e = cfg.export
-    sample_images = None
+    warmup = ()
     if prep is not None and prep.dataset.image_paths:
-        sample_images = list(prep.dataset.image_paths[:2])
-    return export_for_serving(
-        None if postprocess_only else cfg.model.saved_model, ppc,
-        export_dir=e.dir, model_name=e.model_name,
-        version=version if version is not None else e.version,
-        overwrite=e.overwrite if overwrite is None else overwrite,
-        include_raw_outputs=e.include_raw_outputs, verify=e.verify,
-        signature=cfg.model.signature, boxes_key=cfg.model.raw_boxes,
-        scores_key=cfg.model.raw_scores, sample_images=sample_images)
+        warmup = tuple(prep.dataset.image_paths[:1])
+    elif cfg.data.images is not None and cfg.data.annotations is not None and \
+            not postprocess_only:
+        warmup = tuple(load_dataset(cfg).image_paths[:1])
+    try:
+        return export_for_serving(
+            None if postprocess_only else cfg.model.saved_model, ppc, e.dir, e.model_name,
+            version=version if version is not None else e.version,
+            overwrite=e.overwrite if overwrite is None else overwrite,
+            warmup_images=warmup, verify=e.verify, signature_key=cfg.model.signature,
+            raw_boxes_key=cfg.model.raw_boxes, raw_scores_key=cfg.model.raw_scores,
+            include_raw_outputs=e.include_raw_outputs)
+    except FileExistsError as err:
+        raise TfcalError(f"{cfg.source}: export.version: {err}; pass --overwrite (or set "
+                         "export.overwrite: true) to replace it") from None
 
 
 def run_export(cfg: Config, *, version: int | None = None, overwrite: bool = False,

@@ -1,0 +1,41 @@
+"""Exports tuned post-processing: OD API detector wrapping, TF Serving package, verification."""
+
+from tfcal.export.odapi import DETECTION_KEYS
+from tfcal.export.odapi import INPUT_TYPES
+from tfcal.export.odapi import Detector
+from tfcal.export.odapi import DetectorInfo
+from tfcal.export.odapi import ExportResult
+from tfcal.export.odapi import count_nms_ops
+from tfcal.export.odapi import detect_input_type
+from tfcal.export.odapi import export_detector
+from tfcal.export.odapi import load_detector
+from tfcal.export.serving import BatchingParameters
+from tfcal.export.serving import ServingExport
+from tfcal.export.serving import export_for_serving
+from tfcal.export.serving import next_version
+from tfcal.export.serving import read_warmup_requests
+from tfcal.export.serving import write_models_config
+from tfcal.export.verify import ExportVerificationError
+from tfcal.export.verify import VerificationReport
+from tfcal.export.verify import verify_export
+
+__all__ = [
+    "DETECTION_KEYS",
+    "INPUT_TYPES",
+    "BatchingParameters",
+    "Detector",
+    "DetectorInfo",
+    "ExportResult",
+    "ExportVerificationError",
+    "ServingExport",
+    "VerificationReport",
+    "count_nms_ops",
+    "detect_input_type",
+    "export_detector",
+    "export_for_serving",
+    "load_detector",
+    "next_version",
+    "read_warmup_requests",
+    "verify_export",
+    "write_models_config",
+]

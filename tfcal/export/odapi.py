@@ -1,0 +1,700 @@
+"""Loads TF OD API detector SavedModels and wraps their raw outputs with the tuned PostProcessor.
+
+A detector exported by the OD API (`exporter_main_v2.py`) has a `serving_default` signature with
+one input (`input_tensor`) and, among others, `raw_detection_boxes` (float32 `[batch, N, 4]`,
+`[ymin, xmin, ymax, xmax]` normalized) and `raw_detection_scores` (float32
+`[batch, N, num_classes + 1]`, column 0 = background). Its own post-processing (`detection_*`
+outputs, with a combined NMS) is cut away: the signature is restricted to the raw outputs, its
+variables are folded into constants and grappler inlines the nested function calls, so pruning
+removes the detector's NMS from the graph that is saved. `count_nms_ops` proves it on the result.
+
+Input types (detected from the signature input's dtype and rank, see `detect_input_type`):
+
+| input type | signature input |
+| --- | --- |
+| `image_tensor` | uint8 `[1 or None, None, None, 3]` |
+| `float_image_tensor` | float32 `[1 or None, None, None, 3]`, values in `[0, 255]` |
+| `encoded_image_string_tensor` | string `[None]` of JPEG/PNG bytes |
+| `tf_example` | string `[None]` of serialized `tf.train.Example` |
+
+The exported SavedModel has these signatures:
+
+- `serving_default`: the detector's input (same name, dtype, shape) -> `detection_boxes` float32
+  `[batch, max_total_detections, 4]`, `detection_scores` float32 `[batch, max_total_detections]`,
+  `detection_classes` float32 `[batch, max_total_detections]` (class id = column +
+  `label_offset`, as the OD API emits them), `num_detections` float32 `[batch]`; optionally the
+  raw outputs under their own names.
+- `encoded_image`: `encoded_image` string `[None]` of JPEG/PNG bytes (REST `{"b64": ...}`) -> the
+  same detections (not for `tf_example` detectors).
+- `postprocess_only`: `raw_detection_boxes` float32 `[None, None, 4]` and `raw_detection_scores`
+  float32 `[None, None, C]` -> the same detections.
+- `metadata`: `request` string `[B]` (content ignored) -> `postprocess_config` string `[B]`, each
+  the JSON also written to `assets/tfcal_postprocess.json` (tuned numbers, config hash,
+  provenance). Batch-first so that it also works with TF Serving's batching enabled.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import tensorflow as tf
+
+import tfcal
+from tfcal import TfcalError
+from tfcal import atomic
+
+logger = logging.getLogger(__name__)
+
+InputType = Literal[
+    "image_tensor", "float_image_tensor", "encoded_image_string_tensor", "tf_example"
+]
+INPUT_TYPES: tuple[str, ...] = (
+    "image_tensor",
+    "float_image_tensor",
+    "encoded_image_string_tensor",
+    "tf_example",
+)
+DETECTION_KEYS: tuple[str, ...] = (
+    "detection_boxes",
+    "detection_scores",
+    "detection_classes",
+    "num_detections",
+)
+METADATA_ASSET = "tfcal_postprocess.json"
+METADATA_FORMAT = "tfcal.export.metadata/1"
+NMS_OPS = frozenset(
+    {
+        "CombinedNonMaxSuppression",
+        "NonMaxSuppression",
+        "NonMaxSuppressionV2",
+        "NonMaxSuppressionV3",
+        "NonMaxSuppressionV4",
+        "NonMaxSuppressionV5",
+        "NonMaxSuppressionWithOverlaps",
+    }
+)
+_PARSE_EXAMPLE_OPS = frozenset({"ParseExample", "ParseExampleV2", "ParseSingleExample"})
+_CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorInfo:
+    """What the exporter learned about a detector SavedModel.
+
+    Attributes:
+      path: the detector SavedModel directory.
+      signature_key: the signature that was wrapped.
+      input_name: the signature's input name (OD API: `input_tensor`).
+      input_type: one of `INPUT_TYPES`.
+      input_dtype: the input's dtype name (`uint8`, `float32`, `string`).
+      input_shape: the input's static shape, `None` for unknown dimensions.
+      raw_boxes_key: output key of the raw boxes.
+      raw_scores_key: output key of the raw scores.
+      raw_boxes_shape: static shape of the raw boxes, `[batch, N, 4]` or `[batch, N, K, 4]`.
+      raw_scores_shape: static shape of the raw scores, `[batch, N, C]`.
+      pruned: True when the detector's own post-processing was cut from the wrapped graph.
+      detector_nms_ops: NMS ops reachable from the wrapped detector graph (0 after pruning).
+    """
+
+    path: str
+    signature_key: str
+    input_name: str
+    input_type: str
+    input_dtype: str
+    input_shape: tuple[int | None, ...]
+    raw_boxes_key: str
+    raw_scores_key: str
+    raw_boxes_shape: tuple[int | None, ...]
+    raw_scores_shape: tuple[int | None, ...]
+    pruned: bool
+    detector_nms_ops: int
+
+    @property
+    def batch_size(self) -> int | None:
+        """The detector's static batch size (`None` = dynamic)."""
+        return self.input_shape[0] if self.input_shape else None
+
+
+@dataclasses.dataclass
+class Detector:
+    """A loaded detector reduced to its raw outputs.
+
+    Attributes:
+      info: the `DetectorInfo`.
+      raw_fn: callable `raw_fn(x) -> (raw_boxes, raw_scores)` on the signature input `x`.
+    """
+
+    info: DetectorInfo
+    raw_fn: Any
+    _loaded: Any = None  # keeps the restored object (and its variables) alive when not pruned
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """Where an export went and what it contains.
+
+    Attributes:
+      path: the SavedModel directory.
+      signatures: signature keys in the SavedModel.
+      metadata: the JSON object behind the `metadata` signature and the assets file.
+      detector: the `DetectorInfo`, None for a `postprocess_only` export.
+    """
+
+    path: Path
+    signatures: tuple[str, ...]
+    metadata: dict[str, Any]
+    detector: DetectorInfo | None
+
+
+def _shape_tuple(shape: tf.TensorShape) -> tuple[int | None, ...]:
+    return tuple(shape.as_list()) if shape.rank is not None else ()
+
+
+def _graph_ops(graph_def: tf.compat.v1.GraphDef) -> collections.Counter:
+    ops = collections.Counter(n.op for n in graph_def.node)
+    for fn in graph_def.library.function:
+        ops.update(n.op for n in fn.node_def)
+    return ops
+
+
+def detect_input_type(spec: tf.TensorSpec, ops: Mapping[str, int] | None = None) -> str:
+    """Returns the OD API input type of a signature input.
+
+    Args:
+      spec: the signature's input spec.
+      ops: op-type counts of the detector graph (functions included); a string input whose graph
+        parses `tf.train.Example`s is `tf_example`, otherwise `encoded_image_string_tensor`.
+
+    Returns:
+      One of `INPUT_TYPES`.
+
+    Raises:
+      TfcalError: the spec matches none of the OD API input types.
+    """
+    rank = spec.shape.rank
+    if spec.dtype == tf.uint8 and rank == 4:
+        return "image_tensor"
+    if spec.dtype == tf.float32 and rank == 4:
+        return "float_image_tensor"
+    if spec.dtype == tf.string and rank == 1:
+        if ops and any(ops.get(op, 0) for op in _PARSE_EXAMPLE_OPS):
+            return "tf_example"
+        return "encoded_image_string_tensor"
+    raise TfcalError(
+        f"signature input {spec.name!r}: not an OD API input type (uint8/float32 rank 4, "
+        f"string rank 1), got {spec.dtype.name} {spec.shape}"
+    )
+
+
+def load_detector(
+    path: str | os.PathLike,
+    *,
+    signature_key: str = "serving_default",
+    input_type: InputType | None = None,
+    raw_boxes_key: str = "raw_detection_boxes",
+    raw_scores_key: str = "raw_detection_scores",
+    prune: bool = True,
+) -> Detector:
+    """Loads an OD API detector SavedModel and reduces it to its raw outputs.
+
+    Args:
+      path: the detector SavedModel directory (`exporter_main_v2.py` output `saved_model/`).
+      signature_key: the signature to wrap, default `serving_default`.
+      input_type: one of `INPUT_TYPES`; default: detected from the signature input.
+      raw_boxes_key: output key of the raw boxes, float32 `[batch, N, 4]` or `[batch, N, K, 4]`.
+      raw_scores_key: output key of the raw scores, float32 `[batch, N, C]`.
+      prune: fold variables into constants and inline the graph so that everything not needed for
+        the raw outputs (the detector's NMS) is pruned away. The folded weights live in the
+        GraphDef, which protobuf limits to 2 GB; use `prune=False` for larger detectors (the
+        signature is then called whole and the runtime is left to prune it).
+
+    Returns:
+      A `Detector`.
+
+    Raises:
+      TfcalError: missing directory, signature or output key, or an unsupported input.
+    """
+    path = Path(path)
+    if not (path / "saved_model.pb").is_file():
+        raise TfcalError(f"{path}: no saved_model.pb (expected an OD API SavedModel directory)")
+    loaded = tf.saved_model.load(str(path))
+    if signature_key not in loaded.signatures:
+        raise TfcalError(
+            f"{path}: signature {signature_key!r} not found, has {sorted(loaded.signatures)}"
+        )
+    sig = loaded.signatures[signature_key]
+    inputs = sig.structured_input_signature[1]
+    if len(inputs) != 1:
+        raise TfcalError(
+            f"{path}: signature {signature_key!r} must have one input, got {sorted(inputs)}"
+        )
+    ((input_name, input_spec),) = inputs.items()
+    outputs = sig.structured_outputs
+    for key in (raw_boxes_key, raw_scores_key):
+        if key not in outputs:
+            raise TfcalError(
+                f"{path}: signature {signature_key!r} has no output {key!r}, has {sorted(outputs)}"
+            )
+    sig_ops = _graph_ops(sig.graph.as_graph_def())
+    detected = detect_input_type(input_spec, sig_ops)
+    if input_type is None:
+        input_type = detected
+    elif input_type not in INPUT_TYPES:
+        raise TfcalError(f"{path}: input_type must be one of {INPUT_TYPES}, got {input_type!r}")
+    elif input_type != detected and {input_type, detected} != {
+        "tf_example",
+        "encoded_image_string_tensor",
+    }:
+        raise TfcalError(
+            f"{path}: input_type {input_type!r} does not match signature input "
+            f"{input_spec.dtype.name} {input_spec.shape} ({detected})"
+        )
+    spec = tf.TensorSpec(input_spec.shape, input_spec.dtype, name=input_name)
+
+    @tf.function
+    def raw_only(x):
+        out = sig(**{input_name: x})
+        return out[raw_boxes_key], out[raw_scores_key]
+
+    concrete = raw_only.get_concrete_function(spec)
+    if prune:
+        from tensorflow.python.framework import convert_to_constants
+
+        frozen = convert_to_constants.convert_variables_to_constants_v2(concrete)
+        graph_def = frozen.graph.as_graph_def()
+        raw_fn = _ListToTuple(frozen)
+        boxes_shape, scores_shape = (t.shape for t in frozen.outputs)
+        nms = sum(count for op, count in _graph_ops(graph_def).items() if op in NMS_OPS)
+        logger.info("pruned detector graph: %d nodes, %d NMS ops", len(graph_def.node), nms)
+        if nms:
+            logger.warning("%s: %d NMS ops remain in the pruned detector graph", path, nms)
+    else:
+        raw_fn = concrete
+        boxes_shape, scores_shape = (t.shape for t in concrete.outputs)
+        nms = sum(count for op, count in sig_ops.items() if op in NMS_OPS)
+    info = DetectorInfo(
+        path=str(path),
+        signature_key=signature_key,
+        input_name=input_name,
+        input_type=input_type,
+        input_dtype=input_spec.dtype.name,
+        input_shape=_shape_tuple(input_spec.shape),
+        raw_boxes_key=raw_boxes_key,
+        raw_scores_key=raw_scores_key,
+        raw_boxes_shape=_shape_tuple(boxes_shape),
+        raw_scores_shape=_shape_tuple(scores_shape),
+        pruned=prune,
+        detector_nms_ops=nms,
+    )
+    return Detector(info=info, raw_fn=raw_fn, _loaded=loaded)
+
+
+class _ListToTuple:
+    """Calls a frozen concrete function and returns its two outputs as a tuple."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, x):
+        boxes, scores = self.fn(x)
+        return boxes, scores
+
+
+def load_postprocess_config(config) -> Any:
+    """Returns a `PostProcessConfig` from a config object, a `postprocess.json` path or a dict."""
+    from tfcal.postprocess import PostProcessConfig
+
+    if isinstance(config, PostProcessConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return PostProcessConfig.load(config)
+    if isinstance(config, Mapping):
+        return PostProcessConfig.from_dict(config)
+    raise TypeError(
+        f"postprocess_config must be a PostProcessConfig, path or dict, got {type(config)}"
+    )
+
+
+def config_sha256(config) -> str:
+    """SHA-256 of a `PostProcessConfig`'s canonical JSON (sorted keys, no spaces)."""
+    canonical = json.dumps(json.loads(config.to_json()), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def build_metadata(config, detector: DetectorInfo | None = None) -> dict[str, Any]:
+    """The JSON object served by the `metadata` signature and written to the assets file.
+
+    Keys: `format`, `config_sha256`, `postprocess_config` (every tuned number),
+    `provenance` (the config's `metadata`: data fingerprint, target, report summary, ...),
+    `detector` (input type, signature, raw keys and shapes), `tfcal_version`,
+    `tensorflow_version`.
+    """
+    cfg_obj = json.loads(config.to_json())
+    det = None
+    if detector is not None:
+        det = {
+            "source": detector.path,
+            "signature_key": detector.signature_key,
+            "input_name": detector.input_name,
+            "input_type": detector.input_type,
+            "input_dtype": detector.input_dtype,
+            "input_shape": list(detector.input_shape),
+            "raw_boxes_key": detector.raw_boxes_key,
+            "raw_scores_key": detector.raw_scores_key,
+            "raw_boxes_shape": list(detector.raw_boxes_shape),
+            "raw_scores_shape": list(detector.raw_scores_shape),
+            "detector_postprocessing_pruned": detector.pruned,
+        }
+    return {
+        "format": METADATA_FORMAT,
+        "config_sha256": config_sha256(config),
+        "postprocess_config": cfg_obj,
+        "provenance": dict(cfg_obj.get("metadata") or {}),
+        "detector": det,
+        "tfcal_version": tfcal.__version__,
+        "tensorflow_version": tf.__version__,
+    }
+
+
+class _ExportModule(tf.Module):
+    """The saved object: the PostProcessor layer (its tuned weights) and the signature functions."""
+
+    def __init__(self, postprocessor, metadata_asset_path: str):
+        super().__init__(name="tfcal_export")
+        # The layer is kept out of the object graph; its weights are tracked as a plain list
+        # (as Keras' own ExportArchive does) once built, so both loaders restore them.
+        self._postprocessor = _Untracked(postprocessor)
+        self.metadata_asset = tf.saved_model.Asset(metadata_asset_path)
+
+    @property
+    def postprocessor(self):
+        return self._postprocessor.value
+
+
+def _tf_variables(layer) -> list[tf.Variable]:
+    """The layer's weights as the `tf.Variable`s behind the Keras variables.
+
+    Tracking the Keras variables (or the layer) saves a model that `tf.saved_model.load` restores
+    but the TF1 loader (`saved_model_cli run`, TF Serving) does not ("Could not find variable
+    ..."); tracking the underlying `tf.Variable`s works for both.
+    """
+    out = []
+    for v in layer.variables:
+        value = v if isinstance(v, tf.Variable) else getattr(v, "value", None)
+        if not isinstance(value, tf.Variable):
+            raise TypeError(
+                f"{layer.name}: weight {v.name} is not backed by a tf.Variable: {type(value)}"
+            )
+        out.append(value)
+    return out
+
+
+class _Untracked:
+    """Holds an object without making it a dependency of the enclosing tf.Module."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _detections(postprocessor, boxes, scores) -> dict[str, tf.Tensor]:
+    out = postprocessor(tf.cast(boxes, tf.float32), tf.cast(scores, tf.float32))
+    return {key: tf.cast(out[key], tf.float32) for key in DETECTION_KEYS}
+
+
+def _build_module(
+    config,
+    detector: Detector | None,
+    *,
+    metadata_json: str,
+    metadata_asset_path: str,
+    include_raw_outputs: bool,
+    encoded_image_signature: bool,
+    raw_scores_columns: int | None,
+    per_class_boxes: bool,
+) -> tuple[_ExportModule, dict[str, Any]]:
+    from tfcal.layers import PostProcessor
+
+    post = PostProcessor.from_postprocess_config(config)
+    module = _ExportModule(post, metadata_asset_path)
+    signatures: dict[str, Any] = {}
+
+    if detector is not None:
+        boxes_shape = list(detector.info.raw_boxes_shape)
+        scores_shape = list(detector.info.raw_scores_shape)
+        if raw_scores_columns is None:
+            raw_scores_columns = scores_shape[-1]
+        per_class_boxes = len(boxes_shape) == 4
+    elif raw_scores_columns is None:
+        raw_scores_columns = config.num_classes + (1 if config.background_column else 0)
+    # Build the layer eagerly: its weights then exist before any function is traced, so they are
+    # plain captured variables that both loaders (object graph and TF1) restore.
+    num_classes_boxes = [1, 1, config.num_classes, 4] if per_class_boxes else [1, 1, 4]
+    post(tf.zeros(num_classes_boxes, tf.float32), tf.zeros([1, 1, raw_scores_columns], tf.float32))
+    module.postprocessor_variables = _tf_variables(post)
+    box_rank_shape = [None, None, None, 4] if per_class_boxes else [None, None, 4]
+    boxes_spec = tf.TensorSpec(box_rank_shape, tf.float32, name="raw_detection_boxes")
+    scores_spec = tf.TensorSpec(
+        [None, None, raw_scores_columns], tf.float32, name="raw_detection_scores"
+    )
+
+    @tf.function(input_signature=[boxes_spec, scores_spec])
+    def postprocess_only(raw_detection_boxes, raw_detection_scores):
+        return _detections(module.postprocessor, raw_detection_boxes, raw_detection_scores)
+
+    module.postprocess_only = postprocess_only
+
+    # Batch-first like every other signature: TF Serving's batching (--enable_batching) splits
+    # inputs and outputs along dimension 0, so a scalar-in/scalar-out signature would fail there.
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="request")])
+    def metadata(request):
+        text = tf.constant(metadata_json)
+        return {"postprocess_config": tf.fill(tf.shape(request), text)}
+
+    module.metadata = metadata
+
+    if detector is None:
+        signatures["serving_default"] = postprocess_only.get_concrete_function()
+    else:
+        info = detector.info
+        raw_fn = detector.raw_fn
+        in_spec = tf.TensorSpec(
+            info.input_shape, tf.as_dtype(info.input_dtype), name=info.input_name
+        )
+
+        @tf.function(input_signature=[in_spec])
+        def detector_raw_outputs(x):
+            boxes, scores = raw_fn(x)
+            return {info.raw_boxes_key: boxes, info.raw_scores_key: scores}
+
+        module.detector_raw_outputs = detector_raw_outputs  # not a signature: for verification
+        if not info.pruned:
+            module.detector = detector._loaded  # its variables are captured by the signatures
+
+        def serve_fn(x):
+            boxes, scores = raw_fn(x)
+            out = _detections(module.postprocessor, boxes, scores)
+            if include_raw_outputs:
+                out[info.raw_boxes_key] = tf.identity(boxes)
+                out[info.raw_scores_key] = tf.identity(scores)
+            return out
+
+        serve = tf.function(serve_fn, input_signature=[in_spec])
+        module.serve = serve
+        signatures["serving_default"] = serve.get_concrete_function()
+
+        if encoded_image_signature and info.input_type != "tf_example":
+            enc = _encoded_image_fn(module, info, raw_fn)
+            module.encoded_image = enc
+            signatures["encoded_image"] = enc.get_concrete_function()
+        elif encoded_image_signature:
+            logger.info("no encoded_image signature: the detector takes tf.train.Example input")
+        signatures["postprocess_only"] = postprocess_only.get_concrete_function()
+    signatures["metadata"] = metadata.get_concrete_function()
+    return module, signatures
+
+
+def _encoded_image_fn(module: _ExportModule, info: DetectorInfo, raw_fn):
+    """The `encoded_image` signature: string `[None]` of JPEG/PNG bytes -> detections."""
+    spec = tf.TensorSpec([None], tf.string, name="encoded_image")
+    if info.input_type == "encoded_image_string_tensor":
+
+        @tf.function(input_signature=[spec])
+        def encoded_image(images):
+            boxes, scores = raw_fn(images)
+            return _detections(module.postprocessor, boxes, scores)
+
+        return encoded_image
+
+    # Image detectors: decode each image and run the detector on it alone. Images in one request
+    # may differ in size and OD API exports often fix the batch to 1, so map over the batch.
+    box_spec = tf.TensorSpec(info.raw_boxes_shape[1:], tf.float32)
+    score_spec = tf.TensorSpec(info.raw_scores_shape[1:], tf.float32)
+    image_dtype = tf.as_dtype(info.input_dtype)
+
+    def one(encoded):
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        image = tf.cast(image, image_dtype)[tf.newaxis]
+        boxes, scores = raw_fn(image)
+        return boxes[0], scores[0]
+
+    @tf.function(input_signature=[spec])
+    def encoded_image(images):
+        boxes, scores = tf.map_fn(one, images, fn_output_signature=(box_spec, score_spec))
+        return _detections(module.postprocessor, boxes, scores)
+
+    return encoded_image
+
+
+def save_export(
+    output_dir: str | os.PathLike,
+    postprocess_config,
+    detector: Detector | None = None,
+    *,
+    include_raw_outputs: bool = False,
+    encoded_image_signature: bool = True,
+    raw_scores_columns: int | None = None,
+    per_class_boxes: bool = False,
+) -> ExportResult:
+    """Writes the SavedModel into `output_dir` (which must exist and be empty; no atomicity here).
+
+    Args: as `export_detector`; `detector=None` writes a `postprocess_only` model whose
+    `serving_default` takes raw boxes and scores.
+    """
+    config = load_postprocess_config(postprocess_config)
+    output_dir = Path(output_dir)
+    meta = build_metadata(config, detector.info if detector else None)
+    meta_json = json.dumps(meta, indent=2, sort_keys=True)
+    with tempfile.TemporaryDirectory(prefix=".tfcal_meta.", dir=output_dir.parent) as staging:
+        asset_path = Path(staging) / METADATA_ASSET
+        asset_path.write_text(meta_json + "\n", encoding="utf-8")
+        module, signatures = _build_module(
+            config,
+            detector,
+            metadata_json=meta_json,
+            metadata_asset_path=str(asset_path),
+            include_raw_outputs=include_raw_outputs,
+            encoded_image_signature=encoded_image_signature,
+            raw_scores_columns=raw_scores_columns,
+            per_class_boxes=per_class_boxes,
+        )
+        tf.saved_model.save(module, str(output_dir), signatures=signatures)
+    return ExportResult(
+        path=output_dir,
+        signatures=tuple(signatures),
+        metadata=meta,
+        detector=detector.info if detector else None,
+    )
+
+
+def export_detector(
+    detector_dir: str | os.PathLike | None,
+    postprocess_config,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    signature_key: str = "serving_default",
+    input_type: InputType | None = None,
+    raw_boxes_key: str = "raw_detection_boxes",
+    raw_scores_key: str = "raw_detection_scores",
+    include_raw_outputs: bool = False,
+    encoded_image_signature: bool = True,
+    prune: bool = True,
+    raw_scores_columns: int | None = None,
+    per_class_boxes: bool = False,
+) -> ExportResult:
+    """Wraps an OD API detector with the tuned post-processing and saves it atomically.
+
+    Args:
+      detector_dir: the detector SavedModel; None writes a `postprocess_only` model (raw boxes
+        and scores in, detections out).
+      postprocess_config: a `PostProcessConfig`, a `postprocess.json` path or its dict.
+      output_dir: the new SavedModel directory (written to a temporary sibling, then renamed).
+      overwrite: replace an existing `output_dir`; otherwise an existing one raises.
+      signature_key, input_type, raw_boxes_key, raw_scores_key, prune: see `load_detector`.
+      include_raw_outputs: also return the raw boxes and scores from `serving_default`.
+      encoded_image_signature: add the `encoded_image` signature (JPEG/PNG strings in).
+      raw_scores_columns: for `postprocess_only` models, the raw score columns `C`; default
+        `num_classes + background_column`.
+      per_class_boxes: for `postprocess_only` models, raw boxes are `[batch, N, K, 4]`.
+
+    Returns:
+      An `ExportResult`.
+
+    Raises:
+      TfcalError: bad detector or config. FileExistsError: `output_dir` exists, no `overwrite`.
+    """
+    detector = None
+    if detector_dir is not None:
+        detector = load_detector(
+            detector_dir,
+            signature_key=signature_key,
+            input_type=input_type,
+            raw_boxes_key=raw_boxes_key,
+            raw_scores_key=raw_scores_key,
+            prune=prune,
+        )
+    with atomic.directory(output_dir, overwrite=overwrite) as tmp:
+        result = save_export(
+            tmp,
+            postprocess_config,
+            detector,
+            include_raw_outputs=include_raw_outputs,
+            encoded_image_signature=encoded_image_signature,
+            raw_scores_columns=raw_scores_columns,
+            per_class_boxes=per_class_boxes,
+        )
+    return dataclasses.replace(result, path=Path(output_dir))
+
+
+def count_nms_ops(
+    saved_model_dir: str | os.PathLike, signature_key: str = "serving_default"
+) -> dict[str, int]:
+    """Counts the NMS ops reachable from a signature's outputs in a saved graph.
+
+    Walks back from the signature's output tensors through node inputs, and into every function
+    a reachable node calls (`PartitionedCall`, `StatefulPartitionedCall`, control flow branches,
+    any function-valued attr), from each function's return values. Reads `saved_model.pb` only.
+
+    Returns:
+      Op type -> count, for the op types in `NMS_OPS` that are reachable (empty when none).
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    meta = sm.meta_graphs[0]
+    sig = meta.signature_def[signature_key]
+    graph = meta.graph_def
+    functions = {f.signature.name: f for f in graph.library.function}
+    counts: collections.Counter = collections.Counter()
+    done_functions: set[str] = set()
+
+    def node_name(ref: str) -> str:
+        return ref.lstrip("^").split(":")[0]
+
+    def called(node) -> list[str]:
+        names = []
+        for attr in node.attr.values():
+            if attr.HasField("func"):
+                names.append(attr.func.name)
+            names.extend(f.name for f in attr.list.func)
+        if node.op in functions:  # a function called by its name as the op type
+            names.append(node.op)
+        return names
+
+    def walk(nodes: Mapping[str, Any], roots: list[str]):
+        seen: set[str] = set()
+        stack = list(roots)
+        while stack:
+            name = stack.pop()
+            if name in seen or name not in nodes:
+                continue
+            seen.add(name)
+            node = nodes[name]
+            if node.op in NMS_OPS:
+                counts[node.op] += 1
+            for fn_name in called(node):
+                walk_function(fn_name)
+            stack.extend(node_name(i) for i in node.input)
+
+    def walk_function(fn_name: str):
+        if fn_name in done_functions or fn_name not in functions:
+            return
+        done_functions.add(fn_name)
+        fn = functions[fn_name]
+        nodes = {n.name: n for n in fn.node_def}
+        roots = [node_name(v) for v in fn.ret.values()]
+        roots += [node_name(v) for v in fn.control_ret.values()]
+        walk(nodes, roots)
+
+    top = {n.name: n for n in graph.node}
+    walk(top, [node_name(t.name) for t in sig.outputs.values()])
+    return dict(counts)

@@ -1,0 +1,455 @@
+"""Writes the TF Serving package: numbered versions, models.config, batching file, warmup records.
+
+Layout (`export_root` is mounted in the container at `container_base_path`, default `/models`):
+
+    export_root/
+      models.config                  # text proto ModelServerConfig.model_config_list
+      batching_parameters.txt        # text proto BatchingParameters
+      <model_name>/
+        1/                           # SavedModel (serving_default, encoded_image, ...)
+          saved_model.pb  variables/  assets/tfcal_postprocess.json
+          assets.extra/tf_serving_warmup_requests   # TFRecord of PredictionLog
+        2/ ...
+
+A version is built in a hidden temporary directory inside `export_root/<model_name>/` and renamed
+to its number only after the SavedModel, the warmup records and the verification are complete, so
+a crash or Ctrl-C never leaves a half-written version (TF Serving ignores non-numeric names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from tfcal import TfcalError
+from tfcal import atomic
+from tfcal.export import odapi
+
+logger = logging.getLogger(__name__)
+
+WARMUP_FILE = "tf_serving_warmup_requests"
+MODELS_CONFIG = "models.config"
+BATCHING_FILE = "batching_parameters.txt"
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingParameters:
+    """TF Serving's `--batching_parameters_file` (text proto `BatchingParameters`).
+
+    Attributes:
+      max_batch_size: largest batch the server forms, default 8. Only detectors with a dynamic
+        batch dimension benefit; with a batch fixed to 1 use 1.
+      batch_timeout_micros: how long a partial batch waits, default 2000.
+      num_batch_threads: threads that run batches, default 2 (one per core).
+      max_enqueued_batches: queue length before requests are rejected, default 100.
+      pad_variable_length_inputs: pad images of different sizes into one batch, default False.
+      allowed_batch_sizes: batch sizes the server pads to, () = any.
+    """
+
+    max_batch_size: int = 8
+    batch_timeout_micros: int = 2000
+    num_batch_threads: int = 2
+    max_enqueued_batches: int = 100
+    pad_variable_length_inputs: bool = False
+    allowed_batch_sizes: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "num_batch_threads", "max_enqueued_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"BatchingParameters.{name} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.batch_timeout_micros < 0:
+            raise ValueError(
+                "BatchingParameters.batch_timeout_micros must be >= 0, "
+                f"got {self.batch_timeout_micros}"
+            )
+        if self.allowed_batch_sizes and (
+            list(self.allowed_batch_sizes) != sorted(set(self.allowed_batch_sizes))
+            or self.allowed_batch_sizes[-1] != self.max_batch_size
+        ):
+            raise ValueError(
+                "BatchingParameters.allowed_batch_sizes must be increasing and end with "
+                f"max_batch_size={self.max_batch_size}, got {self.allowed_batch_sizes}"
+            )
+
+    def to_text_proto(self) -> str:
+        """The file content, e.g. `max_batch_size { value: 8 }` lines."""
+        lines = [
+            f"max_batch_size {{ value: {self.max_batch_size} }}",
+            f"batch_timeout_micros {{ value: {self.batch_timeout_micros} }}",
+            f"num_batch_threads {{ value: {self.num_batch_threads} }}",
+            f"max_enqueued_batches {{ value: {self.max_enqueued_batches} }}",
+            f"pad_variable_length_inputs: {'true' if self.pad_variable_length_inputs else 'false'}",
+        ]
+        lines += [f"allowed_batch_sizes: {size}" for size in self.allowed_batch_sizes]
+        return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingExport:
+    """A finished TF Serving export.
+
+    Attributes:
+      model_dir: `export_root/<model_name>`.
+      version: the version number written.
+      version_dir: `export_root/<model_name>/<version>`.
+      models_config: path of `models.config`.
+      batching_parameters: path of the batching parameters file.
+      warmup_requests: path of `assets.extra/tf_serving_warmup_requests`.
+      export: the `odapi.ExportResult` (signatures, metadata, detector info).
+      verification: the `verify.VerificationReport`, or None when verification was skipped.
+    """
+
+    model_dir: Path
+    version: int
+    version_dir: Path
+    models_config: Path
+    batching_parameters: Path
+    warmup_requests: Path
+    export: Any
+    verification: Any
+
+    def summary(self) -> str:
+        """Where the model went and how it was checked, in two lines."""
+        checked = (self.verification.summary() if self.verification is not None
+                   else "verification skipped")
+        return (f"{self.version_dir} (version {self.version}; {self.models_config.name} and "
+                f"{self.batching_parameters.name} in {self.models_config.parent})\n"
+                f"             {checked}")
+
+
+def _check_model_name(model_name: str) -> None:
+    if not _MODEL_NAME.match(model_name):
+        raise TfcalError(
+            "model_name: must be letters, digits, '_', '-', '.' (no path separators), "
+            f"got {model_name!r}"
+        )
+
+
+def existing_versions(model_dir: str | os.PathLike) -> list[int]:
+    """Sorted numeric version directories under `model_dir` (others, e.g. temporaries, ignored)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(model_dir: str | os.PathLike) -> int:
+    """The next free version number: one more than the largest existing, 1 for a new model."""
+    versions = existing_versions(model_dir)
+    return versions[-1] + 1 if versions else 1
+
+
+def models_config_text(models: Sequence[tuple[str, str]]) -> str:
+    """Text proto `ModelServerConfig` with one `config` per `(name, base_path)`."""
+    parts = ["model_config_list {"]
+    for name, base_path in models:
+        parts += [
+            "  config {",
+            f'    name: "{name}"',
+            f'    base_path: "{base_path}"',
+            '    model_platform: "tensorflow"',
+            "  }",
+        ]
+    parts.append("}")
+    return "\n".join(parts) + "\n"
+
+
+def write_models_config(
+    export_root: str | os.PathLike, container_base_path: str = "/models"
+) -> Path:
+    """Writes `export_root/models.config` listing every model directory with a numeric version.
+
+    Args:
+      export_root: the directory mounted into the server.
+      container_base_path: where `export_root` is mounted in the container (absolute); each
+        model's `base_path` is `<container_base_path>/<model_name>`.
+
+    Returns:
+      The path written (atomically).
+    """
+    if not container_base_path.startswith("/"):
+        raise TfcalError(
+            f"container_base_path: must be an absolute path, got {container_base_path!r}"
+        )
+    export_root = Path(export_root)
+    names = sorted(
+        p.name
+        for p in export_root.iterdir()
+        if p.is_dir() and _MODEL_NAME.match(p.name) and existing_versions(p)
+    )
+    base = container_base_path.rstrip("/")
+    return atomic.write_text(
+        export_root / MODELS_CONFIG, models_config_text([(n, f"{base}/{n}") for n in names])
+    )
+
+
+def _read_image(image) -> tuple[np.ndarray, bytes]:
+    """Returns (uint8 `[H, W, 3]`, JPEG/PNG bytes) for a path, bytes or array."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        array = np.asarray(image, dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return array, buf.getvalue()
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    import tensorflow as tf
+
+    array = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+    return array, data
+
+
+def default_warmup_image(height: int = 96, width: int = 128) -> np.ndarray:
+    """A small deterministic RGB image (uint8 `[height, width, 3]`): gradients and two boxes."""
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack(
+        [x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1
+    )
+    image[height // 4 : height // 2, width // 4 : width // 2] = (220, 40, 40)
+    image[height // 2 : 3 * height // 4, width // 2 : 7 * width // 8] = (30, 30, 200)
+    return image.astype(np.uint8)
+
+
+def serving_input(info: odapi.DetectorInfo, image) -> dict[str, np.ndarray]:
+    """One `serving_default` input (a batch of one) for an image, in the detector's input type.
+
+    Args:
+      info: the detector (`postprocess_only` models use `postprocess_input`).
+      image: a path, encoded bytes or uint8 `[H, W, 3]` array.
+
+    Returns:
+      Dict input name -> numpy array (uint8/float32 `[1, H, W, 3]`, or object bytes `[1]`).
+    """
+    array, encoded = _read_image(image)
+    if info.input_type == "image_tensor":
+        value = array[np.newaxis]
+    elif info.input_type == "float_image_tensor":
+        value = array[np.newaxis].astype(np.float32)
+    elif info.input_type == "encoded_image_string_tensor":
+        value = np.array([encoded], dtype=object)
+    else:
+        import tensorflow as tf
+
+        example = tf.train.Example(
+            features=tf.train.Features(
+                feature={
+                    "image/encoded": tf.train.Feature(
+                        bytes_list=tf.train.BytesList(value=[encoded])
+                    ),
+                    "image/format": tf.train.Feature(
+                        bytes_list=tf.train.BytesList(
+                            value=[b"png" if encoded[:4] == b"\x89PNG" else b"jpeg"]
+                        )
+                    ),
+                }
+            )
+        )
+        value = np.array([example.SerializeToString()], dtype=object)
+    return {info.input_name: value}
+
+
+def postprocess_input(config, *, num_boxes: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded raw boxes float32 `[1, num_boxes, 4]` and scores float32 `[1, num_boxes, C]`."""
+    rng = np.random.default_rng(seed)
+    columns = config.num_classes + (1 if config.background_column else 0)
+    yx = rng.uniform(0.0, 0.7, size=(1, num_boxes, 2))
+    hw = rng.uniform(0.05, 0.3, size=(1, num_boxes, 2))
+    boxes = np.concatenate([yx, yx + hw], axis=-1).astype(np.float32)
+    scores = rng.uniform(0.0, 1.0, size=(1, num_boxes, columns)).astype(np.float32)
+    if config.background_column:
+        scores[..., 0] = 0.0
+    return {"raw_detection_boxes": boxes, "raw_detection_scores": scores}
+
+
+def write_warmup_requests(
+    path: str | os.PathLike,
+    inputs: Sequence[dict[str, np.ndarray]],
+    *,
+    model_name: str,
+    signature_name: str = "serving_default",
+) -> Path:
+    """Writes a TFRecord of `PredictionLog`s (one `PredictRequest` per input dict).
+
+    TF Serving replays these when it loads the version (file name
+    `assets.extra/tf_serving_warmup_requests`), so the first real request is not slow.
+    """
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for feed in inputs:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = model_name
+            request.model_spec.signature_name = signature_name
+            for key, value in feed.items():
+                request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            )
+            writer.write(log.SerializeToString())
+    return path
+
+
+def read_warmup_requests(path: str | os.PathLike) -> list[Any]:
+    """Parses a warmup file back into `PredictionLog` protos."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    logs = []
+    for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+        log = prediction_log_pb2.PredictionLog()
+        log.ParseFromString(record)
+        logs.append(log)
+    return logs
+
+
+def _original_raw_outputs(
+    detector: odapi.Detector, feed: dict[str, np.ndarray]
+) -> dict[str, np.ndarray] | None:
+    """The unmodified detector signature's raw outputs on `feed` (None when not at hand)."""
+    import tensorflow as tf
+
+    loaded = detector._loaded
+    if loaded is None:
+        return None
+    info = detector.info
+    out = loaded.signatures[info.signature_key](**{k: tf.constant(v) for k, v in feed.items()})
+    return {k: out[k].numpy() for k in (info.raw_boxes_key, info.raw_scores_key)}
+
+
+def export_for_serving(
+    detector_dir: str | os.PathLike | None,
+    postprocess_config,
+    export_root: str | os.PathLike,
+    model_name: str,
+    *,
+    version: int | None = None,
+    overwrite: bool = False,
+    warmup_images: Sequence[Any] = (),
+    container_base_path: str = "/models",
+    batching: BatchingParameters | None = None,
+    verify: bool = True,
+    signature_key: str = "serving_default",
+    input_type: odapi.InputType | None = None,
+    raw_boxes_key: str = "raw_detection_boxes",
+    raw_scores_key: str = "raw_detection_scores",
+    include_raw_outputs: bool = False,
+    encoded_image_signature: bool = True,
+    prune: bool = True,
+) -> ServingExport:
+    """Exports a detector (plus tuned post-processing) as a new TF Serving model version.
+
+    Args:
+      detector_dir: the OD API detector SavedModel; None exports a `postprocess_only` model.
+      postprocess_config: a `PostProcessConfig`, a `postprocess.json` path or its dict.
+      export_root: the directory TF Serving mounts (holds `models.config`).
+      model_name: the served model name, also the directory `export_root/<model_name>`.
+      version: the version number (>= 1); default the next free one.
+      overwrite: allow replacing an existing `version`; otherwise an existing one raises.
+      warmup_images: paths, encoded bytes or uint8 `[H, W, 3]` arrays for the warmup requests and
+        the verification; default one small generated image. Use real images from your data.
+      container_base_path: absolute path where `export_root` is mounted in the container.
+      batching: the batching parameters file content; default `BatchingParameters()` (with
+        `max_batch_size=1` when the detector's batch is fixed to 1).
+      verify: run `verify.verify_export` on the new version before it is published.
+      signature_key, input_type, raw_boxes_key, raw_scores_key, include_raw_outputs,
+      encoded_image_signature, prune: see `odapi.export_detector`.
+
+    Returns:
+      A `ServingExport`.
+
+    Raises:
+      TfcalError: bad model name, version or container path; FileExistsError: the version
+        exists and `overwrite` is False; verify.ExportVerificationError: verification failed
+        (nothing is published).
+    """
+    from tfcal.export import verify as verify_mod
+
+    _check_model_name(model_name)
+    config = odapi.load_postprocess_config(postprocess_config)
+    if not container_base_path.startswith("/"):
+        raise TfcalError(
+            f"container_base_path: must be an absolute path, got {container_base_path!r}"
+        )
+    export_root = Path(export_root)
+    model_dir = export_root / model_name
+    if version is None:
+        version = next_version(model_dir)
+    elif isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise TfcalError(f"version: must be an integer >= 1, got {version!r}")
+    version_dir = model_dir / str(version)
+    if version_dir.exists() and not overwrite:
+        raise FileExistsError(
+            f"{version_dir} already exists; pass overwrite=True to replace version {version}, "
+            f"or omit version to write {next_version(model_dir)}"
+        )
+
+    detector = None
+    if detector_dir is not None:
+        detector = odapi.load_detector(
+            detector_dir,
+            signature_key=signature_key,
+            input_type=input_type,
+            raw_boxes_key=raw_boxes_key,
+            raw_scores_key=raw_scores_key,
+            prune=prune,
+        )
+    if detector is not None:
+        images = list(warmup_images) or [default_warmup_image()]
+        feeds = [serving_input(detector.info, image) for image in images]
+        encoded = [_read_image(image)[1] for image in images]
+    else:
+        feeds = [postprocess_input(config)]
+        encoded = []
+    if batching is None:
+        fixed_one = detector is not None and detector.info.batch_size == 1
+        batching = BatchingParameters(max_batch_size=1) if fixed_one else BatchingParameters()
+
+    with atomic.directory(version_dir, overwrite=overwrite) as tmp:
+        result = odapi.save_export(
+            tmp,
+            config,
+            detector,
+            include_raw_outputs=include_raw_outputs,
+            encoded_image_signature=encoded_image_signature,
+        )
+        write_warmup_requests(tmp / "assets.extra" / WARMUP_FILE, feeds, model_name=model_name)
+        report = None
+        if verify:
+            reference_raw = _original_raw_outputs(detector, feeds[0]) if detector else None
+            report = verify_mod.verify_export(
+                tmp,
+                config,
+                feeds[0],
+                encoded_images=encoded[:1] if "encoded_image" in result.signatures else (),
+                detector=detector.info if detector else None,
+                reference_raw=reference_raw,
+            )
+            logger.info("verification passed: %s", report.summary())
+    result = dataclasses.replace(result, path=version_dir)
+    models_config = write_models_config(export_root, container_base_path)
+    batching_path = atomic.write_text(export_root / BATCHING_FILE, batching.to_text_proto())
+    logger.info("exported %s version %d to %s", model_name, version, version_dir)
+    return ServingExport(
+        model_dir=model_dir,
+        version=version,
+        version_dir=version_dir,
+        models_config=models_config,
+        batching_parameters=batching_path,
+        warmup_requests=version_dir / "assets.extra" / WARMUP_FILE,
+        export=result,
+        verification=report,
+    )
