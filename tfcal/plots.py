@@ -39,8 +39,8 @@ def _save(fig, path) -> tuple[Path, tuple[int, int]]:
     return atomic.write_bytes(path, buf.getvalue()), size
 
 
-def plot_reliability_diagram(probs, labels, path, *, probs_after=None, num_bins: int = 10,
-                             strategy: metrics.Strategy = "uniform",
+def plot_reliability_diagram(probs, labels, path, *, probs_after=None, labels_after=None,
+                             num_bins: int = 10, strategy: metrics.Strategy = "uniform",
                              title: str | None = None) -> dict[str, Any]:
     """Reliability diagram before (and optionally after) calibration, with bin-count histograms.
 
@@ -52,6 +52,8 @@ def plot_reliability_diagram(probs, labels, path, *, probs_after=None, num_bins:
       labels: `[N]` 0/1 labels.
       path: PNG file to write (atomically; parents are created).
       probs_after: optional float `[N]` calibrated probabilities for the same samples.
+      labels_after: optional 0/1 labels of `probs_after` when it holds other samples (for
+        example, each side restricted to its own scores above a floor); default `labels`.
       num_bins: default 10. strategy: {'uniform', 'quantile'}, default 'uniform'.
       title: optional figure title.
 
@@ -60,7 +62,8 @@ def plot_reliability_diagram(probs, labels, path, *, probs_after=None, num_bins:
       (`metrics.ReliabilityCurve` or None), `ece_before`, `ece_after` (or None).
     """
     before = metrics.reliability_curve(probs, labels, num_bins=num_bins, strategy=strategy)
-    after = (metrics.reliability_curve(probs_after, labels, num_bins=num_bins, strategy=strategy)
+    after = (metrics.reliability_curve(probs_after, labels if labels_after is None else labels_after,
+                                       num_bins=num_bins, strategy=strategy)
              if probs_after is not None else None)
     fig = _figure()
     gs = fig.add_gridspec(2, 1, height_ratios=(3, 1), hspace=0.08)

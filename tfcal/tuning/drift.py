@@ -70,7 +70,9 @@ def run_drift(cfg: Config, annotations: Path, images: Path, *, out: Path | None 
                                    nms_iou=(float(default_iou),), class_enabled=())
     dets = pl.postprocess_images(all_dets, prep.raw, every)
     m, _, _ = pl.match(prep, dets, every, cfg)
-    keep = ~m.ignored
+    from tfcal.tuning.evaluate import ECE_MIN_SCORE
+
+    keep = ~m.ignored & (m.score >= ECE_MIN_SCORE)  # the report's ECE definition
     ece_new = (float(expected_calibration_error(m.score[keep], m.tp[keep].astype(np.int64)))
                if keep.any() else None)
 

@@ -15,6 +15,11 @@ import numpy as np
 from tfcal.tuning import pipeline as pl
 from tfcal.tuning.report import STAT_KEYS
 
+#: ECE and reliability diagrams count detections whose score (before: raw, after: calibrated)
+#: is at least this: the near-zero tail of thousands of background boxes would otherwise make
+#: any detector look calibrated. `ece_all_detections_*` keep the unfiltered numbers.
+ECE_MIN_SCORE = 0.05
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Counts:
@@ -97,6 +102,8 @@ def holdout_report(cfg, prep, ppc, calib, found, tune_idx, holdout_idx) -> dict:
     labels = b_match.tp[keep].astype(np.int64)
     p_before = b_match.score[keep].astype(np.float64)
     p_after = _calibrated(calib, cfg, p_before, b_cols[keep])
+    # ECE counts detections a user would see: each side's own score >= ECE_MIN_SCORE.
+    seen_before, seen_after = p_before >= ECE_MIN_SCORE, p_after >= ECE_MIN_SCORE
 
     # After: the exact serving post-processing.
     final = pl.postprocess_images(ppc, prep.raw, holdout_idx)
@@ -137,8 +144,14 @@ def holdout_report(cfg, prep, ppc, calib, found, tune_idx, holdout_idx) -> dict:
     summary = {
         "coco_stats_before": coco_stats(prep.dataset, before_coco, image_ids=holdout_ids),
         "coco_stats_after": coco_stats(prep.dataset, final_coco, image_ids=holdout_ids),
-        "ece_before": _maybe(expected_calibration_error, p_before, labels),
-        "ece_after": _maybe(expected_calibration_error, p_after, labels),
+        "ece_before": _maybe(expected_calibration_error, p_before[seen_before],
+                             labels[seen_before]),
+        "ece_after": _maybe(expected_calibration_error, p_after[seen_after], labels[seen_after]),
+        "ece_min_score": ECE_MIN_SCORE,
+        "ece_samples_before": int(seen_before.sum()),
+        "ece_samples_after": int(seen_after.sum()),
+        "ece_all_detections_before": _maybe(expected_calibration_error, p_before, labels),
+        "ece_all_detections_after": _maybe(expected_calibration_error, p_after, labels),
         "brier_before": _maybe(brier_score, p_before, labels),
         "brier_after": _maybe(brier_score, p_after, labels),
         "calibration_samples": int(labels.size),
@@ -148,7 +161,7 @@ def holdout_report(cfg, prep, ppc, calib, found, tune_idx, holdout_idx) -> dict:
                                    "calibration": "none"},
     }
     subgroups = _subgroups(cfg, prep, holdout_idx, f_match, f_cols, enabled_cols, b_match,
-                           keep, p_after, labels)
+                           keep, p_after, labels, seen_after)
     notes = _notes(cfg, prep, classes, calib)
     t = cfg.tuning
     report = {
@@ -170,7 +183,8 @@ def holdout_report(cfg, prep, ppc, calib, found, tune_idx, holdout_idx) -> dict:
         "subgroups": subgroups,
         "notes": notes,
         "provenance": dict(ppc.metadata),
-        "curves": _curves(prep, found, classes, p_before, p_after, labels),
+        "curves": _curves(prep, found, classes, p_before, p_after, labels, seen_before,
+                          seen_after),
     }
     return pl.jsonable(report)
 
@@ -197,7 +211,7 @@ def _fallback_ids(calib, prep) -> list[int]:
 
 
 def _subgroups(cfg, prep, holdout_idx, f_match, f_cols, enabled_cols, b_match, keep, p_after,
-               labels) -> list[dict]:
+               labels, seen_after) -> list[dict]:
     from tfcal.metrics import expected_calibration_error
 
     out = []
@@ -218,7 +232,7 @@ def _subgroups(cfg, prep, holdout_idx, f_match, f_cols, enabled_cols, b_match, k
             n_gt = int((gt_cols & np.isin(prep.dataset.ann_category_ids,
                                           prep.mapping.category_ids)).sum())
             block = _precision_block(tp, fp, n_gt - tp)
-            bm = np.isin(b_match.image_id[keep], ids)
+            bm = np.isin(b_match.image_id[keep], ids) & seen_after
             ece = (float(expected_calibration_error(p_after[bm], labels[bm]))
                    if bm.any() else None)
             if objective == "precision_target":
@@ -258,7 +272,7 @@ def _notes(cfg, prep, classes, calib) -> list[str]:
     return notes
 
 
-def _curves(prep, found, classes, p_before, p_after, labels) -> dict:
+def _curves(prep, found, classes, p_before, p_after, labels, seen_before, seen_after) -> dict:
     by_support = sorted((c for c in classes if c["enabled"] and c["tune"]["num_gt"] > 0),
                         key=lambda c: -c["tune"]["num_gt"])[:pl.PLOTTED_CLASSES]
     grid = list(found.nms_iou_grid)
@@ -284,9 +298,11 @@ def _curves(prep, found, classes, p_before, p_after, labels) -> dict:
                               np.nansum(np.where(feasible, sub, 0.0), axis=1)
                               / np.maximum(feasible.sum(axis=1), 1), np.nan)
     return {
-        "reliability": {"confidence_before": p_before.tolist(),
-                        "confidence_after": p_after.tolist(), "label": labels.tolist(),
-                        "num_bins": 10} if labels.size else None,
+        "reliability": {"confidence_before": p_before[seen_before].tolist(),
+                        "label_before": labels[seen_before].tolist(),
+                        "confidence_after": p_after[seen_after].tolist(),
+                        "label_after": labels[seen_after].tolist(),
+                        "num_bins": 10} if seen_before.any() and seen_after.any() else None,
         "classes": out_classes,
         "iou_grid": {"nms_iou": grid,
                      "classes reaching the target (fraction)": feasible.mean(axis=1).tolist(),

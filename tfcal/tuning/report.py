@@ -70,8 +70,10 @@ def render_markdown(report: dict) -> str:
         + (" per class" if report["calibration"].get("per_class") else " pooled")
         + (f"; pooled fallback for {len(report['calibration']['fallback_classes'])} classes"
            if report["calibration"].get("fallback_classes") else "") + ".",
-        f"- ECE (holdout detections): {_fmt(s.get('ece_before'))} before, "
-        f"{_fmt(s.get('ece_after'))} after calibration. Brier {_fmt(s.get('brier_before'))} -> "
+        f"- ECE (holdout detections scoring >= {s.get('ece_min_score', 0)}): "
+        f"{_fmt(s.get('ece_before'))} before, {_fmt(s.get('ece_after'))} after calibration "
+        f"(all detections: {_fmt(s.get('ece_all_detections_before'))} -> "
+        f"{_fmt(s.get('ece_all_detections_after'))}). Brier {_fmt(s.get('brier_before'))} -> "
         f"{_fmt(s.get('brier_after'))}.",
         f"- Holdout at the chosen thresholds: TP {s['holdout']['tp']}, FP {s['holdout']['fp']}, "
         f"FN {s['holdout']['fn']}; precision {_fmt(s['holdout']['precision'])}, "
@@ -164,8 +166,9 @@ def write_plots(report: dict, plots_dir: Path) -> dict[str, str]:
     rd = curves.get("reliability")
     if rd:
         plots.plot_reliability_diagram(
-            rd["confidence_before"], rd["label"], plots_dir / "reliability.png",
-            probs_after=rd["confidence_after"], num_bins=rd.get("num_bins", 10),
+            rd["confidence_before"], rd["label_before"], plots_dir / "reliability.png",
+            probs_after=rd["confidence_after"], labels_after=rd["label_after"],
+            num_bins=rd.get("num_bins", 10),
             title="Holdout detections: reliability before and after calibration")
         out["Reliability diagram (before and after calibration)"] = str(rel / "reliability.png")
     for c in curves.get("classes", []):
