@@ -26,6 +26,7 @@ ScoreConverter = Literal["sigmoid", "softmax", "identity"]
 CalibrationMethod = Literal["temperature", "platt", "isotonic", "none"]
 Objective = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
 OnUnreachable = Literal["disable", "best_effort", "error"]
+ConfidenceBudget = Literal["per_class", "bonferroni"]
 
 
 def _check(predicate, message):
@@ -117,6 +118,7 @@ class TuningConfig:
     c_fn: float = dataclasses.field(default=1.0, metadata=_check(_positive, "must be > 0"))
     confidence: float | None = dataclasses.field(
         default=None, metadata=_check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"))
+    confidence_budget: ConfidenceBudget = "per_class"
     match_iou: float = dataclasses.field(
         default=0.5, metadata=_check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"))
     nms_iou_grid: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)

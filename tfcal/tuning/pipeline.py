@@ -347,7 +347,8 @@ def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
                                          ignored=result.ignored, num_gt=num_gt)
     objective, overrides = _objectives(cfg, prep)
     return joint_search(matched, objective, overrides=overrides,
-                        default_nms_iou=t.default_nms_iou, min_support=t.min_support)
+                        default_nms_iou=t.default_nms_iou, min_support=t.min_support,
+                        confidence_budget=t.confidence_budget)
 
 
 @dataclasses.dataclass(frozen=True)
