@@ -77,6 +77,8 @@ class DataConfig:
     holdout_fraction: float = dataclasses.field(
         default=0.3, metadata=_check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"))
     seed: int = 0
+    kfold: int | None = dataclasses.field(
+        default=None, metadata=_check(lambda v: v >= 2, "must be >= 2 (or null for a holdout split)"))
     subgroups: tuple[str, ...] = ()
 
 

@@ -82,33 +82,71 @@ def _downsample(*arrays, n=pl.CURVE_POINTS):
     return [a[idx].tolist() for a in arrays]
 
 
-def holdout_report(cfg, prep, ppc, calib, found, tune_idx, holdout_idx) -> dict:
-    """Builds report.json's content. See `tfcal.tuning.report` for the schema."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class HoldoutEvidence:
+    """Detections of evaluated images, each made by parameters not tuned on that image.
+
+    Attributes:
+      before: the default post-processing (no calibration, score > 1e-8, default IoU).
+      before_calibrated: float32 `[len(before)]`: each `before` score after the calibration
+        that was fitted without its image.
+      final: the tuned serving post-processing.
+    """
+
+    before: "pl.FlatDetections"
+    before_calibrated: np.ndarray
+    final: "pl.FlatDetections"
+
+    @classmethod
+    def concat(cls, parts: list["HoldoutEvidence"]) -> "HoldoutEvidence":
+        def cat(dets):
+            return pl.FlatDetections(*(np.concatenate([getattr(d, f) for d in dets])
+                                       for f in ("image_index", "column", "score", "boxes")))
+        return cls(cat([p.before for p in parts]),
+                   np.concatenate([p.before_calibrated for p in parts]),
+                   cat([p.final for p in parts]))
+
+
+def collect_evidence(cfg, prep, ppc, calib, default_iou: float, idx) -> HoldoutEvidence:
+    """Runs the default and the tuned post-processing over the images `idx`."""
+    before_ppc = pl._base_postprocess_config(
+        cfg, prep, nms_iou=(default_iou,), min_score_thresh=(pl.ODAPI_DEFAULT_SCORE_THRESH,))
+    before = pl.postprocess_images(before_ppc, prep.raw, idx)
+    return HoldoutEvidence(before, _calibrated(calib, cfg, before.score, before.column),
+                           pl.postprocess_images(ppc, prep.raw, idx))
+
+
+def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
+                   evidence: HoldoutEvidence) -> dict:
+    """Builds report.json's content. See `tfcal.tuning.report` for the schema.
+
+    Args:
+      cfg, prep: the job.
+      ppc, calib, found: the deployed post-processing, its calibration and search result.
+      split: what `report["split"]` says about how `evidence` was produced.
+      eval_idx: the evaluated images (holdout, or every image under k-fold).
+      evidence: their detections, each from parameters tuned without that image.
+    """
     from tfcal.coco.evaluation import coco_stats
     from tfcal.metrics import brier_score, expected_calibration_error
 
     k = prep.num_classes
-    holdout_ids = prep.dataset.image_ids[holdout_idx]
+    eval_ids = prep.dataset.image_ids[eval_idx]
     objective, overrides = pl._objectives(cfg, prep)
 
-    # Before: the OD API default (no calibration, score > 1e-8, one IoU, same detection caps).
-    before_ppc = pl._base_postprocess_config(
-        cfg, prep, nms_iou=(found.default_nms_iou,),
-        min_score_thresh=(pl.ODAPI_DEFAULT_SCORE_THRESH,))
-    before = pl.postprocess_images(before_ppc, prep.raw, holdout_idx)
-    before_coco, _ = pl.to_coco_detections(before, prep)
-    b_match, b_cols, num_gt = pl.match(prep, before, holdout_idx, cfg)
+    before = evidence.before
+    before_coco, mapped = pl.to_coco_detections(before, prep)
+    b_match, b_cols, num_gt = pl.match(prep, before, eval_idx, cfg)
     keep = ~b_match.ignored
     labels = b_match.tp[keep].astype(np.int64)
     p_before = b_match.score[keep].astype(np.float64)
-    p_after = _calibrated(calib, cfg, p_before, b_cols[keep])
+    p_after = evidence.before_calibrated[mapped][b_match.det_index][keep].astype(np.float64)
     # ECE counts detections a user would see: each side's own score >= ECE_MIN_SCORE.
     seen_before, seen_after = p_before >= ECE_MIN_SCORE, p_after >= ECE_MIN_SCORE
 
     # After: the exact serving post-processing.
-    final = pl.postprocess_images(ppc, prep.raw, holdout_idx)
-    final_coco, _ = pl.to_coco_detections(final, prep)
-    f_match, f_cols, _ = pl.match(prep, final, holdout_idx, cfg)
+    final_coco, _ = pl.to_coco_detections(evidence.final, prep)
+    f_match, f_cols, _ = pl.match(prep, evidence.final, eval_idx, cfg)
     counts = Counts.from_match(f_match, f_cols, num_gt, k)
 
     classes = []
@@ -134,16 +172,14 @@ def holdout_report(cfg, prep, ppc, calib, found, tune_idx, holdout_idx) -> dict:
             entry["temperature"] = float(calib.temperature[col])
         classes.append(entry)
 
-    enabled_cols = np.array([c["column"] for c in classes if c["enabled"]], dtype=np.int64)
     # Recall counts every category's ground truth: a disabled class's objects are misses.
     mapped_cols = np.array([c["column"] for c in classes], dtype=np.int64)
-    total = _precision_block(int(counts.tp[enabled_cols].sum()),
-                             int(counts.fp[enabled_cols].sum()),
+    total = _precision_block(int(counts.tp[mapped_cols].sum()), int(counts.fp[mapped_cols].sum()),
                              int(counts.fn[mapped_cols].sum()))
 
     summary = {
-        "coco_stats_before": coco_stats(prep.dataset, before_coco, image_ids=holdout_ids),
-        "coco_stats_after": coco_stats(prep.dataset, final_coco, image_ids=holdout_ids),
+        "coco_stats_before": coco_stats(prep.dataset, before_coco, image_ids=eval_ids),
+        "coco_stats_after": coco_stats(prep.dataset, final_coco, image_ids=eval_ids),
         "ece_before": _maybe(expected_calibration_error, p_before[seen_before],
                              labels[seen_before]),
         "ece_after": _maybe(expected_calibration_error, p_after[seen_after], labels[seen_after]),
@@ -160,8 +196,8 @@ def holdout_report(cfg, prep, ppc, calib, found, tune_idx, holdout_idx) -> dict:
                                    "score_threshold": pl.ODAPI_DEFAULT_SCORE_THRESH,
                                    "calibration": "none"},
     }
-    subgroups = _subgroups(cfg, prep, holdout_idx, f_match, f_cols, enabled_cols, b_match,
-                           keep, p_after, labels, seen_after)
+    subgroups = _subgroups(cfg, prep, eval_idx, f_match, b_match, keep, p_after, labels,
+                           seen_after)
     notes = _notes(cfg, prep, classes, calib)
     t = cfg.tuning
     report = {
@@ -172,8 +208,7 @@ def holdout_report(cfg, prep, ppc, calib, found, tune_idx, holdout_idx) -> dict:
                    "nms_iou_grid": list(t.nms_iou_grid),
                    "default_nms_iou": found.default_nms_iou,
                    "on_unreachable": t.on_unreachable},
-        "split": {"tune_images": int(len(tune_idx)), "holdout_images": int(len(holdout_idx)),
-                  "holdout_fraction": cfg.data.holdout_fraction, "seed": cfg.data.seed},
+        "split": split,
         "calibration": {"method": cfg.calibration.method, "per_class": cfg.calibration.per_class,
                         "min_samples": cfg.calibration.min_samples,
                         "fallback_classes": _fallback_ids(calib, prep)},
@@ -210,13 +245,12 @@ def _fallback_ids(calib, prep) -> list[int]:
     return [int(ids[c]) for c in calib.fallback_classes if ids[c] >= 0]
 
 
-def _subgroups(cfg, prep, holdout_idx, f_match, f_cols, enabled_cols, b_match, keep, p_after,
-               labels, seen_after) -> list[dict]:
+def _subgroups(cfg, prep, holdout_idx, f_match, b_match, keep, p_after, labels,
+               seen_after) -> list[dict]:
     from tfcal.metrics import expected_calibration_error
 
     out = []
     images = prep.dataset.dataset["images"]
-    on = np.isin(f_cols, enabled_cols)
     gt_mask = ~prep.dataset.ann_iscrowd
     objective = cfg.tuning.objective
     for field in cfg.data.subgroups:
@@ -225,7 +259,7 @@ def _subgroups(cfg, prep, holdout_idx, f_match, f_cols, enabled_cols, b_match, k
             values.setdefault(str(images[r][field]), []).append(int(prep.dataset.image_ids[r]))
         for value, ids in sorted(values.items()):
             ids = np.array(ids, dtype=np.int64)
-            fm = np.isin(f_match.image_id, ids) & on
+            fm = np.isin(f_match.image_id, ids)
             tp = int(f_match.tp[fm].sum())
             fp = int(f_match.fp[fm].sum())
             gt_cols = np.isin(prep.dataset.ann_image_ids, ids) & gt_mask

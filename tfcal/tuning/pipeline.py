@@ -385,37 +385,65 @@ def _f(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def run_tune(cfg: Config, *, export: bool = True) -> TuneResult:
-    """`tfcal tune`: the whole job. See the module docstring."""
-    from tfcal.tuning.split import split_images
-
-    prep = prepare(cfg)
-    presence = _class_presence(prep)
-    tune_ids, holdout_ids = split_images(prep.dataset.image_ids, presence,
-                                         holdout_fraction=cfg.data.holdout_fraction,
-                                         seed=cfg.data.seed)
-    tune_idx = np.sort(prep.dataset.image_index(tune_ids))
-    holdout_idx = np.sort(prep.dataset.image_index(holdout_ids))
-    log.info("split: %d tune images, %d holdout images", len(tune_idx), len(holdout_idx))
+def tune_on(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
+    """Calibration fit and search on the images `tune_idx`; returns (calib, found, ppc)."""
     calib = fit_calibration(cfg, prep, tune_idx)
     if calib is not None:
-        log.info("calibration: %s fitted on the tune split (%d classes shrunk toward the pooled "
-                 "fit)", calib.method, len(calib.fallback_classes))
+        log.info("calibration: %s fitted on %d images (%d classes shrunk toward the pooled "
+                 "fit)", calib.method, len(tune_idx), len(calib.fallback_classes))
     found = search(cfg, prep, calib, tune_idx)
     log.info("search: %d classes ok, %d unreachable, %d insufficient data",
              *(sum(c.status == s for c in found.classes)
                for s in ("ok", "unreachable", "insufficient_data")))
-    ppc = _base_postprocess_config(
-        cfg, prep, **_calibration_fields(calib), **found.postprocess_fields(),
-        metadata=_provenance(cfg, prep, found))
-    from tfcal.tuning.evaluate import holdout_report
+    ppc = _base_postprocess_config(cfg, prep, **_calibration_fields(calib),
+                                   **found.postprocess_fields())
+    return calib, found, ppc
 
-    log.info("final check: the serving post-processing on %d holdout images", len(holdout_idx))
-    report = holdout_report(cfg, prep, ppc, calib, found, tune_idx, holdout_idx)
-    run_dir = cfg.output.dir
+
+def run_tune(cfg: Config, *, export: bool = True) -> TuneResult:
+    """`tfcal tune`: the whole job. See the module docstring.
+
+    With `data.kfold: k`, every image is evaluated once, by parameters tuned on the other
+    k - 1 folds; the deployed parameters are then tuned on all images.
+    """
+    from tfcal.tuning.evaluate import HoldoutEvidence, collect_evidence, holdout_report
     from tfcal.tuning.report import write_report
+    from tfcal.tuning.split import kfold, split_images
 
-    ppc = dataclasses.replace(ppc, metadata={**ppc.metadata, "report_summary": _short(report)})
+    prep = prepare(cfg)
+    presence = _class_presence(prep)
+    ids = prep.dataset.image_ids
+    if cfg.data.kfold:
+        k = cfg.data.kfold
+        parts = []
+        for fold, (fold_tune, fold_eval) in enumerate(kfold(ids, presence, k, cfg.data.seed)):
+            log.info("fold %d/%d: tune on %d images, evaluate %d", fold + 1, k, len(fold_tune),
+                     len(fold_eval))
+            f_idx = np.sort(prep.dataset.image_index(fold_eval))
+            f_calib, f_found, f_ppc = tune_on(cfg, prep, np.sort(prep.dataset.image_index(fold_tune)))
+            parts.append(collect_evidence(cfg, prep, f_ppc, f_calib, f_found.default_nms_iou, f_idx))
+        evidence = HoldoutEvidence.concat(parts)
+        eval_idx = np.arange(prep.dataset.num_images)
+        calib, found, ppc = tune_on(cfg, prep, eval_idx)
+        split = {"mode": "kfold", "k": k, "seed": cfg.data.seed,
+                 "tune_images": int(len(ids)), "holdout_images": int(len(ids))}
+    else:
+        tune_ids, holdout_ids = split_images(ids, presence,
+                                             holdout_fraction=cfg.data.holdout_fraction,
+                                             seed=cfg.data.seed)
+        tune_idx = np.sort(prep.dataset.image_index(tune_ids))
+        eval_idx = np.sort(prep.dataset.image_index(holdout_ids))
+        log.info("split: %d tune images, %d holdout images", len(tune_idx), len(eval_idx))
+        calib, found, ppc = tune_on(cfg, prep, tune_idx)
+        log.info("final check: the serving post-processing on %d holdout images", len(eval_idx))
+        evidence = collect_evidence(cfg, prep, ppc, calib, found.default_nms_iou, eval_idx)
+        split = {"mode": "holdout", "holdout_fraction": cfg.data.holdout_fraction,
+                 "seed": cfg.data.seed, "tune_images": int(len(tune_idx)),
+                 "holdout_images": int(len(eval_idx))}
+    ppc = ppc.replace(metadata=_provenance(cfg, prep, found))
+    report = holdout_report(cfg, prep, ppc, calib, found, split, eval_idx, evidence)
+    run_dir = cfg.output.dir
+    ppc = ppc.replace(metadata={**ppc.metadata, "report_summary": _short(report)})
     postprocess_path = run_dir / "postprocess.json"
     run_dir.mkdir(parents=True, exist_ok=True)
     ppc.save(postprocess_path)

@@ -64,8 +64,7 @@ def render_markdown(report: dict) -> str:
         target += f" (recall >= {t['target_recall']})"
     lines += [
         f"- Target: {target}; match IoU {t['match_iou']}; NMS IoU grid {t['nms_iou_grid']}.",
-        f"- Images: {report['split']['tune_images']} tune (calibration and search), "
-        f"{report['split']['holdout_images']} holdout (every number below).",
+        _split_text(report["split"]),
         f"- Calibration: {report['calibration']['method']}"
         + (" per class" if report["calibration"].get("per_class") else " pooled")
         + (f"; pooled fallback for {len(report['calibration']['fallback_classes'])} classes"
@@ -135,6 +134,15 @@ def render_markdown(report: dict) -> str:
               f"- data fingerprint `{p['data_fingerprint']}`",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def _split_text(split: dict) -> str:
+    if split.get("mode") == "kfold":
+        return (f"- Images: {split['tune_images']}, {split['k']}-fold: every number below is "
+                "out-of-fold (each image evaluated by parameters tuned on the other folds); the "
+                "deployed parameters are tuned on all images.")
+    return (f"- Images: {split['tune_images']} tune (calibration and search), "
+            f"{split['holdout_images']} holdout (every number below).")
 
 
 def _calibration_text(cal: dict | None) -> str:
