@@ -28,7 +28,7 @@ from typing import Any, Literal, Mapping
 
 import numpy as np
 
-from tfcal import atomic
+from tfcal import TfcalError, atomic
 
 ScoreConverter = Literal["sigmoid", "softmax", "identity"]
 Calibration = Literal["none", "temperature", "platt", "piecewise_linear"]
@@ -255,8 +255,10 @@ class PostProcessConfig:
         path = Path(path)
         try:
             return cls.from_json(path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        except OSError as e:
+            raise TfcalError(f"{path}: cannot read: {e.strerror or e}") from None
+        except ValueError as e:  # a file users may edit: a boundary, so a TfcalError
+            raise TfcalError(f"{path}: {e}") from None
 
     def replace(self, **changes) -> "PostProcessConfig":
         """A validated copy with `changes` applied."""
