@@ -1,11 +1,18 @@
-"""Tests for tfcal.coco.cache: precomputed raw outputs, box conversion, atomic npz writes."""
+"""Tests for tfcal.coco.cache: precomputed raw outputs, box conversion, atomic npz writes, and
+the memory-mapped cache directory (layout, validation on load, atomic and interrupted writes)."""
+
+import json
+import os
+import re
 
 import numpy as np
 import pytest
 
 from tfcal import TfcalError, TfcalWarning
-from tfcal.coco.cache import (RawOutputs, load_cache, load_raw_outputs, normalized_to_coco_xywh,
-                              save_cache, save_npz_atomic)
+from tfcal.coco import cache as cache_lib
+from tfcal.coco.cache import (RawOutputs, RawOutputsWriter, cache_path, load_cache,
+                              load_raw_outputs, normalized_to_coco_xywh, save_cache,
+                              save_npz_atomic)
 from tfcal.coco.dataset import load_coco
 
 from .cocogen import make_gt, write_json
@@ -89,18 +96,220 @@ def test_normalized_to_coco_xywh():
     np.testing.assert_allclose(out, [[[20.0, 20.0, 40.0, 80.0]]])
 
 
-def test_cache_round_trip_and_rejections(tmp_path, dataset):
-    a = _arrays(dataset)
-    raw = RawOutputs(a["image_ids"], a["boxes"], a["scores"], dataset.image_heights,
-                     dataset.image_widths, "f" * 64, "m" * 64, "d" * 64)
-    path = save_cache(tmp_path / "c" / "raw.npz", raw)
-    back = load_cache(path, "f" * 64, dataset, num_score_columns=4)
+FP = "f" * 64
+
+
+def _raw(ds, seed=0, **kw):
+    a = _arrays(ds, seed, **kw)
+    return RawOutputs(a["image_ids"], a["boxes"], a["scores"], ds.image_heights,
+                      ds.image_widths, FP, "m" * 64, "d" * 64)
+
+
+def _writer(path, ds, **kw):
+    return RawOutputsWriter(path, image_ids=ds.image_ids, image_heights=ds.image_heights,
+                            image_widths=ds.image_widths, fingerprint=FP, **kw)
+
+
+def _siblings(folder):
+    """Names in `folder` other than the finished cache directories."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("raw_outputs-"))
+
+
+def test_cache_layout_and_round_trip(tmp_path, dataset):
+    raw = _raw(dataset)
+    path = save_cache(cache_path(tmp_path / "c", FP), raw)
+    assert path.name == "raw_outputs-ffffffffffffffff"
+    assert sorted(p.name for p in path.iterdir()) == ["boxes.npy", "meta.json", "scores.npy"]
+    assert _siblings(path.parent) == []  # no temporary left
+    meta = json.loads((path / "meta.json").read_text())
+    assert (meta["format"], meta["version"], meta["finite"]) == ("tfcal-raw-outputs", 2, True)
+    assert meta["image_ids"] == dataset.image_ids.tolist()
+    assert meta["arrays"]["scores"]["shape"] == [4, 5, 4]
+    np.testing.assert_array_equal(np.load(path / "scores.npy"), raw.scores)  # plain .npy files
+
+    back = load_cache(path, FP, dataset, num_score_columns=4)
+    assert isinstance(back.scores, np.memmap) and not back.scores.flags.writeable
+    np.testing.assert_array_equal(back.boxes, raw.boxes)
     np.testing.assert_array_equal(back.scores, raw.scores)
     assert (back.model_fingerprint, back.data_fingerprint) == ("m" * 64, "d" * 64)
-    assert load_cache(path, "e" * 64, dataset) is None  # stale
-    assert load_cache(path, "f" * 64, dataset, num_score_columns=5) is None  # wrong columns
-    assert load_cache(tmp_path / "none.npz", "f" * 64, dataset) is None  # absent
-    other = RawOutputs(a["image_ids"][::-1].copy(), a["boxes"], a["scores"],
-                       dataset.image_heights, dataset.image_widths, "f" * 64)
-    save_cache(path, other)
-    assert load_cache(path, "f" * 64, dataset) is None  # rows not in the dataset's order
+    rows = back.scores[np.array([3, 1])]  # fancy indexing: an in-memory copy of those rows
+    assert type(rows) is np.ndarray and rows.flags.writeable
+    np.testing.assert_array_equal(rows, raw.scores[[3, 1]])
+    assert load_cache(path, FP, dataset, full_check=True) is not None
+
+
+def test_cache_rejections(tmp_path, dataset, caplog):
+    path = save_cache(tmp_path / "raw", _raw(dataset))
+    assert load_cache(path, "e" * 64, dataset) is None
+    assert "stale raw-output cache" in caplog.text
+    assert load_cache(path, FP, dataset, num_score_columns=5) is None
+    assert "expected 5 score columns" in caplog.text
+    assert load_cache(tmp_path / "none", FP, dataset) is None  # absent
+    a = _arrays(dataset)
+    save_cache(path, RawOutputs(a["image_ids"][::-1].copy(), a["boxes"], a["scores"],
+                                dataset.image_heights, dataset.image_widths, FP))
+    assert load_cache(path, FP, dataset) is None  # rows not in the dataset's order
+    assert "image_ids: differ from the dataset's" in caplog.text
+
+
+def _edit_meta(path, **fields):
+    """Rewrites meta.json with `fields` and a matching checksum (a consistent but wrong file)."""
+    meta = json.loads((path / "meta.json").read_text())
+    meta.update(fields)
+    del meta["meta_sha256"]
+    meta["meta_sha256"] = cache_lib._meta_checksum(meta)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def _truncate(path, name):
+    data = (path / name).read_bytes()
+    (path / name).write_bytes(data[: len(data) - 7])
+
+
+def _wrong_header(path):
+    np.save(path / "scores.npy", np.zeros((4, 5, 3), np.float32))
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (lambda p: _truncate(p, "scores.npy"), r"scores\.npy: \d+ bytes, expected \d+"),
+    (lambda p: _truncate(p, "boxes.npy"), r"boxes\.npy: \d+ bytes, expected"),
+    (lambda p: (p / "boxes.npy").open("ab").write(b"\0" * 8), r"boxes\.npy: \d+ bytes"),
+    (lambda p: (p / "scores.npy").write_bytes(b""), r"scores\.npy: bad \.npy header"),
+    (lambda p: (p / "scores.npy").unlink(), r"scores\.npy: missing"),
+    (lambda p: (p / "meta.json").unlink(), r"meta\.json: missing"),
+    (lambda p: (p / "meta.json").write_text("{"), r"meta\.json: not JSON"),
+    (lambda p: (p / "meta.json").write_text(
+        (p / "meta.json").read_text().replace('"num_images": 4', '"num_images": 5')),
+     r"meta\.json: meta_sha256 does not match"),
+    (_wrong_header, r"scores\.npy: header says <f4 \[4, 5, 3\]"),
+    (lambda p: _edit_meta(p, finite=False), r"finite: must be true"),
+    (lambda p: _edit_meta(p, version=1), r"version 1, expected 'tfcal-raw-outputs' version 2"),
+    (lambda p: _edit_meta(p, image_widths=[1, 2, 3, 4]), r"image_heights/image_widths: differ"),
+    (lambda p: _edit_meta(p, arrays={}), r"meta\.json: malformed \(KeyError"),
+])
+def test_corrupt_cache_is_not_trusted(tmp_path, dataset, caplog, corrupt, message):
+    path = save_cache(tmp_path / "raw", _raw(dataset))
+    corrupt(path)
+    assert load_cache(path, FP, dataset) is None
+    assert "corrupt raw-output cache" in caplog.text
+    assert re.search(message, caplog.text), caplog.text
+
+
+def test_data_bytes_are_checked_only_by_full_check(tmp_path, dataset, caplog):
+    # The documented trade-off: a same-length change of the data is not seen by the default
+    # (cheap) checks; full_check rehashes the data and rescans it for NaN/inf.
+    path = save_cache(tmp_path / "raw", _raw(dataset))
+    header = json.loads((path / "meta.json").read_text())["arrays"]["scores"]["header_bytes"]
+    with open(path / "scores.npy", "r+b") as f:
+        f.seek(header + 4 * 7)
+        f.write(np.float32(0.123).tobytes())
+    assert load_cache(path, FP, dataset) is not None
+    assert load_cache(path, FP, dataset, full_check=True) is None
+    assert "scores.npy: data sha256 differs" in caplog.text
+    with open(path / "scores.npy", "r+b") as f:
+        f.seek(header + 4 * 7)
+        f.write(np.float32(np.nan).tobytes())
+    assert load_cache(path, FP, dataset, full_check=True) is None
+    assert "scores.npy: non-finite values" in caplog.text
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_interrupted_write_leaves_no_cache(tmp_path, dataset, error):
+    raw = _raw(dataset)
+    path = tmp_path / "c" / "raw_outputs-ffffffffffffffff"
+    with pytest.raises(error):
+        with _writer(path, dataset) as writer:
+            writer.append(raw.boxes[:2], raw.scores[:2])
+            assert len(_siblings(path.parent)) == 1  # the temporary directory
+            raise error("interrupted")
+    assert not path.exists() and _siblings(path.parent) == []
+    with _writer(path, dataset) as writer:  # leaving the block without commit: no cache either
+        writer.append(raw.boxes[:2], raw.scores[:2])
+    assert not path.exists() and _siblings(path.parent) == []
+
+
+def test_writer_rejects_bad_batches(tmp_path, dataset):
+    raw = _raw(dataset)
+    with _writer(tmp_path / "raw", dataset) as writer:
+        bad = raw.scores[:1].copy()
+        bad[0, 2, 1] = np.inf
+        with pytest.raises(ValueError, match=r"scores: non-finite value inf at \[0, 2, 1\]"):
+            writer.append(raw.boxes[:1], bad)
+        writer.append(raw.boxes[:1], raw.scores[:1])
+        with pytest.raises(ValueError, match=r"rows must be \[5, 4\] and \[5, 4\]"):
+            writer.append(raw.boxes[1:2, :3], raw.scores[1:2, :3])
+        with pytest.raises(ValueError, match="must be \\[B, N, 4\\]"):
+            writer.append(raw.boxes[1:2, :, :3], raw.scores[1:2])
+        with pytest.raises(ValueError, match="5 rows written for 4 images"):
+            writer.append(raw.boxes, raw.scores)
+        with pytest.raises(ValueError, match="1 of 4 rows written"):
+            writer.commit()
+    assert not (tmp_path / "raw").exists()
+
+
+def test_commit_replaces_an_old_cache_and_the_legacy_npz(tmp_path, dataset):
+    folder = tmp_path / "c"
+    path = folder / "raw_outputs-ffffffffffffffff"
+    save_cache(path, _raw(dataset, seed=1))
+    (path / "scores.npy").write_bytes(b"junk")  # a corrupt cache being recomputed
+    legacy = folder / "raw_outputs-ffffffffffffffff.npz"
+    legacy.write_bytes(b"old format")
+    raw = _raw(dataset, seed=2)
+    save_cache(path, raw)
+    np.testing.assert_array_equal(load_cache(path, FP, dataset).scores, raw.scores)
+    assert not legacy.exists() and _siblings(folder) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="stale temporaries are found by process id")
+def test_stale_temporaries_are_ignored_then_removed(tmp_path, dataset):
+    folder = tmp_path / "c"
+    host = cache_lib._host()
+    dead = 4194304 + 17  # above Linux's largest pid_max (2**22): no such process
+    stale = [folder / f".raw_outputs-0123456789abcdef.tmp-{host}-{dead}-abc_12",
+             folder / f".raw_outputs-ffffffffffffffff.old-{host}-{dead}-9f8e"]
+    kept = [folder / f".raw_outputs-ffffffffffffffff.tmp-{host}-{os.getppid()}-x1",  # alive
+            folder / f".raw_outputs-ffffffffffffffff.tmp-otherhost-{dead}-x2",  # other host
+            folder / "notes"]
+    for p in stale + kept:
+        p.mkdir(parents=True)
+        (p / "scores.npy").write_bytes(b"half")
+    path = folder / "raw_outputs-ffffffffffffffff"
+    assert load_cache(path, FP, dataset) is None  # readers never look at temporaries
+    save_cache(path, _raw(dataset))
+    assert _siblings(folder) == sorted(p.name for p in kept)
+
+
+def test_in_memory_writer(dataset):
+    raw = _raw(dataset)
+    with _writer(None, dataset, model_fingerprint="m" * 64) as writer:
+        writer.append(raw.boxes[:3], raw.scores[:3])
+        writer.append(raw.boxes[3:], raw.scores[3:])
+        back = writer.commit()
+    assert type(back.scores) is np.ndarray
+    np.testing.assert_array_equal(back.scores, raw.scores)
+    assert (back.fingerprint, back.model_fingerprint) == (FP, "m" * 64)
+
+
+def test_no_images(tmp_path, dataset):
+    empty = dataset.image_ids[:0]
+    with RawOutputsWriter(tmp_path / "raw", image_ids=empty, image_heights=empty,
+                          image_widths=empty) as writer:
+        raw = writer.commit()
+    assert raw.boxes.shape == (0, 0, 4) and raw.scores.shape == (0, 0, 0)
+
+
+def test_cache_directory_as_precomputed_outputs(tmp_path, dataset):
+    raw = _raw(dataset)
+    path = save_cache(tmp_path / "raw", raw)
+    back = load_raw_outputs(path, dataset, num_score_columns=4)
+    assert isinstance(back.scores, np.memmap)  # same images in the same order: mapped
+    np.testing.assert_array_equal(back.scores, raw.scores)
+    assert back.model_fingerprint == "m" * 64 and len(back.fingerprint) == 64
+    perm = np.array([2, 0, 3, 1])
+    save_cache(path, RawOutputs(raw.image_ids[perm], raw.boxes[perm], raw.scores[perm],
+                                raw.image_heights[perm], raw.image_widths[perm], FP))
+    back = load_raw_outputs(path, dataset)
+    np.testing.assert_array_equal(back.scores, raw.scores)  # rows put in the dataset's order
+    _truncate(path, "scores.npy")
+    with pytest.raises(TfcalError, match=r"raw: scores\.npy: \d+ bytes, expected"):
+        load_raw_outputs(path, dataset)

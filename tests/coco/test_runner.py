@@ -1,8 +1,10 @@
 """Tests for tfcal.coco.runner: a tiny OD API-form SavedModel built here, batching, signature
-checks, the cache round trip, and (where present) the shared NanoDet model."""
+checks, the cache round trip and its memory bound, and (where present) the shared NanoDet
+model."""
 
 import json
 import logging
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -180,6 +182,19 @@ class _CountingLoads:
         monkeypatch.setattr(runner, "_load_saved_model", load)
 
 
+def _cache_entries(cache_dir):
+    return sorted(p.name for p in cache_dir.iterdir())
+
+
+def _edit_meta(path, **fields):
+    """Rewrites meta.json with `fields` and a matching checksum (a consistent but stale file)."""
+    meta = json.loads((path / "meta.json").read_text())
+    meta.update(fields)
+    del meta["meta_sha256"]
+    meta["meta_sha256"] = cache_lib._meta_checksum(meta)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
 @pytest.mark.slow
 def test_cache_hit_stale_and_corrupt(tmp_path, saved_model, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="tfcal.coco")
@@ -187,39 +202,122 @@ def test_cache_hit_stale_and_corrupt(tmp_path, saved_model, monkeypatch, caplog)
     ds = _dataset(tmp_path, [(16, 16), (20, 12)], fmt=("PNG", "JPEG"))
     cache_dir = tmp_path / "cache"
     first = run_detector(saved_model, ds, cache_dir=cache_dir, progress=False)
-    files = list(cache_dir.glob("*.npz"))
-    assert loads.calls == 1 and len(files) == 1
-    assert not list(cache_dir.glob(".*tmp"))  # atomic write left no temporary
+    entries = _cache_entries(cache_dir)
+    assert loads.calls == 1 and len(entries) == 1  # no temporary left beside the cache
+    path = cache_dir / entries[0]
+    assert entries[0].startswith("raw_outputs-") and first.fingerprint.startswith(entries[0][12:])
+    assert isinstance(first.scores, np.memmap) and not first.scores.flags.writeable
 
     hit = run_detector(saved_model, ds, cache_dir=cache_dir, progress=False)
     assert loads.calls == 1  # the detector was not re-run
     np.testing.assert_array_equal(hit.scores, first.scores)
+    np.testing.assert_array_equal(hit.boxes, first.boxes)
     assert hit.fingerprint == first.fingerprint and len(hit.fingerprint) == 64
 
-    # Stale: the file holds another fingerprint.
-    a = dict(np.load(files[0]))
-    cache_lib.save_npz_atomic(files[0], **dict(a, fingerprint=np.array("0" * 64)))
+    # Stale: the cache holds another fingerprint.
+    _edit_meta(path, fingerprint="0" * 64)
     run_detector(saved_model, ds, cache_dir=cache_dir, progress=False)
     assert loads.calls == 2 and "stale raw-output cache" in caplog.text
 
-    # Corrupt: truncated file, then NaN values, then a missing array.
-    data = files[0].read_bytes()
-    files[0].write_bytes(data[: len(data) // 2])
+    # Corrupt: a truncated .npy file, then missing metadata.
+    data = (path / "scores.npy").read_bytes()
+    (path / "scores.npy").write_bytes(data[: len(data) // 2])
     run_detector(saved_model, ds, cache_dir=cache_dir, progress=False)
     assert loads.calls == 3 and "corrupt raw-output cache" in caplog.text
-    a = dict(np.load(files[0]))
-    a["scores"][0, 0, 1] = np.nan
-    cache_lib.save_npz_atomic(files[0], **a)
-    caplog.clear()
+    assert "scores.npy: " in caplog.text and "(truncated or overwritten)" in caplog.text
+    (path / "meta.json").unlink()
     run_detector(saved_model, ds, cache_dir=cache_dir, progress=False)
-    assert loads.calls == 4 and "non-finite" in caplog.text
-    del a["boxes"]
-    cache_lib.save_npz_atomic(files[0], **a)
-    run_detector(saved_model, ds, cache_dir=cache_dir, progress=False)
-    assert loads.calls == 5 and "missing arrays ['boxes']" in caplog.text
+    assert loads.calls == 4 and "meta.json: missing" in caplog.text
     final = run_detector(saved_model, ds, cache_dir=cache_dir, progress=False)
-    assert loads.calls == 5
+    assert loads.calls == 4 and _cache_entries(cache_dir) == entries
     np.testing.assert_array_equal(final.scores, first.scores)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_run_leaves_no_cache(tmp_path, saved_model, monkeypatch, error):
+    ds = _dataset(tmp_path, [(16, 16)] * 4)
+    cache_dir = tmp_path / "cache"
+    real = runner._image_pipeline
+
+    def interrupted(paths, batch):
+        for i, images in enumerate(real(paths, batch)):
+            if i == 1:  # after one batch is written into the cache's files
+                assert len(_cache_entries(cache_dir)) == 1  # only the temporary directory
+                raise error("interrupted")
+            yield images
+    monkeypatch.setattr(runner, "_image_pipeline", interrupted)
+    with pytest.raises(error):
+        run_detector(saved_model, ds, batch_size=2, cache_dir=cache_dir, progress=False)
+    assert _cache_entries(cache_dir) == []
+    monkeypatch.setattr(runner, "_image_pipeline", real)
+    raw = run_detector(saved_model, ds, batch_size=2, cache_dir=cache_dir, progress=False)
+    assert raw.scores.shape == (4, NUM_BOXES, NUM_COLUMNS)
+    assert len(_cache_entries(cache_dir)) == 1
+
+
+# A detector with wide outputs, so that [I, N, C] is large while each image stays tiny.
+WIDE_BOXES, WIDE_COLUMNS, WIDE_IMAGES = 1600, 128, 256  # scores: 256 * 1600 * 128 * 4 B = 210 MB
+
+
+class WideDetector(tf.Module):
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8,
+                                                name="input_tensor")])
+    def serve(self, input_tensor):
+        mean = tf.reduce_mean(tf.cast(input_tensor, tf.float32), axis=[1, 2, 3]) / 255.0  # [B]
+        b = tf.shape(input_tensor)[0]
+        ramp = tf.range(WIDE_BOXES * WIDE_COLUMNS, dtype=tf.float32) / (WIDE_BOXES * WIDE_COLUMNS)
+        scores = tf.reshape(tf.sigmoid(mean[:, None] - ramp[None]),
+                            [b, WIDE_BOXES, WIDE_COLUMNS])
+        boxes = tf.broadcast_to(tf.constant([0.1, 0.2, 0.6, 0.7]) * mean[:, None, None],
+                                [b, WIDE_BOXES, 4])
+        return {"raw_detection_boxes": boxes, "raw_detection_scores": scores}
+
+
+def _resident_mb() -> float:
+    """Current resident set size (MB) from /proc, or 0.0 where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    except OSError:
+        return 0.0
+
+
+@pytest.mark.slow
+def test_memory_is_bounded_by_a_batch(tmp_path):
+    model_dir = tmp_path / "wide_detector"
+    m = WideDetector()
+    tf.saved_model.save(m, str(model_dir), signatures={"serving_default": m.serve})
+    ds = _dataset(tmp_path, [(4, 4)] * WIDE_IMAGES)
+    full = WIDE_IMAGES * WIDE_BOXES * WIDE_COLUMNS * 4
+    batch = 16 * WIDE_BOXES * WIDE_COLUMNS * 4  # one batch of scores: 13 MB
+
+    # tracemalloc sees every NumPy allocation; the old runner held the whole [I, N, C] array.
+    tracemalloc.start()
+    try:
+        raw = run_detector(model_dir, ds, batch_size=16, cache_dir=tmp_path / "cache",
+                           progress=False)
+        _, written_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        rss_before = _resident_mb()
+        total = 0.0
+        for start in range(0, WIDE_IMAGES, 32):  # the tuner's access pattern: rows by index
+            idx = np.arange(start, min(start + 32, WIDE_IMAGES))
+            total += float(raw.scores[idx][:, 0, 0].sum())
+        _, read_peak = tracemalloc.get_traced_memory()
+        rss_growth = _resident_mb() - rss_before
+    finally:
+        tracemalloc.stop()
+    assert raw.scores.shape == (WIDE_IMAGES, WIDE_BOXES, WIDE_COLUMNS)
+    assert raw.scores.nbytes == full
+    # Measured: about 27 MB writing and 27 MB reading (old runner: 450 MB writing), of 210 MB.
+    assert written_peak < 3 * batch < full / 5, (written_peak, full)
+    assert read_peak < 3 * batch, (read_peak, full)
+    # Pages read through the map are unmapped after each read (else RSS grows by 210 MB).
+    assert rss_growth < 3 * batch / 2**20, rss_growth
+    means = np.array([img.astype(np.float32).mean() / 255.0 for img in _pixels(ds)])
+    np.testing.assert_allclose(total, (1.0 / (1.0 + np.exp(-means))).sum(), rtol=1e-5)
+    np.testing.assert_allclose(raw.boxes[-1, -1], np.float32([0.1, 0.2, 0.6, 0.7]) * means[-1],
+                               rtol=1e-5)
 
 
 def test_fingerprint_follows_model_keys_and_data(tmp_path, saved_model):

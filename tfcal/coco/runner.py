@@ -6,7 +6,9 @@ float32 `[B, N, 4]` (``raw_detection_boxes``) and scores float32 `[B, N, C]`
 (``raw_detection_scores``). Images are decoded in parallel with tf.data and prefetched; they
 are batched when the signature's batch dimension is None and every image has the same size.
 Outputs are cached by `tfcal.coco.cache` under a fingerprint of the model and the data, so
-re-tuning never re-runs the detector.
+re-tuning never re-runs the detector. With a cache folder, each batch of outputs is written
+straight into the cache's memory-mapped ``.npy`` files, so memory stays at one batch however
+many images there are (never `[I, N, C]` in memory); the result is read back memory-mapped.
 """
 
 from __future__ import annotations
@@ -113,12 +115,14 @@ def run_detector(
         None: not checked.
       batch_size: images per call when the signature allows batching and all images share a
         size; otherwise 1.
-      cache_dir: where to cache; None: no cache.
+      cache_dir: where to cache; None: no cache, and the outputs are held in memory
+        (float32 `[I, N, C]`: fine for small sets; give a folder for large ones).
       content_hash: fingerprint the images by their bytes instead of size and mtime.
       progress: show a tqdm bar (images/s).
 
     Returns:
-      `RawOutputs` in the dataset's image order.
+      `RawOutputs` in the dataset's image order; with `cache_dir`, its `boxes` and `scores`
+      are read-only memory maps of the cache.
 
     Raises:
       TfcalError: a bad model or signature (naming the path and key), images without paths,
@@ -145,11 +149,13 @@ def run_detector(
     fn, batchable = check_signature(model, path, keys, num_score_columns)
     sizes = set(zip(dataset.image_heights.tolist(), dataset.image_widths.tolist()))
     batch = batch_size if batchable and len(sizes) == 1 else 1
-    boxes, scores = _run(fn, path, dataset, keys, batch, progress)
-    raw = RawOutputs(dataset.image_ids.copy(), boxes, scores, dataset.image_heights.copy(),
-                     dataset.image_widths.copy(), fingerprint, model_fp, data_fp)
+    with cache_lib.RawOutputsWriter(
+            target, image_ids=dataset.image_ids, image_heights=dataset.image_heights,
+            image_widths=dataset.image_widths, fingerprint=fingerprint,
+            model_fingerprint=model_fp, data_fingerprint=data_fp) as writer:
+        _run(fn, path, dataset, keys, batch, progress, writer)
+        raw = writer.commit()
     if target is not None:
-        cache_lib.save_cache(target, raw)
         logger.info("cached raw outputs in %s", target)
     return raw
 
@@ -167,13 +173,16 @@ def _image_pipeline(paths: list[str], batch: int):
     return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
 
 
-def _run(fn, path: Path, dataset, keys: SignatureKeys, batch: int, progress: bool):
+def _run(fn, path: Path, dataset, keys: SignatureKeys, batch: int, progress: bool,
+         writer: cache_lib.RawOutputsWriter) -> None:
+    """Runs `fn` over the dataset's images, appending each batch's checked outputs to
+    `writer`."""
     import tensorflow as tf
     from tqdm.auto import tqdm
 
     paths = [str(p) for p in dataset.image_paths]
     n = len(paths)
-    boxes = scores = None
+    row_shapes = None  # ([N, 4], [N, C]) of the first batch
     done = 0
     start = time.perf_counter()
     with tqdm(total=n, unit="img", desc="detector", disable=not progress) as bar:
@@ -195,27 +204,21 @@ def _run(fn, path: Path, dataset, keys: SignatureKeys, batch: int, progress: boo
                     raise TfcalError(f"{path}: outputs {keys.raw_boxes!r} {list(b.shape)} and "
                                      f"{keys.raw_scores!r} {list(s.shape)} must be [{k}, N, 4] "
                                      f"and [{k}, N, C]")
-                if boxes is None:
-                    boxes = np.empty((n,) + b.shape[1:], np.float32)
-                    scores = np.empty((n,) + s.shape[1:], np.float32)
-                elif b.shape[1:] != boxes.shape[1:] or s.shape[1:] != scores.shape[1:]:
+                if row_shapes is None:
+                    row_shapes = (b.shape[1:], s.shape[1:])
+                elif (b.shape[1:], s.shape[1:]) != row_shapes:
                     raise TfcalError(f"{path}: output shapes changed between images: "
-                                     f"{list(b.shape)}, {list(s.shape)} after "
-                                     f"{list(boxes.shape)}, {list(scores.shape)}")
+                                     f"{list(b.shape)}, {list(s.shape)} after rows of "
+                                     f"{list(row_shapes[0])}, {list(row_shapes[1])}")
                 if not (np.isfinite(b).all() and np.isfinite(s).all()):
                     raise TfcalError(f"{path}: non-finite raw outputs for "
                                      f"{paths[done:done + k]}")
-                boxes[done:done + k] = b
-                scores[done:done + k] = s
+                writer.append(b, s)
                 done += k
                 bar.update(k)
         except tf.errors.InvalidArgumentError as e:
             raise TfcalError(f"{dataset.path}: images[{done}]: cannot decode or run "
                              f"({paths[min(done, n - 1)]}): {str(e).splitlines()[0]}") from None
-    if boxes is None:
-        boxes = np.zeros((0, 0, 4), np.float32)
-        scores = np.zeros((0, 0, 0), np.float32)
     elapsed = time.perf_counter() - start
     logger.info("ran %s on %d images in %.1f s (%.1f images/s, batch %d)", path, n, elapsed,
                 n / max(elapsed, 1e-9), batch)
-    return boxes, scores
