@@ -48,7 +48,9 @@ class Prepared:
       mapping: the `CategoryMapping` of score columns to category ids.
       raw: the `RawOutputs` (image_ids, boxes, scores, ...), in `dataset.image_ids` order.
       num_classes: K, class score columns after dropping background.
-      model_fingerprint, data_fingerprint: hashes for provenance and caching.
+      model_fingerprint: sha256 of the SavedModel and its keys, or ``raw_outputs:<sha256>`` of
+        the precomputed outputs' file (or cache meta).
+      data_fingerprint: sha256 of the image list (the cache key's data half).
     """
 
     dataset: Any
@@ -103,8 +105,10 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
         mapping = CategoryMapping.from_category_columns(dataset, m.category_columns, num_classes)
     else:
         mapping = CategoryMapping.odapi(dataset, num_classes, label_offset=m.label_offset)
+    # Precomputed outputs have no model to hash: their own file identifies what was measured.
+    model_fp = raw.model_fingerprint or f"raw_outputs:{raw.fingerprint}"
     return Prepared(dataset=dataset, mapping=mapping, raw=raw, num_classes=num_classes,
-                    model_fingerprint=raw.model_fingerprint, data_fingerprint=raw.data_fingerprint)
+                    model_fingerprint=model_fp, data_fingerprint=raw.data_fingerprint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,7 +335,7 @@ def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
     post-processing at that threshold.
     """
     from tfcal.tuning.candidates import collect_candidates
-    from tfcal.tuning.search import MatchedDetections, joint_search
+    from tfcal.tuning.search import MatchedDetections, UnreachableTargetError, joint_search
 
     t = cfg.tuning
     candidates = collect_candidates(
@@ -346,9 +350,18 @@ def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
         matched[iou] = MatchedDetections(score=result.score, column=columns, tp=result.tp,
                                          ignored=result.ignored, num_gt=num_gt)
     objective, overrides = _objectives(cfg, prep)
-    return joint_search(matched, objective, overrides=overrides,
-                        default_nms_iou=t.default_nms_iou, min_support=t.min_support,
-                        confidence_budget=t.confidence_budget)
+    try:
+        return joint_search(matched, objective, overrides=overrides,
+                            default_nms_iou=t.default_nms_iou, min_support=t.min_support,
+                            confidence_budget=t.confidence_budget)
+    except UnreachableTargetError as e:
+        ids = prep.mapping.columns_to_category_ids(np.asarray(e.columns, dtype=np.int64))
+        names = ", ".join(f"{prep.dataset.category_name(int(i))} (id {int(i)}, {n} ground truths)"
+                          for i, n in zip(ids, e.num_gt))
+        raise TfcalError(f"{cfg.source}: tuning.on_unreachable: error, and the target "
+                         f"({t.objective}) is unreachable on the tune split for {names}; "
+                         f"relax the target, or set on_unreachable to disable or "
+                         f"best_effort") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,12 +492,15 @@ def _versions() -> dict[str, str]:
 
 
 def _provenance(cfg: Config, prep: Prepared, found) -> dict:
+    from tfcal.coco.cache import file_sha256
+
     t = cfg.tuning
     return {
         "config_sha256": cfg.sha256,
         "config_path": str(cfg.source),
         "model_fingerprint": prep.model_fingerprint,
         "data_fingerprint": prep.data_fingerprint,
+        "annotations_sha256": file_sha256(prep.dataset.path),
         "target": {"objective": t.objective, "target_precision": t.target_precision,
                    "target_recall": t.target_recall, "confidence": t.confidence,
                    "match_iou": t.match_iou},

@@ -73,7 +73,17 @@ _POLICIES = ("disable", "best_effort", "error")
 
 
 class UnreachableTargetError(TfcalError):
-    """Raised by `joint_search` when classes with `on_unreachable="error"` miss the target."""
+    """Raised by `joint_search` when classes with `on_unreachable="error"` miss the target.
+
+    Attributes:
+      columns: the class columns that miss it, ascending.
+      num_gt: the ground-truth count of each of those classes on the tune split.
+    """
+
+    def __init__(self, message: str, columns: Sequence[int] = (), num_gt: Sequence[int] = ()):
+        super().__init__(message)
+        self.columns = tuple(int(c) for c in columns)
+        self.num_gt = tuple(int(n) for n in num_gt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -638,7 +648,8 @@ def joint_search(
         detail = ", ".join(f"column {c} ({objectives[c].name}, num_gt {int(num_gt[c])})"
                            for c in errors)
         raise UnreachableTargetError(
-            f"tuning target unreachable on the tune split for {len(errors)} classes: {detail}")
+            f"tuning target unreachable on the tune split for {len(errors)} classes: {detail}",
+            errors, [num_gt[c] for c in errors])
     return SearchResult(tuple(choices), grid, default_nms_iou, tuple(curves), iou_table,
                         pooled_choice)
 
