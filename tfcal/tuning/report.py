@@ -221,7 +221,54 @@ def load_report(path: str | Path) -> dict:
     for key in ("classes", "summary", "target", "split", "calibration", "provenance"):
         if key not in report:
             raise TfcalError(f"{path}: {key}: missing (not a tfcal report.json)")
+    _check_curves(path, report.get("curves"))
     return report
+
+
+_RELIABILITY_KEYS = ("confidence_before", "label_before", "confidence_after", "label_after")
+_CLASS_CURVE_KEYS = ("category_id", "name", "nms_iou", "threshold", "precision", "recall")
+
+
+def _check_curves(path: Path, curves: Any) -> None:
+    """The plot data `tfcal report` draws from: present keys, equal-length number lists."""
+    if not curves:
+        return
+    if not isinstance(curves, dict):
+        raise TfcalError(f"{path}: curves: must be an object, got {type(curves).__name__}")
+    rd = curves.get("reliability")
+    if rd:
+        _check_lists(path, "curves.reliability", rd, _RELIABILITY_KEYS[:2])
+        _check_lists(path, "curves.reliability", rd, _RELIABILITY_KEYS[2:])
+    classes = curves.get("classes", [])
+    if not isinstance(classes, list):
+        raise TfcalError(f"{path}: curves.classes: must be a list, got {type(classes).__name__}")
+    for i, c in enumerate(classes):
+        where = f"curves.classes[{i}]"
+        if not isinstance(c, dict):
+            raise TfcalError(f"{path}: {where}: must be an object, got {type(c).__name__}")
+        for key in _CLASS_CURVE_KEYS[:3]:
+            if key not in c:
+                raise TfcalError(f"{path}: {where}.{key}: missing")
+        _check_lists(path, where, c, _CLASS_CURVE_KEYS[3:])
+    grid = curves.get("iou_grid")
+    if grid is not None and not isinstance(grid, dict):
+        raise TfcalError(f"{path}: curves.iou_grid: must be an object, got {type(grid).__name__}")
+
+
+def _check_lists(path: Path, where: str, block: Any, keys: tuple[str, ...]) -> None:
+    if not isinstance(block, dict):
+        raise TfcalError(f"{path}: {where}: must be an object, got {type(block).__name__}")
+    lengths = set()
+    for key in keys:
+        value = block.get(key)
+        if value is None:
+            raise TfcalError(f"{path}: {where}.{key}: missing")
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value):
+            raise TfcalError(f"{path}: {where}.{key}: must be a list of numbers")
+        lengths.add(len(value))
+    if len(lengths) > 1:
+        raise TfcalError(f"{path}: {where}: {', '.join(keys)} must have equal lengths, got "
+                         f"{sorted(lengths)}")
 
 
 def render_report(path: str | Path) -> Path:
@@ -229,4 +276,11 @@ def render_report(path: str | Path) -> Path:
     path = Path(path)
     report = load_report(path)
     run_dir = path if path.is_dir() else path.parent
-    return write_report(run_dir, report, plots=bool(report.get("curves")))["report_md"]
+    source = run_dir / "report.json"
+    try:
+        return write_report(run_dir, report, plots=bool(report.get("curves")))["report_md"]
+    except TfcalError:
+        raise
+    except (KeyError, TypeError, ValueError) as err:
+        # A hand-edited report.json that passed the checks above but not the renderer.
+        raise TfcalError(f"{source}: cannot render: {type(err).__name__}: {err}") from None
