@@ -80,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG)
     p.add_argument("config", type=Path, help="the YAML config used by `tfcal tune`")
     p.add_argument("--annotations", type=Path, required=True, help="new COCO instances JSON")
-    p.add_argument("--images", type=Path, required=True, help="directory of the new images")
+    p.add_argument("--images", type=Path, default=None,
+                   help="directory of the new images (needed to run the config's saved_model)")
+    p.add_argument("--raw-outputs", type=Path, default=None,
+                   help="precomputed raw outputs of the new images (.npz or cache folder), "
+                        "instead of running the model")
     p.add_argument("--out", type=Path, default=None,
                    help="write drift.json here (default: <output.dir>/drift.json)")
     _add_common(p)
@@ -147,7 +151,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "drift":
         cfg = config_lib.load_config(args.config)
         from tfcal.tuning import drift
-        result = drift.run_drift(cfg, args.annotations, args.images, out=args.out)
+        result = drift.run_drift(cfg, args.annotations, args.images,
+                                 raw_outputs=args.raw_outputs, out=args.out)
         print(result.summary())
         return EXIT_OK if result.ok else EXIT_CHECK_FAILED
     if args.command == "demo":

@@ -14,6 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -180,3 +181,50 @@ def test_new_images_without_raw_outputs_exit_2(job, capsys, tmp_path):
     code, out, err = _drift(capsys, config, new, root / "images")
     assert code == 2, err
     assert "raw.npz" in err and "image_ids" in err
+
+
+def test_raw_outputs_of_the_new_images_without_images_dir(job, capsys, tmp_path):
+    # The new images' outputs in their own npz (not in the tuned config's): --raw-outputs
+    # replaces the config's model, and no --images is needed.
+    root, config = job
+    _, drift_raw = ka.build(DRIFT_IDS, car_fp_scores=DRIFTED_CAR_FP)
+    np.savez(tmp_path / "new_raw.npz", **drift_raw)
+    out_path = tmp_path / "drift.json"
+    code = main(["drift", str(config), "--annotations", str(root / "drifted.json"),
+                 "--raw-outputs", str(tmp_path / "new_raw.npz"), "--out", str(out_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1, err
+    drift = json.loads(out_path.read_text())
+    car = _classes(drift)["car"]
+    assert (car["status"], car["tp"], car["fp"]) == ("drift", 80, 80)
+    assert drift["raw_outputs"].startswith("raw_outputs:")
+
+
+def test_raw_outputs_missing_the_new_images_exits_2(job, capsys, tmp_path):
+    # The tuning npz holds no rows for these ids: bad input naming the file, no drift.json.
+    root, config = job
+    _, drift_raw = ka.build(DRIFT_IDS[:5])
+    np.savez(tmp_path / "partial.npz", **drift_raw)
+    out_path = tmp_path / "drift.json"
+    code = main(["drift", str(config), "--annotations", str(root / "drifted.json"),
+                 "--raw-outputs", str(tmp_path / "partial.npz"), "--out", str(out_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert "partial.npz" in err
+    assert not out_path.exists()
+
+
+def test_saved_model_config_needs_images(job, capsys, tmp_path):
+    root, config = job
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"].pop("raw_outputs")
+    cfg["model"]["saved_model"] = str(tmp_path / "detector")
+    cfg["data"]["annotations"] = str(root / "instances.json")
+    cfg["output"]["dir"] = str(root / "run")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code = main(["drift", str(path), "--annotations", str(root / "drifted.json"),
+                 "--out", str(tmp_path / "drift.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert "--images" in err

@@ -1,7 +1,8 @@
 """`tfcal drift`: re-measure calibration and per-class precision on newly labelled data.
 
 The deployed post-processing (`<output.dir>/postprocess.json`) runs on the new images' raw
-outputs. Two things are compared with the tuning report:
+outputs: the config's model run on `--images`, or precomputed outputs given with
+`--raw-outputs` (else the config's `model.raw_outputs`, which must then hold the new images). Two things are compared with the tuning report:
 
 - ECE of the calibrated detection scores (every detection at the report's default NMS IoU,
   no threshold), against the report's holdout `ece_after`: drift when it rose by more than
@@ -44,9 +45,18 @@ def _f(v) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
-def run_drift(cfg: Config, annotations: Path, images: Path, *, out: Path | None = None
-              ) -> DriftResult:
-    """Runs the drift check; writes drift.json atomically. See the module docstring."""
+def run_drift(cfg: Config, annotations: Path, images: Path | None = None, *,
+              raw_outputs: Path | None = None, out: Path | None = None) -> DriftResult:
+    """Runs the drift check; writes drift.json atomically. See the module docstring.
+
+    Args:
+      cfg: the config used by `tfcal tune`.
+      annotations: the new COCO instances JSON.
+      images: the new images' directory; needed to run `model.saved_model` on them.
+      raw_outputs: precomputed raw outputs (npz or cache folder) of the new images, used instead
+        of the config's model.
+      out: where drift.json goes (default `<output.dir>/drift.json`).
+    """
     from tfcal.metrics import expected_calibration_error
     from tfcal.postprocess import PostProcessConfig
     from tfcal.tuning.report import load_report
@@ -58,6 +68,12 @@ def run_drift(cfg: Config, annotations: Path, images: Path, *, out: Path | None 
     ppc = PostProcessConfig.load(ppc_path)
     report = load_report(run_dir / "report.json")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, subgroups=()))
+    if raw_outputs is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, saved_model=None, raw_outputs=Path(raw_outputs)))
+    elif cfg.model.saved_model is not None and images is None:
+        raise TfcalError(f"{annotations}: --images: the new images are needed to run "
+                         f"{cfg.model.saved_model} (or give --raw-outputs)")
     prep = pl.prepare(cfg, annotations=annotations, images=images,
                       cache_dir=cfg.model.cache_dir or run_dir / "cache")
     if prep.num_classes != ppc.num_classes:
@@ -113,6 +129,7 @@ def run_drift(cfg: Config, annotations: Path, images: Path, *, out: Path | None 
         "tolerances": {"ece": d.ece_tolerance, "precision": d.precision_tolerance,
                        "min_support": d.min_support},
         "annotations": str(annotations), "images": int(prep.dataset.num_images),
+        "raw_outputs": prep.model_fingerprint,
         "classes": classes,
     }
     out = out or run_dir / "drift.json"
