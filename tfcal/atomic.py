@@ -12,17 +12,23 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
     """Writes `data` to `path` atomically (temporary sibling, fsync, `os.replace`)."""
+    return write_with(path, lambda f: f.write(data))
+
+
+def write_with(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """Calls `write(f)` on a binary file that becomes `path` only once `write` returned and
+    the bytes are on disk (temporary sibling, fsync, `os.replace`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

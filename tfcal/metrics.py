@@ -40,10 +40,17 @@ __all__ = [
 
 
 def _validate(probs, labels, name: str = "probs") -> tuple[np.ndarray, np.ndarray]:
+    return validate_binary(probs, labels, name, probabilities=True)
+
+
+def validate_binary(values, labels, name: str, *, probabilities: bool
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """float64 `values` `[n]` (finite, non-empty; in [0, 1] if `probabilities`) and float64 0/1
+    `labels` of the same shape, or a `ValueError`/`TypeError` naming the bad argument."""
     try:
-        p = np.asarray(probs, dtype=np.float64)
+        p = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected numbers, got {type(probs).__name__}") from None
+        raise TypeError(f"{name}: expected numbers, got {type(values).__name__}") from None
     if p.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D array, got shape {p.shape}")
     if p.size == 0:
@@ -51,7 +58,7 @@ def _validate(probs, labels, name: str = "probs") -> tuple[np.ndarray, np.ndarra
     if not np.all(np.isfinite(p)):
         raise ValueError(f"{name}: contains non-finite values (first: "
                          f"{p[~np.isfinite(p)][0]})")
-    if np.any((p < 0) | (p > 1)):
+    if probabilities and np.any((p < 0) | (p > 1)):
         raise ValueError(f"{name}: probabilities must be in [0, 1], got "
                          f"{p[(p < 0) | (p > 1)][0]}")
     y = np.asarray(labels)

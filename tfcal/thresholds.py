@@ -21,6 +21,8 @@ from typing import Literal
 
 import numpy as np
 
+from tfcal.metrics import validate_binary
+
 Objective = Literal["f1", "fbeta", "youden", "cost", "precision_target", "recall_target"]
 OBJECTIVES = ("f1", "fbeta", "youden", "cost", "precision_target", "recall_target")
 
@@ -93,25 +95,8 @@ class PrecisionRecallCurve:
 
 
 def _validate(scores, labels) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        s = np.asarray(scores, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"scores: expected numbers, got {type(scores).__name__}") from None
-    if s.ndim != 1:
-        raise ValueError(f"scores: expected a 1-D array, got shape {s.shape}")
-    if s.size == 0:
-        raise ValueError("scores: empty input; need at least one score")
-    if not np.all(np.isfinite(s)):
-        raise ValueError(f"scores: contains non-finite values (first: {s[~np.isfinite(s)][0]})")
-    y = np.asarray(labels)
-    if y.shape != s.shape:
-        raise ValueError(f"labels: expected shape {s.shape} to match scores, got {y.shape}")
-    yf = y.astype(np.float64)
-    if np.any(np.isnan(yf)):
-        raise ValueError("labels: contains NaN")
-    if np.any((yf != 0) & (yf != 1)):
-        raise ValueError(f"labels: must be 0 or 1, got {yf[(yf != 0) & (yf != 1)][0]}")
-    return s, yf.astype(np.int64)
+    s, y = validate_binary(scores, labels, "scores", probabilities=False)
+    return s, y.astype(np.int64)
 
 
 def precision_recall_at_thresholds(scores_sorted_desc, tp_flags,

@@ -76,7 +76,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 import tfcal
-from tfcal import TfcalError, TfcalWarning
+from tfcal import TfcalError, TfcalWarning, atomic
 
 logger = logging.getLogger(__name__)
 
@@ -264,20 +264,7 @@ def cache_path(cache_dir: str | Path, fingerprint: str) -> Path:
 
 def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> Path:
     """Writes an uncompressed npz atomically (temporary sibling, fsync, `os.replace`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic.write_with(path, lambda f: np.savez(f, **arrays))
 
 
 class RawOutputsWriter:

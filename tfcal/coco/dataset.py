@@ -164,6 +164,19 @@ class CocoDataset:
         return order[pos]
 
 
+def read_json(path: Path) -> Any:
+    """The parsed JSON file, or a one-line `TfcalError` naming it."""
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise TfcalError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TfcalError(f"{path}: invalid JSON: {e}") from None
+    except OSError as e:
+        raise TfcalError(f"{path}: cannot read: {e}") from None
+
+
 def load_coco(
     annotations_path: str | Path,
     images_dir: str | Path | None = None,
@@ -189,15 +202,7 @@ def load_coco(
     """
     path = Path(annotations_path)
     check = _Checker(str(path))
-    try:
-        with open(path, "rb") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise TfcalError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TfcalError(f"{path}: invalid JSON: {e}") from None
-    except OSError as e:
-        raise TfcalError(f"{path}: cannot read: {e}") from None
+    raw = read_json(path)
     if not isinstance(raw, dict):
         check.fail("(top level)", "must be an object", type(raw).__name__)
     for key in ("images", "annotations", "categories"):

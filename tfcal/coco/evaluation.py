@@ -9,7 +9,6 @@ greedy matching as COCOeval, at `match_iou`); it backs ``tfcal evaluate``.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tfcal import TfcalError
-from tfcal.coco.dataset import CocoDataset, load_coco, quiet
+from tfcal.coco.dataset import CocoDataset, load_coco, quiet, read_json
 from tfcal.coco.matching import Detections, as_detections, match_detections
 
 STAT_KEYS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -101,13 +100,7 @@ def load_detections(detections_path: str | Path, dataset: CocoDataset) -> Detect
         image or category id.
     """
     path = Path(detections_path)
-    try:
-        with open(path, "rb") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise TfcalError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TfcalError(f"{path}: invalid JSON: {e}") from None
+    raw = read_json(path)
     if not isinstance(raw, list):
         raise TfcalError(f"{path}: (top level): must be a list of detections, got "
                          f"{type(raw).__name__}")
