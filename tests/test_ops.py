@@ -461,3 +461,29 @@ def test_raw_score_lower_bounds_are_conservative(converter, method):
     disabled = ops.raw_score_lower_bounds(thresh, [1.0, 0.0], score_converter=converter,
                                           method=method, num_classes=2, **padded).numpy()
     assert disabled[1] == np.inf
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_per_class_cap_adapts_to_candidates_without_changing_detections(threshold):
+    # combined_nms caps the op's per-class output at the largest per-class candidate count (the
+    # op's cost grows with that cap). Image 0 has 30 disjoint class-0 boxes above the threshold
+    # (the cap of 25 binds); image 1 has 2 (the adaptive cap, 2, is below 25). Same output as
+    # the reference in both, and the static output shape keeps max_total_detections rows.
+    rng = np.random.default_rng(7)
+    n = 40
+    boxes = np.stack([[[i, 0, i + 0.5, 0.5] for i in range(n)]] * 2).astype(np.float32)
+    scores = np.zeros((2, n, 3), np.float32)
+    scores[0, :30, 0] = rng.uniform(0.6, 1.0, 30)
+    scores[1, :2, 1] = [0.9, 0.7]
+    scores[1, 5, 2] = 0.5  # exactly at the 0.5 threshold: kept
+    fn = tf.function(lambda b, s: ops.combined_nms(
+        b, s, iou_threshold=0.5, max_detections_per_class=25, max_total_detections=40,
+        score_threshold=threshold), input_signature=[
+            tf.TensorSpec([None, None, 4], tf.float32), tf.TensorSpec([None, None, 3], tf.float32)])
+    assert fn.get_concrete_function().structured_outputs["detection_scores"].shape.as_list() == [
+        None, 40]
+    out = {k: v.numpy() for k, v in fn(boxes, scores).items()}
+    for b in range(2):
+        ref = np_combined_nms(boxes[b], scores[b], 0.5, 25, 40, threshold)
+        np.testing.assert_allclose(as_sorted_rows(out, b), ref_rows(ref), atol=1e-6)
+    assert out["num_detections"].tolist() == [25, 3]

@@ -483,8 +483,14 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
                 if boxes.shape[2] != 1 and len(groups) > 1:
                     group_boxes = _take_columns(boxes, columns, 2)
                 column_ids = None if len(groups) == 1 else tf.constant(columns, tf.int32)
+            # The op's cost grows with batch x classes x max_output_size_per_class, whatever
+            # the number of candidates; no class can keep more boxes than it has above the
+            # threshold, so capping at the largest such count changes no detection.
+            most = tf.reduce_max(tf.reduce_sum(tf.cast(group_scores > threshold, tf.int32),
+                                               axis=1))
+            per_class = tf.clip_by_value(most, 1, int(max_detections_per_class))
             r = tf.image.combined_non_max_suppression(
-                group_boxes, group_scores, max_output_size_per_class=int(max_detections_per_class),
+                group_boxes, group_scores, max_output_size_per_class=per_class,
                 max_total_size=max_total, iou_threshold=iou, score_threshold=threshold,
                 pad_per_class=False, clip_boxes=clip_boxes)
             group_classes = tf.cast(r.nmsed_classes, tf.int32)
@@ -614,13 +620,16 @@ def raw_score_lower_bounds(min_score_thresh, class_enabled=None, *,
 
 
 def select_candidate_boxes(boxes, raw_scores, lower_bounds, *, background_column: bool = True):
-    """Keeps only the boxes with at least one class column at or above its raw-score bound.
+    """Keeps only the boxes whose best class score reaches the lowest class bound.
 
-    The result has `num_candidates = max over images of the passing-box count` boxes per image
-    (at least 1): each image's passing boxes first, in their original order (so NMS tie-breaking
-    by box index is unchanged), then filler boxes that pass nothing. With bounds from
-    `raw_score_lower_bounds`, running calibration, thresholds and NMS on the result gives the
-    same detections as on the full input.
+    Every box that can pass some class threshold has a class column at or above that class's
+    bound, hence a best class score at or above the lowest bound: the kept boxes are a superset
+    of those that can pass (one max over the class axis per box is cheaper than a per-class
+    comparison of the whole score tensor). The result has `num_candidates = max over images of
+    the kept-box count` boxes per image (at least 1): each image's kept boxes first, in their
+    original order (so NMS tie-breaking by box index is unchanged), then filler boxes that pass
+    nothing. With bounds from `raw_score_lower_bounds`, running calibration, thresholds and NMS
+    on the result gives the same detections as on the full input.
 
     Args:
       boxes: float `[batch, num_boxes, 4]` or `[batch, num_boxes, K, 4]`.
@@ -632,10 +641,9 @@ def select_candidate_boxes(boxes, raw_scores, lower_bounds, *, background_column
       `(boxes, raw_scores)` with `num_boxes` replaced by `num_candidates`.
     """
     raw = tf.cast(raw_scores, tf.float32)
-    bounds = tf.cast(lower_bounds, tf.float32)
-    if background_column:
-        bounds = tf.concat([tf.constant([np.inf], tf.float32), bounds], axis=0)
-    passing = tf.reduce_any(raw >= bounds, axis=-1)  # [B, N]
+    floor = tf.reduce_min(tf.cast(lower_bounds, tf.float32))
+    class_scores = raw[:, :, 1:] if background_column else raw
+    passing = tf.reduce_max(class_scores, axis=-1) >= floor  # [B, N]
     count = tf.reduce_max(tf.reduce_sum(tf.cast(passing, tf.int32), axis=1))
     num_candidates = tf.minimum(tf.maximum(count, 1), tf.shape(raw)[1])
     # top_k breaks ties by lower index: passing boxes come first, in ascending index order.
