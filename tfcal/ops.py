@@ -645,7 +645,14 @@ def select_candidate_boxes(boxes, raw_scores, lower_bounds, *, background_column
     class_scores = raw[:, :, 1:] if background_column else raw
     passing = tf.reduce_max(class_scores, axis=-1) >= floor  # [B, N]
     count = tf.reduce_max(tf.reduce_sum(tf.cast(passing, tf.int32), axis=1))
-    num_candidates = tf.minimum(tf.maximum(count, 1), tf.shape(raw)[1])
-    # top_k breaks ties by lower index: passing boxes come first, in ascending index order.
-    _, idx = tf.math.top_k(tf.cast(passing, tf.float32), k=num_candidates, sorted=True)
-    return tf.gather(boxes, idx, batch_dims=1), tf.gather(raw, idx, batch_dims=1)
+    num_boxes = tf.shape(raw)[1]
+    num_candidates = tf.minimum(tf.maximum(count, 1), num_boxes)
+    boxes = tf.convert_to_tensor(boxes)
+
+    def select():
+        # top_k breaks ties by lower index: passing boxes come first, in ascending index order.
+        _, idx = tf.math.top_k(tf.cast(passing, tf.float32), k=num_candidates, sorted=True)
+        return tf.gather(boxes, idx, batch_dims=1), tf.gather(raw, idx, batch_dims=1)
+
+    # Nothing to drop (e.g. thresholds near 0): skip the sort and the copies.
+    return tf.cond(num_candidates < num_boxes, select, lambda: (boxes, raw))

@@ -284,3 +284,27 @@ def test_class_agnostic_post_processor_with_per_class_boxes():
     for key in fast:
         np.testing.assert_array_equal(fast[key].numpy(), full[key].numpy(), err_msg=key)
     assert 3.0 not in fast["detection_classes"].numpy(), "class 3 is disabled"
+
+
+@pytest.mark.parametrize("thresh, enabled, prefiltered", [
+    ((0.3,), (), True),
+    ((0.001,), (), False),                        # near-zero thresholds: nothing to drop
+    ((0.001, 0.3, 0.3), (), False),
+    ((0.001, 0.3, 0.3), (False, True, True), True),  # the low threshold is on a disabled class
+])
+def test_prefilter_is_left_out_when_thresholds_are_near_zero(thresh, enabled, prefiltered):
+    # The pre-filter sorts boxes by pass/fail (TopKV2); one IoU group means no other top_k.
+    cfg = PP_CONFIG.replace(min_score_thresh=thresh, class_enabled=enabled, nms_iou=(0.5,))
+    layer = PostProcessor(cfg)
+    fn = tf.function(layer, input_signature=[tf.TensorSpec([None, None, 4], tf.float32),
+                                             tf.TensorSpec([None, None, K + 1], tf.float32)])
+    graph = fn.get_concrete_function().graph
+    ops_used = {op.type for op in graph.get_operations()}
+    for f in graph._functions.values():
+        ops_used |= {node.op for node in f.definition.node_def}
+    assert ("TopKV2" in ops_used) == prefiltered
+    boxes, raw = make_inputs(5, batch=2, num_boxes=30)
+    full = PostProcessor(cfg, candidate_prefilter=False)(boxes, raw)
+    out = fn(boxes, raw)
+    for key in full:
+        np.testing.assert_allclose(out[key], full[key], atol=1e-6)

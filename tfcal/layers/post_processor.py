@@ -15,6 +15,10 @@ from tfcal.layers.score_calibration import ScoreCalibration
 from tfcal.postprocess import PostProcessConfig
 
 
+# Below this lowest enabled threshold the candidate pre-filter keeps almost every box.
+PREFILTER_MIN_THRESH = 0.01
+
+
 @keras.saving.register_keras_serializable(package="tfcal")
 class PostProcessor(keras.layers.Layer):
     """Raw detector outputs to OD API detections: calibration -> class thresholds -> NMS.
@@ -33,6 +37,8 @@ class PostProcessor(keras.layers.Layer):
     (`tfcal.ops.raw_score_lower_bounds`); the detections are identical to running the full
     tensor, and the cost of calibration and NMS scales with the few candidate boxes instead of
     all of them. (Softmax temperature scaling mixes columns, so it is never pre-filtered.)
+    When every enabled class threshold in the config is below `PREFILTER_MIN_THRESH` (0.01),
+    nearly every box passes and the pre-filter would only add work, so it is left out.
 
     Args:
       postprocess_config: a `PostProcessConfig` or a dict accepted by
@@ -104,8 +110,14 @@ class PostProcessor(keras.layers.Layer):
 
     def _uses_prefilter(self) -> bool:
         cfg = self.postprocess_config
-        return self.candidate_prefilter and not (cfg.score_converter == "softmax"
-                                                 and cfg.calibration == "temperature")
+        if not self.candidate_prefilter or (cfg.score_converter == "softmax"
+                                            and cfg.calibration == "temperature"):
+            return False
+        thresh = list(cfg.min_score_thresh) * (cfg.num_classes if len(cfg.min_score_thresh) == 1
+                                               else 1)
+        enabled = cfg.class_enabled or (True,) * cfg.num_classes
+        live = [t for t, e in zip(thresh, enabled) if e]
+        return not live or min(live) >= PREFILTER_MIN_THRESH
 
     def _raw_bounds(self) -> tf.Tensor:
         """Conservative per-class raw-score bounds implied by the current weights."""
