@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -163,6 +164,19 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """tfcal's own warnings as one line for the user (the source location is for --debug)."""
+    from tfcal import TfcalWarning
+
+    if issubclass(category, TfcalWarning):
+        print(f"tfcal: warning: {message}", file=file or sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tfcal` console script; returns the exit code."""
     parser = build_parser()
@@ -177,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command not in ("report", "evaluate") and not args.debug:
             _import_tensorflow_quietly()
-        return _run(args)
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.showwarning = _show_warning
+            return _run(args)
     except TfcalError as err:
         if args.debug:
             raise

@@ -110,7 +110,9 @@ class VerificationReport:
         ok = sum(1 for _, passed, _ in self.checks if passed)
         return (
             f"{ok}/{len(self.checks)} checks passed; max abs diff: {diffs}; "
-            f"num_detections {self.num_detections}; NMS ops {self.nms_ops}; {self.seconds:.1f} s"
+            f"num_detections {self.num_detections}; NMS ops per signature "
+            f"{ {k: sum(v.values()) for k, v in self.nms_ops.items()} } (the post-processing's "
+            f"own, one per IoU group); {self.seconds:.1f} s"
         )
 
     def add(self, name: str, passed: bool, detail: str = "") -> None:

@@ -405,8 +405,9 @@ def tune_on(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
         log.info("calibration: %s fitted on %d images (%d classes shrunk toward the pooled "
                  "fit)", calib.method, len(tune_idx), len(calib.fallback_classes))
     found = search(cfg, prep, calib, tune_idx)
-    log.info("search: %d classes ok, %d unreachable, %d insufficient data",
-             *(sum(c.status == s for c in found.classes)
+    mapped = [c for c in found.classes if prep.mapping.column_category_ids[c.column] >= 0]
+    log.info("search: %d categories ok, %d unreachable, %d insufficient data",
+             *(sum(c.status == s for c in mapped)
                for s in ("ok", "unreachable", "insufficient_data")))
     ppc = _base_postprocess_config(cfg, prep, **_calibration_fields(calib),
                                    **found.postprocess_fields())
