@@ -299,6 +299,25 @@ def test_separable_data_per_class_warns_and_stays_finite():
     assert r.temperature[0] == pytest.approx(0.05)
 
 
+def test_separable_class_uses_the_pooled_temperature():
+    # Class 0 is separable (its own NLL keeps falling as T -> 0, so its fit stops at 0.05);
+    # class 1 overlaps. The pooled data overlap, so the pooled T is interior, and class 0 takes
+    # it (weight 0, listed as a fallback) instead of the bound.
+    rng = np.random.default_rng(3)
+    z0 = np.concatenate([np.linspace(-4, -1, 40), np.linspace(1, 4, 40)])
+    y0 = np.repeat([0, 1], 40)
+    z1 = rng.normal(0, 2, 400)
+    y1 = (rng.uniform(size=400) < 1 / (1 + np.exp(-z1 / 2))).astype(int)
+    z, y = np.concatenate([z0, z1]), np.concatenate([y0, y1])
+    c = np.repeat([0, 1], [80, 400])
+    with pytest.warns(TfcalWarning, match=r"classes \[0\].*pooled fit"):
+        r = cal.fit_per_class("temperature", z, y, c, 2, min_samples=30)
+    assert r.fallback_classes == [0] and r.weights == (0.0, 1.0)
+    assert r.temperature[0] == pytest.approx(r.pooled["temperature"])
+    assert cal.TEMPERATURE_BOUNDS[0] < r.temperature[0] < cal.TEMPERATURE_BOUNDS[1]
+    assert r.temperature[1] == pytest.approx(2.0, rel=0.3)
+
+
 def test_backwards_logits_platt_clamps_slope():
     z = np.array([-2.0, -1.0, 1.0, 2.0] * 3)
     y = np.array([1, 1, 0, 0] * 3)
@@ -382,3 +401,17 @@ def test_class_params_are_json_ready():
     assert params["fallback"] and params["weight"] == 0.0 and params["num_samples"] == 0
     assert (params["a"], params["b"]) == (r.pooled["platt_a"], r.pooled["platt_b"])
     json.dumps([r.class_params(k) for k in range(3)])
+
+
+def test_per_class_warnings_use_class_labels():
+    # One separable class beside an overlapping one (the pooled fit is interior).
+    rng = np.random.default_rng(4)
+    z1 = rng.normal(0, 2, 400)
+    z = np.concatenate([np.linspace(-4, -1, 40), np.linspace(1, 4, 40), z1])
+    y = np.concatenate([np.repeat([0, 1], 40),
+                        (rng.uniform(size=400) < 1 / (1 + np.exp(-z1 / 2))).astype(int)])
+    c = np.repeat([0, 1], [80, 400])
+    with pytest.warns(TfcalWarning, match=r"classes \[defect \(id 7\)\]"):
+        cal.fit_per_class("temperature", z, y, c, 2, class_labels=["defect (id 7)", "scratch"])
+    with pytest.raises(ValueError, match="class_labels: expected 2 names, got 1"):
+        cal.fit_per_class("temperature", z, y, c, 2, class_labels=["a"])

@@ -787,9 +787,16 @@ def _as_class_index(class_index, shape, num_classes: int) -> np.ndarray:
     return c.astype(np.intp)
 
 
+def _labels(columns: Sequence[int], class_labels: Sequence[str] | None) -> str:
+    if class_labels is None:
+        return str(list(columns))
+    return "[" + ", ".join(str(class_labels[k]) for k in columns) + "]"
+
+
 def fit_per_class(method: str, logits_or_probs, labels, class_index, num_classes: int, *,
                   min_samples: int = 30,
-                  bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> PerClassCalibration:
+                  bounds: tuple[float, float] = TEMPERATURE_BOUNDS,
+                  class_labels: Sequence[str] | None = None) -> PerClassCalibration:
     """Fits one calibration map per class column, shrinking small classes toward the pooled fit.
 
     Shrinkage rule. Let `n_k` be the number of detections of class `k` and
@@ -805,8 +812,9 @@ def fit_per_class(method: str, logits_or_probs, labels, class_index, num_classes
       two clamped piecewise-linear maps and stays monotone.
 
     Every class with `w_k < 1` is listed in `fallback_classes`. Temperature and Platt fits run on
-    all classes at once (vectorized over classes with `np.bincount`). A `TfcalWarning` lists
-    full-weight classes whose temperature stopped at a bound (separable data).
+    all classes at once (vectorized over classes with `np.bincount`). A class whose own
+    temperature stopped at a bound (separable or uninformative data) carries no usable
+    estimate: it gets `w_k = 0` (the pooled fit), and a `TfcalWarning` lists it.
 
     Args:
       method: {'temperature', 'platt', 'piecewise_linear'} ('isotonic' is an alias of the last).
@@ -817,6 +825,7 @@ def fit_per_class(method: str, logits_or_probs, labels, class_index, num_classes
       num_classes: K >= 1.
       min_samples: detections a class needs for full weight on its own fit, default 30.
       bounds: temperature range, default (0.05, 20.0).
+      class_labels: optional K names for the classes in warnings (default: column indices).
 
     Returns:
       A `PerClassCalibration`.
@@ -834,6 +843,8 @@ def fit_per_class(method: str, logits_or_probs, labels, class_index, num_classes
         raise ValueError(f"min_samples: must be an int >= 1, got {min_samples!r}")
     c = _as_class_index(class_index, (n,), int(num_classes))
     K = int(num_classes)
+    if class_labels is not None and len(class_labels) != K:
+        raise ValueError(f"class_labels: expected {K} names, got {len(class_labels)}")
     counts = np.bincount(c, minlength=K)
     pos = np.bincount(c, weights=y, minlength=K)
     single = (pos == 0) | (pos == counts)
@@ -855,10 +866,17 @@ def fit_per_class(method: str, logits_or_probs, labels, class_index, num_classes
             warnings.warn(f"fit_per_class: pooled temperature stopped at the bound {t_pool:.6g} "
                           f"of {(lo, hi)} (separable or uninformative data)", TfcalWarning,
                           stacklevel=2)
-        bad = [int(k) for k in np.flatnonzero(hit[:K] & (w == 1))]
+        bad = [int(k) for k in np.flatnonzero(hit[:K] & (w > 0))]
         if bad:
+            # A bound says nothing about the class's own temperature (separable: "as low as
+            # allowed"; uninformative: "as high as allowed"): use the pooled fit instead.
             warnings.warn(f"fit_per_class: temperature stopped at a bound {(lo, hi)} for classes "
-                          f"{bad} (separable or uninformative data)", TfcalWarning, stacklevel=2)
+                          f"{_labels(bad, class_labels)} (separable or uninformative data); "
+                          f"they use the pooled fit",
+                          TfcalWarning, stacklevel=2)
+            w[bad] = 0.0
+            common.update(fallback_classes=[int(k) for k in np.flatnonzero(w < 1)],
+                          weights=tuple(float(v) for v in w))
         temp = np.exp(w * np.log(t[:K]) + (1 - w) * np.log(t_pool))
         return PerClassCalibration(temperature=tuple(float(v) for v in temp),
                                    pooled={"temperature": float(t_pool)}, **common)
@@ -871,7 +889,7 @@ def fit_per_class(method: str, logits_or_probs, labels, class_index, num_classes
         if clamped[K] or bad:
             warnings.warn(f"fit_per_class: Platt slope clamped to a = 0 (logits rank the labels "
                           f"backwards) for {'the pooled fit and ' if clamped[K] else ''}classes "
-                          f"{bad}", TfcalWarning, stacklevel=2)
+                          f"{_labels(bad, class_labels)}", TfcalWarning, stacklevel=2)
         pa = w * a[:K] + (1 - w) * a[K]
         pb = w * b[:K] + (1 - w) * b[K]
         return PerClassCalibration(platt_a=tuple(float(v) for v in pa),

@@ -248,8 +248,11 @@ def fit_calibration(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
                          "calibrate with (check model.score_converter and the data)")
     x = probs if method == "isotonic" else probs_to_logits(probs)
     if cfg.calibration.per_class:
+        ids = prep.mapping.column_category_ids
+        names = [f"{prep.dataset.category_name(int(i))} (id {int(i)})" if i >= 0
+                 else f"column {k}" for k, i in enumerate(ids)]
         return fit_per_class(method, x, labels, cols, prep.num_classes,
-                             min_samples=cfg.calibration.min_samples)
+                             min_samples=cfg.calibration.min_samples, class_labels=names)
     pooled = fit_per_class(method, x, labels, np.zeros_like(cols), 1,
                            min_samples=cfg.calibration.min_samples)
     return _broadcast_pooled(pooled, prep.num_classes)
@@ -401,11 +404,13 @@ def _f(v) -> str:
 def tune_on(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
     """Calibration fit and search on the images `tune_idx`; returns (calib, found, ppc)."""
     calib = fit_calibration(cfg, prep, tune_idx)
+    used = prep.mapping.column_category_ids >= 0
     if calib is not None:
-        log.info("calibration: %s fitted on %d images (%d classes shrunk toward the pooled "
-                 "fit)", calib.method, len(tune_idx), len(calib.fallback_classes))
+        log.info("calibration: %s fitted on %d images (%d categories shrunk toward the pooled "
+                 "fit)", calib.method, len(tune_idx),
+                 sum(bool(used[k]) for k in calib.fallback_classes))
     found = search(cfg, prep, calib, tune_idx)
-    mapped = [c for c in found.classes if prep.mapping.column_category_ids[c.column] >= 0]
+    mapped = [c for c in found.classes if used[c.column]]
     log.info("search: %d categories ok, %d unreachable, %d insufficient data",
              *(sum(c.status == s for c in mapped)
                for s in ("ok", "unreachable", "insufficient_data")))
