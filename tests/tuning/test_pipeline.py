@@ -317,15 +317,21 @@ def test_pooled_temperature_keeps_the_choice(tmp_path, base):
 
 def test_per_class_temperature_warns_on_separable_classes(tmp_path, base):
     # car's calibration sample is separable (TPs >= 0.70 > FPs) and flag's is anti-ordered
-    # (FPs above the TP): their temperatures stop at the bounds (0.05, 20), with a warning.
-    with pytest.warns(TfcalWarning, match=r"stopped at a bound .*classes \[0, 2\]"):
+    # (FPs above the TP): their own temperatures stop at the bounds (0.05, 20), so they take
+    # the pooled fit instead, with a warning naming them.
+    with pytest.warns(TfcalWarning,
+                      match=r"stopped at a bound .*classes \[car \(id 1\), flag \(id 3\)\]"):
         report, ppc, *_ = _tune(tmp_path, calibration={"method": "temperature"},
                                 output={"plots": False})
     _check_monotone_calibration(report, ppc, base)
     classes = _by_name(report)
-    assert classes["car"]["temperature"] == pytest.approx(0.05)
-    assert classes["flag"]["temperature"] == pytest.approx(20.0)
+    pooled = report["calibration"]["pooled"]["temperature"]
+    assert 0.05 < pooled < 20.0
+    assert classes["car"]["temperature"] == pytest.approx(pooled)
+    assert classes["flag"]["temperature"] == pytest.approx(pooled)
     assert 0.05 < classes["person"]["temperature"] < 20.0
+    assert classes["person"]["temperature"] != pytest.approx(pooled)
+    assert set(report["calibration"]["fallback_classes"]) >= {1, 3}
 
 
 def test_best_effort_policy(tmp_path):
