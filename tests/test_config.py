@@ -87,7 +87,10 @@ BAD = [
     (_with("calibration", "min_samples", 0), "calibration.min_samples: must be > 0"),
     (_with("export", "version", 0), "export.version: must be > 0"),
     (_with("export", "model_name", ""), "export.model_name: must be a non-empty string"),
-    ({**MINIMAL, "outputs": {}}, "outputs: unknown key"),
+    ({**MINIMAL, "outputs": {}}, "outputs: unknown key (did you mean output?)"),
+    (_with("tuning", "target_precison", 0.9),
+     "tuning.target_precison: unknown key (did you mean target_precision?)"),
+    (_with("tuning", "colour", 1), "tuning.colour: unknown key (known keys: beta, c_fn"),
     ({**MINIMAL, "tuning": [1, 2]}, "tuning: must be a mapping"),
     ([1, 2], "(top level): must be a mapping"),
 ]

@@ -12,6 +12,7 @@ documents every key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import math
 import typing
@@ -206,8 +207,10 @@ class _Loader:
         fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("source", "sha256")}
         for key in raw:
             if key not in fields:
-                known = ", ".join(sorted(fields))
-                self.fail(_join(keypath, str(key)), f"unknown key (known keys: {known})")
+                close = difflib.get_close_matches(str(key), list(fields), n=1)
+                hint = (f"did you mean {close[0]}?" if close
+                        else f"known keys: {', '.join(sorted(fields))}")
+                self.fail(_join(keypath, str(key)), f"unknown key ({hint})")
         values = {}
         for name, field in fields.items():
             if name not in raw:
