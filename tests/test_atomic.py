@@ -1,6 +1,8 @@
 """Tests of tfcal.atomic: results appear whole or not at all."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -44,3 +46,17 @@ def test_directory_refuses_existing_unless_overwrite(tmp_path):
         (tmp / "b.txt").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_files_and_directories_get_the_usual_modes(tmp_path):
+    # A model server often runs as another user: what we write must be readable like a file
+    # made by open() or a folder made by mkdir (tempfile would make them private).
+    old = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "models.config", "x")
+        with atomic.directory(tmp_path / "1") as d:
+            (d / "saved_model.pb").write_bytes(b"")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "models.config").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "1").st_mode) == 0o755

@@ -116,3 +116,15 @@ def test_invalid_yaml_names_the_line(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(TfcalError, match="cannot read config"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_default_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
+    # Run from elsewhere: the default output.dir and export.dir sit beside the config, like
+    # every relative path written in it.
+    sub = tmp_path / "job"
+    sub.mkdir()
+    path = _write(sub, MINIMAL)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path)
+    assert cfg.output.dir == sub.resolve() / "runs" / "example"
+    assert cfg.export.dir == sub.resolve() / "export"

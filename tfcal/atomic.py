@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
     """Writes `data` to `path` atomically (temporary sibling, fsync, `os.replace`)."""
     return write_with(path, lambda f: f.write(data))
@@ -31,6 +37,9 @@ def write_with(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); give it the mode a plain open() would, so a
+        # server running as another user (e.g. TF Serving in a container) can read it.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -68,6 +77,7 @@ def directory(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700), unlike mkdir
         if path.exists() and not overwrite:  # it appeared while we were writing
             raise FileExistsError(f"{path} already exists")
         if path.exists():

@@ -214,6 +214,12 @@ class _Loader:
         values = {}
         for name, field in fields.items():
             if name not in raw:
+                default = field.default
+                if name in _PATH_KEYS and isinstance(default, Path) and not default.is_absolute():
+                    # Defaults are relative paths too: they resolve against the config file.
+                    values[name] = self.base / default
+                elif dataclasses.is_dataclass(default):
+                    values[name] = self.build(type(default), {}, _join(keypath, name))
                 continue
             path = _join(keypath, name)
             value = self.convert(hints[name], raw[name], path, is_path=name in _PATH_KEYS)
