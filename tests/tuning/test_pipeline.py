@@ -260,7 +260,7 @@ def test_holdout_scores_do_not_change_the_choice(base, perturbed):
     assert (classes["car"]["holdout"]["tp"], classes["car"]["holdout"]["fp"]) == (2 * h, 2 * h)
     assert (classes["person"]["holdout"]["tp"], classes["person"]["holdout"]["fp"]) == (12 * h, 0)
     assert classes["car"]["holdout"]["meets_target"] is False
-    assert any("car" in n and "miss the target" in n for n in report["notes"])
+    assert any("car" in n and "the target on the holdout" in n for n in report["notes"])
 
 
 def test_provenance_identifies_the_raw_outputs(base, perturbed):
@@ -417,3 +417,19 @@ def test_rerun_is_deterministic(tmp_path, base):
     assert ppc["min_score_thresh"] == base[1]["min_score_thresh"]
     assert report["classes"] == base[0]["classes"]
     assert report["summary"] == base[0]["summary"]
+
+
+def test_score_columns_without_a_category_are_never_emitted(tmp_path):
+    # Drop the flag category (column 2) from the annotations: that column can no longer be
+    # evaluated, so the tuned post-processing disables it and the report says so.
+    coco, raw = ka.build(list(range(1, 61)))
+    coco["categories"] = [c for c in coco["categories"] if c["id"] != 3]
+    coco["annotations"] = [a for a in coco["annotations"] if a["category_id"] != 3]
+    path = ka.write_job(tmp_path, coco=coco, raw=raw,
+                        config=ka.default_config(output={"plots": False}))
+    result = run_tune(load_config(path), export=False)
+    ppc = json.loads(result.postprocess_path.read_text())
+    assert ppc["class_enabled"][2] is False
+    assert ppc["class_enabled"][:2] == [True, True]
+    assert {c["name"] for c in result.report["classes"]} == {"car", "person"}
+    assert any("1 score column maps to no category" in n for n in result.report["notes"])

@@ -66,7 +66,7 @@ def minimal_report(*, curves: bool = False) -> dict:
              "precision": 10 / 15, "precision_lower": 0.38380, "precision_upper": 0.88176,
              "recall": 10 / 12, "ece": None, "below_target": True},
         ],
-        "notes": ["1 classes could not reach the target on the tune split: flag"],
+        "notes": ["1 class could not reach the target on the tune split: flag"],
         "provenance": {"config_sha256": "c" * 64, "model_fingerprint": "m" * 64,
                        "data_fingerprint": "d" * 64,
                        "versions": {"tfcal": "0.1.0", "numpy": "2.0"}},
@@ -125,7 +125,7 @@ def test_markdown_coco_subgroup_and_summary_rows():
     assert "0.123 before, 0.046 after calibration" in md
     assert "(all detections: 0.032 -> 0.012)" in md
     assert "TP 44, FP 2, FN 22; precision 0.957, recall 0.667." in md
-    assert "- 1 classes could not reach the target on the tune split: flag" in md
+    assert "- 1 class could not reach the target on the tune split: flag" in md
     assert f"- config sha256 `{'c' * 64}`" in md
     assert "- versions: tfcal 0.1.0, numpy 2.0" in md
     assert "95% two-sided" in md

@@ -286,25 +286,34 @@ def _notes(cfg, prep, classes, calib) -> list[str]:
     notes = []
     unused = int((prep.mapping.column_category_ids < 0).sum())
     if unused:
-        notes.append(f"{unused} score columns map to no category of the annotations; they keep "
-                     "the tuned post-processing's defaults and were not evaluated.")
+        notes.append(f"{unused} score column{'s map' if unused != 1 else ' maps'} to no category of "
+                     "the annotations: they cannot be evaluated, so the tuned post-processing "
+                     "never emits them.")
     for status, text in (("unreachable", "could not reach the target on the tune split"),
                          ("insufficient_data", "had too little support and use the pooled "
                                                "choice"),
                          ("disabled", "are disabled (never emitted)")):
         names = [c["name"] for c in classes if c["status"] == status]
         if names:
-            notes.append(f"{len(names)} classes {text}: {', '.join(names[:12])}"
+            notes.append(f"{_count(len(names), 'class', 'classes')} {text}: "
+                         f"{', '.join(names[:12])}"
                          + (" ..." if len(names) > 12 else ""))
     missed = [c["name"] for c in classes if c["holdout"].get("meets_target") is False]
     if missed:
-        notes.append(f"{len(missed)} enabled classes miss the target on the holdout images: "
+        notes.append(f"{_count(len(missed), 'enabled class misses', 'enabled classes miss')} "
+                     f"the target on the holdout images: "
                      f"{', '.join(missed[:12])}" + (" ..." if len(missed) > 12 else "")
                      + ". Small holdout counts make wide intervals: read the interval column.")
-    if calib is not None and calib.fallback_classes:
-        notes.append(f"calibration shrank {len(calib.fallback_classes)} classes toward the pooled "
-                     f"fit (fewer than {cfg.calibration.min_samples} tune detections).")
+    shrunk = _fallback_ids(calib, prep) if calib is not None else []
+    if shrunk:
+        notes.append(f"calibration shrank {_count(len(shrunk), 'category', 'categories')} toward "
+                     f"the pooled fit (fewer than {cfg.calibration.min_samples} tune detections, "
+                     f"a single label value, or a fit stopped at a bound).")
     return notes
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def _curves(prep, found, classes, p_before, p_after, labels, seen_before, seen_after) -> dict:

@@ -416,6 +416,10 @@ def tune_on(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
                for s in ("ok", "unreachable", "insufficient_data")))
     ppc = _base_postprocess_config(cfg, prep, **_calibration_fields(calib),
                                    **found.postprocess_fields())
+    if not used.all():
+        # A column no annotated category maps to cannot be checked: never emit it.
+        enabled = np.asarray(ppc.class_enabled or (True,) * ppc.num_classes) & used
+        ppc = ppc.replace(class_enabled=tuple(bool(e) for e in enabled))
     return calib, found, ppc
 
 
