@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=None, help="version number (default: next free)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
     p.add_argument("--postprocess-only", action="store_true",
-                   help="export only the post-processing (raw boxes and scores in)")
+                   help="export only the post-processing (raw boxes and scores in), as the "
+                        "model <export.model_name>_postprocess")
     _add_common(p)
 
     p = sub.add_parser(

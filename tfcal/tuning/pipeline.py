@@ -541,17 +541,23 @@ def _export(cfg: Config, ppc, prep: Prepared | None, *, version=None, overwrite=
     elif cfg.data.images is not None and cfg.data.annotations is not None and \
             not postprocess_only:
         warmup = tuple(load_dataset(cfg).image_paths[:1])
+    name = e.model_name
+    if postprocess_only and cfg.model.saved_model is not None:
+        # Different inputs (raw boxes and scores): never a new version of the image model.
+        name = f"{e.model_name}_postprocess"
     try:
         return export_for_serving(
-            None if postprocess_only else cfg.model.saved_model, ppc, e.dir, e.model_name,
+            None if postprocess_only else cfg.model.saved_model, ppc, e.dir, name,
             version=version if version is not None else e.version,
             overwrite=e.overwrite if overwrite is None else overwrite,
             warmup_images=warmup, verify=e.verify, signature_key=cfg.model.signature,
             raw_boxes_key=cfg.model.raw_boxes, raw_scores_key=cfg.model.raw_scores,
             include_raw_outputs=e.include_raw_outputs)
     except FileExistsError as err:
-        raise TfcalError(f"{cfg.source}: export.version: {err}; pass --overwrite (or set "
-                         "export.overwrite: true) to replace it") from None
+        where = str(err).split(";")[0]  # "<version dir> already exists"
+        raise TfcalError(f"{cfg.source}: export.version (or --version): {where}; pass "
+                         "--overwrite (or set export.overwrite: true) to replace it, or leave "
+                         "the version out to write the next one") from None
 
 
 def run_export(cfg: Config, *, version: int | None = None, overwrite: bool = False,
