@@ -487,3 +487,38 @@ def test_per_class_cap_adapts_to_candidates_without_changing_detections(threshol
         ref = np_combined_nms(boxes[b], scores[b], 0.5, 25, 40, threshold)
         np.testing.assert_allclose(as_sorted_rows(out, b), ref_rows(ref), atol=1e-6)
     assert out["num_detections"].tolist() == [25, 3]
+
+
+@pytest.mark.parametrize("converter", ["sigmoid", "identity"])
+@pytest.mark.parametrize("method, params", [
+    ("temperature", dict(temperature=[1.7, 0.6])),
+    ("platt", dict(platt_a=[1.3, 0.7], platt_b=[-0.2, 0.4])),
+    ("none", {}),
+    ("piecewise_linear", dict(knots_x=[[0.0, 0.4, 1.0], [0.2, 0.9]],
+                              knots_y=[[0.05, 0.3, 0.95], [0.0, 1.0]])),
+])
+def test_raw_bounds_hold_at_float32_resolution(converter, method, params):
+    # Every float32 raw value within 5,000 steps of each bound: none below the bound may reach
+    # the calibrated threshold. Without the bounds' safety margins, rounding in the calibration
+    # map lets values a few steps below an exact bound pass (the pre-filter would drop them).
+    thresh = np.array([0.3, 0.05], np.float32)
+    if method == "piecewise_linear":
+        kx, ky = ops.pad_knots(params["knots_x"], params["knots_y"])
+        params = dict(knots_x=kx, knots_y=ky)
+    bounds = ops.raw_score_lower_bounds(thresh, [1.0, 1.0], score_converter=converter,
+                                        method=method, num_classes=2, **params).numpy()
+    checked = 0
+    for k in range(2):
+        if not np.isfinite(bounds[k]):
+            continue
+        steps = np.arange(-5000, 5000, dtype=np.float32) * np.spacing(np.float32(bounds[k]))
+        vals = (bounds[k] + steps).astype(np.float32)
+        if converter == "sigmoid":
+            vals = vals[(vals >= 0) & (vals <= 1)]
+        raw = np.zeros((1, vals.size, 3), np.float32)
+        raw[0, :, k + 1] = vals
+        q = ops.calibrate_scores(raw, score_converter=converter, method=method,
+                                 **params).numpy()[0, :, k]
+        assert not np.any((q >= thresh[k]) & (vals < bounds[k])), (k, bounds[k])
+        checked += 1
+    assert checked >= 1
