@@ -5,7 +5,7 @@
 says `tune`):
 
 - `classes`: one entry per category: `category_id`, `name`, `column`, `status`
-  (`ok` | `unreachable` | `insufficient_data` | `disabled` | `no_ground_truth`), `threshold`
+  (`ok` | `unreachable` | `insufficient_data` | `disabled`), `threshold`
   (`min_score_thresh`, calibrated probability), `nms_iou`, `calibration` (the fitted
   parameters: `temperature`, or `a`/`b`, or isotonic `knots`), `temperature` when the method
   is temperature, `tune: {tp, fp, fn, precision, recall}`, and
