@@ -228,3 +228,45 @@ def test_saved_model_config_needs_images(job, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0, err
     assert "--images" in err
+
+
+def _with_drift_section(job, tmp_path, **drift):
+    root, config = job
+    cfg = yaml.safe_load(config.read_text())
+    cfg["drift"] = drift
+    cfg["data"]["annotations"] = str(root / "instances.json")
+    cfg["model"]["raw_outputs"] = str(root / "raw.npz")
+    cfg["output"]["dir"] = str(root / "run")
+    path = tmp_path / "drift_config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_ece_check_alone_fails_on_the_drifted_set(job, capsys, tmp_path):
+    # Precision tolerance 1.0 accepts car's drop; with ECE tolerance 0 the confident false
+    # positives (0.80, 0.85) raise ECE above the report's, and that alone exits 1.
+    root, _ = job
+    config = _with_drift_section(job, tmp_path, precision_tolerance=1.0, ece_tolerance=0.0)
+    out_path = tmp_path / "drift.json"
+    code, out, err = _drift(capsys, config, root / "drifted.json", root / "images",
+                            "--out", str(out_path))
+    assert code == 1, err
+    drift = json.loads(out_path.read_text())
+    assert drift["ece_new"] > drift["ece_report"]
+    assert len(drift["failures"]) == 1 and drift["failures"][0].startswith("ECE rose from")
+    # New data from the undrifted source is better calibrated than the drifted set.
+    same_path = tmp_path / "same_drift.json"
+    _drift(capsys, config, root / "same.json", root / "images", "--out", str(same_path))
+    assert json.loads(same_path.read_text())["ece_new"] < drift["ece_new"]
+
+
+def test_classes_below_min_support_are_reported_not_judged(job, capsys, tmp_path):
+    root, _ = job
+    config = _with_drift_section(job, tmp_path, min_support=100000, ece_tolerance=1.0)
+    out_path = tmp_path / "drift.json"
+    code, _, err = _drift(capsys, config, root / "drifted.json", root / "images",
+                          "--out", str(out_path))
+    assert code == 0, err
+    drift = json.loads(out_path.read_text())
+    assert {c["status"] for c in drift["classes"]} == {"low_support"}
+    assert _classes(drift)["car"]["precision_new"] == 0.5  # still measured and reported
