@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
@@ -80,14 +83,40 @@ def directory(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700), unlike mkdir
         if path.exists() and not overwrite:  # it appeared while we were writing
             raise FileExistsError(f"{path} already exists")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(tmp: str | Path, final: str | Path) -> None:
+    """Renames the directory `tmp` to `final`; an existing `final` is first moved aside under a
+    unique hidden name (``.<name>.old-<host>-<pid>-<random>``), then deleted."""
+    tmp, final = Path(tmp), Path(final)
+    try:
+        os.replace(tmp, final)
+        return
+    except OSError:
+        if not (final.exists() or final.is_symlink()):
+            raise
+    old = final.with_name(f".{final.name}.old-{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}")
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    finally:
+        remove(old)
+
+
+def host_tag() -> str:
+    """This host's name reduced to ``[A-Za-z0-9_]``, for temporary names owned by a process."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
+def remove(path: str | Path) -> None:
+    """Deletes a file, link or directory tree if it exists."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

@@ -269,6 +269,10 @@ class PostProcessConfig:
         t = self.min_score_thresh
         return t * self.num_classes if len(t) == 1 else t
 
+    def enabled(self) -> tuple[bool, ...]:
+        """`class_enabled` broadcast to K values (all True when empty)."""
+        return self.class_enabled or (True,) * self.num_classes
+
     def ious(self) -> tuple[float, ...]:
         """`nms_iou` broadcast to K values."""
         v = self.nms_iou

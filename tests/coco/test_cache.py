@@ -8,14 +8,14 @@ import re
 import numpy as np
 import pytest
 
-from tfcal import TfcalError, TfcalWarning
+from tfcal import TfcalError, TfcalWarning, atomic
 from tfcal.coco import cache as cache_lib
 from tfcal.coco.cache import (RawOutputs, RawOutputsWriter, cache_path, load_cache,
                               load_raw_outputs, normalized_to_coco_xywh, save_cache,
                               save_npz_atomic)
 from tfcal.coco.dataset import load_coco
 
-from .cocogen import make_gt, write_json
+from .cocogen import edit_cache_meta, make_gt, write_json
 
 
 @pytest.fixture
@@ -152,14 +152,6 @@ def test_cache_rejections(tmp_path, dataset, caplog):
     assert "image_ids: differ from the dataset's" in caplog.text
 
 
-def _edit_meta(path, **fields):
-    """Rewrites meta.json with `fields` and a matching checksum (a consistent but wrong file)."""
-    meta = json.loads((path / "meta.json").read_text())
-    meta.update(fields)
-    del meta["meta_sha256"]
-    meta["meta_sha256"] = cache_lib._meta_checksum(meta)
-    (path / "meta.json").write_text(json.dumps(meta))
-
 
 def _truncate(path, name):
     data = (path / name).read_bytes()
@@ -182,10 +174,10 @@ def _wrong_header(path):
         (p / "meta.json").read_text().replace('"num_images": 4', '"num_images": 5')),
      r"meta\.json: meta_sha256 does not match"),
     (_wrong_header, r"scores\.npy: header says <f4 \[4, 5, 3\]"),
-    (lambda p: _edit_meta(p, finite=False), r"finite: must be true"),
-    (lambda p: _edit_meta(p, version=1), r"version 1, expected 'tfcal-raw-outputs' version 2"),
-    (lambda p: _edit_meta(p, image_widths=[1, 2, 3, 4]), r"image_heights/image_widths: differ"),
-    (lambda p: _edit_meta(p, arrays={}), r"meta\.json: malformed \(KeyError"),
+    (lambda p: edit_cache_meta(p, finite=False), r"finite: must be true"),
+    (lambda p: edit_cache_meta(p, version=1), r"version 1, expected 'tfcal-raw-outputs' version 2"),
+    (lambda p: edit_cache_meta(p, image_widths=[1, 2, 3, 4]), r"image_heights/image_widths: differ"),
+    (lambda p: edit_cache_meta(p, arrays={}), r"meta\.json: malformed \(KeyError"),
 ])
 def test_corrupt_cache_is_not_trusted(tmp_path, dataset, caplog, corrupt, message):
     path = save_cache(tmp_path / "raw", _raw(dataset))
@@ -263,7 +255,7 @@ def test_commit_replaces_an_old_cache_and_the_legacy_npz(tmp_path, dataset):
 @pytest.mark.skipif(os.name != "posix", reason="stale temporaries are found by process id")
 def test_stale_temporaries_are_ignored_then_removed(tmp_path, dataset):
     folder = tmp_path / "c"
-    host = cache_lib._host()
+    host = atomic.host_tag()
     dead = 4194304 + 17  # above Linux's largest pid_max (2**22): no such process
     stale = [folder / f".raw_outputs-0123456789abcdef.tmp-{host}-{dead}-abc_12",
              folder / f".raw_outputs-ffffffffffffffff.old-{host}-{dead}-9f8e"]

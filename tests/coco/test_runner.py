@@ -15,7 +15,7 @@ from tfcal.coco import runner
 from tfcal.coco.dataset import CategoryMapping, load_coco
 from tfcal.coco.runner import SignatureKeys, run_detector
 
-from .cocogen import SHARED, write_images, write_json
+from .cocogen import SHARED, edit_cache_meta, write_images, write_json
 
 tf = pytest.importorskip("tensorflow")
 
@@ -186,14 +186,6 @@ def _cache_entries(cache_dir):
     return sorted(p.name for p in cache_dir.iterdir())
 
 
-def _edit_meta(path, **fields):
-    """Rewrites meta.json with `fields` and a matching checksum (a consistent but stale file)."""
-    meta = json.loads((path / "meta.json").read_text())
-    meta.update(fields)
-    del meta["meta_sha256"]
-    meta["meta_sha256"] = cache_lib._meta_checksum(meta)
-    (path / "meta.json").write_text(json.dumps(meta))
-
 
 @pytest.mark.slow
 def test_cache_hit_stale_and_corrupt(tmp_path, saved_model, monkeypatch, caplog):
@@ -215,7 +207,7 @@ def test_cache_hit_stale_and_corrupt(tmp_path, saved_model, monkeypatch, caplog)
     assert hit.fingerprint == first.fingerprint and len(hit.fingerprint) == 64
 
     # Stale: the cache holds another fingerprint.
-    _edit_meta(path, fingerprint="0" * 64)
+    edit_cache_meta(path, fingerprint="0" * 64)
     run_detector(saved_model, ds, cache_dir=cache_dir, progress=False)
     assert loads.calls == 2 and "stale raw-output cache" in caplog.text
 

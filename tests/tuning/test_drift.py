@@ -123,12 +123,16 @@ def test_precision_tolerance_is_configurable(job, capsys, tmp_path):
     assert _classes(drift)["car"]["status"] == "ok"
 
 
-def _config_with_run_dir(job, tmp_path, run_dir: Path) -> Path:
+def _config_with_run_dir(job, tmp_path, run_dir: Path, **drift) -> Path:
+    """The job's config written to `tmp_path`, with absolute paths, `run_dir` as output.dir
+    and, if given, the `drift` section."""
     root, config = job
     cfg = yaml.safe_load(config.read_text())
     cfg["model"]["raw_outputs"] = str(root / "raw.npz")
     cfg["data"]["annotations"] = str(root / "instances.json")
     cfg["output"]["dir"] = str(run_dir)
+    if drift:
+        cfg["drift"] = drift
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -230,23 +234,12 @@ def test_saved_model_config_needs_images(job, capsys, tmp_path):
     assert "--images" in err
 
 
-def _with_drift_section(job, tmp_path, **drift):
-    root, config = job
-    cfg = yaml.safe_load(config.read_text())
-    cfg["drift"] = drift
-    cfg["data"]["annotations"] = str(root / "instances.json")
-    cfg["model"]["raw_outputs"] = str(root / "raw.npz")
-    cfg["output"]["dir"] = str(root / "run")
-    path = tmp_path / "drift_config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def test_ece_check_alone_fails_on_the_drifted_set(job, capsys, tmp_path):
     # Precision tolerance 1.0 accepts car's drop; with ECE tolerance 0 the confident false
     # positives (0.80, 0.85) raise ECE above the report's, and that alone exits 1.
     root, _ = job
-    config = _with_drift_section(job, tmp_path, precision_tolerance=1.0, ece_tolerance=0.0)
+    config = _config_with_run_dir(job, tmp_path, root / "run", precision_tolerance=1.0,
+                                  ece_tolerance=0.0)
     out_path = tmp_path / "drift.json"
     code, out, err = _drift(capsys, config, root / "drifted.json", root / "images",
                             "--out", str(out_path))
@@ -262,7 +255,8 @@ def test_ece_check_alone_fails_on_the_drifted_set(job, capsys, tmp_path):
 
 def test_classes_below_min_support_are_reported_not_judged(job, capsys, tmp_path):
     root, _ = job
-    config = _with_drift_section(job, tmp_path, min_support=100000, ece_tolerance=1.0)
+    config = _config_with_run_dir(job, tmp_path, root / "run", min_support=100000,
+                                  ece_tolerance=1.0)
     out_path = tmp_path / "drift.json"
     code, _, err = _drift(capsys, config, root / "drifted.json", root / "images",
                           "--out", str(out_path))

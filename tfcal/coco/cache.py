@@ -64,9 +64,7 @@ import math
 import mmap
 import os
 import re
-import secrets
 import shutil
-import socket
 import tempfile
 import warnings
 import zipfile
@@ -316,7 +314,7 @@ class RawOutputsWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_temporaries(self.path.parent)
             self._tmp = Path(tempfile.mkdtemp(
-                prefix=f".{self.path.name}.tmp-{_host()}-{os.getpid()}-", dir=self.path.parent))
+                prefix=f".{self.path.name}.tmp-{atomic.host_tag()}-{os.getpid()}-", dir=self.path.parent))
 
     @property
     def num_images(self) -> int:
@@ -419,7 +417,7 @@ class RawOutputsWriter:
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(self._tmp)
-        _replace_dir(self._tmp, self.path)
+        atomic.replace_directory(self._tmp, self.path)
         self._closed = True
         _fsync_dir(self.path.parent)
         legacy = self.path.with_name(self.path.name + ".npz")  # the single-file format before v2
@@ -477,10 +475,6 @@ def _meta_text(meta: dict) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
-
-
 def _process_gone(pid: int) -> bool:
     """True only when no process `pid` exists on this host (POSIX; elsewhere: never known)."""
     if os.name != "posix":
@@ -496,7 +490,7 @@ def _process_gone(pid: int) -> bool:
 
 def _remove_stale_temporaries(folder: Path) -> None:
     """Deletes temporary cache directories left in `folder` by dead processes of this host."""
-    host, me = _host(), os.getpid()
+    host, me = atomic.host_tag(), os.getpid()
     with contextlib.suppress(OSError):
         for p in folder.iterdir():
             m = _TEMP_RE.match(p.name)
@@ -504,31 +498,7 @@ def _remove_stale_temporaries(folder: Path) -> None:
                 continue
             if _process_gone(int(m.group(2))):
                 logger.info("removing %s, left by an interrupted cache write", p)
-                _remove(p)
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Renames `tmp` to `final`, moving an existing `final` aside (then deleting it) first."""
-    try:
-        os.replace(tmp, final)
-        return
-    except OSError:
-        if not (final.exists() or final.is_symlink()):
-            raise
-    old = final.with_name(f".{final.name}.old-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
-    os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    finally:
-        _remove(old)
+                atomic.remove(p)
 
 
 def _preallocate(path: Path, size: int) -> None:
@@ -555,14 +525,10 @@ def _fsync_file(path: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Best effort: directories can be fsynced on POSIX only."""
+    if os.name == "posix":
+        with contextlib.suppress(OSError):
+            _fsync_file(path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tfcal import TfcalError
 from tfcal.coco import cache as cache_lib
 from tfcal.coco.cache import RawOutputs
@@ -182,7 +180,6 @@ def _run(fn, path: Path, dataset, keys: SignatureKeys, batch: int, progress: boo
 
     paths = [str(p) for p in dataset.image_paths]
     n = len(paths)
-    row_shapes = None  # ([N, 4], [N, C]) of the first batch
     done = 0
     start = time.perf_counter()
     with tqdm(total=n, unit="img", desc="detector", disable=not progress) as bar:
@@ -204,16 +201,11 @@ def _run(fn, path: Path, dataset, keys: SignatureKeys, batch: int, progress: boo
                     raise TfcalError(f"{path}: outputs {keys.raw_boxes!r} {list(b.shape)} and "
                                      f"{keys.raw_scores!r} {list(s.shape)} must be [{k}, N, 4] "
                                      f"and [{k}, N, C]")
-                if row_shapes is None:
-                    row_shapes = (b.shape[1:], s.shape[1:])
-                elif (b.shape[1:], s.shape[1:]) != row_shapes:
-                    raise TfcalError(f"{path}: output shapes changed between images: "
-                                     f"{list(b.shape)}, {list(s.shape)} after rows of "
-                                     f"{list(row_shapes[0])}, {list(row_shapes[1])}")
-                if not (np.isfinite(b).all() and np.isfinite(s).all()):
-                    raise TfcalError(f"{path}: non-finite raw outputs for "
-                                     f"{paths[done:done + k]}")
-                writer.append(b, s)
+                try:  # the writer checks row shapes against the first batch, and finiteness
+                    writer.append(b, s)
+                except ValueError as e:
+                    raise TfcalError(f"{path}: raw outputs for {paths[done:done + k]}: "
+                                     f"{e}") from None
                 done += k
                 bar.update(k)
         except tf.errors.InvalidArgumentError as e:

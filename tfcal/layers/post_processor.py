@@ -113,10 +113,7 @@ class PostProcessor(keras.layers.Layer):
         if not self.candidate_prefilter or (cfg.score_converter == "softmax"
                                             and cfg.calibration == "temperature"):
             return False
-        thresh = list(cfg.min_score_thresh) * (cfg.num_classes if len(cfg.min_score_thresh) == 1
-                                               else 1)
-        enabled = cfg.class_enabled or (True,) * cfg.num_classes
-        live = [t for t, e in zip(thresh, enabled) if e]
+        live = [t for t, e in zip(cfg.thresholds(), cfg.enabled()) if e]
         return not live or min(live) >= PREFILTER_MIN_THRESH
 
     def _raw_bounds(self) -> tf.Tensor:

@@ -248,14 +248,20 @@ def fit_calibration(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
                          "calibrate with (check model.score_converter and the data)")
     x = probs if method == "isotonic" else probs_to_logits(probs)
     if cfg.calibration.per_class:
-        ids = prep.mapping.column_category_ids
-        names = [f"{prep.dataset.category_name(int(i))} (id {int(i)})" if i >= 0
-                 else f"column {k}" for k, i in enumerate(ids)]
+        names = [_column_label(prep, k) for k in range(prep.num_classes)]
         return fit_per_class(method, x, labels, cols, prep.num_classes,
                              min_samples=cfg.calibration.min_samples, class_labels=names)
     pooled = fit_per_class(method, x, labels, np.zeros_like(cols), 1,
                            min_samples=cfg.calibration.min_samples)
     return _broadcast_pooled(pooled, prep.num_classes)
+
+
+def _column_label(prep: Prepared, column: int, detail: str = "") -> str:
+    """``name (id N<detail>)`` of the category a class column predicts (or ``column k``)."""
+    i = int(prep.mapping.column_category_ids[column])
+    if i < 0:
+        return f"column {column}"
+    return f"{prep.dataset.category_name(i)} (id {i}{detail})"
 
 
 def _broadcast_pooled(pooled, num_classes: int):
@@ -358,9 +364,8 @@ def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
                             default_nms_iou=t.default_nms_iou, min_support=t.min_support,
                             confidence_budget=t.confidence_budget)
     except UnreachableTargetError as e:
-        ids = prep.mapping.columns_to_category_ids(np.asarray(e.columns, dtype=np.int64))
-        names = ", ".join(f"{prep.dataset.category_name(int(i))} (id {int(i)}, {n} ground truths)"
-                          for i, n in zip(ids, e.num_gt))
+        names = ", ".join(_column_label(prep, c, f", {n} ground truths")
+                          for c, n in zip(e.columns, e.num_gt))
         raise TfcalError(f"{cfg.source}: tuning.on_unreachable: error, and the target "
                          f"({t.objective}) is unreachable on the tune split for {names}; "
                          f"relax the target, or set on_unreachable to disable or "
@@ -418,7 +423,7 @@ def tune_on(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
                                    **found.postprocess_fields())
     if not used.all():
         # A column no annotated category maps to cannot be checked: never emit it.
-        enabled = np.asarray(ppc.class_enabled or (True,) * ppc.num_classes) & used
+        enabled = np.asarray(ppc.enabled()) & used
         ppc = ppc.replace(class_enabled=tuple(bool(e) for e in enabled))
     return calib, found, ppc
 
