@@ -151,11 +151,13 @@ def test_clopper_pearson_golden():
         th.clopper_pearson(5, 3)
 
 
-def test_precision_target_with_confidence_uses_lower_bound():
+def test_precision_target_with_confidence_is_certified():
     # Labels by descending score: 20 TP, 1 FP, 2 TP, 7 FP. Point precision >= 0.85 holds down to
-    # the 23rd score (22/23 = 0.957, recall 1). The one-sided 95% Clopper-Pearson lower bound at
-    # k = n = 20 is 0.05^(1/20) = 0.8609 >= 0.85, but at 22/23 it is 0.810 < 0.85, so the bound
-    # stops at the 20th score.
+    # the 23rd score (22/23 = 0.957, recall 1). Certified at delta 0.05: 30 scores leave room
+    # for one fixed sequence (two shares would need 2 x 23 detections), starting at the
+    # smallest count that can reject, ceil(log 0.05 / log 0.85) = 19. P(Bin(19, .85) >= 19) =
+    # 0.85^19 = 0.0456 and 0.85^20 = 0.0388 pass; at 20 of 21, P(Bin(21, .85) >= 20) = 0.1096
+    # fails and the sequence stops: the 20th score.
     s = np.linspace(1.0, 0.01, 30)
     y = np.array([1] * 20 + [0] + [1] * 2 + [0] * 7)
     r = th.select_threshold(s, y, "precision_target", target=0.85)
@@ -164,10 +166,10 @@ def test_precision_target_with_confidence_uses_lower_bound():
     assert r.feasible and r.threshold == s[19] and r.tp == 20
     assert r.precision_lower == pytest.approx(0.05 ** (1 / 20))
     assert r.precision_lower == pytest.approx(th.clopper_pearson(20, 20, 0.95, sided="one")[0])
-    # the bound cannot reach 0.9 with these counts: infeasible, and the message gives the best
+    # 0.9 needs 29 of 29 (0.9^29 = 0.047): the 21st label is an FP, so nothing certifies.
     r = th.select_threshold(s, y, "precision_target", target=0.9, confidence=0.95)
     assert not r.feasible and r.threshold is None
-    assert "lower bound on precision >= 0.9" in r.message and "0.8609" in r.message
+    assert "certified precision" in r.message and "0.8609" in r.message
 
 
 def test_precision_recall_at_thresholds():

@@ -21,6 +21,7 @@ from typing import Literal
 
 import numpy as np
 
+from tfcal import certification
 from tfcal.metrics import validate_binary
 
 Objective = Literal["f1", "fbeta", "youden", "cost", "precision_target", "recall_target"]
@@ -52,7 +53,8 @@ class ThresholdResult:
       message: why it is infeasible, or a one-line summary.
       objective: the objective name.
       precision_lower: the one-sided Clopper-Pearson lower bound on precision at `confidence`
-        (precision_target with `confidence` only, else None).
+        at the chosen threshold (precision_target with `confidence` only, else None); the
+        choice itself is certified by `tfcal.certification`.
     """
 
     threshold: float | None
@@ -252,8 +254,9 @@ def select_threshold(scores, labels, objective: Objective = "f1", *, beta: float
     - `fbeta`: `(1 + beta^2) tp / ((1 + beta^2) tp + beta^2 fn + fp)`.
     - `youden`: `tp / P - fp / N` (TPR - FPR; needs both labels).
     - `cost`: minimum mean empirical cost `(c_fp fp + c_fn fn) / (N + P)`.
-    - `precision_target`: maximum recall with precision >= `target`; with `confidence`, the
-      one-sided Clopper-Pearson lower bound on precision at that level must be >= `target`.
+    - `precision_target`: maximum recall with precision >= `target`; with `confidence`, only
+      thresholds that `tfcal.certification.certify_precision` certifies at level
+      `1 - confidence` qualify (a guarantee that holds after this choice).
     - `recall_target`: maximum precision with recall >= `target`.
 
     When no candidate meets a target the result has `feasible=False`, `threshold=None` and a
@@ -267,8 +270,8 @@ def select_threshold(scores, labels, objective: Objective = "f1", *, beta: float
       beta: fbeta's beta > 0, default 1.
       c_fp, c_fn: cost's per-error costs, >= 0, default 1.
       target: the precision or recall target in (0, 1].
-      confidence: precision_target only: level in (0, 1) of the lower bound, default None
-        (point precision).
+      confidence: precision_target only: certify the target at this level in (0, 1), default
+        None (point precision).
       num_positives: recall denominator, default `sum(labels)`; for detections the number of
         ground truths (undetected ground truths count as false negatives).
 
@@ -310,11 +313,11 @@ def select_threshold(scores, labels, objective: Objective = "f1", *, beta: float
         t = _check_target(target)
         feasible = c.precision >= t
         if confidence is not None:
-            lower = np.zeros_like(c.precision)
-            if np.any(feasible):  # the bound is <= the point precision: only these can pass
-                lower[feasible] = clopper_pearson(c.tp[feasible], (c.tp + c.fp)[feasible],
-                                                  confidence, sided="one")[0]
-            feasible = lower >= t
+            # Certified along the curve (tfcal.certification): valid after choosing among all
+            # thresholds, unlike a bound computed at each one and the best kept.
+            feasible, _ = certification.certify_precision(c.tp, c.tp + c.fp, t, 1 - confidence)
+            feasible &= c.tp > 0
+            lower = np.asarray(clopper_pearson(c.tp, c.tp + c.fp, confidence, sided="one")[0])
         value = np.where(feasible, c.recall, -np.inf)
     else:  # recall_target
         t = _check_target(target)
@@ -335,8 +338,8 @@ def select_threshold(scores, labels, objective: Objective = "f1", *, beta: float
 def _infeasible(objective: str, c: PrecisionRecallCurve, P: int, N: int, target: float,
                 confidence: float | None, lower: np.ndarray | None) -> ThresholdResult:
     if objective == "precision_target":
-        what = (f"one-sided {confidence:.0%} Clopper-Pearson lower bound on precision"
-                if confidence is not None else "precision")
+        what = (f"certified precision (one-sided {confidence:.0%} Clopper-Pearson lower bound "
+                f"on precision shown)" if confidence is not None else "precision")
         best_arr = lower if lower is not None else c.precision
         j = int(np.argmax(best_arr))
         message = (f"precision_target: no threshold reaches {what} >= {target}; best is "

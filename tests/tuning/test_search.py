@@ -234,25 +234,55 @@ def test_overrides_per_column():
 
 
 def test_confidence_mode_and_budget():
+    from tfcal import certification
+
     rng = np.random.default_rng(0)
     k, d = 5, 2000
     col = rng.integers(0, k, d)
     score = rng.random(d).astype(np.float32)
     tp = rng.random(d) < score
     num_gt = np.bincount(col[tp], minlength=k) + 20
-    m = {0.5: MatchedDetections(score, col, tp, np.zeros(d, bool), num_gt)}
-    plain = joint_search(m, Objective(target_precision=0.8), min_support=1)
-    per = joint_search(m, Objective(target_precision=0.8, confidence=0.9), min_support=1)
-    bonf = joint_search(m, Objective(target_precision=0.8, confidence=0.9), min_support=1,
-                        confidence_budget="bonferroni")
-    from scipy.special import betaincinv  # betaincinv(a, b, q) is the Beta(a, b) quantile
-    for a, b, c in zip(plain.classes, per.classes, bonf.classes):
+    grid = (0.5, 0.6)
+    m = {g: MatchedDetections(score, col, tp, np.zeros(d, bool), num_gt) for g in grid}
+    plain = joint_search(m, Objective(target_precision=0.7), min_support=1)
+    per = joint_search(m, Objective(target_precision=0.7, confidence=0.9), min_support=1)
+    simul = joint_search(m, Objective(target_precision=0.7, confidence=0.9), min_support=1,
+                         confidence_budget="simultaneous")
+    for a, b, c in zip(plain.classes, per.classes, simul.classes):
         assert a.status == b.status == c.status == "ok"
+        assert (a.guarantee, b.guarantee, c.guarantee) == ("estimate", "certified", "certified")
         assert c.recall <= b.recall <= a.recall  # stricter guarantees cost recall
-        # The one-sided Clopper-Pearson lower bound, from scipy.stats.beta directly.
-        want = betaincinv(b.tp, b.fp + 1, 0.1)
-        assert b.precision_lower == pytest.approx(want, rel=1e-9) and b.precision_lower >= 0.8
-        assert c.precision_lower == pytest.approx(betaincinv(c.tp, c.fp + 1, 0.1 / k), rel=1e-9)
+        # Each IoU curve gets delta / G; simultaneously delta / (K G).
+        assert b.test_level == pytest.approx(0.1 / 2) and c.test_level == pytest.approx(0.1 / 10)
+        assert b.p_value <= b.test_level and c.p_value <= c.test_level
+        # The chosen point's p-value is the exact binomial tail, from scipy.stats directly.
+        from scipy.stats import binom
+        assert b.p_value == pytest.approx(binom.sf(b.tp - 1, b.tp + b.fp, 0.7), rel=1e-9)
+        # The same choice as certifying the class's curve on its own.
+        s = slice(per.curves[0].offsets[b.column], per.curves[0].offsets[b.column + 1])
+        cv = per.curves[0]
+        ok, _ = certification.certify_precision(cv.tp[s], cv.tp[s] + cv.fp[s], 0.7, 0.05)
+        if b.nms_iou == 0.5:
+            assert b.recall == pytest.approx(cv.tp[s][ok].max() / b.num_gt)
+    with pytest.raises(ValueError, match="confidence_budget"):
+        joint_search(m, Objective(confidence=0.9), confidence_budget="bonferroni")
+
+
+def test_uncertifiable_class_gets_a_box_estimate_and_no_guarantee():
+    # Class 0: 20 of 20 TP (certifiable); class 1: 9 TP then FPs, 12 GT (too few to certify
+    # precision 0.9 at delta 0.05: it needs >= 29 detections, all TP).
+    rows = [(0.99 - 0.01 * i, 0, True) for i in range(40)]
+    rows += [(0.9 - 0.01 * i, 1, True) for i in range(9)] + [(0.5, 1, False)]
+    m = {0.5: _md(rows, [40, 12])}
+    r = joint_search(m, Objective(target_precision=0.9, confidence=0.95), min_support=1)
+    c0, c1 = r.classes
+    assert (c0.status, c0.guarantee, c0.boxes_to_certify) == ("ok", "certified", None)
+    assert (c1.status, c1.enabled, c1.guarantee) == ("unreachable", False, "none")
+    # At 9/9 the test needs 29 of 29: 29 detections at 9 per 12 boxes -> ceil(29 * 12 / 9) = 39.
+    assert c1.boxes_to_certify == 39
+    best = joint_search(m, Objective(target_precision=0.9, confidence=0.95,
+                                     on_unreachable="best_effort"), min_support=1).classes[1]
+    assert best.enabled and best.status == "unreachable" and best.guarantee == "none"
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -128,11 +128,31 @@ def brute_force_counts(ids, boxes, scores, coco):
     return counts, num_gt
 
 
+def _certified_points(counts, num_gt, obj):
+    """{(g, t): bool [K]}: the certified grid points, each class's curve at each IoU run
+    through `tfcal.certification` on its own (level (1 - confidence) / G per curve)."""
+    from tfcal import certification
+
+    out = {key: np.zeros(NUM_CLASSES, bool) for key in counts}
+    level = (1.0 - obj.confidence) / len(GRID)
+    for g in GRID:
+        ts = sorted({t for (gg, t) in counts if gg == g}, reverse=True)
+        for c in range(NUM_CLASSES):
+            tp = np.array([counts[(g, t)][0][c] for t in ts])
+            fp = np.array([counts[(g, t)][1][c] for t in ts])
+            if obj.name == "precision_target":
+                ok, _ = certification.certify_precision(tp, tp + fp, obj.target_precision, level)
+            else:
+                ok, _ = certification.certify_recall(tp, int(num_gt[c]), obj.target_recall, level)
+            for t, o in zip(ts, ok):
+                out[(g, t)][c] = o
+    return out
+
+
 def brute_force_choose(counts, num_gt, obj, default):
     """Per class: (iou, threshold, tp, fp) of the best feasible grid point, or None."""
-    from scipy.special import betaincinv
-
     rank = {g: r for r, g in enumerate(sorted(GRID, key=lambda g: (abs(g - default), g)))}
+    certified = _certified_points(counts, num_gt, obj) if obj.certified else None
     out = []
     for c in range(NUM_CLASSES):
         best, choice = None, None
@@ -143,11 +163,11 @@ def brute_force_choose(counts, num_gt, obj, default):
                 continue
             prec, rec = tp / (tp + fp), tp / n
             if obj.name == "precision_target":
-                measure = prec if obj.confidence is None else betaincinv(tp, fp + 1,
-                                                                         1 - obj.confidence)
-                ok, key = measure >= obj.target_precision, (rec, prec)
+                ok = certified[(g, t)][c] if certified else prec >= obj.target_precision
+                key = (rec, prec)
             elif obj.name == "recall_target":
-                ok, key = rec >= obj.target_recall, (prec, rec)
+                ok = certified[(g, t)][c] if certified else rec >= obj.target_recall
+                key = (prec, rec)
             elif obj.name == "f1":
                 ok, key = True, (2.0 * tp / (2.0 * tp + fp + (n - tp)), rec)
             elif obj.name == "fbeta":
@@ -184,6 +204,7 @@ OBJECTIVES = [
     Objective("precision_target", target_precision=0.85),
     Objective("precision_target", target_precision=0.5, confidence=0.8),
     Objective("recall_target", target_recall=0.5),
+    Objective("recall_target", target_recall=0.3, confidence=0.8),
     Objective("f1"),
     Objective("fbeta", beta=2.0),
     Objective("cost", c_fp=1.0, c_fn=2.5),

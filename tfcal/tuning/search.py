@@ -32,14 +32,17 @@ Conventions (the brute-force reference in tests/tuning/test_search_bruteforce.py
 - Tie-break, after the primary and secondary keys: the default NMS IoU first, then the grid value
   closest to it (the lower one on equal distance), then the lower threshold. So the choice is a
   pure function of the counts, and identical in the brute force.
-- `confidence` (precision_target only): a point is feasible iff the one-sided Clopper–Pearson
-  lower bound of its precision, at level `confidence`, is >= the target. Error budget
-  (`confidence_budget`): `"per_class"` (default) gives each class its own level `confidence`
-  (each class's statement holds with that probability, not all classes at once);
-  `"bonferroni"` uses `1 - (1 - confidence) / K_eval` per class, where `K_eval` is the number of
-  classes searched in confidence mode (enough support), so all of them hold together with
-  probability >= `confidence`. Either way the threshold is selected on the same data the bound is
-  computed on; the holdout report is the honest check.
+- `confidence` (`precision_target` and `recall_target`): certified mode, the default of the
+  config. A point is feasible only if `tfcal.certification` certifies it: exact binomial tests
+  in a Learn-then-Test fallback sequence along each class's curve, fixed without labels, with
+  `level / G` per NMS IoU curve (Bonferroni over the `G` grid values), so the best-recall
+  certified point keeps the guarantee after the choice among thresholds and IoUs. Error budget
+  (`confidence_budget`): `"per_class"` (default) gives each class `delta = 1 - confidence`
+  (each class's statement holds with that probability, not all at once); `"simultaneous"`
+  gives each `delta / K_cert`, `K_cert` the classes searched in certified mode, so all of them
+  hold together with probability >= `confidence`. `ClassChoice.guarantee` is `"certified"`
+  there, `"estimate"` for a point estimate (no confidence, or f1/fbeta/cost) and `"none"` for a
+  best-effort or pooled-fallback point.
 - Unreachable (no feasible point at any IoU): `on_unreachable="disable"` disables the class;
   `"best_effort"` takes the point that comes closest: for `precision_target` the highest precision
   (its lower bound in confidence mode) with tp > 0, then recall; for `recall_target` the highest
@@ -61,15 +64,20 @@ from typing import Literal
 
 import numpy as np
 
-from tfcal import TfcalError
+from tfcal import TfcalError, certification
+from tfcal.thresholds import clopper_pearson
 
 log = logging.getLogger(__name__)
 
 ObjectiveName = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
 OnUnreachable = Literal["disable", "best_effort", "error"]
 Status = Literal["ok", "unreachable", "insufficient_data"]
+Guarantee = Literal["certified", "estimate", "none"]
+ConfidenceBudget = Literal["per_class", "simultaneous"]
 _OBJECTIVES = ("precision_target", "recall_target", "f1", "fbeta", "cost")
+_TARGETS = ("precision_target", "recall_target")
 _POLICIES = ("disable", "best_effort", "error")
+_BUDGETS = ("per_class", "simultaneous")
 
 
 class UnreachableTargetError(TfcalError):
@@ -98,8 +106,8 @@ class Objective:
         beta: > 0, default 1.0 (`fbeta`).
         c_fp: cost of one false positive, > 0, default 1.0 (`cost`).
         c_fn: cost of one false negative, > 0, default 1.0 (`cost`).
-        confidence: in (0, 1) or None (`precision_target` only): require the Clopper–Pearson lower
-            bound of precision to reach the target.
+        confidence: in (0, 1) or None (`precision_target` and `recall_target`): certify the
+            target at this level (see the module docstring); None is a point estimate.
         on_unreachable: `{"disable", "best_effort", "error"}`, default `"disable"`.
     """
 
@@ -128,6 +136,11 @@ class Objective:
                 raise ValueError(f"{field} must be finite and > 0, got {v!r}")
         if self.confidence is not None and not 0.0 < self.confidence < 1.0:
             raise ValueError(f"confidence must be in (0, 1) or None, got {self.confidence!r}")
+
+    @property
+    def certified(self) -> bool:
+        """True when this objective's target is certified (a target objective with confidence)."""
+        return self.name in _TARGETS and self.confidence is not None
 
     def with_overrides(self, **overrides) -> "Objective":
         """Returns a copy with every non-None keyword replaced (config `ClassOverride` fields map
@@ -269,8 +282,17 @@ class ClassChoice:
         num_gt: non-ignored ground truths of the class.
         precision, recall: at the chosen point.
         value: the class objective's value there (see the module docstring; NaN when disabled).
-        precision_lower: Clopper–Pearson lower bound used in confidence mode, else NaN.
+        precision_lower: one-sided Clopper–Pearson lower bound of the tune precision at the
+            class's per-curve test level (certified or best-effort precision_target), else NaN.
         objective: the objective name used for this class.
+        guarantee: `"certified"` (the target is certified, see the module docstring),
+            `"estimate"` (a point estimate) or `"none"` (best effort, pooled fallback, disabled).
+        test_level: the family-wise level of each of this class's IoU curves in certified mode
+            (`delta / G`, or `delta / (K_cert G)` simultaneously), else NaN.
+        p_value: the exact binomial p-value at the chosen point in certified mode, else NaN.
+        boxes_to_certify: for a class that could not be certified, the estimated labelled boxes
+            it would need at the target (None when its curve never exceeds the target, or when
+            not in certified mode).
     """
 
     column: int
@@ -287,6 +309,10 @@ class ClassChoice:
     value: float
     precision_lower: float = math.nan
     objective: str = "precision_target"
+    guarantee: Guarantee = "estimate"
+    test_level: float = math.nan
+    p_value: float = math.nan
+    boxes_to_certify: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -394,26 +420,26 @@ def _curves(srt: _Sorted, num_gt, nms_iou, thresholds) -> Curves:
 # Objective keys
 
 
-def _cp_lower(tp, n, confidence):
-    """One-sided Clopper–Pearson lower bound of tp/n at level `confidence` per point (0 where
+def _cp_lower(tp, n, level):
+    """One-sided Clopper–Pearson lower bound of tp/n with error `level` per point (0 where
     tp == 0), via `tfcal.thresholds.clopper_pearson` (one call per distinct level)."""
-    from tfcal.thresholds import clopper_pearson
-
     tp = np.asarray(tp, np.float64)
     n = np.asarray(n, np.float64)
-    conf = np.broadcast_to(np.asarray(confidence, np.float64), tp.shape)
+    lv = np.broadcast_to(np.asarray(level, np.float64), tp.shape)
     out = np.zeros(tp.shape)
-    for level in np.unique(conf):
-        m = conf == level
+    for a in np.unique(lv):
+        m = lv == a
         if m.any():
-            out[m] = np.asarray(clopper_pearson(tp[m], n[m], float(level), sided="one")[0])
+            out[m] = np.asarray(clopper_pearson(tp[m], n[m], 1.0 - float(a), sided="one")[0])
     return out
 
 
-def _keys(obj: Objective, tp, fp, num_gt, confidence):
+def _keys(obj: Objective, tp, fp, num_gt, level):
     """Returns (feasible, primary, secondary, value, fallback_primary, fallback_secondary, lower).
 
-    All float64 arrays of the points' shape; `confidence` is the per-point level or None.
+    All float64 arrays of the points' shape. `feasible` is the point-estimate rule; certified
+    objectives replace it with the certified points. `level` is the per-point test level of a
+    certified objective (its best effort ranks by the lower bound at that level), or None.
     """
     tp = tp.astype(np.float64)
     fp = fp.astype(np.float64)
@@ -425,13 +451,11 @@ def _keys(obj: Objective, tp, fp, num_gt, confidence):
     has_tp = tp > 0
     lower = np.full(tp.shape, np.nan)
     if obj.name == "precision_target":
-        if confidence is not None:
-            lower = _cp_lower(tp, pred, confidence)
-            feasible = has_tp & (lower >= obj.target_precision)
+        feasible = has_tp & (precision >= obj.target_precision)
+        fb_primary = precision
+        if level is not None:
+            lower = _cp_lower(tp, pred, level)
             fb_primary = lower
-        else:
-            feasible = has_tp & (precision >= obj.target_precision)
-            fb_primary = precision
         return feasible, recall, precision, recall, fb_primary, recall, lower
     if obj.name == "recall_target":
         feasible = has_tp & (recall >= obj.target_recall)
@@ -447,6 +471,29 @@ def _keys(obj: Objective, tp, fp, num_gt, confidence):
         return has_tp, f, recall, f, f, recall, lower
     cost = obj.c_fp * fp + obj.c_fn * fn
     return has_tp, -cost, recall, cost, -cost, recall, lower
+
+
+def _certify_segment(obj: Objective, tp, fp, num_gt: int, level: float):
+    """Certified points and p-values of one class's curve at one IoU (thresholds descending)."""
+    if obj.name == "precision_target":
+        return certification.certify_precision(tp, tp + fp, obj.target_precision, level)
+    return certification.certify_recall(tp, num_gt, obj.target_recall, level)
+
+
+def _boxes_to_certify(obj: Objective, curves: Sequence[Curves], column: int, level: float):
+    """The smallest estimated box count over the class's IoU curves (None if none can)."""
+    best = None
+    for cv in curves:
+        s = slice(int(cv.offsets[column]), int(cv.offsets[column + 1]))
+        tp, fp, n = cv.tp[s], cv.fp[s], int(cv.num_gt[column])
+        if obj.name == "precision_target":
+            need = certification.boxes_to_certify(tp, tp + fp, n, obj.target_precision, level)
+        else:
+            need = certification.boxes_to_certify(tp, np.full(tp.shape, n), n,
+                                                  obj.target_recall, level)
+        if need is not None and (best is None or need < best):
+            best = need
+    return best
 
 
 def _pick(group, primary, secondary, iou_rank, threshold, candidates, num_groups):
@@ -482,6 +529,28 @@ def default_iou(grid: Sequence[float]) -> float:
 # The search
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Points:
+    """Every curve point of every IoU, concatenated (IoU-major, then class, threshold desc)."""
+
+    col: np.ndarray
+    thv: np.ndarray
+    tp: np.ndarray
+    fp: np.ndarray
+    gi: np.ndarray
+    base: np.ndarray  # int64 [G]: first row of each IoU's curve
+
+    @classmethod
+    def of(cls, curves: Sequence[Curves]) -> "_Points":
+        sizes = np.array([c.column.shape[0] for c in curves], np.int64)
+        base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        return cls(np.concatenate([c.column for c in curves]).astype(np.int64),
+                   np.concatenate([c.threshold for c in curves]),
+                   np.concatenate([c.tp for c in curves]),
+                   np.concatenate([c.fp for c in curves]),
+                   np.repeat(np.arange(len(curves), dtype=np.int64), sizes), base)
+
+
 def joint_search(
     matched: Mapping[float, MatchedDetections],
     objective: Objective = Objective(),
@@ -491,7 +560,7 @@ def joint_search(
     min_support: int = 10,
     min_detections: int = 1,
     thresholds: Sequence[float] | np.ndarray | None = None,
-    confidence_budget: Literal["per_class", "bonferroni"] = "per_class",
+    confidence_budget: ConfidenceBudget = "per_class",
 ) -> SearchResult:
     """Chooses `(min_score_thresh, nms_iou)` per class column from matched tune-split detections.
 
@@ -505,8 +574,9 @@ def joint_search(
         min_support: classes with fewer non-ignored ground truths get the pooled fallback.
         min_detections: classes with fewer non-ignored detections at every IoU get it too.
         thresholds: explicit candidate thresholds shared by all classes, or None (default) for
-            the observed scores.
-        confidence_budget: `{"per_class", "bonferroni"}`, default `"per_class"` (see module doc).
+            the observed scores (label-free either way).
+        confidence_budget: `{"per_class", "simultaneous"}`, default `"per_class"` (see the
+            module docstring).
 
     Returns:
         A `SearchResult`.
@@ -534,9 +604,8 @@ def joint_search(
     for col in overrides:
         if not (isinstance(col, (int, np.integer)) and 0 <= col < k):
             raise ValueError(f"overrides keys must be class columns in [0, {k}), got {col!r}")
-    if confidence_budget not in ("per_class", "bonferroni"):
-        raise ValueError(f"confidence_budget must be 'per_class' or 'bonferroni', "
-                         f"got {confidence_budget!r}")
+    if confidence_budget not in _BUDGETS:
+        raise ValueError(f"confidence_budget must be one of {_BUDGETS}, got {confidence_budget!r}")
     thr = None
     if thresholds is not None:
         thr = np.unique(np.asarray(thresholds, np.float32).reshape(-1))[::-1]
@@ -552,13 +621,8 @@ def joint_search(
         srt = _sort_and_count(md.score[keep], md.column[keep], md.tp[keep], k)
         sorted_.append(srt)
         curves.append(_curves(srt, num_gt, g, thr))
-
-    # All points of all IoUs, concatenated.
-    col = np.concatenate([c.column for c in curves]).astype(np.int64)
-    thv = np.concatenate([c.threshold for c in curves])
-    tp = np.concatenate([c.tp for c in curves])
-    fp = np.concatenate([c.fp for c in curves])
-    gi = np.concatenate([np.full(c.column.shape[0], i, np.int64) for i, c in enumerate(curves)])
+    pts = _Points.of(curves)
+    col, thv, tp, fp, gi = pts.col, pts.thv, pts.tp, pts.fp, pts.gi
     rank = ranks[gi]
     ngt = num_gt[col]
 
@@ -566,14 +630,14 @@ def joint_search(
     dets_per_class = np.max([np.diff(s.offsets) for s in sorted_], axis=0)
     insufficient = (num_gt < min_support) | (dets_per_class < min_detections)
 
-    # Per-class confidence level in confidence mode.
-    conf_cols = [c for c in range(k) if not insufficient[c]
-                 and objectives[c].name == "precision_target"
-                 and objectives[c].confidence is not None]
+    # Certified mode: each class's error budget, split over its G IoU curves.
+    cert_cols = [c for c in range(k) if not insufficient[c] and objectives[c].certified]
     level = np.full(k, np.nan)
-    for c in conf_cols:
-        a = 1.0 - objectives[c].confidence
-        level[c] = 1.0 - (a / len(conf_cols) if confidence_budget == "bonferroni" else a)
+    for c in cert_cols:
+        delta = 1.0 - objectives[c].confidence
+        if confidence_budget == "simultaneous":
+            delta /= len(cert_cols)
+        level[c] = delta / len(grid)
 
     n_pts = col.shape[0]
     feasible = np.zeros(n_pts, bool)
@@ -583,17 +647,21 @@ def joint_search(
     fb_primary = np.zeros(n_pts)
     fb_secondary = np.zeros(n_pts)
     lower = np.full(n_pts, np.nan)
+    pvalue = np.full(n_pts, np.nan)
     for obj in dict.fromkeys(objectives):  # distinct objectives, deterministic order
         cols = [c for c in range(k) if objectives[c] == obj]
         m = np.isin(col, cols)
-        conf = None
-        if obj.name == "precision_target" and obj.confidence is not None:
-            lv = level[col[m]]
-            conf = np.where(np.isnan(lv), obj.confidence, lv)
-        out = _keys(obj, tp[m], fp[m], ngt[m], conf)
+        lv = level[col[m]] if obj.certified else None
+        out = _keys(obj, tp[m], fp[m], ngt[m], lv)
         targets = (feasible, primary, secondary, value, fb_primary, fb_secondary, lower)
         for arr, o in zip(targets, out):
             arr[m] = o
+    for c in cert_cols:  # certified points replace the point-estimate rule
+        for i, cv in enumerate(curves):
+            s = slice(int(pts.base[i] + cv.offsets[c]), int(pts.base[i] + cv.offsets[c + 1]))
+            ok, p = _certify_segment(objectives[c], tp[s], fp[s], int(num_gt[c]), level[c])
+            feasible[s] = ok & (tp[s] > 0)
+            pvalue[s] = p
 
     best = _pick(col, primary, secondary, rank, thv, feasible, k)
     fallback = _pick(col, fb_primary, fb_secondary, rank, thv, tp > 0, k)
@@ -608,17 +676,26 @@ def joint_search(
     if insufficient.any():
         pooled_choice, pooled_point = _pooled(mds, grid, objective, ranks, thr, default_nms_iou)
 
+    def need(c):
+        return _boxes_to_certify(objectives[c], curves, c, level[c]) if c in cert_set else None
+
     def disabled(c, status, obj):
         n = int(num_gt[c])
         return ClassChoice(c, status, False, 1.0, default_nms_iou, 0, 0, n, n, 0.0, 0.0, math.nan,
-                           objective=obj.name)
+                           objective=obj.name, guarantee="none", test_level=float(level[c]),
+                           boxes_to_certify=need(c))
 
     def at_point(c, status, i, obj):
         t, f, n = int(tp[i]), int(fp[i]), int(num_gt[c])
+        certified = status == "ok" and c in cert_set
+        guarantee = "certified" if certified else ("estimate" if status == "ok" else "none")
         return ClassChoice(c, status, True, float(thv[i]), grid[gi[i]], t, f, n - t, n,
                            t / (t + f) if t + f else 0.0, t / n if n else 0.0, float(value[i]),
-                           float(lower[i]), obj.name)
+                           float(lower[i]), obj.name, guarantee, float(level[c]),
+                           float(pvalue[i]) if certified else math.nan,
+                           None if certified else need(c))
 
+    cert_set = set(cert_cols)
     choices: list[ClassChoice] = []
     errors = []
     for c in range(k):
@@ -630,12 +707,11 @@ def joint_search(
             g_idx, t_pool = pooled_point
             t, f = sorted_[g_idx].counts_at(c, t_pool)
             n = int(num_gt[c])
-            val = _keys(objective, np.array([t]), np.array([f]), np.array([n]),
-                        None if objective.confidence is None or objective.name != "precision_target"
-                        else np.array([objective.confidence]))[3][0]
+            val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None)[3][0]
             choices.append(ClassChoice(c, "insufficient_data", True, float(t_pool), grid[g_idx],
                                        t, f, n - t, n, t / (t + f) if t + f else 0.0,
-                                       t / n if n else 0.0, float(val), objective=objective.name))
+                                       t / n if n else 0.0, float(val), objective=objective.name,
+                                       guarantee="none"))
         elif best[c] >= 0:
             choices.append(at_point(c, "ok", best[c], obj))
         elif obj.on_unreachable == "error":
@@ -654,40 +730,36 @@ def joint_search(
                         pooled_choice)
 
 
+def pool_classes(matched: Mapping[float, MatchedDetections]) -> dict[float, MatchedDetections]:
+    """The same detections as one class (column 0, `num_gt` summed): the search over them is
+    one shared threshold and IoU, judged on the pooled precision or recall."""
+    out = {}
+    for g, md in matched.items():
+        out[g] = MatchedDetections(md.score, np.zeros(md.score.shape[0], np.int64), md.tp,
+                                   md.ignored, np.array([int(md.num_gt.sum())]))
+    return out
+
+
 def _pooled(mds, grid, objective, ranks, thr, default_nms_iou):
-    """The default objective's choice over all classes' detections pooled at each IoU."""
-    total = np.array([int(mds[0].num_gt.sum())])
-    cols, thvs, tps, fps, gis = [], [], [], [], []
-    for i, md in enumerate(mds):
-        keep = ~md.ignored
-        srt = _sort_and_count(md.score[keep], np.zeros(int(keep.sum()), np.int64), md.tp[keep], 1)
-        cv = _curves(srt, total, grid[i], thr)
-        cols.append(cv.column.astype(np.int64))
-        thvs.append(cv.threshold)
-        tps.append(cv.tp)
-        fps.append(cv.fp)
-        gis.append(np.full(cv.column.shape[0], i, np.int64))
-    col, thv, tp, fp, gi = (np.concatenate(a) for a in (cols, thvs, tps, fps, gis))
-    conf = None
-    if objective.name == "precision_target" and objective.confidence is not None:
-        conf = np.full(tp.shape, objective.confidence)
-    feasible, primary, secondary, value, fbp, fbs, lower = _keys(objective, tp, fp, total[col],
-                                                                 conf)
-    status = "ok"
-    i = _pick(col, primary, secondary, ranks[gi], thv, feasible, 1)[0]
-    if i < 0:
-        status = "unreachable"
-        i = _pick(col, fbp, fbs, ranks[gi], thv, tp > 0, 1)[0]
+    """The default objective's choice over all classes' detections pooled (column -1): the
+    fallback of `insufficient_data` classes, certified on the pooled data in certified mode."""
+    n = int(mds[0].num_gt.sum())
+    if n == 0 or not any((~md.ignored).any() for md in mds):
+        log.warning("pooled fallback: no ground truth or no detection; insufficient_data "
+                    "classes are disabled")
+        return ClassChoice(-1, "unreachable", False, 1.0, default_nms_iou, 0, 0, n, n, 0.0, 0.0,
+                           math.nan, objective=objective.name, guarantee="none"), None
+    pooled = joint_search(pool_classes(dict(zip(grid, mds))),
+                          dataclasses.replace(objective, on_unreachable="best_effort"),
+                          default_nms_iou=default_nms_iou, min_support=1,
+                          thresholds=thr)
+    c = pooled.classes[0]
+    if c.status != "ok":
         log.warning("pooled fallback: the %s target is unreachable over all classes pooled; "
                     "using its best effort point", objective.name)
-    n = int(total[0])
-    if i < 0:
+    choice = dataclasses.replace(c, column=-1)
+    if not c.enabled:
         log.warning("pooled fallback: no true positive at any point; insufficient_data classes "
                     "are disabled")
-        return ClassChoice(-1, "unreachable", False, 1.0, default_nms_iou, 0, 0, n, n, 0.0, 0.0,
-                           math.nan, objective=objective.name), None
-    t, f = int(tp[i]), int(fp[i])
-    choice = ClassChoice(-1, status, True, float(thv[i]), grid[gi[i]], t, f, n - t, n,
-                         t / (t + f) if t + f else 0.0, t / n if n else 0.0, float(value[i]),
-                         float(lower[i]), objective.name)
-    return choice, (int(gi[i]), float(thv[i]))
+        return choice, None
+    return choice, (grid.index(c.nms_iou), float(c.min_score_thresh))

@@ -1,0 +1,246 @@
+"""Finite-sample guarantees for tuned operating points: exact binomial tests in a Learn-then-Test
+fallback sequence fixed before any label is read.
+
+The promise. For a class tuned with `precision_target` and `confidence = 1 - delta`: with
+probability >= `1 - delta` over the draw of the tune images, the precision of the chosen
+`(min_score_thresh, nms_iou)` on new images from the same distribution is >= the target. This
+holds *after* tfcal's own choice among every threshold and every NMS IoU, because the choice is
+made among the operating points that a family-wise error controlling procedure certified
+(Angelopoulos, Bates, Candes, Jordan, Lei: "Learn then Test", 2021):
+
+1. Hypotheses. For each candidate point `j`, `H_j: precision(j) < target`. Under the model that
+   detections (for recall: ground-truth boxes) are independent draws, the `tp` among the `n`
+   detections scoring >= the threshold are Binomial(n, precision), so `H_j` is rejected by the
+   exact one-sided binomial test `p_j = P(Binomial(n, target) >= tp) <= level`. This is the same
+   decision as "the one-sided Clopper-Pearson lower bound at that level is >= target".
+2. Order, fixed without labels. Along one NMS IoU the candidate thresholds are tested from high
+   to low (recall targets: from low to high) at a label-free set of detection counts: a
+   geometric grid of counts, starting at the smallest count whose test can reject at all.
+3. Fallback testing (Wiens 2003) along that order: the level is split over a few label-free
+   checkpoints; a point is tested at its own share plus everything carried from an unbroken
+   run of rejections before it. A chance failure near the top (few detections) then costs only
+   the first share, not the whole sequence. It controls the family-wise error at the sequence's
+   level under any dependence between the tests.
+4. NMS IoUs: each of the `G` IoU curves gets `level / G` (Bonferroni), so the choice among IoUs is
+   paid for. Classes: per class each gets `delta`; simultaneously each gets `delta / K` (all
+   certified classes hold together with probability >= `1 - delta`).
+
+Every rejected point is certified at once, so choosing the best-recall one among them keeps the
+guarantee. What is assumed: tune and served images are exchangeable draws from one distribution,
+and detections are independent given that; detections of one image are in truth correlated,
+which the real-image check in the README measures.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import special
+
+__all__ = [
+    "CHECKPOINTS",
+    "GRID_RATIO",
+    "binomial_pvalue",
+    "boxes_to_certify",
+    "certify_precision",
+    "certify_recall",
+    "fallback_reject",
+    "min_count",
+]
+
+#: Label-free checkpoints along one sequence: the level is shared over at most this many.
+CHECKPOINTS = 3
+#: Ratio between consecutive detection counts tested along a sequence (a 3% grid in recall).
+GRID_RATIO = 1.03
+
+
+def binomial_pvalue(k, n, p0: float):
+    """Exact one-sided binomial p-value `P(Binomial(n, p0) >= k)` for `H0: rate <= p0`.
+
+    Args:
+      k: int `[...]` successes, `0 <= k <= n`.
+      n: int `[...]` trials (broadcast with `k`).
+      p0: the null rate in (0, 1].
+
+    Returns:
+      float64 `[...]`: 1 where `k == 0`; `p0 ** n` where `k == n`.
+    """
+    k = np.asarray(k, np.float64)
+    n = np.asarray(n, np.float64)
+    if not 0.0 < p0 <= 1.0:
+        raise ValueError(f"p0: must be in (0, 1], got {p0!r}")
+    k, n = np.broadcast_arrays(k, n)
+    if np.any((k < 0) | (k > n)):
+        raise ValueError("binomial_pvalue: need 0 <= k <= n")
+    out = np.ones(k.shape)
+    pos = k > 0
+    if p0 == 1.0:
+        return out  # every count is possible at rate 1: nothing rejects it
+    # P(X >= k) = I_{p0}(k, n - k + 1), the regularized incomplete beta function.
+    out[pos] = special.betainc(k[pos], n[pos] - k[pos] + 1.0, p0)
+    return out
+
+
+def min_count(target: float, level: float) -> int:
+    """Smallest `n` for which `n` successes out of `n` reject `rate <= target` at `level`.
+
+    `target ** n <= level`, so `n = ceil(log(level) / log(target))`; below it no test can
+    reject whatever the labels are (a label-free fact, so skipping those points costs nothing).
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level: must be in (0, 1), got {level!r}")
+    if target >= 1.0:
+        return math.inf  # nothing certifies a rate of exactly 1
+    n = math.ceil(math.log(level) / math.log(target) - 1e-12)
+    return max(n, 1)
+
+
+def fallback_reject(pvalues, weights, level: float) -> np.ndarray:
+    """The fallback procedure along a pre-ordered sequence of hypotheses.
+
+    Point `i` is tested at `a_i = level * weights[i] + (a_{i-1} if point i-1 was rejected)`, so a
+    run of rejections carries its level forward and a failure forfeits only what was carried.
+    With all weight on the first point it is fixed-sequence testing. Family-wise error
+    <= `level * sum(weights)` under any dependence.
+
+    Args:
+      pvalues: float `[m]` in testing order.
+      weights: float `[m]` >= 0, summing to <= 1.
+      level: the sequence's level in (0, 1).
+
+    Returns:
+      bool `[m]`: rejected (certified) points.
+    """
+    p = np.asarray(pvalues, np.float64)
+    w = np.asarray(weights, np.float64)
+    if p.shape != w.shape:
+        raise ValueError(f"weights: shape {w.shape} must match pvalues {p.shape}")
+    if np.any(w < 0) or w.sum() > 1.0 + 1e-9:
+        raise ValueError(f"weights: must be >= 0 and sum to <= 1, got sum {w.sum()}")
+    out = np.zeros(p.shape, bool)
+    carried = 0.0
+    for i in range(p.shape[0]):  # m is at most a few hundred grid points
+        a = level * w[i] + carried
+        out[i] = a > 0 and p[i] <= a
+        carried = a if out[i] else 0.0
+    return out
+
+
+def _grid_points(n_sorted: np.ndarray, start: int) -> np.ndarray:
+    """Indices into a curve whose counts `n_sorted` (non-decreasing) first reach each value of a
+    geometric grid from `start`: one tested point per ~3% more detections."""
+    top = int(n_sorted[-1])
+    if top < start:
+        return np.zeros(0, np.int64)
+    steps = int(math.floor(math.log(top / start) / math.log(GRID_RATIO))) + 1
+    grid = np.unique(np.ceil(start * GRID_RATIO ** np.arange(steps + 1)).astype(np.int64))
+    idx = np.searchsorted(n_sorted, grid[grid <= top], side="left")
+    return np.unique(idx)
+
+
+def _checkpoints(top: int, target: float, level: float) -> tuple[int, int]:
+    """`(shares, first)`: how many label-free checkpoints the curve has room for and the first
+    tested count. Checkpoint `s` (from 0) sits where the count first reaches `2**s * first`, and
+    a share is only split off when the curve reaches its checkpoint; a short curve keeps the
+    whole level on one fixed sequence."""
+    shares = 1
+    for s in range(CHECKPOINTS, 1, -1):
+        if 2 ** (s - 1) * min_count(target, level / s) <= top:
+            shares = s
+            break
+    return shares, min_count(target, level / shares)
+
+
+def _checkpoint_weights(n_tested: np.ndarray, first: int, shares: int) -> np.ndarray:
+    """Equal shares at the tested points where the count first reaches `first * 2**s`."""
+    w = np.zeros(n_tested.shape[0])
+    marks = np.searchsorted(n_tested, first * 2 ** np.arange(shares), "left")
+    w[marks] = 1.0 / shares
+    return w
+
+
+def certify_precision(tp, n_pred, target: float, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Certifies `precision >= target` along one curve (one class at one NMS IoU).
+
+    Args:
+      tp: int `[P]` true positives at each candidate threshold, thresholds descending.
+      n_pred: int `[P]` detections at each threshold (non-decreasing, label-free).
+      target: the precision target in (0, 1].
+      level: the family-wise error level of this curve, in (0, 1).
+
+    Returns:
+      `(certified, p_value)`: bool `[P]` and float64 `[P]` (NaN at points not tested).
+    """
+    tp = np.asarray(tp, np.int64)
+    n_pred = np.asarray(n_pred, np.int64)
+    certified = np.zeros(tp.shape, bool)
+    pvals = np.full(tp.shape, np.nan)
+    if tp.size == 0 or target >= 1.0:
+        return certified, pvals
+    shares, first = _checkpoints(int(n_pred[-1]), target, level)
+    if n_pred[-1] < first:
+        return certified, pvals
+    idx = _grid_points(n_pred, first)
+    p = binomial_pvalue(tp[idx], n_pred[idx], target)
+    rejected = fallback_reject(p, _checkpoint_weights(n_pred[idx], first, shares), level)
+    pvals[idx] = p
+    certified[idx] = rejected
+    return certified, pvals
+
+
+def certify_recall(tp, num_gt: int, target: float, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Certifies `recall >= target` along one curve, testing from the lowest threshold up.
+
+    Each ground-truth box is found (a TP at or above the threshold) or not, so `tp` of the
+    `num_gt` boxes is Binomial(num_gt, recall). Recall only falls as the threshold rises, so a
+    plain fixed sequence from the bottom (all of `level` on it) loses nothing.
+
+    Args:
+      tp: int `[P]` true positives at each candidate threshold, thresholds descending.
+      num_gt: ground-truth boxes of the class.
+      target: the recall target in (0, 1]. level: in (0, 1).
+
+    Returns:
+      `(certified, p_value)`: bool `[P]` and float64 `[P]`.
+    """
+    tp = np.asarray(tp, np.int64)
+    certified = np.zeros(tp.shape, bool)
+    pvals = np.full(tp.shape, np.nan)
+    if tp.size == 0 or num_gt < min_count(target, level):
+        return certified, pvals
+    p = binomial_pvalue(tp[::-1], np.full(tp.shape, num_gt), target)
+    run = np.cumprod(p <= level).astype(bool)  # fixed sequence: stop at the first failure
+    pvals[:] = p[::-1]
+    certified[:] = run[::-1]
+    return certified, pvals
+
+
+def boxes_to_certify(tp, n_pred, num_gt: int, target: float, level: float) -> int | None:
+    """Estimated labelled boxes of a class needed to certify `precision >= target`.
+
+    An estimate, not a promise: at each point of the current curve whose observed precision
+    `q = tp / n` exceeds the target, the detections needed are the smallest `m` at which
+    `round(q m)` of `m` would pass the test at `level`; boxes scale with detections at the
+    observed `n / num_gt`. The best point's box count is returned; None when no point's observed
+    precision exceeds the target (more data of the same kind would not certify it).
+    """
+    tp = np.asarray(tp, np.float64)
+    n = np.asarray(n_pred, np.float64)
+    if n.size and n[-1] >= 1:
+        idx = _grid_points(n.astype(np.int64), 1)  # ~3% steps in detections are enough here
+        tp, n = tp[idx], n[idx]
+    ok = (n > 0) & (tp / np.maximum(n, 1) > target) & (num_gt > 0)
+    if not ok.any():
+        return None
+    q = tp[ok] / n[ok]
+    per_box = n[ok] / num_gt
+    sizes = np.unique(np.round(np.geomspace(1, 10 ** 7, 2000)).astype(np.int64))
+    need = np.full(q.shape, np.inf)
+    for i, (qi, ri) in enumerate(zip(q, per_box)):
+        k = np.floor(qi * sizes)
+        passing = binomial_pvalue(k, sizes, target) <= level
+        if passing.any():
+            need[i] = sizes[np.argmax(passing)] / ri
+    best = float(np.min(need))
+    return None if not math.isfinite(best) else int(math.ceil(best))
