@@ -156,7 +156,7 @@ def _checkpoint_weights(n_tested: np.ndarray, first: int, shares: int) -> np.nda
     """Equal shares at the tested points where the count first reaches `first * 2**s`."""
     w = np.zeros(n_tested.shape[0])
     marks = np.searchsorted(n_tested, first * 2 ** np.arange(shares), "left")
-    w[marks] = 1.0 / shares
+    np.add.at(w, np.minimum(marks, w.size - 1), 1.0 / shares)  # a late mark joins the last point
     return w
 
 
@@ -244,3 +244,58 @@ def boxes_to_certify(tp, n_pred, num_gt: int, target: float, level: float) -> in
             need[i] = sizes[np.argmax(passing)] / ri
     best = float(np.min(need))
     return None if not math.isfinite(best) else int(math.ceil(best))
+
+
+# ----------------------------------------------------------------------------------------------
+# Learn then test: a learn split plans each class's sequence, the certify split tests it
+
+
+def critical_count(n, target: float, level: float) -> np.ndarray:
+    """int64 `[...]`: the smallest `k` with `P(Binomial(n, target) >= k) <= level` (`n + 1` when
+    no `k <= n` rejects)."""
+    from scipy import stats
+
+    n = np.asarray(n, np.int64)
+    k = np.asarray(stats.binom.isf(level, n, target), np.float64)
+    k = np.where(np.isfinite(k), k, n).astype(np.int64) + 1
+    # isf is exact up to floating point at the boundary: step to the exact smallest k.
+    up = binomial_pvalue(np.minimum(k, n), n, target) > level
+    k = np.where(up & (k <= n), k + 1, k)
+    down = (k > 1) & (binomial_pvalue(np.clip(k - 1, 0, n), n, target) <= level)
+    return np.where(down, k - 1, k)
+
+
+def pass_probability(rate, n, target: float, level: float) -> np.ndarray:
+    """Probability that the exact test at `level` rejects `rate <= target` when `Binomial(n, rate)`
+    is observed: the planning quantity of the learn split."""
+    from scipy import stats
+
+    n = np.asarray(n, np.int64)
+    k = critical_count(n, target, level)
+    return np.where(k <= n, stats.binom.sf(k - 1, n, np.clip(rate, 0.0, 1.0)), 0.0)
+
+
+def plan_precision(predicted, n_cert, target: float, level: float) -> tuple[int, int]:
+    """Plans a precision sequence from a learn split's predicted precision at each point.
+
+    Args:
+      predicted: float `[M]` precision the learn split predicts at the certify split's tested
+        points (thresholds descending). n_cert: int `[M]` the certify split's detections there.
+
+    Returns:
+      `(start, end)`: the point where the certify test is most likely to pass (its sequence
+      starts there), and the last point of the unbroken run after it that is predicted to pass
+      more often than not (the expected operating point); `(-1, -1)` when none can pass.
+    """
+    p = pass_probability(predicted, n_cert, target, level)
+    if p.size == 0 or p.max() <= 0.0:
+        return -1, -1
+    start = int(np.argmax(p))
+    run = np.cumprod(p[start:] >= 0.5)
+    end = start + max(int(run.sum()) - 1, 0)
+    return start, end
+
+
+def fixed_sequence(pvalues, level: float) -> np.ndarray:
+    """bool `[m]`: fixed-sequence testing in the given order: reject while `p <= level`."""
+    return np.cumprod(np.asarray(pvalues) <= level).astype(bool)

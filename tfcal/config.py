@@ -27,7 +27,8 @@ ScoreConverter = Literal["sigmoid", "softmax", "identity"]
 CalibrationMethod = Literal["temperature", "platt", "isotonic", "none"]
 Objective = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
 OnUnreachable = Literal["disable", "best_effort", "error"]
-ConfidenceBudget = Literal["per_class", "bonferroni"]
+ConfidenceBudget = Literal["per_class", "simultaneous"]
+Scope = Literal["per_class", "pooled"]
 
 
 def _check(predicate, message):
@@ -119,9 +120,15 @@ class TuningConfig:
     beta: float = dataclasses.field(default=1.0, metadata=_check(_positive, "must be > 0"))
     c_fp: float = dataclasses.field(default=1.0, metadata=_check(_positive, "must be > 0"))
     c_fn: float = dataclasses.field(default=1.0, metadata=_check(_positive, "must be > 0"))
+    # Target objectives are certified at this level by default; null is a point estimate.
     confidence: float | None = dataclasses.field(
-        default=None, metadata=_check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"))
+        default=0.95, metadata=_check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"))
     confidence_budget: ConfidenceBudget = "per_class"
+    scope: Scope = "per_class"  # pooled: one threshold and IoU for all classes, on the pooled data
+    # Certified mode: the share of tune images that plans each class's test (NMS IoU, start);
+    # the rest certifies it at the whole level. 0: no learn split (Bonferroni over the IoU grid).
+    learn_fraction: float = dataclasses.field(
+        default=0.3, metadata=_check(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"))
     match_iou: float = dataclasses.field(
         default=0.5, metadata=_check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"))
     nms_iou_grid: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)
@@ -312,6 +319,9 @@ def _cross_checks(cfg: Config, fail) -> None:
                 fail(f"model.category_columns.{key}", "must be a column index >= 0", col)
     if cfg.data.annotations is None:
         fail("data.annotations", "is required")
+    if t.scope == "pooled" and t.classes:
+        fail("tuning.classes", "per-class overrides need tuning.scope: per_class (pooled is one "
+             "decision for every class)")
     if len(set(cfg.data.subgroups)) != len(cfg.data.subgroups):
         fail("data.subgroups", "must not repeat a field", list(cfg.data.subgroups))
 

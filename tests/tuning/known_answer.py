@@ -105,6 +105,16 @@ EXPECTED: dict[str, dict[str, Point]] = {
     # The module docstring's derivation.
     "precision_target": {"car": _CAR, "person": _p("ok", 0.75, 0.6, 12, 1, 1),
                          "flag": _FLAG_OFF},
+    # confidence 0.95 (the default), 42 tune images: learn_fraction 0.3 gives 13 images that
+    # plan each class's test and 29 that certify it, at the whole level 0.05. car at IoU 0.4 /
+    # 0.5: everything >= 0.70 is a TP (58 of 58 on the certify part, p = 0.9^58); the next
+    # threshold adds background FPs for good: t = 0.70 certified. person: the learn part's
+    # pass probability (certification.pass_probability, with its smoothed precision) is
+    # highest at t = 0.96 (29 of 29 needs all TP: 0.964^29 = 0.348), ahead of t = 0.75 (350
+    # of 377 needed at precision 0.921: 0.329), so the sequence starts at 0.96: 29 of 29 pass
+    # (0.9^29 = 0.047 <= 0.05), 29 of 58 at 0.95 fail. Every IoU plans the same recall; the
+    # default 0.5 wins the tie. flag: unreachable.
+    "certified": {"car": _CAR, "person": _p("ok", 0.96, 0.5, 1, 0, 12), "flag": _FLAG_OFF},
     "best_effort": {"car": _CAR, "person": _p("ok", 0.75, 0.6, 12, 1, 1), "flag": _FLAG_BEST},
     # tuning.classes: {person: {target_precision: 0.95}, 3: {target_precision: 0.3}}.
     # person: k TPs over one FP reach 0.95 only for k >= 19, so only t = 0.96 (1/1, no FP above)
@@ -238,8 +248,11 @@ def default_config(**sections: dict) -> dict:
         "data": {"annotations": "instances.json", "holdout_fraction": 0.3, "seed": 0,
                  "subgroups": ["camera"]},
         "calibration": {"method": "none"},
+        # Point estimates (confidence null): the derivations above are of the search's
+        # mechanics; the certified answers are EXPECTED["certified"].
         "tuning": {"objective": "precision_target", "target_precision": 0.9,
-                   "nms_iou_grid": [0.4, 0.5, 0.6, 0.7], "on_unreachable": "disable"},
+                   "confidence": None, "nms_iou_grid": [0.4, 0.5, 0.6, 0.7],
+                   "on_unreachable": "disable"},
         "output": {"dir": "run"},
         "export": {"enabled": False},
     }

@@ -44,7 +44,8 @@ def _by_name(report) -> dict[str, dict]:
 def _check_choice(report, ppc, expected: dict[str, ka.Point]):
     """Checks postprocess.json and report.json classes against the expected points."""
     holdout = report["split"]["holdout_images"]
-    tune = report["split"]["tune_images"]
+    # Certified runs count the tune block on the certify part of the tune images.
+    tune = report["split"].get("certify_images", report["split"]["tune_images"])
     classes = _by_name(report)
     assert set(classes) == set(ka.NAMES)
     for name, point in expected.items():
@@ -387,6 +388,7 @@ def test_unknown_class_override_is_bad_input(tmp_path, capsys):
 
 
 OBJECTIVE_CASES = {
+    "certified": {"objective": "precision_target", "confidence": 0.95},
     "recall_target": {"objective": "recall_target", "target_recall": 1.0},
     "f1": {"objective": "f1"},
     "cost_fp3_fn1": {"objective": "cost", "c_fp": 3.0, "c_fn": 1.0},

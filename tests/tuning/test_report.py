@@ -101,12 +101,41 @@ def test_markdown_class_rows():
     md = render_markdown(minimal_report())
     # Values: threshold 3 digits, IoU 2, Clopper-Pearson interval 3, "never emitted" when
     # disabled, "–" for missing values.
-    assert ("| 1 | car | ok | 0.700 | 0.50 | T=1.25 | 36 | 0 | 0 | 1.000 | [0.903, 1.000] | "
-            "1.000 | yes |") in md
-    assert ("| 2 | person | ok | 0.750 | 0.60 | a=0.8, b=-0.1 | 8 | 2 | 4 | 0.800 | "
-            "[0.444, 0.975] | 0.667 | **no** |") in md
-    assert ("| 3 | flag | unreachable | never emitted | 0.50 | – | 0 | 0 | 18 | – | – | 0.000 | "
-            "– |") in md
+    # A report without guarantee blocks (an older one) shows "–" in those columns.
+    assert ("| 1 | car | ok | – | 0.700 | 0.50 | T=1.25 | 36 | 0 | 0 | 1.000 | [0.903, 1.000] | "
+            "1.000 | yes | – |") in md
+    assert ("| 2 | person | ok | – | 0.750 | 0.60 | a=0.8, b=-0.1 | 8 | 2 | 4 | 0.800 | "
+            "[0.444, 0.975] | 0.667 | **no** | – |") in md
+    assert ("| 3 | flag | unreachable | – | never emitted | 0.50 | – | 0 | 0 | 18 | – | – | "
+            "0.000 | – | – |") in md
+
+
+def test_markdown_guarantee_and_baseline_sections():
+    report = minimal_report()
+    report["classes"][0]["guarantee"] = {"kind": "certified", "test_level": 0.05,
+                                         "p_value": 0.01, "boxes_to_certify": None}
+    report["classes"][2]["guarantee"] = {"kind": "none", "test_level": 0.05, "p_value": None,
+                                         "boxes_to_certify": 120}
+    report["classes"][2]["tune"] = {"num_gt": 40}
+    report["classes"][1]["holdout"]["clearly_below"] = True
+    report["summary"]["guarantee"] = {"classes": {"certified": 1, "none": 1, "estimate": 1},
+                                      "statement": "With probability >= 95% ..."}
+    report["summary"]["baseline"] = {
+        "description": "one min_score_thresh", "thresholds": [0.55, None], "nms_iou": 0.5,
+        "holdout": {"tp": 30, "fp": 5, "fn": 20, "precision": 30 / 35, "recall": 0.6},
+        "emitted_classes": 3, "clearly_below_classes": 1, "tfcal_emitted_classes": 2,
+        "tfcal_clearly_below_classes": 0,
+        "same_precision": {"precision_to_match": 0.9, "threshold": 0.6, "precision": 0.91,
+                           "recall": 0.55}}
+    md = render_markdown(report)
+    assert "## What is guaranteed\n\nWith probability >= 95% ..." in md
+    assert "Classes by guarantee: 1 certified, 1 estimate, 1 none." in md
+    assert "| 1 | car | ok | certified | 0.700 |" in md
+    assert "| 3 | flag | unreachable | none | never emitted |" in md and "| ~120 (has 40) |" in md
+    assert "**clearly below**" in md
+    assert "(threshold 0.550, unreachable, NMS IoU 0.5)" in md
+    assert "| global raw threshold | 0.857 | 0.600 | 30 | 5 | 3 | 1 |" in md
+    assert "reaches recall 0.550 (threshold 0.600)" in md
 
 
 def test_markdown_coco_subgroup_and_summary_rows():
@@ -120,7 +149,7 @@ def test_markdown_coco_subgroup_and_summary_rows():
             in md)
     assert ("| camera | rear | 12 | 10 | 5 | 2 | 0.667 | [0.384, 0.882] | 0.833 | – | **yes** |"
             in md)
-    assert "- Target: precision_target (precision >= 0.9); match IoU 0.5" in md
+    assert "- Target: precision_target (precision >= 0.9, point estimate: not guaranteed); match IoU 0.5" in md
     assert "- Images: 42 tune (calibration and search), 18 holdout" in md
     assert "0.123 before, 0.046 after calibration" in md
     assert "(all detections: 0.032 -> 0.012)" in md
@@ -136,7 +165,7 @@ def test_markdown_confidence_target_and_plot_links():
     report["target"]["confidence"] = 0.95
     report["plots"] = {"Reliability diagram": "plots/reliability.png"}
     md = render_markdown(report)
-    assert "precision_target (precision >= 0.9, lower 95% bound)" in md
+    assert "precision_target (precision >= 0.9, certified at 95%, budget per_class)" in md
     assert "- [Reliability diagram](plots/reliability.png)" in md
 
 
@@ -213,7 +242,7 @@ def test_cli_report_renders_markdown_and_plots(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 0
     assert f"report: {tmp_path / 'report.md'}" in capsys.readouterr().out
     md = (tmp_path / "report.md").read_text()
-    assert "| 1 | car | ok | 0.700 |" in md
+    assert "| 1 | car | ok | – | 0.700 |" in md
     assert _pngs(tmp_path / "plots") == ["iou_tradeoff.png", "pr_threshold_1.png",
                                          "reliability.png"]
     written = json.loads((tmp_path / "report.json").read_text())

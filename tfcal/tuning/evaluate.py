@@ -61,17 +61,30 @@ def _calibrated(calib, cfg, scores, columns):
     return calib.apply(x, columns).astype(np.float64)
 
 
+#: A class is "clearly below" its precision target on the held-out images when it emitted at
+#: least this many detections there and the upper end of its two-sided interval is under it.
+CLEARLY_BELOW_MIN_DETECTIONS = 20
+
+
 def _meets(cfg, column_objective, block) -> bool | None:
+    """The held-out point estimate against the class's target (None when not measurable)."""
     if column_objective.name == "precision_target":
         if block["precision"] is None:
             return None
-        if column_objective.confidence is not None:
-            return bool(block["precision_lower"] >= column_objective.target_precision)
         return bool(block["precision"] >= column_objective.target_precision)
     if column_objective.name == "recall_target":
         return None if block["recall"] is None else bool(
             block["recall"] >= column_objective.target_recall)
     return None
+
+
+def _clearly_below(column_objective, block) -> bool:
+    """Held-out evidence that the class misses its precision target: enough detections and the
+    whole interval under the target."""
+    if column_objective.name != "precision_target" or block["precision_upper"] is None:
+        return False
+    return bool(block["tp"] + block["fp"] >= CLEARLY_BELOW_MIN_DETECTIONS
+                and block["precision_upper"] < column_objective.target_precision)
 
 
 def _downsample(*arrays, n=pl.CURVE_POINTS):
@@ -91,11 +104,17 @@ class HoldoutEvidence:
       before_calibrated: float32 `[len(before)]`: each `before` score after the calibration
         that was fitted without its image.
       final: the tuned serving post-processing.
+      baseline: the global raw-score threshold chosen on the same tune images
+        (`tfcal.tuning.baseline`).
+      baseline_choices: the baseline's pooled `ClassChoice` of each tune split (one; k per
+        k-fold run).
     """
 
     before: "pl.FlatDetections"
     before_calibrated: np.ndarray
     final: "pl.FlatDetections"
+    baseline: "pl.FlatDetections"
+    baseline_choices: tuple
 
     @classmethod
     def concat(cls, parts: list["HoldoutEvidence"]) -> "HoldoutEvidence":
@@ -104,16 +123,19 @@ class HoldoutEvidence:
                                        for f in ("image_index", "column", "score", "boxes")))
         return cls(cat([p.before for p in parts]),
                    np.concatenate([p.before_calibrated for p in parts]),
-                   cat([p.final for p in parts]))
+                   cat([p.final for p in parts]), cat([p.baseline for p in parts]),
+                   tuple(c for p in parts for c in p.baseline_choices))
 
 
-def collect_evidence(cfg, prep, ppc, calib, default_iou: float, idx) -> HoldoutEvidence:
-    """Runs the default and the tuned post-processing over the images `idx`."""
+def collect_evidence(cfg, prep, ppc, calib, default_iou: float, idx, baseline) -> HoldoutEvidence:
+    """Runs the default, the tuned and the baseline post-processing over the images `idx`."""
     before_ppc = pl._base_postprocess_config(
         cfg, prep, nms_iou=(default_iou,), min_score_thresh=(pl.ODAPI_DEFAULT_SCORE_THRESH,))
     before = pl.postprocess_images(before_ppc, prep.raw, idx)
     return HoldoutEvidence(before, _calibrated(calib, cfg, before.score, before.column),
-                           pl.postprocess_images(ppc, prep.raw, idx))
+                           pl.postprocess_images(ppc, prep.raw, idx),
+                           pl.postprocess_images(baseline.ppc, prep.raw, idx),
+                           (baseline.choice,))
 
 
 def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
@@ -154,8 +176,9 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
         col = prep.mapping.column_of(int(cat_id))
         choice = found.classes[col]
         block = _precision_block(counts.tp[col], counts.fp[col], counts.fn[col])
-        block["meets_target"] = (_meets(cfg, overrides.get(col, objective), block)
-                                 if choice.enabled else None)
+        col_objective = overrides.get(col, objective)
+        block["meets_target"] = _meets(cfg, col_objective, block) if choice.enabled else None
+        block["clearly_below"] = bool(choice.enabled and _clearly_below(col_objective, block))
         entry = {
             "category_id": int(cat_id), "name": name, "column": col,
             "status": choice.status if choice.enabled or choice.status != "ok" else "disabled",
@@ -166,6 +189,9 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
             "tune": {"tp": choice.tp, "fp": choice.fp, "fn": choice.fn,
                      "precision": choice.precision, "recall": choice.recall,
                      "num_gt": choice.num_gt},
+            "guarantee": {"kind": choice.guarantee, "test_level": choice.test_level,
+                          "p_value": choice.p_value,
+                          "boxes_to_certify": choice.boxes_to_certify},
             "holdout": block,
         }
         if calib is not None and calib.method == "temperature":
@@ -196,6 +222,9 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
                                    "score_threshold": pl.ODAPI_DEFAULT_SCORE_THRESH,
                                    "calibration": "none"},
     }
+    summary["baseline"] = _baseline_block(cfg, prep, evidence, eval_idx, classes, total,
+                                          b_match, num_gt, mapped_cols, objective)
+    summary["guarantee"] = _guarantee_block(cfg, found, classes)
     subgroups = _subgroups(cfg, prep, eval_idx, f_match, b_match, keep, p_after, labels,
                            seen_after)
     notes = _notes(cfg, prep, classes, calib)
@@ -204,7 +233,9 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
         "tfcal_version": pl.tfcal.__version__,
         "target": {"objective": t.objective, "target_precision": t.target_precision,
                    "target_recall": t.target_recall, "beta": t.beta, "c_fp": t.c_fp,
-                   "c_fn": t.c_fn, "confidence": t.confidence, "match_iou": t.match_iou,
+                   "c_fn": t.c_fn, "confidence": t.confidence,
+                   "confidence_budget": t.confidence_budget, "scope": t.scope,
+                   "match_iou": t.match_iou,
                    "nms_iou_grid": list(t.nms_iou_grid),
                    "default_nms_iou": found.default_nms_iou,
                    "on_unreachable": t.on_unreachable},
@@ -223,6 +254,83 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
                           seen_after),
     }
     return pl.jsonable(report)
+
+
+def _baseline_block(cfg, prep, evidence, eval_idx, classes, total, b_match, num_gt,
+                    mapped_cols, objective) -> dict:
+    """The global raw-score threshold beside tfcal's numbers, on the same held-out images."""
+    from tfcal.tuning.baseline import recall_at_precision
+
+    k = prep.num_classes
+    m, m_cols, _ = pl.match(prep, evidence.baseline, eval_idx, cfg)
+    counts = Counts.from_match(m, m_cols, num_gt, k)
+    pooled = _precision_block(int(counts.tp[mapped_cols].sum()), int(counts.fp[mapped_cols].sum()),
+                              int(counts.fn[mapped_cols].sum()))
+    emitted = below = 0
+    for c in classes:
+        col = c["column"]
+        block = _precision_block(counts.tp[col], counts.fp[col], counts.fn[col])
+        if block["tp"] + block["fp"] > 0:
+            emitted += 1
+            below += _clearly_below(objective, block)
+    keep = ~b_match.ignored
+    same = recall_at_precision(b_match.score[keep].astype(np.float64), b_match.tp[keep],
+                               int(num_gt[mapped_cols].sum()), total["precision"])
+    choices = evidence.baseline_choices
+    return {
+        "description": "one min_score_thresh on raw (uncalibrated) scores for every class, "
+                       "default NMS IoU, chosen on the same tune images for the same target",
+        "thresholds": [float(c.min_score_thresh) if c.enabled else None for c in choices],
+        "nms_iou": float(choices[0].nms_iou),
+        "guarantee": choices[0].guarantee,
+        "holdout": pooled,
+        "emitted_classes": emitted,
+        "clearly_below_classes": below,
+        "same_precision": same,
+        "tfcal_emitted_classes": sum(1 for c in classes
+                                     if c["holdout"]["tp"] + c["holdout"]["fp"] > 0),
+        "tfcal_clearly_below_classes": sum(1 for c in classes if c["holdout"]["clearly_below"]),
+    }
+
+
+def _guarantee_block(cfg, found, classes) -> dict:
+    """What is promised, in words, and how many classes carry the promise."""
+    t = cfg.tuning
+    kinds = {}
+    for c in classes:
+        kinds[c["guarantee"]["kind"]] = kinds.get(c["guarantee"]["kind"], 0) + 1
+    return {"confidence": t.confidence if t.objective in ("precision_target", "recall_target")
+            else None, "budget": t.confidence_budget, "scope": t.scope,
+            "pooled": found.pooled.guarantee if t.scope == "pooled" and found.pooled else None,
+            "classes": kinds, "statement": guarantee_statement(cfg)}
+
+
+def guarantee_statement(cfg) -> str:
+    """The promise of a run, in words (report.md and README use the same sentences)."""
+    t = cfg.tuning
+    if t.objective not in ("precision_target", "recall_target"):
+        return (f"Estimate, not guaranteed: {t.objective} is optimized on the tune images; the "
+                "held-out numbers show how it carries over.")
+    what = "precision" if t.objective == "precision_target" else "recall"
+    target = t.target_precision if what == "precision" else t.target_recall
+    if t.confidence is None:
+        return (f"Estimate, not guaranteed: thresholds reach {what} >= {target} on the tune "
+                "images (point estimate); new images may fall below it, as the held-out numbers "
+                "show.")
+    level = f"{t.confidence:.0%}"
+    if t.scope == "pooled":
+        return (f"With probability >= {level} over the draw of the tune images, the {what} of "
+                f"all emitted detections pooled is >= {target} on new images from the same "
+                f"distribution. Single classes carry no promise of their own.")
+    who = ("each class marked certified" if t.confidence_budget == "per_class"
+           else "all classes marked certified, at once,")
+    tail = (" (each class on its own; not all classes at once)"
+            if t.confidence_budget == "per_class" else "")
+    return (f"With probability >= {level} over the draw of the tune images, {who} has {what} >= "
+            f"{target} on new images from the same distribution{tail}. Classes not marked "
+            f"certified (pooled fallback, best effort, disabled) carry no such promise. Assumes "
+            f"the served images are drawn like the tune images, and counts detections as "
+            f"independent.")
 
 
 def _maybe(fn, probs, labels):

@@ -336,21 +336,20 @@ def _raw_batches(raw, indices: np.ndarray, batch_size: int):
         yield raw.image_ids[idx], raw.boxes[idx], raw.scores[idx]
 
 
-def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
-    """Post-processes the tune split once per NMS IoU (streamed), matches once, and searches.
-
-    The candidates come from the serving ops (calibration, then combined NMS at
-    `tuning.min_candidate_thresh`); for hard NMS any higher threshold applied to them equals
-    post-processing at that threshold.
-    """
+def matched_candidates(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray,
+                       nms_iou_grid=None) -> dict:
+    """`{nms_iou: MatchedDetections}` of the images `tune_idx`: post-processed once per NMS IoU
+    (streamed) with the serving ops (calibration `calib`, or none, then combined NMS at
+    `tuning.min_candidate_thresh`), matched once. For hard NMS any higher threshold applied to
+    them equals post-processing at that threshold."""
     from tfcal.tuning.candidates import collect_candidates
-    from tfcal.tuning.search import MatchedDetections, UnreachableTargetError, joint_search
+    from tfcal.tuning.search import MatchedDetections
 
     t = cfg.tuning
     candidates = collect_candidates(
         _raw_batches(prep.raw, tune_idx, POSTPROCESS_BATCH), _calibrate_fn(cfg, calib),
-        t.nms_iou_grid, t.min_candidate_thresh, t.max_detections_per_class,
-        t.max_total_detections)
+        tuple(nms_iou_grid or t.nms_iou_grid), t.min_candidate_thresh,
+        t.max_detections_per_class, t.max_total_detections)
     matched = {}
     for iou, cand in candidates.items():
         dets = FlatDetections(prep.dataset.image_index(cand.image_id), cand.column.astype(np.int64),
@@ -358,11 +357,50 @@ def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
         result, columns, num_gt = match(prep, dets, tune_idx, cfg)
         matched[iou] = MatchedDetections(score=result.score, column=columns, tp=result.tp,
                                          ignored=result.ignored, num_gt=num_gt)
+    return matched
+
+
+def learn_split(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
+    """`(learn_idx, certify_idx)`: the tune images split, stratified by class presence and seeded
+    by `data.seed`, `tuning.learn_fraction` of them to plan the certified tests."""
+    from tfcal.tuning.split import split_images
+
+    ids = prep.dataset.image_ids[tune_idx]
+    presence = _class_presence(prep)[tune_idx]
+    cert_ids, learn_ids = split_images(ids, presence, holdout_fraction=cfg.tuning.learn_fraction,
+                                       seed=cfg.data.seed + 1)
+    return (np.sort(prep.dataset.image_index(learn_ids)),
+            np.sort(prep.dataset.image_index(cert_ids)))
+
+
+def _uses_learn_split(cfg: Config, prep: Prepared) -> bool:
     objective, overrides = _objectives(cfg, prep)
+    certified = objective.certified or any(o.certified for o in overrides.values())
+    return certified and cfg.tuning.learn_fraction > 0
+
+
+def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
+    """The per-class joint search (or, with `tuning.scope: pooled`, the one shared decision)
+    over the tune split's calibrated candidates."""
+    from tfcal.tuning.search import UnreachableTargetError, joint_search, pooled_search
+
+    t = cfg.tuning
+    objective, overrides = _objectives(cfg, prep)
+    learn = None
+    if _uses_learn_split(cfg, prep):
+        learn_idx, cert_idx = learn_split(cfg, prep, tune_idx)
+        log.info("certification: %d tune images plan the tests, %d certify them",
+                 len(learn_idx), len(cert_idx))
+        learn = matched_candidates(cfg, prep, calib, learn_idx)
+        matched = matched_candidates(cfg, prep, calib, cert_idx)
+    else:
+        matched = matched_candidates(cfg, prep, calib, tune_idx)
+    if t.scope == "pooled":
+        return pooled_search(matched, objective, default_nms_iou=t.default_nms_iou, learn=learn)
     try:
         return joint_search(matched, objective, overrides=overrides,
                             default_nms_iou=t.default_nms_iou, min_support=t.min_support,
-                            confidence_budget=t.confidence_budget)
+                            confidence_budget=t.confidence_budget, learn=learn)
     except UnreachableTargetError as e:
         names = ", ".join(_column_label(prep, c, f", {n} ground truths")
                           for c, n in zip(e.columns, e.num_gt))
@@ -434,6 +472,7 @@ def run_tune(cfg: Config, *, export: bool = True) -> TuneResult:
     With `data.kfold: k`, every image is evaluated once, by parameters tuned on the other
     k - 1 folds; the deployed parameters are then tuned on all images.
     """
+    from tfcal.tuning import baseline
     from tfcal.tuning.evaluate import HoldoutEvidence, collect_evidence, holdout_report
     from tfcal.tuning.report import write_report
     from tfcal.tuning.split import kfold, split_images
@@ -443,18 +482,22 @@ def run_tune(cfg: Config, *, export: bool = True) -> TuneResult:
     ids = prep.dataset.image_ids
     if cfg.data.kfold:
         k = cfg.data.kfold
-        parts = []
+        parts, folds = [], []
         for fold, (fold_tune, fold_eval) in enumerate(kfold(ids, presence, k, cfg.data.seed)):
             log.info("fold %d/%d: tune on %d images, evaluate %d", fold + 1, k, len(fold_tune),
                      len(fold_eval))
             f_idx = np.sort(prep.dataset.image_index(fold_eval))
-            f_calib, f_found, f_ppc = tune_on(cfg, prep, np.sort(prep.dataset.image_index(fold_tune)))
-            parts.append(collect_evidence(cfg, prep, f_ppc, f_calib, f_found.default_nms_iou, f_idx))
+            f_tune = np.sort(prep.dataset.image_index(fold_tune))
+            f_calib, f_found, f_ppc = tune_on(cfg, prep, f_tune)
+            parts.append(collect_evidence(cfg, prep, f_ppc, f_calib, f_found.default_nms_iou, f_idx,
+                                          baseline.choose(cfg, prep, f_tune)))
+            folds.append(sorted(int(i) for i in fold_eval))
         evidence = HoldoutEvidence.concat(parts)
         eval_idx = np.arange(prep.dataset.num_images)
         calib, found, ppc = tune_on(cfg, prep, eval_idx)
         split = {"mode": "kfold", "k": k, "seed": cfg.data.seed,
-                 "tune_images": int(len(ids)), "holdout_images": int(len(ids))}
+                 "tune_images": int(len(ids)), "holdout_images": int(len(ids)),
+                 "fold_image_ids": folds}
     else:
         tune_ids, holdout_ids = split_images(ids, presence,
                                              holdout_fraction=cfg.data.holdout_fraction,
@@ -464,10 +507,17 @@ def run_tune(cfg: Config, *, export: bool = True) -> TuneResult:
         log.info("split: %d tune images, %d holdout images", len(tune_idx), len(eval_idx))
         calib, found, ppc = tune_on(cfg, prep, tune_idx)
         log.info("final check: the serving post-processing on %d holdout images", len(eval_idx))
-        evidence = collect_evidence(cfg, prep, ppc, calib, found.default_nms_iou, eval_idx)
+        evidence = collect_evidence(cfg, prep, ppc, calib, found.default_nms_iou, eval_idx,
+                                    baseline.choose(cfg, prep, tune_idx))
         split = {"mode": "holdout", "holdout_fraction": cfg.data.holdout_fraction,
                  "seed": cfg.data.seed, "tune_images": int(len(tune_idx)),
-                 "holdout_images": int(len(eval_idx))}
+                 "holdout_images": int(len(eval_idx)),
+                 "tune_image_ids": [int(i) for i in ids[tune_idx]],
+                 "holdout_image_ids": [int(i) for i in ids[eval_idx]]}
+        if _uses_learn_split(cfg, prep):
+            learn_idx, cert_idx = learn_split(cfg, prep, tune_idx)
+            split.update(learn_images=int(len(learn_idx)), certify_images=int(len(cert_idx)),
+                         learn_image_ids=[int(i) for i in ids[learn_idx]])
     ppc = ppc.replace(metadata=_provenance(cfg, prep, found))
     report = holdout_report(cfg, prep, ppc, calib, found, split, eval_idx, evidence)
     run_dir = cfg.output.dir
@@ -518,6 +568,7 @@ def _provenance(cfg: Config, prep: Prepared, found) -> dict:
         "annotations_sha256": file_sha256(prep.dataset.path),
         "target": {"objective": t.objective, "target_precision": t.target_precision,
                    "target_recall": t.target_recall, "confidence": t.confidence,
+                   "confidence_budget": t.confidence_budget, "scope": t.scope,
                    "match_iou": t.match_iou},
         "versions": _versions(),
     }

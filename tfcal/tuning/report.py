@@ -9,9 +9,20 @@ says `tune`):
   (`min_score_thresh`, calibrated probability), `nms_iou`, `calibration` (the fitted
   parameters: `temperature`, or `a`/`b`, or isotonic `knots`), `temperature` when the method
   is temperature, `tune: {tp, fp, fn, precision, recall}`, and
-  `holdout: {tp, fp, fn, precision, precision_lower, precision_upper, recall, meets_target}`.
+  `guarantee: {kind, test_level, p_value, boxes_to_certify}` (`kind`: `certified` |
+  `estimate` | `pooled` | `none`; `boxes_to_certify`: estimated labelled boxes an uncertified
+  class would need), and
+  `holdout: {tp, fp, fn, precision, precision_lower, precision_upper, recall, meets_target,
+  clearly_below}` (`meets_target`: the held-out point estimate; `clearly_below`: >= 20
+  detections and the 95% interval under the target).
 - `summary`: `coco_stats_before` / `coco_stats_after` (12 COCO stats keyed `AP` ... `AR_large`),
-  `ece_before` / `ece_after`, `brier_before` / `brier_after`, holdout totals.
+  `ece_before` / `ece_after`, `brier_before` / `brier_after`, holdout totals, `guarantee`
+  (the promise in words: `statement`, `confidence`, `budget`, `scope`, classes per kind), and
+  `baseline` (one global raw-score threshold chosen on the same tune images: its thresholds,
+  held-out precision/recall, emitted and clearly-below classes beside tfcal's, and
+  `same_precision`: the recall one raw threshold reaches at tfcal's held-out precision).
+- `split`: how images were split, with `tune_image_ids` / `holdout_image_ids` (k-fold:
+  `fold_image_ids`, the evaluated images of each fold).
 - `subgroups`: per image-level field value: images, TP/FP/FN, precision with its bounds, recall,
   ECE, and `below_target`.
 - `provenance`: config hash, model and data fingerprints, package versions.
@@ -57,11 +68,17 @@ def render_markdown(report: dict) -> str:
     t = report["target"]
     lines = ["# tfcal tuning report", ""]
     target = t["objective"]
+    certifiable = target in ("precision_target", "recall_target")
     if target == "precision_target":
         target += f" (precision >= {t['target_precision']}"
-        target += f", lower {t['confidence']:.0%} bound)" if t.get("confidence") else ")"
     elif target == "recall_target":
-        target += f" (recall >= {t['target_recall']})"
+        target += f" (recall >= {t['target_recall']}"
+    if certifiable:
+        target += (f", certified at {t['confidence']:.0%}, budget "
+                   f"{t.get('confidence_budget', 'per_class')})" if t.get("confidence")
+                   else ", point estimate: not guaranteed)")
+    if t.get("scope") == "pooled":
+        target += ", one pooled threshold for all classes"
     lines += [
         f"- Target: {target}; match IoU {t['match_iou']}; NMS IoU grid {t['nms_iou_grid']}.",
         _split_text(report["split"]),
@@ -78,6 +95,39 @@ def render_markdown(report: dict) -> str:
         f"FN {s['holdout']['fn']}; precision {_fmt(s['holdout']['precision'])}, "
         f"recall {_fmt(s['holdout']['recall'])}.",
         "",
+    ]
+    g = s.get("guarantee")
+    if g:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(g["classes"].items()))
+        lines += ["## What is guaranteed", "", g["statement"], "",
+                  f"Classes by guarantee: {kinds}. `certified`: the promise above; `estimate`: "
+                  "a point estimate on the tune images, not guaranteed; `pooled`: covered only by "
+                  "the pooled promise; `none`: no promise (pooled fallback, best effort, "
+                  "disabled). The held-out numbers below are estimates of how it carries over, "
+                  "with their intervals.", ""]
+    b = s.get("baseline")
+    if b:
+        bh, same = b["holdout"], b["same_precision"]
+        thr = ", ".join("unreachable" if v is None else f"{v:.3f}" for v in b["thresholds"])
+        lines += [
+            "## Against one global threshold", "",
+            f"The baseline is {b['description']} (threshold {thr}, NMS IoU {b['nms_iou']}).", "",
+            "| on the holdout images | precision | recall | TP | FP | emitted classes | "
+            "clearly below target |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| tfcal | {_fmt(s['holdout']['precision'])} | {_fmt(s['holdout']['recall'])} | "
+            f"{s['holdout']['tp']} | {s['holdout']['fp']} | {b['tfcal_emitted_classes']} | "
+            f"{b['tfcal_clearly_below_classes']} |",
+            f"| global raw threshold | {_fmt(bh['precision'])} | {_fmt(bh['recall'])} | "
+            f"{bh['tp']} | {bh['fp']} | {b['emitted_classes']} | {b['clearly_below_classes']} |",
+            "",
+            "Clearly below: at least 20 held-out detections and the whole 95% interval under the "
+            "target. At tfcal's held-out precision "
+            f"({_fmt(same['precision_to_match'])}), the best single raw-score threshold chosen "
+            f"on the holdout images themselves reaches recall {_fmt(same['recall'])} "
+            f"(threshold {_fmt(same['threshold'])}): an optimistic view of the baseline, since "
+            "it peeks at the held-out labels.", ""]
+    lines += [
         "## COCO metrics on the holdout images",
         "",
         "Before: the detector's default post-processing (combined NMS, score > 1e-8, one IoU). "
@@ -97,19 +147,27 @@ def render_markdown(report: dict) -> str:
         "Precision interval: Clopper–Pearson, "
         f"{report['holdout_confidence']:.0%} two-sided, on the holdout images.",
         "",
-        "| id | name | status | threshold | NMS IoU | calibration | TP | FP | FN | precision | "
-        "interval | recall | meets target |",
-        "| ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+        "| id | name | status | guarantee | threshold | NMS IoU | calibration | TP | FP | FN | "
+        "precision | interval | recall | meets target | boxes to certify |",
+        "| ---: | --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | "
+        "--- | ---: |",
     ]
     for c in report["classes"]:
         h = c["holdout"]
         meets = {True: "yes", False: "**no**", None: "–"}[h.get("meets_target")]
+        if h.get("clearly_below"):
+            meets = "**clearly below**"
+        gu = c.get("guarantee") or {}
+        need = gu.get("boxes_to_certify")
+        if c.get("guarantee") is None:
+            need = None
         lines.append(
-            f"| {c['category_id']} | {c['name']} | {c['status']} | "
+            f"| {c['category_id']} | {c['name']} | {c['status']} | {gu.get('kind', '–')} | "
             f"{_fmt(c['threshold']) if c.get('enabled', True) else 'never emitted'} | "
             f"{_fmt(c['nms_iou'], 2)} | {_calibration_text(c.get('calibration'))} | {h['tp']} | "
             f"{h['fp']} | {h['fn']} | {_fmt(h['precision'])} | {_interval(h)} | "
-            f"{_fmt(h['recall'])} | {meets} |")
+            f"{_fmt(h['recall'])} | {meets} | "
+            f"{_need_text(need, (c.get('tune') or {}).get('num_gt'))} |")
     if report.get("subgroups"):
         lines += ["", "## Subgroups (holdout)", "",
                   "| field | value | images | TP | FP | FN | precision | interval | recall | ECE | "
@@ -134,6 +192,13 @@ def render_markdown(report: dict) -> str:
               f"- data fingerprint `{p['data_fingerprint']}`",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def _need_text(need, have) -> str:
+    """Estimated labelled boxes to certify a class (an estimate, from its current curve)."""
+    if need is None:
+        return "–"
+    return f"~{need} (has {have})"
 
 
 def _split_text(split: dict) -> str:

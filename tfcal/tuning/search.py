@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 ObjectiveName = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
 OnUnreachable = Literal["disable", "best_effort", "error"]
 Status = Literal["ok", "unreachable", "insufficient_data"]
-Guarantee = Literal["certified", "estimate", "none"]
+Guarantee = Literal["certified", "estimate", "pooled", "none"]
 ConfidenceBudget = Literal["per_class", "simultaneous"]
 _OBJECTIVES = ("precision_target", "recall_target", "f1", "fbeta", "cost")
 _TARGETS = ("precision_target", "recall_target")
@@ -286,7 +286,9 @@ class ClassChoice:
             class's per-curve test level (certified or best-effort precision_target), else NaN.
         objective: the objective name used for this class.
         guarantee: `"certified"` (the target is certified, see the module docstring),
-            `"estimate"` (a point estimate) or `"none"` (best effort, pooled fallback, disabled).
+            `"estimate"` (a point estimate), `"pooled"` (one shared threshold: only the pooled
+            number is certified or estimated, see `pooled_search`) or `"none"` (best effort,
+            pooled fallback, disabled).
         test_level: the family-wise level of each of this class's IoU curves in certified mode
             (`delta / G`, or `delta / (K_cert G)` simultaneously), else NaN.
         p_value: the exact binomial p-value at the chosen point in certified mode, else NaN.
@@ -358,6 +360,18 @@ class _Sorted:
     tp_cum: np.ndarray  # int64 [n]
     fp_cum: np.ndarray  # int64 [n]
     offsets: np.ndarray  # int64 [K + 1]
+
+    def counts_at_many(self, column: int, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """int64 `[T]` TP and FP counts of class `column` at `score >= thresholds[j]`."""
+        lo, hi = int(self.offsets[column]), int(self.offsets[column + 1])
+        cnt = np.searchsorted(-self.score[lo:hi], -np.asarray(thresholds, np.float32),
+                              side="right")
+        has = cnt > 0
+        tp = np.zeros(cnt.shape, np.int64)
+        fp = np.zeros(cnt.shape, np.int64)
+        tp[has] = self.tp_cum[lo + cnt[has] - 1]
+        fp[has] = self.fp_cum[lo + cnt[has] - 1]
+        return tp, fp
 
     def counts_at(self, column: int, threshold: float) -> tuple[int, int]:
         lo, hi = int(self.offsets[column]), int(self.offsets[column + 1])
@@ -480,6 +494,59 @@ def _certify_segment(obj: Objective, tp, fp, num_gt: int, level: float):
     return certification.certify_recall(tp, num_gt, obj.target_recall, level)
 
 
+def _learned_segments(obj: Objective, curves: Sequence[Curves], learn: Sequence[_Sorted],
+                      column: int, num_gt_learn: int, level: float, ranks: np.ndarray):
+    """Learn then test for one class: the learn split picks the NMS IoU and where the sequence
+    starts; the certify split (`curves`) tests it at the class's whole level.
+
+    Returns:
+        `(iou index, curve rows, certified, p-values)` of the chosen IoU curve, or None when the
+        learn split predicts that no IoU can be certified.
+    """
+    plans = []
+    for i, cv in enumerate(curves):
+        lo, hi = int(cv.offsets[column]), int(cv.offsets[column + 1])
+        if hi == lo:
+            continue
+        tp, fp, thr = cv.tp[lo:hi], cv.fp[lo:hi], cv.threshold[lo:hi]
+        n_gt = int(cv.num_gt[column])
+        if obj.name == "precision_target":
+            n = tp + fp
+            rows = certification._grid_points(n, certification.min_count(obj.target_precision,
+                                                                         level))
+            if rows.size == 0:
+                continue
+            t_l, f_l = learn[i].counts_at_many(column, thr[rows])
+            predicted = (t_l + 0.5) / (t_l + f_l + 1.0)  # smoothed: no 0/0 and no certain 1
+            start, end = certification.plan_precision(predicted, n[rows], obj.target_precision,
+                                                      level)
+            if start < 0:
+                continue
+            value = t_l[end] / max(num_gt_learn, 1)  # predicted recall
+            rows = rows[start:]
+            p = certification.binomial_pvalue(tp[rows], n[rows], obj.target_precision)
+        else:
+            if n_gt < certification.min_count(obj.target_recall, level):
+                continue
+            rows = np.arange(hi - lo)[::-1]  # from the lowest threshold up
+            t_l, f_l = learn[i].counts_at_many(column, thr[rows])
+            predicted = (t_l + 0.5) / (num_gt_learn + 1.0)
+            passing = certification.pass_probability(predicted, np.full(rows.shape, n_gt),
+                                                     obj.target_recall, level) >= 0.5
+            run = int(np.cumprod(passing).sum())
+            if run == 0:
+                continue
+            e = run - 1
+            value = t_l[e] / max(t_l[e] + f_l[e], 1)  # predicted precision
+            p = certification.binomial_pvalue(tp[rows], np.full(rows.shape, n_gt),
+                                              obj.target_recall)
+        plans.append((-value, int(ranks[i]), i, lo + rows, p))
+    if not plans:
+        return None
+    _, _, i, rows, p = min(plans, key=lambda x: (x[0], x[1]))
+    return i, rows, certification.fixed_sequence(p, level), p
+
+
 def _boxes_to_certify(obj: Objective, curves: Sequence[Curves], column: int, level: float):
     """The smallest estimated box count over the class's IoU curves (None if none can)."""
     best = None
@@ -561,8 +628,15 @@ def joint_search(
     min_detections: int = 1,
     thresholds: Sequence[float] | np.ndarray | None = None,
     confidence_budget: ConfidenceBudget = "per_class",
+    learn: Mapping[float, MatchedDetections] | None = None,
 ) -> SearchResult:
     """Chooses `(min_score_thresh, nms_iou)` per class column from matched tune-split detections.
+
+    With `learn` (the detections of other tune images, at the same grid), certified classes use
+    Learn-then-Test with a learn split: `learn` chooses each class's NMS IoU and where its
+    sequence starts (the point most likely to pass), and `matched` (the certify split) tests one
+    fixed sequence at the class's whole level; no Bonferroni over the grid is needed, since the
+    choice was made on other images. Without it, the grid is paid for by Bonferroni.
 
     Args:
         matched: `{nms_iou: MatchedDetections}` for every value of the NMS IoU grid (insertion
@@ -577,6 +651,8 @@ def joint_search(
             the observed scores (label-free either way).
         confidence_budget: `{"per_class", "simultaneous"}`, default `"per_class"` (see the
             module docstring).
+        learn: `{nms_iou: MatchedDetections}` of the learn split (same grid and classes), or
+            None. Used by certified objectives only; counts and curves are the certify split's.
 
     Returns:
         A `SearchResult`.
@@ -632,12 +708,21 @@ def joint_search(
 
     # Certified mode: each class's error budget, split over its G IoU curves.
     cert_cols = [c for c in range(k) if not insufficient[c] and objectives[c].certified]
+    learn_sorted = None
+    if learn is not None:
+        if tuple(float(g) for g in learn) != grid:
+            raise ValueError(f"learn must have the grid {list(grid)}, got {list(learn)}")
+        learn_sorted = [_sort_and_count(md.score[~md.ignored], md.column[~md.ignored],
+                                        md.tp[~md.ignored], k) for md in learn.values()]
+        learn_gt = next(iter(learn.values())).num_gt
+        if learn_gt.shape[0] != k:
+            raise ValueError(f"learn must have {k} class columns, got {learn_gt.shape[0]}")
     level = np.full(k, np.nan)
     for c in cert_cols:
         delta = 1.0 - objectives[c].confidence
         if confidence_budget == "simultaneous":
             delta /= len(cert_cols)
-        level[c] = delta / len(grid)
+        level[c] = delta if learn is not None else delta / len(grid)
 
     n_pts = col.shape[0]
     feasible = np.zeros(n_pts, bool)
@@ -659,9 +744,20 @@ def joint_search(
     for c in cert_cols:  # certified points replace the point-estimate rule
         for i, cv in enumerate(curves):
             s = slice(int(pts.base[i] + cv.offsets[c]), int(pts.base[i] + cv.offsets[c + 1]))
-            ok, p = _certify_segment(objectives[c], tp[s], fp[s], int(num_gt[c]), level[c])
-            feasible[s] = ok & (tp[s] > 0)
-            pvalue[s] = p
+            if learn is None:
+                ok, p = _certify_segment(objectives[c], tp[s], fp[s], int(num_gt[c]), level[c])
+                feasible[s] = ok & (tp[s] > 0)
+                pvalue[s] = p
+            else:
+                feasible[s] = False
+        if learn is not None:
+            plan = _learned_segments(objectives[c], curves, learn_sorted, c, int(learn_gt[c]),
+                                     level[c], ranks)
+            if plan is not None:
+                i, rows, ok, p = plan
+                at = pts.base[i] + rows
+                feasible[at] = ok & (tp[at] > 0)
+                pvalue[at] = p
 
     best = _pick(col, primary, secondary, rank, thv, feasible, k)
     fallback = _pick(col, fb_primary, fb_secondary, rank, thv, tp > 0, k)
@@ -674,10 +770,16 @@ def joint_search(
 
     pooled_choice, pooled_point = None, None
     if insufficient.any():
-        pooled_choice, pooled_point = _pooled(mds, grid, objective, ranks, thr, default_nms_iou)
+        pooled_choice, pooled_point = _pooled(mds, grid, objective, ranks, thr, default_nms_iou,
+                                              learn)
 
     def need(c):
-        return _boxes_to_certify(objectives[c], curves, c, level[c]) if c in cert_set else None
+        if c not in cert_set:
+            return None
+        got = _boxes_to_certify(objectives[c], curves, c, level[c])
+        if got is None or learn is None or num_gt[c] == 0:
+            return got
+        return int(math.ceil(got * (num_gt[c] + learn_gt[c]) / num_gt[c]))  # both splits grow
 
     def disabled(c, status, obj):
         n = int(num_gt[c])
@@ -740,7 +842,52 @@ def pool_classes(matched: Mapping[float, MatchedDetections]) -> dict[float, Matc
     return out
 
 
-def _pooled(mds, grid, objective, ranks, thr, default_nms_iou):
+def pooled_search(matched: Mapping[float, MatchedDetections], objective: Objective = Objective(),
+                  *, default_nms_iou: float | None = None,
+                  thresholds: Sequence[float] | np.ndarray | None = None,
+                  learn: Mapping[float, MatchedDetections] | None = None) -> SearchResult:
+    """One `(min_score_thresh, nms_iou)` for every class, chosen on all detections pooled.
+
+    The target is on the pooled precision (or recall) of all classes together: the alarm rate
+    as a whole, e.g. "alert only when p >= 0.95" on calibrated probabilities. In certified mode
+    the pooled number is certified (`SearchResult.pooled.guarantee == "certified"`); each class
+    gets `guarantee="pooled"`, its own counts at the shared point, and no promise of its own.
+
+    Args: as `joint_search` (no overrides or per-class support: there is one decision).
+
+    Returns:
+        A `SearchResult` whose `pooled` is the decision and whose `classes` all share it.
+    """
+    grid = tuple(float(g) for g in matched)
+    mds = [matched[g] for g in matched]
+    one = joint_search(pool_classes(matched), objective, default_nms_iou=default_nms_iou,
+                       min_support=1, thresholds=thresholds,
+                       learn=None if learn is None else pool_classes(learn))
+    choice = dataclasses.replace(one.classes[0], column=-1)
+    num_gt = mds[0].num_gt
+    k = num_gt.shape[0]
+    g_idx = grid.index(choice.nms_iou)
+    keep = ~mds[g_idx].ignored
+    srt = _sort_and_count(mds[g_idx].score[keep], mds[g_idx].column[keep], mds[g_idx].tp[keep], k)
+    classes = []
+    for c in range(k):
+        n = int(num_gt[c])
+        t, f = srt.counts_at(c, choice.min_score_thresh) if choice.enabled else (0, 0)
+        val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None)[3][0]
+        classes.append(ClassChoice(c, choice.status, choice.enabled, choice.min_score_thresh,
+                                   choice.nms_iou, t, f, n - t, n, t / (t + f) if t + f else 0.0,
+                                   t / n if n else 0.0, float(val), objective=objective.name,
+                                   guarantee="pooled"))
+    thr = (None if thresholds is None
+           else np.unique(np.asarray(thresholds, np.float32).reshape(-1))[::-1])
+    curves = tuple(_curves(_sort_and_count(md.score[~md.ignored], md.column[~md.ignored],
+                                           md.tp[~md.ignored], k), num_gt, g, thr)
+                   for g, md in zip(grid, mds))
+    return SearchResult(tuple(classes), grid, one.default_nms_iou, curves,
+                        np.repeat(one.iou_table, k, axis=1), choice)
+
+
+def _pooled(mds, grid, objective, ranks, thr, default_nms_iou, learn=None):
     """The default objective's choice over all classes' detections pooled (column -1): the
     fallback of `insufficient_data` classes, certified on the pooled data in certified mode."""
     n = int(mds[0].num_gt.sum())
@@ -752,7 +899,7 @@ def _pooled(mds, grid, objective, ranks, thr, default_nms_iou):
     pooled = joint_search(pool_classes(dict(zip(grid, mds))),
                           dataclasses.replace(objective, on_unreachable="best_effort"),
                           default_nms_iou=default_nms_iou, min_support=1,
-                          thresholds=thr)
+                          thresholds=thr, learn=None if learn is None else pool_classes(learn))
     c = pooled.classes[0]
     if c.status != "ok":
         log.warning("pooled fallback: the %s target is unreachable over all classes pooled; "
