@@ -337,3 +337,40 @@ def test_from_match_maps_categories_to_columns():
     np.testing.assert_array_equal(md.tp, [True, False])
     np.testing.assert_array_equal(md.num_gt, [2, 4, 0])
     assert md.score.dtype == np.float32
+
+
+def test_pooled_search_is_one_decision_with_per_class_counts():
+    # Two classes share one threshold: pooled precision >= 0.75 (point estimate) is best at
+    # t = 0.6 over both: class 0 scores 0.9 T, 0.8 T, 0.6 F; class 1: 0.7 T, 0.6 T, 0.5 F.
+    # Pooled by threshold: 0.9 1/1, 0.8 2/2, 0.7 3/3, 0.6 4/5 = 0.8, 0.5 4/6: t = 0.6.
+    rows = [(0.9, 0, True), (0.8, 0, True), (0.6, 0, False),
+            (0.7, 1, True), (0.6, 1, True), (0.5, 1, False)]
+    from tfcal.tuning.search import pooled_search
+
+    r = pooled_search({0.5: _md(rows, [3, 2])}, Objective(target_precision=0.75))
+    assert r.pooled.min_score_thresh == pytest.approx(0.6) and r.pooled.tp == 4
+    assert r.pooled.fp == 1 and r.pooled.num_gt == 5
+    c0, c1 = r.classes
+    assert c0.min_score_thresh == c1.min_score_thresh == r.pooled.min_score_thresh
+    assert (c0.tp, c0.fp, c0.fn) == (2, 1, 1) and (c1.tp, c1.fp, c1.fn) == (2, 0, 0)
+    assert c0.guarantee == c1.guarantee == "pooled"
+
+
+def test_learn_split_pays_no_grid_correction():
+    # The same curves as learn and certify data: the learn split plans one IoU, and the certify
+    # test runs at the whole level (0.05, not 0.05 / G).
+    rng = np.random.default_rng(3)
+    d = 3000
+    score = rng.random(d).astype(np.float32)
+    tp = rng.random(d) < 0.5 + 0.5 * score
+    col = np.zeros(d, np.int64)
+    num_gt = np.array([int(tp.sum()) + 100])
+    m = {g: MatchedDetections(score, col, tp, np.zeros(d, bool), num_gt) for g in (0.5, 0.6)}
+    obj = Objective(target_precision=0.9, confidence=0.95)
+    learned = joint_search(m, obj, learn=m).classes[0]
+    plain = joint_search(m, obj).classes[0]
+    assert learned.guarantee == plain.guarantee == "certified"
+    assert learned.test_level == pytest.approx(0.05) and plain.test_level == pytest.approx(0.025)
+    assert learned.p_value <= 0.05 and learned.precision > 0.9
+    with pytest.raises(ValueError, match="learn must have the grid"):
+        joint_search(m, obj, learn={0.5: m[0.5]})

@@ -1,0 +1,126 @@
+"""Tests of tfcal.certification: exact binomial p-values against scipy, the fallback procedure
+by hand, label-free sequences, the learn-split planning and the box estimate (derivations in
+the comments). The coverage of the whole search is simulated in tests/tuning/test_coverage.py."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from tfcal import certification as C
+
+
+def test_binomial_pvalue_matches_scipy_and_edges():
+    k = np.array([0, 1, 29, 30, 17, 5])
+    n = np.array([10, 10, 30, 30, 20, 5])
+    want = stats.binom.sf(k - 1, n, 0.9)
+    want[0] = 1.0  # P(X >= 0) = 1
+    np.testing.assert_allclose(C.binomial_pvalue(k, n, 0.9), want, rtol=1e-12)
+    assert C.binomial_pvalue(30, 30, 0.9) == pytest.approx(0.9 ** 30)
+    assert np.all(C.binomial_pvalue([3, 5], [5, 5], 1.0) == 1.0)  # rate 1 never rejected
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        C.binomial_pvalue(6, 5, 0.9)
+    with pytest.raises(ValueError, match="p0"):
+        C.binomial_pvalue(1, 5, 0.0)
+
+
+def test_pvalue_is_the_clopper_pearson_decision():
+    from tfcal.thresholds import clopper_pearson
+
+    # p <= a  <=>  the one-sided (1 - a) Clopper-Pearson lower bound >= target.
+    for k, n in [(29, 30), (95, 100), (40, 40), (180, 200)]:
+        lower = clopper_pearson(k, n, 0.95, sided="one")[0]
+        assert (C.binomial_pvalue(k, n, 0.9) <= 0.05) == (lower >= 0.9)
+
+
+def test_min_count():
+    # 0.9^28 = 0.0523 > 0.05 >= 0.9^29 = 0.0471.
+    assert C.min_count(0.9, 0.05) == 29
+    assert C.min_count(0.5, 0.25) == 2  # 0.5^2 = 0.25 exactly
+    assert C.min_count(1.0, 0.05) == math.inf
+    with pytest.raises(ValueError):
+        C.min_count(0.9, 1.0)
+
+
+def test_fallback_reject_by_hand():
+    # Level 0.1, weights (0.5, 0, 0.5, 0): point 0 at 0.05 rejects (0.04) and carries 0.05;
+    # point 1 at 0.05 fails (0.06) and forfeits; point 2 at its own 0.05 rejects (0.01) and
+    # carries it; point 3 at 0.05 rejects (0.05).
+    p = [0.04, 0.06, 0.01, 0.05]
+    np.testing.assert_array_equal(C.fallback_reject(p, [0.5, 0, 0.5, 0], 0.1),
+                                  [True, False, True, True])
+    # All weight first: fixed-sequence testing stops at the first failure.
+    np.testing.assert_array_equal(C.fallback_reject(p, [1, 0, 0, 0], 0.1),
+                                  [True, True, True, True])
+    np.testing.assert_array_equal(C.fallback_reject([0.2, 0.01], [1, 0], 0.1), [False, False])
+    np.testing.assert_array_equal(C.fixed_sequence([0.01, 0.2, 0.01], 0.05),
+                                  [True, False, False])
+    with pytest.raises(ValueError, match="sum"):
+        C.fallback_reject([0.1, 0.1], [0.7, 0.7], 0.1)
+
+
+def test_certify_precision_tests_label_free_counts_from_the_top():
+    rng = np.random.default_rng(1)
+    y = rng.random(2000) < np.linspace(0.99, 0.7, 2000)
+    n = np.arange(1, 2001)
+    tp = np.cumsum(y)
+    ok, p = C.certify_precision(tp, n, 0.9, 0.05)
+    tested = ~np.isnan(p)
+    # The tested points depend on the counts only: relabelling leaves them unchanged.
+    _, p2 = C.certify_precision(np.cumsum(rng.random(2000) < 0.5), n, 0.9, 0.05)
+    np.testing.assert_array_equal(tested, ~np.isnan(p2))
+    # Nothing below the smallest count that can reject is tested (label-free skip).
+    assert n[tested].min() >= C.min_count(0.9, 0.05 / C.CHECKPOINTS)
+    # Every certified point passed its exact test at no more than the whole level.
+    assert ok.any() and np.all(p[ok] <= 0.05)
+    assert np.all(tp[ok] / n[ok] > 0.9)
+    # A short curve keeps one sequence at the whole level: 29 of 29 is certified at 0.05.
+    ok, _ = C.certify_precision(np.arange(1, 31), np.arange(1, 31), 0.9, 0.05)
+    assert ok[28] and not ok[27]
+
+
+def test_certify_recall_fixed_sequence_from_the_bottom():
+    # 100 boxes; tp by descending threshold, tested from the bottom. Target 0.9: 95 of 100
+    # has P(Bin(100, .9) >= 95) = 0.0576 > 0.05 and fails at once. Target 0.85: 95 passes
+    # (0.0016), 91 fails (0.0551), and the sequence stops there although 80 would fail too.
+    tp = np.array([50, 80, 91, 95])
+    ok, _ = C.certify_recall(tp, 100, 0.9, 0.05)
+    assert not ok.any()
+    ok, p = C.certify_recall(tp, 100, 0.85, 0.05)
+    np.testing.assert_array_equal(ok, [False, False, False, True])
+    assert p[3] == pytest.approx(stats.binom.sf(94, 100, 0.85))
+    assert p[2] == pytest.approx(0.0551, abs=1e-4)
+
+
+def test_critical_count_and_pass_probability():
+    n = np.array([29, 100, 377, 1000])
+    k = C.critical_count(n, 0.9, 0.05)
+    # k is the smallest count whose p-value is <= 0.05.
+    assert np.all(C.binomial_pvalue(k, n, 0.9) <= 0.05)
+    assert np.all(C.binomial_pvalue(k - 1, n, 0.9) > 0.05)
+    assert C.critical_count(np.array([28]), 0.9, 0.05)[0] == 29  # n + 1: cannot reject
+    got = C.pass_probability(np.array([0.95, 0.95]), np.array([100, 28]), 0.9, 0.05)
+    assert got[0] == pytest.approx(stats.binom.sf(k[1] - 1, 100, 0.95)) and got[1] == 0.0
+
+
+def test_plan_precision_starts_where_passing_is_likeliest():
+    # Predicted precision 0.99 everywhere: pass probabilities 0.74, 0.88, 0.9998, 1.0 grow
+    # with the count, so the sequence starts (and ends) at the last point.
+    n = np.array([30, 60, 120, 240])
+    assert C.plan_precision(np.full(4, 0.99), n, 0.9, 0.05) == (3, 3)
+    # Falling precision 0.99, 0.97, 0.93, 0.85: 0.74, 0.46, 0.26, 0.0001: start at the top,
+    # and the run of likely passes ends there too.
+    assert C.plan_precision(np.array([0.99, 0.97, 0.93, 0.85]), n, 0.9, 0.05) == (0, 0)
+    # Hopeless (0.8 < 0.9): still planned at its likeliest point; testing it costs nothing.
+    assert C.pass_probability(np.full(4, 0.8), n, 0.9, 0.05).max() < 1e-3
+    assert C.plan_precision(np.full(4, 0.8), n, 0.9, 0.05) == (0, 0)
+    assert C.plan_precision(np.full(4, 0.8), np.array([5, 10, 20, 28]), 0.9, 0.05) == (-1, -1)
+
+
+def test_boxes_to_certify():
+    # 9 of 9 on 12 boxes: 29 of 29 detections pass at 0.05 (0.9^29 = 0.047), i.e.
+    # ceil(29 * 12 / 9) = 39 boxes.
+    assert C.boxes_to_certify(np.arange(1, 10), np.arange(1, 10), 12, 0.9, 0.05) == 39
+    # Never above the target: more of the same data cannot certify it.
+    assert C.boxes_to_certify([0, 1, 2], [1, 2, 4], 10, 0.9, 0.05) is None
