@@ -435,6 +435,14 @@ class TuneResult:
             f"COCO AP50:   {_f(s['coco_stats_before']['AP50'])} default post-processing -> "
             f"{_f(s['coco_stats_after']['AP50'])} tuned (holdout)",
         ]
+        g, b = s.get("guarantee"), s.get("baseline")
+        if g:
+            kinds = ", ".join(f"{n} {k}" for k, n in sorted(g["classes"].items()))
+            lines.append(f"guarantee:   {g['statement']} Classes: {kinds}.")
+        if b:
+            lines.append(f"baseline:    one global raw threshold on the same tune images: precision "
+                         f"{_f(b['holdout']['precision'])}, recall {_f(b['holdout']['recall'])} "
+                         f"(holdout)")
         if self.export is not None:
             lines.append(f"export:      {self.export.summary()}")
         return "\n".join(lines)
