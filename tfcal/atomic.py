@@ -71,9 +71,11 @@ def _write_temp(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
         # Give it the mode a plain open() would, so a server running as another user (e.g. TF
         # Serving in a container) can read it.
         os.chmod(tmp, 0o666 & ~_umask())
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # e.g. a full disk in write()
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     return tmp
 
@@ -226,6 +228,54 @@ def replace_directory(tmp: str | Path, final: str | Path) -> None:
         rename_noreplace(tmp, final)
     finally:
         remove(old)
+
+
+#: errno values that say the place is unusable (full, read-only, not ours), not that tfcal erred.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+_DISK_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                  "Permission denied")
+
+
+def disk_error(err: BaseException) -> str:
+    """The reason when `err` says a write failed for lack of room or permission ('' otherwise);
+    also recognizes TensorFlow's errors, which carry the OS message in their text."""
+    if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+        return err.strerror or str(err)
+    text = str(err)
+    for m in _DISK_MESSAGES:
+        if m in text:
+            return m
+    return ""
+
+
+def check_room(folder: str | Path, need_bytes: int, what: str) -> None:
+    """Checks, before any work, that `folder` can be written and has `need_bytes` free.
+
+    A folder that does not exist yet is checked through its nearest existing parent (nothing
+    is created). A probe file is created and deleted to learn whether writing works.
+
+    Raises:
+      TfcalError: naming `what` and the folder: not a folder, not writable, or too little room.
+    """
+    from tfcal import TfcalError
+
+    folder = Path(folder)
+    place = folder
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise TfcalError(f"{what} {folder}: {place} is not a folder")
+    probe = place / temp_name("probe")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise TfcalError(f"{what} {folder}: cannot write in {place} "
+                         f"({e.strerror or e})") from None
+    free = shutil.disk_usage(place).free
+    if free < need_bytes:
+        raise TfcalError(f"{what} {folder}: {free / 1e6:.1f} MB free on its file system, "
+                         f"about {need_bytes / 1e6:.1f} MB needed")
 
 
 def host_tag() -> str:

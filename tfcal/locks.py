@@ -50,6 +50,9 @@ def hold(folder: str | Path, command: str, *, wait: float = 0.0,
       wait: seconds to wait for another holder to finish; 0 fails at once.
       what: how messages name the folder (e.g. ``output.dir``).
 
+    A folder this call created is removed again when the block raises and nothing else was
+    written into it, so a run that fails on bad input leaves no output folder behind.
+
     Raises:
       TfcalError: the lock is held by another process (naming it, its host and start time)
         after `wait` seconds; or the folder cannot be written (naming it).
@@ -58,6 +61,7 @@ def hold(folder: str | Path, command: str, *, wait: float = 0.0,
 
     folder = Path(folder)
     path = folder / LOCK_NAME
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -81,7 +85,14 @@ def hold(folder: str | Path, command: str, *, wait: float = 0.0,
                 "since": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        yield
+        try:
+            yield
+        except BaseException:
+            if created:  # a failed run leaves no folder it made (only the lock was in it)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    folder.rmdir()
+            raise
     finally:
         os.close(fd)  # releases the flock
 
