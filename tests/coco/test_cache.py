@@ -22,6 +22,8 @@ from .cocogen import edit_cache_meta, make_gt, write_json
 def dataset(tmp_path):
     gt = make_gt(0, num_images=4, num_categories=3)
     gt["images"][1]["width"], gt["images"][1]["height"] = 100, 50
+    # Its boxes were drawn for 640 x 480: they would lie outside the smaller image.
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] != gt["images"][1]["id"]]
     return load_coco(write_json(tmp_path / "instances.json", gt))
 
 

@@ -106,6 +106,8 @@ class RawOutputs:
         ``meta_sha256`` for a cache directory given as precomputed outputs).
       model_fingerprint: sha256 hex of the SavedModel and keys ('' if not from a model).
       data_fingerprint: sha256 hex of the image list.
+      value_ranges: ``{"boxes": [min, max], "scores": [min, max]}`` when known (recorded in
+        the cache as written; see `check_value_ranges`), else None.
     """
 
     image_ids: np.ndarray
@@ -116,6 +118,7 @@ class RawOutputs:
     fingerprint: str = ""
     model_fingerprint: str = ""
     data_fingerprint: str = ""
+    value_ranges: dict | None = None
 
     @property
     def num_images(self) -> int:
@@ -304,6 +307,7 @@ class RawOutputsWriter:
                              "model_fingerprint": str(model_fingerprint),
                              "data_fingerprint": str(data_fingerprint)}
         self.rows_written = 0
+        self._ranges: dict[str, list[float]] = {}
         self._row_shapes: dict[str, tuple[int, ...]] | None = None
         self._memory: dict[str, np.ndarray] = {}
         self._headers: dict[str, int] = {}
@@ -360,6 +364,10 @@ class RawOutputsWriter:
                 raise ValueError(f"{name}: non-finite value {arr[bad]} at "
                                  f"{[start + bad[0], *bad[1:]]}")
         for name, arr in (("boxes", b), ("scores", s)):
+            if arr.size:
+                lo, hi = float(arr.min()), float(arr.max())
+                r = self._ranges.setdefault(name, [lo, hi])
+                r[0], r[1] = min(r[0], lo), max(r[1], hi)
             self._write(name, start, arr)
         self.rows_written = start + k
 
@@ -407,7 +415,8 @@ class RawOutputsWriter:
         if self._tmp is None:
             self._closed = True
             return RawOutputs(self.image_ids, self._memory["boxes"], self._memory["scores"],
-                              self.image_heights, self.image_widths, **self.fingerprints)
+                              self.image_heights, self.image_widths, **self.fingerprints,
+                              value_ranges=self._value_ranges())
         meta = self._meta()
         for name in _ARRAY_NAMES:
             _fsync_file(self._tmp / f"{name}.npy")
@@ -432,6 +441,9 @@ class RawOutputsWriter:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
+    def _value_ranges(self) -> dict:
+        return {n: list(self._ranges.get(n, [0.0, 0.0])) for n in _ARRAY_NAMES}
+
     def _meta(self) -> dict:
         arrays = {}
         for name, row_shape in self._row_shapes.items():
@@ -444,6 +456,7 @@ class RawOutputsWriter:
         body = {"format": CACHE_FORMAT, "version": CACHE_VERSION,
                 "tfcal_version": tfcal.__version__, **self.fingerprints,
                 "num_images": self.num_images, "finite": True, "arrays": arrays,
+                "value_ranges": self._value_ranges(),
                 "image_ids": self.image_ids.tolist(),
                 "image_heights": self.image_heights.tolist(),
                 "image_widths": self.image_widths.tolist()}
@@ -607,9 +620,11 @@ def _open_cache(path: Path, meta: dict, num_score_columns: int | None = None, *,
         if verify:
             for n in _ARRAY_NAMES:
                 verify_data(path, n, meta["arrays"][n])
+        ranges = meta.get("value_ranges")  # absent in caches of older tfcal versions
         return RawOutputs(ids, arrays["boxes"], arrays["scores"], heights, widths,
                           str(meta["fingerprint"]), str(meta["model_fingerprint"]),
-                          str(meta["data_fingerprint"]))
+                          str(meta["data_fingerprint"]),
+                          value_ranges=ranges if isinstance(ranges, dict) else None)
     except (KeyError, TypeError, OverflowError) as e:
         raise ValueError(f"{META_NAME}: malformed ({type(e).__name__}: {e})") from None
 
@@ -798,4 +813,56 @@ def load_raw_outputs(npz_path: str | Path, dataset, *,
     return RawOutputs(dataset.image_ids.copy(), boxes, scores,
                       dataset.image_heights.copy(), dataset.image_widths.copy(),
                       fingerprint=fingerprint, model_fingerprint=model_fp,
-                      data_fingerprint=data_fingerprint(dataset))
+                      data_fingerprint=data_fingerprint(dataset),
+                      value_ranges={"boxes": [max(lo, 0.0), min(hi, 1.0)],  # after clipping
+                                    "scores": _min_max(scores)})
+
+
+#: Slack of the probability check (float32 rounding in a detector's sigmoid or softmax).
+SCORE_TOLERANCE = 1e-3
+
+
+def _min_max(arr: np.ndarray) -> list[float]:
+    """``[min, max]`` of `arr`, scanned a slice of rows at a time ([0, 0] when empty)."""
+    if arr.size == 0:
+        return [0.0, 0.0]
+    lo, hi = math.inf, -math.inf
+    step = _rows_per_slice(arr)
+    for start in range(0, arr.shape[0], step):
+        part = arr[start:start + step]
+        if part.size:
+            lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
+    _release_pages(arr)
+    return [lo, hi]
+
+
+def check_value_ranges(raw: RawOutputs, *, score_converter: str, source: str,
+                       boxes_key: str = "boxes", scores_key: str = "scores") -> None:
+    """Refuses raw outputs whose values cannot be what the config says they are.
+
+    Boxes must be normalized (within `BOX_TOLERANCE` of [0, 1]); with `score_converter`
+    ``sigmoid`` or ``softmax`` (the detector already converted its scores) the scores must be
+    probabilities in [0, 1] (within `SCORE_TOLERANCE`); ``identity`` means logits, any value.
+
+    Args:
+      raw: the outputs; their recorded `value_ranges`, else a scan of the arrays.
+      score_converter: the config's `model.score_converter`.
+      source: the model folder or raw-outputs file, named in the message.
+      boxes_key, scores_key: the output names, named in the message.
+
+    Raises:
+      TfcalError: one line naming `source`, the output and ``model.score_converter``.
+    """
+    ranges = raw.value_ranges or {}
+    boxes = ranges.get("boxes") or _min_max(raw.boxes)
+    scores = ranges.get("scores") or _min_max(raw.scores)
+    if raw.num_images and (boxes[0] < -BOX_TOLERANCE or boxes[1] > 1.0 + BOX_TOLERANCE):
+        raise TfcalError(f"{source}: {boxes_key}: must be normalized [ymin, xmin, ymax, xmax] "
+                         f"in [0, 1] (pixel coordinates?), got values in [{boxes[0]:.4g}, "
+                         f"{boxes[1]:.4g}]")
+    if raw.num_images and score_converter in ("sigmoid", "softmax") and (
+            scores[0] < -SCORE_TOLERANCE or scores[1] > 1.0 + SCORE_TOLERANCE):
+        raise TfcalError(f"{source}: {scores_key}: values in [{scores[0]:.4g}, {scores[1]:.4g}] "
+                         f"are not probabilities, but model.score_converter: {score_converter} "
+                         f"says the detector already applied its {score_converter}; for logits "
+                         f"set model.score_converter: identity")

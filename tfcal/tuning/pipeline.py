@@ -83,7 +83,7 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
             cache_dir: Path | None = None) -> Prepared:
     """Validates the data, maps categories to columns and gets the raw outputs (cached)."""
     from tfcal.coco import runner
-    from tfcal.coco.cache import load_raw_outputs
+    from tfcal.coco.cache import check_value_ranges, load_raw_outputs
     from tfcal.coco.dataset import CategoryMapping
 
     dataset = load_dataset(cfg, annotations, images)
@@ -96,6 +96,9 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
             cache_dir=cache_dir or m.cache_dir or (cfg.output.dir / "cache"))
     else:
         raw = load_raw_outputs(m.raw_outputs, dataset)
+    check_value_ranges(raw, score_converter=m.score_converter,
+                       source=str(m.saved_model or m.raw_outputs), boxes_key=m.raw_boxes,
+                       scores_key=m.raw_scores)
     num_columns = raw.scores.shape[-1]
     num_classes = num_columns - 1 if m.background_column else num_columns
     if num_classes < 1:
