@@ -96,9 +96,11 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
             cache_dir=cache_dir or m.cache_dir or (cfg.output.dir / "cache"))
     else:
         raw = load_raw_outputs(m.raw_outputs, dataset)
+    model_run = m.saved_model is not None
     check_value_ranges(raw, score_converter=m.score_converter,
-                       source=str(m.saved_model or m.raw_outputs), boxes_key=m.raw_boxes,
-                       scores_key=m.raw_scores)
+                       source=str(m.saved_model or m.raw_outputs),
+                       boxes_key=m.raw_boxes if model_run else "boxes",
+                       scores_key=m.raw_scores if model_run else "scores")
     num_columns = raw.scores.shape[-1]
     num_classes = num_columns - 1 if m.background_column else num_columns
     if num_classes < 1:
