@@ -141,6 +141,13 @@ ANNOTATION_CASES = [
      "annotations[0].image_id"),
     ("missing bbox", lambda c: _drop(c["annotations"][0], "bbox"), "annotations[0]"),
     ("missing subgroup field", lambda c: _drop(c["images"][0], "camera"), "camera"),
+    # Fault corpus: silently accepted before (a box far outside its 32 x 32 image; a data set
+    # of crowd regions only, every class disabled with exit 0).
+    ("bbox outside its image", lambda c: c["annotations"][1].__setitem__("bbox",
+                                                                          [300, 5, 12, 8]),
+     "annotations[1].bbox: lies outside its image (id 2, 32 x 32 pixels"),
+    ("all annotations crowd", lambda c: [a.__setitem__("iscrowd", 1) for a in c["annotations"]],
+     "annotations[].iscrowd: all 2 annotations are crowd regions"),
 ]
 
 
@@ -273,7 +280,16 @@ def _no_scores(r):
     del r["scores"]
 
 
+def _logits(r):
+    # Fault corpus: logits from a detector configured with score_converter: sigmoid (the
+    # default) were an internal error naming neither the key nor the file.
+    r["scores"] = (r["scores"] * 12.0 - 6.0).astype(np.float32)
+
+
 RAW_CASES = [("nan score", _nan_scores, "raw.npz", "scores"),
+             ("logits under score_converter sigmoid", _logits, "raw.npz",
+              "scores: values in [-6, 4.953] are not probabilities, but "
+              "model.score_converter: sigmoid"),
              ("inf score", _inf_scores, "raw.npz", "scores"),
              ("box far outside [0, 1]", _far_boxes, "raw.npz", "boxes"),
              ("image without outputs", _missing_image, "raw.npz", "image"),

@@ -1,7 +1,8 @@
 """The `tfcal` command line: argument parsing and exit codes only.
 
 Exit codes: 0 ok; 1 a check failed (`drift`); 2 bad input or usage (one line, no traceback
-unless `--debug`); 3 an internal error (a bug: please report it with `--debug` output);
+unless `--debug`), including an output place that is full, read-only or not writable; 3 an
+internal error (a bug: please report it with `--debug` output);
 130 interrupted.
 """
 
@@ -77,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "drift", help="re-check calibration and per-class precision on newly labelled data",
         description="Run the tuned post-processing on newly labelled COCO data and compare ECE "
-                    "and per-class precision at the deployed thresholds with the tuning report. "
-                    "Exits 1 when outside the tolerances in the config's drift section.",
+                    "and per-class precision at the deployed thresholds with the tuning report "
+                    "(one-sided exact tests). Exits 1 on drift as the config's drift section "
+                    "defines it, 2 when the detector is not the one tuned.",
         epilog=_EPILOG)
     p.add_argument("config", type=Path, help="the YAML config used by `tfcal tune`")
     p.add_argument("--annotations", type=Path, required=True, help="new COCO instances JSON")
@@ -88,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precomputed raw outputs of the new images (.npz or cache folder), "
                         "instead of running the model")
     p.add_argument("--out", type=Path, default=None,
-                   help="write drift.json here (default: <output.dir>/drift.json)")
+                   help="a new file for the result, or a folder for drift-<UTC time>.json "
+                        "(default: <output.dir>/drift/); an earlier result is never replaced")
     _add_common(p)
 
     p = sub.add_parser(
@@ -200,6 +203,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"tfcal: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:
+        from tfcal.atomic import disk_error
+
+        reason = disk_error(err)
+        if args.debug or not reason:
+            if args.debug:
+                raise
+            print(f"tfcal: internal error: {type(err).__name__}: {err} (rerun with --debug)",
+                  file=sys.stderr)
+            return EXIT_INTERNAL
+        # A full disk, a read-only or foreign folder: the place is bad, not tfcal.
+        where = err.filename or "output"
+        print(f"tfcal: error: {where}: cannot write: {reason}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("tfcal: interrupted; no partial output was kept", file=sys.stderr)

@@ -29,6 +29,7 @@ Objective = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
 OnUnreachable = Literal["disable", "best_effort", "error"]
 ConfidenceBudget = Literal["per_class", "simultaneous"]
 Scope = Literal["per_class", "pooled"]
+MultipleTesting = Literal["holm", "none"]
 
 
 def _check(predicate, message):
@@ -168,12 +169,25 @@ class ExportConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DriftConfig:
-    """Tolerances of `tfcal drift` against the tuning report."""
+    """How `tfcal drift` judges new data against the tuning report (see `tfcal.tuning.drift`).
+
+    Attributes:
+      ece_tolerance: drift when ECE rose by more than this.
+      precision_tolerance: a class's fall from its holdout precision counts only when larger
+        than this (and significant).
+      min_support: detections needed on each side a precision test compares.
+      significance: family-wise level of the precision tests, in (0, 0.5].
+      multiple_testing: ``holm`` adjusts the p-values of every test together; ``none`` judges
+        each at `significance` (more false alarms with many classes).
+    """
 
     ece_tolerance: float = dataclasses.field(default=0.05, metadata=_check(_unit_closed, "must be in [0, 1]"))
     precision_tolerance: float = dataclasses.field(
         default=0.05, metadata=_check(_unit_closed, "must be in [0, 1]"))
     min_support: int = dataclasses.field(default=10, metadata=_check(_positive, "must be > 0"))
+    significance: float = dataclasses.field(
+        default=0.05, metadata=_check(lambda v: 0.0 < v <= 0.5, "must be in (0, 0.5]"))
+    multiple_testing: MultipleTesting = "holm"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,6 +75,15 @@ class TinyDetector(tf.Module):
         boxes, scores = self._outputs(input_tensor)
         return {"raw_detection_boxes": boxes, "raw_detection_scores": scores}
 
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8,
+                                                name="input_tensor")])
+    def serve_pixel_boxes(self, input_tensor):
+        # The fault corpus' "pixel boxes" model: [ymin, xmin, ymax, xmax] times the image size.
+        boxes, scores = self._outputs(input_tensor)
+        size = tf.cast(tf.shape(input_tensor)[1:3], tf.float32)
+        return {"raw_detection_boxes": boxes * tf.tile(size, [2])[None, None],
+                "raw_detection_scores": scores}
+
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
@@ -85,6 +94,7 @@ def saved_model(tmp_path_factory):
         "batch_one": m.serve_one.get_concrete_function(),
         "flat_boxes": m.serve_flat_boxes.get_concrete_function(),
         "float_input": m.serve_float.get_concrete_function(),
+        "pixel_boxes": m.serve_pixel_boxes.get_concrete_function(),
     })
     return path
 
@@ -352,3 +362,37 @@ def test_nanodet_on_three_real_images(tmp_path):
     dets = Detections.from_arrays(raw.image_ids, mapping.columns_to_category_ids(col), xywh,
                                   raw.scores[np.arange(3), box_row, col + 1])
     assert match_detections(ds, dets, iou_threshold=0.5).tp.sum() >= 2
+
+
+def test_pixel_boxes_are_refused_at_the_first_batch(tmp_path, saved_model):
+    # Fault corpus: a model returning pixel boxes used to tune to TP 0 with exit 0.
+    ds = _dataset(tmp_path, [(20, 30)] * 3)
+    with pytest.raises(TfcalError, match=r"tiny_detector: output 'raw_detection_boxes': must "
+                                         r"be normalized .*pixel coordinates.*got values in "
+                                         r"\[\d.*, 2\d\.?\d*\]"):
+        run_detector(saved_model, ds, keys=SignatureKeys(signature="pixel_boxes"),
+                     cache_dir=tmp_path / "cache", progress=False)
+    assert not any((tmp_path / "cache").iterdir())  # no cache of the bad outputs
+
+
+def test_cache_changed_in_place_is_rebuilt(tmp_path, saved_model, caplog):
+    # Fault corpus: 50 scores set to 0.99 and one NaN inside scores.npy (same length) were
+    # read back silently. Now every load rehashes the data: the damage is seen and the
+    # detector runs again, giving the true outputs.
+    ds = _dataset(tmp_path, [(20, 30)] * 4)
+    first = run_detector(saved_model, ds, cache_dir=tmp_path / "cache", progress=False)
+    expected = np.array(first.scores)
+    (path,) = (tmp_path / "cache").iterdir()
+    header = json.loads((path / "meta.json").read_text())["arrays"]["scores"]["header_bytes"]
+    with open(path / "scores.npy", "r+b") as f:
+        f.seek(header)
+        f.write(np.full(50, 0.99, np.float32).tobytes())
+        f.write(np.float32(np.nan).tobytes())
+    del first
+    caplog.set_level(logging.INFO)
+    again = run_detector(saved_model, ds, cache_dir=tmp_path / "cache", progress=False)
+    assert "scores.npy: data bytes changed since written" in caplog.text
+    assert "recomputing" in caplog.text
+    np.testing.assert_array_equal(again.scores, expected)
+    assert cache_lib.load_cache(path, json.loads((path / "meta.json").read_text())[
+        "fingerprint"], ds) is not None  # the rebuilt cache verifies

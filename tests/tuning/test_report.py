@@ -324,8 +324,8 @@ def test_cli_report_rerenders_a_tuning_run(tmp_path, capsys):
     md = (run_dir / "report.md").read_text()
     record = json.loads((run_dir / "report.json").read_text())
     plots = _pngs(run_dir / "plots")
-    (run_dir / "report.md").unlink()
-    shutil.rmtree(run_dir / "plots")
+    (run_dir / "report.md").resolve().unlink()  # the files live in the current generation
+    shutil.rmtree((run_dir / "plots").resolve())
     assert main(["report", str(run_dir)]) == 0
     assert (run_dir / "report.md").read_text() == md
     assert json.loads((run_dir / "report.json").read_text()) == record

@@ -39,17 +39,20 @@ the temporary directory; one left by a killed process is never read, and is dele
 next writer in the same folder on the same host once that process is gone. The ``.npy`` files
 are preallocated, so a full disk fails at the start with `OSError`.
 
-Validation on load, and its trade-off. A cache is used only when ``meta.json`` parses and
-matches ``meta_sha256``, the fingerprint matches, each ``.npy`` header gives the recorded
-dtype and shape, each file has exactly the length its header implies (a truncated or extended
-file is caught), the shapes agree, the image ids and sizes equal the dataset's, and
-``finite`` is true. Anything else is logged and the outputs are recomputed, never trusted.
-These checks read a few kilobytes whatever the cache size. The values are not rescanned on
-load: each batch is checked for NaN/inf when written (and the runner refuses non-finite
-outputs), while a rescan reads the whole cache, seconds per GB from disk, on every run. So a
-same-length change of the data bytes (a flipped bit, an edited file) is not detected by
-default; ``load_cache(..., full_check=True)`` rehashes the data against the recorded sha256
-and rescans for NaN/inf.
+Validation on load. A cache is used only when ``meta.json`` parses and matches
+``meta_sha256``, the fingerprint matches, each ``.npy`` header gives the recorded dtype and
+shape, each file has exactly the length its header implies (a truncated or extended file is
+caught), the shapes agree, the image ids and sizes equal the dataset's, ``finite`` is true,
+and the sha256 of each array's data bytes equals the one recorded when it was written (every
+batch was checked for NaN/inf then, so equal bytes are finite bytes). The hash catches any
+change of the data in place: a flipped bit, an edited value, a NaN. It reads the whole cache
+once per load: for a COCO-val-sized cache (5,000 x 3,549 x 91 float32 scores plus boxes,
+6.7 GB, in the page cache) hashing took 4.2 s against 1.3 s for one pass of reading it batch
+by batch as the tuner does (ratio 3.3, `benchmarks/cache_verify.py`, 2-core machine with
+SHA-NI); a tuning run reads the cache several times and spends minutes in the search. `load_cache` logs a damaged cache and returns None, so the runner rebuilds it;
+`load_raw_outputs` refuses a damaged cache folder given as precomputed outputs (there is no
+model to rebuild it from). ``verify=False`` skips the hash (the other checks read a few
+kilobytes), for tools that know the files are intact.
 """
 
 from __future__ import annotations
@@ -63,9 +66,7 @@ import logging
 import math
 import mmap
 import os
-import re
 import shutil
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -86,7 +87,6 @@ _ARRAY_NAMES = ("boxes", "scores")
 _FLOAT = np.dtype("<f4")
 _CHUNK = 1 << 20  # bytes per read when hashing files
 _SCAN_BYTES = 1 << 24  # bytes per slice when scanning arrays for NaN/inf or box range
-_TEMP_RE = re.compile(r"^\.raw_outputs-[0-9a-f]+\.(?:tmp|old)-([A-Za-z0-9_]+)-(\d+)-[a-z0-9_]+$")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -106,6 +106,8 @@ class RawOutputs:
         ``meta_sha256`` for a cache directory given as precomputed outputs).
       model_fingerprint: sha256 hex of the SavedModel and keys ('' if not from a model).
       data_fingerprint: sha256 hex of the image list.
+      value_ranges: ``{"boxes": [min, max], "scores": [min, max]}`` when known (recorded in
+        the cache as written; see `check_value_ranges`), else None.
     """
 
     image_ids: np.ndarray
@@ -116,6 +118,7 @@ class RawOutputs:
     fingerprint: str = ""
     model_fingerprint: str = ""
     data_fingerprint: str = ""
+    value_ranges: dict | None = None
 
     @property
     def num_images(self) -> int:
@@ -304,6 +307,7 @@ class RawOutputsWriter:
                              "model_fingerprint": str(model_fingerprint),
                              "data_fingerprint": str(data_fingerprint)}
         self.rows_written = 0
+        self._ranges: dict[str, list[float]] = {}
         self._row_shapes: dict[str, tuple[int, ...]] | None = None
         self._memory: dict[str, np.ndarray] = {}
         self._headers: dict[str, int] = {}
@@ -312,9 +316,8 @@ class RawOutputsWriter:
         self._tmp: Path | None = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temporaries(self.path.parent)
-            self._tmp = Path(tempfile.mkdtemp(
-                prefix=f".{self.path.name}.tmp-{atomic.host_tag()}-{os.getpid()}-", dir=self.path.parent))
+            atomic.remove_stale(self.path.parent, what="an interrupted cache write")
+            self._tmp = atomic.mkdtemp(self.path.parent, self.path.name)
 
     @property
     def num_images(self) -> int:
@@ -361,6 +364,10 @@ class RawOutputsWriter:
                 raise ValueError(f"{name}: non-finite value {arr[bad]} at "
                                  f"{[start + bad[0], *bad[1:]]}")
         for name, arr in (("boxes", b), ("scores", s)):
+            if arr.size:
+                lo, hi = float(arr.min()), float(arr.max())
+                r = self._ranges.setdefault(name, [lo, hi])
+                r[0], r[1] = min(r[0], lo), max(r[1], hi)
             self._write(name, start, arr)
         self.rows_written = start + k
 
@@ -408,7 +415,8 @@ class RawOutputsWriter:
         if self._tmp is None:
             self._closed = True
             return RawOutputs(self.image_ids, self._memory["boxes"], self._memory["scores"],
-                              self.image_heights, self.image_widths, **self.fingerprints)
+                              self.image_heights, self.image_widths, **self.fingerprints,
+                              value_ranges=self._value_ranges())
         meta = self._meta()
         for name in _ARRAY_NAMES:
             _fsync_file(self._tmp / f"{name}.npy")
@@ -424,7 +432,7 @@ class RawOutputsWriter:
         if legacy.is_file():
             legacy.unlink()
             logger.info("removed the old-format raw-output cache %s", legacy)
-        return _open_cache(self.path, meta)
+        return _open_cache(self.path, meta, verify=False)  # just written and hashed
 
     def abort(self) -> None:
         """Drops what was written (removes the temporary directory)."""
@@ -432,6 +440,9 @@ class RawOutputsWriter:
         self._memory = {}
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _value_ranges(self) -> dict:
+        return {n: list(self._ranges.get(n, [0.0, 0.0])) for n in _ARRAY_NAMES}
 
     def _meta(self) -> dict:
         arrays = {}
@@ -445,6 +456,7 @@ class RawOutputsWriter:
         body = {"format": CACHE_FORMAT, "version": CACHE_VERSION,
                 "tfcal_version": tfcal.__version__, **self.fingerprints,
                 "num_images": self.num_images, "finite": True, "arrays": arrays,
+                "value_ranges": self._value_ranges(),
                 "image_ids": self.image_ids.tolist(),
                 "image_heights": self.image_heights.tolist(),
                 "image_widths": self.image_widths.tolist()}
@@ -475,32 +487,6 @@ def _meta_text(meta: dict) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def _process_gone(pid: int) -> bool:
-    """True only when no process `pid` exists on this host (POSIX; elsewhere: never known)."""
-    if os.name != "posix":
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # e.g. PermissionError: it exists
-        return False
-    return False
-
-
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Deletes temporary cache directories left in `folder` by dead processes of this host."""
-    host, me = atomic.host_tag(), os.getpid()
-    with contextlib.suppress(OSError):
-        for p in folder.iterdir():
-            m = _TEMP_RE.match(p.name)
-            if m is None or m.group(1) != host or int(m.group(2)) == me:
-                continue
-            if _process_gone(int(m.group(2))):
-                logger.info("removing %s, left by an interrupted cache write", p)
-                atomic.remove(p)
-
-
 def _preallocate(path: Path, size: int) -> None:
     """Reserves the file's blocks, so a full disk fails here with OSError, not with a SIGBUS
     while writing through the memory map."""
@@ -511,7 +497,7 @@ def _preallocate(path: Path, size: int) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
         if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):  # not supported here
-            raise
+            raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         os.close(fd)
 
@@ -600,23 +586,24 @@ def _open_npy(path: Path, name: str, rec: dict) -> np.ndarray:
         raise ValueError(f"{file.name}: cannot map ({type(e).__name__}: {e})") from None
 
 
-def _verify_data(path: Path, name: str, rec: dict) -> None:
-    """Rehashes an array's data bytes and scans them for NaN/inf (the `full_check`)."""
-    dtype = np.dtype(rec["dtype"])
+def verify_data(path: str | Path, name: str, rec: dict) -> None:
+    """Rehashes the data bytes of the array `name` of the cache `path` against `rec["sha256"]`
+    (its `meta.json` record); ValueError naming the file when they differ."""
     h = hashlib.sha256()
-    step = _SCAN_BYTES - _SCAN_BYTES % dtype.itemsize
-    with open(path / f"{name}.npy", "rb") as f:
+    with open(Path(path) / f"{name}.npy", "rb", buffering=0) as f:
         f.seek(rec["header_bytes"])
-        while chunk := f.read(step):
-            h.update(chunk)
-            if not np.isfinite(np.frombuffer(chunk, dtype=dtype)).all():
-                raise ValueError(f"{name}.npy: non-finite values")
+        buf = bytearray(_SCAN_BYTES)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
     if h.hexdigest() != rec["sha256"]:
-        raise ValueError(f"{name}.npy: data sha256 differs from {META_NAME} (damaged)")
+        raise ValueError(f"{name}.npy: data bytes changed since written (sha256 "
+                         f"{h.hexdigest()[:16]}..., {META_NAME} arrays.{name}.sha256 "
+                         f"{str(rec['sha256'])[:16]}...)")
 
 
 def _open_cache(path: Path, meta: dict, num_score_columns: int | None = None, *,
-                full_check: bool = False) -> RawOutputs:
+                verify: bool = True) -> RawOutputs:
     """The cache directory `path` described by `meta` as `RawOutputs` (ValueError if corrupt)."""
     try:
         if meta["finite"] is not True:
@@ -630,19 +617,21 @@ def _open_cache(path: Path, meta: dict, num_score_columns: int | None = None, *,
                              f"{ids.shape[0]}], got {list(heights.shape)}, "
                              f"{list(widths.shape)}")
         _check_arrays({"image_ids": ids, **arrays}, num_score_columns, scan_values=False)
-        if full_check:
+        if verify:
             for n in _ARRAY_NAMES:
-                _verify_data(path, n, meta["arrays"][n])
+                verify_data(path, n, meta["arrays"][n])
+        ranges = meta.get("value_ranges")  # absent in caches of older tfcal versions
         return RawOutputs(ids, arrays["boxes"], arrays["scores"], heights, widths,
                           str(meta["fingerprint"]), str(meta["model_fingerprint"]),
-                          str(meta["data_fingerprint"]))
+                          str(meta["data_fingerprint"]),
+                          value_ranges=ranges if isinstance(ranges, dict) else None)
     except (KeyError, TypeError, OverflowError) as e:
         raise ValueError(f"{META_NAME}: malformed ({type(e).__name__}: {e})") from None
 
 
 def load_cache(path: str | Path, fingerprint: str, dataset,
                num_score_columns: int | None = None, *,
-               full_check: bool = False) -> RawOutputs | None:
+               verify: bool = True) -> RawOutputs | None:
     """The cached outputs at `path`, or None (logged) when absent, stale or corrupt.
 
     Args:
@@ -650,8 +639,8 @@ def load_cache(path: str | Path, fingerprint: str, dataset,
       fingerprint: the expected `combined_fingerprint`.
       dataset: the `CocoDataset`; the cache must hold its image ids and sizes in its order.
       num_score_columns: C expected (raw columns, background included); None: not checked.
-      full_check: also rehash every data byte and rescan for NaN/inf (reads the whole cache;
-        the default checks cost a few kilobytes of reads, see the module docstring).
+      verify: rehash every data byte against the recorded sha256 (reads the whole cache once;
+        the other checks cost a few kilobytes of reads, see the module docstring).
 
     Returns:
       `RawOutputs` whose `boxes` and `scores` are read-only memory maps, or None.
@@ -667,7 +656,7 @@ def load_cache(path: str | Path, fingerprint: str, dataset,
             logger.warning("stale raw-output cache %s (fingerprint %s, expected %s): recomputing",
                            path, stored[:16], fingerprint[:16])
             return None
-        raw = _open_cache(path, meta, num_score_columns, full_check=full_check)
+        raw = _open_cache(path, meta, num_score_columns, verify=verify)
         if not np.array_equal(raw.image_ids, dataset.image_ids):
             raise ValueError("image_ids: differ from the dataset's")
         if not (np.array_equal(raw.image_heights, dataset.image_heights)
@@ -779,7 +768,7 @@ def load_raw_outputs(npz_path: str | Path, dataset, *,
     dropped (logged). Boxes up to `BOX_TOLERANCE` outside [0, 1] are clipped with a
     `TfcalWarning`. An npz is loaded in memory. A cache directory is memory-mapped when it
     holds exactly the dataset's images in order (otherwise the dataset's rows are copied into
-    memory); it is validated like the cache (its values are not rescanned).
+    memory); it is validated like the cache, data hashes included (a mismatch is refused).
 
     Args:
       npz_path: the npz file, or a cache directory.
@@ -788,7 +777,8 @@ def load_raw_outputs(npz_path: str | Path, dataset, *,
 
     Raises:
       TfcalError: one line naming the file and array, for an unreadable file, a missing array,
-        wrong shapes or dtypes, NaN/inf values, repeated or missing image ids, a score-column
+        wrong shapes or dtypes, NaN/inf values, a cache folder whose data bytes changed since
+        written, repeated or missing image ids, a score-column
         count mismatch, or boxes further outside [0, 1] than `BOX_TOLERANCE` (pixel boxes?).
     """
     path = Path(npz_path)
@@ -823,4 +813,56 @@ def load_raw_outputs(npz_path: str | Path, dataset, *,
     return RawOutputs(dataset.image_ids.copy(), boxes, scores,
                       dataset.image_heights.copy(), dataset.image_widths.copy(),
                       fingerprint=fingerprint, model_fingerprint=model_fp,
-                      data_fingerprint=data_fingerprint(dataset))
+                      data_fingerprint=data_fingerprint(dataset),
+                      value_ranges={"boxes": [max(lo, 0.0), min(hi, 1.0)],  # after clipping
+                                    "scores": _min_max(scores)})
+
+
+#: Slack of the probability check (float32 rounding in a detector's sigmoid or softmax).
+SCORE_TOLERANCE = 1e-3
+
+
+def _min_max(arr: np.ndarray) -> list[float]:
+    """``[min, max]`` of `arr`, scanned a slice of rows at a time ([0, 0] when empty)."""
+    if arr.size == 0:
+        return [0.0, 0.0]
+    lo, hi = math.inf, -math.inf
+    step = _rows_per_slice(arr)
+    for start in range(0, arr.shape[0], step):
+        part = arr[start:start + step]
+        if part.size:
+            lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
+    _release_pages(arr)
+    return [lo, hi]
+
+
+def check_value_ranges(raw: RawOutputs, *, score_converter: str, source: str,
+                       boxes_key: str = "boxes", scores_key: str = "scores") -> None:
+    """Refuses raw outputs whose values cannot be what the config says they are.
+
+    Boxes must be normalized (within `BOX_TOLERANCE` of [0, 1]); with `score_converter`
+    ``sigmoid`` or ``softmax`` (the detector already converted its scores) the scores must be
+    probabilities in [0, 1] (within `SCORE_TOLERANCE`); ``identity`` means logits, any value.
+
+    Args:
+      raw: the outputs; their recorded `value_ranges`, else a scan of the arrays.
+      score_converter: the config's `model.score_converter`.
+      source: the model folder or raw-outputs file, named in the message.
+      boxes_key, scores_key: the output names, named in the message.
+
+    Raises:
+      TfcalError: one line naming `source`, the output and ``model.score_converter``.
+    """
+    ranges = raw.value_ranges or {}
+    boxes = ranges.get("boxes") or _min_max(raw.boxes)
+    scores = ranges.get("scores") or _min_max(raw.scores)
+    if raw.num_images and (boxes[0] < -BOX_TOLERANCE or boxes[1] > 1.0 + BOX_TOLERANCE):
+        raise TfcalError(f"{source}: {boxes_key}: must be normalized [ymin, xmin, ymax, xmax] "
+                         f"in [0, 1] (pixel coordinates?), got values in [{boxes[0]:.4g}, "
+                         f"{boxes[1]:.4g}]")
+    if raw.num_images and score_converter in ("sigmoid", "softmax") and (
+            scores[0] < -SCORE_TOLERANCE or scores[1] > 1.0 + SCORE_TOLERANCE):
+        raise TfcalError(f"{source}: {scores_key}: values in [{scores[0]:.4g}, {scores[1]:.4g}] "
+                         f"are not probabilities, but model.score_converter: {score_converter} "
+                         f"says the detector already applied its {score_converter}; for logits "
+                         f"set model.score_converter: identity")

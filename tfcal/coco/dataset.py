@@ -37,6 +37,11 @@ _IMAGE_MAGIC = (
     (b"BM", "BMP"),
 )
 _HEADER_BYTES = 16
+#: How far an annotation bbox may reach outside its image (rounding in labelling tools): the
+#: larger of these pixels and this fraction of the image side. Further out, the box is wrong
+#: (other units, another image's size) and the file is refused.
+BBOX_SLACK_PIXELS = 2.0
+BBOX_SLACK_FRACTION = 0.02
 
 
 @contextlib.contextmanager
@@ -197,8 +202,10 @@ def load_coco(
 
     Raises:
       TfcalError: one line naming the file, the field and the bad value, for invalid JSON, a
-        missing key, a non-finite or non-positive bbox, duplicate ids, an annotation on an
-        unknown image or category, or a missing or unreadable image file.
+        missing key, a non-finite or non-positive bbox, a bbox outside its image (beyond
+        `BBOX_SLACK_PIXELS` / `BBOX_SLACK_FRACTION`), duplicate ids, an annotation on an
+        unknown image or category, annotations that are all crowd regions, or a missing or
+        unreadable image file.
     """
     path = Path(annotations_path)
     check = _Checker(str(path))
@@ -253,6 +260,15 @@ def load_coco(
         if check.int_id(ann["category_id"], f"{where}.category_id") not in cat_rows:
             check.fail(f"{where}.category_id", "unknown category id", ann["category_id"])
         check.bbox(ann["bbox"], f"{where}.bbox")
+        img = raw["images"][image_rows[int(ann["image_id"])]]
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        slack_x = max(BBOX_SLACK_PIXELS, BBOX_SLACK_FRACTION * img["width"])
+        slack_y = max(BBOX_SLACK_PIXELS, BBOX_SLACK_FRACTION * img["height"])
+        if x < -slack_x or y < -slack_y or x + w > img["width"] + slack_x or \
+                y + h > img["height"] + slack_y:
+            check.fail(f"{where}.bbox", f"lies outside its image (id {ann['image_id']}, "
+                       f"{img['width']} x {img['height']} pixels; [x, y, width, height] in "
+                       "pixels?)", ann["bbox"])
         ann = dict(ann)
         if "area" in ann:
             if not _is_number(ann["area"]) or not math.isfinite(ann["area"]) or ann["area"] < 0:
@@ -263,6 +279,11 @@ def load_coco(
         if ann["iscrowd"] not in (0, 1, True, False):
             check.fail(f"{where}.iscrowd", "must be 0 or 1", ann["iscrowd"])
         anns.append(ann)
+
+    if anns and all(bool(a["iscrowd"]) for a in anns):
+        check.fail("annotations[].iscrowd", f"all {len(anns)} annotations are crowd regions "
+                   "(iscrowd: 1), which COCO matching ignores: nothing to count TP or FN "
+                   "against")
 
     images_root = None if images_dir is None else Path(images_dir)
     image_paths = None

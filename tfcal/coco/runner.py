@@ -201,6 +201,12 @@ def _run(fn, path: Path, dataset, keys: SignatureKeys, batch: int, progress: boo
                     raise TfcalError(f"{path}: outputs {keys.raw_boxes!r} {list(b.shape)} and "
                                      f"{keys.raw_scores!r} {list(s.shape)} must be [{k}, N, 4] "
                                      f"and [{k}, N, C]")
+                if b.size and (b.min() < -cache_lib.BOX_TOLERANCE or
+                               b.max() > 1.0 + cache_lib.BOX_TOLERANCE):  # found at once
+                    raise TfcalError(f"{path}: output {keys.raw_boxes!r}: must be normalized "
+                                     f"[ymin, xmin, ymax, xmax] in [0, 1] (pixel coordinates?), "
+                                     f"got values in [{b.min():.4g}, {b.max():.4g}] for "
+                                     f"{paths[done:done + k]}")
                 try:  # the writer checks row shapes against the first batch, and finiteness
                     writer.append(b, s)
                 except ValueError as e:

@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -552,8 +551,11 @@ def save_export(
     output_dir = Path(output_dir)
     meta = build_metadata(config, detector.info if detector else None)
     meta_json = json.dumps(meta, indent=2, sort_keys=True)
-    with tempfile.TemporaryDirectory(prefix=".tfcal_meta.", dir=output_dir.parent) as staging:
-        asset_path = Path(staging) / METADATA_ASSET
+    # Staged beside the export under a name owned by this process (reclaimed by the next
+    # export there if this one is killed, see `atomic.remove_stale`).
+    staging = atomic.mkdtemp(output_dir.parent, "tfcal_meta")
+    try:
+        asset_path = staging / METADATA_ASSET
         asset_path.write_text(meta_json + "\n", encoding="utf-8")
         module, signatures = _build_module(
             config,
@@ -566,6 +568,8 @@ def save_export(
             per_class_boxes=per_class_boxes,
         )
         tf.saved_model.save(module, str(output_dir), signatures=signatures)
+    finally:
+        atomic.remove(staging)
     return ExportResult(
         path=output_dir,
         signatures=tuple(signatures),

@@ -13,7 +13,15 @@ Layout (`export_root` is mounted in the container at `container_base_path`, defa
 
 A version is built in a hidden temporary directory inside `export_root/<model_name>/` and renamed
 to its number only after the SavedModel, the warmup records and the verification are complete, so
-a crash or Ctrl-C never leaves a half-written version (TF Serving ignores non-numeric names).
+a crash or Ctrl-C never leaves a half-written version (TF Serving ignores non-numeric names). The
+temporaries carry the writer's host and pid (`atomic.temp_name`); the next export into the same
+folder deletes those of processes that are gone (a SIGKILL, a power cut).
+
+Concurrent exports. Choosing the number and renaming the version into place happen under the lock
+`<model_name>/.tfcal.lock` (`tfcal.locks`, waited for up to `PUBLISH_LOCK_WAIT_S`), and the rename
+never replaces a directory (``renameat2(RENAME_NOREPLACE)``): two exports without a version number
+get distinct versions, and a version another process created is never replaced or deleted unless
+its number was given with `overwrite`.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tfcal import TfcalError
-from tfcal import atomic
+from tfcal import atomic, locks
 from tfcal.export import odapi
 
 logger = logging.getLogger(__name__)
@@ -38,6 +46,8 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 MODELS_CONFIG = "models.config"
 BATCHING_FILE = "batching_parameters.txt"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: Seconds an export waits for another one to finish publishing into the same model folder.
+PUBLISH_LOCK_WAIT_S = 120.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,6 +359,7 @@ def export_for_serving(
     include_raw_outputs: bool = False,
     encoded_image_signature: bool = True,
     prune: bool = True,
+    config_source: str | os.PathLike | None = None,
 ) -> ServingExport:
     """Exports a detector (plus tuned post-processing) as a new TF Serving model version.
 
@@ -367,6 +378,8 @@ def export_for_serving(
       verify: run `verify.verify_export` on the new version before it is published.
       signature_key, input_type, raw_boxes_key, raw_scores_key, include_raw_outputs,
       encoded_image_signature, prune: see `odapi.export_detector`.
+      config_source: the file `postprocess_config` came from, named in errors (default: the
+        path when one is given).
 
     Returns:
       A `ServingExport`.
@@ -386,16 +399,13 @@ def export_for_serving(
         )
     export_root = Path(export_root)
     model_dir = export_root / model_name
+    requested = version
     if version is None:
-        version = next_version(model_dir)
+        version = next_version(model_dir)  # tentative: fixed when published
     elif isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise TfcalError(f"version: must be an integer >= 1, got {version!r}")
-    version_dir = model_dir / str(version)
-    if version_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"{version_dir} already exists; pass overwrite=True to replace version {version}, "
-            f"or omit version to write {next_version(model_dir)}"
-        )
+    elif (model_dir / str(version)).exists() and not overwrite:
+        raise _version_exists(model_dir, version)
 
     detector = None
     if detector_dir is not None:
@@ -407,6 +417,9 @@ def export_for_serving(
             raw_scores_key=raw_scores_key,
             prune=prune,
         )
+        _check_columns(config, detector.info, config_source or (
+            postprocess_config if isinstance(postprocess_config, (str, os.PathLike))
+            else "postprocess config"))
     if detector is not None:
         images = list(warmup_images) or [default_warmup_image()]
         feeds = [serving_input(detector.info, image) for image in images]
@@ -418,7 +431,11 @@ def export_for_serving(
         fixed_one = detector is not None and detector.info.batch_size == 1
         batching = BatchingParameters(max_batch_size=1) if fixed_one else BatchingParameters()
 
-    with atomic.directory(version_dir, overwrite=overwrite) as tmp:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (model_dir, export_root):
+        atomic.remove_stale(folder, what="an interrupted export")
+    tmp = atomic.mkdtemp(model_dir, "version")
+    try:
         result = odapi.save_export(
             tmp,
             config,
@@ -439,9 +456,21 @@ def export_for_serving(
                 reference_raw=reference_raw,
             )
             logger.info("verification passed: %s", report.summary())
+        os.chmod(tmp, 0o777 & ~atomic._umask())  # private while written, then as mkdir makes
+        with locks.hold(model_dir, locks.command_line(), wait=PUBLISH_LOCK_WAIT_S,
+                        what="export folder"):
+            version = _publish(tmp, model_dir, requested, overwrite)
+            models_config = write_models_config(export_root, container_base_path)
+            batching_path = atomic.write_text(export_root / BATCHING_FILE,
+                                              batching.to_text_proto())
+    except BaseException as e:
+        atomic.remove(tmp)
+        reason = atomic.disk_error(e)
+        if reason:
+            raise TfcalError(f"{model_dir}: cannot write the export: {reason}") from None
+        raise
+    version_dir = model_dir / str(version)
     result = dataclasses.replace(result, path=version_dir)
-    models_config = write_models_config(export_root, container_base_path)
-    batching_path = atomic.write_text(export_root / BATCHING_FILE, batching.to_text_proto())
     logger.info("exported %s version %d to %s", model_name, version, version_dir)
     return ServingExport(
         model_dir=model_dir,
@@ -453,3 +482,44 @@ def export_for_serving(
         export=result,
         verification=report,
     )
+
+
+def _version_exists(model_dir: Path, version: int) -> FileExistsError:
+    return FileExistsError(
+        f"{model_dir / str(version)} already exists; pass overwrite=True to replace version "
+        f"{version}, or omit version to write {next_version(model_dir)}"
+    )
+
+
+def _publish(tmp: Path, model_dir: Path, version: int | None, overwrite: bool) -> int:
+    """Renames the finished `tmp` to its version folder (under the model folder's lock) and
+    returns the number. `version` None: the next free number at this moment, moving on past
+    any that appears meanwhile. Never replaces a version, except `version` with `overwrite`."""
+    if version is not None:
+        if overwrite:
+            atomic.replace_directory(tmp, model_dir / str(version))
+        else:
+            try:
+                atomic.rename_noreplace(tmp, model_dir / str(version))
+            except FileExistsError:
+                raise _version_exists(model_dir, version) from None
+        return version
+    version = next_version(model_dir)
+    while True:
+        try:
+            atomic.rename_noreplace(tmp, model_dir / str(version))
+            return version
+        except FileExistsError:  # made by something that does not take our lock
+            version += 1
+
+
+def _check_columns(config, info: odapi.DetectorInfo, source) -> None:
+    """The post-processing must read exactly the detector's raw score columns."""
+    columns = info.raw_scores_shape[-1] if info.raw_scores_shape else None
+    expected = config.num_classes + (1 if config.background_column else 0)
+    if columns is not None and columns != expected:
+        raise TfcalError(
+            f"{source}: num_classes: {config.num_classes} (background_column "
+            f"{str(config.background_column).lower()}, so {expected} score columns) does not "
+            f"fit the detector {info.path}, whose {info.raw_scores_key!r} has {columns} columns"
+        )

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import tfcal
-from tfcal import TfcalError, atomic
+from tfcal import TfcalError, atomic, locks, rundir
 from tfcal.config import Config, config_to_dict
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
             cache_dir: Path | None = None) -> Prepared:
     """Validates the data, maps categories to columns and gets the raw outputs (cached)."""
     from tfcal.coco import runner
-    from tfcal.coco.cache import load_raw_outputs
+    from tfcal.coco.cache import check_value_ranges, load_raw_outputs
     from tfcal.coco.dataset import CategoryMapping
 
     dataset = load_dataset(cfg, annotations, images)
@@ -96,6 +96,11 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
             cache_dir=cache_dir or m.cache_dir or (cfg.output.dir / "cache"))
     else:
         raw = load_raw_outputs(m.raw_outputs, dataset)
+    model_run = m.saved_model is not None
+    check_value_ranges(raw, score_converter=m.score_converter,
+                       source=str(m.saved_model or m.raw_outputs),
+                       boxes_key=m.raw_boxes if model_run else "boxes",
+                       scores_key=m.raw_scores if model_run else "scores")
     num_columns = raw.scores.shape[-1]
     num_classes = num_columns - 1 if m.background_column else num_columns
     if num_classes < 1:
@@ -479,7 +484,19 @@ def run_tune(cfg: Config, *, export: bool = True) -> TuneResult:
 
     With `data.kfold: k`, every image is evaluated once, by parameters tuned on the other
     k - 1 folds; the deployed parameters are then tuned on all images.
+
+    Before any work, output.dir (and export.dir when exporting) must be writable with room
+    to spare, and output.dir's lock is taken for the whole run (`tfcal.locks`: a second run on
+    the same folder fails at once, naming the holder). The run's files are published together
+    as one generation of output.dir (`tfcal.rundir`).
     """
+    export = export and cfg.export.enabled
+    _check_output_places(cfg, export=export)
+    with locks.hold(cfg.output.dir, locks.command_line(), what="output.dir"):
+        return _tune(cfg, export=export)
+
+
+def _tune(cfg: Config, *, export: bool) -> TuneResult:
     from tfcal.tuning import baseline
     from tfcal.tuning.evaluate import HoldoutEvidence, collect_evidence, holdout_report
     from tfcal.tuning.report import write_report
@@ -531,11 +548,11 @@ def run_tune(cfg: Config, *, export: bool = True) -> TuneResult:
     run_dir = cfg.output.dir
     ppc = ppc.replace(metadata={**ppc.metadata, "report_summary": _short(report)})
     postprocess_path = run_dir / "postprocess.json"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ppc.save(postprocess_path)
-    write_report(run_dir, report, plots=cfg.output.plots)
+    with rundir.new_run(run_dir) as generation:  # one commit: the old set or the new one
+        ppc.save(generation / "postprocess.json")
+        write_report(generation, report, plots=cfg.output.plots)
     exported = None
-    if export and cfg.export.enabled:
+    if export:
         exported = _export(cfg, ppc, prep)
     return TuneResult(run_dir=run_dir, report=report, postprocess_path=postprocess_path,
                       export=exported)
@@ -592,9 +609,59 @@ def _short(report: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Export and evaluate
 
+#: Room asked of output.dir before a run (report, plots and postprocess.json take a few MB).
+OUTPUT_ROOM_BYTES = 32 << 20
+#: Room asked of export.dir beyond the detector's own size (graph, warmup records).
+EXPORT_EXTRA_BYTES = 32 << 20
+
+
+def _check_output_places(cfg: Config, *, export: bool) -> None:
+    """Fails before any work when an output place cannot take the outputs (naming it)."""
+    atomic.check_room(cfg.output.dir, OUTPUT_ROOM_BYTES, "output.dir")
+    if export:
+        atomic.check_room(cfg.export.dir, _export_room(cfg), "export.dir")
+
+
+def _export_room(cfg: Config) -> int:
+    """Bytes an export takes: about the detector's SavedModel, plus the post-processing."""
+    size = 0
+    if cfg.model.saved_model is not None and Path(cfg.model.saved_model).is_dir():
+        size = sum(p.stat().st_size for p in Path(cfg.model.saved_model).rglob("*")
+                   if p.is_file())
+    return size + EXPORT_EXTRA_BYTES
+
+
+def check_model_fingerprint(cfg: Config, ppc, ppc_path: Path, *, model_fp: str | None = None,
+                            what: str = "model.saved_model") -> None:
+    """Refuses a detector other than the one `ppc` was tuned for (TfcalError naming both).
+
+    Compares `model_fp` (default: the fingerprint of the config's `model.saved_model` and keys)
+    with ``metadata.model_fingerprint`` of `ppc_path`. Nothing is compared when either side has
+    no model to fingerprint (tuned from, or given, precomputed raw outputs without one).
+    """
+    from tfcal.coco.cache import model_fingerprint
+
+    tuned = str((ppc.metadata or {}).get("model_fingerprint") or "")
+    if model_fp is None:
+        if cfg.model.saved_model is None or not (Path(cfg.model.saved_model) /
+                                                 "saved_model.pb").is_file():
+            return
+        m = cfg.model
+        model_fp = model_fingerprint(m.saved_model,
+                                     keys=(m.signature, m.input, m.raw_boxes, m.raw_scores))
+        what = f"model.saved_model {m.saved_model}"
+    if not tuned or tuned.startswith("raw_outputs:") or not model_fp or \
+            model_fp.startswith("raw_outputs:"):
+        return
+    if model_fp != tuned:
+        raise TfcalError(f"{what}: model fingerprint {model_fp[:16]}... differs from the one "
+                         f"tuned ({ppc_path} metadata.model_fingerprint {tuned[:16]}...): this "
+                         f"is not the detector the thresholds were tuned for; run `tfcal tune` "
+                         f"for it, or point the config at the tuned detector")
+
 
 def _export(cfg: Config, ppc, prep: Prepared | None, *, version=None, overwrite=None,
-            postprocess_only: bool = False):
+            postprocess_only: bool = False, source: Path | None = None):
     """Writes the TF Serving package (export.dir/<model_name>/<version>/ + models.config)."""
     from tfcal.export import export_for_serving
 
@@ -616,7 +683,8 @@ def _export(cfg: Config, ppc, prep: Prepared | None, *, version=None, overwrite=
             overwrite=e.overwrite if overwrite is None else overwrite,
             warmup_images=warmup, verify=e.verify, signature_key=cfg.model.signature,
             raw_boxes_key=cfg.model.raw_boxes, raw_scores_key=cfg.model.raw_scores,
-            include_raw_outputs=e.include_raw_outputs)
+            include_raw_outputs=e.include_raw_outputs,
+            config_source=source or cfg.output.dir / "postprocess.json")
     except FileExistsError as err:
         where = str(err).split(";")[0]  # "<version dir> already exists"
         raise TfcalError(f"{cfg.source}: export.version (or --version): {where}; pass "
@@ -629,15 +697,21 @@ def run_export(cfg: Config, *, version: int | None = None, overwrite: bool = Fal
     """`tfcal export`: exports `<output.dir>/postprocess.json` with the config's detector."""
     from tfcal.postprocess import PostProcessConfig
 
-    path = cfg.output.dir / "postprocess.json"
+    from tfcal import rundir
+
+    path = rundir.current_run(cfg.output.dir) / "postprocess.json"
     if not path.exists():
-        raise TfcalError(f"{path}: missing; run `tfcal tune {cfg.source}` first")
+        raise TfcalError(f"{cfg.output.dir / 'postprocess.json'}: missing; run "
+                         f"`tfcal tune {cfg.source}` first")
     ppc = PostProcessConfig.load(path)
     if cfg.model.saved_model is None and not postprocess_only:
         raise TfcalError(f"{cfg.source}: model.saved_model: needed to export a detector "
                          "(or pass --postprocess-only)")
+    if not postprocess_only:
+        check_model_fingerprint(cfg, ppc, path)
+    atomic.check_room(cfg.export.dir, _export_room(cfg), "export.dir")
     return _export(cfg, ppc, None, version=version, overwrite=overwrite or None,
-                   postprocess_only=postprocess_only)
+                   postprocess_only=postprocess_only, source=path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +287,13 @@ def load_report(path: str | Path) -> dict:
     for key in ("classes", "summary", "target", "split", "calibration", "provenance"):
         if key not in report:
             raise TfcalError(f"{path}: {key}: missing (not a tfcal report.json)")
+        kind = list if key == "classes" else dict
+        if not isinstance(report[key], kind):
+            raise TfcalError(f"{path}: {key}: must be {'a list' if kind is list else 'an object'}"
+                             f", got {type(report[key]).__name__}")
+    for i, c in enumerate(report["classes"]):
+        if not isinstance(c, dict):
+            raise TfcalError(f"{path}: classes[{i}]: must be an object, got {type(c).__name__}")
     _check_curves(path, report.get("curves"))
     return report
 
@@ -337,15 +345,28 @@ def _check_lists(path: Path, where: str, block: Any, keys: tuple[str, ...]) -> N
 
 
 def render_report(path: str | Path) -> Path:
-    """`tfcal report`: re-renders report.md and plots/ from report.json; returns report.md."""
+    """`tfcal report`: re-renders report.md and plots/ from report.json; returns report.md.
+
+    Everything is rendered into a new generation of the output folder (`tfcal.rundir`), with
+    the run's postprocess.json, and published only once complete: a report.json that cannot
+    be rendered changes nothing.
+    """
+    from tfcal import locks, rundir
+
     path = Path(path)
     report = load_report(path)
-    run_dir = path if path.is_dir() else path.parent
-    source = run_dir / "report.json"
-    try:
-        return write_report(run_dir, report, plots=bool(report.get("curves")))["report_md"]
-    except TfcalError:
-        raise
-    except (KeyError, TypeError, ValueError) as err:
-        # A hand-edited report.json that passed the checks above but not the renderer.
-        raise TfcalError(f"{source}: cannot render: {type(err).__name__}: {err}") from None
+    source = (path / "report.json") if path.is_dir() else path
+    output_dir = rundir.output_dir_of(source)
+    postprocess = source.resolve().parent / "postprocess.json"
+    with locks.hold(output_dir, locks.command_line(), what="output folder"):
+        try:
+            with rundir.new_run(output_dir) as generation:
+                write_report(generation, report, plots=bool(report.get("curves")))
+                if postprocess.is_file():
+                    shutil.copy2(postprocess, generation / "postprocess.json")
+        except TfcalError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            # A hand-edited report.json that passed the checks above but not the renderer.
+            raise TfcalError(f"{source}: cannot render: {type(err).__name__}: {err}") from None
+    return output_dir / "report.md"
