@@ -107,4 +107,4 @@ def test_leftovers_of_a_killed_export_are_reclaimed(tmp_path, image_detector,
     assert any(n.startswith(".tfcal_meta.tmp-") for n in left), left
     done = export_for_serving(image_detector, ppc_path, root, "det", verify=False)
     assert done.version == 1
-    assert sorted(p.name for p in (root / "det").iterdir()) == [".tfcal.lock", "1"]
+    assert sorted(p.name for p in (root / "det").iterdir()) == ["1"]

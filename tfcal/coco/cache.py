@@ -18,7 +18,8 @@ The raw-output cache is a directory ``<cache_dir>/raw_outputs-<fingerprint[:16]>
 - ``meta.json``: ``format`` and ``version``; ``fingerprint`` (sha256 of the model and the data,
   see `combined_fingerprint`), ``model_fingerprint``, ``data_fingerprint``; ``image_ids``,
   ``image_heights``, ``image_widths`` (`[I]` each); ``finite`` (every value was checked for
-  NaN/inf when written); per array its ``file``, ``dtype``, ``shape``, ``header_bytes``,
+  NaN/inf when written); ``value_ranges`` (``[min, max]`` of ``boxes`` and of ``scores`` as
+  written, for `check_value_ranges`; absent in caches of tfcal before it); per array its ``file``, ``dtype``, ``shape``, ``header_bytes``,
   ``file_bytes`` and the ``sha256`` of its data bytes; and ``meta_sha256``, the sha256 of the
   canonical JSON of all the other keys.
 
@@ -49,7 +50,8 @@ change of the data in place: a flipped bit, an edited value, a NaN. It reads the
 once per load: for a COCO-val-sized cache (5,000 x 3,549 x 91 float32 scores plus boxes,
 6.7 GB, in the page cache) hashing took 4.2 s against 1.3 s for one pass of reading it batch
 by batch as the tuner does (ratio 3.3, `benchmarks/cache_verify.py`, 2-core machine with
-SHA-NI); a tuning run reads the cache several times and spends minutes in the search. `load_cache` logs a damaged cache and returns None, so the runner rebuilds it;
+SHA-NI); a tuning run reads the cache several times and spends minutes in the search.
+`load_cache` logs a damaged cache and returns None, so the runner rebuilds it;
 `load_raw_outputs` refuses a damaged cache folder given as precomputed outputs (there is no
 model to rebuild it from). ``verify=False`` skips the hash (the other checks read a few
 kilobytes), for tools that know the files are intact.

@@ -17,8 +17,9 @@ a crash or Ctrl-C never leaves a half-written version (TF Serving ignores non-nu
 temporaries carry the writer's host and pid (`atomic.temp_name`); the next export into the same
 folder deletes those of processes that are gone (a SIGKILL, a power cut).
 
-Concurrent exports. Choosing the number and renaming the version into place happen under the lock
-`<model_name>/.tfcal.lock` (`tfcal.locks`, waited for up to `PUBLISH_LOCK_WAIT_S`), and the rename
+Concurrent exports. Choosing the number, renaming the version into place and rewriting
+models.config happen under the lock `export_root/.tfcal.lock` (`tfcal.locks`, waited for up to
+`PUBLISH_LOCK_WAIT_S`), and the rename
 never replaces a directory (``renameat2(RENAME_NOREPLACE)``): two exports without a version number
 get distinct versions, and a version another process created is never replaced or deleted unless
 its number was given with `overwrite`.
@@ -457,7 +458,9 @@ def export_for_serving(
             )
             logger.info("verification passed: %s", report.summary())
         os.chmod(tmp, 0o777 & ~atomic._umask())  # private while written, then as mkdir makes
-        with locks.hold(model_dir, locks.command_line(), wait=PUBLISH_LOCK_WAIT_S,
+        # One lock for the export root: the version rename and models.config (which lists
+        # every model) are updated together, one export at a time.
+        with locks.hold(export_root, locks.command_line(), wait=PUBLISH_LOCK_WAIT_S,
                         what="export folder"):
             version = _publish(tmp, model_dir, requested, overwrite)
             models_config = write_models_config(export_root, container_base_path)
