@@ -378,10 +378,18 @@ def learn_split(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
             np.sort(prep.dataset.image_index(cert_ids)))
 
 
-def _uses_learn_split(cfg: Config, prep: Prepared) -> bool:
+def _uses_learn_split(cfg: Config, prep: Prepared, num_tune: int) -> bool:
+    """Certified objectives with `tuning.learn_fraction > 0` split the tune images again (when
+    there are at least 2; with fewer the grid is paid for by Bonferroni instead)."""
     objective, overrides = _objectives(cfg, prep)
     certified = objective.certified or any(o.certified for o in overrides.values())
-    return certified and cfg.tuning.learn_fraction > 0
+    if not (certified and cfg.tuning.learn_fraction > 0):
+        return False
+    if num_tune < 2:
+        log.warning("certification: %d tune image cannot be split into learn and certify "
+                    "parts; the NMS IoU grid is paid for by Bonferroni instead", num_tune)
+        return False
+    return True
 
 
 def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
@@ -392,7 +400,7 @@ def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
     t = cfg.tuning
     objective, overrides = _objectives(cfg, prep)
     learn = None
-    if _uses_learn_split(cfg, prep):
+    if _uses_learn_split(cfg, prep, len(tune_idx)):
         learn_idx, cert_idx = learn_split(cfg, prep, tune_idx)
         log.info("certification: %d tune images plan the tests, %d certify them",
                  len(learn_idx), len(cert_idx))
@@ -539,7 +547,7 @@ def _tune(cfg: Config, *, export: bool) -> TuneResult:
                  "holdout_images": int(len(eval_idx)),
                  "tune_image_ids": [int(i) for i in ids[tune_idx]],
                  "holdout_image_ids": [int(i) for i in ids[eval_idx]]}
-        if _uses_learn_split(cfg, prep):
+        if _uses_learn_split(cfg, prep, len(tune_idx)):
             learn_idx, cert_idx = learn_split(cfg, prep, tune_idx)
             split.update(learn_images=int(len(learn_idx)), certify_images=int(len(cert_idx)),
                          learn_image_ids=[int(i) for i in ids[learn_idx]])
