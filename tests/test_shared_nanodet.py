@@ -99,6 +99,17 @@ def test_class_choices_are_well_formed(nanodet_run):
             assert math.isfinite(c["temperature"]) and c["temperature"] > 0
         h = c["holdout"]
         assert min(h["tp"], h["fp"], h["fn"]) >= 0
-    assert any(c["enabled"] and c["status"] == "ok" for c in report["classes"])
+    # On 31 tune images no class has the detections to certify precision 0.9 (29 true
+    # positives without a false one are the least that can): the pooled fallback is emitted,
+    # marked as carrying no promise, and each certifiable-looking class gets a box estimate.
+    assert any(c["enabled"] for c in report["classes"])
+    for c in report["classes"]:
+        g = c["guarantee"]
+        assert g["kind"] in {"certified", "none"}, c
+        if g["kind"] == "certified":
+            assert c["status"] == "ok" and g["p_value"] <= g["test_level"], c
+        elif c["status"] == "insufficient_data" and c["enabled"]:
+            assert g["kind"] == "none"
+    assert "With probability >= 95%" in report["summary"]["guarantee"]["statement"]
     assert (result.run_dir / "report.md").exists()
     assert (result.run_dir / "plots" / "reliability.png").exists()
