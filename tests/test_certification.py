@@ -124,3 +124,16 @@ def test_boxes_to_certify():
     assert C.boxes_to_certify(np.arange(1, 10), np.arange(1, 10), 12, 0.9, 0.05) == 39
     # Never above the target: more of the same data cannot certify it.
     assert C.boxes_to_certify([0, 1, 2], [1, 2, 4], 10, 0.9, 0.05) is None
+
+
+def test_predictive_pass_probability_accounts_for_thin_learn_evidence():
+    # Jeffreys posterior Beta(t + 1/2, f + 1/2), certify count beta-binomial.
+    n = np.array([100])
+    k = C.critical_count(n, 0.9, 0.05)[0]
+    got = C.predictive_pass_probability([95], [5], n, 0.9, 0.05)[0]
+    assert got == pytest.approx(stats.betabinom.sf(k - 1, 100, 95.5, 5.5))
+    # The same 95% seen on 20 instead of 100 detections predicts a lower chance of passing
+    # (here; the posterior is wider), and both sit below the plug-in binomial's.
+    thin = C.predictive_pass_probability([19], [1], n, 0.9, 0.05)[0]
+    plug_in = C.pass_probability(np.array([0.95]), n, 0.9, 0.05)[0]
+    assert thin < got < plug_in

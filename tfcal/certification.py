@@ -275,19 +275,40 @@ def pass_probability(rate, n, target: float, level: float) -> np.ndarray:
     return np.where(k <= n, stats.binom.sf(k - 1, n, np.clip(rate, 0.0, 1.0)), 0.0)
 
 
+def predictive_pass_probability(successes, failures, n, target: float,
+                                level: float) -> np.ndarray:
+    """Probability that the exact test at `level` rejects `rate <= target` on `n` new trials,
+    predicted from `successes` and `failures` seen on other data (the learn split).
+
+    The rate is uncertain: with a Jeffreys prior its posterior is Beta(successes + 1/2,
+    failures + 1/2), so the certify count is beta-binomial. Thin learn evidence therefore
+    predicts a lower pass probability than the same rate seen on many detections would.
+    """
+    from scipy import stats
+
+    n = np.asarray(n, np.int64)
+    k = critical_count(n, target, level)
+    a = np.asarray(successes, np.float64) + 0.5
+    b = np.asarray(failures, np.float64) + 0.5
+    return np.where(k <= n, stats.betabinom.sf(k - 1, n, a, b), 0.0)
+
+
 def plan_precision(predicted, n_cert, target: float, level: float) -> tuple[int, int]:
-    """Plans a precision sequence from a learn split's predicted precision at each point.
+    """Plans a precision sequence from the pass probability predicted at each point.
 
     Args:
-      predicted: float `[M]` precision the learn split predicts at the certify split's tested
-        points (thresholds descending). n_cert: int `[M]` the certify split's detections there.
+      predicted: float `[M]` the predicted pass probability at the certify split's tested
+        points (thresholds descending), e.g. `predictive_pass_probability`; or, with a float
+        rate per point, see `pass_probability`. n_cert: int `[M]` the certify split's
+        detections there (unused when `predicted` already holds probabilities).
 
     Returns:
       `(start, end)`: the point where the certify test is most likely to pass (its sequence
       starts there), and the last point of the unbroken run after it that is predicted to pass
       more often than not (the expected operating point); `(-1, -1)` when none can pass.
     """
-    p = pass_probability(predicted, n_cert, target, level)
+    p = np.asarray(predicted, np.float64) if n_cert is None else \
+        pass_probability(predicted, n_cert, target, level)
     if p.size == 0 or p.max() <= 0.0:
         return -1, -1
     start = int(np.argmax(p))

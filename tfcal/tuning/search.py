@@ -517,22 +517,25 @@ def _learned_segments(obj: Objective, curves: Sequence[Curves], learn: Sequence[
             if rows.size == 0:
                 continue
             t_l, f_l = learn[i].counts_at_many(column, thr[rows])
-            predicted = (t_l + 0.5) / (t_l + f_l + 1.0)  # smoothed: no 0/0 and no certain 1
-            start, end = certification.plan_precision(predicted, n[rows], obj.target_precision,
-                                                      level)
+            chance = certification.predictive_pass_probability(t_l, f_l, n[rows],
+                                                               obj.target_precision, level)
+            start, end = certification.plan_precision(chance, None, obj.target_precision, level)
             if start < 0:
                 continue
-            value = t_l[end] / max(num_gt_learn, 1)  # predicted recall
+            # Expected recall: the planned end's recall times the chance the start passes.
+            value = chance[start] * t_l[end] / max(num_gt_learn, 1)
             rows = rows[start:]
             p = certification.binomial_pvalue(tp[rows], n[rows], obj.target_precision)
+            weights = np.zeros(rows.shape)
+            weights[0] = 1.0
         else:
             if n_gt < certification.min_count(obj.target_recall, level):
                 continue
             rows = np.arange(hi - lo)[::-1]  # from the lowest threshold up
             t_l, f_l = learn[i].counts_at_many(column, thr[rows])
-            predicted = (t_l + 0.5) / (num_gt_learn + 1.0)
-            passing = certification.pass_probability(predicted, np.full(rows.shape, n_gt),
-                                                     obj.target_recall, level) >= 0.5
+            passing = certification.predictive_pass_probability(
+                t_l, num_gt_learn - t_l, np.full(rows.shape, n_gt), obj.target_recall,
+                level) >= 0.5
             run = int(np.cumprod(passing).sum())
             if run == 0:
                 continue
@@ -540,11 +543,13 @@ def _learned_segments(obj: Objective, curves: Sequence[Curves], learn: Sequence[
             value = t_l[e] / max(t_l[e] + f_l[e], 1)  # predicted precision
             p = certification.binomial_pvalue(tp[rows], np.full(rows.shape, n_gt),
                                               obj.target_recall)
-        plans.append((-value, int(ranks[i]), i, lo + rows, p))
+            weights = np.zeros(rows.shape)
+            weights[0] = 1.0  # recall: one fixed sequence from the bottom
+        plans.append((-value, int(ranks[i]), i, lo + rows, p, weights))
     if not plans:
         return None
-    _, _, i, rows, p = min(plans, key=lambda x: (x[0], x[1]))
-    return i, rows, certification.fixed_sequence(p, level), p
+    _, _, i, rows, p, weights = min(plans, key=lambda x: (x[0], x[1]))
+    return i, rows, certification.fallback_reject(p, weights, level), p
 
 
 def _boxes_to_certify(obj: Objective, curves: Sequence[Curves], column: int, level: float):
