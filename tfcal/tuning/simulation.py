@@ -298,7 +298,7 @@ def default_scenario() -> tuple[ClassModel, ...]:
     recall) target of 0.9.
 
     True figures over the default grid (0.4, 0.5, 0.6, 0.7), from `true_precision` and
-    `true_recall` on a 1e-5 threshold grid (P: precision, R: recall; "top": at t = 1):
+    `true_recall` on a 1e-5 threshold grid (P: precision, R: recall; "top": at t = 1, IoU 0.5):
 
     | class      | boxes | top P | max P (IoU)  | max R at P >= 0.9 (IoU) | max P at R >= 0.9 |
     | ---------- | ----- | ----- | ------------ | ----------------------- | ----------------- |
@@ -310,19 +310,22 @@ def default_scenario() -> tuple[ClassModel, ...]:
     | never-200  |   200 | 0.825 | 0.825        | unreachable             | unreachable       |
     | just-300   |   300 | 0.920 | 0.929 (0.7)  | 0.169 (0.5)             | 0.510             |
     | easy-500   |   500 | 0.970 | 0.970        | 0.954 (0.4)             | 0.940             |
-    | crowd-500  |   500 | 0.961 | 0.968 (0.7)  | 0.811 (0.7)             | 0.787             |
+    | crowd-500  |   500 | 0.963 | 0.969 (0.7)  | 0.839 (0.6)             | 0.858 (0.7)       |
     | dup-500    |   500 | 0.980 | 0.980        | 0.928 (0.4)             | 0.920             |
 
     - Below `min_support` 10 (rare-5) the search pools; 10 and 20 boxes are too few to certify
       0.9 at 95% (29 true positives without a false one are the least that can).
     - just-50 and just-300 only just reach 0.9, over a narrow band of thresholds; flat-100 has a
       long, flat stretch of precision just above and below 0.9 (its look-alike false positives
-      score like its true ones), and both spread their best point over several IoUs (crowds
-      against duplicates), so a search that looks at many points is tempted most there.
+      score like its true ones). flat-100 and just-300 also spread their best point over several
+      IoUs (crowds against duplicates), so a search that looks at many points is tempted most
+      there.
     - Confident false positives (`hard_fp_rate`) keep the top precision below 1 for most
       classes.
-    - The three 500-box classes reach the target comfortably, with the best IoU at 0.4 (duplicates
-      dominate: easy-500, dup-500) or 0.7 (crowds dominate: crowd-500).
+    - The three 500-box classes reach either target comfortably, with the best IoU at 0.4
+      (duplicates dominate: easy-500, dup-500) or 0.6-0.7 (crowds dominate: crowd-500); their
+      true recall at precision 0.93 is still >= 0.93 of that at 0.9, so a certified search can
+      keep most of the point estimate's recall.
 
     Returns:
         The models, one per class column.
@@ -353,7 +356,7 @@ _DEFAULT_SCENARIO = (
     ClassModel("easy-500", 500, 0.97, fp_rate=0.4, a_fp=1.5, b_fp=4, hard_fp_rate=0.03,
                dup_max=0.4, dup_lo=0.3, **_look_alike(a_tp=6, b_tp=1.5)),
     ClassModel("crowd-500", 500, 0.97, fp_rate=0.4, a_fp=1.5, b_fp=4, hard_fp_rate=0.03,
-               dup_max=0.3, dup_mid=0.7, dup_lo=0.3, crowd_frac=0.3, crowd_mid=0.6,
+               dup_max=0.3, dup_mid=0.7, dup_lo=0.3, crowd_frac=0.3, crowd_mid=0.55,
                **_look_alike(a_tp=6, b_tp=1.5)),
     ClassModel("dup-500", 500, 0.96, fp_rate=0.4, a_fp=1.5, b_fp=4, hard_fp_rate=0.02,
                dup_max=0.6, dup_mid=0.5, dup_lo=0.3, **_look_alike(a_tp=6, b_tp=1.5)),
