@@ -1,0 +1,76 @@
+"""Coverage of the certified precision target on known-truth tune sets (tfcal.tuning.simulation).
+
+The promise under test: with `confidence=0.95`, "with probability >= 95% over the draw of the
+tune images, class C's precision on new images is >= the target" (per class, budget
+`per_class`), and all classes at once under the simultaneous budget. 400 seeded tune sets of a
+three-class scenario taken from `default_scenario()`: the flat class (100 boxes), the
+just-reaching class (150 boxes) and the crowded class (150 boxes), where a search that reads
+many (threshold, IoU) points is tempted most. A check fails when the measured coverage is below
+0.95 minus two binomial standard errors (at 400 sets, about 0.93 for a class at 0.95). The
+benchmark `benchmarks/coverage_simulation.py` runs the full ten-class scenario.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tfcal.tuning.search import Objective
+from tfcal.tuning.simulation import coverage_runs, default_scenario
+
+NUM_SETS = 400
+SEED = 0
+GRID = (0.4, 0.5, 0.6, 0.7)
+TARGET = 0.9
+LEVEL = 0.95
+
+
+def small_scenario():
+    by_name = {m.name: m for m in default_scenario()}
+    return (by_name["flat-100"],
+            dataclasses.replace(by_name["just-300"], name="just-150", num_gt=150),
+            dataclasses.replace(by_name["crowd-500"], name="crowd-150", num_gt=150))
+
+
+@pytest.fixture(scope="module")
+def results():
+    """`{(confidence, budget): CoverageResult}` on the same tune sets."""
+    runs = [(Objective(target_precision=TARGET, confidence=LEVEL), "per_class"),
+            (Objective(target_precision=TARGET, confidence=LEVEL), "simultaneous"),
+            (Objective(target_precision=TARGET, confidence=None), "per_class")]
+    out = coverage_runs(small_scenario(), runs, GRID, NUM_SETS, SEED)
+    return {(obj.confidence, budget): r for (obj, budget), r in zip(runs, out)}
+
+
+def _summary(r):
+    return ", ".join(f"{n}: {c:.3f} +- {s:.3f} (enabled {e:.2f})" for n, c, s, e in
+                     zip(r.names, r.class_coverage, r.class_coverage_se, r.enabled_rate))
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "the current certified search takes the Clopper-Pearson bound at every (threshold, IoU) and "
+    "keeps the best, which ignores the selection: about 0.90-0.92 per class here; to be removed "
+    "with the Learn-then-Test search"))
+def test_per_class_coverage(results):
+    r = results[(LEVEL, "per_class")]
+    low = r.class_coverage < LEVEL - 2 * r.class_coverage_se
+    assert not low.any(), f"per-class coverage below {LEVEL} - 2 SE: {_summary(r)}"
+
+
+def test_simultaneous_coverage_under_the_simultaneous_budget(results):
+    r = results[(LEVEL, "simultaneous")]
+    p, se = r.simultaneous_coverage, r.simultaneous_coverage_se
+    assert p >= LEVEL - 2 * se, f"simultaneous coverage {p:.3f} +- {se:.3f}; {_summary(r)}"
+    low = r.class_coverage < LEVEL - 2 * r.class_coverage_se
+    assert not low.any(), f"per-class coverage below {LEVEL} - 2 SE: {_summary(r)}"
+
+
+def test_the_point_estimate_does_not_cover(results):
+    """Why certification exists: the point estimate picks the lowest threshold whose tune-set
+    precision reaches the target, which is below the true crossing most of the time."""
+    point = results[(None, "per_class")]
+    assert np.all(point.enabled_rate > 0.9)
+    assert np.all(point.class_coverage < 0.6), _summary(point)
+    assert point.simultaneous_coverage < 0.2
+    certified = results[(LEVEL, "per_class")]
+    assert np.all(certified.class_coverage > point.class_coverage + 0.3)
