@@ -301,11 +301,16 @@ def test_coverage_runs_match_single_runs_and_budget_names():
     obj = Objective(confidence=0.95)
     both = coverage_runs(scenario, [(obj, "per_class"), (obj, "simultaneous")], grid, 6, 3)
     alone = coverage(scenario, obj, grid, 6, 3, "per_class")
-    alias = coverage(scenario, obj, grid, 6, 3, "bonferroni")
+    simul = coverage(scenario, obj, grid, 6, 3, "simultaneous")
     np.testing.assert_array_equal(both[0].enabled, alone.enabled)
     np.testing.assert_array_equal(both[0].precision, alone.precision)
-    np.testing.assert_array_equal(both[1].min_score_thresh, alias.min_score_thresh)
-    assert alias.budget == "simultaneous" and both[1].budget == "simultaneous"
+    np.testing.assert_array_equal(both[1].min_score_thresh, simul.min_score_thresh)
+    assert simul.budget == "simultaneous" and both[1].budget == "simultaneous"
+    with pytest.raises(ValueError, match="budget"):
+        coverage(scenario, obj, grid, 6, 3, "bonferroni")
+    # With a learn split the certified run searches the certify part, planned by the learn part.
+    learned = coverage(scenario, obj, grid, 6, 3, learn_fraction=0.3)
+    assert learned.num_sets == 6 and learned.enabled.shape == alone.enabled.shape
     assert alone.num_sets == 6
     # True metrics are read at the chosen points.
     s, c = np.argwhere(alone.enabled)[0]

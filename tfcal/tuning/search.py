@@ -467,8 +467,8 @@ def _keys(obj: Objective, tp, fp, num_gt, level):
     if obj.name == "precision_target":
         feasible = has_tp & (precision >= obj.target_precision)
         fb_primary = precision
-        if level is not None:
-            lower = _cp_lower(tp, pred, level)
+        if level is not None and obj.on_unreachable == "best_effort":
+            lower = _cp_lower(tp, pred, level)  # best effort ranks by it; else only the choice
             fb_primary = lower
         return feasible, recall, precision, recall, fb_primary, recall, lower
     if obj.name == "recall_target":
@@ -794,6 +794,8 @@ def joint_search(
 
     def at_point(c, status, i, obj):
         t, f, n = int(tp[i]), int(fp[i]), int(num_gt[c])
+        if obj.certified and obj.name == "precision_target" and math.isnan(lower[i]):
+            lower[i] = _cp_lower(np.array([t]), np.array([t + f]), level[c])[0]
         certified = status == "ok" and c in cert_set
         guarantee = "certified" if certified else ("estimate" if status == "ok" else "none")
         return ClassChoice(c, status, True, float(thv[i]), grid[gi[i]], t, f, n - t, n,

@@ -73,11 +73,6 @@ __all__ = [
 
 Budget = Literal["per_class", "simultaneous"]
 _BUDGETS = ("per_class", "simultaneous")
-# The search's name for each budget, newest first: the simultaneous budget is called
-# "bonferroni" by the current search and "simultaneous" by its successor.
-_SEARCH_BUDGET_NAMES = {"per_class": ("per_class",),
-                        "simultaneous": ("simultaneous", "bonferroni")}
-_BUDGET_ALIASES = {"bonferroni": "simultaneous"}
 
 
 def _logistic(x):
@@ -368,30 +363,26 @@ _DEFAULT_SCENARIO = (
 
 
 def _canonical_budget(budget: str) -> str:
-    budget = _BUDGET_ALIASES.get(budget, budget)
     if budget not in _BUDGETS:
-        raise ValueError(f"budget must be one of {_BUDGETS} (or 'bonferroni'), got {budget!r}")
+        raise ValueError(f"budget must be one of {_BUDGETS}, got {budget!r}")
     return budget
 
 
-_search_budget_name: dict[str, str] = {}
+def merge_sets(*sets: dict[float, MatchedDetections]) -> dict[float, MatchedDetections]:
+    """Tune sets of disjoint images as one: detections concatenated, `num_gt` summed."""
+    out = {}
+    for g in sets[0]:
+        parts = [s[g] for s in sets]
+        out[g] = MatchedDetections(np.concatenate([p.score for p in parts]),
+                                   np.concatenate([p.column for p in parts]),
+                                   np.concatenate([p.tp for p in parts]),
+                                   np.concatenate([p.ignored for p in parts]),
+                                   np.sum([p.num_gt for p in parts], axis=0))
+    return out
 
 
-def _search(matched, objective, budget, min_support):
-    """`joint_search` with the budget spelled the way the installed search spells it."""
-    names = ((_search_budget_name[budget],) if budget in _search_budget_name
-             else _SEARCH_BUDGET_NAMES[budget])
-    for i, name in enumerate(names):
-        try:
-            result = joint_search(matched, objective, min_support=min_support,
-                                  confidence_budget=name)
-        except ValueError as err:
-            if "confidence_budget" in str(err) and i + 1 < len(names):
-                continue
-            raise
-        _search_budget_name[budget] = name
-        return result
-    raise AssertionError("unreachable")  # pragma: no cover
+def _scaled(models, fraction: float):
+    return tuple(dataclasses.replace(m, num_gt=int(round(m.num_gt * fraction))) for m in models)
 
 
 @contextlib.contextmanager
@@ -500,7 +491,7 @@ class CoverageResult:
 
 def coverage(scenario: Sequence[ClassModel], objective: Objective, grid: Sequence[float],
              num_sets: int, seed: int, budget: Budget = "per_class", *,
-             min_support: int = 10) -> CoverageResult:
+             min_support: int = 10, learn_fraction: float = 0.0) -> CoverageResult:
     """Runs `joint_search` on `num_sets` seeded tune sets and reads the true metrics.
 
     Args:
@@ -510,20 +501,26 @@ def coverage(scenario: Sequence[ClassModel], objective: Objective, grid: Sequenc
         grid: the NMS IoU grid.
         num_sets: tune sets, >= 1. Set `i` is drawn with `np.random.default_rng([seed, i])`.
         seed: int >= 0.
-        budget: `{"per_class", "simultaneous"}` (`"bonferroni"` is accepted for the latter),
-            default `"per_class"`: the search's `confidence_budget`.
+        budget: `{"per_class", "simultaneous"}`, default `"per_class"`: the search's
+            `confidence_budget`.
         min_support: passed to the search, default 10.
+        learn_fraction: in [0, 1), default 0. Above 0 each tune set is drawn as a learn part
+            (each class's boxes times the fraction) and a certify part (the rest), as
+            `tuning.learn_fraction` splits tune images: certified objectives search the certify
+            part with the learn part planning (`joint_search(..., learn=...)`); the others
+            search both parts merged.
 
     Returns:
         A `CoverageResult`.
     """
     return coverage_runs(scenario, [(objective, budget)], grid, num_sets, seed,
-                         min_support=min_support)[0]
+                         min_support=min_support, learn_fraction=learn_fraction)[0]
 
 
 def coverage_runs(scenario: Sequence[ClassModel], runs: Sequence[tuple[Objective, Budget]],
                   grid: Sequence[float], num_sets: int, seed: int, *,
-                  min_support: int = 10) -> list[CoverageResult]:
+                  min_support: int = 10,
+                  learn_fraction: float = 0.0) -> list[CoverageResult]:
     """`coverage` of several `(objective, budget)` pairs on the same tune sets (paired
     comparisons, one simulation per set). Each result equals `coverage` run alone with the same
     arguments.
@@ -548,9 +545,22 @@ def coverage_runs(scenario: Sequence[ClassModel], runs: Sequence[tuple[Objective
     chosen_thr = np.full(shape, np.nan)
     with _quiet_search():
         for i in range(num_sets):
-            matched = simulate(scenario, grid, np.random.default_rng([int(seed), i]))
+            rng = np.random.default_rng([int(seed), i])
+            if learn_fraction > 0:
+                learn = simulate(_scaled(scenario, learn_fraction), grid, rng)
+                certify = simulate(_scaled(scenario, 1.0 - learn_fraction), grid, rng)
+                matched = merge_sets(learn, certify)
+            else:
+                learn = certify = None
+                matched = simulate(scenario, grid, rng)
             for r, (obj, budget) in enumerate(runs):
-                for c in _search(matched, obj, budget, min_support).classes:
+                if learn is not None and obj.confidence is not None:
+                    found = joint_search(certify, obj, min_support=min_support,
+                                         confidence_budget=budget, learn=learn)
+                else:
+                    found = joint_search(matched, obj, min_support=min_support,
+                                         confidence_budget=budget)
+                for c in found.classes:
                     if c.enabled:
                         enabled[r, i, c.column] = True
                         chosen_iou[r, i, c.column] = c.nms_iou
