@@ -1,4 +1,4 @@
-"""Thin Keras layers over `tfcal.ops`: calibration, class thresholds, NMS and their chain.
+"""Thin Keras layers over `tfcal.ops` and `tfcal.calibration`: calibration, thresholds, NMS, chain.
 
 Every layer is registered as Keras-serializable under the package name `tfcal`, runs under
 `tf.function` with a dynamic batch, computes in float32 and validates its arguments in

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
-
 import keras
-import numpy as np
 import tensorflow as tf
 
-from tfcal import ops
-from tfcal.layers._common import float32_by_default, float_list
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) \
-            or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return int(value)
+from tfcal import ops, validation
+from tfcal.layers._common import float32_by_default
 
 
 @keras.saving.register_keras_serializable(package="tfcal")
@@ -55,25 +45,21 @@ class CombinedNMS(keras.layers.Layer):
                  score_threshold=0.0, clip_boxes=False, class_agnostic=False, label_offset=1,
                  skip_empty_classes=False, **kwargs):
         super().__init__(**float32_by_default(kwargs))
-        self.iou_threshold = float_list("iou_threshold", iou_threshold, lo=0.0, hi=1.0)
-        if not self.iou_threshold:
-            raise ValueError("iou_threshold: expected 1 or K values, got []")
-        self.max_detections_per_class = _check_int("max_detections_per_class",
-                                                   max_detections_per_class, 1)
-        self.max_total_detections = _check_int("max_total_detections", max_total_detections, 1)
-        self.score_threshold = float_list("score_threshold", score_threshold, lo=0.0, hi=1.0,
-                                          lengths=(1,))[0]
-        for name, value in (("clip_boxes", clip_boxes), ("class_agnostic", class_agnostic),
-                            ("skip_empty_classes", skip_empty_classes)):
-            if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(f"{name}: expected a bool, got {value!r}")
-        self.clip_boxes = bool(clip_boxes)
-        self.class_agnostic = bool(class_agnostic)
-        self.skip_empty_classes = bool(skip_empty_classes)
+        self.iou_threshold = list(validation.floats("iou_threshold", iou_threshold, lo=0.0,
+                                                    hi=1.0, scalar_ok=True))
+        self.max_detections_per_class = validation.integer(
+            "max_detections_per_class", max_detections_per_class, minimum=1)
+        self.max_total_detections = validation.integer("max_total_detections",
+                                                       max_total_detections, minimum=1)
+        self.score_threshold = validation.floats("score_threshold", score_threshold, lo=0.0,
+                                                 hi=1.0, lengths=(1,), scalar_ok=True)[0]
+        self.clip_boxes = validation.boolean("clip_boxes", clip_boxes)
+        self.class_agnostic = validation.boolean("class_agnostic", class_agnostic)
+        self.skip_empty_classes = validation.boolean("skip_empty_classes", skip_empty_classes)
         if self.class_agnostic and len(set(self.iou_threshold)) > 1:
             raise ValueError(f"iou_threshold: class_agnostic needs a single value, got "
                              f"{self.iou_threshold}")
-        self.label_offset = _check_int("label_offset", label_offset, 0)
+        self.label_offset = validation.integer("label_offset", label_offset, minimum=0)
 
     def _iou(self):
         return self.iou_threshold[0] if len(self.iou_threshold) == 1 else self.iou_threshold
