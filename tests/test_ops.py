@@ -83,23 +83,26 @@ def run_nms(boxes, scores, **kw):
 # ----------------------------------------------------------------------------- NMS vs reference
 
 
-@pytest.mark.parametrize("seed, skip_empty", [(0, False), (1, False), (2, True), (3, True)])
-def test_combined_nms_matches_numpy_reference_near_iou_threshold(seed, skip_empty):
+# `sparse`: most boxes have no score above the threshold, so combined_nms drops them before NMS.
+@pytest.mark.parametrize("seed, sparse", [(0, False), (1, False), (2, True), (3, True)])
+def test_combined_nms_matches_numpy_reference_near_iou_threshold(seed, sparse):
     rng = np.random.default_rng(seed)
     iou = 0.5
     boxes = np.stack([boxes_near_threshold(rng, 12, iou) for _ in range(2)])  # [2, 24, 4]
     scores = rng.uniform(0, 1, size=(2, 24, 3)).astype(np.float32)
     scores[rng.uniform(size=scores.shape) < 0.3] = 0.0
+    if sparse:
+        scores[rng.uniform(size=(2, 24)) < 0.7] = 0.1
     out = run_nms(boxes, scores, iou_threshold=iou, max_detections_per_class=10,
-                  max_total_detections=20, score_threshold=0.2, skip_empty_classes=skip_empty)
+                  max_total_detections=20, score_threshold=0.2)
     for b in range(2):
         ref = np_combined_nms(boxes[b], scores[b], iou, 10, 20, score_threshold=0.2)
         np.testing.assert_allclose(as_sorted_rows(out, b), ref_rows(ref), atol=1e-6)
         assert np.all(np.diff(out["detection_scores"][b]) <= 0), "rows sorted by score"
 
 
-@pytest.mark.parametrize("seed, skip_empty", [(0, False), (1, True), (2, True)])
-def test_per_class_iou_and_per_class_boxes_match_reference(seed, skip_empty):
+@pytest.mark.parametrize("seed, sparse", [(0, False), (1, True), (2, True)])
+def test_per_class_iou_and_per_class_boxes_match_reference(seed, sparse):
     rng = np.random.default_rng(seed)
     ious = [0.3, 0.5, 0.5, 0.7]  # three groups, one of them non-contiguous in value order
     boxes = np.stack([boxes_near_threshold(rng, 8, 0.5, delta=0.2) for _ in range(4)], axis=1)
@@ -107,8 +110,10 @@ def test_per_class_iou_and_per_class_boxes_match_reference(seed, skip_empty):
     scores = rng.uniform(0, 1, size=(1, 16, 4)).astype(np.float32)
     scores[..., 1] = np.where(scores[..., 1] > 0.5, scores[..., 1], 0.0)
     scores[..., 2] = 0.0  # an empty class inside a group
+    if sparse:
+        scores[:, rng.uniform(size=16) < 0.6] = 0.0
     out = run_nms(boxes, scores, iou_threshold=ious, max_detections_per_class=5,
-                  max_total_detections=12, skip_empty_classes=skip_empty)
+                  max_total_detections=12)
     ref = np_combined_nms(boxes[0], scores[0], np.asarray(ious), 5, 12)
     np.testing.assert_allclose(as_sorted_rows(out, 0), ref_rows(ref), atol=1e-6)
 
@@ -191,12 +196,11 @@ def test_strict_score_threshold_is_predecessor_or_zero():
     assert ops.strict_score_threshold(1e-39).numpy() == 0.0  # subnormal predecessor -> 0
 
 
-@pytest.mark.parametrize("iou", [0.5, [0.5, 0.6, 0.5]])
-@pytest.mark.parametrize("skip_empty", [False, True])
-def test_no_box_passes_gives_all_zero_output(iou, skip_empty):
+@pytest.mark.parametrize("iou, agnostic", [(0.5, False), ([0.5, 0.6, 0.5], False), (0.5, True)])
+def test_no_box_passes_gives_all_zero_output(iou, agnostic):
     boxes = np.random.default_rng(0).uniform(0, 1, (2, 6, 4)).astype(np.float32)
     out = run_nms(boxes, np.full((2, 6, 3), 0.1, np.float32), score_threshold=0.5,
-                  max_total_detections=4, iou_threshold=iou, skip_empty_classes=skip_empty)
+                  max_total_detections=4, iou_threshold=iou, class_agnostic=agnostic)
     np.testing.assert_array_equal(out["num_detections"], [0, 0])
     for key in ("detection_boxes", "detection_scores", "detection_classes"):
         np.testing.assert_array_equal(out[key], 0.0)
@@ -236,8 +240,7 @@ def test_batch_with_different_counts_per_image_is_zero_padded():
     scores = np.zeros((3, 3, 2), np.float32)
     scores[0] = [[0.9, 0], [0.8, 0], [0, 0.7]]  # 3 detections
     scores[2, 1, 1] = 0.6  # 1 detection; image 1 has none
-    out = run_nms(boxes, scores, iou_threshold=[0.5, 0.7], max_total_detections=4,
-                  skip_empty_classes=True)
+    out = run_nms(boxes, scores, iou_threshold=[0.5, 0.7], max_total_detections=4)
     np.testing.assert_array_equal(out["num_detections"], [3, 0, 1])
     np.testing.assert_allclose(out["detection_scores"],
                                [[0.9, 0.8, 0.7, 0], [0, 0, 0, 0], [0.6, 0, 0, 0]])
@@ -292,6 +295,23 @@ def test_combined_nms_rejects_bad_arguments():
         ops.combined_nms(boxes, scores, max_total_detections=0)
     with pytest.raises(ValueError, match="boxes"):
         ops.combined_nms(tf.zeros([1, 3, 3]), scores)
+    # One NMS over all classes has no per-class cap: the argument would be ignored.
+    with pytest.raises(ValueError, match="max_detections_per_class: not used by class_agnostic"):
+        ops.combined_nms(boxes, scores, class_agnostic=True, max_detections_per_class=5)
+
+
+def test_only_boxes_with_a_candidate_reach_the_nms_op():
+    # 1 of 500 boxes has a score above the threshold: the op sees 1 box (the compacted batch).
+    scores = np.zeros((2, 500, 3), np.float32)
+    scores[0, 321, 2] = 0.9
+    boxes = np.tile(np.float32([0, 0, 1, 1]), (2, 500, 1))
+    fn = tf.function(lambda b, s: ops.combined_nms(b, s, score_threshold=0.5,
+                                                   max_total_detections=3))
+    out = fn(boxes, scores)
+    np.testing.assert_array_equal(out["num_detections"], [1, 0])
+    np.testing.assert_array_equal(out["detection_classes"][0], [3, 0, 0])
+    kept, _ = ops.select_passing_boxes(boxes, scores, tf.reduce_max(scores, -1) > 0.5)
+    assert kept.shape == (2, 1, 4)
 
 
 def test_box_iou_matches_reference():

@@ -51,6 +51,7 @@ __all__ = [
     "piecewise_linear",
     "scores_to_logits",
     "select_candidate_boxes",
+    "select_passing_boxes",
     "strict_score_threshold",
 ]
 
@@ -246,18 +247,6 @@ def iou_groups(iou_threshold, num_classes: int) -> list[tuple[float, list[int]]]
     return sorted(groups.items())
 
 
-def _take_columns(x: tf.Tensor, columns: list[int], axis: int) -> tf.Tensor:
-    """Columns of `x` along `axis`: a slice when they are contiguous, else a gather."""
-    if columns == list(range(columns[0], columns[-1] + 1)):
-        begin = [0] * axis + [columns[0]]
-        size = [-1] * axis + [len(columns)]
-        rank = x.shape.rank
-        begin += [0] * (rank - axis - 1)
-        size += [-1] * (rank - axis - 1)
-        return tf.slice(x, begin, size)
-    return tf.gather(x, columns, axis=axis)
-
-
 def _pad_rows(boxes, scores, classes, num, max_total):
     """Zeroes the rows at or beyond `num` (boxes, scores and classes)."""
     valid = tf.range(max_total)[None, :] < num[:, None]
@@ -294,10 +283,9 @@ def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes):
     return out_boxes, out_scores, out_classes, num
 
 
-def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: int = 100,
+def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: int | None = None,
                  max_total_detections: int = 100, score_threshold=0.0, clip_boxes: bool = False,
-                 class_agnostic: bool = False, label_offset: int = 1,
-                 skip_empty_classes: bool = False) -> dict[str, tf.Tensor]:
+                 class_agnostic: bool = False, label_offset: int = 1) -> dict[str, tf.Tensor]:
     """Batched per-class NMS over `tf.image.combined_non_max_suppression`, with per-class IoU.
 
     Classes sharing an IoU threshold form a group; each group gets one combined NMS call on its
@@ -305,25 +293,28 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
     This equals running every class alone at its own IoU and keeping the best
     `max_total_detections` detections overall.
 
+    The cost follows the candidates, not the input size: boxes with no class score above the
+    threshold are dropped first (`select_passing_boxes`), only the class columns with a
+    candidate are sent to NMS, and the op's per-class output cap shrinks to the largest
+    per-class candidate count (its cost grows with batch x classes x that cap). None of this
+    changes a detection.
+
     Args:
       boxes: float `[batch, num_boxes, 4]` or `[batch, num_boxes, 1, 4]` (shared by all
         classes), or `[batch, num_boxes, num_classes, 4]`, as `[ymin, xmin, ymax, xmax]`.
       scores: float `[batch, num_boxes, num_classes]` class probabilities (no background).
       iou_threshold: Python float or sequence of 1 or K floats in [0, 1]; a box is suppressed
         by a higher-scored box of its class iff their IoU > the class's threshold.
-      max_detections_per_class: int >= 1, detections kept per class and image.
+      max_detections_per_class: int >= 1, detections kept per class and image; default None:
+        `max_total_detections` (no cap below the total). Must be None when `class_agnostic`.
       max_total_detections: int >= 1, rows of the output (M).
       score_threshold: float scalar >= 0 (Python or tensor): detections need
         `score >= score_threshold` and `score > 0`.
       clip_boxes: clip the output boxes to [0, 1]; NMS itself uses the boxes as given (as
         `tf.image.combined_non_max_suppression` does).
       class_agnostic: one NMS over all classes: each box keeps only its best class score (and,
-        for per-class boxes, that class's box); needs a single IoU; `max_detections_per_class`
-        is then not used.
+        for per-class boxes, that class's box); needs a single IoU and no per-class cap.
       label_offset: int; output class id = column + `label_offset` (1: OD API ids).
-      skip_empty_classes: send only the class columns with some score above the threshold to
-        NMS (same detections). Worth it when `num_boxes` is small, e.g. after
-        `select_candidate_boxes`; on a full detector output the extra pass may cost more.
 
     Returns:
       dict (OD API names and conventions), rows sorted by descending score, rows at or beyond
@@ -350,63 +341,54 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         raise ValueError("scores: the class axis must have a static size")
     if boxes.shape.rank == 4 and boxes.shape[2] not in (None, 1, num_classes):
         raise ValueError(f"boxes: class axis {boxes.shape[2]} != scores class axis {num_classes}")
-    for name, value in (("max_detections_per_class", max_detections_per_class),
-                        ("max_total_detections", max_total_detections)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    max_total = validation.integer("max_total_detections", max_total_detections, minimum=1)
+    if class_agnostic and max_detections_per_class is not None:
+        raise ValueError(f"max_detections_per_class: not used by class_agnostic NMS (one NMS "
+                         f"over all classes); leave it None, got {max_detections_per_class!r}")
+    per_class_cap = max_total if max_detections_per_class is None else validation.integer(
+        "max_detections_per_class", max_detections_per_class, minimum=1)
     if isinstance(score_threshold, (int, float)) and not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"score_threshold: expected a value in [0, 1], got {score_threshold!r}")
     if boxes.shape.rank == 4 and boxes.shape[2] == 1:
         boxes = boxes[:, :, 0, :]  # [batch, num_boxes, 1, 4]: shared by all classes
     groups = iou_groups(iou_threshold, num_classes)
-    max_total = int(max_total_detections)
     threshold = strict_score_threshold(score_threshold)
+    if class_agnostic and len(groups) != 1:
+        raise ValueError(f"iou_threshold: class_agnostic NMS needs a single IoU, got "
+                         f"{np.asarray(iou_threshold).tolist()}")
+    # Only boxes with some class score above the threshold can be emitted.
+    boxes, scores = select_passing_boxes(boxes, scores,
+                                         tf.reduce_max(scores, axis=-1) > threshold)
 
     if class_agnostic:
-        if len(groups) != 1:
-            raise ValueError(f"iou_threshold: class_agnostic NMS needs a single IoU, got "
-                             f"{np.asarray(iou_threshold).tolist()}")
         out_boxes, out_scores, out_classes, num = _agnostic_nms(
             boxes, scores, iou=groups[0][0], max_total=max_total, threshold=threshold,
             clip_boxes=clip_boxes)
     else:
         if boxes.shape.rank == 3:
             boxes = boxes[:, :, None, :]
+        active = tf.reduce_any(scores > threshold, axis=[0, 1])  # [K]
         per_group = []
-        if skip_empty_classes:
-            active = tf.reduce_any(scores > threshold, axis=[0, 1])  # [K]
         for iou, columns in groups:
-            if skip_empty_classes:
-                # Only the columns with some score above the threshold: combined NMS costs
-                # a few microseconds per class even when a class has no candidate.
-                in_group = np.zeros(num_classes, bool)
-                in_group[columns] = True
-                picked = tf.reshape(tf.where(active & in_group), [-1])
-                picked = tf.cast(picked, tf.int32)
-                # At least one column (it yields no detection when nothing passes).
-                picked = tf.concat([picked, [columns[0]]], 0)[:tf.maximum(tf.size(picked), 1)]
-                group_scores = tf.gather(scores, picked, axis=2)
-                group_boxes = boxes if boxes.shape[2] == 1 else tf.gather(boxes, picked, axis=2)
-                column_ids = picked
-            else:
-                group_scores = scores if len(groups) == 1 else _take_columns(scores, columns, 2)
-                group_boxes = boxes
-                if boxes.shape[2] != 1 and len(groups) > 1:
-                    group_boxes = _take_columns(boxes, columns, 2)
-                column_ids = None if len(groups) == 1 else tf.constant(columns, tf.int32)
-            # The op's cost grows with batch x classes x max_output_size_per_class, whatever
-            # the number of candidates; no class can keep more boxes than it has above the
-            # threshold, so capping at the largest such count changes no detection.
+            # Only the columns with some score above the threshold: combined NMS costs a few
+            # microseconds per class even when a class has no candidate.
+            in_group = np.zeros(num_classes, bool)
+            in_group[columns] = True
+            picked = tf.cast(tf.reshape(tf.where(active & in_group), [-1]), tf.int32)
+            # At least one column (it yields no detection when nothing passes).
+            picked = tf.concat([picked, [columns[0]]], 0)[:tf.maximum(tf.size(picked), 1)]
+            group_scores = tf.gather(scores, picked, axis=2)
+            group_boxes = boxes if boxes.shape[2] == 1 else tf.gather(boxes, picked, axis=2)
+            # No class can keep more boxes than it has above the threshold, so capping the op's
+            # per-class output at the largest such count changes no detection.
             most = tf.reduce_max(tf.reduce_sum(tf.cast(group_scores > threshold, tf.int32),
                                                axis=1))
-            per_class = tf.clip_by_value(most, 1, int(max_detections_per_class))
+            per_class = tf.clip_by_value(most, 1, per_class_cap)
             r = tf.image.combined_non_max_suppression(
                 group_boxes, group_scores, max_output_size_per_class=per_class,
                 max_total_size=max_total, iou_threshold=iou, score_threshold=threshold,
                 pad_per_class=False, clip_boxes=clip_boxes)
-            group_classes = tf.cast(r.nmsed_classes, tf.int32)
-            if column_ids is not None:
-                group_classes = tf.gather(column_ids, group_classes)
+            group_classes = tf.gather(picked, tf.cast(r.nmsed_classes, tf.int32))
             per_group.append((r.nmsed_boxes, r.nmsed_scores, group_classes, r.valid_detections))
         if len(per_group) == 1:
             out_boxes, out_scores, classes, num = per_group[0]
@@ -465,15 +447,31 @@ def select_candidate_boxes(boxes, raw_scores, lower_bounds, *, background_column
     floor = tf.reduce_min(tf.cast(lower_bounds, tf.float32))
     class_scores = raw[:, :, 1:] if background_column else raw
     passing = tf.reduce_max(class_scores, axis=-1) >= floor  # [B, N]
+    return select_passing_boxes(tf.convert_to_tensor(boxes), raw, passing)
+
+
+def select_passing_boxes(boxes, scores, passing):
+    """Keeps the boxes flagged in `passing`, in their original order, padded to one count.
+
+    Args:
+      boxes: float `[batch, num_boxes, 4]` or `[batch, num_boxes, K, 4]`.
+      scores: float `[batch, num_boxes, C]`.
+      passing: bool `[batch, num_boxes]`.
+
+    Returns:
+      `(boxes, scores)` with `num_boxes` replaced by `max over images of the passing count`
+      (at least 1): each image's passing boxes first, in ascending index order (so NMS
+      tie-breaking by box index is unchanged), then non-passing filler boxes. The inputs
+      themselves when every box of some image passes.
+    """
     count = tf.reduce_max(tf.reduce_sum(tf.cast(passing, tf.int32), axis=1))
-    num_boxes = tf.shape(raw)[1]
+    num_boxes = tf.shape(scores)[1]
     num_candidates = tf.minimum(tf.maximum(count, 1), num_boxes)
-    boxes = tf.convert_to_tensor(boxes)
 
     def select():
         # top_k breaks ties by lower index: passing boxes come first, in ascending index order.
         _, idx = tf.math.top_k(tf.cast(passing, tf.float32), k=num_candidates, sorted=True)
-        return tf.gather(boxes, idx, batch_dims=1), tf.gather(raw, idx, batch_dims=1)
+        return tf.gather(boxes, idx, batch_dims=1), tf.gather(scores, idx, batch_dims=1)
 
     # Nothing to drop (e.g. thresholds near 0): skip the sort and the copies.
-    return tf.cond(num_candidates < num_boxes, select, lambda: (boxes, raw))
+    return tf.cond(num_candidates < num_boxes, select, lambda: (boxes, scores))

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tfcal import calibration, ops
-from tfcal.layers import ClassThresholds, CombinedNMS, PostProcessor, ScoreCalibration
+from tfcal.layers import CandidateBoxes, ClassThresholds, CombinedNMS, PostProcessor, ScoreCalibration
 from tfcal.postprocess import PostProcessConfig
 
 K = 3
@@ -39,7 +39,8 @@ LAYER_CASES = [
                            num_classes=K)),
     (CombinedNMS, dict(iou_threshold=[0.4, 0.6, 0.4], max_detections_per_class=7,
                        max_total_detections=9, score_threshold=0.05, clip_boxes=True,
-                       class_agnostic=False, label_offset=0, skip_empty_classes=True)),
+                       class_agnostic=False, label_offset=0)),
+    (CandidateBoxes, dict(raw_lower_bounds=[0.2, -np.inf, np.inf], background_column=False)),
     (PostProcessor, dict(postprocess_config=PP_CONFIG.to_dict(), candidate_prefilter=False)),
 ]
 
@@ -68,12 +69,17 @@ def test_get_config_holds_every_init_argument(cls, kwargs):
 
 def test_configs_saved_by_the_previous_version_still_load():
     # ScoreCalibration held every method's fields (the unused ones empty) and called isotonic
-    # `piecewise_linear`.
+    # `piecewise_linear`; CombinedNMS had a `skip_empty_classes` speed switch.
     old = dict(name="score_calibration", dtype="float32", score_converter="sigmoid",
                background_column=True, method="piecewise_linear", temperature=[], platt_a=[],
                platt_b=[], num_classes=K, **METHOD_PARAMS["isotonic"])
     layer = ScoreCalibration.from_config(old)
     assert layer.method == "isotonic" and "temperature" not in layer.get_config()
+    nms = CombinedNMS.from_config(dict(iou_threshold=[0.5], max_detections_per_class=100,
+                                       max_total_detections=100, score_threshold=0.0,
+                                       clip_boxes=False, class_agnostic=True, label_offset=1,
+                                       skip_empty_classes=True))
+    assert nms.max_detections_per_class is None and "skip_empty_classes" not in nms.get_config()
 
 
 def make_inputs(seed, batch=2, num_boxes=12, background=True):
@@ -140,6 +146,8 @@ def test_layers_trace_once_for_any_batch_and_output_float32(layer_factory, input
      "temperature: a parameter of calibration method 'temperature', which method 'none'"),
     (lambda: ScoreCalibration(method="temperature", temperature=[1.3], platt_a=[1.0] * K),
      "platt_a: a parameter of calibration method 'platt'"),
+    (lambda: CombinedNMS(class_agnostic=True, max_detections_per_class=10),
+     "max_detections_per_class: not used by class_agnostic"),
     (lambda: ClassThresholds(min_score_thresh=1.5), "min_score_thresh"),
     (lambda: ClassThresholds(min_score_thresh=[0.1, 0.2], num_classes=3), "min_score_thresh"),
     (lambda: ClassThresholds(class_enabled=[1, 0]), "class_enabled"),
@@ -149,6 +157,8 @@ def test_layers_trace_once_for_any_batch_and_output_float32(layer_factory, input
     (lambda: CombinedNMS(iou_threshold=[0.5, 0.6], class_agnostic=True), "class_agnostic"),
     (lambda: CombinedNMS(label_offset=-1), "label_offset"),
     (lambda: CombinedNMS(clip_boxes="no"), "clip_boxes"),
+    (lambda: CandidateBoxes(raw_lower_bounds=[]), "raw_lower_bounds"),
+    (lambda: CandidateBoxes(raw_lower_bounds=[np.nan]), "raw_lower_bounds"),
     (lambda: PostProcessor({"num_classes": 2, "min_score_thresh": [0.1, 0.2, 0.3]}),
      "min_score_thresh"),
     (lambda: PostProcessor("config.json"), "postprocess_config"),
@@ -326,19 +336,54 @@ def test_class_agnostic_post_processor_with_per_class_boxes():
     ((0.001, 0.3, 0.3), (False, True, True), True),  # the low threshold is on a disabled class
 ])
 def test_prefilter_is_left_out_when_thresholds_are_near_zero(thresh, enabled, prefiltered):
-    # The pre-filter sorts boxes by pass/fail (TopKV2); one IoU group means no other top_k.
     cfg = PP_CONFIG.replace(min_score_thresh=thresh, class_enabled=enabled, nms_iou=(0.5,))
     layer = PostProcessor(cfg)
     assert layer.uses_candidate_prefilter == prefiltered
     fn = tf.function(layer, input_signature=[tf.TensorSpec([None, None, 4], tf.float32),
                                              tf.TensorSpec([None, None, K + 1], tf.float32)])
-    graph = fn.get_concrete_function().graph
-    ops_used = {op.type for op in graph.get_operations()}
-    for f in graph._functions.values():
-        ops_used |= {node.op for node in f.definition.node_def}
-    assert ("TopKV2" in ops_used) == prefiltered
     boxes, raw = make_inputs(5, batch=2, num_boxes=30)
     full = PostProcessor(cfg, candidate_prefilter=False)(boxes, raw)
     out = fn(boxes, raw)
     for key in full:
         np.testing.assert_allclose(out[key], full[key], atol=1e-6)
+
+
+@pytest.mark.parametrize("converter, method, params", PREFILTER_CASES)
+def test_the_stages_one_by_one_give_what_post_processor_gives(converter, method, params):
+    # The README's composition: CandidateBoxes (bounds from the calibration layer) first, then
+    # calibration, thresholds and NMS; the same detections as PostProcessor and as no
+    # pre-filter at all.
+    rng = np.random.default_rng(31)
+    thresh = [0.35, 0.2, 0.5]
+    cfg = PostProcessConfig(num_classes=K, score_converter=converter, calibration=method,
+                            min_score_thresh=tuple(thresh), nms_iou=(0.3, 0.6, 0.3),
+                            max_detections_per_class=5, max_total_detections=8, **params)
+    boxes, _ = make_inputs(32, batch=2, num_boxes=40)
+    raw = (rng.normal(-2, 2, (2, 40, K + 1)) if converter == "identity" else
+           rng.dirichlet(np.ones(K + 1) * 0.3, size=(2, 40))).astype(np.float32)
+    calibrate = ScoreCalibration(score_converter=converter, method=method, **params)
+    thresholds = ClassThresholds(min_score_thresh=thresh)
+    nms = CombinedNMS(iou_threshold=[0.3, 0.6, 0.3], max_detections_per_class=5,
+                      max_total_detections=8)
+    candidates = CandidateBoxes(calibrate.raw_lower_bounds(thresh, num_classes=K))
+    kept_boxes, kept_raw = candidates(boxes, raw)
+    composed = nms(kept_boxes, thresholds(calibrate(kept_raw)))
+    dense = nms(boxes, thresholds(calibrate(raw)))
+    fused = PostProcessor(cfg)(boxes, raw)
+    assert dense["num_detections"].numpy().min() > 0, "the case must produce detections"
+    for key in fused:
+        np.testing.assert_array_equal(composed[key].numpy(), fused[key].numpy(), err_msg=key)
+        np.testing.assert_array_equal(dense[key].numpy(), fused[key].numpy(), err_msg=key)
+
+
+def test_candidate_boxes_keeps_passing_boxes_in_order():
+    raw = np.float32([[[0.9, 0.1, 0.0], [0.2, 0.6, 0.0], [0.1, 0.0, 0.7], [0.5, 0.3, 0.2]]])
+    boxes = np.arange(16, dtype=np.float32).reshape(1, 4, 4)
+    # Bounds 0.5 and 0.8: a box is kept when its best class score reaches the lowest bound (one
+    # max per box; a superset of the boxes that can pass). Boxes 1 (0.6) and 2 (0.7) are kept,
+    # in their order; box 0's 0.9 is background, box 3's best is 0.3.
+    kept_boxes, kept_raw = CandidateBoxes([0.5, 0.8])(boxes, raw)
+    np.testing.assert_array_equal(kept_boxes.numpy(), boxes[:, [1, 2]])
+    np.testing.assert_array_equal(kept_raw.numpy(), raw[:, [1, 2]])
+    with pytest.raises(ValueError, match="columns"):
+        CandidateBoxes([0.5, 0.8, 0.1])(boxes, raw)

@@ -16,18 +16,19 @@ class CombinedNMS(keras.layers.Layer):
     Classes that share an IoU threshold are grouped; each group runs one combined NMS, and the
     groups' detections are merged by score. The IoU values decide the graph's structure, so they
     are plain config (not weights). Detections need `score >= score_threshold` and `score > 0`.
+    The cost follows the boxes with a score above the threshold, not the input size (see
+    `tfcal.ops.combined_nms`), so thresholded scores (`ClassThresholds`) are cheap to suppress.
 
     Args:
       iou_threshold: float or 1 or K floats in [0, 1]; default 0.5. A box is suppressed iff its
         IoU with a higher-scored box of the same class is > the class's value.
-      max_detections_per_class: int >= 1, default 100.
+      max_detections_per_class: int >= 1; default None: up to `max_total_detections`. Must be
+        None with `class_agnostic` (it would be ignored).
       max_total_detections: int >= 1, default 100: the output row count M.
       score_threshold: float in [0, 1], default 0.0.
       clip_boxes: clip output boxes to [0, 1]; default False.
       class_agnostic: one NMS over all classes (each box with its best class); needs one IoU.
       label_offset: int >= 0, default 1: column k is emitted as class id k + 1 (OD API).
-      skip_empty_classes: run NMS only on class columns with a score above the threshold
-        (identical detections; faster on few boxes, see `tfcal.ops.combined_nms`).
       **kwargs: `keras.layers.Layer` arguments.
 
     Call args:
@@ -41,25 +42,38 @@ class CombinedNMS(keras.layers.Layer):
       by descending score, rows at or beyond `num_detections` all zero.
     """
 
-    def __init__(self, iou_threshold=0.5, max_detections_per_class=100, max_total_detections=100,
-                 score_threshold=0.0, clip_boxes=False, class_agnostic=False, label_offset=1,
-                 skip_empty_classes=False, **kwargs):
+    def __init__(self, iou_threshold=0.5, max_detections_per_class=None,
+                 max_total_detections=100, score_threshold=0.0, clip_boxes=False,
+                 class_agnostic=False, label_offset=1, **kwargs):
         super().__init__(**float32_by_default(kwargs))
         self.iou_threshold = list(validation.floats("iou_threshold", iou_threshold, lo=0.0,
                                                     hi=1.0, scalar_ok=True))
-        self.max_detections_per_class = validation.integer(
-            "max_detections_per_class", max_detections_per_class, minimum=1)
         self.max_total_detections = validation.integer("max_total_detections",
                                                        max_total_detections, minimum=1)
         self.score_threshold = validation.floats("score_threshold", score_threshold, lo=0.0,
                                                  hi=1.0, lengths=(1,), scalar_ok=True)[0]
         self.clip_boxes = validation.boolean("clip_boxes", clip_boxes)
         self.class_agnostic = validation.boolean("class_agnostic", class_agnostic)
-        self.skip_empty_classes = validation.boolean("skip_empty_classes", skip_empty_classes)
         if self.class_agnostic and len(set(self.iou_threshold)) > 1:
             raise ValueError(f"iou_threshold: class_agnostic needs a single value, got "
                              f"{self.iou_threshold}")
+        if self.class_agnostic and max_detections_per_class is not None:
+            raise ValueError(f"max_detections_per_class: not used by class_agnostic NMS; leave "
+                             f"it None, got {max_detections_per_class!r}")
+        self.max_detections_per_class = None if max_detections_per_class is None else \
+            validation.integer("max_detections_per_class", max_detections_per_class, minimum=1)
         self.label_offset = validation.integer("label_offset", label_offset, minimum=0)
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if "skip_empty_classes" in config:
+            # Saved by an earlier version: a speed switch (now always on inside the op), and a
+            # per-class cap that class-agnostic NMS ignored.
+            del config["skip_empty_classes"]
+            if config.get("class_agnostic"):
+                config["max_detections_per_class"] = None
+        return cls(**config)
 
     def _iou(self):
         return self.iou_threshold[0] if len(self.iou_threshold) == 1 else self.iou_threshold
@@ -74,8 +88,7 @@ class CombinedNMS(keras.layers.Layer):
             max_detections_per_class=self.max_detections_per_class,
             max_total_detections=self.max_total_detections,
             score_threshold=self.score_threshold, clip_boxes=self.clip_boxes,
-            class_agnostic=self.class_agnostic, label_offset=self.label_offset,
-            skip_empty_classes=self.skip_empty_classes)
+            class_agnostic=self.class_agnostic, label_offset=self.label_offset)
 
     def compute_output_spec(self, boxes, scores):
         batch = scores.shape[0]
@@ -97,6 +110,5 @@ class CombinedNMS(keras.layers.Layer):
             "clip_boxes": self.clip_boxes,
             "class_agnostic": self.class_agnostic,
             "label_offset": self.label_offset,
-            "skip_empty_classes": self.skip_empty_classes,
         })
         return config

@@ -23,7 +23,9 @@ PREFILTER_MIN_THRESH = 0.01
 class PostProcessor(keras.layers.Layer):
     """Raw detector outputs to OD API detections: calibration -> class thresholds -> NMS.
 
-    Chains `ScoreCalibration`, `ClassThresholds` and `CombinedNMS`.
+    Chains `ScoreCalibration`, `ClassThresholds` and `CombinedNMS`, after the candidate
+    pre-filter that `CandidateBoxes` also applies (`tfcal.ops.select_candidate_boxes`), with
+    raw-score bounds recomputed from the sub-layers' weights at every call.
 
     Built from a `PostProcessConfig` (or its `to_dict()`); `get_config()["postprocess_config"]`
     is that dict, so a saved model carries every tuned number in its config as well as in the
@@ -87,11 +89,11 @@ class PostProcessor(keras.layers.Layer):
             class_enabled=list(cfg.class_enabled) if cfg.class_enabled else None,
             num_classes=k, name="class_thresholds")
         self.nms = CombinedNMS(
-            iou_threshold=list(cfg.nms_iou), max_detections_per_class=cfg.max_detections_per_class,
+            iou_threshold=list(cfg.nms_iou),
+            max_detections_per_class=None if cfg.class_agnostic else cfg.max_detections_per_class,
             max_total_detections=cfg.max_total_detections, score_threshold=0.0,
             clip_boxes=cfg.clip_boxes, class_agnostic=cfg.class_agnostic,
-            label_offset=cfg.label_offset, skip_empty_classes=self.uses_candidate_prefilter,
-            name="combined_nms")
+            label_offset=cfg.label_offset, name="combined_nms")
 
     @classmethod
     def from_postprocess_config(cls, config: PostProcessConfig | Mapping[str, Any],
