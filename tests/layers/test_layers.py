@@ -387,3 +387,22 @@ def test_candidate_boxes_keeps_passing_boxes_in_order():
     np.testing.assert_array_equal(kept_raw.numpy(), raw[:, [1, 2]])
     with pytest.raises(ValueError, match="columns"):
         CandidateBoxes([0.5, 0.8, 0.1])(boxes, raw)
+
+
+def test_the_stages_one_by_one_save_and_load_as_a_keras_model(tmp_path):
+    thresh = [0.3, 0.2, 0.4]
+    boxes_in = keras.Input((None, 4))
+    raw_in = keras.Input((None, K + 1))
+    calibrate = ScoreCalibration(method="temperature", temperature=[1.5, 0.7, 1.1])
+    kept_boxes, kept_raw = CandidateBoxes(calibrate.raw_lower_bounds(thresh, num_classes=K))(
+        boxes_in, raw_in)
+    probs = ClassThresholds(min_score_thresh=thresh)(calibrate(kept_raw))
+    model = keras.Model([boxes_in, raw_in],
+                        CombinedNMS(iou_threshold=0.5, max_total_detections=6)(kept_boxes, probs))
+    boxes, raw = make_inputs(33, batch=2, num_boxes=25)
+    before = model([boxes, raw])
+    model.save(tmp_path / "stages.keras")
+    after = keras.models.load_model(tmp_path / "stages.keras")([boxes, raw])
+    assert before["num_detections"].numpy().min() > 0
+    for key in before:
+        np.testing.assert_array_equal(after[key].numpy(), before[key].numpy(), err_msg=key)

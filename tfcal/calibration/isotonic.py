@@ -102,7 +102,7 @@ def fit_isotonic(probs, labels) -> tuple[np.ndarray, np.ndarray]:
     always get one value; inputs are compared in float32, the precision of the serving op, so the
     knots are exact float32 values. The returned knots are each block's smallest and largest
     input with the block's mean label; linear interpolation between them, clamped at the ends, is
-    the `piecewise_linear` map (like scikit-learn's `IsotonicRegression(out_of_bounds="clip")`).
+    the isotonic map (like scikit-learn's `IsotonicRegression(out_of_bounds="clip")`).
 
     Args:
       probs: float `[N]` uncalibrated probabilities in [0, 1] (0 and 1 allowed).
