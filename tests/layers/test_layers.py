@@ -116,7 +116,8 @@ def test_post_processor_runs_under_tf_function_with_dynamic_batch_and_static_sha
     (lambda: ClassThresholds(min_score_thresh=[0.3, 0.4, 0.5]), lambda b, r: (r[..., 1:],)),
     (lambda: CombinedNMS(iou_threshold=[0.5, 0.6, 0.7], max_total_detections=5),
      lambda b, r: (b, r[..., 1:])),
-], ids=["ScoreCalibration", "ClassThresholds", "CombinedNMS"])
+    (lambda: CandidateBoxes([0.5, 0.6, 0.7]), lambda b, r: (b, r)),
+], ids=["ScoreCalibration", "ClassThresholds", "CombinedNMS", "CandidateBoxes"])
 def test_layers_trace_once_for_any_batch_and_output_float32(layer_factory, inputs):
     layer = layer_factory()
     boxes, raw = make_inputs(3, batch=2)

@@ -45,8 +45,9 @@ class PostProcessor(keras.layers.Layer):
     Args:
       postprocess_config: a `PostProcessConfig` or a dict accepted by
         `PostProcessConfig.from_dict` (validated here: lengths against `num_classes`, ranges).
-      candidate_prefilter: drop boxes that cannot pass before calibrating (default True; False
-        runs every box through every stage, for testing).
+      candidate_prefilter: allow the pre-filter (default True); it is used when it can drop
+        boxes (see above and `uses_candidate_prefilter`). False runs every box through every
+        stage, for testing.
       **kwargs: `keras.layers.Layer` arguments.
 
     Call args:
