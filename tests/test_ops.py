@@ -379,3 +379,17 @@ def test_per_class_cap_adapts_to_candidates_without_changing_detections(threshol
         ref = np_combined_nms(boxes[b], scores[b], 0.5, 25, 40, threshold)
         np.testing.assert_allclose(as_sorted_rows(out, b), ref_rows(ref), atol=1e-6)
     assert out["num_detections"].tolist() == [25, 3]
+
+
+def test_many_candidates_take_every_column_and_match_the_reference():
+    # Over SKIP_EMPTY_CLASSES_MAX_BOXES candidates, every column goes to the op (an empty one
+    # too); the detections are still the reference's.
+    rng = np.random.default_rng(19)
+    n = ops.SKIP_EMPTY_CLASSES_MAX_BOXES + 40
+    boxes = boxes_near_threshold(rng, n // 2, 0.5)[None]  # [1, n, 4]
+    scores = rng.uniform(0.3, 1.0, size=(1, n, 3)).astype(np.float32)
+    scores[..., 1] = 0.0  # an empty class among many candidates
+    out = run_nms(boxes, scores, iou_threshold=[0.5, 0.6, 0.4], max_detections_per_class=8,
+                  max_total_detections=12, score_threshold=0.25)
+    ref = np_combined_nms(boxes[0], scores[0], np.array([0.5, 0.6, 0.4]), 8, 12, 0.25)
+    np.testing.assert_allclose(as_sorted_rows(out, 0), ref_rows(ref), atol=1e-6)

@@ -38,6 +38,10 @@ EPS = 1e-7
 
 SCORE_CONVERTERS = ("sigmoid", "softmax", "identity")
 
+SKIP_EMPTY_CLASSES_MAX_BOXES = 512
+"""`combined_nms` sends only the class columns with a candidate to the op when at most this many
+boxes remain after dropping those without one (see `combined_nms`)."""
+
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 __all__ = [
@@ -294,10 +298,14 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
     `max_total_detections` detections overall.
 
     The cost follows the candidates, not the input size: boxes with no class score above the
-    threshold are dropped first (`select_passing_boxes`), only the class columns with a
-    candidate are sent to NMS, and the op's per-class output cap shrinks to the largest
+    threshold are dropped first (`select_passing_boxes`); when at most
+    `SKIP_EMPTY_CLASSES_MAX_BOXES` (512) boxes remain, only the class columns with a candidate
+    are sent to the op (it costs a few microseconds per class, candidate or not; with more boxes
+    the gather costs more than that); and the op's per-class output cap shrinks to the largest
     per-class candidate count (its cost grows with batch x classes x that cap). None of this
-    changes a detection.
+    changes a detection, except which of several detections with exactly equal scores fills
+    the last row at the `max_total_detections` cut: the op breaks such ties by an order that
+    depends on the class columns it is given.
 
     Args:
       boxes: float `[batch, num_boxes, 4]` or `[batch, num_boxes, 1, 4]` (shared by all
@@ -368,17 +376,11 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         if boxes.shape.rank == 3:
             boxes = boxes[:, :, None, :]
         active = tf.reduce_any(scores > threshold, axis=[0, 1])  # [K]
+        few_boxes = tf.shape(scores)[1] <= SKIP_EMPTY_CLASSES_MAX_BOXES
         per_group = []
         for iou, columns in groups:
-            # Only the columns with some score above the threshold: combined NMS costs a few
-            # microseconds per class even when a class has no candidate.
-            in_group = np.zeros(num_classes, bool)
-            in_group[columns] = True
-            picked = tf.cast(tf.reshape(tf.where(active & in_group), [-1]), tf.int32)
-            # At least one column (it yields no detection when nothing passes).
-            picked = tf.concat([picked, [columns[0]]], 0)[:tf.maximum(tf.size(picked), 1)]
-            group_scores = tf.gather(scores, picked, axis=2)
-            group_boxes = boxes if boxes.shape[2] == 1 else tf.gather(boxes, picked, axis=2)
+            group_boxes, group_scores, picked = _group_columns(boxes, scores, columns, active,
+                                                               few_boxes)
             # No class can keep more boxes than it has above the threshold, so capping the op's
             # per-class output at the largest such count changes no detection.
             most = tf.reduce_max(tf.reduce_sum(tf.cast(group_scores > threshold, tf.int32),
@@ -404,6 +406,37 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         "detection_classes": out_classes,
         "num_detections": tf.cast(num, tf.float32),
     }
+
+
+def _group_columns(boxes, scores, columns, active, few_boxes):
+    """The boxes, scores and column ids one IoU group sends to combined NMS.
+
+    With few boxes, only the group's columns with some score above the threshold: the op costs a
+    few microseconds per class even when a class has no candidate, and gathering few boxes is
+    cheap. With many, every column of the group (gathering them would cost more than it saves).
+    At least one column either way (it yields no detection when nothing passes).
+    """
+    num_classes = scores.shape[-1]
+    in_group = np.zeros(num_classes, bool)
+    in_group[columns] = True
+    everything = len(columns) == num_classes
+
+    def active_columns():
+        picked = tf.cast(tf.reshape(tf.where(active & in_group), [-1]), tf.int32)
+        return tf.concat([picked, [columns[0]]], 0)[:tf.maximum(tf.size(picked), 1)]
+
+    def all_columns():
+        return tf.constant(columns, tf.int32)
+
+    picked = tf.cond(few_boxes, active_columns, all_columns)
+    if everything:
+        # All columns in one group: the full tensors as they are when nothing is skipped.
+        group_scores = tf.cond(few_boxes, lambda: tf.gather(scores, picked, axis=2),
+                               lambda: scores)
+    else:
+        group_scores = tf.gather(scores, picked, axis=2)
+    group_boxes = boxes if boxes.shape[2] == 1 else tf.gather(boxes, picked, axis=2)
+    return group_boxes, group_scores, picked
 
 
 def _merge_groups(per_group, max_total):
