@@ -246,7 +246,7 @@ def main(argv=None) -> int:
                      f"{inputs[0][0].shape[1]} boxes, {real.num_classes} classes, "
                      f"{real.calibration}, {len(live)} enabled classes with thresholds "
                      f"[{min(live):.3f}, {max(live):.3f}], IoU groups "
-                     f"{sorted(set(real.nms_iou))}", real, inputs, max(args.repeats // 5, 5))
+                     f"{sorted(set(real.nms_iou))}", real, inputs, max(args.repeats // 2, 5))
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
