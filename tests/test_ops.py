@@ -322,7 +322,7 @@ def test_box_iou_matches_reference():
     np.testing.assert_allclose(ops.box_iou(a, b).numpy(), ref, atol=1e-6)
 
 
-# ----------------------------------------------------------------------------- score spaces and knots
+# ------------------------------------------------------------------------- score spaces and knots
 
 
 def test_scores_to_logits_is_finite_at_the_ends():

@@ -1,7 +1,6 @@
 """Tests of tfcal.calibration.none: the uncalibrated probability passes through."""
 
 import numpy as np
-import pytest
 
 from tfcal import calibration as cal
 

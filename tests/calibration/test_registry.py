@@ -21,7 +21,8 @@ EXAMPLES = {
     "none": {},
     "temperature": dict(temperature=[1.7, 0.6]),
     "platt": dict(platt_a=[1.3, 0.7], platt_b=[-0.2, 0.4]),
-    "isotonic": dict(knots_x=[[0.0, 0.4, 1.0], [0.2, 0.9]], knots_y=[[0.05, 0.3, 0.95], [0.0, 1.0]]),
+    "isotonic": dict(knots_x=[[0.0, 0.4, 1.0], [0.2, 0.9]],
+                     knots_y=[[0.05, 0.3, 0.95], [0.0, 1.0]]),
 }
 # Parameters whose map is the identity on probabilities, for K = 3.
 IDENTITY = {

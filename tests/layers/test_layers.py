@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 from tfcal import calibration, ops
-from tfcal.layers import CandidateBoxes, ClassThresholds, CombinedNMS, PostProcessor, ScoreCalibration
+from tfcal.layers import (CandidateBoxes, ClassThresholds, CombinedNMS, PostProcessor,
+                          ScoreCalibration)
 from tfcal.postprocess import PostProcessConfig
 
 K = 3

@@ -1,4 +1,4 @@
-"""Weight and dtype helpers shared by the tfcal Keras layers (argument checks: `tfcal.validation`)."""
+"""Weight and dtype helpers shared by the tfcal Keras layers (checks: `tfcal.validation`)."""
 
 from __future__ import annotations
 

@@ -38,7 +38,8 @@ class PostProcessor(keras.layers.Layer):
     conservative raw-score bounds derived from the thresholds and the calibration map
     (`ScoreCalibration.raw_lower_bounds`, from the current weights, through the method's
     inverse); the detections are identical to running the full tensor, and the cost of
-    calibration and NMS scales with the few candidate boxes instead of all of them. (Softmax temperature scaling mixes columns, so it is never pre-filtered.)
+    calibration and NMS scales with the few candidate boxes instead of all of them. (Softmax
+    temperature scaling mixes columns, so it is never pre-filtered.)
     When every enabled class threshold in the config is below `PREFILTER_MIN_THRESH` (0.01),
     nearly every box passes and the pre-filter would only add work, so it is left out.
 
