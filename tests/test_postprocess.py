@@ -10,11 +10,14 @@ import pytest
 from tfcal.postprocess import PostProcessConfig
 
 
+NO_KNOTS = dict(knots_x=(), knots_y=())  # another method's empty fields, as old records hold
+TEMPERATURE = dict(NO_KNOTS, calibration="temperature")
+
+
 def full_config(**changes) -> PostProcessConfig:
     kw = dict(
         num_classes=3, score_converter="softmax", background_column=True,
-        calibration="piecewise_linear", temperature=(1.5, 0.8, 1.0), platt_a=(1.0, 1.1, 0.9),
-        platt_b=(0.0, -0.1, 0.2), knots_x=((0.0, 0.5, 1.0), (0.1, 0.9), (0.3,)),
+        calibration="isotonic", knots_x=((0.0, 0.5, 1.0), (0.1, 0.9), (0.3,)),
         knots_y=((0.0, 0.4, 1.0), (0.0, 0.8), (0.5,)), min_score_thresh=(0.3, 0.25, 0.4),
         class_enabled=(True, False, True), nms_iou=(0.5, 0.6, 0.5), max_detections_per_class=50,
         max_total_detections=80, clip_boxes=True, label_offset=0, class_ids=(1, 3, 7),
@@ -48,7 +51,7 @@ def test_defaults_and_list_inputs_become_tuples():
 
 def test_numpy_knots_from_a_fitter_are_accepted():
     kx, ky = np.array([0.0, 0.2, 1.0]), np.array([0.0, 0.1, 0.9])
-    cfg = PostProcessConfig(num_classes=2, calibration="piecewise_linear", knots_x=[kx, kx],
+    cfg = PostProcessConfig(num_classes=2, calibration="isotonic", knots_x=[kx, kx],
                             knots_y=[ky, ky])
     assert cfg.knots_x[0] == (0.0, 0.2, 1.0)
     assert PostProcessConfig.from_json(cfg.to_json()) == cfg
@@ -58,11 +61,14 @@ def test_numpy_knots_from_a_fitter_are_accepted():
     (dict(num_classes=0), "num_classes"),
     (dict(num_classes=2.0), "num_classes"),
     (dict(score_converter="tanh"), "score_converter"),
-    (dict(calibration="isotonic"), "calibration"),
-    (dict(calibration="temperature", temperature=()), "temperature"),
-    (dict(temperature=(1.0, 2.0)), "temperature"),
-    (dict(temperature=(0.0,)), "temperature"),
-    (dict(calibration="platt", platt_a=(1.0,)), "platt_a"),
+    (dict(calibration="histogram"), "calibration"),
+    (dict(TEMPERATURE, temperature=()), "temperature: expected 1 or 3 values"),
+    (dict(TEMPERATURE, temperature=(1.0, 2.0)), "temperature: expected 1 or 3 values"),
+    (dict(TEMPERATURE, temperature=(0.0,)), "temperature: each value must be > 0"),
+    (dict(TEMPERATURE), "temperature: required"),
+    (dict(NO_KNOTS, calibration="platt", platt_a=(1.0,), platt_b=(0.0,)), "platt_a"),
+    (dict(temperature=(1.0,)), "temperature: a parameter of calibration method 'temperature'"),
+    (dict(calibration="none"), "knots_x: a parameter of calibration method 'isotonic'"),
     (dict(knots_x=((0.0, 1.0),) * 2), "knots"),
     (dict(knots_x=((0.0, 0.5, 0.5), (0.1, 0.9), (0.3,))), "strictly increasing"),
     (dict(knots_y=((0.5, 0.4, 1.0), (0.0, 0.8), (0.5,))), "non-decreasing"),
@@ -112,3 +118,42 @@ def test_config_is_frozen_and_replace_validates():
     assert cfg.replace(label_offset=1).label_offset == 1
     with pytest.raises(ValueError, match="label_offset"):
         cfg.replace(label_offset=-2)
+
+
+# A file written before calibration methods owned their parameters (every method's fields, the
+# unused ones empty, and the older name of isotonic); it must still load.
+LEGACY_JSON = """{
+  "num_classes": 2, "score_converter": "sigmoid", "background_column": true,
+  "calibration": "piecewise_linear", "temperature": [], "platt_a": [], "platt_b": [],
+  "knots_x": [[0.0, 1.0], [0.0, 0.5, 1.0]], "knots_y": [[0.1, 0.9], [0.0, 0.4, 1.0]],
+  "min_score_thresh": [0.3], "class_enabled": [], "nms_iou": [0.5], "class_agnostic": false,
+  "max_detections_per_class": 100, "max_total_detections": 100, "clip_boxes": false,
+  "label_offset": 1, "class_ids": [1, 2], "metadata": {}
+}"""
+
+
+def test_records_written_before_the_method_registry_still_load():
+    cfg = PostProcessConfig.from_json(LEGACY_JSON)
+    assert cfg.calibration == "isotonic" and cfg.knots_x[1] == (0.0, 0.5, 1.0)
+    assert cfg.temperature == () and cfg.calibration_params.keys() == {"knots_x", "knots_y"}
+    written = json.loads(cfg.to_json())
+    # Only the method's own parameters are written, right after the method's name.
+    assert list(written)[3:6] == ["calibration", "knots_x", "knots_y"]
+    assert "temperature" not in written and written["calibration"] == "isotonic"
+    assert PostProcessConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_a_stale_parameter_of_another_method_is_rejected_not_ignored():
+    data = json.loads(LEGACY_JSON)
+    data["temperature"] = [1.3]
+    with pytest.raises(ValueError, match="temperature: a parameter of calibration method "
+                                         "'temperature', which method 'isotonic' does not use"):
+        PostProcessConfig.from_dict(data)
+
+
+def test_replace_with_another_method_starts_from_its_own_parameters():
+    cfg = full_config()
+    cal = cfg.replace(calibration="temperature", temperature=(1.2,))
+    assert cal.calibration_params == {"temperature": (1.2,)} and cal.knots_x == ()
+    assert cfg.replace(label_offset=1).knots_x == cfg.knots_x
+

@@ -24,7 +24,7 @@ import yaml
 from tfcal import TfcalError
 
 ScoreConverter = Literal["sigmoid", "softmax", "identity"]
-CalibrationMethod = Literal["temperature", "platt", "isotonic", "none"]
+CalibrationMethod = str  # a name in tfcal.calibration.names(), checked at load
 Objective = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
 OnUnreachable = Literal["disable", "best_effort", "error"]
 ConfidenceBudget = Literal["per_class", "simultaneous"]
@@ -33,7 +33,8 @@ MultipleTesting = Literal["holm", "none"]
 
 
 def _check(predicate, message):
-    """Field metadata: `predicate(value)` must hold, else `message` (with the value appended)."""
+    """Field metadata: `predicate(value)` must hold, else `message` (with the value appended;
+    a callable message is called when it is needed)."""
     return {"check": (predicate, message)}
 
 
@@ -47,6 +48,18 @@ def _unit_closed(v):
 
 def _positive(v):
     return v > 0
+
+
+def _calibration_method(v):
+    from tfcal import calibration  # the registry (it imports TensorFlow: not at import time)
+
+    return v in calibration.names()
+
+
+def _calibration_methods_message():
+    from tfcal import calibration
+
+    return "must be one of " + " | ".join(calibration.names())
 
 
 def _resolved_path(v):
@@ -89,7 +102,9 @@ class DataConfig:
 class CalibrationConfig:
     """How raw scores become calibrated probabilities (fitted on the tune split)."""
 
-    method: CalibrationMethod = "temperature"
+    method: CalibrationMethod = dataclasses.field(
+        default="temperature",
+        metadata=_check(_calibration_method, _calibration_methods_message))
     per_class: bool = True
     min_samples: int = dataclasses.field(default=30, metadata=_check(_positive, "must be > 0"))
 
@@ -246,7 +261,8 @@ class _Loader:
             value = self.convert(hints[name], raw[name], path, is_path=name in _PATH_KEYS)
             check = field.metadata.get("check")
             if check is not None and value is not None and not check[0](value):
-                self.fail(path, check[1], raw[name])
+                message = check[1]() if callable(check[1]) else check[1]
+                self.fail(path, message, raw[name])
             values[name] = value
         return cls(**values)
 

@@ -1,7 +1,8 @@
-"""Pure TF post-processing ops: score spaces, calibration, class thresholds, per-class-IoU NMS.
+"""Pure TF post-processing ops: score spaces, knot maps, class thresholds, candidates, NMS.
 
-No Keras and no config objects here; the layers in `tfcal.layers` are thin wrappers over these
-functions, and `tfcal.calibration` holds their NumPy twins. Everything computes in float32.
+No Keras, no config objects and no calibration methods here: the methods in `tfcal.calibration`
+build their TF maps from these ops (`scores_to_logits`, `piecewise_linear`), and the layers in
+`tfcal.layers` are thin wrappers. Everything computes in float32.
 
 Score spaces (shared with `tfcal.calibration`):
 
@@ -27,43 +28,39 @@ Threshold and NMS conventions (stated once, relied on by the layers and the tune
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import tensorflow as tf
 
+from tfcal import validation
+
 EPS = 1e-7
-"""Probability clip before taking logits (float32-safe; equal to `tfcal.calibration.EPS`)."""
+"""Probability clip before taking logits (float32-safe; `tfcal.calibration` uses this value)."""
 
 SCORE_CONVERTERS = ("sigmoid", "softmax", "identity")
-CALIBRATION_METHODS = ("none", "temperature", "platt", "piecewise_linear")
+
+SKIP_EMPTY_CLASSES_MAX_BOXES = 512
+"""`combined_nms` sends only the class columns with a candidate to the op when at most this many
+boxes remain after dropping those without one (see `combined_nms`)."""
 
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 __all__ = [
-    "CALIBRATION_METHODS",
     "EPS",
     "SCORE_CONVERTERS",
     "apply_class_thresholds",
     "box_iou",
-    "calibrate_scores",
     "combined_nms",
     "iou_groups",
     "pad_knots",
     "piecewise_linear",
-    "raw_score_lower_bounds",
     "scores_to_logits",
     "select_candidate_boxes",
+    "select_passing_boxes",
     "strict_score_threshold",
 ]
 
 
 # ----------------------------------------------------------------------------- score spaces
-
-
-def _check_choice(name: str, value, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
 
 
 def _logit(p: tf.Tensor) -> tf.Tensor:
@@ -83,7 +80,7 @@ def scores_to_logits(scores, score_converter: str = "sigmoid") -> tf.Tensor:
     Returns:
       float32 `[..., C]` logits, finite for any score in [0, 1].
     """
-    _check_choice("score_converter", score_converter, SCORE_CONVERTERS)
+    validation.choice("score_converter", score_converter, SCORE_CONVERTERS)
     s = tf.cast(scores, tf.float32)
     if score_converter == "sigmoid":
         return _logit(s)
@@ -92,7 +89,7 @@ def scores_to_logits(scores, score_converter: str = "sigmoid") -> tf.Tensor:
     return s
 
 
-# ----------------------------------------------------------------------------- calibration
+# ----------------------------------------------------------------------------- knot maps
 
 
 def pad_knots(knots_x, knots_y) -> tuple[np.ndarray, np.ndarray]:
@@ -110,27 +107,11 @@ def pad_knots(knots_x, knots_y) -> tuple[np.ndarray, np.ndarray]:
       `(xs, ys)`: float32 `[K, M]` each.
 
     Raises:
-      ValueError: on a malformed row; the message names the row and includes its values.
+      ValueError: on a malformed row (`tfcal.validation.knot_rows`); the message names the row
+        and includes its values.
     """
-    if len(knots_x) != len(knots_y) or len(knots_x) == 0:
-        raise ValueError(f"knots: need the same non-zero number of knots_x and knots_y rows, "
-                         f"got {len(knots_x)} and {len(knots_y)}")
-    rows = []
-    for k, (rx, ry) in enumerate(zip(knots_x, knots_y)):
-        x = np.asarray(rx, dtype=np.float64).reshape(-1)
-        y = np.asarray(ry, dtype=np.float64).reshape(-1)
-        if x.size == 0 or x.shape != y.shape:
-            raise ValueError(f"knots row {k}: knots_x and knots_y must be non-empty and equally "
-                             f"long, got {x.tolist()} and {y.tolist()}")
-        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-            raise ValueError(f"knots row {k}: knots must be finite, got {x.tolist()}, {y.tolist()}")
-        if np.any(np.diff(x) <= 0) or x[0] < 0 or x[-1] > 1:
-            raise ValueError(f"knots row {k}: knots_x must be strictly increasing in [0, 1], "
-                             f"got {x.tolist()}")
-        if np.any(np.diff(y) < 0) or y[0] < 0 or y[-1] > 1:
-            raise ValueError(f"knots row {k}: knots_y must be non-decreasing in [0, 1], "
-                             f"got {y.tolist()}")
-        rows.append((x, y))
+    kx, ky = validation.knot_rows(knots_x, knots_y)
+    rows = [(np.asarray(x, np.float64), np.asarray(y, np.float64)) for x, y in zip(kx, ky)]
     m = max(2, max(x.size for x, _ in rows))
     xs = np.empty((len(rows), m), np.float32)
     ys = np.empty((len(rows), m), np.float32)
@@ -168,71 +149,6 @@ def piecewise_linear(u, xs, ys) -> tf.Tensor:
     t = tf.clip_by_value((flat - x0) / (x1 - x0), 0.0, 1.0)
     out = y0 + t * (y1 - y0)
     return tf.reshape(tf.transpose(out), shape)
-
-
-def _as_vector(value) -> tf.Tensor:
-    return tf.reshape(tf.cast(value, tf.float32), [-1])
-
-
-def calibrate_scores(raw_scores, *, score_converter: str = "sigmoid",
-                     background_column: bool = True, method: str = "none",
-                     temperature=(), platt_a=(), platt_b=(), knots_x=(), knots_y=()) -> tf.Tensor:
-    """Maps raw detector scores to calibrated per-class probabilities.
-
-    Semantics (identical to `tfcal.calibration.calibrate_scores`):
-
-    - `none`: `q = p` exactly (`identity` converter: `q = sigmoid(z)`).
-    - `temperature`: `q = sigmoid(z / T)`; with the `softmax` converter, `q = softmax(z / T)`
-      over all columns (a scalar `T` applies to every column, a per-class `T` leaves the
-      background column at `T = 1`), then the background column is dropped.
-    - `platt`: `q = sigmoid(a * z + b)` (one-vs-rest for `softmax`, with `z = logit(clip(p))`).
-    - `piecewise_linear`: `q = interp(u, knots_x[k], knots_y[k])` on the uncalibrated
-      probability `u` (`p`, or `sigmoid(z)` for `identity`), clamped at the end knots.
-
-    Args:
-      raw_scores: float `[..., C]` raw scores; `C = K + 1` when `background_column`, else `K`.
-      score_converter: {'sigmoid', 'softmax', 'identity'}, default='sigmoid'.
-      background_column: raw column 0 is background and is dropped from the output.
-      method: {'none', 'temperature', 'platt', 'piecewise_linear'}, default='none'.
-      temperature: float scalar, `[1]` or `[K]`, each > 0 (checked by the callers that take
-        Python values; tensors are used as given).
-      platt_a, platt_b: float `[K]` (or `[1]`, broadcast).
-      knots_x, knots_y: K rows of knots (Python rows of any lengths), or float32 `[K, M]` arrays
-        already padded by `pad_knots`.
-
-    Returns:
-      float32 `[..., K]` calibrated probabilities in [0, 1].
-    """
-    _check_choice("score_converter", score_converter, SCORE_CONVERTERS)
-    _check_choice("method", method, CALIBRATION_METHODS)
-    raw = tf.cast(raw_scores, tf.float32)
-    start = 1 if background_column else 0
-    if score_converter == "softmax" and method == "temperature":
-        t = _as_vector(temperature)
-        z = scores_to_logits(raw, "softmax")
-        num_columns = tf.shape(raw)[-1]
-        # A scalar temperature scales every column; a per-class one leaves background at 1.
-        t_full = tf.cond(
-            tf.equal(tf.size(t), 1),
-            lambda: tf.fill([num_columns], t[0]),
-            lambda: tf.concat([tf.ones([start], tf.float32), t], axis=0))
-        q = tf.nn.softmax(z / t_full, axis=-1)
-        return q[..., start:]
-    cls = raw[..., start:]
-    if method == "none":
-        return tf.sigmoid(cls) if score_converter == "identity" else cls
-    if method == "piecewise_linear":
-        u = tf.sigmoid(cls) if score_converter == "identity" else cls
-        if isinstance(knots_x, (tf.Tensor, tf.Variable)) or (
-                isinstance(knots_x, np.ndarray) and knots_x.ndim == 2):
-            xs, ys = knots_x, knots_y
-        else:
-            xs, ys = pad_knots(knots_x, knots_y)
-        return piecewise_linear(u, xs, ys)
-    z = cls if score_converter == "identity" else _logit(cls)
-    if method == "temperature":
-        return tf.sigmoid(z / _as_vector(temperature))
-    return tf.sigmoid(_as_vector(platt_a) * z + _as_vector(platt_b))
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -335,18 +251,6 @@ def iou_groups(iou_threshold, num_classes: int) -> list[tuple[float, list[int]]]
     return sorted(groups.items())
 
 
-def _take_columns(x: tf.Tensor, columns: list[int], axis: int) -> tf.Tensor:
-    """Columns of `x` along `axis`: a slice when they are contiguous, else a gather."""
-    if columns == list(range(columns[0], columns[-1] + 1)):
-        begin = [0] * axis + [columns[0]]
-        size = [-1] * axis + [len(columns)]
-        rank = x.shape.rank
-        begin += [0] * (rank - axis - 1)
-        size += [-1] * (rank - axis - 1)
-        return tf.slice(x, begin, size)
-    return tf.gather(x, columns, axis=axis)
-
-
 def _pad_rows(boxes, scores, classes, num, max_total):
     """Zeroes the rows at or beyond `num` (boxes, scores and classes)."""
     valid = tf.range(max_total)[None, :] < num[:, None]
@@ -383,10 +287,9 @@ def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes):
     return out_boxes, out_scores, out_classes, num
 
 
-def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: int = 100,
+def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: int | None = None,
                  max_total_detections: int = 100, score_threshold=0.0, clip_boxes: bool = False,
-                 class_agnostic: bool = False, label_offset: int = 1,
-                 skip_empty_classes: bool = False) -> dict[str, tf.Tensor]:
+                 class_agnostic: bool = False, label_offset: int = 1) -> dict[str, tf.Tensor]:
     """Batched per-class NMS over `tf.image.combined_non_max_suppression`, with per-class IoU.
 
     Classes sharing an IoU threshold form a group; each group gets one combined NMS call on its
@@ -394,25 +297,32 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
     This equals running every class alone at its own IoU and keeping the best
     `max_total_detections` detections overall.
 
+    The cost follows the candidates, not the input size: boxes with no class score above the
+    threshold are dropped first (`select_passing_boxes`); when at most
+    `SKIP_EMPTY_CLASSES_MAX_BOXES` (512) boxes remain, only the class columns with a candidate
+    are sent to the op (it costs a few microseconds per class, candidate or not; with more boxes
+    the gather costs more than that); and the op's per-class output cap shrinks to the largest
+    per-class candidate count (its cost grows with batch x classes x that cap). None of this
+    changes a detection, except which of several detections with exactly equal scores fills
+    the last row at the `max_total_detections` cut: the op breaks such ties by an order that
+    depends on the class columns it is given.
+
     Args:
       boxes: float `[batch, num_boxes, 4]` or `[batch, num_boxes, 1, 4]` (shared by all
         classes), or `[batch, num_boxes, num_classes, 4]`, as `[ymin, xmin, ymax, xmax]`.
       scores: float `[batch, num_boxes, num_classes]` class probabilities (no background).
       iou_threshold: Python float or sequence of 1 or K floats in [0, 1]; a box is suppressed
         by a higher-scored box of its class iff their IoU > the class's threshold.
-      max_detections_per_class: int >= 1, detections kept per class and image.
+      max_detections_per_class: int >= 1, detections kept per class and image; default None:
+        `max_total_detections` (no cap below the total). Must be None when `class_agnostic`.
       max_total_detections: int >= 1, rows of the output (M).
       score_threshold: float scalar >= 0 (Python or tensor): detections need
         `score >= score_threshold` and `score > 0`.
       clip_boxes: clip the output boxes to [0, 1]; NMS itself uses the boxes as given (as
         `tf.image.combined_non_max_suppression` does).
       class_agnostic: one NMS over all classes: each box keeps only its best class score (and,
-        for per-class boxes, that class's box); needs a single IoU; `max_detections_per_class`
-        is then not used.
+        for per-class boxes, that class's box); needs a single IoU and no per-class cap.
       label_offset: int; output class id = column + `label_offset` (1: OD API ids).
-      skip_empty_classes: send only the class columns with some score above the threshold to
-        NMS (same detections). Worth it when `num_boxes` is small, e.g. after
-        `select_candidate_boxes`; on a full detector output the extra pass may cost more.
 
     Returns:
       dict (OD API names and conventions), rows sorted by descending score, rows at or beyond
@@ -439,63 +349,48 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         raise ValueError("scores: the class axis must have a static size")
     if boxes.shape.rank == 4 and boxes.shape[2] not in (None, 1, num_classes):
         raise ValueError(f"boxes: class axis {boxes.shape[2]} != scores class axis {num_classes}")
-    for name, value in (("max_detections_per_class", max_detections_per_class),
-                        ("max_total_detections", max_total_detections)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    max_total = validation.integer("max_total_detections", max_total_detections, minimum=1)
+    if class_agnostic and max_detections_per_class is not None:
+        raise ValueError(f"max_detections_per_class: not used by class_agnostic NMS (one NMS "
+                         f"over all classes); leave it None, got {max_detections_per_class!r}")
+    per_class_cap = max_total if max_detections_per_class is None else validation.integer(
+        "max_detections_per_class", max_detections_per_class, minimum=1)
     if isinstance(score_threshold, (int, float)) and not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"score_threshold: expected a value in [0, 1], got {score_threshold!r}")
     if boxes.shape.rank == 4 and boxes.shape[2] == 1:
         boxes = boxes[:, :, 0, :]  # [batch, num_boxes, 1, 4]: shared by all classes
     groups = iou_groups(iou_threshold, num_classes)
-    max_total = int(max_total_detections)
     threshold = strict_score_threshold(score_threshold)
+    if class_agnostic and len(groups) != 1:
+        raise ValueError(f"iou_threshold: class_agnostic NMS needs a single IoU, got "
+                         f"{np.asarray(iou_threshold).tolist()}")
+    # Only boxes with some class score above the threshold can be emitted.
+    boxes, scores = select_passing_boxes(boxes, scores,
+                                         tf.reduce_max(scores, axis=-1) > threshold)
 
     if class_agnostic:
-        if len(groups) != 1:
-            raise ValueError(f"iou_threshold: class_agnostic NMS needs a single IoU, got "
-                             f"{np.asarray(iou_threshold).tolist()}")
         out_boxes, out_scores, out_classes, num = _agnostic_nms(
             boxes, scores, iou=groups[0][0], max_total=max_total, threshold=threshold,
             clip_boxes=clip_boxes)
     else:
         if boxes.shape.rank == 3:
             boxes = boxes[:, :, None, :]
+        active = tf.reduce_any(scores > threshold, axis=[0, 1])  # [K]
+        few_boxes = tf.shape(scores)[1] <= SKIP_EMPTY_CLASSES_MAX_BOXES
         per_group = []
-        if skip_empty_classes:
-            active = tf.reduce_any(scores > threshold, axis=[0, 1])  # [K]
         for iou, columns in groups:
-            if skip_empty_classes:
-                # Only the columns with some score above the threshold: combined NMS costs
-                # a few microseconds per class even when a class has no candidate.
-                in_group = np.zeros(num_classes, bool)
-                in_group[columns] = True
-                picked = tf.reshape(tf.where(active & in_group), [-1])
-                picked = tf.cast(picked, tf.int32)
-                # At least one column (it yields no detection when nothing passes).
-                picked = tf.concat([picked, [columns[0]]], 0)[:tf.maximum(tf.size(picked), 1)]
-                group_scores = tf.gather(scores, picked, axis=2)
-                group_boxes = boxes if boxes.shape[2] == 1 else tf.gather(boxes, picked, axis=2)
-                column_ids = picked
-            else:
-                group_scores = scores if len(groups) == 1 else _take_columns(scores, columns, 2)
-                group_boxes = boxes
-                if boxes.shape[2] != 1 and len(groups) > 1:
-                    group_boxes = _take_columns(boxes, columns, 2)
-                column_ids = None if len(groups) == 1 else tf.constant(columns, tf.int32)
-            # The op's cost grows with batch x classes x max_output_size_per_class, whatever
-            # the number of candidates; no class can keep more boxes than it has above the
-            # threshold, so capping at the largest such count changes no detection.
+            group_boxes, group_scores, picked = _group_columns(boxes, scores, columns, active,
+                                                               few_boxes)
+            # No class can keep more boxes than it has above the threshold, so capping the op's
+            # per-class output at the largest such count changes no detection.
             most = tf.reduce_max(tf.reduce_sum(tf.cast(group_scores > threshold, tf.int32),
                                                axis=1))
-            per_class = tf.clip_by_value(most, 1, int(max_detections_per_class))
+            per_class = tf.clip_by_value(most, 1, per_class_cap)
             r = tf.image.combined_non_max_suppression(
                 group_boxes, group_scores, max_output_size_per_class=per_class,
                 max_total_size=max_total, iou_threshold=iou, score_threshold=threshold,
                 pad_per_class=False, clip_boxes=clip_boxes)
-            group_classes = tf.cast(r.nmsed_classes, tf.int32)
-            if column_ids is not None:
-                group_classes = tf.gather(column_ids, group_classes)
+            group_classes = tf.gather(picked, tf.cast(r.nmsed_classes, tf.int32))
             per_group.append((r.nmsed_boxes, r.nmsed_scores, group_classes, r.valid_detections))
         if len(per_group) == 1:
             out_boxes, out_scores, classes, num = per_group[0]
@@ -511,6 +406,37 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         "detection_classes": out_classes,
         "num_detections": tf.cast(num, tf.float32),
     }
+
+
+def _group_columns(boxes, scores, columns, active, few_boxes):
+    """The boxes, scores and column ids one IoU group sends to combined NMS.
+
+    With few boxes, only the group's columns with some score above the threshold: the op costs a
+    few microseconds per class even when a class has no candidate, and gathering few boxes is
+    cheap. With many, every column of the group (gathering them would cost more than it saves).
+    At least one column either way (it yields no detection when nothing passes).
+    """
+    num_classes = scores.shape[-1]
+    in_group = np.zeros(num_classes, bool)
+    in_group[columns] = True
+    everything = len(columns) == num_classes
+
+    def active_columns():
+        picked = tf.cast(tf.reshape(tf.where(active & in_group), [-1]), tf.int32)
+        return tf.concat([picked, [columns[0]]], 0)[:tf.maximum(tf.size(picked), 1)]
+
+    def all_columns():
+        return tf.constant(columns, tf.int32)
+
+    picked = tf.cond(few_boxes, active_columns, all_columns)
+    if everything:
+        # All columns in one group: the full tensors as they are when nothing is skipped.
+        group_scores = tf.cond(few_boxes, lambda: tf.gather(scores, picked, axis=2),
+                               lambda: scores)
+    else:
+        group_scores = tf.gather(scores, picked, axis=2)
+    group_boxes = boxes if boxes.shape[2] == 1 else tf.gather(boxes, picked, axis=2)
+    return group_boxes, group_scores, picked
 
 
 def _merge_groups(per_group, max_total):
@@ -529,96 +455,6 @@ def _merge_groups(per_group, max_total):
 # ----------------------------------------------------------------------------- candidate pre-filter
 
 
-def raw_score_lower_bounds(min_score_thresh, class_enabled=None, *,
-                           score_converter: str = "sigmoid", method: str = "none",
-                           num_classes: int, temperature=(), platt_a=(), platt_b=(),
-                           knots_x=None, knots_y=None) -> tf.Tensor:
-    """Per-class raw-score bounds `r_k` with `calibrated_k >= min_score_thresh_k  =>  raw_k >= r_k`.
-
-    The bounds are conservative (a little low), so filtering raw scores with them never drops a
-    detection that the exact thresholds would keep; the exact check still runs afterwards.
-    `-inf` means "cannot filter this class" (softmax temperature, Platt with `a <= 0`, or
-    thresholds too low to matter); `+inf` means the class can never pass (disabled, or above the
-    map's range).
-
-    Args:
-      min_score_thresh: float `[1]` or `[K]` thresholds on calibrated probabilities.
-      class_enabled: optional 0/1 float `[K]`.
-      score_converter, method, temperature, platt_a, platt_b: as `calibrate_scores`.
-      num_classes: K.
-      knots_x, knots_y: float32 `[K, M]` padded knots (`pad_knots`), for `piecewise_linear`.
-
-    Returns:
-      float32 `[K]` bounds in the raw score space of the class columns.
-    """
-    _check_choice("score_converter", score_converter, SCORE_CONVERTERS)
-    _check_choice("method", method, CALIBRATION_METHODS)
-    k = num_classes
-    t = tf.broadcast_to(tf.reshape(tf.cast(min_score_thresh, tf.float32), [-1]), [k])
-    # Lower the threshold a little in calibrated space (covers flat maps and rounding) ...
-    t = tf.maximum(t - 1e-4, 0.0)
-    inf = tf.constant(np.inf, tf.float32)
-    if score_converter == "softmax" and method == "temperature":
-        bound_u = tf.fill([k], -inf)  # q_k depends on every column: no per-column bound
-        logit_space = False
-    elif method == "none":
-        bound_u, logit_space = t, False
-    elif method == "piecewise_linear":
-        xs = tf.cast(knots_x, tf.float32)
-        ys = tf.cast(knots_y, tf.float32)
-        # First knot with y >= t; the bound is where the segment before it reaches t.
-        reach = ys >= t[:, None]
-        j1 = tf.argmax(tf.cast(reach, tf.int32), axis=1, output_type=tf.int32)
-        j0 = tf.maximum(j1 - 1, 0)
-        x0 = tf.gather(xs, j0, batch_dims=1)
-        x1 = tf.gather(xs, j1, batch_dims=1)
-        y0 = tf.gather(ys, j0, batch_dims=1)
-        y1 = tf.gather(ys, j1, batch_dims=1)
-        frac = tf.clip_by_value(tf.math.divide_no_nan(t - y0, y1 - y0), 0.0, 1.0)
-        cross = x0 + frac * (x1 - x0)
-        any_reach = tf.reduce_any(reach, axis=1)
-        bound_u = tf.where(any_reach, cross, inf)  # no knot reaches t: never passes
-        bound_u = tf.where(any_reach & (j1 == 0), -inf, bound_u)  # the first knot reaches t
-        logit_space = False
-    else:
-        # temperature / platt in logit space: q = sigmoid(z / T) or sigmoid(a z + b).
-        lt = tf.math.log(t) - tf.math.log1p(-t)  # logit(t); -inf at t = 0
-        if method == "temperature":
-            temp = tf.broadcast_to(tf.reshape(tf.cast(temperature, tf.float32), [-1]), [k])
-            bound_z = temp * lt
-        else:
-            a = tf.broadcast_to(tf.reshape(tf.cast(platt_a, tf.float32), [-1]), [k])
-            b = tf.broadcast_to(tf.reshape(tf.cast(platt_b, tf.float32), [-1]), [k])
-            bound_z = tf.where(a > 0, (lt - b) / tf.where(a > 0, a, 1.0), -inf)
-        bound_z = tf.where(tf.math.is_nan(bound_z), -inf, bound_z)
-        if score_converter == "identity":
-            bound_u, logit_space = bound_z, True
-        else:
-            bound_u, logit_space = tf.sigmoid(bound_z), False
-            # Raw probabilities below EPS are clipped up to EPS, so a bound at or below EPS
-            # cannot separate them: do not filter.
-            bound_u = tf.where(bound_u <= 2 * EPS, -inf, bound_u)
-    if not logit_space and score_converter == "identity" and method in ("none",
-                                                                         "piecewise_linear"):
-        # u = sigmoid(z): move the probability bound to logit space.
-        u = bound_u
-        bound = tf.where(u <= 0.0, -inf, tf.where(u >= 1.0, inf,
-                                                   tf.math.log(u) - tf.math.log1p(-u)))
-        bound = tf.where(tf.math.is_nan(bound), -inf, bound)
-        margin = 1e-4 * (1.0 + tf.abs(tf.where(tf.math.is_finite(bound), bound, 0.0)))
-    elif logit_space:
-        bound = bound_u
-        margin = 1e-4 * (1.0 + tf.abs(tf.where(tf.math.is_finite(bound), bound, 0.0)))
-    else:
-        bound = bound_u
-        margin = tf.fill([k], 1e-5)
-    # ... and the bound a little in raw space (covers steep maps and rounding).
-    bound = bound - margin
-    if class_enabled is not None:
-        bound = tf.where(tf.cast(class_enabled, tf.float32) > 0.5, bound, inf)
-    return bound
-
-
 def select_candidate_boxes(boxes, raw_scores, lower_bounds, *, background_column: bool = True):
     """Keeps only the boxes whose best class score reaches the lowest class bound.
 
@@ -628,8 +464,8 @@ def select_candidate_boxes(boxes, raw_scores, lower_bounds, *, background_column
     comparison of the whole score tensor). The result has `num_candidates = max over images of
     the kept-box count` boxes per image (at least 1): each image's kept boxes first, in their
     original order (so NMS tie-breaking by box index is unchanged), then filler boxes that pass
-    nothing. With bounds from `raw_score_lower_bounds`, running calibration, thresholds and NMS
-    on the result gives the same detections as on the full input.
+    nothing. With bounds from `tfcal.calibration.CalibrationMethod.raw_lower_bounds`, running
+    calibration, thresholds and NMS on the result gives the same detections as on the full input.
 
     Args:
       boxes: float `[batch, num_boxes, 4]` or `[batch, num_boxes, K, 4]`.
@@ -644,15 +480,31 @@ def select_candidate_boxes(boxes, raw_scores, lower_bounds, *, background_column
     floor = tf.reduce_min(tf.cast(lower_bounds, tf.float32))
     class_scores = raw[:, :, 1:] if background_column else raw
     passing = tf.reduce_max(class_scores, axis=-1) >= floor  # [B, N]
+    return select_passing_boxes(tf.convert_to_tensor(boxes), raw, passing)
+
+
+def select_passing_boxes(boxes, scores, passing):
+    """Keeps the boxes flagged in `passing`, in their original order, padded to one count.
+
+    Args:
+      boxes: float `[batch, num_boxes, 4]` or `[batch, num_boxes, K, 4]`.
+      scores: float `[batch, num_boxes, C]`.
+      passing: bool `[batch, num_boxes]`.
+
+    Returns:
+      `(boxes, scores)` with `num_boxes` replaced by `max over images of the passing count`
+      (at least 1): each image's passing boxes first, in ascending index order (so NMS
+      tie-breaking by box index is unchanged), then non-passing filler boxes. The inputs
+      themselves when every box of some image passes.
+    """
     count = tf.reduce_max(tf.reduce_sum(tf.cast(passing, tf.int32), axis=1))
-    num_boxes = tf.shape(raw)[1]
+    num_boxes = tf.shape(scores)[1]
     num_candidates = tf.minimum(tf.maximum(count, 1), num_boxes)
-    boxes = tf.convert_to_tensor(boxes)
 
     def select():
         # top_k breaks ties by lower index: passing boxes come first, in ascending index order.
         _, idx = tf.math.top_k(tf.cast(passing, tf.float32), k=num_candidates, sorted=True)
-        return tf.gather(boxes, idx, batch_dims=1), tf.gather(raw, idx, batch_dims=1)
+        return tf.gather(boxes, idx, batch_dims=1), tf.gather(scores, idx, batch_dims=1)
 
     # Nothing to drop (e.g. thresholds near 0): skip the sort and the copies.
-    return tf.cond(num_candidates < num_boxes, select, lambda: (boxes, raw))
+    return tf.cond(num_candidates < num_boxes, select, lambda: (boxes, scores))

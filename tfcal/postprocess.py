@@ -2,12 +2,13 @@
 
 The tuner writes it, the exporter reads it, and `tfcal.layers.PostProcessor` is built from it;
 it is the only thing the offline side hands to the serving side. Every field is validated once,
-in `__post_init__`, with a `ValueError` that names the field and includes the bad value.
+on construction, with a `ValueError` that names the field and includes the bad value, by the
+validators the layers use too (`tfcal.validation`; calibration parameters by their method).
 
 Semantics (binding for the ops, the layers and the NumPy fitters):
 
-- Calibration maps raw scores to class probabilities as `tfcal.ops.calibrate_scores` documents
-  (`temperature` scales logits; `platt` is `sigmoid(a * z + b)`; `piecewise_linear` maps the
+- Calibration maps raw scores to class probabilities as the method in `tfcal.calibration`
+  defines (`temperature` scales logits; `platt` is `sigmoid(a * z + b)`; `isotonic` maps the
   uncalibrated probability through per-class knots, clamped at the end knots).
 - A calibrated score is kept iff `score >= min_score_thresh[k]`, its class is enabled, and the
   score is > 0 (a 0.0 score is "no detection", the same value as padding).
@@ -21,57 +22,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-import numpy as np
-
-from tfcal import TfcalError, atomic
+from tfcal import TfcalError, atomic, ops, validation
+from tfcal import calibration as _calibration
 
 ScoreConverter = Literal["sigmoid", "softmax", "identity"]
-Calibration = Literal["none", "temperature", "platt", "piecewise_linear"]
 
-_SCORE_CONVERTERS = ("sigmoid", "softmax", "identity")
-_CALIBRATIONS = ("none", "temperature", "platt", "piecewise_linear")
-
-__all__ = ["Calibration", "PostProcessConfig", "ScoreConverter"]
+__all__ = ["PostProcessConfig", "ScoreConverter"]
 
 
-def _is_bool(v) -> bool:
-    return isinstance(v, (bool, np.bool_))
+def _parameter_names() -> set[str]:
+    return {p for n in _calibration.names() for p in _calibration.get(n).params}
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not _is_bool(v)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, numbers.Real) and not _is_bool(v) and math.isfinite(v)
-
-
-def _float_tuple(name: str, value, *, lengths: tuple[int, ...] | None, lo=None, hi=None,
-                 positive=False) -> tuple[float, ...]:
-    """Validates a list of finite numbers; `lengths=None` accepts any non-empty list."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
-        raise ValueError(f"{name}: expected a list of numbers, got {value!r}")
-    values = tuple(value)
-    if lengths is None and len(values) == 0:
-        raise ValueError(f"{name}: expected at least one value, got []")
-    if lengths is not None and len(values) not in lengths:
-        want = " or ".join(str(n) for n in sorted(set(lengths)))
-        raise ValueError(f"{name}: expected {want} values, got {len(values)}: {list(values)}")
-    for v in values:
-        if not _is_number(v):
-            raise ValueError(f"{name}: expected finite numbers, got {list(values)}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi) or (positive and v <= 0):
-            rng = "> 0" if positive else f"in [{lo}, {hi}]"
-            raise ValueError(f"{name}: each value must be {rng}, got {list(values)}")
-    return tuple(float(v) for v in values)
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class PostProcessConfig:
     """Every tuned post-processing number, for `K = num_classes` output class columns.
 
@@ -80,16 +46,19 @@ class PostProcessConfig:
       score_converter: {'sigmoid', 'softmax', 'identity'}, default='sigmoid'. The detector's
         score space (`identity`: raw scores are logits).
       background_column: raw score column 0 is background and is dropped.
-      calibration: {'none', 'temperature', 'platt', 'piecewise_linear'}, default='none'.
-      temperature: 1 (shared) or K values, each > 0; required for `temperature`.
-      platt_a, platt_b: K values each; required for `platt`.
-      knots_x: K rows, each strictly increasing in [0, 1]; required for `piecewise_linear`.
-      knots_y: K rows, non-decreasing in [0, 1], each as long as its `knots_x` row.
+      calibration: a registered calibration method (`tfcal.calibration.names()`: 'none',
+        'temperature', 'platt', 'isotonic'), default='none'. Older records' `piecewise_linear`
+        is read as `isotonic`.
+      calibration_params: the method's parameters, validated by the method (temperature:
+        `temperature`, 1 or K values > 0; platt: `platt_a`, `platt_b`, K values each; isotonic:
+        `knots_x`, `knots_y`, K rows). They are given, stored in JSON, and read as attributes
+        under their own names: `PostProcessConfig(..., calibration="temperature",
+        temperature=(1.3,))`, `cfg.temperature`.
       min_score_thresh: 1 or K values in [0, 1]; kept iff `score >= min_score_thresh`.
       class_enabled: () (all enabled) or K booleans; disabled classes are never emitted.
       nms_iou: 1 or K values in [0, 1].
       class_agnostic: one NMS over all classes (needs a single `nms_iou`).
-      max_detections_per_class: int >= 1.
+      max_detections_per_class: int >= 1 (not used when `class_agnostic`).
       max_total_detections: int >= 1, rows of every output.
       clip_boxes: clip output boxes to [0, 1].
       label_offset: int >= 0; column k is emitted as class id `k + label_offset`.
@@ -100,12 +69,8 @@ class PostProcessConfig:
     num_classes: int
     score_converter: ScoreConverter = "sigmoid"
     background_column: bool = True
-    calibration: Calibration = "none"
-    temperature: tuple[float, ...] = ()
-    platt_a: tuple[float, ...] = ()
-    platt_b: tuple[float, ...] = ()
-    knots_x: tuple[tuple[float, ...], ...] = ()
-    knots_y: tuple[tuple[float, ...], ...] = ()
+    calibration: str = "none"
+    calibration_params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     min_score_thresh: tuple[float, ...] = (0.0,)
     class_enabled: tuple[bool, ...] = ()
     nms_iou: tuple[float, ...] = (0.5,)
@@ -117,101 +82,81 @@ class PostProcessConfig:
     class_ids: tuple[int, ...] = ()
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-    def __post_init__(self):
+    def __init__(self, num_classes, score_converter="sigmoid", background_column=True,
+                 calibration="none", calibration_params=None, min_score_thresh=(0.0,),
+                 class_enabled=(), nms_iou=(0.5,), class_agnostic=False,
+                 max_detections_per_class=100, max_total_detections=100, clip_boxes=False,
+                 label_offset=1, class_ids=(), metadata=None, **method_params):
         def put(name, value):
             object.__setattr__(self, name, value)
 
-        k = self.num_classes
-        if not _is_int(k) or k < 1:
-            raise ValueError(f"num_classes: expected an int >= 1, got {k!r}")
-        k = int(k)
+        k = validation.integer("num_classes", num_classes, minimum=1)
         put("num_classes", k)
-        if self.score_converter not in _SCORE_CONVERTERS:
-            raise ValueError(f"score_converter: expected one of {list(_SCORE_CONVERTERS)}, "
-                             f"got {self.score_converter!r}")
-        if self.calibration not in _CALIBRATIONS:
-            raise ValueError(f"calibration: expected one of {list(_CALIBRATIONS)}, "
-                             f"got {self.calibration!r}")
-        for name in ("background_column", "class_agnostic", "clip_boxes"):
-            if not _is_bool(getattr(self, name)):
-                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
-            put(name, bool(getattr(self, name)))
-        method = self.calibration
-        put("temperature", _float_tuple(
-            "temperature", self.temperature,
-            lengths=(1, k) if method == "temperature" else (0, 1, k), positive=True))
-        for name in ("platt_a", "platt_b"):
-            put(name, _float_tuple(name, getattr(self, name),
-                                   lengths=(k,) if method == "platt" else (0, k)))
-        self._check_knots(k, required=method == "piecewise_linear")
-        put("min_score_thresh", _float_tuple("min_score_thresh", self.min_score_thresh,
-                                             lengths=(1, k), lo=0.0, hi=1.0))
-        put("nms_iou", _float_tuple("nms_iou", self.nms_iou, lengths=(1, k), lo=0.0, hi=1.0))
-        enabled = self.class_enabled
-        if isinstance(enabled, (str, bytes)) or len(tuple(enabled)) not in (0, k) or not all(
-                _is_bool(v) for v in enabled):
-            raise ValueError(f"class_enabled: expected [] or {k} booleans, got {enabled!r}")
-        put("class_enabled", tuple(bool(v) for v in enabled))
+        put("score_converter", validation.choice("score_converter", score_converter,
+                                                 ops.SCORE_CONVERTERS))
+        for name, value in (("background_column", background_column),
+                            ("class_agnostic", class_agnostic), ("clip_boxes", clip_boxes)):
+            put(name, validation.boolean(name, value))
+        try:
+            method = _calibration.get(calibration)
+        except ValueError:
+            raise ValueError(f"calibration: expected one of {list(_calibration.names())}, "
+                             f"got {calibration!r}") from None
+        put("calibration", method.name)
+        given = dict(calibration_params or {})
+        given.update(method_params)
+        put("calibration_params", method.check_params(_calibration.split_params(method, given), k))
+        put("min_score_thresh", validation.floats("min_score_thresh", min_score_thresh,
+                                                  lengths=(1, k), lo=0.0, hi=1.0))
+        put("nms_iou", validation.floats("nms_iou", nms_iou, lengths=(1, k), lo=0.0, hi=1.0))
+        put("class_enabled", validation.booleans("class_enabled", class_enabled, lengths=(0, k)))
         if self.class_agnostic and len(set(self.nms_iou)) > 1:
             raise ValueError(f"nms_iou: class_agnostic needs a single value, got "
                              f"{list(self.nms_iou)}")
-        for name in ("max_detections_per_class", "max_total_detections"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-            put(name, int(v))
-        if not _is_int(self.label_offset) or self.label_offset < 0:
-            raise ValueError(f"label_offset: expected an int >= 0, got {self.label_offset!r}")
-        put("label_offset", int(self.label_offset))
-        ids = self.class_ids
-        if isinstance(ids, (str, bytes)) or len(tuple(ids)) not in (0, k) or not all(
-                _is_int(v) for v in ids):
-            raise ValueError(f"class_ids: expected [] or {k} ints, got {ids!r}")
-        put("class_ids", tuple(int(v) for v in ids))
-        if not isinstance(self.metadata, Mapping):
-            raise ValueError(f"metadata: expected a mapping, got {self.metadata!r}")
+        for name, value in (("max_detections_per_class", max_detections_per_class),
+                            ("max_total_detections", max_total_detections)):
+            put(name, validation.integer(name, value, minimum=1))
+        put("label_offset", validation.integer("label_offset", label_offset, minimum=0))
+        if isinstance(class_ids, (str, bytes)) or not hasattr(class_ids, "__len__") or \
+                len(class_ids) not in (0, k) or not all(validation.is_int(v) for v in class_ids):
+            raise ValueError(f"class_ids: expected [] or {k} ints, got {class_ids!r}")
+        put("class_ids", tuple(int(v) for v in class_ids))
+        metadata = {} if metadata is None else metadata
+        if not isinstance(metadata, Mapping):
+            raise ValueError(f"metadata: expected a mapping, got {metadata!r}")
         try:
-            json.dumps(dict(self.metadata), allow_nan=False)
+            json.dumps(dict(metadata), allow_nan=False)
         except (TypeError, ValueError) as e:
             raise ValueError(f"metadata: must be JSON-serializable ({e})") from None
-        put("metadata", dict(self.metadata))
+        put("metadata", dict(metadata))
 
-    def _check_knots(self, k: int, *, required: bool) -> None:
-        kx, ky = self.knots_x, self.knots_y
-        if not required and len(kx) == 0 and len(ky) == 0:
-            object.__setattr__(self, "knots_x", ())
-            object.__setattr__(self, "knots_y", ())
-            return
-        if len(kx) != k or len(ky) != k:
-            raise ValueError(f"knots_x/knots_y: expected {k} rows each, got {len(kx)} and "
-                             f"{len(ky)}")
-        rows_x, rows_y = [], []
-        for i, (rx, ry) in enumerate(zip(kx, ky)):
-            x = _float_tuple(f"knots_x[{i}]", rx, lengths=None, lo=0.0, hi=1.0)
-            y = _float_tuple(f"knots_y[{i}]", ry, lengths=(len(x),), lo=0.0, hi=1.0)
-            if any(b <= a for a, b in zip(x, x[1:])):
-                raise ValueError(f"knots_x[{i}]: must be strictly increasing, got {list(x)}")
-            if any(b < a for a, b in zip(y, y[1:])):
-                raise ValueError(f"knots_y[{i}]: must be non-decreasing, got {list(y)}")
-            rows_x.append(x)
-            rows_y.append(y)
-        object.__setattr__(self, "knots_x", tuple(rows_x))
-        object.__setattr__(self, "knots_y", tuple(rows_y))
+    def __getattr__(self, name: str):
+        # The calibration parameters read as attributes: `cfg.temperature`; another method's
+        # parameter reads as () (it is not set).
+        params = self.__dict__.get("calibration_params")
+        if params is not None:
+            if name in params:
+                return params[name]
+            if name in _parameter_names():
+                return ()
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     # ------------------------------------------------------------------------- conversions
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict of every field (tuples become lists)."""
-        out = {}
+        """A JSON-able dict of every field (tuples become lists).
+
+        The calibration parameters are top-level keys after `calibration`, and only the
+        method's own (`"temperature": [...]`); records written before methods owned their
+        parameters also hold the other methods' fields, empty, and still load.
+        """
+        out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name in ("knots_x", "knots_y"):
-                v = [list(row) for row in v]
-            elif isinstance(v, tuple):
-                v = list(v)
-            elif isinstance(v, Mapping):
-                v = dict(v)
-            out[f.name] = v
+            if f.name == "calibration_params":
+                out.update({k: _jsonable(p) for k, p in v.items()})
+                continue
+            out[f.name] = _jsonable(v)
         return out
 
     @classmethod
@@ -219,18 +164,13 @@ class PostProcessConfig:
         """Builds and validates a config from `to_dict` output; unknown keys raise ValueError."""
         if not isinstance(data, Mapping):
             raise ValueError(f"postprocess config: expected a mapping, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        names = {f.name for f in dataclasses.fields(cls)} - {"calibration_params"}
+        unknown = sorted(set(data) - names - _parameter_names())
         if unknown:
             raise ValueError(f"postprocess config: unknown field(s) {unknown}")
         if "num_classes" not in data:
             raise ValueError("postprocess config: num_classes is required")
-        kw = dict(data)
-        for name in ("knots_x", "knots_y"):
-            if name in kw and isinstance(kw[name], (list, tuple)):
-                kw[name] = tuple(tuple(r) if isinstance(r, (list, tuple)) else r
-                                 for r in kw[name])
-        return cls(**kw)
+        return cls(**data)
 
     def to_json(self) -> str:
         """Indented JSON of every field (no NaN/Infinity)."""
@@ -261,8 +201,13 @@ class PostProcessConfig:
             raise TfcalError(f"{path}: {e}") from None
 
     def replace(self, **changes) -> "PostProcessConfig":
-        """A validated copy with `changes` applied."""
-        return dataclasses.replace(self, **changes)
+        """A validated copy with `changes` applied (calibration parameters by their names; a new
+        `calibration` method starts from no parameters)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if "calibration" in changes and "calibration_params" not in changes:
+            fields["calibration_params"] = {}
+        fields.update(changes)
+        return type(self)(**fields)
 
     def thresholds(self) -> tuple[float, ...]:
         """`min_score_thresh` broadcast to K values."""
@@ -277,3 +222,11 @@ class PostProcessConfig:
         """`nms_iou` broadcast to K values."""
         v = self.nms_iou
         return v * self.num_classes if len(v) == 1 else v
+
+
+def _jsonable(v):
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Mapping):
+        return dict(v)
+    return v

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfcal import ops
-from tfcal.layers import ClassThresholds, CombinedNMS, PostProcessor, ScoreCalibration
+from tfcal import calibration, ops
+from tfcal.layers import (CandidateBoxes, ClassThresholds, CombinedNMS, PostProcessor,
+                          ScoreCalibration)
 from tfcal.postprocess import PostProcessConfig
 
 K = 3
@@ -20,25 +21,42 @@ PP_CONFIG = PostProcessConfig(
     min_score_thresh=(0.3, 0.2, 0.4), class_enabled=(True, True, False), nms_iou=(0.5, 0.7, 0.5),
     max_detections_per_class=4, max_total_detections=6, label_offset=1)
 
-# Every layer with every __init__ argument set to a non-default value.
+# Each registered calibration method's parameters for K classes.
+METHOD_PARAMS = {
+    "none": {},
+    "temperature": dict(temperature=[2.0, 0.5, 1.5]),
+    "platt": dict(platt_a=[1.0] * K, platt_b=[0.5] * K),
+    "isotonic": dict(knots_x=[[0.0, 1.0], [0.2, 0.5, 0.8], [0.5]],
+                     knots_y=[[0.1, 0.9], [0.0, 0.5, 1.0], [0.4]]),
+}
+
+# Every layer with every __init__ argument set to a non-default value; ScoreCalibration once
+# per calibration method, with that method's parameters (its `**kwargs` beside Layer's).
 LAYER_CASES = [
-    (ScoreCalibration, dict(score_converter="identity", background_column=False,
-                            method="piecewise_linear", temperature=[2.0], platt_a=[1.0] * K,
-                            platt_b=[0.5] * K, knots_x=[[0.0, 1.0], [0.2, 0.5, 0.8], [0.5]],
-                            knots_y=[[0.1, 0.9], [0.0, 0.5, 1.0], [0.4]], num_classes=K)),
+    *[(ScoreCalibration, dict(score_converter="identity", background_column=False,
+                              method=method, num_classes=K, **METHOD_PARAMS[method]))
+      for method in calibration.names()],
     (ClassThresholds, dict(min_score_thresh=[0.1, 0.2, 0.3], class_enabled=[True, False, True],
                            num_classes=K)),
     (CombinedNMS, dict(iou_threshold=[0.4, 0.6, 0.4], max_detections_per_class=7,
                        max_total_detections=9, score_threshold=0.05, clip_boxes=True,
-                       class_agnostic=False, label_offset=0, skip_empty_classes=True)),
+                       class_agnostic=False, label_offset=0)),
+    (CandidateBoxes, dict(raw_lower_bounds=[0.2, -np.inf, np.inf], background_column=False)),
     (PostProcessor, dict(postprocess_config=PP_CONFIG.to_dict(), candidate_prefilter=False)),
 ]
 
 
-@pytest.mark.parametrize("cls, kwargs", LAYER_CASES, ids=lambda c: getattr(c, "__name__", ""))
+def _case_id(case):
+    cls, kwargs = case
+    return cls.__name__ + (f"-{kwargs['method']}" if cls is ScoreCalibration else "")
+
+
+@pytest.mark.parametrize("cls, kwargs", LAYER_CASES, ids=[_case_id(c) for c in LAYER_CASES])
 def test_get_config_holds_every_init_argument(cls, kwargs):
     params = [p for p in inspect.signature(cls.__init__).parameters
               if p not in ("self", "kwargs")]
+    if cls is ScoreCalibration:
+        params += list(calibration.get(kwargs["method"]).params)
     assert sorted(params) == sorted(kwargs), "the case must set every argument"
     layer = cls(**kwargs, name="probe", dtype="float32")
     config = layer.get_config()
@@ -48,6 +66,21 @@ def test_get_config_holds_every_init_argument(cls, kwargs):
     clone = cls.from_config(config)
     assert clone.get_config() == config
     assert keras.saving.get_registered_object(f"tfcal>{cls.__name__}") is cls
+
+
+def test_configs_saved_by_the_previous_version_still_load():
+    # ScoreCalibration held every method's fields (the unused ones empty) and called isotonic
+    # `piecewise_linear`; CombinedNMS had a `skip_empty_classes` speed switch.
+    old = dict(name="score_calibration", dtype="float32", score_converter="sigmoid",
+               background_column=True, method="piecewise_linear", temperature=[], platt_a=[],
+               platt_b=[], num_classes=K, **METHOD_PARAMS["isotonic"])
+    layer = ScoreCalibration.from_config(old)
+    assert layer.method == "isotonic" and "temperature" not in layer.get_config()
+    nms = CombinedNMS.from_config(dict(iou_threshold=[0.5], max_detections_per_class=100,
+                                       max_total_detections=100, score_threshold=0.0,
+                                       clip_boxes=False, class_agnostic=True, label_offset=1,
+                                       skip_empty_classes=True))
+    assert nms.max_detections_per_class is None and "skip_empty_classes" not in nms.get_config()
 
 
 def make_inputs(seed, batch=2, num_boxes=12, background=True):
@@ -84,7 +117,8 @@ def test_post_processor_runs_under_tf_function_with_dynamic_batch_and_static_sha
     (lambda: ClassThresholds(min_score_thresh=[0.3, 0.4, 0.5]), lambda b, r: (r[..., 1:],)),
     (lambda: CombinedNMS(iou_threshold=[0.5, 0.6, 0.7], max_total_detections=5),
      lambda b, r: (b, r[..., 1:])),
-], ids=["ScoreCalibration", "ClassThresholds", "CombinedNMS"])
+    (lambda: CandidateBoxes([0.5, 0.6, 0.7]), lambda b, r: (b, r)),
+], ids=["ScoreCalibration", "ClassThresholds", "CombinedNMS", "CandidateBoxes"])
 def test_layers_trace_once_for_any_batch_and_output_float32(layer_factory, inputs):
     layer = layer_factory()
     boxes, raw = make_inputs(3, batch=2)
@@ -100,15 +134,22 @@ def test_layers_trace_once_for_any_batch_and_output_float32(layer_factory, input
 
 @pytest.mark.parametrize("factory, message", [
     (lambda: ScoreCalibration(score_converter="tanh"), "score_converter"),
-    (lambda: ScoreCalibration(method="isotonic"), "method"),
-    (lambda: ScoreCalibration(method="temperature"), "temperature"),
+    (lambda: ScoreCalibration(method="histogram"), "method"),
+    (lambda: ScoreCalibration(method="temperature"), "temperature: required"),
     (lambda: ScoreCalibration(method="temperature", temperature=[-1.0]), "temperature"),
     (lambda: ScoreCalibration(method="temperature", temperature=[1.0, 2.0], num_classes=3),
      "temperature"),
-    (lambda: ScoreCalibration(method="platt", platt_a=[1.0], platt_b=[]), "platt"),
-    (lambda: ScoreCalibration(method="piecewise_linear", knots_x=[[0.5, 0.1]],
+    (lambda: ScoreCalibration(method="platt", platt_a=[1.0], platt_b=[]), "platt_b"),
+    (lambda: ScoreCalibration(method="isotonic", knots_x=[[0.5, 0.1]],
                               knots_y=[[0.1, 0.2]]), "strictly increasing"),
     (lambda: ScoreCalibration(num_classes=0), "num_classes"),
+    # Arguments that would be ignored are errors, not silent no-ops.
+    (lambda: ScoreCalibration(score_converter="sigmoid", temperature=[1.3]),
+     "temperature: a parameter of calibration method 'temperature', which method 'none'"),
+    (lambda: ScoreCalibration(method="temperature", temperature=[1.3], platt_a=[1.0] * K),
+     "platt_a: a parameter of calibration method 'platt'"),
+    (lambda: CombinedNMS(class_agnostic=True, max_detections_per_class=10),
+     "max_detections_per_class: not used by class_agnostic"),
     (lambda: ClassThresholds(min_score_thresh=1.5), "min_score_thresh"),
     (lambda: ClassThresholds(min_score_thresh=[0.1, 0.2], num_classes=3), "min_score_thresh"),
     (lambda: ClassThresholds(class_enabled=[1, 0]), "class_enabled"),
@@ -118,6 +159,8 @@ def test_layers_trace_once_for_any_batch_and_output_float32(layer_factory, input
     (lambda: CombinedNMS(iou_threshold=[0.5, 0.6], class_agnostic=True), "class_agnostic"),
     (lambda: CombinedNMS(label_offset=-1), "label_offset"),
     (lambda: CombinedNMS(clip_boxes="no"), "clip_boxes"),
+    (lambda: CandidateBoxes(raw_lower_bounds=[]), "raw_lower_bounds"),
+    (lambda: CandidateBoxes(raw_lower_bounds=[np.nan]), "raw_lower_bounds"),
     (lambda: PostProcessor({"num_classes": 2, "min_score_thresh": [0.1, 0.2, 0.3]}),
      "min_score_thresh"),
     (lambda: PostProcessor("config.json"), "postprocess_config"),
@@ -136,7 +179,7 @@ def test_wrong_column_count_is_rejected_at_call():
 @pytest.mark.parametrize("method, params", [
     ("none", {}), ("temperature", dict(temperature=[1.0])),
     ("platt", dict(platt_a=[1.0] * K, platt_b=[0.0] * K)),
-    ("piecewise_linear", dict(knots_x=[[0.0, 1.0]] * K, knots_y=[[0.0, 1.0]] * K)),
+    ("isotonic", dict(knots_x=[[0.0, 1.0]] * K, knots_y=[[0.0, 1.0]] * K)),
 ])
 def test_identity_calibration_layer_returns_input(method, params):
     _, raw = make_inputs(4)
@@ -182,9 +225,9 @@ PREFILTER_CASES = [
     ("sigmoid", "platt", dict(platt_a=(1.2, -0.5, 0.8), platt_b=(0.3, 0.1, -0.4))),
     ("softmax", "platt", dict(platt_a=(1.2, 0.5, 0.8), platt_b=(0.3, 0.1, -0.4))),
     ("softmax", "temperature", dict(temperature=(1.3,))),
-    ("identity", "piecewise_linear", dict(knots_x=((0.0, 0.5, 1.0), (0.2, 0.6), (0.4,)),
+    ("identity", "isotonic", dict(knots_x=((0.0, 0.5, 1.0), (0.2, 0.6), (0.4,)),
                                           knots_y=((0.0, 0.2, 1.0), (0.1, 0.9), (0.5,)))),
-    ("sigmoid", "piecewise_linear", dict(knots_x=((0.0, 0.5, 1.0), (0.2, 0.6), (0.4,)),
+    ("sigmoid", "isotonic", dict(knots_x=((0.0, 0.5, 1.0), (0.2, 0.6), (0.4,)),
                                          knots_y=((0.0, 0.35, 0.35), (0.1, 0.9), (0.5,)))),
 ]
 
@@ -222,7 +265,8 @@ def test_per_class_boxes_through_the_prefilter():
 def test_post_processor_matches_the_ops_chain():
     boxes, raw = make_inputs(8, batch=2, num_boxes=30)
     out = PostProcessor(PP_CONFIG)(boxes, raw)
-    q = ops.calibrate_scores(raw, method="temperature", temperature=PP_CONFIG.temperature)
+    q = calibration.calibrate_scores_tf(raw, method="temperature",
+                                        temperature=PP_CONFIG.temperature)
     q = ops.apply_class_thresholds(q, PP_CONFIG.min_score_thresh, PP_CONFIG.class_enabled)
     ref = ops.combined_nms(boxes, q, iou_threshold=PP_CONFIG.nms_iou, max_detections_per_class=4,
                            max_total_detections=6)
@@ -237,7 +281,7 @@ def test_saved_and_reloaded_keras_model_round_trip(tmp_path):
     raw_in = keras.Input((None, K + 1), name="raw_scores")
     model = keras.Model([boxes_in, raw_in], layer(boxes_in, raw_in))
     # Tuned numbers are weights: change one after building; the saved file must keep it.
-    layer.class_thresholds._thresh.assign([0.25, 0.2, 0.4])
+    layer.class_thresholds.min_score_thresh_weight.assign([0.25, 0.2, 0.4])
     boxes, raw = make_inputs(9, batch=2, num_boxes=25)
     before = model([boxes, raw])
     path = tmp_path / "post.keras"
@@ -249,7 +293,8 @@ def test_saved_and_reloaded_keras_model_round_trip(tmp_path):
     reloaded_layer = [lay for lay in loaded.layers if isinstance(lay, PostProcessor)][0]
     assert PostProcessConfig.from_dict(
         reloaded_layer.get_config()["postprocess_config"]) == PP_CONFIG
-    np.testing.assert_allclose(reloaded_layer.class_thresholds._thresh.numpy(), [0.25, 0.2, 0.4])
+    np.testing.assert_allclose(reloaded_layer.class_thresholds.min_score_thresh_weight.numpy(),
+                               [0.25, 0.2, 0.4])
     assert all(not w.trainable for w in reloaded_layer.weights)
 
 
@@ -293,18 +338,73 @@ def test_class_agnostic_post_processor_with_per_class_boxes():
     ((0.001, 0.3, 0.3), (False, True, True), True),  # the low threshold is on a disabled class
 ])
 def test_prefilter_is_left_out_when_thresholds_are_near_zero(thresh, enabled, prefiltered):
-    # The pre-filter sorts boxes by pass/fail (TopKV2); one IoU group means no other top_k.
     cfg = PP_CONFIG.replace(min_score_thresh=thresh, class_enabled=enabled, nms_iou=(0.5,))
     layer = PostProcessor(cfg)
+    assert layer.uses_candidate_prefilter == prefiltered
     fn = tf.function(layer, input_signature=[tf.TensorSpec([None, None, 4], tf.float32),
                                              tf.TensorSpec([None, None, K + 1], tf.float32)])
-    graph = fn.get_concrete_function().graph
-    ops_used = {op.type for op in graph.get_operations()}
-    for f in graph._functions.values():
-        ops_used |= {node.op for node in f.definition.node_def}
-    assert ("TopKV2" in ops_used) == prefiltered
     boxes, raw = make_inputs(5, batch=2, num_boxes=30)
     full = PostProcessor(cfg, candidate_prefilter=False)(boxes, raw)
     out = fn(boxes, raw)
     for key in full:
         np.testing.assert_allclose(out[key], full[key], atol=1e-6)
+
+
+@pytest.mark.parametrize("converter, method, params", PREFILTER_CASES)
+def test_the_stages_one_by_one_give_what_post_processor_gives(converter, method, params):
+    # The README's composition: CandidateBoxes (bounds from the calibration layer) first, then
+    # calibration, thresholds and NMS; the same detections as PostProcessor and as no
+    # pre-filter at all.
+    rng = np.random.default_rng(31)
+    thresh = [0.35, 0.2, 0.5]
+    cfg = PostProcessConfig(num_classes=K, score_converter=converter, calibration=method,
+                            min_score_thresh=tuple(thresh), nms_iou=(0.3, 0.6, 0.3),
+                            max_detections_per_class=5, max_total_detections=8, **params)
+    boxes, _ = make_inputs(32, batch=2, num_boxes=40)
+    raw = (rng.normal(-2, 2, (2, 40, K + 1)) if converter == "identity" else
+           rng.dirichlet(np.ones(K + 1) * 0.3, size=(2, 40))).astype(np.float32)
+    calibrate = ScoreCalibration(score_converter=converter, method=method, **params)
+    thresholds = ClassThresholds(min_score_thresh=thresh)
+    nms = CombinedNMS(iou_threshold=[0.3, 0.6, 0.3], max_detections_per_class=5,
+                      max_total_detections=8)
+    candidates = CandidateBoxes(calibrate.raw_lower_bounds(thresh, num_classes=K))
+    kept_boxes, kept_raw = candidates(boxes, raw)
+    composed = nms(kept_boxes, thresholds(calibrate(kept_raw)))
+    dense = nms(boxes, thresholds(calibrate(raw)))
+    fused = PostProcessor(cfg)(boxes, raw)
+    assert dense["num_detections"].numpy().min() > 0, "the case must produce detections"
+    for key in fused:
+        np.testing.assert_array_equal(composed[key].numpy(), fused[key].numpy(), err_msg=key)
+        np.testing.assert_array_equal(dense[key].numpy(), fused[key].numpy(), err_msg=key)
+
+
+def test_candidate_boxes_keeps_passing_boxes_in_order():
+    raw = np.float32([[[0.9, 0.1, 0.0], [0.2, 0.6, 0.0], [0.1, 0.0, 0.7], [0.5, 0.3, 0.2]]])
+    boxes = np.arange(16, dtype=np.float32).reshape(1, 4, 4)
+    # Bounds 0.5 and 0.8: a box is kept when its best class score reaches the lowest bound (one
+    # max per box; a superset of the boxes that can pass). Boxes 1 (0.6) and 2 (0.7) are kept,
+    # in their order; box 0's 0.9 is background, box 3's best is 0.3.
+    kept_boxes, kept_raw = CandidateBoxes([0.5, 0.8])(boxes, raw)
+    np.testing.assert_array_equal(kept_boxes.numpy(), boxes[:, [1, 2]])
+    np.testing.assert_array_equal(kept_raw.numpy(), raw[:, [1, 2]])
+    with pytest.raises(ValueError, match="columns"):
+        CandidateBoxes([0.5, 0.8, 0.1])(boxes, raw)
+
+
+def test_the_stages_one_by_one_save_and_load_as_a_keras_model(tmp_path):
+    thresh = [0.3, 0.2, 0.4]
+    boxes_in = keras.Input((None, 4))
+    raw_in = keras.Input((None, K + 1))
+    calibrate = ScoreCalibration(method="temperature", temperature=[1.5, 0.7, 1.1])
+    kept_boxes, kept_raw = CandidateBoxes(calibrate.raw_lower_bounds(thresh, num_classes=K))(
+        boxes_in, raw_in)
+    probs = ClassThresholds(min_score_thresh=thresh)(calibrate(kept_raw))
+    model = keras.Model([boxes_in, raw_in],
+                        CombinedNMS(iou_threshold=0.5, max_total_detections=6)(kept_boxes, probs))
+    boxes, raw = make_inputs(33, batch=2, num_boxes=25)
+    before = model([boxes, raw])
+    model.save(tmp_path / "stages.keras")
+    after = keras.models.load_model(tmp_path / "stages.keras")([boxes, raw])
+    assert before["num_detections"].numpy().min() > 0
+    for key in before:
+        np.testing.assert_array_equal(after[key].numpy(), before[key].numpy(), err_msg=key)

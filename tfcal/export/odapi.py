@@ -135,6 +135,12 @@ class Detector:
     raw_fn: Any
     _loaded: Any = None  # keeps the restored object (and its variables) alive when not pruned
 
+    @property
+    def loaded(self) -> Any:
+        """The restored SavedModel object (None when not kept), whose signatures and variables
+        the detector uses."""
+        return self._loaded
+
 
 @dataclasses.dataclass(frozen=True)
 class ExportResult:

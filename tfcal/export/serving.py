@@ -333,7 +333,7 @@ def _original_raw_outputs(
     """The unmodified detector signature's raw outputs on `feed` (None when not at hand)."""
     import tensorflow as tf
 
-    loaded = detector._loaded
+    loaded = detector.loaded
     if loaded is None:
         return None
     info = detector.info

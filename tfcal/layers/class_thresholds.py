@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcal import ops
-from tfcal.layers._common import check_num_classes, constant_weight, float32_by_default, float_list
+from tfcal import ops, validation
+from tfcal.layers._common import check_num_classes, constant_weight, float32_by_default
 
 
 @keras.saving.register_keras_serializable(package="tfcal")
@@ -36,20 +36,13 @@ class ClassThresholds(keras.layers.Layer):
         super().__init__(**float32_by_default(kwargs))
         k = check_num_classes(num_classes)
         self.num_classes = k
-        self.min_score_thresh = float_list(
-            "min_score_thresh", min_score_thresh, lo=0.0, hi=1.0,
-            lengths=(1, k) if k is not None else None)
-        if not self.min_score_thresh:
-            raise ValueError("min_score_thresh: expected 1 or K values, got []")
+        self.min_score_thresh = list(validation.floats(
+            "min_score_thresh", min_score_thresh, lo=0.0, hi=1.0, scalar_ok=True,
+            lengths=(1, k) if k is not None else None))
         if class_enabled is not None:
-            if isinstance(class_enabled, (str, bytes)) or not hasattr(class_enabled, "__len__") \
-                    or not all(isinstance(v, (bool, np.bool_)) for v in class_enabled) \
-                    or len(class_enabled) == 0:
-                raise ValueError(f"class_enabled: expected a list of booleans or None, "
-                                 f"got {class_enabled!r}")
-            class_enabled = [bool(v) for v in class_enabled]
-            if k is not None and len(class_enabled) != k:
-                raise ValueError(f"class_enabled: expected {k} values, got {len(class_enabled)}")
+            class_enabled = list(validation.booleans(
+                "class_enabled", class_enabled,
+                lengths=(k,) if k is not None else None))
             if len(self.min_score_thresh) > 1 and len(class_enabled) != len(self.min_score_thresh):
                 raise ValueError(f"class_enabled: {len(class_enabled)} values but "
                                  f"min_score_thresh has {len(self.min_score_thresh)}")
@@ -57,6 +50,16 @@ class ClassThresholds(keras.layers.Layer):
         self._thresh = constant_weight(self, "min_score_thresh", self.min_score_thresh)
         self._enabled = (None if class_enabled is None else
                          constant_weight(self, "class_enabled", np.asarray(class_enabled, float)))
+
+    @property
+    def min_score_thresh_weight(self) -> keras.Variable:
+        """The non-trainable weight holding the thresholds (`[1]` or `[K]`)."""
+        return self._thresh
+
+    @property
+    def class_enabled_weight(self) -> keras.Variable | None:
+        """The non-trainable 0/1 weight of enabled classes (`[K]`), or None (all enabled)."""
+        return self._enabled
 
     def _expected_classes(self) -> int | None:
         if self.num_classes is not None:

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
-
 import keras
-import numpy as np
 import tensorflow as tf
 
-from tfcal import ops
-from tfcal.layers._common import float32_by_default, float_list
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) \
-            or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return int(value)
+from tfcal import ops, validation
+from tfcal.layers._common import float32_by_default
 
 
 @keras.saving.register_keras_serializable(package="tfcal")
@@ -26,18 +16,19 @@ class CombinedNMS(keras.layers.Layer):
     Classes that share an IoU threshold are grouped; each group runs one combined NMS, and the
     groups' detections are merged by score. The IoU values decide the graph's structure, so they
     are plain config (not weights). Detections need `score >= score_threshold` and `score > 0`.
+    The cost follows the boxes with a score above the threshold, not the input size (see
+    `tfcal.ops.combined_nms`), so thresholded scores (`ClassThresholds`) are cheap to suppress.
 
     Args:
       iou_threshold: float or 1 or K floats in [0, 1]; default 0.5. A box is suppressed iff its
         IoU with a higher-scored box of the same class is > the class's value.
-      max_detections_per_class: int >= 1, default 100.
+      max_detections_per_class: int >= 1; default None: up to `max_total_detections`. Must be
+        None with `class_agnostic` (it would be ignored).
       max_total_detections: int >= 1, default 100: the output row count M.
       score_threshold: float in [0, 1], default 0.0.
       clip_boxes: clip output boxes to [0, 1]; default False.
       class_agnostic: one NMS over all classes (each box with its best class); needs one IoU.
       label_offset: int >= 0, default 1: column k is emitted as class id k + 1 (OD API).
-      skip_empty_classes: run NMS only on class columns with a score above the threshold
-        (identical detections; faster on few boxes, see `tfcal.ops.combined_nms`).
       **kwargs: `keras.layers.Layer` arguments.
 
     Call args:
@@ -51,29 +42,38 @@ class CombinedNMS(keras.layers.Layer):
       by descending score, rows at or beyond `num_detections` all zero.
     """
 
-    def __init__(self, iou_threshold=0.5, max_detections_per_class=100, max_total_detections=100,
-                 score_threshold=0.0, clip_boxes=False, class_agnostic=False, label_offset=1,
-                 skip_empty_classes=False, **kwargs):
+    def __init__(self, iou_threshold=0.5, max_detections_per_class=None,
+                 max_total_detections=100, score_threshold=0.0, clip_boxes=False,
+                 class_agnostic=False, label_offset=1, **kwargs):
         super().__init__(**float32_by_default(kwargs))
-        self.iou_threshold = float_list("iou_threshold", iou_threshold, lo=0.0, hi=1.0)
-        if not self.iou_threshold:
-            raise ValueError("iou_threshold: expected 1 or K values, got []")
-        self.max_detections_per_class = _check_int("max_detections_per_class",
-                                                   max_detections_per_class, 1)
-        self.max_total_detections = _check_int("max_total_detections", max_total_detections, 1)
-        self.score_threshold = float_list("score_threshold", score_threshold, lo=0.0, hi=1.0,
-                                          lengths=(1,))[0]
-        for name, value in (("clip_boxes", clip_boxes), ("class_agnostic", class_agnostic),
-                            ("skip_empty_classes", skip_empty_classes)):
-            if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(f"{name}: expected a bool, got {value!r}")
-        self.clip_boxes = bool(clip_boxes)
-        self.class_agnostic = bool(class_agnostic)
-        self.skip_empty_classes = bool(skip_empty_classes)
+        self.iou_threshold = list(validation.floats("iou_threshold", iou_threshold, lo=0.0,
+                                                    hi=1.0, scalar_ok=True))
+        self.max_total_detections = validation.integer("max_total_detections",
+                                                       max_total_detections, minimum=1)
+        self.score_threshold = validation.floats("score_threshold", score_threshold, lo=0.0,
+                                                 hi=1.0, lengths=(1,), scalar_ok=True)[0]
+        self.clip_boxes = validation.boolean("clip_boxes", clip_boxes)
+        self.class_agnostic = validation.boolean("class_agnostic", class_agnostic)
         if self.class_agnostic and len(set(self.iou_threshold)) > 1:
             raise ValueError(f"iou_threshold: class_agnostic needs a single value, got "
                              f"{self.iou_threshold}")
-        self.label_offset = _check_int("label_offset", label_offset, 0)
+        if self.class_agnostic and max_detections_per_class is not None:
+            raise ValueError(f"max_detections_per_class: not used by class_agnostic NMS; leave "
+                             f"it None, got {max_detections_per_class!r}")
+        self.max_detections_per_class = None if max_detections_per_class is None else \
+            validation.integer("max_detections_per_class", max_detections_per_class, minimum=1)
+        self.label_offset = validation.integer("label_offset", label_offset, minimum=0)
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if "skip_empty_classes" in config:
+            # Saved by an earlier version: a speed switch (now always on inside the op), and a
+            # per-class cap that class-agnostic NMS ignored.
+            del config["skip_empty_classes"]
+            if config.get("class_agnostic"):
+                config["max_detections_per_class"] = None
+        return cls(**config)
 
     def _iou(self):
         return self.iou_threshold[0] if len(self.iou_threshold) == 1 else self.iou_threshold
@@ -88,8 +88,7 @@ class CombinedNMS(keras.layers.Layer):
             max_detections_per_class=self.max_detections_per_class,
             max_total_detections=self.max_total_detections,
             score_threshold=self.score_threshold, clip_boxes=self.clip_boxes,
-            class_agnostic=self.class_agnostic, label_offset=self.label_offset,
-            skip_empty_classes=self.skip_empty_classes)
+            class_agnostic=self.class_agnostic, label_offset=self.label_offset)
 
     def compute_output_spec(self, boxes, scores):
         batch = scores.shape[0]
@@ -111,6 +110,5 @@ class CombinedNMS(keras.layers.Layer):
             "clip_boxes": self.clip_boxes,
             "class_agnostic": self.class_agnostic,
             "label_offset": self.label_offset,
-            "skip_empty_classes": self.skip_empty_classes,
         })
         return config

@@ -23,7 +23,9 @@ PREFILTER_MIN_THRESH = 0.01
 class PostProcessor(keras.layers.Layer):
     """Raw detector outputs to OD API detections: calibration -> class thresholds -> NMS.
 
-    Chains `ScoreCalibration`, `ClassThresholds` and `CombinedNMS`.
+    Chains `ScoreCalibration`, `ClassThresholds` and `CombinedNMS`, after the candidate
+    pre-filter that `CandidateBoxes` also applies (`tfcal.ops.select_candidate_boxes`), with
+    raw-score bounds recomputed from the sub-layers' weights at every call.
 
     Built from a `PostProcessConfig` (or its `to_dict()`); `get_config()["postprocess_config"]`
     is that dict, so a saved model carries every tuned number in its config as well as in the
@@ -34,17 +36,19 @@ class PostProcessor(keras.layers.Layer):
 
     Before calibration, boxes that cannot pass any class threshold are dropped using
     conservative raw-score bounds derived from the thresholds and the calibration map
-    (`tfcal.ops.raw_score_lower_bounds`); the detections are identical to running the full
-    tensor, and the cost of calibration and NMS scales with the few candidate boxes instead of
-    all of them. (Softmax temperature scaling mixes columns, so it is never pre-filtered.)
+    (`ScoreCalibration.raw_lower_bounds`, from the current weights, through the method's
+    inverse); the detections are identical to running the full tensor, and the cost of
+    calibration and NMS scales with the few candidate boxes instead of all of them. (Softmax
+    temperature scaling mixes columns, so it is never pre-filtered.)
     When every enabled class threshold in the config is below `PREFILTER_MIN_THRESH` (0.01),
     nearly every box passes and the pre-filter would only add work, so it is left out.
 
     Args:
       postprocess_config: a `PostProcessConfig` or a dict accepted by
         `PostProcessConfig.from_dict` (validated here: lengths against `num_classes`, ranges).
-      candidate_prefilter: drop boxes that cannot pass before calibrating (default True; False
-        runs every box through every stage, for testing).
+      candidate_prefilter: allow the pre-filter (default True); it is used when it can drop
+        boxes (see above and `uses_candidate_prefilter`). False runs every box through every
+        stage, for testing.
       **kwargs: `keras.layers.Layer` arguments.
 
     Call args:
@@ -80,20 +84,18 @@ class PostProcessor(keras.layers.Layer):
         k = cfg.num_classes
         self.score_calibration = ScoreCalibration(
             score_converter=cfg.score_converter, background_column=cfg.background_column,
-            method=cfg.calibration, temperature=list(cfg.temperature),
-            platt_a=list(cfg.platt_a), platt_b=list(cfg.platt_b),
-            knots_x=[list(r) for r in cfg.knots_x], knots_y=[list(r) for r in cfg.knots_y],
-            num_classes=k, name="score_calibration")
+            method=cfg.calibration, num_classes=k, name="score_calibration",
+            **cfg.calibration_params)
         self.class_thresholds = ClassThresholds(
             min_score_thresh=list(cfg.min_score_thresh),
             class_enabled=list(cfg.class_enabled) if cfg.class_enabled else None,
             num_classes=k, name="class_thresholds")
         self.nms = CombinedNMS(
-            iou_threshold=list(cfg.nms_iou), max_detections_per_class=cfg.max_detections_per_class,
+            iou_threshold=list(cfg.nms_iou),
+            max_detections_per_class=None if cfg.class_agnostic else cfg.max_detections_per_class,
             max_total_detections=cfg.max_total_detections, score_threshold=0.0,
             clip_boxes=cfg.clip_boxes, class_agnostic=cfg.class_agnostic,
-            label_offset=cfg.label_offset, skip_empty_classes=self._uses_prefilter(),
-            name="combined_nms")
+            label_offset=cfg.label_offset, name="combined_nms")
 
     @classmethod
     def from_postprocess_config(cls, config: PostProcessConfig | Mapping[str, Any],
@@ -108,39 +110,33 @@ class PostProcessor(keras.layers.Layer):
             self.class_thresholds.build(scores_shape)
         self.nms.build(boxes_shape)
 
-    def _uses_prefilter(self) -> bool:
+    @property
+    def uses_candidate_prefilter(self) -> bool:
+        """Whether `call` drops boxes that cannot pass before calibrating (see the class doc)."""
         cfg = self.postprocess_config
-        if not self.candidate_prefilter or (cfg.score_converter == "softmax"
-                                            and cfg.calibration == "temperature"):
+        if not self.candidate_prefilter or not self.score_calibration.calibration_method \
+                .filters_raw_scores(cfg.score_converter):
             return False
         live = [t for t, e in zip(cfg.thresholds(), cfg.enabled()) if e]
         return not live or min(live) >= PREFILTER_MIN_THRESH
 
-    def _raw_bounds(self) -> tf.Tensor:
+    def raw_lower_bounds(self) -> tf.Tensor:
         """Conservative per-class raw-score bounds implied by the current weights."""
-        cal, thr = self.score_calibration, self.class_thresholds
-        kw = {}
-        if cal.method == "temperature":
-            kw["temperature"] = tf.convert_to_tensor(cal._temperature)
-        elif cal.method == "platt":
-            kw["platt_a"] = tf.convert_to_tensor(cal._platt_a)
-            kw["platt_b"] = tf.convert_to_tensor(cal._platt_b)
-        elif cal.method == "piecewise_linear":
-            kw["knots_x"] = tf.convert_to_tensor(cal._knots_x)
-            kw["knots_y"] = tf.convert_to_tensor(cal._knots_y)
-        enabled = None if thr._enabled is None else tf.convert_to_tensor(thr._enabled)
-        return ops.raw_score_lower_bounds(
-            tf.convert_to_tensor(thr._thresh), enabled, score_converter=cal.score_converter,
-            method=cal.method, num_classes=self.postprocess_config.num_classes, **kw)
+        thresholds = self.class_thresholds
+        enabled = thresholds.class_enabled_weight
+        return self.score_calibration.raw_lower_bounds(
+            tf.convert_to_tensor(thresholds.min_score_thresh_weight),
+            None if enabled is None else tf.convert_to_tensor(enabled),
+            num_classes=self.postprocess_config.num_classes)
 
     def call(self, boxes, raw_scores):
         boxes = tf.cast(boxes, tf.float32)
         raw_scores = tf.cast(raw_scores, tf.float32)
-        if self._uses_prefilter():
+        if self.uses_candidate_prefilter:
             # Only boxes that can pass some class threshold are calibrated and sent to NMS; the
             # result is identical, and most boxes of a real detector are dropped here.
             boxes, raw_scores = ops.select_candidate_boxes(
-                boxes, raw_scores, self._raw_bounds(),
+                boxes, raw_scores, self.raw_lower_bounds(),
                 background_column=self.postprocess_config.background_column)
         scores = self.score_calibration(raw_scores)
         scores = self.class_thresholds(scores)

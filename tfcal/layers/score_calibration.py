@@ -3,34 +3,40 @@
 from __future__ import annotations
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from tfcal import ops
-from tfcal.layers._common import check_num_classes, constant_weight, float32_by_default, float_list
+from tfcal import calibration, ops, validation
+from tfcal.layers._common import check_num_classes, constant_weight, float32_by_default
+
+
+def _parameter_names() -> set[str]:
+    return {p for n in calibration.names() for p in calibration.get(n).params}
 
 
 @keras.saving.register_keras_serializable(package="tfcal")
 class ScoreCalibration(keras.layers.Layer):
-    """Turns raw scores into logits, applies a per-class calibration map, drops background.
+    """Turns raw scores into the method's space, applies its per-class map, drops background.
 
-    The maps and score spaces are those of `tfcal.ops.calibrate_scores`. Tuned numbers live in
-    non-trainable weights (`temperature`, `platt_a`, `platt_b`, `knots_x`, `knots_y`; knots are
-    padded to `[K, M]` by `tfcal.ops.pad_knots`), so they can be read or assigned without
-    retracing; only the weights of the chosen `method` are created.
+    The method and its score spaces are those of `tfcal.calibration` (`get(method)`); its
+    parameters are given by name (`temperature=[...]`, `platt_a=[...]`, `knots_x=[[...], ...]`,
+    as in `PostProcessConfig`) and checked by the method here, once. Tuned numbers live in
+    non-trainable weights named like the parameters (knots padded to `[K, M]` by
+    `tfcal.ops.pad_knots`), so they can be read or assigned without retracing
+    (`parameter_weights`).
 
     Args:
       score_converter: {'sigmoid', 'softmax', 'identity'}, default='sigmoid'. `identity`
         means the raw scores are logits.
       background_column: raw column 0 is background and is dropped from the output.
-      method: {'none', 'temperature', 'platt', 'piecewise_linear'}, default='none'.
-      temperature: float or 1 or K floats, each > 0 (required for `temperature`).
-      platt_a, platt_b: K floats each (required for `platt`).
-      knots_x, knots_y: K rows of knots (required for `piecewise_linear`): `knots_x` strictly
-        increasing in [0, 1], `knots_y` non-decreasing in [0, 1], equal lengths per row.
+      method: a registered method, {'none', 'temperature', 'platt', 'isotonic'}, default='none'
+        (`piecewise_linear`, the older name of `isotonic`, is read as `isotonic`).
       num_classes: optional K; when given, parameter lengths and the input's column count are
         checked against it.
-      **kwargs: `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+      **kwargs: the method's parameters (required ones must be given; another method's
+        parameter is an error, since it would be ignored), then `keras.layers.Layer` arguments
+        (`name`, `dtype`, ...). temperature: `temperature`, 1 or K floats > 0; platt: `platt_a`,
+        `platt_b`, K floats each; isotonic: `knots_x` (rows strictly increasing in [0, 1]) and
+        `knots_y` (rows non-decreasing in [0, 1]), K rows of equal lengths per row.
 
     Call args:
       raw_scores: float `[batch, num_boxes, C]`, `C = K + 1` with a background column.
@@ -39,62 +45,61 @@ class ScoreCalibration(keras.layers.Layer):
       float32 `[batch, num_boxes, K]` calibrated probabilities.
 
     Raises:
-      ValueError: in `__init__`, on any bad argument (the message includes the value).
+      ValueError: in `__init__`, on any bad or ignored argument (the message includes the
+        value).
     """
 
     def __init__(self, score_converter="sigmoid", background_column=True, method="none",
-                 temperature=(), platt_a=(), platt_b=(), knots_x=(), knots_y=(),
                  num_classes=None, **kwargs):
+        names = _parameter_names()
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         super().__init__(**float32_by_default(kwargs))
-        if score_converter not in ops.SCORE_CONVERTERS:
-            raise ValueError(f"score_converter: expected one of {list(ops.SCORE_CONVERTERS)}, "
-                             f"got {score_converter!r}")
-        if method not in ops.CALIBRATION_METHODS:
-            raise ValueError(f"method: expected one of {list(ops.CALIBRATION_METHODS)}, "
-                             f"got {method!r}")
-        if not isinstance(background_column, (bool, np.bool_)):
-            raise ValueError(f"background_column: expected a bool, got {background_column!r}")
+        self.score_converter = validation.choice("score_converter", score_converter,
+                                                 ops.SCORE_CONVERTERS)
+        self.background_column = validation.boolean("background_column", background_column)
         k = check_num_classes(num_classes)
-        self.score_converter = score_converter
-        self.background_column = bool(background_column)
-        self.method = method
         self.num_classes = k
-        per_class = (0, k) if k is not None else None
-        self.temperature = float_list("temperature", temperature, positive=True,
-                                      lengths=(0, 1, k) if k is not None else None)
-        self.platt_a = float_list("platt_a", platt_a, lengths=per_class)
-        self.platt_b = float_list("platt_b", platt_b, lengths=per_class)
-        self.knots_x = [float_list(f"knots_x[{i}]", r, allow_scalar=False) for i, r in
-                        enumerate(knots_x)]
-        self.knots_y = [float_list(f"knots_y[{i}]", r, allow_scalar=False) for i, r in
-                        enumerate(knots_y)]
-        if method == "temperature":
-            if not self.temperature:
-                raise ValueError("temperature: required (1 or K values > 0) for method "
-                                 "'temperature', got []")
-            self._temperature = constant_weight(self, "temperature", self.temperature)
-        elif method == "platt":
-            if not self.platt_a or len(self.platt_a) != len(self.platt_b):
-                raise ValueError(f"platt_a/platt_b: need K values each for method 'platt', got "
-                                 f"{self.platt_a} and {self.platt_b}")
-            self._platt_a = constant_weight(self, "platt_a", self.platt_a)
-            self._platt_b = constant_weight(self, "platt_b", self.platt_b)
-        elif method == "piecewise_linear":
-            if k is not None and len(self.knots_x) != k:
-                raise ValueError(f"knots_x: expected {k} rows, got {len(self.knots_x)}")
-            xs, ys = ops.pad_knots(self.knots_x, self.knots_y)
-            self._knots_x = constant_weight(self, "knots_x", xs)
-            self._knots_y = constant_weight(self, "knots_y", ys)
-        self._expected_classes = k or self._classes_from_params()
+        try:
+            m = calibration.get(method)
+        except ValueError:
+            raise ValueError(f"method: expected one of {list(calibration.names())}, "
+                             f"got {method!r}") from None
+        self.method = m.name
+        self._method = m
+        self.params = m.check_params(calibration.split_params(m, given), k)
+        self._parameter_weights = {name: constant_weight(self, name, value)
+                         for name, value in m.weights(self.params).items()}
+        self._expected_classes = k or m.classes_of(self.params)
 
-    def _classes_from_params(self) -> int | None:
-        if self.method == "platt":
-            return len(self.platt_a)
-        if self.method == "piecewise_linear":
-            return len(self.knots_x)
-        if self.method == "temperature" and len(self.temperature) > 1:
-            return len(self.temperature)
-        return None
+    @property
+    def calibration_method(self) -> calibration.CalibrationMethod:
+        """The registered method this layer applies."""
+        return self._method
+
+    @property
+    def parameter_weights(self) -> dict[str, keras.Variable]:
+        """The non-trainable weights holding the method's parameters, by parameter name."""
+        return dict(self._parameter_weights)
+
+    def _weight_tensors(self) -> dict[str, tf.Tensor]:
+        return {name: tf.convert_to_tensor(w) for name, w in self._parameter_weights.items()}
+
+    def raw_lower_bounds(self, min_score_thresh, class_enabled=None, *,
+                         num_classes: int) -> tf.Tensor:
+        """Per-class raw-score bounds of thresholds on this layer's output, from the current
+        weights (see `tfcal.calibration.CalibrationMethod.raw_lower_bounds`).
+
+        Args:
+          min_score_thresh: float `[1]` or `[K]` thresholds on calibrated probabilities.
+          class_enabled: optional 0/1 float `[K]`.
+          num_classes: K.
+
+        Returns:
+          float32 `[K]`.
+        """
+        return self._method.raw_lower_bounds(
+            min_score_thresh, self._weight_tensors(), num_classes=num_classes,
+            score_converter=self.score_converter, class_enabled=class_enabled)
 
     def _check_columns(self, columns) -> None:
         k = self._expected_classes
@@ -111,17 +116,9 @@ class ScoreCalibration(keras.layers.Layer):
     def call(self, raw_scores):
         raw_scores = tf.cast(raw_scores, tf.float32)
         self._check_columns(raw_scores.shape[-1])
-        kw = {}
-        if self.method == "temperature":
-            kw["temperature"] = self._temperature
-        elif self.method == "platt":
-            kw["platt_a"], kw["platt_b"] = self._platt_a, self._platt_b
-        elif self.method == "piecewise_linear":
-            kw["knots_x"] = tf.convert_to_tensor(self._knots_x)
-            kw["knots_y"] = tf.convert_to_tensor(self._knots_y)
-        return ops.calibrate_scores(raw_scores, score_converter=self.score_converter,
-                                    background_column=self.background_column,
-                                    method=self.method, **kw)
+        return self._method.calibrate_tf(raw_scores, self._weight_tensors(),
+                                         score_converter=self.score_converter,
+                                         background_column=self.background_column)
 
     def compute_output_shape(self, input_shape):
         columns = input_shape[-1]
@@ -134,11 +131,11 @@ class ScoreCalibration(keras.layers.Layer):
             "score_converter": self.score_converter,
             "background_column": self.background_column,
             "method": self.method,
-            "temperature": list(self.temperature),
-            "platt_a": list(self.platt_a),
-            "platt_b": list(self.platt_b),
-            "knots_x": [list(r) for r in self.knots_x],
-            "knots_y": [list(r) for r in self.knots_y],
             "num_classes": self.num_classes,
         })
+        config.update({name: _lists(value) for name, value in self.params.items()})
         return config
+
+
+def _lists(value):
+    return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value

@@ -53,12 +53,9 @@ def _precision_block(tp: int, fp: int, fn: int) -> dict:
 
 def _calibrated(calib, cfg, scores, columns):
     """Calibrated probabilities of uncalibrated post-processed `scores` of class `columns`."""
-    from tfcal.calibration import probs_to_logits
-
     if calib is None or scores.size == 0:
         return scores.astype(np.float64)
-    x = scores if calib.method == "piecewise_linear" else probs_to_logits(scores)
-    return calib.apply(x, columns).astype(np.float64)
+    return calib.apply_to_probabilities(scores, columns).astype(np.float64)
 
 
 #: A class is "clearly below" its precision target on the held-out images when it emitted at
@@ -338,13 +335,7 @@ def _maybe(fn, probs, labels):
 
 
 def _class_calibration(calib, col: int) -> dict:
-    if calib is None:
-        return {}
-    if calib.method == "temperature":
-        return {"temperature": float(calib.temperature[col])}
-    if calib.method == "platt":
-        return {"a": float(calib.platt_a[col]), "b": float(calib.platt_b[col])}
-    return {"knots": len(calib.knots_x[col])}
+    return {} if calib is None else calib.report_entry(col)
 
 
 def _fallback_ids(calib, prep) -> list[int]:

@@ -230,15 +230,16 @@ def fit_calibration(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
       `(PerClassCalibration or None, FlatDetections, tp labels)`; the detections and labels are
       the tune samples the fit used (None for method `none`).
     """
-    from tfcal.calibration import fit_per_class, probs_to_logits
+    from tfcal import calibration
     from tfcal.tuning.search import default_iou
 
-    method = cfg.calibration.method
-    if method == "none":
+    method = calibration.get(cfg.calibration.method)
+    if method.name == "none":
         return None
-    if cfg.model.score_converter == "softmax" and method == "temperature":
-        raise TfcalError(f"{cfg.source}: calibration.method: temperature with score_converter "
-                         "softmax is not tuned per detection; use platt or isotonic")
+    try:
+        method.check_fit_converter(cfg.model.score_converter)
+    except ValueError as e:
+        raise TfcalError(f"{cfg.source}: calibration.method: {e}") from None
     iou = cfg.tuning.default_nms_iou or default_iou(cfg.tuning.nms_iou_grid)
     plain = _base_postprocess_config(cfg, prep, nms_iou=(iou,),
                                      min_score_thresh=(ODAPI_DEFAULT_SCORE_THRESH,))
@@ -251,13 +252,14 @@ def fit_calibration(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
     if labels.size == 0:
         raise TfcalError(f"{cfg.data.annotations}: no detections on the tune images to "
                          "calibrate with (check model.score_converter and the data)")
-    x = probs if method == "isotonic" else probs_to_logits(probs)
+    x = method.to_space(probs)
     if cfg.calibration.per_class:
         names = [_column_label(prep, k) for k in range(prep.num_classes)]
-        return fit_per_class(method, x, labels, cols, prep.num_classes,
-                             min_samples=cfg.calibration.min_samples, class_labels=names)
-    pooled = fit_per_class(method, x, labels, np.zeros_like(cols), 1,
-                           min_samples=cfg.calibration.min_samples)
+        return calibration.fit_per_class(method.name, x, labels, cols, prep.num_classes,
+                                         min_samples=cfg.calibration.min_samples,
+                                         class_labels=names)
+    pooled = calibration.fit_per_class(method.name, x, labels, np.zeros_like(cols), 1,
+                                       min_samples=cfg.calibration.min_samples)
     return _broadcast_pooled(pooled, prep.num_classes)
 
 
@@ -271,14 +273,7 @@ def _column_label(prep: Prepared, column: int, detail: str = "") -> str:
 
 def _broadcast_pooled(pooled, num_classes: int):
     """A one-class fit repeated for every class column."""
-    return dataclasses.replace(
-        pooled, num_classes=num_classes,
-        temperature=pooled.temperature * num_classes if pooled.temperature else (),
-        platt_a=pooled.platt_a * num_classes if pooled.platt_a else (),
-        platt_b=pooled.platt_b * num_classes if pooled.platt_b else (),
-        knots_x=pooled.knots_x * num_classes if pooled.knots_x else (),
-        knots_y=pooled.knots_y * num_classes if pooled.knots_y else (),
-        fallback_classes=[], num_samples=(), weights=())
+    return pooled.broadcast(num_classes)
 
 
 def _calibration_fields(calib) -> dict:
@@ -320,17 +315,14 @@ def _resolve_category_key(cfg: Config, prep: Prepared, key: str) -> int:
 
 def _calibrate_fn(cfg: Config, calib):
     """The calibration op (as the serving graph runs it) for `collect_candidates`."""
-    from tfcal import ops
+    from tfcal import calibration
 
-    fields = _calibration_fields(calib)
-    kwargs = {k: v for k, v in fields.items() if k != "calibration"}
-    if "knots_x" in kwargs:
-        kwargs["knots_x"], kwargs["knots_y"] = ops.pad_knots(kwargs["knots_x"], kwargs["knots_y"])
+    method = calibration.get("none" if calib is None else calib.method)
+    weights = method.weights({} if calib is None else calib.params)
 
     def calibrate(raw_scores):
-        return ops.calibrate_scores(raw_scores, score_converter=cfg.model.score_converter,
-                                    background_column=cfg.model.background_column,
-                                    method=fields["calibration"], **kwargs)
+        return method.calibrate_tf(raw_scores, weights, score_converter=cfg.model.score_converter,
+                                   background_column=cfg.model.background_column)
 
     return calibrate
 

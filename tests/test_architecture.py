@@ -1,0 +1,210 @@
+"""The package's layering, stated as rules on its imports (read with `ast`), and no import cycles.
+
+Serving side, bottom up (each may import only what is left of it):
+
+    validation <- ops <- calibration <- postprocess <- layers
+
+- `tfcal.validation`: plain argument checks, no tfcal imports;
+- `tfcal.ops`: pure TF, no Keras, no calibration method, no config;
+- `tfcal.calibration`: the methods and their registry, over the ops;
+- `tfcal.postprocess`: `PostProcessConfig`, the record the offline side hands over; it asks the
+  registry to check calibration parameters, and knows nothing of Keras or the layers;
+- `tfcal.layers`: thin Keras layers over the ops and the methods; `PostProcessor` is built
+  from the record.
+
+Nothing of the serving side imports the config, the tuner, the COCO code or the exporter. The
+exporter never imports the tuner; the tuner uses the exporter only through `tfcal.export`'s
+public names. pycocotools is imported under `tfcal/coco/` only, and private modules (`_x.py`)
+only from their own package. Every import counts, module-level or inside a function.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+import tfcal
+
+PACKAGE = Path(tfcal.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _resolve(module: str, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    package = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
+    base = package.split(".")
+    base = base[:len(base) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports(module: str) -> list[tuple[str, str | None]]:
+    """`(imported module, imported name or None)` for every import statement of `module`."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, None) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(module, node)
+            for a in node.names:
+                # `from tfcal import ops` imports the module tfcal.ops
+                sub = f"{target}.{a.name}"
+                out.append((sub, None) if sub in MODULES else (target, a.name))
+    return out
+
+
+def _area(module: str) -> str:
+    """The part of tfcal a module belongs to: `ops`, `layers`, `tuning`, ... (`tfcal`: root)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "tfcal"
+
+
+def _tfcal_areas(module: str) -> set[str]:
+    return {_area(m) for m, _ in imports(module) if m == "tfcal" or m.startswith("tfcal.")}
+
+
+def _in(area: str) -> list[str]:
+    return [m for m in MODULES if _area(m) == area]
+
+
+# What each serving-side area may import from tfcal (besides itself and the root package).
+SERVING_ALLOWED = {
+    "validation": set(),
+    "ops": {"validation"},
+    "calibration": {"validation", "ops"},
+    "postprocess": {"validation", "ops", "calibration", "atomic"},
+    "layers": {"validation", "ops", "calibration", "postprocess"},
+}
+
+
+@pytest.mark.parametrize("module", [m for a in SERVING_ALLOWED for m in _in(a)])
+def test_serving_side_imports_only_what_is_below_it(module):
+    area = _area(module)
+    extra = _tfcal_areas(module) - SERVING_ALLOWED[area] - {area, "tfcal"}
+    assert not extra, (f"{module} imports tfcal.{sorted(extra)}; {area} may use "
+                       f"{sorted(SERVING_ALLOWED[area])}")
+
+
+@pytest.mark.parametrize("module", [m for a in ("validation", "ops", "calibration", "postprocess")
+                                    for m in _in(a)])
+def test_only_the_layers_use_keras(module):
+    assert not [m for m, _ in imports(module) if m.split(".")[0] == "keras"], module
+
+
+@pytest.mark.parametrize("module", _in("export"))
+def test_export_never_imports_the_tuner(module):
+    assert "tuning" not in _tfcal_areas(module), module
+
+
+def test_the_tuner_uses_only_the_public_export_api():
+    public = set(importlib.import_module("tfcal.export").__all__)
+    for module in _in("tuning"):
+        for target, name in imports(module):
+            if target.startswith("tfcal.export."):
+                pytest.fail(f"{module} imports {target}, an internal module of tfcal.export")
+            if target == "tfcal.export" and name is not None:
+                assert name in public, f"{module} imports {name}, not in tfcal.export.__all__"
+
+
+@pytest.mark.xfail(strict=True, reason="tfcal/tuning/pipeline.py _versions() imports pycocotools "
+                                       "for its version (importlib.metadata gives it without the "
+                                       "import); it belongs to tfcal.coco")
+def test_pycocotools_only_under_coco():
+    users = sorted(m for m in MODULES if _area(m) != "coco"
+                   and any(t.split(".")[0] == "pycocotools" for t, _ in imports(m)))
+    assert not users, f"pycocotools imported outside tfcal/coco/: {users}"
+
+
+def test_private_modules_are_imported_only_from_their_own_package():
+    private = {m for m in MODULES if m.rpartition(".")[2].startswith("_")
+               and not m.endswith("__init__")}
+    for module in MODULES:
+        for target, _ in imports(module):
+            if target in private:
+                owner = target.rpartition(".")[0]
+                assert module == owner or module.startswith(owner + "."), (
+                    f"{module} imports {target}, private to {owner}")
+
+
+def _private_uses(module: str) -> list[tuple[str, str]]:
+    """`(tfcal module, private name)` that `module` imports or reads through a module alias."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    aliases, out = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("tfcal") and a.asname:
+                    aliases[a.asname] = a.name
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(module, node)
+            for a in node.names:
+                sub = f"{target}.{a.name}"
+                if sub in MODULES:
+                    aliases[a.asname or a.name] = sub
+                elif target.startswith("tfcal") and a.name.startswith("_"):
+                    out.append((target, a.name))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                node.value.id in aliases and node.attr.startswith("_") and \
+                not node.attr.startswith("__"):
+            out.append((aliases[node.value.id], node.attr))
+    return out
+
+
+def test_private_names_stay_inside_their_part_of_the_package():
+    for module in MODULES:
+        for target, name in _private_uses(module):
+            assert _area(target) == _area(module), f"{module} uses {target}.{name}"
+
+
+def test_import_statements_name_existing_modules():
+    # Guards the rules above against a typo that would make them pass vacuously.
+    for module in MODULES:
+        for target, _ in imports(module):
+            if target.startswith("tfcal"):
+                assert target in MODULES, f"{module} imports {target}, which does not exist"
+
+
+@pytest.fixture()
+def fresh_tfcal():
+    """Imports run against an empty tfcal import state, restored afterwards (sys.modules and the
+    Keras registrations), so that each module is imported alone, as a first import would."""
+    saved_modules = {k: v for k, v in sys.modules.items() if k == "tfcal" or k.startswith("tfcal.")}
+    custom_objects = keras.saving.get_custom_objects()
+    saved_objects = dict(custom_objects)
+
+    def clear():
+        for name in [k for k in sys.modules if k == "tfcal" or k.startswith("tfcal.")]:
+            del sys.modules[name]
+
+    yield clear
+    clear()
+    sys.modules.update(saved_modules)
+    custom_objects.clear()
+    custom_objects.update(saved_objects)
+
+
+def test_every_module_imports_alone_without_a_cycle(fresh_tfcal):
+    failures = []
+    for module in MODULES:
+        if module.endswith(".__main__"):
+            continue  # `python -m tfcal`: running it is what importing it does
+        fresh_tfcal()
+        try:
+            importlib.import_module(module)
+        except ImportError as e:  # a cycle shows as a partially initialized module
+            failures.append(f"{module}: {e}")
+    assert not failures, "\n".join(failures)

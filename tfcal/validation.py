@@ -1,0 +1,149 @@
+"""Argument validators shared by `PostProcessConfig`, the calibration methods and the layers.
+
+Each number of the serving side is checked once, where it enters (a `PostProcessConfig`, a layer's
+`__init__`, a calibration method's parameters), by the same functions here, so a value is either
+accepted everywhere or rejected everywhere with the same message. Every check raises a
+`ValueError` that starts with the argument's name and includes the bad value.
+
+Plain Python and NumPy only: no TF, no Keras, no config objects.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import numpy as np
+
+__all__ = [
+    "boolean",
+    "booleans",
+    "choice",
+    "floats",
+    "integer",
+    "is_bool",
+    "is_int",
+    "is_number",
+    "knot_rows",
+]
+
+
+def is_bool(v) -> bool:
+    """True for Python and NumPy booleans."""
+    return isinstance(v, (bool, np.bool_))
+
+
+def is_int(v) -> bool:
+    """True for integers that are not booleans."""
+    return isinstance(v, numbers.Integral) and not is_bool(v)
+
+
+def is_number(v) -> bool:
+    """True for finite real numbers that are not booleans."""
+    return isinstance(v, numbers.Real) and not is_bool(v) and math.isfinite(v)
+
+
+def _sequence(name: str, value, *, scalar_ok: bool) -> list:
+    if scalar_ok and isinstance(value, numbers.Real) and not is_bool(value):
+        return [value]
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        what = "a number or a list of numbers" if scalar_ok else "a list of numbers"
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return list(value)
+
+
+def floats(name: str, value, *, lengths: Sequence[int] | None = None, lo: float | None = None,
+           hi: float | None = None, positive: bool = False, scalar_ok: bool = False
+           ) -> tuple[float, ...]:
+    """A list of finite numbers as a tuple of floats.
+
+    Args:
+      name: the argument's name, first word of every message.
+      value: a sequence of numbers (or one number when `scalar_ok`).
+      lengths: the allowed lengths; None allows any length >= 1.
+      lo, hi: inclusive bounds of every value.
+      positive: every value must be > 0.
+      scalar_ok: accept a bare number as a list of one.
+
+    Raises:
+      ValueError: not numbers, a non-finite value, a value out of range, or a wrong length.
+    """
+    values = _sequence(name, value, scalar_ok=scalar_ok)
+    if lengths is None and not values:
+        raise ValueError(f"{name}: expected at least one value, got []")
+    if lengths is not None and len(values) not in lengths:
+        want = " or ".join(str(n) for n in sorted(set(lengths)))
+        raise ValueError(f"{name}: expected {want} values, got {len(values)}: {values}")
+    for v in values:
+        if not is_number(v):
+            raise ValueError(f"{name}: expected finite numbers, got {values}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi) or (positive and v <= 0):
+            rng = "> 0" if positive else f"in [{lo}, {hi}]"
+            raise ValueError(f"{name}: each value must be {rng}, got {[float(x) for x in values]}")
+    return tuple(float(v) for v in values)
+
+
+def integer(name: str, value, *, minimum: int) -> int:
+    """An int >= `minimum` (booleans and floats are rejected)."""
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def boolean(name: str, value) -> bool:
+    """A Python or NumPy boolean as a bool (0/1 and strings are rejected)."""
+    if not is_bool(value):
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    return bool(value)
+
+
+def booleans(name: str, value, *, lengths: Sequence[int] | None = None) -> tuple[bool, ...]:
+    """A list of booleans of one of `lengths` (None: any length >= 1)."""
+    ok_length = (len(value) in lengths if lengths is not None else len(value) > 0) if hasattr(
+        value, "__len__") else False
+    if isinstance(value, (str, bytes)) or not ok_length or not all(is_bool(v) for v in value):
+        want = ("a non-empty list of" if lengths is None else
+                " or ".join(str(n) for n in sorted(set(lengths))))
+        raise ValueError(f"{name}: expected {want} booleans, got {value!r}")
+    return tuple(bool(v) for v in value)
+
+
+def choice(name: str, value, choices: Sequence[str]) -> str:
+    """One of `choices`."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    return value
+
+
+def knot_rows(knots_x, knots_y, *, rows: int | None = None
+              ) -> tuple[tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...]]:
+    """Rows of piecewise-linear knots: per row `knots_x` strictly increasing in [0, 1] and
+    `knots_y` non-decreasing in [0, 1], equally long and non-empty; rows may differ in length.
+
+    Args:
+      knots_x, knots_y: sequences of rows.
+      rows: the required number of rows (None: any number >= 1).
+
+    Returns:
+      `(knots_x, knots_y)` as tuples of float tuples.
+    """
+    for name, value in (("knots_x", knots_x), ("knots_y", knots_y)):
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            raise ValueError(f"{name}: expected a list of rows, got {value!r}")
+    if len(knots_x) != len(knots_y) or len(knots_x) == 0 or (
+            rows is not None and len(knots_x) != rows):
+        want = f"{rows} rows each" if rows is not None else "the same number (>= 1) of rows"
+        raise ValueError(f"knots_x/knots_y: expected {want}, got {len(knots_x)} and "
+                         f"{len(knots_y)}")
+    out_x, out_y = [], []
+    for i, (rx, ry) in enumerate(zip(knots_x, knots_y)):
+        x = floats(f"knots_x[{i}]", rx, lo=0.0, hi=1.0)
+        y = floats(f"knots_y[{i}]", ry, lengths=(len(x),), lo=0.0, hi=1.0)
+        if any(b <= a for a, b in zip(x, x[1:])):
+            raise ValueError(f"knots_x[{i}]: must be strictly increasing, got {list(x)}")
+        if any(b < a for a, b in zip(y, y[1:])):
+            raise ValueError(f"knots_y[{i}]: must be non-decreasing, got {list(y)}")
+        out_x.append(x)
+        out_y.append(y)
+    return tuple(out_x), tuple(out_y)
