@@ -127,12 +127,12 @@ def test_boxes_to_certify():
 
 
 def test_predictive_pass_probability_accounts_for_thin_learn_evidence():
-    # Jeffreys posterior Beta(t + 1/2, f + 1/2), certify count beta-binomial (its normal
-    # approximation, good enough to plan with: 0.383 against scipy's exact 0.435 here).
+    # Jeffreys posterior Beta(t + 1/2, f + 1/2), certify count beta-binomial (its
+    # tail is summed exactly when it is short, as here).
     n = np.array([100])
     k = C.critical_count(n, 0.9, 0.05)[0]
     got = C.predictive_pass_probability([95], [5], n, 0.9, 0.05)[0]
-    assert got == pytest.approx(stats.betabinom.sf(k - 1, 100, 95.5, 5.5), abs=0.06)
+    assert got == pytest.approx(stats.betabinom.sf(k - 1, 100, 95.5, 5.5), rel=1e-9)
     # The same 95% seen on 20 instead of 100 detections predicts a lower chance of passing
     # (here; the posterior is wider), and both sit below the plug-in binomial's.
     thin = C.predictive_pass_probability([19], [1], n, 0.9, 0.05)[0]

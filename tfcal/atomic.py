@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 logger = logging.getLogger(__name__)
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -70,7 +70,7 @@ def _write_temp(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
             os.fsync(f.fileno())
         # Give it the mode a plain open() would, so a server running as another user (e.g. TF
         # Serving in a container) can read it.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -144,7 +144,7 @@ def directory(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     tmp = mkdtemp(path.parent, path.name)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # private (0700) while written, then as mkdir makes
+        os.chmod(tmp, 0o777 & ~umask())  # private (0700) while written, then as mkdir makes
         if overwrite:
             replace_directory(tmp, path)
         else:

@@ -42,6 +42,7 @@ __all__ = [
     "CHECKPOINTS",
     "GRID_RATIO",
     "binomial_pvalue",
+    "grid_points",
     "boxes_to_certify",
     "certify_precision",
     "certify_recall",
@@ -127,9 +128,9 @@ def fallback_reject(pvalues, weights, level: float) -> np.ndarray:
     return out
 
 
-def _grid_points(n_sorted: np.ndarray, start: int) -> np.ndarray:
-    """Indices into a curve whose counts `n_sorted` (non-decreasing) first reach each value of a
-    geometric grid from `start`: one tested point per ~3% more detections."""
+def grid_points(n_sorted: np.ndarray, start: int) -> np.ndarray:
+    """Label-free tested points: indices into a curve whose counts `n_sorted` (non-decreasing)
+    first reach each value of a geometric grid from `start` (one per ~3% more detections)."""
     top = int(n_sorted[-1])
     if top < start:
         return np.zeros(0, np.int64)
@@ -181,7 +182,7 @@ def certify_precision(tp, n_pred, target: float, level: float) -> tuple[np.ndarr
     shares, first = _checkpoints(int(n_pred[-1]), target, level)
     if n_pred[-1] < first:
         return certified, pvals
-    idx = _grid_points(n_pred, first)
+    idx = grid_points(n_pred, first)
     p = binomial_pvalue(tp[idx], n_pred[idx], target)
     rejected = fallback_reject(p, _checkpoint_weights(n_pred[idx], first, shares), level)
     pvals[idx] = p
@@ -228,7 +229,7 @@ def boxes_to_certify(tp, n_pred, num_gt: int, target: float, level: float) -> in
     tp = np.asarray(tp, np.float64)
     n = np.asarray(n_pred, np.float64)
     if n.size and n[-1] >= 1:
-        idx = _grid_points(n.astype(np.int64), 1)  # ~3% steps in detections are enough here
+        idx = grid_points(n.astype(np.int64), 1)  # ~3% steps in detections are enough here
         tp, n = tp[idx], n[idx]
     ok = (n > 0) & (tp / np.maximum(n, 1) > target) & (num_gt > 0)
     if not ok.any():
@@ -288,12 +289,24 @@ def predictive_pass_probability(successes, failures, n, target: float,
 
     n = np.asarray(n, np.float64)
     k = critical_count(n.astype(np.int64), target, level).astype(np.float64)
-    a = np.asarray(successes, np.float64) + 0.5
-    b = np.asarray(failures, np.float64) + 0.5
+    a = np.broadcast_to(np.asarray(successes, np.float64) + 0.5, n.shape)
+    b = np.broadcast_to(np.asarray(failures, np.float64) + 0.5, n.shape)
     mean = n * a / (a + b)
     var = n * a * b * (a + b + n) / ((a + b) ** 2 * (a + b + 1.0))
     z = (k - 0.5 - mean) / np.sqrt(np.maximum(var, 1e-12))
-    return np.where(k <= n, 0.5 * special.erfc(z / np.sqrt(2.0)), 0.0)
+    out = np.where(k <= n, 0.5 * special.erfc(z / np.sqrt(2.0)), 0.0)
+    # Short tails exactly (the approximation is poorest there, e.g. "all n must pass").
+    for i in np.flatnonzero((k <= n) & (n - k < EXACT_TAIL)):
+        j = np.arange(k[i], n[i] + 1)
+        log_pmf = (special.gammaln(n[i] + 1) - special.gammaln(j + 1)
+                   - special.gammaln(n[i] - j + 1) + special.betaln(j + a[i], n[i] - j + b[i])
+                   - special.betaln(a[i], b[i]))
+        out[i] = float(np.exp(log_pmf).sum())
+    return np.clip(out, 0.0, 1.0)
+
+
+#: Beta-binomial tails with fewer terms than this are summed exactly when planning.
+EXACT_TAIL = 64
 
 
 def plan_precision(predicted, n_cert, target: float, level: float) -> tuple[int, int]:

@@ -83,7 +83,7 @@ def new_run(output_dir: str | Path) -> Iterator[Path]:
     tmp = atomic.mkdtemp(runs, "run")
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~atomic._umask())
+        os.chmod(tmp, 0o777 & ~atomic.umask())
         while True:
             final = runs / _generation_name()
             try:

@@ -457,7 +457,7 @@ def export_for_serving(
                 reference_raw=reference_raw,
             )
             logger.info("verification passed: %s", report.summary())
-        os.chmod(tmp, 0o777 & ~atomic._umask())  # private while written, then as mkdir makes
+        os.chmod(tmp, 0o777 & ~atomic.umask())  # private while written, then as mkdir makes
         # One lock for the export root: the version rename and models.config (which lists
         # every model) are updated together, one export at a time.
         with locks.hold(export_root, locks.command_line(), wait=PUBLISH_LOCK_WAIT_S,

@@ -512,7 +512,7 @@ def _learned_segments(obj: Objective, curves: Sequence[Curves], learn: Sequence[
         n_gt = int(cv.num_gt[column])
         if obj.name == "precision_target":
             n = tp + fp
-            rows = certification._grid_points(n, certification.min_count(obj.target_precision,
+            rows = certification.grid_points(n, certification.min_count(obj.target_precision,
                                                                          level))
             if rows.size == 0:
                 continue
