@@ -207,7 +207,11 @@ def _split_text(split: dict) -> str:
         return (f"- Images: {split['tune_images']}, {split['k']}-fold: every number below is "
                 "out-of-fold (each image evaluated by parameters tuned on the other folds); the "
                 "deployed parameters are tuned on all images.")
-    return (f"- Images: {split['tune_images']} tune (calibration and search), "
+    learn = ""
+    if split.get("certify_images") is not None:
+        learn = (f"; of the tune images {split['learn_images']} plan the certified tests and "
+                 f"{split['certify_images']} certify them (the tune counts below are theirs)")
+    return (f"- Images: {split['tune_images']} tune (calibration and search{learn}), "
             f"{split['holdout_images']} holdout (every number below).")
 
 
