@@ -38,7 +38,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tfcal import TfcalError, atomic
+import numpy as np
+
+from tfcal import TfcalError, atomic, locks, rundir
 
 log = logging.getLogger(__name__)
 
@@ -351,8 +353,6 @@ def render_report(path: str | Path) -> Path:
     the run's postprocess.json, and published only once complete: a report.json that cannot
     be rendered changes nothing.
     """
-    from tfcal import locks, rundir
-
     path = Path(path)
     report = load_report(path)
     source = (path / "report.json") if path.is_dir() else path
@@ -370,3 +370,23 @@ def render_report(path: str | Path) -> Path:
             # A hand-edited report.json that passed the checks above but not the renderer.
             raise TfcalError(f"{source}: cannot render: {type(err).__name__}: {err}") from None
     return output_dir / "report.md"
+
+
+def jsonable(obj: Any) -> Any:
+    """NumPy scalars/arrays and NaN -> plain JSON values (NaN becomes None)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return None if not math.isfinite(v) else v
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
