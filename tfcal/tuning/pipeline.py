@@ -27,14 +27,15 @@ import tfcal
 from tfcal import TfcalError, atomic, locks, rundir
 from tfcal.coco.cache import file_sha256
 from tfcal.config import Config
-from tfcal.export import export_for_serving
+from tfcal.export import ExportOptions, export_handoff
+from tfcal.handoff import DETECTOR_FILE, POSTPROCESS_FILE, DetectorDescription
 from tfcal.postprocess import PostProcessConfig
 from tfcal.tuning import baseline, report as report_lib
 from tfcal.tuning.calibrate import calibration_fields, fit_calibration
 from tfcal.tuning.detections import matched_candidates, postprocess_config
 from tfcal.tuning.evaluate import HoldoutEvidence, collect_evidence, holdout_report
 from tfcal.tuning.objectives import objectives
-from tfcal.tuning.prepare import Prepared, check_model_fingerprint, load_dataset, prepare
+from tfcal.tuning.prepare import Prepared, prepare
 from tfcal.tuning.search import UnreachableTargetError, joint_search, pooled_search
 from tfcal.tuning.split import kfold, split_images
 
@@ -222,13 +223,16 @@ def _tune(cfg: Config, *, export: bool) -> TuneResult:
     report = holdout_report(cfg, prep, ppc, calib, found, split, eval_idx, evidence)
     run_dir = cfg.output.dir
     ppc = ppc.replace(metadata={**ppc.metadata, "report_summary": _short(report)})
-    postprocess_path = run_dir / "postprocess.json"
+    postprocess_path = run_dir / POSTPROCESS_FILE
+    detector = describe_detector(cfg, prep)
     with rundir.new_run(run_dir) as generation:  # one commit: the old set or the new one
-        ppc.save(generation / "postprocess.json")
+        ppc.save(generation / POSTPROCESS_FILE)
+        detector.save(generation / DETECTOR_FILE)
         report_lib.write_report(generation, report, plots=cfg.output.plots)
     exported = None
     if export:
-        exported = _export(cfg, ppc, prep)
+        exported = _export(cfg, ppc, detector, _export_options(cfg, detector),
+                           source=postprocess_path)
     return TuneResult(run_dir=run_dir, report=report, postprocess_path=postprocess_path,
                       export=exported)
 
@@ -265,7 +269,7 @@ def _short(report: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Export and evaluate
+# Output places and the export
 
 #: Room asked of output.dir before a run (report, plots and postprocess.json take a few MB).
 OUTPUT_ROOM_BYTES = 32 << 20
@@ -277,41 +281,63 @@ def _check_output_places(cfg: Config, *, export: bool) -> None:
     """Fails before any work when an output place cannot take the outputs (naming it)."""
     atomic.check_room(cfg.output.dir, OUTPUT_ROOM_BYTES, "output.dir")
     if export:
-        atomic.check_room(cfg.export.dir, _export_room(cfg), "export.dir")
+        atomic.check_room(cfg.export.dir, _export_room(cfg.model.saved_model), "export.dir")
 
 
-def _export_room(cfg: Config) -> int:
+def _export_room(saved_model) -> int:
     """Bytes an export takes: about the detector's SavedModel, plus the post-processing."""
     size = 0
-    if cfg.model.saved_model is not None and Path(cfg.model.saved_model).is_dir():
-        size = sum(p.stat().st_size for p in Path(cfg.model.saved_model).rglob("*")
-                   if p.is_file())
+    if saved_model is not None and Path(saved_model).is_dir():
+        size = sum(p.stat().st_size for p in Path(saved_model).rglob("*") if p.is_file())
     return size + EXPORT_EXTRA_BYTES
 
 
-def _export(cfg: Config, ppc, prep: Prepared | None, *, version=None, overwrite=None,
-            postprocess_only: bool = False, source: Path | None = None):
-    """Writes the TF Serving package (export.dir/<model_name>/<version>/ + models.config)."""
+def describe_detector(cfg: Config, prep: Prepared) -> DetectorDescription:
+    """The detector record `tfcal tune` hands to the export beside postprocess.json."""
+    m = cfg.model
+    paths = prep.dataset.image_paths
+    return DetectorDescription(
+        saved_model=None if m.saved_model is None else str(m.saved_model),
+        signature=m.signature, input=m.input,
+        input_dtype="uint8" if m.saved_model is not None else None,  # what the runner runs
+        raw_boxes=m.raw_boxes, raw_scores=m.raw_scores, score_converter=m.score_converter,
+        background_column=m.background_column, label_offset=m.label_offset,
+        category_ids=tuple(int(c) for c in prep.mapping.column_category_ids),
+        model_fingerprint=prep.model_fingerprint,
+        warmup_image=str(Path(paths[0]).resolve()) if paths else None)
+
+
+def _config_detector(cfg: Config, ppc: PostProcessConfig) -> DetectorDescription:
+    """The config's model section as a detector record, for a run folder without one (tuned
+    by an older tfcal, or from precomputed raw outputs): no warmup image."""
+    m = cfg.model
+    return DetectorDescription(
+        saved_model=None if m.saved_model is None else str(m.saved_model),
+        signature=m.signature, input=m.input, raw_boxes=m.raw_boxes, raw_scores=m.raw_scores,
+        score_converter=ppc.score_converter, background_column=ppc.background_column,
+        label_offset=ppc.label_offset, category_ids=tuple(ppc.class_ids))
+
+
+def _export_options(cfg: Config, detector: DetectorDescription | None, *, version=None,
+                    overwrite=None, postprocess_only: bool = False) -> ExportOptions:
     e = cfg.export
-    warmup = ()
-    if prep is not None and prep.dataset.image_paths:
-        warmup = tuple(prep.dataset.image_paths[:1])
-    elif cfg.data.images is not None and cfg.data.annotations is not None and \
-            not postprocess_only:
-        warmup = tuple(load_dataset(cfg).image_paths[:1])
     name = e.model_name
-    if postprocess_only and cfg.model.saved_model is not None:
+    if postprocess_only and detector is not None and detector.saved_model is not None:
         # Different inputs (raw boxes and scores): never a new version of the image model.
         name = f"{e.model_name}_postprocess"
+    return ExportOptions(export_root=e.dir, model_name=name,
+                         version=version if version is not None else e.version,
+                         overwrite=e.overwrite if overwrite is None else overwrite,
+                         verify=e.verify, include_raw_outputs=e.include_raw_outputs)
+
+
+def _export(cfg: Config, ppc: PostProcessConfig, detector: DetectorDescription,
+            options: ExportOptions, *, postprocess_only: bool = False, source: Path):
+    """Writes the TF Serving package (export.dir/<model_name>/<version>/ + models.config)."""
     try:
-        return export_for_serving(
-            None if postprocess_only else cfg.model.saved_model, ppc, e.dir, name,
-            version=version if version is not None else e.version,
-            overwrite=e.overwrite if overwrite is None else overwrite,
-            warmup_images=warmup, verify=e.verify, signature_key=cfg.model.signature,
-            raw_boxes_key=cfg.model.raw_boxes, raw_scores_key=cfg.model.raw_scores,
-            include_raw_outputs=e.include_raw_outputs,
-            config_source=source or cfg.output.dir / "postprocess.json")
+        served = None if postprocess_only or detector.saved_model is None else detector
+        return export_handoff(ppc, served, options,
+                              config_source=source)
     except FileExistsError as err:
         where = str(err).split(";")[0]  # "<version dir> already exists"
         raise TfcalError(f"{cfg.source}: export.version (or --version): {where}; pass "
@@ -321,19 +347,27 @@ def _export(cfg: Config, ppc, prep: Prepared | None, *, version=None, overwrite=
 
 def run_export(cfg: Config, *, version: int | None = None, overwrite: bool = False,
                postprocess_only: bool = False):
-    """`tfcal export`: exports `<output.dir>/postprocess.json` with the config's detector."""
-    path = rundir.current_run(cfg.output.dir) / "postprocess.json"
+    """`tfcal export`: exports the current run's two handoff records.
+
+    Reads `<output.dir>/postprocess.json` and `<output.dir>/detector.json` (the detector
+    `tfcal tune` described; for a run folder without one, or tuned from precomputed raw
+    outputs, the config's model section) and nothing of the data section or the data set.
+    """
+    run = rundir.current_run(cfg.output.dir)
+    path = run / POSTPROCESS_FILE
     if not path.exists():
-        raise TfcalError(f"{cfg.output.dir / 'postprocess.json'}: missing; run "
+        raise TfcalError(f"{cfg.output.dir / POSTPROCESS_FILE}: missing; run "
                          f"`tfcal tune {cfg.source}` first")
     ppc = PostProcessConfig.load(path)
-    if cfg.model.saved_model is None and not postprocess_only:
+    detector = None
+    if (run / DETECTOR_FILE).is_file():
+        detector = DetectorDescription.load(run / DETECTOR_FILE)
+    if detector is None or detector.saved_model is None:
+        detector = _config_detector(cfg, ppc)
+    if detector.saved_model is None and not postprocess_only:
         raise TfcalError(f"{cfg.source}: model.saved_model: needed to export a detector "
                          "(or pass --postprocess-only)")
-    if not postprocess_only:
-        check_model_fingerprint(cfg, ppc, path)
-    atomic.check_room(cfg.export.dir, _export_room(cfg), "export.dir")
-    return _export(cfg, ppc, None, version=version, overwrite=overwrite or None,
-                   postprocess_only=postprocess_only, source=path)
-
-
+    options = _export_options(cfg, detector, version=version, overwrite=overwrite or None,
+                              postprocess_only=postprocess_only)
+    atomic.check_room(cfg.export.dir, _export_room(detector.saved_model), "export.dir")
+    return _export(cfg, ppc, detector, options, postprocess_only=postprocess_only, source=path)

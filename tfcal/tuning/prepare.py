@@ -19,6 +19,7 @@ from tfcal.coco import runner
 from tfcal.coco.cache import check_value_ranges, load_raw_outputs, model_fingerprint
 from tfcal.coco.dataset import CategoryMapping, load_coco
 from tfcal.config import Config
+from tfcal.handoff import check_fingerprint
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -134,16 +135,3 @@ def check_model_fingerprint(cfg: Config, ppc, ppc_path: Path, *, model_fp: str |
             return
         what = f"model.saved_model {cfg.model.saved_model}"
     check_fingerprint(ppc, ppc_path, model_fp, what)
-
-
-def check_fingerprint(ppc, ppc_path: Path, model_fp: str | None, what: str) -> None:
-    """Refuses `model_fp` when it differs from ``metadata.model_fingerprint`` of `ppc`."""
-    tuned = str((ppc.metadata or {}).get("model_fingerprint") or "")
-    if not tuned or tuned.startswith("raw_outputs:") or not model_fp or \
-            model_fp.startswith("raw_outputs:"):
-        return
-    if model_fp != tuned:
-        raise TfcalError(f"{what}: model fingerprint {model_fp[:16]}... differs from the one "
-                         f"tuned ({ppc_path} metadata.model_fingerprint {tuned[:16]}...): this "
-                         f"is not the detector the thresholds were tuned for; run `tfcal tune` "
-                         f"for it, or point the config at the tuned detector")

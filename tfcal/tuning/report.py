@@ -357,13 +357,15 @@ def render_report(path: str | Path) -> Path:
     report = load_report(path)
     source = (path / "report.json") if path.is_dir() else path
     output_dir = rundir.output_dir_of(source)
-    postprocess = source.resolve().parent / "postprocess.json"
+    records = [source.resolve().parent / name
+               for name in (rundir.POSTPROCESS_FILE, rundir.DETECTOR_FILE)]
     with locks.hold(output_dir, locks.command_line(), what="output folder"):
         try:
             with rundir.new_run(output_dir) as generation:
                 write_report(generation, report, plots=bool(report.get("curves")))
-                if postprocess.is_file():
-                    shutil.copy2(postprocess, generation / "postprocess.json")
+                for record in records:  # the handoff to serving stays with its report
+                    if record.is_file():
+                        shutil.copy2(record, generation / record.name)
         except TfcalError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
