@@ -175,6 +175,14 @@ def test_private_names_stay_inside_their_part_of_the_package():
             assert _area(target) == _area(module), f"{module} uses {target}.{name}"
 
 
+def test_the_runner_and_the_exporter_share_one_detector_loader():
+    for module in ("tfcal.coco.runner", "tfcal.export.odapi"):
+        assert ("tfcal.detectors.odapi", "load_saved_model") in imports(module), module
+        assert ("tfcal.detectors.odapi", "read_signature") in imports(module), module
+    for module in _in("detectors"):
+        assert _tfcal_areas(module) <= {"detectors", "tfcal"}, module
+
+
 #: Modules that run a job end to end; they may import the tuning job.
 JOB_IMPORTERS = {"tfcal.cli", "tfcal.demo.run"}
 
@@ -216,9 +224,11 @@ def _is_init_edge(a: str, b: str) -> bool:
 
 
 #: Function-local tfcal imports of the tuning modules allowed, as `(module, imported)`:
-#: matplotlib is optional (`tfcal.plots`), and `tfcal.tuning`'s package init imports
-#: `candidates`, so its TensorFlow ops load late (`tfcal report` must start without TensorFlow).
+#: matplotlib is optional (`tfcal.plots`); `tfcal report` starts without TensorFlow, so the
+#: calibration registry loads only to describe fitted parameters, and `candidates` (imported by
+#: `tfcal.tuning`'s package init) loads its TensorFlow ops late.
 LATE_IMPORTS_ALLOWED = {("tfcal.tuning.report", "tfcal.plots"),
+                        ("tfcal.tuning.report", "tfcal.calibration"),
                         ("tfcal.tuning.candidates", "tfcal.ops")}
 
 

@@ -1,4 +1,5 @@
-"""COCO bbox evaluation: the 12 COCOeval stats and per-class TP/FP/FN at one match IoU.
+"""COCO bbox evaluation: the 12 COCOeval stats and per-class TP/FP/FN at one match IoU, and the
+`tfcal evaluate` command on a COCO results file.
 
 `coco_stats` wraps pycocotools' ``COCOeval`` (prints silenced) and returns its 12
 ``summarize()`` numbers keyed by `STAT_KEYS`. `evaluate_detections_file` checks a COCO results

@@ -1,5 +1,6 @@
-"""The comparison users make: one global `min_score_thresh` on raw scores, chosen on the same tune
-images for the same target, and measured on the same held-out images as the tuned result.
+"""The report's baseline, the comparison users make: one global `min_score_thresh` on raw
+scores, chosen on the same tune images for the same target, and measured on the same held-out
+images as the tuned result.
 
 The baseline is what a team does without tfcal: no calibration, the default NMS IoU, one score
 threshold for every class, picked on the pooled tune detections for the configured target (and

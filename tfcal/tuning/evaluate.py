@@ -1,4 +1,5 @@
-"""The honest numbers: the final serving post-processing measured on the holdout images.
+"""The held-out evidence and report.json's content: the final serving post-processing measured
+on the holdout images (the honest numbers).
 
 Nothing here chooses anything. It runs the exact `PostProcessor` that will be exported on the
 cached raw outputs of images that took no part in calibration or search, evaluates it with

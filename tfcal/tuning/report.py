@@ -155,6 +155,7 @@ def render_markdown(report: dict) -> str:
         "| ---: | --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | "
         "--- | ---: |",
     ]
+    method = report["calibration"]["method"]
     for c in report["classes"]:
         h = c["holdout"]
         meets = {True: "yes", False: "**no**", None: "–"}[h.get("meets_target")]
@@ -167,7 +168,8 @@ def render_markdown(report: dict) -> str:
         lines.append(
             f"| {c['category_id']} | {c['name']} | {c['status']} | {gu.get('kind', '–')} | "
             f"{_fmt(c['threshold']) if c.get('enabled', True) else 'never emitted'} | "
-            f"{_fmt(c['nms_iou'], 2)} | {_calibration_text(c.get('calibration'))} | {h['tp']} | "
+            f"{_fmt(c['nms_iou'], 2)} | {_calibration_text(c.get('calibration'), method)} | "
+            f"{h['tp']} | "
             f"{h['fp']} | {h['fn']} | {_fmt(h['precision'])} | {_interval(h)} | "
             f"{_fmt(h['recall'])} | {meets} | "
             f"{_need_text(need, (c.get('tune') or {}).get('num_gt'))} |")
@@ -213,16 +215,14 @@ def _split_text(split: dict) -> str:
             f"{split['holdout_images']} holdout (every number below).")
 
 
-def _calibration_text(cal: dict | None) -> str:
+def _calibration_text(cal: dict | None, method: str) -> str:
+    """The calibration method's own short text for a class's report entry."""
     if not cal:
         return "–"
-    if "temperature" in cal:
-        return f"T={cal['temperature']:.3g}"
-    if "a" in cal:
-        return f"a={cal['a']:.3g}, b={cal['b']:.3g}"
-    if "knots" in cal:
-        return f"isotonic, {cal['knots']} knots"
-    return "none"
+    # The registry loads TensorFlow: only when there are fitted parameters to describe.
+    from tfcal import calibration
+
+    return calibration.get(method).describe(cal)
 
 
 def write_plots(report: dict, plots_dir: Path) -> dict[str, str]:
