@@ -143,9 +143,9 @@ def _run(args: argparse.Namespace) -> int:
         print(result.summary())
         return EXIT_OK
     if args.command == "evaluate":
-        from tfcal.tuning import pipeline
-        result = pipeline.run_evaluate(args.annotations, args.detections,
-                                       match_iou=args.match_iou, out=args.out)
+        from tfcal.coco import evaluation
+        result = evaluation.run_evaluate(args.annotations, args.detections,
+                                         match_iou=args.match_iou, out=args.out)
         print(result.summary())
         return EXIT_OK
     if args.command == "report":

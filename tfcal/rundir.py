@@ -4,7 +4,7 @@ A run's outputs are written together into a new generation folder and published 
 one symbolic link, so a reader sees the previous run's set or the new one, never a mix:
 
     output.dir/
-      runs/<UTC time>-<pid>/     postprocess.json, report.json, report.md, plots/
+      runs/<UTC time>-<pid>/     postprocess.json, detector.json, report.json, report.md, plots/
       current -> runs/<...>      the published generation (relative link, replaced atomically)
       postprocess.json -> current/postprocess.json
       report.json, report.md, plots -> current/...    (the same, for the other files)
@@ -32,8 +32,12 @@ from tfcal import atomic
 
 log = logging.getLogger(__name__)
 
+#: The tuned post-processing of a run (`tfcal.postprocess.PostProcessConfig`).
+POSTPROCESS_FILE = "postprocess.json"
+#: The detector it was tuned for (`tfcal.handoff.DetectorDescription`).
+DETECTOR_FILE = "detector.json"
 #: The files of one run, linked at the top of output.dir.
-RUN_FILES = ("postprocess.json", "report.json", "report.md", "plots")
+RUN_FILES = (POSTPROCESS_FILE, DETECTOR_FILE, "report.json", "report.md", "plots")
 #: Generations kept under output.dir/runs/.
 KEEP_RUNS = 5
 CURRENT = "current"

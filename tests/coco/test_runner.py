@@ -184,12 +184,12 @@ def test_decoded_size_must_match_json(tmp_path, saved_model):
 class _CountingLoads:
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = runner._load_saved_model
+        real = runner.load_saved_model
 
         def load(path):
             self.calls += 1
             return real(path)
-        monkeypatch.setattr(runner, "_load_saved_model", load)
+        monkeypatch.setattr(runner, "load_saved_model", load)
 
 
 def _cache_entries(cache_dir):

@@ -77,7 +77,7 @@ def test_load_detector_prunes_its_nms(image_detector):
 def test_load_detector_errors(tmp_path, image_detector):
     with pytest.raises(TfcalError, match="no saved_model.pb"):
         odapi.load_detector(tmp_path)
-    with pytest.raises(TfcalError, match="no output 'raw_boxes'"):
+    with pytest.raises(TfcalError, match="output 'raw_boxes' not found"):
         odapi.load_detector(image_detector, raw_boxes_key="raw_boxes")
     with pytest.raises(TfcalError, match="signature 'detect' not found"):
         odapi.load_detector(image_detector, signature_key="detect")

@@ -435,3 +435,14 @@ def test_score_columns_without_a_category_are_never_emitted(tmp_path):
     assert ppc["class_enabled"][:2] == [True, True]
     assert {c["name"] for c in result.report["classes"]} == {"car", "person"}
     assert any("1 score column maps to no category" in n for n in result.report["notes"])
+
+
+def test_tune_hands_serving_a_detector_description(tmp_path):
+    from tfcal.handoff import DetectorDescription
+
+    _, ppc, run_dir, _ = _tune(tmp_path)
+    d = DetectorDescription.load(run_dir / "detector.json")
+    assert d.saved_model is None  # tuned from precomputed raw outputs
+    assert list(d.category_ids) == ppc["class_ids"] == [1, 2, 3]
+    assert d.model_fingerprint == ppc["metadata"]["model_fingerprint"]
+    assert (d.label_offset, d.score_converter, d.background_column) == (1, "sigmoid", True)

@@ -45,7 +45,7 @@ def minimal_report(*, curves: bool = False) -> dict:
              "threshold": 0.7, "nms_iou": 0.5, "calibration": {"temperature": 1.25},
              "holdout": _holdout(36, 0, 0, 1.0, 0.90261, 1.0, 1.0, True)},
             {"category_id": 2, "name": "person", "column": 1, "status": "ok", "enabled": True,
-             "threshold": 0.75, "nms_iou": 0.6, "calibration": {"a": 0.8, "b": -0.1},
+             "threshold": 0.75, "nms_iou": 0.6, "calibration": {"temperature": 0.8},
              "holdout": _holdout(8, 2, 4, 0.8, 0.44390, 0.97479, 8 / 12, False)},
             {"category_id": 3, "name": "flag", "column": 2, "status": "unreachable",
              "enabled": False, "threshold": 1.0, "nms_iou": 0.5, "calibration": {},
@@ -104,10 +104,24 @@ def test_markdown_class_rows():
     # A report without guarantee blocks (an older one) shows "–" in those columns.
     assert ("| 1 | car | ok | – | 0.700 | 0.50 | T=1.25 | 36 | 0 | 0 | 1.000 | [0.903, 1.000] | "
             "1.000 | yes | – |") in md
-    assert ("| 2 | person | ok | – | 0.750 | 0.60 | a=0.8, b=-0.1 | 8 | 2 | 4 | 0.800 | "
+    assert ("| 2 | person | ok | – | 0.750 | 0.60 | T=0.8 | 8 | 2 | 4 | 0.800 | "
             "[0.444, 0.975] | 0.667 | **no** | – |") in md
     assert ("| 3 | flag | unreachable | – | never emitted | 0.50 | – | 0 | 0 | 18 | – | – | "
             "0.000 | – | – |") in md
+
+
+@pytest.mark.parametrize("method, entry, text", [
+    ("platt", {"a": 0.8, "b": -0.1}, "a=0.8, b=-0.1"),
+    ("isotonic", {"knots": 7}, "isotonic, 7 knots"),
+    ("none", {}, "–"),
+])
+def test_markdown_calibration_text_is_the_methods_own(method, entry, text):
+    report = minimal_report()
+    report["calibration"]["method"] = method
+    for c in report["classes"]:
+        if c.get("calibration"):
+            c["calibration"] = entry
+    assert f"| 0.750 | 0.60 | {text} | 8 |" in render_markdown(report)
 
 
 def test_markdown_guarantee_and_baseline_sections():

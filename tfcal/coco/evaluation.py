@@ -1,4 +1,5 @@
-"""COCO bbox evaluation: the 12 COCOeval stats and per-class TP/FP/FN at one match IoU.
+"""COCO bbox evaluation: the 12 COCOeval stats and per-class TP/FP/FN at one match IoU, and the
+`tfcal evaluate` command on a COCO results file.
 
 `coco_stats` wraps pycocotools' ``COCOeval`` (prints silenced) and returns its 12
 ``summarize()`` numbers keyed by `STAT_KEYS`. `evaluate_detections_file` checks a COCO results
@@ -9,13 +10,14 @@ greedy matching as COCOeval, at `match_iou`); it backs ``tfcal evaluate``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from tfcal import TfcalError
+from tfcal import TfcalError, atomic
 from tfcal.coco.dataset import CocoDataset, load_coco, quiet, read_json
 from tfcal.coco.matching import Detections, as_detections, match_detections
 
@@ -159,3 +161,28 @@ def evaluate_detections_file(annotations_path: str | Path, detections_path: str 
     return {"coco_stats": coco_stats(dataset, dets),
             "per_class": per_class_counts(dataset, dets, match_iou=match_iou),
             "match_iou": float(match_iou)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateResult:
+    """What `tfcal evaluate` measured."""
+
+    report: dict
+    out: Path | None
+
+    def summary(self) -> str:
+        s = self.report["coco_stats"]
+        head = "  ".join(f"{k} {s[k]:.3f}" for k in ("AP", "AP50", "AP75", "AR_100"))
+        where = f"\nreport: {self.out}" if self.out else ""
+        return f"{head}{where}"
+
+
+def run_evaluate(annotations: Path, detections: Path, *, match_iou: float = 0.5,
+                 out: Path | None = None) -> EvaluateResult:
+    """`tfcal evaluate`: COCO stats and per-class TP/FP/FN of a COCO results file."""
+    if not 0.0 < match_iou < 1.0:
+        raise TfcalError(f"--match-iou: must be in (0, 1), got {match_iou}")
+    report = evaluate_detections_file(annotations, detections, match_iou=match_iou)
+    if out is not None:
+        atomic.write_json(out, report)
+    return EvaluateResult(report=report, out=out)

@@ -22,6 +22,7 @@ from typing import Any
 from tfcal import TfcalError
 from tfcal.coco import cache as cache_lib
 from tfcal.coco.cache import RawOutputs
+from tfcal.detectors.odapi import load_saved_model, read_signature
 
 logger = logging.getLogger(__name__)
 
@@ -39,46 +40,26 @@ class SignatureKeys:
         return (self.signature, self.input, self.raw_boxes, self.raw_scores)
 
 
-def _load_saved_model(path: Path):
-    import tensorflow as tf
-
-    try:
-        return tf.saved_model.load(str(path))
-    except (OSError, ValueError, tf.errors.OpError) as e:
-        raise TfcalError(f"{path}: cannot load SavedModel: {str(e).splitlines()[0]}") from None
-
-
 def check_signature(model: Any, path: Path, keys: SignatureKeys,
                     num_score_columns: int | None = None):
-    """Returns ``(signature_fn, batchable)`` after checking names, dtypes and ranks.
+    """Returns ``(signature_fn, batchable)`` after checking names (`read_signature`, shared
+    with the exporter) and what the runner can run: dtypes and ranks.
 
     Raises:
       TfcalError: naming the model path and key, for a missing signature, input or output, a
         wrong dtype or rank, or a score-column count different from `num_score_columns`.
     """
-    import tensorflow as tf
-
-    sigs = getattr(model, "signatures", {})
-    if keys.signature not in sigs:
-        raise TfcalError(f"{path}: signature {keys.signature!r} not found (has {sorted(sigs)})")
-    fn = sigs[keys.signature]
-    where = f"{path}: signature {keys.signature!r}"
-    _, inputs = fn.structured_input_signature
-    if keys.input not in inputs:
-        raise TfcalError(f"{where}: input {keys.input!r} not found (has {sorted(inputs)})")
-    spec = inputs[keys.input]
+    sig = read_signature(model, path, signature_key=keys.signature, raw_boxes_key=keys.raw_boxes,
+                         raw_scores_key=keys.raw_scores, input_key=keys.input)
+    fn, where, spec = sig.fn, sig.where, sig.input_spec
     shape = spec.shape
-    if spec.dtype != tf.uint8 or shape.rank != 4 or shape[3] not in (None, 3):
+    if spec.dtype.name != "uint8" or shape.rank != 4 or shape[3] not in (None, 3):
         raise TfcalError(f"{where}: input {keys.input!r} must be uint8 [1|None, None, None, 3], "
                          f"got {spec.dtype.name} {shape}")
     if shape[0] not in (None, 1):
         raise TfcalError(f"{where}: input {keys.input!r} batch dimension must be 1 or None, got "
                          f"{shape[0]}")
-    outputs = fn.structured_outputs
-    for key in (keys.raw_boxes, keys.raw_scores):
-        if key not in outputs:
-            raise TfcalError(f"{where}: output {key!r} not found (has {sorted(outputs)})")
-    b, s = outputs[keys.raw_boxes].shape, outputs[keys.raw_scores].shape
+    b, s = sig.raw_boxes_shape, sig.raw_scores_shape
     if b.rank != 3 or b[2] not in (None, 4):
         raise TfcalError(f"{where}: output {keys.raw_boxes!r} must be [B, N, 4], got {b}")
     if s.rank != 3:
@@ -143,7 +124,7 @@ def run_detector(
         if cached is not None:
             return cached
 
-    model = _load_saved_model(path)
+    model = load_saved_model(path)
     fn, batchable = check_signature(model, path, keys, num_score_columns)
     sizes = set(zip(dataset.image_heights.tolist(), dataset.image_widths.tolist()))
     batch = batch_size if batchable and len(sizes) == 1 else 1

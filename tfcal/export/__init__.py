@@ -10,8 +10,10 @@ from tfcal.export.odapi import detect_input_type
 from tfcal.export.odapi import export_detector
 from tfcal.export.odapi import load_detector
 from tfcal.export.serving import BatchingParameters
+from tfcal.export.serving import ExportOptions
 from tfcal.export.serving import ServingExport
 from tfcal.export.serving import export_for_serving
+from tfcal.export.serving import export_handoff
 from tfcal.export.serving import next_version
 from tfcal.export.serving import read_warmup_requests
 from tfcal.export.serving import write_models_config
@@ -25,6 +27,7 @@ __all__ = [
     "BatchingParameters",
     "Detector",
     "DetectorInfo",
+    "ExportOptions",
     "ExportResult",
     "ExportVerificationError",
     "ServingExport",
@@ -33,6 +36,7 @@ __all__ = [
     "detect_input_type",
     "export_detector",
     "export_for_serving",
+    "export_handoff",
     "load_detector",
     "next_version",
     "read_warmup_requests",

@@ -1,4 +1,4 @@
-"""Loads TF OD API detector SavedModels and wraps their raw outputs with the tuned PostProcessor.
+"""Wraps an OD API detector's raw outputs with the tuned PostProcessor and saves the SavedModel.
 
 A detector exported by the OD API (`exporter_main_v2.py`) has a `serving_default` signature with
 one input (`input_tensor`) and, among others, `raw_detection_boxes` (float32 `[batch, N, 4]`,
@@ -8,7 +8,8 @@ outputs, with a combined NMS) is cut away: the signature is restricted to the ra
 variables are folded into constants and grappler inlines the nested function calls, so pruning
 removes the detector's NMS from the graph that is saved. `count_nms_ops` proves it on the result.
 
-Input types (detected from the signature input's dtype and rank, see `detect_input_type`):
+The detector is loaded by `tfcal.detectors.odapi`, the loader the runner uses too. Input types
+(detected from the signature input's dtype and rank, see `detect_input_type`):
 
 | input type | signature input |
 | --- | --- |
@@ -42,25 +43,18 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import tensorflow as tf
 
 import tfcal
 from tfcal import TfcalError
 from tfcal import atomic
+from tfcal.detectors.odapi import (INPUT_TYPES, InputType, detect_input_type, load_saved_model,
+                                   read_signature)
 
 logger = logging.getLogger(__name__)
 
-InputType = Literal[
-    "image_tensor", "float_image_tensor", "encoded_image_string_tensor", "tf_example"
-]
-INPUT_TYPES: tuple[str, ...] = (
-    "image_tensor",
-    "float_image_tensor",
-    "encoded_image_string_tensor",
-    "tf_example",
-)
 DETECTION_KEYS: tuple[str, ...] = (
     "detection_boxes",
     "detection_scores",
@@ -80,7 +74,6 @@ NMS_OPS = frozenset(
         "NonMaxSuppressionWithOverlaps",
     }
 )
-_PARSE_EXAMPLE_OPS = frozenset({"ParseExample", "ParseExampleV2", "ParseSingleExample"})
 _CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
 
 
@@ -170,35 +163,6 @@ def _graph_ops(graph_def: tf.compat.v1.GraphDef) -> collections.Counter:
     return ops
 
 
-def detect_input_type(spec: tf.TensorSpec, ops: Mapping[str, int] | None = None) -> str:
-    """Returns the OD API input type of a signature input.
-
-    Args:
-      spec: the signature's input spec.
-      ops: op-type counts of the detector graph (functions included); a string input whose graph
-        parses `tf.train.Example`s is `tf_example`, otherwise `encoded_image_string_tensor`.
-
-    Returns:
-      One of `INPUT_TYPES`.
-
-    Raises:
-      TfcalError: the spec matches none of the OD API input types.
-    """
-    rank = spec.shape.rank
-    if spec.dtype == tf.uint8 and rank == 4:
-        return "image_tensor"
-    if spec.dtype == tf.float32 and rank == 4:
-        return "float_image_tensor"
-    if spec.dtype == tf.string and rank == 1:
-        if ops and any(ops.get(op, 0) for op in _PARSE_EXAMPLE_OPS):
-            return "tf_example"
-        return "encoded_image_string_tensor"
-    raise TfcalError(
-        f"signature input {spec.name!r}: not an OD API input type (uint8/float32 rank 4, "
-        f"string rank 1), got {spec.dtype.name} {spec.shape}"
-    )
-
-
 def load_detector(
     path: str | os.PathLike,
     *,
@@ -228,26 +192,10 @@ def load_detector(
       TfcalError: missing directory, signature or output key, or an unsupported input.
     """
     path = Path(path)
-    if not (path / "saved_model.pb").is_file():
-        raise TfcalError(f"{path}: no saved_model.pb (expected an OD API SavedModel directory)")
-    loaded = tf.saved_model.load(str(path))
-    if signature_key not in loaded.signatures:
-        raise TfcalError(
-            f"{path}: signature {signature_key!r} not found, has {sorted(loaded.signatures)}"
-        )
-    sig = loaded.signatures[signature_key]
-    inputs = sig.structured_input_signature[1]
-    if len(inputs) != 1:
-        raise TfcalError(
-            f"{path}: signature {signature_key!r} must have one input, got {sorted(inputs)}"
-        )
-    ((input_name, input_spec),) = inputs.items()
-    outputs = sig.structured_outputs
-    for key in (raw_boxes_key, raw_scores_key):
-        if key not in outputs:
-            raise TfcalError(
-                f"{path}: signature {signature_key!r} has no output {key!r}, has {sorted(outputs)}"
-            )
+    loaded = load_saved_model(path)
+    found = read_signature(loaded, path, signature_key=signature_key, raw_boxes_key=raw_boxes_key,
+                           raw_scores_key=raw_scores_key)
+    sig, input_name, input_spec = found.fn, found.input_name, found.input_spec
     sig_ops = _graph_ops(sig.graph.as_graph_def())
     detected = detect_input_type(input_spec, sig_ops)
     if input_type is None:

@@ -40,6 +40,8 @@ import numpy as np
 from tfcal import TfcalError
 from tfcal import atomic, locks
 from tfcal.export import odapi
+from tfcal.handoff import DetectorDescription, check_detector
+from tfcal.postprocess import PostProcessConfig
 
 logger = logging.getLogger(__name__)
 
@@ -341,6 +343,49 @@ def _original_raw_outputs(
     return {k: out[k].numpy() for k in (info.raw_boxes_key, info.raw_scores_key)}
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """Where and how a TF Serving version is written (validated here, once).
+
+    Attributes:
+      export_root: the directory TF Serving mounts (holds `models.config`).
+      model_name: the served model name, also the directory `export_root/<model_name>`.
+      version: the version number (>= 1); default the next free one.
+      overwrite: allow replacing an existing `version`; otherwise an existing one raises.
+      container_base_path: absolute path where `export_root` is mounted in the container.
+      batching: the batching parameters file content; default `BatchingParameters()` (with
+        `max_batch_size=1` when the detector's batch is fixed to 1).
+      verify: run `verify.verify_export` on the new version before it is published.
+      input_type: the detector's input type, one of `odapi.INPUT_TYPES`; default: detected.
+      include_raw_outputs: also return the raw boxes and scores from `serving_default`.
+      encoded_image_signature: add the `encoded_image` signature (JPEG/PNG strings in).
+      prune: see `odapi.load_detector`.
+    """
+
+    export_root: Path
+    model_name: str
+    version: int | None = None
+    overwrite: bool = False
+    container_base_path: str = "/models"
+    batching: BatchingParameters | None = None
+    verify: bool = True
+    input_type: odapi.InputType | None = None
+    include_raw_outputs: bool = False
+    encoded_image_signature: bool = True
+    prune: bool = True
+
+    def __post_init__(self):
+        _check_model_name(self.model_name)
+        object.__setattr__(self, "export_root", Path(self.export_root))
+        if not self.container_base_path.startswith("/"):
+            raise TfcalError(
+                f"container_base_path: must be an absolute path, got {self.container_base_path!r}"
+            )
+        v = self.version
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise TfcalError(f"version: must be an integer >= 1, got {v!r}")
+
+
 def export_for_serving(
     detector_dir: str | os.PathLike | None,
     postprocess_config,
@@ -364,21 +409,16 @@ def export_for_serving(
 ) -> ServingExport:
     """Exports a detector (plus tuned post-processing) as a new TF Serving model version.
 
+    The keyword form of `export_handoff`, for callers without the two handoff records.
+
     Args:
       detector_dir: the OD API detector SavedModel; None exports a `postprocess_only` model.
       postprocess_config: a `PostProcessConfig`, a `postprocess.json` path or its dict.
-      export_root: the directory TF Serving mounts (holds `models.config`).
-      model_name: the served model name, also the directory `export_root/<model_name>`.
-      version: the version number (>= 1); default the next free one.
-      overwrite: allow replacing an existing `version`; otherwise an existing one raises.
+      export_root, model_name, version, overwrite, container_base_path, batching, verify,
+      input_type, include_raw_outputs, encoded_image_signature, prune: see `ExportOptions`.
       warmup_images: paths, encoded bytes or uint8 `[H, W, 3]` arrays for the warmup requests and
         the verification; default one small generated image. Use real images from your data.
-      container_base_path: absolute path where `export_root` is mounted in the container.
-      batching: the batching parameters file content; default `BatchingParameters()` (with
-        `max_batch_size=1` when the detector's batch is fixed to 1).
-      verify: run `verify.verify_export` on the new version before it is published.
-      signature_key, input_type, raw_boxes_key, raw_scores_key, include_raw_outputs,
-      encoded_image_signature, prune: see `odapi.export_detector`.
+      signature_key, raw_boxes_key, raw_scores_key: see `odapi.load_detector`.
       config_source: the file `postprocess_config` came from, named in errors (default: the
         path when one is given).
 
@@ -390,37 +430,82 @@ def export_for_serving(
         exists and `overwrite` is False; verify.ExportVerificationError: verification failed
         (nothing is published).
     """
+    options = ExportOptions(
+        export_root=Path(export_root), model_name=model_name, version=version,
+        overwrite=overwrite, container_base_path=container_base_path, batching=batching,
+        verify=verify, input_type=input_type, include_raw_outputs=include_raw_outputs,
+        encoded_image_signature=encoded_image_signature, prune=prune)
+    detector = None if detector_dir is None else DetectorDescription(
+        saved_model=str(detector_dir), signature=signature_key, raw_boxes=raw_boxes_key,
+        raw_scores=raw_scores_key)
+    if config_source is None and isinstance(postprocess_config, (str, os.PathLike)):
+        config_source = postprocess_config
+    config = odapi.load_postprocess_config(postprocess_config)
+    return _export(config, detector, options, warmup_images=warmup_images,
+                   config_source=config_source or "postprocess config")
+
+
+def export_handoff(
+    postprocess_config: PostProcessConfig,
+    detector: DetectorDescription | None,
+    options: ExportOptions,
+    *,
+    config_source: str | os.PathLike = "postprocess config",
+) -> ServingExport:
+    """Exports the two handoff records of a tuning run as a new TF Serving model version.
+
+    Args:
+      postprocess_config: the tuned `PostProcessConfig`.
+      detector: the `DetectorDescription` it was tuned for (its SavedModel, signature, raw
+        output keys and warmup image); None exports a `postprocess_only` model.
+      options: the `ExportOptions`.
+      config_source: the file `postprocess_config` came from, named in errors.
+
+    Returns, Raises: as `export_for_serving`; also TfcalError, before anything is written,
+      when the SavedModel is not the one tuned (`handoff.check_detector`) or the description's
+      category ids are not the post-processing's class ids.
+    """
+    if detector is not None:
+        check_detector(postprocess_config, detector, config_source)
+    if detector is not None and detector.category_ids and postprocess_config.class_ids and \
+            tuple(detector.category_ids) != tuple(postprocess_config.class_ids):
+        raise TfcalError(f"{config_source}: class_ids: {list(postprocess_config.class_ids)} are "
+                         f"not the detector description's category_ids "
+                         f"{list(detector.category_ids)}")
+    warmup = () if detector is None or detector.warmup_image is None else (detector.warmup_image,)
+    return _export(postprocess_config, detector, options, warmup_images=warmup,
+                   config_source=config_source)
+
+
+def _export(config: PostProcessConfig, description: DetectorDescription | None,
+            options: ExportOptions, *, warmup_images: Sequence[Any], config_source
+            ) -> ServingExport:
+    """Builds, verifies and publishes one version (see the module docstring)."""
     from tfcal.export import verify as verify_mod
 
-    _check_model_name(model_name)
-    config = odapi.load_postprocess_config(postprocess_config)
-    if not container_base_path.startswith("/"):
-        raise TfcalError(
-            f"container_base_path: must be an absolute path, got {container_base_path!r}"
-        )
-    export_root = Path(export_root)
+    export_root = options.export_root
+    model_name = options.model_name
+    container_base_path = options.container_base_path
+    batching = options.batching
+    overwrite = options.overwrite
     model_dir = export_root / model_name
-    requested = version
+    requested = version = options.version
     if version is None:
         version = next_version(model_dir)  # tentative: fixed when published
-    elif isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise TfcalError(f"version: must be an integer >= 1, got {version!r}")
     elif (model_dir / str(version)).exists() and not overwrite:
         raise _version_exists(model_dir, version)
 
     detector = None
-    if detector_dir is not None:
+    if description is not None:
         detector = odapi.load_detector(
-            detector_dir,
-            signature_key=signature_key,
-            input_type=input_type,
-            raw_boxes_key=raw_boxes_key,
-            raw_scores_key=raw_scores_key,
-            prune=prune,
+            description.saved_model,
+            signature_key=description.signature,
+            input_type=options.input_type,
+            raw_boxes_key=description.raw_boxes,
+            raw_scores_key=description.raw_scores,
+            prune=options.prune,
         )
-        _check_columns(config, detector.info, config_source or (
-            postprocess_config if isinstance(postprocess_config, (str, os.PathLike))
-            else "postprocess config"))
+        _check_columns(config, detector.info, config_source)
     if detector is not None:
         images = list(warmup_images) or [default_warmup_image()]
         feeds = [serving_input(detector.info, image) for image in images]
@@ -441,12 +526,12 @@ def export_for_serving(
             tmp,
             config,
             detector,
-            include_raw_outputs=include_raw_outputs,
-            encoded_image_signature=encoded_image_signature,
+            include_raw_outputs=options.include_raw_outputs,
+            encoded_image_signature=options.encoded_image_signature,
         )
         write_warmup_requests(tmp / "assets.extra" / WARMUP_FILE, feeds, model_name=model_name)
         report = None
-        if verify:
+        if options.verify:
             reference_raw = _original_raw_outputs(detector, feeds[0]) if detector else None
             report = verify_mod.verify_export(
                 tmp,

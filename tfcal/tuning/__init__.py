@@ -1,4 +1,5 @@
-"""Tuning: the holdout split, candidate collection, the per-class joint search, and the report."""
+"""Tuning: the job split by owner (prepare, detections, objectives, calibrate, search, evaluate,
+report; `pipeline` orders them); re-exports the split, candidate collection and the search."""
 
 from tfcal.tuning.candidates import Candidates, collect_candidates
 from tfcal.tuning.search import (

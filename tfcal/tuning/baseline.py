@@ -1,5 +1,6 @@
-"""The comparison users make: one global `min_score_thresh` on raw scores, chosen on the same tune
-images for the same target, and measured on the same held-out images as the tuned result.
+"""The report's baseline, the comparison users make: one global `min_score_thresh` on raw
+scores, chosen on the same tune images for the same target, and measured on the same held-out
+images as the tuned result.
 
 The baseline is what a team does without tfcal: no calibration, the default NMS IoU, one score
 threshold for every class, picked on the pooled tune detections for the configured target (and
@@ -14,7 +15,9 @@ import dataclasses
 
 import numpy as np
 
-from tfcal.tuning import pipeline as pl
+from tfcal.tuning.detections import matched_candidates, postprocess_config
+from tfcal.tuning.objectives import objectives
+from tfcal.tuning.search import default_iou, pooled_search
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,19 +35,17 @@ class Baseline:
 
 def choose(cfg, prep, tune_idx: np.ndarray) -> Baseline:
     """Chooses the global raw-score threshold on the images `tune_idx` (default NMS IoU)."""
-    from tfcal.tuning.search import default_iou, pooled_search
-
     t = cfg.tuning
     iou = t.default_nms_iou or default_iou(t.nms_iou_grid)
-    matched = pl.matched_candidates(cfg, prep, None, tune_idx, nms_iou_grid=(iou,))
-    objective, _ = pl._objectives(cfg, prep)
+    matched = matched_candidates(cfg, prep, None, tune_idx, nms_iou_grid=(iou,))
+    objective, _ = objectives(cfg, prep)
     found = pooled_search(matched, objective, default_nms_iou=iou)
     choice = found.pooled
     used = prep.mapping.column_category_ids >= 0
     enabled = tuple(bool(e) for e in (used & bool(choice.enabled)))
-    ppc = pl._base_postprocess_config(cfg, prep, nms_iou=(iou,),
-                                      min_score_thresh=(float(choice.min_score_thresh),),
-                                      class_enabled=enabled)
+    ppc = postprocess_config(cfg, prep, nms_iou=(iou,),
+                             min_score_thresh=(float(choice.min_score_thresh),),
+                             class_enabled=enabled)
     return Baseline(choice, ppc)
 
 

@@ -37,10 +37,16 @@ import datetime as _dt
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import binomtest, fisher_exact
 
 from tfcal import TfcalError, atomic, rundir
 from tfcal.config import Config
-from tfcal.tuning import pipeline as pl
+from tfcal.metrics import expected_calibration_error
+from tfcal.postprocess import PostProcessConfig
+from tfcal.tuning.detections import ODAPI_DEFAULT_SCORE_THRESH, match, postprocess_images
+from tfcal.tuning.evaluate import ECE_MIN_SCORE
+from tfcal.tuning.prepare import check_model_fingerprint, prepare
+from tfcal.tuning.report import jsonable, load_report
 
 DRIFT_FOLDER = "drift"
 
@@ -68,15 +74,11 @@ def _f(v) -> str:
 
 def binomial_p_below(tp: int, n: int, target: float) -> float:
     """One-sided exact p-value of H0 "precision >= target" given `tp` of `n`: P(X <= tp)."""
-    from scipy.stats import binomtest
-
     return float(binomtest(int(tp), int(n), float(target), alternative="less").pvalue)
 
 
 def fisher_p_below(tp_new: int, fp_new: int, tp_ref: int, fp_ref: int) -> float:
     """One-sided Fisher exact p-value of H0 "new precision >= reference precision"."""
-    from scipy.stats import fisher_exact
-
     table = [[int(tp_new), int(fp_new)], [int(tp_ref), int(fp_ref)]]
     return float(fisher_exact(table, alternative="less").pvalue)
 
@@ -205,10 +207,6 @@ def run_drift(cfg: Config, annotations: Path, images: Path | None = None, *,
       out: a new file to write, or a folder for ``drift-<UTC time>.json`` (default
         `<output.dir>/drift/`).
     """
-    from tfcal.metrics import expected_calibration_error
-    from tfcal.postprocess import PostProcessConfig
-    from tfcal.tuning.report import load_report
-
     run_dir = cfg.output.dir
     run = rundir.current_run(run_dir)  # postprocess.json and report.json of one run
     ppc_path = run / "postprocess.json"
@@ -228,30 +226,29 @@ def run_drift(cfg: Config, annotations: Path, images: Path | None = None, *,
     elif cfg.model.saved_model is not None and images is None:
         raise TfcalError(f"{annotations}: --images: the new images are needed to run "
                          f"{cfg.model.saved_model} (or give --raw-outputs)")
-    pl.check_model_fingerprint(cfg, ppc, ppc_path)  # before running the model
-    prep = pl.prepare(cfg, annotations=annotations, images=images,
-                      cache_dir=cfg.model.cache_dir or run_dir / "cache")
-    pl.check_model_fingerprint(cfg, ppc, ppc_path, model_fp=prep.raw.model_fingerprint,
-                               what=f"--raw-outputs {raw_outputs}" if raw_outputs is not None
-                               else f"model {cfg.model.saved_model or cfg.model.raw_outputs}")
+    check_model_fingerprint(cfg, ppc, ppc_path)  # before running the model
+    prep = prepare(cfg, annotations=annotations, images=images,
+                   cache_dir=cfg.model.cache_dir or run_dir / "cache")
+    check_model_fingerprint(cfg, ppc, ppc_path, model_fp=prep.raw.model_fingerprint,
+                            what=f"--raw-outputs {raw_outputs}" if raw_outputs is not None
+                            else f"model {cfg.model.saved_model or cfg.model.raw_outputs}")
     if prep.num_classes != ppc.num_classes:
         raise TfcalError(f"{ppc_path}: num_classes: {ppc.num_classes} does not match the "
                          f"detector's {prep.num_classes} class columns")
     every = np.arange(prep.dataset.num_images)
 
     default_iou = report["target"].get("default_nms_iou") or ppc.nms_iou[0]
-    all_dets = dataclasses.replace(ppc, min_score_thresh=(pl.ODAPI_DEFAULT_SCORE_THRESH,),
+    all_dets = dataclasses.replace(ppc, min_score_thresh=(ODAPI_DEFAULT_SCORE_THRESH,),
                                    nms_iou=(float(default_iou),), class_enabled=())
-    dets = pl.postprocess_images(all_dets, prep.raw, every)
-    m, _, _ = pl.match(prep, dets, every, cfg)
-    from tfcal.tuning.evaluate import ECE_MIN_SCORE
+    dets = postprocess_images(all_dets, prep.raw, every)
+    m, _, _ = match(prep, dets, every, cfg)
 
     keep = ~m.ignored & (m.score >= ECE_MIN_SCORE)  # the report's ECE definition
     ece_new = (float(expected_calibration_error(m.score[keep], m.tp[keep].astype(np.int64)))
                if keep.any() else None)
 
-    final = pl.postprocess_images(ppc, prep.raw, every)
-    fm, fcols, num_gt = pl.match(prep, final, every, cfg)
+    final = postprocess_images(ppc, prep.raw, every)
+    fm, fcols, num_gt = match(prep, final, every, cfg)
     d = cfg.drift
     ece_report = report["summary"].get("ece_after")
     failures = []
@@ -286,7 +283,7 @@ def run_drift(cfg: Config, annotations: Path, images: Path | None = None, *,
         "raw_outputs": prep.model_fingerprint,
         "classes": classes,
     }
-    path = _write_new(pl.jsonable(result), out, run_dir)
+    path = _write_new(jsonable(result), out, run_dir)
     return DriftResult(ok=not failures, report=result, out=path)
 
 

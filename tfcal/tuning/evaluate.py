@@ -1,4 +1,5 @@
-"""The honest numbers: the final serving post-processing measured on the holdout images.
+"""The held-out evidence and report.json's content: the final serving post-processing measured
+on the holdout images (the honest numbers).
 
 Nothing here chooses anything. It runs the exact `PostProcessor` that will be exported on the
 cached raw outputs of images that took no part in calibration or search, evaluates it with
@@ -12,8 +13,23 @@ import math
 
 import numpy as np
 
-from tfcal.tuning import pipeline as pl
-from tfcal.tuning.report import STAT_KEYS
+import tfcal
+from tfcal.coco.evaluation import coco_stats
+from tfcal.metrics import brier_score, expected_calibration_error
+from tfcal.thresholds import clopper_pearson
+from tfcal.tuning.baseline import recall_at_precision
+from tfcal.tuning.detections import (FlatDetections, default_postprocess_config, match,
+                                     postprocess_images, to_coco_detections,
+                                     ODAPI_DEFAULT_SCORE_THRESH)
+from tfcal.tuning.objectives import objectives
+from tfcal.tuning.report import STAT_KEYS, jsonable
+
+#: Two-sided level of the holdout precision intervals in the report.
+HOLDOUT_CONFIDENCE = 0.95
+#: Classes plotted as precision/recall against threshold (the most frequent ones).
+PLOTTED_CLASSES = 6
+#: Points kept per curve in report.json.
+CURVE_POINTS = 120
 
 #: ECE and reliability diagrams count detections whose score (before: raw, after: calibrated)
 #: is at least this: the near-zero tail of thousands of background boxes would otherwise make
@@ -38,10 +54,8 @@ class Counts:
 
 def _precision_block(tp: int, fp: int, fn: int) -> dict:
     """Counts, precision with its two-sided Clopper–Pearson interval, and recall."""
-    from tfcal.thresholds import clopper_pearson
-
     n = tp + fp
-    lower, upper = clopper_pearson(np.array([tp]), np.array([n]), pl.HOLDOUT_CONFIDENCE)
+    lower, upper = clopper_pearson(np.array([tp]), np.array([n]), HOLDOUT_CONFIDENCE)
     return {
         "tp": int(tp), "fp": int(fp), "fn": int(fn),
         "precision": tp / n if n else None,
@@ -84,7 +98,7 @@ def _clearly_below(column_objective, block) -> bool:
                 and block["precision_upper"] < column_objective.target_precision)
 
 
-def _downsample(*arrays, n=pl.CURVE_POINTS):
+def _downsample(*arrays, n=CURVE_POINTS):
     size = len(arrays[0])
     if size <= n:
         return [a.tolist() for a in arrays]
@@ -107,17 +121,15 @@ class HoldoutEvidence:
         k-fold run).
     """
 
-    before: "pl.FlatDetections"
+    before: FlatDetections
     before_calibrated: np.ndarray
-    final: "pl.FlatDetections"
-    baseline: "pl.FlatDetections"
+    final: FlatDetections
+    baseline: FlatDetections
     baseline_choices: tuple
 
     @classmethod
     def concat(cls, parts: list["HoldoutEvidence"]) -> "HoldoutEvidence":
-        def cat(dets):
-            return pl.FlatDetections(*(np.concatenate([getattr(d, f) for d in dets])
-                                       for f in ("image_index", "column", "score", "boxes")))
+        cat = FlatDetections.concat
         return cls(cat([p.before for p in parts]),
                    np.concatenate([p.before_calibrated for p in parts]),
                    cat([p.final for p in parts]), cat([p.baseline for p in parts]),
@@ -126,12 +138,11 @@ class HoldoutEvidence:
 
 def collect_evidence(cfg, prep, ppc, calib, default_iou: float, idx, baseline) -> HoldoutEvidence:
     """Runs the default, the tuned and the baseline post-processing over the images `idx`."""
-    before_ppc = pl._base_postprocess_config(
-        cfg, prep, nms_iou=(default_iou,), min_score_thresh=(pl.ODAPI_DEFAULT_SCORE_THRESH,))
-    before = pl.postprocess_images(before_ppc, prep.raw, idx)
+    before_ppc = default_postprocess_config(cfg, prep, default_iou)
+    before = postprocess_images(before_ppc, prep.raw, idx)
     return HoldoutEvidence(before, _calibrated(calib, cfg, before.score, before.column),
-                           pl.postprocess_images(ppc, prep.raw, idx),
-                           pl.postprocess_images(baseline.ppc, prep.raw, idx),
+                           postprocess_images(ppc, prep.raw, idx),
+                           postprocess_images(baseline.ppc, prep.raw, idx),
                            (baseline.choice,))
 
 
@@ -146,16 +157,13 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
       eval_idx: the evaluated images (holdout, or every image under k-fold).
       evidence: their detections, each from parameters tuned without that image.
     """
-    from tfcal.coco.evaluation import coco_stats
-    from tfcal.metrics import brier_score, expected_calibration_error
-
     k = prep.num_classes
     eval_ids = prep.dataset.image_ids[eval_idx]
-    objective, overrides = pl._objectives(cfg, prep)
+    objective, overrides = objectives(cfg, prep)
 
     before = evidence.before
-    before_coco, mapped = pl.to_coco_detections(before, prep)
-    b_match, b_cols, num_gt = pl.match(prep, before, eval_idx, cfg)
+    before_coco, mapped = to_coco_detections(before, prep)
+    b_match, b_cols, num_gt = match(prep, before, eval_idx, cfg)
     keep = ~b_match.ignored
     labels = b_match.tp[keep].astype(np.int64)
     p_before = b_match.score[keep].astype(np.float64)
@@ -164,8 +172,8 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
     seen_before, seen_after = p_before >= ECE_MIN_SCORE, p_after >= ECE_MIN_SCORE
 
     # After: the exact serving post-processing.
-    final_coco, _ = pl.to_coco_detections(evidence.final, prep)
-    f_match, f_cols, _ = pl.match(prep, evidence.final, eval_idx, cfg)
+    final_coco, _ = to_coco_detections(evidence.final, prep)
+    f_match, f_cols, _ = match(prep, evidence.final, eval_idx, cfg)
     counts = Counts.from_match(f_match, f_cols, num_gt, k)
 
     classes = []
@@ -216,7 +224,7 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
         "calibration_samples": int(labels.size),
         "holdout": total,
         "before_post_processing": {"nms_iou": found.default_nms_iou,
-                                   "score_threshold": pl.ODAPI_DEFAULT_SCORE_THRESH,
+                                   "score_threshold": ODAPI_DEFAULT_SCORE_THRESH,
                                    "calibration": "none"},
     }
     summary["baseline"] = _baseline_block(cfg, prep, evidence, eval_idx, classes, total,
@@ -227,7 +235,7 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
     notes = _notes(cfg, prep, classes, calib)
     t = cfg.tuning
     report = {
-        "tfcal_version": pl.tfcal.__version__,
+        "tfcal_version": tfcal.__version__,
         "target": {"objective": t.objective, "target_precision": t.target_precision,
                    "target_recall": t.target_recall, "beta": t.beta, "c_fp": t.c_fp,
                    "c_fn": t.c_fn, "confidence": t.confidence,
@@ -241,7 +249,7 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
                         "min_samples": cfg.calibration.min_samples,
                         "fallback_classes": _fallback_ids(calib, prep),
                         "pooled": dict(calib.pooled) if calib is not None else None},
-        "holdout_confidence": pl.HOLDOUT_CONFIDENCE,
+        "holdout_confidence": HOLDOUT_CONFIDENCE,
         "classes": classes,
         "summary": summary,
         "subgroups": subgroups,
@@ -250,16 +258,14 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
         "curves": _curves(prep, found, classes, p_before, p_after, labels, seen_before,
                           seen_after),
     }
-    return pl.jsonable(report)
+    return jsonable(report)
 
 
 def _baseline_block(cfg, prep, evidence, eval_idx, classes, total, b_match, num_gt,
                     mapped_cols, objective) -> dict:
     """The global raw-score threshold beside tfcal's numbers, on the same held-out images."""
-    from tfcal.tuning.baseline import recall_at_precision
-
     k = prep.num_classes
-    m, m_cols, _ = pl.match(prep, evidence.baseline, eval_idx, cfg)
+    m, m_cols, _ = match(prep, evidence.baseline, eval_idx, cfg)
     counts = Counts.from_match(m, m_cols, num_gt, k)
     pooled = _precision_block(int(counts.tp[mapped_cols].sum()), int(counts.fp[mapped_cols].sum()),
                               int(counts.fn[mapped_cols].sum()))
@@ -347,8 +353,6 @@ def _fallback_ids(calib, prep) -> list[int]:
 
 def _subgroups(cfg, prep, holdout_idx, f_match, b_match, keep, p_after, labels,
                seen_after) -> list[dict]:
-    from tfcal.metrics import expected_calibration_error
-
     out = []
     images = prep.dataset.dataset["images"]
     gt_mask = ~prep.dataset.ann_iscrowd
@@ -417,7 +421,7 @@ def _count(n: int, one: str, many: str) -> str:
 
 def _curves(prep, found, classes, p_before, p_after, labels, seen_before, seen_after) -> dict:
     by_support = sorted((c for c in classes if c["enabled"] and c["tune"]["num_gt"] > 0),
-                        key=lambda c: -c["tune"]["num_gt"])[:pl.PLOTTED_CLASSES]
+                        key=lambda c: -c["tune"]["num_gt"])[:PLOTTED_CLASSES]
     grid = list(found.nms_iou_grid)
     out_classes = []
     for c in by_support:

@@ -38,7 +38,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tfcal import TfcalError, atomic
+import numpy as np
+
+from tfcal import TfcalError, atomic, locks, rundir
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,7 @@ def render_markdown(report: dict) -> str:
         "| ---: | --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | "
         "--- | ---: |",
     ]
+    method = report["calibration"]["method"]
     for c in report["classes"]:
         h = c["holdout"]
         meets = {True: "yes", False: "**no**", None: "–"}[h.get("meets_target")]
@@ -165,7 +168,8 @@ def render_markdown(report: dict) -> str:
         lines.append(
             f"| {c['category_id']} | {c['name']} | {c['status']} | {gu.get('kind', '–')} | "
             f"{_fmt(c['threshold']) if c.get('enabled', True) else 'never emitted'} | "
-            f"{_fmt(c['nms_iou'], 2)} | {_calibration_text(c.get('calibration'))} | {h['tp']} | "
+            f"{_fmt(c['nms_iou'], 2)} | {_calibration_text(c.get('calibration'), method)} | "
+            f"{h['tp']} | "
             f"{h['fp']} | {h['fn']} | {_fmt(h['precision'])} | {_interval(h)} | "
             f"{_fmt(h['recall'])} | {meets} | "
             f"{_need_text(need, (c.get('tune') or {}).get('num_gt'))} |")
@@ -215,16 +219,14 @@ def _split_text(split: dict) -> str:
             f"{split['holdout_images']} holdout (every number below).")
 
 
-def _calibration_text(cal: dict | None) -> str:
+def _calibration_text(cal: dict | None, method: str) -> str:
+    """The calibration method's own short text for a class's report entry."""
     if not cal:
         return "–"
-    if "temperature" in cal:
-        return f"T={cal['temperature']:.3g}"
-    if "a" in cal:
-        return f"a={cal['a']:.3g}, b={cal['b']:.3g}"
-    if "knots" in cal:
-        return f"isotonic, {cal['knots']} knots"
-    return "none"
+    # The registry loads TensorFlow: only when there are fitted parameters to describe.
+    from tfcal import calibration
+
+    return calibration.get(method).describe(cal)
 
 
 def write_plots(report: dict, plots_dir: Path) -> dict[str, str]:
@@ -355,22 +357,42 @@ def render_report(path: str | Path) -> Path:
     the run's postprocess.json, and published only once complete: a report.json that cannot
     be rendered changes nothing.
     """
-    from tfcal import locks, rundir
-
     path = Path(path)
     report = load_report(path)
     source = (path / "report.json") if path.is_dir() else path
     output_dir = rundir.output_dir_of(source)
-    postprocess = source.resolve().parent / "postprocess.json"
+    records = [source.resolve().parent / name
+               for name in (rundir.POSTPROCESS_FILE, rundir.DETECTOR_FILE)]
     with locks.hold(output_dir, locks.command_line(), what="output folder"):
         try:
             with rundir.new_run(output_dir) as generation:
                 write_report(generation, report, plots=bool(report.get("curves")))
-                if postprocess.is_file():
-                    shutil.copy2(postprocess, generation / "postprocess.json")
+                for record in records:  # the handoff to serving stays with its report
+                    if record.is_file():
+                        shutil.copy2(record, generation / record.name)
         except TfcalError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
             # A hand-edited report.json that passed the checks above but not the renderer.
             raise TfcalError(f"{source}: cannot render: {type(err).__name__}: {err}") from None
     return output_dir / "report.md"
+
+
+def jsonable(obj: Any) -> Any:
+    """NumPy scalars/arrays and NaN -> plain JSON values (NaN becomes None)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return None if not math.isfinite(v) else v
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

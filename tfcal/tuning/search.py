@@ -268,7 +268,7 @@ class Curves:
         return self.threshold[s].astype(np.float64), precision, recall
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ClassChoice:
     """The chosen operating point of one class, measured on the tune split.
 
@@ -315,6 +315,24 @@ class ClassChoice:
     test_level: float = math.nan
     p_value: float = math.nan
     boxes_to_certify: int | None = None
+
+    @classmethod
+    def at_counts(cls, column: int, status: Status, *, min_score_thresh: float, nms_iou: float,
+                  tp: int, fp: int, num_gt: int, value: float, **fields) -> "ClassChoice":
+        """An emitted class at the point with `tp` and `fp` of `num_gt` (fn, precision and
+        recall follow from them; 0.0 when undefined)."""
+        return cls(column=column, status=status, enabled=True, min_score_thresh=min_score_thresh,
+                   nms_iou=nms_iou, tp=tp, fp=fp, fn=num_gt - tp, num_gt=num_gt,
+                   precision=tp / (tp + fp) if tp + fp else 0.0,
+                   recall=tp / num_gt if num_gt else 0.0, value=value, **fields)
+
+    @classmethod
+    def disabled(cls, column: int, status: Status, *, nms_iou: float, num_gt: int,
+                 **fields) -> "ClassChoice":
+        """A class never emitted: threshold 1.0, no detection, every ground truth missed."""
+        return cls(column=column, status=status, enabled=False, min_score_thresh=1.0,
+                   nms_iou=nms_iou, tp=0, fp=0, fn=num_gt, num_gt=num_gt, precision=0.0,
+                   recall=0.0, value=math.nan, **fields)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -788,9 +806,9 @@ def joint_search(
 
     def disabled(c, status, obj):
         n = int(num_gt[c])
-        return ClassChoice(c, status, False, 1.0, default_nms_iou, 0, 0, n, n, 0.0, 0.0, math.nan,
-                           objective=obj.name, guarantee="none", test_level=float(level[c]),
-                           boxes_to_certify=need(c))
+        return ClassChoice.disabled(c, status, nms_iou=default_nms_iou, num_gt=n,
+                                    objective=obj.name, guarantee="none",
+                                    test_level=float(level[c]), boxes_to_certify=need(c))
 
     def at_point(c, status, i, obj):
         t, f, n = int(tp[i]), int(fp[i]), int(num_gt[c])
@@ -798,11 +816,12 @@ def joint_search(
             lower[i] = _cp_lower(np.array([t]), np.array([t + f]), level[c])[0]
         certified = status == "ok" and c in cert_set
         guarantee = "certified" if certified else ("estimate" if status == "ok" else "none")
-        return ClassChoice(c, status, True, float(thv[i]), grid[gi[i]], t, f, n - t, n,
-                           t / (t + f) if t + f else 0.0, t / n if n else 0.0, float(value[i]),
-                           float(lower[i]), obj.name, guarantee, float(level[c]),
-                           float(pvalue[i]) if certified else math.nan,
-                           None if certified else need(c))
+        return ClassChoice.at_counts(
+            c, status, min_score_thresh=float(thv[i]), nms_iou=grid[gi[i]], tp=t, fp=f,
+            num_gt=n, value=float(value[i]), precision_lower=float(lower[i]),
+            objective=obj.name, guarantee=guarantee, test_level=float(level[c]),
+            p_value=float(pvalue[i]) if certified else math.nan,
+            boxes_to_certify=None if certified else need(c))
 
     cert_set = set(cert_cols)
     choices: list[ClassChoice] = []
@@ -817,10 +836,10 @@ def joint_search(
             t, f = sorted_[g_idx].counts_at(c, t_pool)
             n = int(num_gt[c])
             val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None)[3][0]
-            choices.append(ClassChoice(c, "insufficient_data", True, float(t_pool), grid[g_idx],
-                                       t, f, n - t, n, t / (t + f) if t + f else 0.0,
-                                       t / n if n else 0.0, float(val), objective=objective.name,
-                                       guarantee="none"))
+            choices.append(ClassChoice.at_counts(
+                c, "insufficient_data", min_score_thresh=float(t_pool), nms_iou=grid[g_idx],
+                tp=t, fp=f, num_gt=n, value=float(val), objective=objective.name,
+                guarantee="none"))
         elif best[c] >= 0:
             choices.append(at_point(c, "ok", best[c], obj))
         elif obj.on_unreachable == "error":
@@ -881,10 +900,11 @@ def pooled_search(matched: Mapping[float, MatchedDetections], objective: Objecti
         n = int(num_gt[c])
         t, f = srt.counts_at(c, choice.min_score_thresh) if choice.enabled else (0, 0)
         val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None)[3][0]
-        classes.append(ClassChoice(c, choice.status, choice.enabled, choice.min_score_thresh,
-                                   choice.nms_iou, t, f, n - t, n, t / (t + f) if t + f else 0.0,
-                                   t / n if n else 0.0, float(val), objective=objective.name,
-                                   guarantee="pooled"))
+        classes.append(dataclasses.replace(
+            ClassChoice.at_counts(c, choice.status, min_score_thresh=choice.min_score_thresh,
+                                  nms_iou=choice.nms_iou, tp=t, fp=f, num_gt=n, value=float(val),
+                                  objective=objective.name, guarantee="pooled"),
+            enabled=choice.enabled))
     thr = (None if thresholds is None
            else np.unique(np.asarray(thresholds, np.float32).reshape(-1))[::-1])
     curves = tuple(_curves(_sort_and_count(md.score[~md.ignored], md.column[~md.ignored],
@@ -901,8 +921,8 @@ def _pooled(mds, grid, objective, ranks, thr, default_nms_iou, learn=None):
     if n == 0 or not any((~md.ignored).any() for md in mds):
         log.warning("pooled fallback: no ground truth or no detection; insufficient_data "
                     "classes are disabled")
-        return ClassChoice(-1, "unreachable", False, 1.0, default_nms_iou, 0, 0, n, n, 0.0, 0.0,
-                           math.nan, objective=objective.name, guarantee="none"), None
+        return ClassChoice.disabled(-1, "unreachable", nms_iou=default_nms_iou, num_gt=n,
+                                    objective=objective.name, guarantee="none"), None
     pooled = joint_search(pool_classes(dict(zip(grid, mds))),
                           dataclasses.replace(objective, on_unreachable="best_effort"),
                           default_nms_iou=default_nms_iou, min_support=1,

@@ -1,0 +1,141 @@
+"""The sealed handoff from tuning to serving: the `DetectorDescription` record, and the two
+records `tfcal tune` writes into its run folder (postprocess.json and detector.json).
+
+The offline side gives the serving side exactly two records: the `PostProcessConfig` (every
+tuned number) and the `DetectorDescription` (which detector, which signature and tensors, how
+its raw outputs are read, its fingerprint, and an image to warm it up with). `tfcal export`
+reads these two and nothing of the tuning config's data section or of the data set; before
+anything is built it checks that the SavedModel on disk is the one that was tuned
+(`check_detector`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from tfcal import TfcalError, atomic, validation
+from tfcal.rundir import DETECTOR_FILE, POSTPROCESS_FILE
+from tfcal.coco.cache import model_fingerprint
+from tfcal.ops import SCORE_CONVERTERS
+
+__all__ = ["BOX_FORMATS", "DETECTOR_FILE", "POSTPROCESS_FILE", "DetectorDescription",
+           "check_detector", "check_fingerprint"]
+
+BoxFormat = Literal["yxyx_normalized"]
+BOX_FORMATS: tuple[str, ...] = ("yxyx_normalized",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorDescription:
+    """The detector a `PostProcessConfig` was tuned for, and how its raw outputs are read.
+
+    Attributes:
+      saved_model: the detector SavedModel folder; None when tuned from precomputed raw outputs
+        (only a `postprocess_only` model can then be exported).
+      signature: the signature key, default ``serving_default``.
+      input: the signature input's key, default ``input_tensor``.
+      input_dtype: the input's dtype name as tuned (``uint8``), or None when not known.
+      raw_boxes: output key of the raw boxes, float32 `[batch, N, 4]`.
+      raw_scores: output key of the raw scores, float32 `[batch, N, C]`.
+      box_format: ``yxyx_normalized``: `[ymin, xmin, ymax, xmax]` in `[0, 1]`.
+      score_converter: how raw scores become probabilities, one of `ops.SCORE_CONVERTERS`.
+      background_column: True when score column 0 is background.
+      label_offset: class id = class column + `label_offset` (>= 0).
+      category_ids: the category id of each class column (-1: no category), `[K]`.
+      model_fingerprint: sha256 of the SavedModel and its keys (``raw_outputs:<sha256>`` when
+        tuned from precomputed outputs; empty when not known).
+      warmup_image: an image of the tuning data for the warmup requests, or None (a small
+        generated image is used).
+    """
+
+    saved_model: str | None = None
+    signature: str = "serving_default"
+    input: str = "input_tensor"
+    input_dtype: str | None = None
+    raw_boxes: str = "raw_detection_boxes"
+    raw_scores: str = "raw_detection_scores"
+    box_format: BoxFormat = "yxyx_normalized"
+    score_converter: str = "sigmoid"
+    background_column: bool = True
+    label_offset: int = 1
+    category_ids: tuple[int, ...] = ()
+    model_fingerprint: str = ""
+    warmup_image: str | None = None
+
+    def __post_init__(self):
+        for name in ("signature", "input", "raw_boxes", "raw_scores"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name}: must be a non-empty string, got {value!r}")
+        validation.choice("box_format", self.box_format, BOX_FORMATS)
+        validation.choice("score_converter", self.score_converter, SCORE_CONVERTERS)
+        validation.boolean("background_column", self.background_column)
+        validation.integer("label_offset", self.label_offset, minimum=0)
+        object.__setattr__(self, "category_ids",
+                           tuple(validation.integer("category_ids", c, minimum=-1)
+                                 for c in self.category_ids))
+        for name in ("saved_model", "warmup_image"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, str(value))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["category_ids"] = list(self.category_ids)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DetectorDescription":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown keys {unknown} (known: {sorted(known)})")
+        fields = dict(data)
+        if "category_ids" in fields:
+            fields["category_ids"] = tuple(fields["category_ids"])
+        return cls(**fields)
+
+    def save(self, path: str | Path) -> Path:
+        return atomic.write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DetectorDescription":
+        """Reads a detector.json (TfcalError naming the file when it is not a valid one)."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError(f"must be a JSON object, got {type(data).__name__}")
+            return cls.from_dict(data)
+        except (OSError, ValueError, TypeError) as e:
+            raise TfcalError(f"{path}: not a detector description: {e}") from None
+
+    def fingerprint(self) -> str | None:
+        """The fingerprint of the SavedModel on disk and the keys (None: no SavedModel there)."""
+        if self.saved_model is None or not (Path(self.saved_model) / "saved_model.pb").is_file():
+            return None
+        return model_fingerprint(self.saved_model, keys=(self.signature, self.input,
+                                                         self.raw_boxes, self.raw_scores))
+
+
+def check_fingerprint(postprocess_config, ppc_path, model_fp: str | None, what: str) -> None:
+    """Refuses `model_fp` when it differs from ``metadata.model_fingerprint`` of
+    `postprocess_config` (read from `ppc_path`): TfcalError naming both. Nothing is compared
+    when either side has no model to fingerprint (precomputed raw outputs)."""
+    tuned = str((postprocess_config.metadata or {}).get("model_fingerprint") or "")
+    if not tuned or tuned.startswith("raw_outputs:") or not model_fp or \
+            model_fp.startswith("raw_outputs:"):
+        return
+    if model_fp != tuned:
+        raise TfcalError(f"{what}: model fingerprint {model_fp[:16]}... differs from the one "
+                         f"tuned ({ppc_path} metadata.model_fingerprint {tuned[:16]}...): this "
+                         f"is not the detector the thresholds were tuned for; run `tfcal tune` "
+                         f"for it, or point the config at the tuned detector")
+
+
+def check_detector(postprocess_config, detector: DetectorDescription, ppc_path) -> None:
+    """Refuses a SavedModel other than the one `postprocess_config` was tuned for."""
+    check_fingerprint(postprocess_config, ppc_path, detector.fingerprint(),
+                      f"model.saved_model {detector.saved_model}")

@@ -1,0 +1,137 @@
+"""The validated inputs of a tuning job: the COCO set, the category mapping and the raw outputs.
+
+`prepare(cfg)` loads and checks the data before any work, maps score columns to category ids,
+and gets the detector's raw (pre-NMS) outputs from the cache (running the detector once) or
+from precomputed outputs. `check_model_fingerprint` refuses a detector other than the one a
+`PostProcessConfig` was tuned for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tfcal import TfcalError
+from tfcal.coco import runner
+from tfcal.coco.cache import check_value_ranges, load_raw_outputs, model_fingerprint
+from tfcal.coco.dataset import CategoryMapping, load_coco
+from tfcal.config import Config
+from tfcal.handoff import check_fingerprint
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prepared:
+    """Validated inputs of a job.
+
+    Attributes:
+      dataset: the `CocoDataset`.
+      mapping: the `CategoryMapping` of score columns to category ids.
+      raw: the `RawOutputs` (image_ids, boxes, scores, ...), in `dataset.image_ids` order.
+      num_classes: K, class score columns after dropping background.
+      model_fingerprint: sha256 of the SavedModel and its keys, or ``raw_outputs:<sha256>`` of
+        the precomputed outputs' file (or cache meta).
+      data_fingerprint: sha256 of the image list (the cache key's data half).
+    """
+
+    dataset: Any
+    mapping: Any
+    raw: Any
+    num_classes: int
+    model_fingerprint: str
+    data_fingerprint: str
+
+    def column_label(self, column: int, detail: str = "") -> str:
+        """``name (id N<detail>)`` of the category a class column predicts (or ``column k``)."""
+        i = int(self.mapping.column_category_ids[column])
+        if i < 0:
+            return f"column {column}"
+        return f"{self.dataset.category_name(i)} (id {i}{detail})"
+
+    def class_presence(self) -> np.ndarray:
+        """bool `[I, K]`: image i has a (non-crowd) box of class column k."""
+        ds = self.dataset
+        presence = np.zeros((ds.num_images, self.num_classes), dtype=bool)
+        ok = ~ds.ann_iscrowd
+        rows = ds.image_index(ds.ann_image_ids[ok]) if ok.any() else np.zeros(0, np.int64)
+        cats = ds.ann_category_ids[ok]
+        col_of = {int(c): self.mapping.column_of(int(c)) for c in np.unique(cats)}
+        cols = np.array([col_of[int(c)] for c in cats], dtype=np.int64)
+        presence[rows, cols] = True
+        return presence
+
+
+def load_dataset(cfg: Config, annotations: Path | None = None, images: Path | None = None):
+    """Loads and validates the COCO set (and, with a model, its images) before any work."""
+    annotations = annotations or cfg.data.annotations
+    images = images if images is not None else cfg.data.images
+    need_images = cfg.model.saved_model is not None
+    if need_images and images is None:
+        raise TfcalError(f"{cfg.source}: data.images: is required to run model.saved_model")
+    dataset = load_coco(annotations, images if need_images else None, check_images=need_images)
+    for field in cfg.data.subgroups:
+        missing = [img.get("id") for img in dataset.dataset["images"] if field not in img]
+        if missing:
+            raise TfcalError(f"{annotations}: images[id={missing[0]}].{field}: missing "
+                             f"(data.subgroups lists it; {len(missing)} images lack it)")
+    return dataset
+
+
+def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None = None,
+            cache_dir: Path | None = None) -> Prepared:
+    """Validates the data, maps categories to columns and gets the raw outputs (cached)."""
+    dataset = load_dataset(cfg, annotations, images)
+    m = cfg.model
+    if m.saved_model is not None:
+        keys = runner.SignatureKeys(signature=m.signature, input=m.input, raw_boxes=m.raw_boxes,
+                                    raw_scores=m.raw_scores)
+        raw = runner.run_detector(
+            m.saved_model, dataset, keys=keys, batch_size=m.batch_size,
+            cache_dir=cache_dir or m.cache_dir or (cfg.output.dir / "cache"))
+    else:
+        raw = load_raw_outputs(m.raw_outputs, dataset)
+    model_run = m.saved_model is not None
+    check_value_ranges(raw, score_converter=m.score_converter,
+                       source=str(m.saved_model or m.raw_outputs),
+                       boxes_key=m.raw_boxes if model_run else "boxes",
+                       scores_key=m.raw_scores if model_run else "scores")
+    num_columns = raw.scores.shape[-1]
+    num_classes = num_columns - 1 if m.background_column else num_columns
+    if num_classes < 1:
+        raise TfcalError(f"{m.saved_model or m.raw_outputs}: {m.raw_scores}: needs at least one "
+                         f"class column, got {num_columns} columns")
+    if m.category_columns is not None:
+        mapping = CategoryMapping.from_category_columns(dataset, m.category_columns, num_classes)
+    else:
+        mapping = CategoryMapping.odapi(dataset, num_classes, label_offset=m.label_offset)
+    # Precomputed outputs have no model to hash: their own file identifies what was measured.
+    model_fp = raw.model_fingerprint or f"raw_outputs:{raw.fingerprint}"
+    return Prepared(dataset=dataset, mapping=mapping, raw=raw, num_classes=num_classes,
+                    model_fingerprint=model_fp, data_fingerprint=raw.data_fingerprint)
+
+
+def config_model_fingerprint(cfg: Config) -> str | None:
+    """The fingerprint of the config's `model.saved_model` and keys (None: no SavedModel)."""
+    m = cfg.model
+    if m.saved_model is None or not (Path(m.saved_model) / "saved_model.pb").is_file():
+        return None
+    return model_fingerprint(m.saved_model, keys=(m.signature, m.input, m.raw_boxes,
+                                                  m.raw_scores))
+
+
+def check_model_fingerprint(cfg: Config, ppc, ppc_path: Path, *, model_fp: str | None = None,
+                            what: str = "model.saved_model") -> None:
+    """Refuses a detector other than the one `ppc` was tuned for (TfcalError naming both).
+
+    Compares `model_fp` (default: the fingerprint of the config's `model.saved_model` and keys)
+    with ``metadata.model_fingerprint`` of `ppc_path`. Nothing is compared when either side has
+    no model to fingerprint (tuned from, or given, precomputed raw outputs without one).
+    """
+    if model_fp is None:
+        model_fp = config_model_fingerprint(cfg)
+        if model_fp is None:
+            return
+        what = f"model.saved_model {cfg.model.saved_model}"
+    check_fingerprint(ppc, ppc_path, model_fp, what)
