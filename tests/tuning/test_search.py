@@ -374,3 +374,21 @@ def test_learn_split_pays_no_grid_correction():
     assert learned.p_value <= 0.05 and learned.precision > 0.9
     with pytest.raises(ValueError, match="learn must have the grid"):
         joint_search(m, obj, learn={0.5: m[0.5]})
+
+
+def test_objective_registry_is_the_one_vocabulary():
+    import typing
+
+    from tfcal import config
+    from tfcal.tuning.objective_kinds import KINDS, kind_of
+
+    # The config's choices, the search's Objective and the registry name the same objectives.
+    assert set(typing.get_args(config.Objective)) == set(KINDS)
+    assert {k for k, v in KINDS.items() if v.certifiable} == {"precision_target",
+                                                             "recall_target"}
+    obj = Objective(target_precision=0.8)
+    assert kind_of("precision_target").describe(obj) == "precision >= 0.8"
+    assert kind_of("precision_target").meets(obj, {"precision": 0.79}) is False
+    assert kind_of("f1").meets(obj, {"precision": 0.1}) is None
+    with pytest.raises(ValueError, match="objective must be one of"):
+        kind_of("youden")

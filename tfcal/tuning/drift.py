@@ -45,6 +45,7 @@ from tfcal.metrics import expected_calibration_error
 from tfcal.postprocess import PostProcessConfig
 from tfcal.tuning.detections import ODAPI_DEFAULT_SCORE_THRESH, match, postprocess_images
 from tfcal.tuning.evaluate import ECE_MIN_SCORE
+from tfcal.tuning.objective_kinds import KINDS
 from tfcal.tuning.prepare import check_model_fingerprint, prepare
 from tfcal.tuning.report import jsonable, load_report
 
@@ -156,7 +157,8 @@ def _reference(report: dict, report_path: Path) -> list[dict]:
             tp, fp = h.get("tp"), h.get("fp")
             objective = c.get("objective", target.get("objective"))
             goal = None
-            if objective == "precision_target" and c.get("status") == "ok":
+            kind = KINDS.get(objective)
+            if kind is not None and kind.metric == "precision" and c.get("status") == "ok":
                 goal = float(c.get("target_precision", target["target_precision"]))
             out.append({"category_id": int(c["category_id"]), "name": str(c["name"]),
                         "column": int(c["column"]), "threshold": c["threshold"],

@@ -21,6 +21,7 @@ from tfcal.tuning.baseline import recall_at_precision
 from tfcal.tuning.detections import (FlatDetections, default_postprocess_config, match,
                                      postprocess_images, to_coco_detections,
                                      ODAPI_DEFAULT_SCORE_THRESH)
+from tfcal.tuning.objective_kinds import KINDS, kind_of
 from tfcal.tuning.objectives import objectives
 from tfcal.tuning.report import STAT_KEYS, jsonable
 
@@ -79,23 +80,17 @@ CLEARLY_BELOW_MIN_DETECTIONS = 20
 
 def _meets(cfg, column_objective, block) -> bool | None:
     """The held-out point estimate against the class's target (None when not measurable)."""
-    if column_objective.name == "precision_target":
-        if block["precision"] is None:
-            return None
-        return bool(block["precision"] >= column_objective.target_precision)
-    if column_objective.name == "recall_target":
-        return None if block["recall"] is None else bool(
-            block["recall"] >= column_objective.target_recall)
-    return None
+    return kind_of(column_objective.name).meets(column_objective, block)
 
 
 def _clearly_below(column_objective, block) -> bool:
     """Held-out evidence that the class misses its precision target: enough detections and the
     whole interval under the target."""
-    if column_objective.name != "precision_target" or block["precision_upper"] is None:
+    kind = kind_of(column_objective.name)
+    if kind.metric != "precision" or block["precision_upper"] is None:
         return False
     return bool(block["tp"] + block["fp"] >= CLEARLY_BELOW_MIN_DETECTIONS
-                and block["precision_upper"] < column_objective.target_precision)
+                and block["precision_upper"] < kind.target(column_objective))
 
 
 def _downsample(*arrays, n=CURVE_POINTS):
@@ -302,8 +297,7 @@ def _guarantee_block(cfg, found, classes) -> dict:
     kinds = {}
     for c in classes:
         kinds[c["guarantee"]["kind"]] = kinds.get(c["guarantee"]["kind"], 0) + 1
-    return {"confidence": t.confidence if t.objective in ("precision_target", "recall_target")
-            else None, "budget": t.confidence_budget, "scope": t.scope,
+    return {"confidence": t.confidence if kind_of(t.objective).certifiable else None, "budget": t.confidence_budget, "scope": t.scope,
             "pooled": found.pooled.guarantee if t.scope == "pooled" and found.pooled else None,
             "classes": kinds, "statement": guarantee_statement(cfg)}
 
@@ -311,11 +305,11 @@ def _guarantee_block(cfg, found, classes) -> dict:
 def guarantee_statement(cfg) -> str:
     """The promise of a run, in words (report.md and README use the same sentences)."""
     t = cfg.tuning
-    if t.objective not in ("precision_target", "recall_target"):
+    kind = kind_of(t.objective)
+    if not kind.certifiable:
         return (f"Estimate, not guaranteed: {t.objective} is optimized on the tune images; the "
                 "held-out numbers show how it carries over.")
-    what = "precision" if t.objective == "precision_target" else "recall"
-    target = t.target_precision if what == "precision" else t.target_recall
+    what, target = kind.metric, kind.target(t)
     if t.confidence is None:
         return (f"Estimate, not guaranteed: thresholds reach {what} >= {target} on the tune "
                 "images (point estimate); new images may fall below it, as the held-out numbers "
@@ -373,13 +367,7 @@ def _subgroups(cfg, prep, holdout_idx, f_match, b_match, keep, p_after, labels,
             bm = np.isin(b_match.image_id[keep], ids) & seen_after
             ece = (float(expected_calibration_error(p_after[bm], labels[bm]))
                    if bm.any() else None)
-            if objective == "precision_target":
-                below = block["precision"] is not None and \
-                    block["precision"] < cfg.tuning.target_precision
-            elif objective == "recall_target":
-                below = block["recall"] is not None and block["recall"] < cfg.tuning.target_recall
-            else:
-                below = False
+            below = kind_of(objective).meets(cfg.tuning, block) is False
             out.append({"field": field, "value": value, "images": int(len(ids)), **block,
                         "ece": ece, "below_target": bool(below)})
     return out
@@ -453,10 +441,9 @@ def _curves(prep, found, classes, p_before, p_after, labels, seen_before, seen_a
         "classes": out_classes,
         "iou_grid": {"nms_iou": grid,
                      "classes reaching the target (fraction)": feasible.mean(axis=1).tolist(),
-                     f"mean best {_VALUE_NAME.get(objective, 'value')} (feasible classes)":
+                     f"mean best {KINDS[objective].value_name if objective in KINDS else 'value'} "
+                     "(feasible classes)":
                          [None if math.isnan(v) else float(v) for v in mean_value]},
     }
 
 
-_VALUE_NAME = {"precision_target": "recall", "recall_target": "precision", "f1": "F1",
-               "fbeta": "F-beta", "cost": "-cost"}

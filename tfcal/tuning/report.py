@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from tfcal import TfcalError, atomic, locks, rundir
+from tfcal.tuning.objective_kinds import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,10 @@ def render_markdown(report: dict) -> str:
     t = report["target"]
     lines = ["# tfcal tuning report", ""]
     target = t["objective"]
-    certifiable = target in ("precision_target", "recall_target")
-    if target == "precision_target":
-        target += f" (precision >= {t['target_precision']}"
-    elif target == "recall_target":
-        target += f" (recall >= {t['target_recall']}"
+    kind = KINDS.get(target)
+    certifiable = kind is not None and kind.certifiable
     if certifiable:
+        target += f" ({kind.metric} >= {t['target_' + kind.metric]}"
         target += (f", certified at {t['confidence']:.0%}, budget "
                    f"{t.get('confidence_budget', 'per_class')})" if t.get("confidence")
                    else ", point estimate: not guaranteed)")

@@ -66,6 +66,7 @@ import numpy as np
 
 from tfcal import TfcalError, certification
 from tfcal.thresholds import clopper_pearson
+from tfcal.tuning.objective_kinds import KINDS, Counts, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,6 @@ OnUnreachable = Literal["disable", "best_effort", "error"]
 Status = Literal["ok", "unreachable", "insufficient_data"]
 Guarantee = Literal["certified", "estimate", "pooled", "none"]
 ConfidenceBudget = Literal["per_class", "simultaneous"]
-_OBJECTIVES = ("precision_target", "recall_target", "f1", "fbeta", "cost")
-_TARGETS = ("precision_target", "recall_target")
 _POLICIES = ("disable", "best_effort", "error")
 _BUDGETS = ("per_class", "simultaneous")
 
@@ -121,8 +120,8 @@ class Objective:
     on_unreachable: OnUnreachable = "disable"
 
     def __post_init__(self):
-        if self.name not in _OBJECTIVES:
-            raise ValueError(f"objective name must be one of {_OBJECTIVES}, got {self.name!r}")
+        if self.name not in KINDS:
+            raise ValueError(f"objective name must be one of {tuple(KINDS)}, got {self.name!r}")
         if self.on_unreachable not in _POLICIES:
             raise ValueError(f"on_unreachable must be one of {_POLICIES}, "
                              f"got {self.on_unreachable!r}")
@@ -140,7 +139,7 @@ class Objective:
     @property
     def certified(self) -> bool:
         """True when this objective's target is certified (a target objective with confidence)."""
-        return self.name in _TARGETS and self.confidence is not None
+        return KINDS[self.name].certifiable and self.confidence is not None
 
     def with_overrides(self, **overrides) -> "Objective":
         """Returns a copy with every non-None keyword replaced (config `ClassOverride` fields map
@@ -473,36 +472,14 @@ def _keys(obj: Objective, tp, fp, num_gt, level):
     objectives replace it with the certified points. `level` is the per-point test level of a
     certified objective (its best effort ranks by the lower bound at that level), or None.
     """
-    tp = tp.astype(np.float64)
-    fp = fp.astype(np.float64)
-    num_gt = num_gt.astype(np.float64)
-    fn = num_gt - tp
-    pred = tp + fp
-    precision = np.where(pred > 0, tp / np.maximum(pred, 1.0), 0.0)
-    recall = np.where(num_gt > 0, tp / np.maximum(num_gt, 1.0), 0.0)
-    has_tp = tp > 0
-    lower = np.full(tp.shape, np.nan)
-    if obj.name == "precision_target":
-        feasible = has_tp & (precision >= obj.target_precision)
-        fb_primary = precision
-        if level is not None and obj.on_unreachable == "best_effort":
-            lower = _cp_lower(tp, pred, level)  # best effort ranks by it; else only the choice
-            fb_primary = lower
-        return feasible, recall, precision, recall, fb_primary, recall, lower
-    if obj.name == "recall_target":
-        feasible = has_tp & (recall >= obj.target_recall)
-        return feasible, precision, recall, precision, recall, precision, lower
-    if obj.name == "f1":
-        den = 2.0 * tp + fp + fn
-        f = np.where(den > 0, 2.0 * tp / np.maximum(den, 1e-300), 0.0)
-        return has_tp, f, recall, f, f, recall, lower
-    if obj.name == "fbeta":
-        b2 = obj.beta * obj.beta
-        den = (1.0 + b2) * tp + b2 * fn + fp
-        f = np.where(den > 0, (1.0 + b2) * tp / np.maximum(den, 1e-300), 0.0)
-        return has_tp, f, recall, f, f, recall, lower
-    cost = obj.c_fp * fp + obj.c_fn * fn
-    return has_tp, -cost, recall, cost, -cost, recall, lower
+    c = Counts.of(tp, fp, num_gt)
+    k = kind_of(obj.name).keys(obj, c)
+    lower = np.full(c.tp.shape, np.nan)
+    fb_primary = k.fallback_primary
+    if obj.name == "precision_target" and level is not None and obj.on_unreachable == "best_effort":
+        lower = _cp_lower(c.tp, c.tp + c.fp, level)  # best effort ranks by it; else the choice only
+        fb_primary = lower
+    return (k.feasible, k.primary, k.secondary, k.value, fb_primary, k.fallback_secondary, lower)
 
 
 def _certify_segment(obj: Objective, tp, fp, num_gt: int, level: float):

@@ -1,0 +1,150 @@
+"""The tuning objectives as one registry: what each maximizes, what it targets, whether it can
+be certified, and how the report names and judges it.
+
+The search (`tfcal.tuning.search`), the held-out evidence (`tfcal.tuning.evaluate`), drift and
+the report all read `KINDS[name]`; a new objective is one `Kind` here and its tests.
+
+Every kind ranks a class's candidate points by a primary key, then a secondary one (both
+maximized), and says which points are feasible; `value` is what the report shows. Points are
+only ever feasible with at least one true positive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = ["KINDS", "Kind", "Keys", "kind_of"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Keys:
+    """Per-point ranking of one objective: float64 or bool arrays of the points' shape.
+
+    Attributes:
+        feasible: the point-estimate rule (certified kinds replace it with certified points).
+        primary, secondary: maximized in this order among feasible points.
+        value: what the report shows for the point (recall, precision, F1, F-beta, or cost).
+        fallback_primary, fallback_secondary: the best-effort order among infeasible classes.
+    """
+
+    feasible: np.ndarray
+    primary: np.ndarray
+    secondary: np.ndarray
+    value: np.ndarray
+    fallback_primary: np.ndarray
+    fallback_secondary: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One objective.
+
+    Attributes:
+        name: the config's `tuning.objective` value.
+        metric: the rate a target objective promises (`"precision"` or `"recall"`), else None:
+            only target objectives can be certified.
+        value_name: how the report names `Keys.value`.
+        keys: `(objective, counts) -> Keys`, with `counts` a `Counts` of float64 arrays.
+    """
+
+    name: str
+    metric: str | None
+    value_name: str
+    keys: Callable[..., Keys]
+
+    @property
+    def certifiable(self) -> bool:
+        return self.metric is not None
+
+    def target(self, objective) -> float | None:
+        """The target rate of `objective` (its `target_precision` or `target_recall`)."""
+        return None if self.metric is None else float(getattr(objective, f"target_{self.metric}"))
+
+    def describe(self, objective) -> str:
+        """`precision >= 0.9`-style text of the target, or the objective's own name."""
+        if self.metric is None:
+            extra = {"fbeta": f" (beta {getattr(objective, 'beta', '')})",
+                     "cost": f" (c_fp {getattr(objective, 'c_fp', '')}, "
+                             f"c_fn {getattr(objective, 'c_fn', '')})"}.get(self.name, "")
+            return f"{self.name}{extra}"
+        return f"{self.metric} >= {self.target(objective)}"
+
+    def meets(self, objective, block: dict) -> bool | None:
+        """Whether a held-out block's point estimate meets the target (None: no target, or
+        nothing to measure)."""
+        if self.metric is None or block.get(self.metric) is None:
+            return None
+        return bool(block[self.metric] >= self.target(objective))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Counts:
+    """float64 arrays of one objective's points: `tp`, `fp`, `fn`, `precision` (0 where
+    nothing is predicted), `recall` (0 without ground truth), and bool `has_tp`."""
+
+    tp: np.ndarray
+    fp: np.ndarray
+    fn: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+    has_tp: np.ndarray
+
+    @classmethod
+    def of(cls, tp, fp, num_gt) -> "Counts":
+        tp = np.asarray(tp, np.float64)
+        fp = np.asarray(fp, np.float64)
+        num_gt = np.asarray(num_gt, np.float64)
+        pred = tp + fp
+        return cls(tp, fp, num_gt - tp, np.where(pred > 0, tp / np.maximum(pred, 1.0), 0.0),
+                   np.where(num_gt > 0, tp / np.maximum(num_gt, 1.0), 0.0), tp > 0)
+
+
+def _precision_target(obj, c: Counts) -> Keys:
+    feasible = c.has_tp & (c.precision >= obj.target_precision)
+    return Keys(feasible, c.recall, c.precision, c.recall, c.precision, c.recall)
+
+
+def _recall_target(obj, c: Counts) -> Keys:
+    feasible = c.has_tp & (c.recall >= obj.target_recall)
+    return Keys(feasible, c.precision, c.recall, c.precision, c.recall, c.precision)
+
+
+def _fscore(beta2: float, c: Counts) -> np.ndarray:
+    den = (1.0 + beta2) * c.tp + beta2 * c.fn + c.fp
+    return np.where(den > 0, (1.0 + beta2) * c.tp / np.maximum(den, 1e-300), 0.0)
+
+
+def _f1(obj, c: Counts) -> Keys:
+    f = _fscore(1.0, c)
+    return Keys(c.has_tp, f, c.recall, f, f, c.recall)
+
+
+def _fbeta(obj, c: Counts) -> Keys:
+    f = _fscore(obj.beta * obj.beta, c)
+    return Keys(c.has_tp, f, c.recall, f, f, c.recall)
+
+
+def _cost(obj, c: Counts) -> Keys:
+    cost = obj.c_fp * c.fp + obj.c_fn * c.fn
+    return Keys(c.has_tp, -cost, c.recall, cost, -cost, c.recall)
+
+
+#: Every objective, by its config name.
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("precision_target", "precision", "recall", _precision_target),
+    Kind("recall_target", "recall", "precision", _recall_target),
+    Kind("f1", None, "F1", _f1),
+    Kind("fbeta", None, "F-beta", _fbeta),
+    Kind("cost", None, "-cost", _cost),
+)}
+
+
+def kind_of(name: str) -> Kind:
+    """The registered objective `name`; ValueError naming the choices otherwise."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ValueError(f"objective must be one of {tuple(KINDS)}, got {name!r}") from None
