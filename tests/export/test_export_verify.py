@@ -42,10 +42,9 @@ def test_verification_catches_a_different_config(served, postprocess_config):
     report = verify.verify_export(
         served.version_dir,
         other,
-        feed,
-        detector=served.export.detector,
-        run_saved_model_cli=False,
-        raise_on_failure=False,
+        verify.VerificationSample(inputs=feed),
+        served.export.detector,
+        verify.VerifyOptions(run_saved_model_cli=False, raise_on_failure=False),
     )
     failed = {name for name, ok, _ in report.checks if not ok}
     assert {"metadata asset", "metadata signature value", "fresh_process num_detections"} <= failed
@@ -56,9 +55,9 @@ def test_verification_catches_a_different_config(served, postprocess_config):
         verify.verify_export(
             served.version_dir,
             other,
-            feed,
-            detector=served.export.detector,
-            run_saved_model_cli=False,
+            verify.VerificationSample(inputs=feed),
+            served.export.detector,
+            verify.VerifyOptions(run_saved_model_cli=False),
         )
 
 

@@ -27,7 +27,7 @@ import tfcal
 from tfcal import TfcalError, atomic, locks, rundir
 from tfcal.coco.cache import file_sha256
 from tfcal.config import Config
-from tfcal.export import ExportOptions, export_handoff
+from tfcal.export import ExportOptions, ModelOptions, export_handoff
 from tfcal.handoff import DETECTOR_FILE, POSTPROCESS_FILE, DetectorDescription
 from tfcal.postprocess import PostProcessConfig
 from tfcal.tuning import baseline, report as report_lib
@@ -328,7 +328,8 @@ def _export_options(cfg: Config, detector: DetectorDescription | None, *, versio
     return ExportOptions(export_root=e.dir, model_name=name,
                          version=version if version is not None else e.version,
                          overwrite=e.overwrite if overwrite is None else overwrite,
-                         verify=e.verify, include_raw_outputs=e.include_raw_outputs)
+                         verify=e.verify,
+                         model=ModelOptions(include_raw_outputs=e.include_raw_outputs))
 
 
 def _export(cfg: Config, ppc: PostProcessConfig, detector: DetectorDescription,
