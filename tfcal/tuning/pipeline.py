@@ -31,8 +31,8 @@ from tfcal.export import ExportOptions, ModelOptions, export_handoff
 from tfcal.handoff import DETECTOR_FILE, POSTPROCESS_FILE, DetectorDescription
 from tfcal.postprocess import PostProcessConfig
 from tfcal.tuning import baseline, report as report_lib
-from tfcal.tuning.calibrate import calibration_fields, fit_calibration
-from tfcal.tuning.detections import matched_candidates, postprocess_config
+from tfcal.tuning.calibrate import fit_calibration
+from tfcal.tuning.detections import matched_candidates, tuned_postprocess_config
 from tfcal.tuning.evaluate import HoldoutEvidence, collect_evidence, holdout_report
 from tfcal.tuning.objectives import objectives
 from tfcal.tuning.prepare import Prepared, prepare
@@ -151,13 +151,7 @@ def tune_on(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
     log.info("search: %d categories ok, %d unreachable, %d insufficient data",
              *(sum(c.status == s for c in mapped)
                for s in ("ok", "unreachable", "insufficient_data")))
-    ppc = postprocess_config(cfg, prep, **calibration_fields(calib),
-                             **found.postprocess_fields())
-    if not used.all():
-        # A column no annotated category maps to cannot be checked: never emit it.
-        enabled = np.asarray(ppc.enabled()) & used
-        ppc = ppc.replace(class_enabled=tuple(bool(e) for e in enabled))
-    return calib, found, ppc
+    return calib, found, tuned_postprocess_config(cfg, prep, calib, found)
 
 
 def run_tune(cfg: Config, *, export: bool = True) -> TuneResult:
