@@ -170,6 +170,22 @@ def test_metadata_signature_and_asset(exported, postprocess_config):
     assert served["detector"]["detector_postprocessing_pruned"] is True
 
 
+@pytest.mark.parametrize("bad, message", [
+    (dict(input_type="jpeg"), "input_type: expected one of"),
+    (dict(prune=1), "prune: expected true or false"),
+    (dict(raw_scores_columns=0), "raw_scores_columns: expected an int >= 1"),
+])
+def test_model_options_are_validated_once(bad, message):
+    with pytest.raises(ValueError, match=message):
+        odapi.ModelOptions(**bad)
+
+
+def test_export_detector_takes_a_description(tmp_path, postprocess_config):
+    with pytest.raises(TypeError, match="DetectorDescription"):
+        odapi.export_detector(str(tmp_path), postprocess_config, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
 def test_export_refuses_existing_dir(tmp_path, postprocess_config):
     out = tmp_path / "model"
     out.mkdir()

@@ -562,7 +562,7 @@ def save_export(
     )
 
 
-def load_described(detector: DetectorDescription, options: "ModelOptions") -> Detector:
+def load_described(detector: DetectorDescription, options: ModelOptions) -> Detector:
     """`load_detector` for a `DetectorDescription` (its SavedModel, signature and raw output
     keys), with the input type and pruning of `options`."""
     if detector.saved_model is None:
@@ -601,7 +601,12 @@ def export_detector(
 
     Raises:
       TfcalError: bad detector or config. FileExistsError: `output_dir` exists, no `overwrite`.
+      TypeError: `detector` is not a `DetectorDescription`.
     """
+    if detector is not None and not isinstance(detector, DetectorDescription):
+        raise TypeError(f"detector: expected a tfcal.handoff.DetectorDescription or None, got "
+                        f"{detector!r} (a SavedModel folder is "
+                        f"DetectorDescription(saved_model=...))")
     loaded = None if detector is None else load_described(detector, options)
     with atomic.directory(output_dir, overwrite=overwrite) as tmp:
         result = save_export(tmp, postprocess_config, loaded, options)
