@@ -89,6 +89,7 @@ def main(argv=None) -> int:
 
 def _run(args, work: Path) -> int:
     from tfcal.export import odapi
+    from tfcal.handoff import DetectorDescription
     from tfcal.postprocess import PostProcessConfig
 
     detector = args.detector
@@ -115,8 +116,9 @@ def _run(args, work: Path) -> int:
     )
     exported_dir = work / "exported"
     unpruned_dir = work / "unpruned"
-    odapi.export_detector(detector, config, exported_dir)
-    odapi.export_detector(detector, config, unpruned_dir, prune=False)
+    described = DetectorDescription(saved_model=detector)
+    odapi.export_detector(described, config, exported_dir)
+    odapi.export_detector(described, config, unpruned_dir, odapi.ModelOptions(prune=False))
 
     exported = tf.saved_model.load(str(exported_dir))
     eager = {

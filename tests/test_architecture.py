@@ -19,8 +19,9 @@ only from their own package. Every import counts, module-level or inside a funct
 
 The tuning job is split by owner: `tuning.prepare` (validated inputs), `tuning.detections` (the
 serving post-processing over cached raw outputs, and matching), `tuning.objectives`,
-`tuning.calibrate`, `tuning.search`, `tuning.baseline`, `tuning.evaluate` (held-out evidence
-and report.json), and `tuning.pipeline`, which orders them and which only the command line and
+`tuning.calibrate`, `tuning.search`, `tuning.tune` (the fit and the search on one set of
+tune images), `tuning.baseline`, `tuning.evaluate` (held-out evidence and report.json), and
+`tuning.pipeline`, which orders them and which only the command line and
 the demo import. No import cycle among tfcal modules (read from the source); the tuning
 modules import tfcal at module level (TensorFlow, optional plots and the command line's
 per-command imports may stay late).

@@ -13,6 +13,7 @@ from odapi_test_model import encode_png
 from odapi_test_model import sample_image
 from tfcal import TfcalError
 from tfcal.export import odapi
+from tfcal.handoff import DetectorDescription
 from tfcal.layers import PostProcessor
 
 DETECTION_DTYPES = {k: tf.float32 for k in odapi.DETECTION_KEYS}
@@ -23,7 +24,8 @@ def exported(tmp_path_factory, image_detector, postprocess_config):
     """The image detector exported with raw outputs passed through: (ExportResult, loaded)."""
     out = tmp_path_factory.mktemp("odapi") / "model"
     result = odapi.export_detector(
-        image_detector, postprocess_config, out, include_raw_outputs=True
+        DetectorDescription(saved_model=image_detector), postprocess_config, out,
+        odapi.ModelOptions(include_raw_outputs=True)
     )
     return result, tf.saved_model.load(str(out))
 
@@ -147,7 +149,8 @@ def test_exported_graph_has_no_detector_nms(tmp_path, exported, image_detector, 
     assert odapi.count_nms_ops(out, "serving_default") == own
     assert odapi.count_nms_ops(out, "encoded_image") == own
     unpruned = tmp_path / "unpruned"
-    odapi.export_detector(image_detector, postprocess_config, unpruned, prune=False)
+    odapi.export_detector(DetectorDescription(saved_model=image_detector), postprocess_config,
+                          unpruned, odapi.ModelOptions(prune=False))
     served = odapi.count_nms_ops(unpruned, "serving_default")
     assert sum(served.values()) == sum(own.values()) + 1  # the detector's NMS is still reachable
 
@@ -165,6 +168,22 @@ def test_metadata_signature_and_asset(exported, postprocess_config):
     assert served["postprocess_config"]["nms_iou"] == [0.5, 0.6, 0.5]
     assert served["detector"]["input_type"] == "image_tensor"
     assert served["detector"]["detector_postprocessing_pruned"] is True
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(input_type="jpeg"), "input_type: expected one of"),
+    (dict(prune=1), "prune: expected true or false"),
+    (dict(raw_scores_columns=0), "raw_scores_columns: expected an int >= 1"),
+])
+def test_model_options_are_validated_once(bad, message):
+    with pytest.raises(ValueError, match=message):
+        odapi.ModelOptions(**bad)
+
+
+def test_export_detector_takes_a_description(tmp_path, postprocess_config):
+    with pytest.raises(TypeError, match="DetectorDescription"):
+        odapi.export_detector(str(tmp_path), postprocess_config, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
 
 
 def test_export_refuses_existing_dir(tmp_path, postprocess_config):
@@ -198,6 +217,7 @@ def test_other_input_types(tmp_path, postprocess_config, input_type):
     det_dir = build_odapi_test_model(tmp_path / "det", input_type)
     det = odapi.load_detector(det_dir)
     assert det.info.input_type == input_type
-    result = odapi.export_detector(det_dir, postprocess_config, tmp_path / "model")
+    result = odapi.export_detector(DetectorDescription(saved_model=det_dir), postprocess_config,
+                                   tmp_path / "model")
     # tf_example detectors get no encoded_image signature (no in-graph Example writer).
     assert ("encoded_image" in result.signatures) == (input_type != "tf_example")

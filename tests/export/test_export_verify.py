@@ -22,6 +22,23 @@ NANODET = SHARED / "models" / "nanodet_odapi"
 COCO_TINY = SHARED / "data" / "coco_val2017_tiny"
 
 
+@pytest.mark.parametrize("bad, message", [
+    (dict(atol=-1e-5), "atol: expected a finite number >= 0"),
+    (dict(timeout=0), "timeout: expected a finite number > 0"),
+    (dict(run_saved_model_cli="no"), "run_saved_model_cli: expected true or false"),
+])
+def test_verify_options_are_validated_once(bad, message):
+    with pytest.raises(ValueError, match=message):
+        verify.VerifyOptions(**bad)
+
+
+def test_verification_sample_needs_inputs_and_bytes():
+    with pytest.raises(ValueError, match="inputs: expected a non-empty mapping"):
+        verify.VerificationSample(inputs={})
+    with pytest.raises(TypeError, match="encoded_images: expected bytes"):
+        verify.VerificationSample(inputs={"x": np.zeros(1)}, encoded_images=["a.png"])
+
+
 @pytest.mark.slow
 def test_read_signature_specs(served):
     specs = verify.read_signature_specs(served.version_dir)
@@ -42,10 +59,9 @@ def test_verification_catches_a_different_config(served, postprocess_config):
     report = verify.verify_export(
         served.version_dir,
         other,
-        feed,
-        detector=served.export.detector,
-        run_saved_model_cli=False,
-        raise_on_failure=False,
+        verify.VerificationSample(inputs=feed),
+        served.export.detector,
+        verify.VerifyOptions(run_saved_model_cli=False, raise_on_failure=False),
     )
     failed = {name for name, ok, _ in report.checks if not ok}
     assert {"metadata asset", "metadata signature value", "fresh_process num_detections"} <= failed
@@ -56,9 +72,9 @@ def test_verification_catches_a_different_config(served, postprocess_config):
         verify.verify_export(
             served.version_dir,
             other,
-            feed,
-            detector=served.export.detector,
-            run_saved_model_cli=False,
+            verify.VerificationSample(inputs=feed),
+            served.export.detector,
+            verify.VerifyOptions(run_saved_model_cli=False),
         )
 
 

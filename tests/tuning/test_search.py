@@ -54,9 +54,8 @@ def test_hand_fixture_precision_target():
     assert c0.min_score_thresh == pytest.approx(0.6) and c0.recall == 0.75 and c0.value == 0.75
     assert (c1.status, c1.nms_iou, c1.tp, c1.fp, c1.fn) == ("ok", 0.7, 2, 0, 0)
     assert c1.min_score_thresh == pytest.approx(0.9)
-    fields = r.postprocess_fields()
-    assert fields["nms_iou"] == (0.5, 0.7) and fields["class_enabled"] == (True, True)
-    assert fields["min_score_thresh"] == (float(np.float32(0.6)), float(np.float32(0.9)))
+    assert r.nms_iou == (0.5, 0.7) and r.class_enabled == (True, True)
+    assert r.min_score_thresh == (float(np.float32(0.6)), float(np.float32(0.9)))
 
 
 def test_ignored_detections_count_neither_and_are_not_candidates():
@@ -181,7 +180,7 @@ def test_unreachable_policies():
     assert (c.status, c.enabled, c.min_score_thresh) == ("unreachable", False, 1.0)
     assert (c.tp, c.fp, c.fn) == (0, 0, 3)
     assert math.isnan(c.value)
-    assert r.postprocess_fields()["class_enabled"] == (False,)
+    assert r.class_enabled == (False,)
     # Best effort: the highest precision with a TP: t=0.8 (1/2), not t=0.7 (1/3).
     r = joint_search(m, Objective(target_precision=0.9, on_unreachable="best_effort"),
                      min_support=1)

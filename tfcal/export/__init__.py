@@ -5,6 +5,7 @@ from tfcal.export.odapi import INPUT_TYPES
 from tfcal.export.odapi import Detector
 from tfcal.export.odapi import DetectorInfo
 from tfcal.export.odapi import ExportResult
+from tfcal.export.odapi import ModelOptions
 from tfcal.export.odapi import count_nms_ops
 from tfcal.export.odapi import detect_input_type
 from tfcal.export.odapi import export_detector
@@ -19,6 +20,8 @@ from tfcal.export.serving import read_warmup_requests
 from tfcal.export.serving import write_models_config
 from tfcal.export.verify import ExportVerificationError
 from tfcal.export.verify import VerificationReport
+from tfcal.export.verify import VerificationSample
+from tfcal.export.verify import VerifyOptions
 from tfcal.export.verify import verify_export
 
 __all__ = [
@@ -30,8 +33,11 @@ __all__ = [
     "ExportOptions",
     "ExportResult",
     "ExportVerificationError",
+    "ModelOptions",
     "ServingExport",
     "VerificationReport",
+    "VerificationSample",
+    "VerifyOptions",
     "count_nms_ops",
     "detect_input_type",
     "export_detector",

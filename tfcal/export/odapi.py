@@ -49,9 +49,10 @@ import tensorflow as tf
 
 import tfcal
 from tfcal import TfcalError
-from tfcal import atomic
+from tfcal import atomic, validation
 from tfcal.detectors.odapi import (INPUT_TYPES, InputType, detect_input_type, load_saved_model,
                                    read_signature)
+from tfcal.handoff import DetectorDescription
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,42 @@ class ExportResult:
     signatures: tuple[str, ...]
     metadata: dict[str, Any]
     detector: DetectorInfo | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """What an exported SavedModel holds besides the detections (validated here, once).
+
+    Attributes:
+      input_type: the detector's input type, one of `INPUT_TYPES`; default None: detected from
+        the signature input (see `load_detector`).
+      include_raw_outputs: also return the raw boxes and scores from `serving_default`,
+        default False.
+      encoded_image_signature: add the `encoded_image` signature (JPEG/PNG strings in), default
+        True.
+      prune: cut the detector's own post-processing from the graph, default True (see
+        `load_detector`).
+      raw_scores_columns: for `postprocess_only` models, the raw score columns `C` (>= 1);
+        default None: `num_classes + background_column`.
+      per_class_boxes: for `postprocess_only` models, raw boxes are `[batch, N, K, 4]`, default
+        False.
+    """
+
+    input_type: InputType | None = None
+    include_raw_outputs: bool = False
+    encoded_image_signature: bool = True
+    prune: bool = True
+    raw_scores_columns: int | None = None
+    per_class_boxes: bool = False
+
+    def __post_init__(self):
+        if self.input_type is not None:
+            validation.choice("input_type", self.input_type, INPUT_TYPES)
+        for name in ("include_raw_outputs", "encoded_image_signature", "prune",
+                     "per_class_boxes"):
+            validation.boolean(name, getattr(self, name))
+        if self.raw_scores_columns is not None:
+            validation.integer("raw_scores_columns", self.raw_scores_columns, minimum=1)
 
 
 def _shape_tuple(shape: tf.TensorShape) -> tuple[int | None, ...]:
@@ -368,13 +405,13 @@ def _build_module(
     *,
     metadata_json: str,
     metadata_asset_path: str,
-    include_raw_outputs: bool,
-    encoded_image_signature: bool,
-    raw_scores_columns: int | None,
-    per_class_boxes: bool,
+    options: ModelOptions,
 ) -> tuple[_ExportModule, dict[str, Any]]:
     from tfcal.layers import PostProcessor
 
+    include_raw_outputs = options.include_raw_outputs
+    raw_scores_columns = options.raw_scores_columns
+    per_class_boxes = options.per_class_boxes
     post = PostProcessor.from_postprocess_config(config)
     module = _ExportModule(post, metadata_asset_path)
     signatures: dict[str, Any] = {}
@@ -443,11 +480,11 @@ def _build_module(
         module.serve = serve
         signatures["serving_default"] = serve.get_concrete_function()
 
-        if encoded_image_signature and info.input_type != "tf_example":
+        if options.encoded_image_signature and info.input_type != "tf_example":
             enc = _encoded_image_fn(module, info, raw_fn)
             module.encoded_image = enc
             signatures["encoded_image"] = enc.get_concrete_function()
-        elif encoded_image_signature:
+        elif options.encoded_image_signature:
             logger.info("no encoded_image signature: the detector takes tf.train.Example input")
         signatures["postprocess_only"] = postprocess_only.get_concrete_function()
     signatures["metadata"] = metadata.get_concrete_function()
@@ -490,16 +527,12 @@ def save_export(
     output_dir: str | os.PathLike,
     postprocess_config,
     detector: Detector | None = None,
-    *,
-    include_raw_outputs: bool = False,
-    encoded_image_signature: bool = True,
-    raw_scores_columns: int | None = None,
-    per_class_boxes: bool = False,
+    options: ModelOptions = ModelOptions(),
 ) -> ExportResult:
     """Writes the SavedModel into `output_dir` (which must exist and be empty; no atomicity here).
 
-    Args: as `export_detector`; `detector=None` writes a `postprocess_only` model whose
-    `serving_default` takes raw boxes and scores.
+    Args: as `export_detector`, with the loaded `detector`; `detector=None` writes a
+    `postprocess_only` model whose `serving_default` takes raw boxes and scores.
     """
     config = load_postprocess_config(postprocess_config)
     output_dir = Path(output_dir)
@@ -516,10 +549,7 @@ def save_export(
             detector,
             metadata_json=meta_json,
             metadata_asset_path=str(asset_path),
-            include_raw_outputs=include_raw_outputs,
-            encoded_image_signature=encoded_image_signature,
-            raw_scores_columns=raw_scores_columns,
-            per_class_boxes=per_class_boxes,
+            options=options,
         )
         tf.saved_model.save(module, str(output_dir), signatures=signatures)
     finally:
@@ -532,63 +562,54 @@ def save_export(
     )
 
 
+def load_described(detector: DetectorDescription, options: ModelOptions) -> Detector:
+    """`load_detector` for a `DetectorDescription` (its SavedModel, signature and raw output
+    keys), with the input type and pruning of `options`."""
+    if detector.saved_model is None:
+        raise TfcalError("detector.saved_model: needed to export a detector (None exports a "
+                         "postprocess_only model)")
+    return load_detector(
+        detector.saved_model,
+        signature_key=detector.signature,
+        input_type=options.input_type,
+        raw_boxes_key=detector.raw_boxes,
+        raw_scores_key=detector.raw_scores,
+        prune=options.prune,
+    )
+
+
 def export_detector(
-    detector_dir: str | os.PathLike | None,
+    detector: DetectorDescription | None,
     postprocess_config,
     output_dir: str | os.PathLike,
+    options: ModelOptions = ModelOptions(),
     *,
     overwrite: bool = False,
-    signature_key: str = "serving_default",
-    input_type: InputType | None = None,
-    raw_boxes_key: str = "raw_detection_boxes",
-    raw_scores_key: str = "raw_detection_scores",
-    include_raw_outputs: bool = False,
-    encoded_image_signature: bool = True,
-    prune: bool = True,
-    raw_scores_columns: int | None = None,
-    per_class_boxes: bool = False,
 ) -> ExportResult:
     """Wraps an OD API detector with the tuned post-processing and saves it atomically.
 
     Args:
-      detector_dir: the detector SavedModel; None writes a `postprocess_only` model (raw boxes
-        and scores in, detections out).
+      detector: the detector's `DetectorDescription` (SavedModel, signature, raw output keys);
+        None writes a `postprocess_only` model (raw boxes and scores in, detections out).
       postprocess_config: a `PostProcessConfig`, a `postprocess.json` path or its dict.
       output_dir: the new SavedModel directory (written to a temporary sibling, then renamed).
+      options: what the SavedModel holds, the `ModelOptions`; default `ModelOptions()`.
       overwrite: replace an existing `output_dir`; otherwise an existing one raises.
-      signature_key, input_type, raw_boxes_key, raw_scores_key, prune: see `load_detector`.
-      include_raw_outputs: also return the raw boxes and scores from `serving_default`.
-      encoded_image_signature: add the `encoded_image` signature (JPEG/PNG strings in).
-      raw_scores_columns: for `postprocess_only` models, the raw score columns `C`; default
-        `num_classes + background_column`.
-      per_class_boxes: for `postprocess_only` models, raw boxes are `[batch, N, K, 4]`.
 
     Returns:
       An `ExportResult`.
 
     Raises:
       TfcalError: bad detector or config. FileExistsError: `output_dir` exists, no `overwrite`.
+      TypeError: `detector` is not a `DetectorDescription`.
     """
-    detector = None
-    if detector_dir is not None:
-        detector = load_detector(
-            detector_dir,
-            signature_key=signature_key,
-            input_type=input_type,
-            raw_boxes_key=raw_boxes_key,
-            raw_scores_key=raw_scores_key,
-            prune=prune,
-        )
+    if detector is not None and not isinstance(detector, DetectorDescription):
+        raise TypeError(f"detector: expected a tfcal.handoff.DetectorDescription or None, got "
+                        f"{detector!r} (a SavedModel folder is "
+                        f"DetectorDescription(saved_model=...))")
+    loaded = None if detector is None else load_described(detector, options)
     with atomic.directory(output_dir, overwrite=overwrite) as tmp:
-        result = save_export(
-            tmp,
-            postprocess_config,
-            detector,
-            include_raw_outputs=include_raw_outputs,
-            encoded_image_signature=encoded_image_signature,
-            raw_scores_columns=raw_scores_columns,
-            per_class_boxes=per_class_boxes,
-        )
+        result = save_export(tmp, postprocess_config, loaded, options)
     return dataclasses.replace(result, path=Path(output_dir))
 
 

@@ -356,10 +356,8 @@ class ExportOptions:
       batching: the batching parameters file content; default `BatchingParameters()` (with
         `max_batch_size=1` when the detector's batch is fixed to 1).
       verify: run `verify.verify_export` on the new version before it is published.
-      input_type: the detector's input type, one of `odapi.INPUT_TYPES`; default: detected.
-      include_raw_outputs: also return the raw boxes and scores from `serving_default`.
-      encoded_image_signature: add the `encoded_image` signature (JPEG/PNG strings in).
-      prune: see `odapi.load_detector`.
+      model: what the SavedModel holds (input type, raw outputs, `encoded_image` signature,
+        pruning), the `odapi.ModelOptions`; default `ModelOptions()`.
     """
 
     export_root: Path
@@ -369,13 +367,12 @@ class ExportOptions:
     container_base_path: str = "/models"
     batching: BatchingParameters | None = None
     verify: bool = True
-    input_type: odapi.InputType | None = None
-    include_raw_outputs: bool = False
-    encoded_image_signature: bool = True
-    prune: bool = True
+    model: odapi.ModelOptions = odapi.ModelOptions()
 
     def __post_init__(self):
         _check_model_name(self.model_name)
+        if not isinstance(self.model, odapi.ModelOptions):
+            raise TypeError(f"model: expected an odapi.ModelOptions, got {self.model!r}")
         object.__setattr__(self, "export_root", Path(self.export_root))
         if not self.container_base_path.startswith("/"):
             raise TfcalError(
@@ -414,8 +411,9 @@ def export_for_serving(
     Args:
       detector_dir: the OD API detector SavedModel; None exports a `postprocess_only` model.
       postprocess_config: a `PostProcessConfig`, a `postprocess.json` path or its dict.
-      export_root, model_name, version, overwrite, container_base_path, batching, verify,
-      input_type, include_raw_outputs, encoded_image_signature, prune: see `ExportOptions`.
+      export_root, model_name, version, overwrite, container_base_path, batching, verify: see
+        `ExportOptions`.
+      input_type, include_raw_outputs, encoded_image_signature, prune: see `odapi.ModelOptions`.
       warmup_images: paths, encoded bytes or uint8 `[H, W, 3]` arrays for the warmup requests and
         the verification; default one small generated image. Use real images from your data.
       signature_key, raw_boxes_key, raw_scores_key: see `odapi.load_detector`.
@@ -433,8 +431,9 @@ def export_for_serving(
     options = ExportOptions(
         export_root=Path(export_root), model_name=model_name, version=version,
         overwrite=overwrite, container_base_path=container_base_path, batching=batching,
-        verify=verify, input_type=input_type, include_raw_outputs=include_raw_outputs,
-        encoded_image_signature=encoded_image_signature, prune=prune)
+        verify=verify, model=odapi.ModelOptions(
+            input_type=input_type, include_raw_outputs=include_raw_outputs,
+            encoded_image_signature=encoded_image_signature, prune=prune))
     detector = None if detector_dir is None else DetectorDescription(
         saved_model=str(detector_dir), signature=signature_key, raw_boxes=raw_boxes_key,
         raw_scores=raw_scores_key)
@@ -497,14 +496,7 @@ def _export(config: PostProcessConfig, description: DetectorDescription | None,
 
     detector = None
     if description is not None:
-        detector = odapi.load_detector(
-            description.saved_model,
-            signature_key=description.signature,
-            input_type=options.input_type,
-            raw_boxes_key=description.raw_boxes,
-            raw_scores_key=description.raw_scores,
-            prune=options.prune,
-        )
+        detector = odapi.load_described(description, options.model)
         _check_columns(config, detector.info, config_source)
     if detector is not None:
         images = list(warmup_images) or [default_warmup_image()]
@@ -522,25 +514,18 @@ def _export(config: PostProcessConfig, description: DetectorDescription | None,
         atomic.remove_stale(folder, what="an interrupted export")
     tmp = atomic.mkdtemp(model_dir, "version")
     try:
-        result = odapi.save_export(
-            tmp,
-            config,
-            detector,
-            include_raw_outputs=options.include_raw_outputs,
-            encoded_image_signature=options.encoded_image_signature,
-        )
+        result = odapi.save_export(tmp, config, detector, options.model)
         write_warmup_requests(tmp / "assets.extra" / WARMUP_FILE, feeds, model_name=model_name)
         report = None
         if options.verify:
             reference_raw = _original_raw_outputs(detector, feeds[0]) if detector else None
-            report = verify_mod.verify_export(
-                tmp,
-                config,
-                feeds[0],
+            sample = verify_mod.VerificationSample(
+                inputs=feeds[0],
                 encoded_images=encoded[:1] if "encoded_image" in result.signatures else (),
-                detector=detector.info if detector else None,
                 reference_raw=reference_raw,
             )
+            report = verify_mod.verify_export(tmp, config, sample,
+                                              detector.info if detector else None)
             logger.info("verification passed: %s", report.summary())
         os.chmod(tmp, 0o777 & ~atomic.umask())  # private while written, then as mkdir makes
         # One lock for the export root: the version rename and models.config (which lists

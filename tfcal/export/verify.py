@@ -28,10 +28,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
+from tfcal import validation
 from tfcal.export import odapi
 
 logger = logging.getLogger(__name__)
@@ -262,61 +263,117 @@ def _compare(
     report.add(f"{name} parity", diff <= atol, f"max abs diff {diff:.3e} (atol {atol:.0e})")
 
 
+@dataclasses.dataclass(frozen=True)
+class VerifyOptions:
+    """How `verify_export` checks (validated here, once).
+
+    Attributes:
+      atol: largest allowed absolute difference to the in-process PostProcessor (>= 0),
+        default 1e-5.
+      run_saved_model_cli: also run `saved_model_cli run` (the TF1 loader), default True.
+      timeout: seconds allowed for each subprocess (> 0), default 600.
+      raise_on_failure: raise `ExportVerificationError` when a check fails, default True.
+    """
+
+    atol: float = 1e-5
+    run_saved_model_cli: bool = True
+    timeout: float = 600.0
+    raise_on_failure: bool = True
+
+    def __post_init__(self):
+        for name, positive in (("atol", False), ("timeout", True)):
+            value = getattr(self, name)
+            if not validation.is_number(value) or value < 0 or (positive and value == 0):
+                raise ValueError(f"{name}: expected a finite number {'>' if positive else '>='} "
+                                 f"0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        validation.boolean("run_saved_model_cli", self.run_saved_model_cli)
+        validation.boolean("raise_on_failure", self.raise_on_failure)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VerificationSample:
+    """The one sample `verify_export` runs the exported model on.
+
+    Attributes:
+      inputs: one `serving_default` feed, input name -> array with a batch dimension (uint8 or
+        float32 `[B, H, W, 3]`, bytes object `[B]`; for `postprocess_only` models the raw boxes
+        float32 `[B, N, 4]` and scores float32 `[B, N, C]`).
+      encoded_images: JPEG/PNG bytes of the same images as `inputs` (same order) to check the
+        `encoded_image` signature against `serving_default`'s reference; () skips it.
+      reference_raw: the original detector's raw outputs on `inputs` (keys as the detector's
+        raw keys), reported as `raw_vs_detector_max_abs_diff` (informational); None: not at hand.
+    """
+
+    inputs: Mapping[str, np.ndarray]
+    encoded_images: tuple[bytes, ...] = ()
+    reference_raw: Mapping[str, np.ndarray] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.inputs, Mapping) or not self.inputs:
+            raise ValueError(f"inputs: expected a non-empty mapping of input name -> array, "
+                             f"got {self.inputs!r}")
+        object.__setattr__(self, "encoded_images", tuple(self.encoded_images))
+        for image in self.encoded_images:
+            if not isinstance(image, bytes):
+                raise TypeError(f"encoded_images: expected bytes, got {type(image).__name__}")
+
+
 def verify_export(
     saved_model_dir: str | os.PathLike,
     postprocess_config,
-    inputs: Mapping[str, np.ndarray],
-    *,
-    encoded_images: Sequence[bytes] = (),
+    sample: VerificationSample,
     detector: odapi.DetectorInfo | None = None,
-    reference_raw: Mapping[str, np.ndarray] | None = None,
-    atol: float = 1e-5,
-    run_saved_model_cli: bool = True,
-    timeout: float = 600.0,
-    raise_on_failure: bool = True,
+    options: VerifyOptions = VerifyOptions(),
 ) -> VerificationReport:
     """Verifies an exported SavedModel (see the module docstring for the checks).
 
     Args:
       saved_model_dir: the SavedModel (a version directory).
       postprocess_config: the `PostProcessConfig` (or path/dict) it was exported with.
-      inputs: one `serving_default` feed, input name -> array with a batch dimension (uint8 or
-        float32 `[B, H, W, 3]`, bytes object `[B]`; for `postprocess_only` models the raw boxes
-        float32 `[B, N, 4]` and scores float32 `[B, N, C]`).
-      encoded_images: JPEG/PNG bytes of the same images as `inputs` (same order) to check the
-        `encoded_image` signature against `serving_default`'s reference; () skips it.
+      sample: the `VerificationSample` to run the model on.
       detector: the wrapped detector's info, None for `postprocess_only` models.
-      reference_raw: the original detector's raw outputs on `inputs` (keys as the detector's raw
-        keys), reported as `raw_vs_detector_max_abs_diff` (informational).
-      atol: largest allowed absolute difference to the in-process PostProcessor, default 1e-5.
-      run_saved_model_cli: also run `saved_model_cli run`.
-      timeout: seconds allowed for each subprocess.
-      raise_on_failure: raise `ExportVerificationError` when a check fails.
+      options: the `VerifyOptions`; default `VerifyOptions()`.
 
     Returns:
       A `VerificationReport`.
 
     Raises:
-      ExportVerificationError: a check failed (and `raise_on_failure`).
+      ExportVerificationError: a check failed (and `options.raise_on_failure`).
     """
-    import tensorflow as tf
-    from tfcal.layers import PostProcessor
-
     start = time.perf_counter()
     config = odapi.load_postprocess_config(postprocess_config)
     saved_model_dir = Path(saved_model_dir)
+    sha = odapi.config_sha256(config)
     report = VerificationReport(saved_model_dir=str(saved_model_dir))
     specs = read_signature_specs(saved_model_dir)
     _check_specs(report, specs, config, detector)
+    _check_metadata_asset(report, saved_model_dir, sha)
+    _check_detector_nms(report, saved_model_dir, specs, detector)
+    fresh, cli = _run_fresh_processes(report, saved_model_dir, sample, options)
+    if fresh is not None:
+        _check_fresh_results(report, config, sha, sample, detector, fresh, cli, options.atol)
+    report.seconds = time.perf_counter() - start
+    if options.raise_on_failure and not report.passed:
+        raise ExportVerificationError(
+            f"{saved_model_dir}: verification failed: " + "; ".join(report.failures())
+        )
+    return report
 
+
+def _check_metadata_asset(report: VerificationReport, saved_model_dir: Path, sha: str) -> None:
+    """The assets file holds the config's hash."""
     asset = saved_model_dir / "assets" / odapi.METADATA_ASSET
-    sha = odapi.config_sha256(config)
     try:
         asset_meta = json.loads(asset.read_text(encoding="utf-8"))
         report.add("metadata asset", asset_meta.get("config_sha256") == sha, f"config_sha256 {sha}")
     except (OSError, ValueError) as err:
         report.add("metadata asset", False, f"{asset}: {err}")
 
+
+def _check_detector_nms(report: VerificationReport, saved_model_dir: Path, specs,
+                        detector: odapi.DetectorInfo | None) -> None:
+    """Counts the NMS ops per signature; a pruned detector adds none to `serving_default`."""
     report.nms_ops = {
         key: odapi.count_nms_ops(saved_model_dir, key) for key in specs if key != "metadata"
     }
@@ -329,11 +386,18 @@ def verify_export(
             f"serving_default {served}, PostProcessor alone {own}",
         )
 
+
+def _run_fresh_processes(
+    report: VerificationReport, saved_model_dir: Path, sample: VerificationSample,
+    options: VerifyOptions,
+) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray] | None]:
+    """Runs the model in a fresh Python process and (optionally) in `saved_model_cli run`,
+    concurrently; returns their outputs (None for a run that failed)."""
     with tempfile.TemporaryDirectory(prefix="tfcal_verify_") as work:
         work = Path(work)
-        feed = {f"serving_default/{k}": np.asarray(v) for k, v in inputs.items()}
-        if encoded_images:
-            feed["encoded_image"] = np.array(list(encoded_images), dtype=object)
+        feed = {f"serving_default/{k}": np.asarray(v) for k, v in sample.inputs.items()}
+        if sample.encoded_images:
+            feed["encoded_image"] = np.array(list(sample.encoded_images), dtype=object)
         np.savez(work / "in.npz", **feed)
         procs = {
             "fresh_process": subprocess.Popen(
@@ -351,9 +415,9 @@ def verify_export(
                 env=_subprocess_env(),
             )
         }
-        if run_saved_model_cli:
+        if options.run_saved_model_cli:
             cli_inputs = []
-            for k, v in inputs.items():
+            for k, v in sample.inputs.items():
                 v = np.asarray(v)
                 if v.dtype == object:
                     v = v.astype(bytes)  # fixed-width bytes: saved_model_cli loads without pickle
@@ -381,6 +445,7 @@ def verify_export(
                 env=_subprocess_env(),
             )
         results = {}
+        timeout = options.timeout
         for name, proc in procs.items():
             try:
                 _, err = proc.communicate(timeout=timeout)
@@ -399,50 +464,56 @@ def verify_export(
         cli = None
         if results.get("saved_model_cli") == 0:
             cli = {p.stem: np.load(p) for p in (work / "cli").glob("*.npy")}
+    return fresh, cli
 
-    if fresh is not None:
-        report.signatures = tuple(str(s) for s in fresh["signatures"])
-        meta = json.loads(str(fresh["metadata"]))
+
+def _check_fresh_results(
+    report: VerificationReport, config, sha: str, sample: VerificationSample,
+    detector: odapi.DetectorInfo | None, fresh: Mapping[str, np.ndarray],
+    cli: Mapping[str, np.ndarray] | None, atol: float,
+) -> None:
+    """The fresh process's metadata, and each run's parity with the in-process PostProcessor
+    applied to the exported model's own raw outputs."""
+    import tensorflow as tf
+    from tfcal.layers import PostProcessor
+
+    report.signatures = tuple(str(s) for s in fresh["signatures"])
+    meta = json.loads(str(fresh["metadata"]))
+    report.add(
+        "metadata signature value", meta.get("config_sha256") == sha, f"config_sha256 {sha}"
+    )
+    if detector is not None:
+        boxes = fresh.get(f"raw/{detector.raw_boxes_key}")
+        scores = fresh.get(f"raw/{detector.raw_scores_key}")
+    else:
+        boxes = sample.inputs["raw_detection_boxes"]
+        scores = sample.inputs["raw_detection_scores"]
+    if boxes is None or scores is None:
         report.add(
-            "metadata signature value", meta.get("config_sha256") == sha, f"config_sha256 {sha}"
+            "raw outputs", False, "the exported model has no detector_raw_outputs function"
         )
-        if detector is not None:
-            boxes = fresh.get(f"raw/{detector.raw_boxes_key}")
-            scores = fresh.get(f"raw/{detector.raw_scores_key}")
-        else:
-            boxes, scores = inputs["raw_detection_boxes"], inputs["raw_detection_scores"]
-        if boxes is None or scores is None:
-            report.add(
-                "raw outputs", False, "the exported model has no detector_raw_outputs function"
+        return
+    layer = PostProcessor.from_postprocess_config(config)
+    expected = {
+        k: np.asarray(v, dtype=np.float32)
+        for k, v in layer(
+            tf.constant(boxes, tf.float32), tf.constant(scores, tf.float32)
+        ).items()
+        if k in odapi.DETECTION_KEYS
+    }
+    report.num_detections = [int(n) for n in expected["num_detections"]]
+    _compare(report, "fresh_process", _strip(fresh, "serving_default/"), expected, atol)
+    if cli is not None:
+        _compare(report, "saved_model_cli", cli, expected, atol)
+    if sample.encoded_images:
+        _compare(report, "encoded_image", _strip(fresh, "encoded_image/"), expected, atol)
+    if sample.reference_raw is not None and detector is not None:
+        report.raw_vs_detector_max_abs_diff = max(
+            float(
+                np.max(np.abs(np.asarray(sample.reference_raw[k], np.float64) - fresh[f"raw/{k}"]))
             )
-        else:
-            layer = PostProcessor.from_postprocess_config(config)
-            expected = {
-                k: np.asarray(v, dtype=np.float32)
-                for k, v in layer(
-                    tf.constant(boxes, tf.float32), tf.constant(scores, tf.float32)
-                ).items()
-                if k in odapi.DETECTION_KEYS
-            }
-            report.num_detections = [int(n) for n in expected["num_detections"]]
-            _compare(report, "fresh_process", _strip(fresh, "serving_default/"), expected, atol)
-            if cli is not None:
-                _compare(report, "saved_model_cli", cli, expected, atol)
-            if encoded_images:
-                _compare(report, "encoded_image", _strip(fresh, "encoded_image/"), expected, atol)
-            if reference_raw is not None and detector is not None:
-                report.raw_vs_detector_max_abs_diff = max(
-                    float(
-                        np.max(np.abs(np.asarray(reference_raw[k], np.float64) - fresh[f"raw/{k}"]))
-                    )
-                    for k in (detector.raw_boxes_key, detector.raw_scores_key)
-                )
-    report.seconds = time.perf_counter() - start
-    if raise_on_failure and not report.passed:
-        raise ExportVerificationError(
-            f"{saved_model_dir}: verification failed: " + "; ".join(report.failures())
+            for k in (detector.raw_boxes_key, detector.raw_scores_key)
         )
-    return report
 
 
 def _strip(results: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

@@ -1,5 +1,6 @@
-"""Tuning: the job split by owner (prepare, detections, objectives, calibrate, search, evaluate,
-report; `pipeline` orders them); re-exports the split, candidate collection and the search."""
+"""Tuning: the job split by owner (prepare, detections, objectives, calibrate, search, tune,
+evaluate, report; `pipeline` orders them); re-exports the split, candidate collection and the
+search."""
 
 from tfcal.tuning.candidates import Candidates, collect_candidates
 from tfcal.tuning.search import (

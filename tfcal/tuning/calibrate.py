@@ -46,9 +46,3 @@ def fit_calibration(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
                                        min_samples=cfg.calibration.min_samples)
     return pooled.broadcast(prep.num_classes)
 
-
-def calibration_fields(calib) -> dict:
-    """The `PostProcessConfig` fields of a fitted calibration (or of none)."""
-    if calib is None:
-        return {"calibration": "none"}
-    return calib.config_fields()

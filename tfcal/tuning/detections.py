@@ -15,13 +15,14 @@ import numpy as np
 import tensorflow as tf
 
 from tfcal import calibration
+from tfcal.calibration import PerClassCalibration
 from tfcal.coco.matching import Detections, match_detections
 from tfcal.config import Config
 from tfcal.layers import PostProcessor
 from tfcal.postprocess import PostProcessConfig
 from tfcal.tuning.candidates import collect_candidates
 from tfcal.tuning.prepare import Prepared
-from tfcal.tuning.search import MatchedDetections
+from tfcal.tuning.search import MatchedDetections, SearchResult
 
 #: The detector's own post-processing we compare against (the OD API default).
 ODAPI_DEFAULT_SCORE_THRESH = 1e-8
@@ -54,20 +55,44 @@ class FlatDetections:
                      for f in ("image_index", "column", "score", "boxes")))
 
 
-def postprocess_config(cfg: Config, prep: Prepared, **fields) -> PostProcessConfig:
-    """The job's `PostProcessConfig` (classes, score space, detection limits, class ids) with
-    the tuned `fields` (thresholds, IoUs, calibration, ...)."""
-    base = dict(
+def postprocess_config(cfg: Config, prep: Prepared, *, min_score_thresh: tuple[float, ...],
+                       nms_iou: tuple[float, ...], class_enabled: tuple[bool, ...] = (),
+                       calibration: PerClassCalibration | None = None) -> PostProcessConfig:
+    """The job's `PostProcessConfig`: the config's classes, score space, detection limits and
+    class ids, with these tuned numbers.
+
+    Args:
+      min_score_thresh: 1 or K thresholds in `[0, 1]`.
+      nms_iou: 1 or K NMS IoUs in `[0, 1]`.
+      class_enabled: () (all enabled) or K booleans.
+      calibration: the fitted calibration (its method and parameters), or None: no calibration.
+    """
+    return PostProcessConfig(
         num_classes=prep.num_classes,
         score_converter=cfg.model.score_converter,
         background_column=cfg.model.background_column,
+        calibration="none" if calibration is None else calibration.method,
+        calibration_params=None if calibration is None else calibration.params,
+        min_score_thresh=min_score_thresh,
+        class_enabled=class_enabled,
+        nms_iou=nms_iou,
         max_detections_per_class=cfg.tuning.max_detections_per_class,
         max_total_detections=cfg.tuning.max_total_detections,
         label_offset=cfg.model.label_offset,
         class_ids=tuple(int(c) for c in prep.mapping.column_category_ids),
     )
-    base.update(fields)
-    return PostProcessConfig(**base)
+
+
+def tuned_postprocess_config(cfg: Config, prep: Prepared, calibration: PerClassCalibration | None,
+                             found: SearchResult) -> PostProcessConfig:
+    """The `PostProcessConfig` of a search: its per-class thresholds, IoUs and enabled classes
+    (a column no annotated category maps to cannot be checked, so it is never emitted), with
+    `calibration` (None: no calibration)."""
+    used = prep.mapping.column_category_ids >= 0
+    return postprocess_config(
+        cfg, prep, calibration=calibration, min_score_thresh=found.min_score_thresh,
+        nms_iou=found.nms_iou,
+        class_enabled=tuple(bool(e and u) for e, u in zip(found.class_enabled, used)))
 
 
 def default_postprocess_config(cfg: Config, prep: Prepared, nms_iou: float) -> PostProcessConfig:

@@ -27,73 +27,16 @@ import tfcal
 from tfcal import TfcalError, atomic, locks, rundir
 from tfcal.coco.cache import file_sha256
 from tfcal.config import Config
-from tfcal.export import ExportOptions, export_handoff
+from tfcal.export import ExportOptions, ModelOptions, export_handoff
 from tfcal.handoff import DETECTOR_FILE, POSTPROCESS_FILE, DetectorDescription
 from tfcal.postprocess import PostProcessConfig
 from tfcal.tuning import baseline, report as report_lib
-from tfcal.tuning.calibrate import calibration_fields, fit_calibration
-from tfcal.tuning.detections import matched_candidates, postprocess_config
 from tfcal.tuning.evaluate import HoldoutEvidence, collect_evidence, holdout_report
-from tfcal.tuning.objectives import objectives
 from tfcal.tuning.prepare import Prepared, prepare
-from tfcal.tuning.search import UnreachableTargetError, joint_search, pooled_search
 from tfcal.tuning.split import kfold, split_images
+from tfcal.tuning.tune import learn_split, tune_on, uses_learn_split
 
 log = logging.getLogger(__name__)
-
-
-def learn_split(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
-    """`(learn_idx, certify_idx)`: the tune images split, stratified by class presence and seeded
-    by `data.seed`, `tuning.learn_fraction` of them to plan the certified tests."""
-    ids = prep.dataset.image_ids[tune_idx]
-    presence = prep.class_presence()[tune_idx]
-    cert_ids, learn_ids = split_images(ids, presence, holdout_fraction=cfg.tuning.learn_fraction,
-                                       seed=cfg.data.seed + 1)
-    return (np.sort(prep.dataset.image_index(learn_ids)),
-            np.sort(prep.dataset.image_index(cert_ids)))
-
-
-def _uses_learn_split(cfg: Config, prep: Prepared, num_tune: int) -> bool:
-    """Certified objectives with `tuning.learn_fraction > 0` split the tune images again (when
-    there are at least 2; with fewer the grid is paid for by Bonferroni instead)."""
-    objective, overrides = objectives(cfg, prep)
-    certified = objective.certified or any(o.certified for o in overrides.values())
-    if not (certified and cfg.tuning.learn_fraction > 0):
-        return False
-    if num_tune < 2:
-        log.warning("certification: %d tune image cannot be split into learn and certify "
-                    "parts; the NMS IoU grid is paid for by Bonferroni instead", num_tune)
-        return False
-    return True
-
-
-def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
-    """The per-class joint search (or, with `tuning.scope: pooled`, the one shared decision)
-    over the tune split's calibrated candidates."""
-    t = cfg.tuning
-    objective, overrides = objectives(cfg, prep)
-    learn = None
-    if _uses_learn_split(cfg, prep, len(tune_idx)):
-        learn_idx, cert_idx = learn_split(cfg, prep, tune_idx)
-        log.info("certification: %d tune images plan the tests, %d certify them",
-                 len(learn_idx), len(cert_idx))
-        learn = matched_candidates(cfg, prep, calib, learn_idx)
-        matched = matched_candidates(cfg, prep, calib, cert_idx)
-    else:
-        matched = matched_candidates(cfg, prep, calib, tune_idx)
-    if t.scope == "pooled":
-        return pooled_search(matched, objective, default_nms_iou=t.default_nms_iou, learn=learn)
-    try:
-        return joint_search(matched, objective, overrides=overrides,
-                            default_nms_iou=t.default_nms_iou, min_support=t.min_support,
-                            confidence_budget=t.confidence_budget, learn=learn)
-    except UnreachableTargetError as e:
-        names = ", ".join(prep.column_label(c, f", {n} ground truths")
-                          for c, n in zip(e.columns, e.num_gt))
-        raise TfcalError(f"{cfg.source}: tuning.on_unreachable: error, and the target "
-                         f"({t.objective}) is unreachable on the tune split for {names}; "
-                         f"relax the target, or set on_unreachable to disable or "
-                         f"best_effort") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,28 +79,6 @@ class TuneResult:
 
 def _f(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-
-
-def tune_on(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
-    """Calibration fit and search on the images `tune_idx`; returns (calib, found, ppc)."""
-    calib = fit_calibration(cfg, prep, tune_idx)
-    used = prep.mapping.column_category_ids >= 0
-    if calib is not None:
-        log.info("calibration: %s fitted on %d images (%d categories shrunk toward the pooled "
-                 "fit)", calib.method, len(tune_idx),
-                 sum(bool(used[k]) for k in calib.fallback_classes))
-    found = search(cfg, prep, calib, tune_idx)
-    mapped = [c for c in found.classes if used[c.column]]
-    log.info("search: %d categories ok, %d unreachable, %d insufficient data",
-             *(sum(c.status == s for c in mapped)
-               for s in ("ok", "unreachable", "insufficient_data")))
-    ppc = postprocess_config(cfg, prep, **calibration_fields(calib),
-                             **found.postprocess_fields())
-    if not used.all():
-        # A column no annotated category maps to cannot be checked: never emit it.
-        enabled = np.asarray(ppc.enabled()) & used
-        ppc = ppc.replace(class_enabled=tuple(bool(e) for e in enabled))
-    return calib, found, ppc
 
 
 def run_tune(cfg: Config, *, export: bool = True) -> TuneResult:
@@ -215,7 +136,7 @@ def _tune(cfg: Config, *, export: bool) -> TuneResult:
                  "holdout_images": int(len(eval_idx)),
                  "tune_image_ids": [int(i) for i in ids[tune_idx]],
                  "holdout_image_ids": [int(i) for i in ids[eval_idx]]}
-        if _uses_learn_split(cfg, prep, len(tune_idx)):
+        if uses_learn_split(cfg, prep, len(tune_idx)):
             learn_idx, cert_idx = learn_split(cfg, prep, tune_idx)
             split.update(learn_images=int(len(learn_idx)), certify_images=int(len(cert_idx)),
                          learn_image_ids=[int(i) for i in ids[learn_idx]])
@@ -328,7 +249,8 @@ def _export_options(cfg: Config, detector: DetectorDescription | None, *, versio
     return ExportOptions(export_root=e.dir, model_name=name,
                          version=version if version is not None else e.version,
                          overwrite=e.overwrite if overwrite is None else overwrite,
-                         verify=e.verify, include_raw_outputs=e.include_raw_outputs)
+                         verify=e.verify,
+                         model=ModelOptions(include_raw_outputs=e.include_raw_outputs))
 
 
 def _export(cfg: Config, ppc: PostProcessConfig, detector: DetectorDescription,

@@ -355,14 +355,20 @@ class SearchResult:
     iou_table: np.ndarray
     pooled: ClassChoice | None = None
 
-    def postprocess_fields(self) -> dict[str, tuple]:
-        """Returns the `PostProcessConfig` fields this search sets: `min_score_thresh` (K floats),
-        `nms_iou` (K floats) and `class_enabled` (K bools)."""
-        return {
-            "min_score_thresh": tuple(float(c.min_score_thresh) for c in self.classes),
-            "nms_iou": tuple(float(c.nms_iou) for c in self.classes),
-            "class_enabled": tuple(bool(c.enabled) for c in self.classes),
-        }
+    @property
+    def min_score_thresh(self) -> tuple[float, ...]:
+        """The `PostProcessConfig.min_score_thresh` this search sets, K floats."""
+        return tuple(float(c.min_score_thresh) for c in self.classes)
+
+    @property
+    def nms_iou(self) -> tuple[float, ...]:
+        """The `PostProcessConfig.nms_iou` this search sets, K floats."""
+        return tuple(float(c.nms_iou) for c in self.classes)
+
+    @property
+    def class_enabled(self) -> tuple[bool, ...]:
+        """The `PostProcessConfig.class_enabled` this search sets, K bools."""
+        return tuple(bool(c.enabled) for c in self.classes)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,94 @@
+"""The tuning of one set of images: the calibration fit, then the certified per-class search
+over the calibrated candidates (planned on a learn part of the images when the objectives are
+certified), and the `PostProcessConfig` they give.
+
+`tune_on` is what `tuning.pipeline` runs once per holdout split or fold; `learn_split` and
+`uses_learn_split` say how the tune images are divided for certification.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from tfcal import TfcalError
+from tfcal.config import Config
+from tfcal.tuning.calibrate import fit_calibration
+from tfcal.tuning.detections import matched_candidates, tuned_postprocess_config
+from tfcal.tuning.objectives import objectives
+from tfcal.tuning.prepare import Prepared
+from tfcal.tuning.search import UnreachableTargetError, joint_search, pooled_search
+from tfcal.tuning.split import split_images
+
+log = logging.getLogger(__name__)
+
+
+def learn_split(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
+    """`(learn_idx, certify_idx)`: the tune images split, stratified by class presence and seeded
+    by `data.seed`, `tuning.learn_fraction` of them to plan the certified tests."""
+    ids = prep.dataset.image_ids[tune_idx]
+    presence = prep.class_presence()[tune_idx]
+    cert_ids, learn_ids = split_images(ids, presence, holdout_fraction=cfg.tuning.learn_fraction,
+                                       seed=cfg.data.seed + 1)
+    return (np.sort(prep.dataset.image_index(learn_ids)),
+            np.sort(prep.dataset.image_index(cert_ids)))
+
+
+def uses_learn_split(cfg: Config, prep: Prepared, num_tune: int) -> bool:
+    """Certified objectives with `tuning.learn_fraction > 0` split the tune images again (when
+    there are at least 2; with fewer the grid is paid for by Bonferroni instead)."""
+    objective, overrides = objectives(cfg, prep)
+    certified = objective.certified or any(o.certified for o in overrides.values())
+    if not (certified and cfg.tuning.learn_fraction > 0):
+        return False
+    if num_tune < 2:
+        log.warning("certification: %d tune image cannot be split into learn and certify "
+                    "parts; the NMS IoU grid is paid for by Bonferroni instead", num_tune)
+        return False
+    return True
+
+
+def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
+    """The per-class joint search (or, with `tuning.scope: pooled`, the one shared decision)
+    over the tune split's calibrated candidates."""
+    t = cfg.tuning
+    objective, overrides = objectives(cfg, prep)
+    learn = None
+    if uses_learn_split(cfg, prep, len(tune_idx)):
+        learn_idx, cert_idx = learn_split(cfg, prep, tune_idx)
+        log.info("certification: %d tune images plan the tests, %d certify them",
+                 len(learn_idx), len(cert_idx))
+        learn = matched_candidates(cfg, prep, calib, learn_idx)
+        matched = matched_candidates(cfg, prep, calib, cert_idx)
+    else:
+        matched = matched_candidates(cfg, prep, calib, tune_idx)
+    if t.scope == "pooled":
+        return pooled_search(matched, objective, default_nms_iou=t.default_nms_iou, learn=learn)
+    try:
+        return joint_search(matched, objective, overrides=overrides,
+                            default_nms_iou=t.default_nms_iou, min_support=t.min_support,
+                            confidence_budget=t.confidence_budget, learn=learn)
+    except UnreachableTargetError as e:
+        names = ", ".join(prep.column_label(c, f", {n} ground truths")
+                          for c, n in zip(e.columns, e.num_gt))
+        raise TfcalError(f"{cfg.source}: tuning.on_unreachable: error, and the target "
+                         f"({t.objective}) is unreachable on the tune split for {names}; "
+                         f"relax the target, or set on_unreachable to disable or "
+                         f"best_effort") from None
+
+
+def tune_on(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
+    """Calibration fit and search on the images `tune_idx`; returns (calib, found, ppc)."""
+    calib = fit_calibration(cfg, prep, tune_idx)
+    used = prep.mapping.column_category_ids >= 0
+    if calib is not None:
+        log.info("calibration: %s fitted on %d images (%d categories shrunk toward the pooled "
+                 "fit)", calib.method, len(tune_idx),
+                 sum(bool(used[k]) for k in calib.fallback_classes))
+    found = search(cfg, prep, calib, tune_idx)
+    mapped = [c for c in found.classes if used[c.column]]
+    log.info("search: %d categories ok, %d unreachable, %d insufficient data",
+             *(sum(c.status == s for c in mapped)
+               for s in ("ok", "unreachable", "insufficient_data")))
+    return calib, found, tuned_postprocess_config(cfg, prep, calib, found)
