@@ -66,6 +66,8 @@ BAD = [
     (_with("tuning", "nms_iou_grid", 0.5), "tuning.nms_iou_grid: must be a list"),
     (_with("tuning", "default_nms_iou", 0.55), "tuning.default_nms_iou: must be one of"),
     (_with("tuning", "confidence", 1.0), "tuning.confidence: must be in (0, 1)"),
+    (_with("tuning", "c_fp", 0), "tuning.c_fp: must be > 0, got 0"),
+    (_with("tuning", "classes", {"car": {"beta": -1}}), "tuning.classes.car.beta: must be > 0"),
     (_with("tuning", "match_iou", float("nan")), "tuning.match_iou: must be finite"),
     (_with("tuning", "max_total_detections", 0), "tuning.max_total_detections: must be > 0"),
     (_with("tuning", "max_detections_per_class", 200),
@@ -128,3 +130,13 @@ def test_default_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
     cfg = load_config(path)
     assert cfg.output.dir == sub.resolve() / "runs" / "example"
     assert cfg.export.dir == sub.resolve() / "export"
+
+
+def test_config_and_objective_share_one_check():
+    # The same rule and words at the config boundary and in the Python API.
+    from tfcal.tuning.search import Objective
+
+    with pytest.raises(ValueError, match=r"^c_fp: must be > 0, got 0$"):
+        Objective(c_fp=0)
+    with pytest.raises(ValueError, match=r"^target_recall: must be in \(0, 1\], got 1.5$"):
+        Objective(target_recall=1.5)

@@ -22,6 +22,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from tfcal import TfcalError
+from tfcal.tuning.objective_kinds import check_fields
 
 ScoreConverter = Literal["sigmoid", "softmax", "identity"]
 CalibrationMethod = str  # a name in tfcal.calibration.names(), checked at load
@@ -114,13 +115,12 @@ class ClassOverride:
     """Per-class changes to the tuning target, keyed by category id or name."""
 
     objective: Objective | None = None
-    target_precision: float | None = dataclasses.field(
-        default=None, metadata=_check(_unit_open, "must be in (0, 1]"))
-    target_recall: float | None = dataclasses.field(
-        default=None, metadata=_check(_unit_open, "must be in (0, 1]"))
-    beta: float | None = dataclasses.field(default=None, metadata=_check(_positive, "must be > 0"))
-    c_fp: float | None = dataclasses.field(default=None, metadata=_check(_positive, "must be > 0"))
-    c_fn: float | None = dataclasses.field(default=None, metadata=_check(_positive, "must be > 0"))
+    # Ranges of the objective fields: tfcal.tuning.objective_kinds.check_fields, at load.
+    target_precision: float | None = None
+    target_recall: float | None = None
+    beta: float | None = None
+    c_fp: float | None = None
+    c_fn: float | None = None
     on_unreachable: OnUnreachable | None = None
 
 
@@ -129,16 +129,14 @@ class TuningConfig:
     """The per-class joint search of `min_score_thresh` and NMS IoU."""
 
     objective: Objective = "precision_target"
-    target_precision: float = dataclasses.field(
-        default=0.9, metadata=_check(_unit_open, "must be in (0, 1]"))
-    target_recall: float = dataclasses.field(
-        default=0.9, metadata=_check(_unit_open, "must be in (0, 1]"))
-    beta: float = dataclasses.field(default=1.0, metadata=_check(_positive, "must be > 0"))
-    c_fp: float = dataclasses.field(default=1.0, metadata=_check(_positive, "must be > 0"))
-    c_fn: float = dataclasses.field(default=1.0, metadata=_check(_positive, "must be > 0"))
+    # Ranges of the objective fields: tfcal.tuning.objective_kinds.check_fields, at load.
+    target_precision: float = 0.9
+    target_recall: float = 0.9
+    beta: float = 1.0
+    c_fp: float = 1.0
+    c_fn: float = 1.0
     # Target objectives are certified at this level by default; null is a point estimate.
-    confidence: float | None = dataclasses.field(
-        default=0.95, metadata=_check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"))
+    confidence: float | None = 0.95
     confidence_budget: ConfidenceBudget = "per_class"
     scope: Scope = "per_class"  # pooled: one threshold and IoU for all classes, on the pooled data
     # Certified mode: the share of tune images that plans each class's test (NMS IoU, start);
@@ -349,11 +347,31 @@ def _cross_checks(cfg: Config, fail) -> None:
                 fail(f"model.category_columns.{key}", "must be a column index >= 0", col)
     if cfg.data.annotations is None:
         fail("data.annotations", "is required")
+    _check_objectives(t, fail)
     if t.scope == "pooled" and t.classes:
         fail("tuning.classes", "per-class overrides need tuning.scope: per_class (pooled is one "
              "decision for every class)")
     if len(set(cfg.data.subgroups)) != len(cfg.data.subgroups):
         fail("data.subgroups", "must not repeat a field", list(cfg.data.subgroups))
+
+
+def _check_objectives(t: TuningConfig, fail) -> None:
+    """The objective fields of `tuning` and of each `tuning.classes` entry, by the check that
+    `tfcal.tuning.search.Objective` runs too."""
+    names = ("target_precision", "target_recall", "beta", "c_fp", "c_fn")
+    entries = [("tuning", dict(objective=t.objective, confidence=t.confidence,
+                               on_unreachable=t.on_unreachable,
+                               **{n: getattr(t, n) for n in names}))]
+    for key, ov in t.classes.items():
+        entries.append((f"tuning.classes.{key}", dict(
+            objective=ov.objective, on_unreachable=ov.on_unreachable,
+            **{n: getattr(ov, n) for n in names})))
+    for where, fields in entries:
+        try:
+            check_fields(**fields)
+        except ValueError as err:
+            field, _, message = str(err).partition(": ")
+            fail(f"{where}.{field}", message)
 
 
 def load_config(path: str | Path) -> Config:

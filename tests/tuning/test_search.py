@@ -308,7 +308,7 @@ def test_search_validation():
         joint_search({0.5: m[0.5], 0.7: _md([(0.9, 0, 1)], [4, 3])})
     with pytest.raises(ValueError, match="thresholds"):
         joint_search(m, thresholds=[])
-    with pytest.raises(ValueError, match="objective name"):
+    with pytest.raises(ValueError, match="objective: must be one of"):
         Objective("youden")
     with pytest.raises(ValueError, match="target_precision"):
         Objective(target_precision=0.0)

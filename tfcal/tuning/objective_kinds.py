@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["KINDS", "Kind", "Keys", "kind_of"]
+__all__ = ["KINDS", "ON_UNREACHABLE", "Kind", "Keys", "check_fields", "kind_of"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -148,3 +148,42 @@ def kind_of(name: str) -> Kind:
         return KINDS[name]
     except KeyError:
         raise ValueError(f"objective must be one of {tuple(KINDS)}, got {name!r}") from None
+
+
+#: What a class that cannot reach its target gets.
+ON_UNREACHABLE = ("disable", "best_effort", "error")
+
+
+def check_fields(**fields) -> None:
+    """Validates objective fields, the one check shared by the config loader and `Objective`.
+
+    Keywords (each optional, None skips it): `objective` (a `KINDS` name), `target_precision`
+    and `target_recall` in (0, 1], `beta`, `c_fp`, `c_fn` finite and > 0, `confidence` in
+    (0, 1), `on_unreachable` in `ON_UNREACHABLE`.
+
+    Raises:
+      ValueError: `"<field>: <what is wrong>, got <value>"`, for the first bad field.
+    """
+    def bad(field, what):
+        raise ValueError(f"{field}: {what}, got {fields[field]!r}")
+
+    for field, value in fields.items():
+        if value is None:
+            continue
+        if field == "objective":
+            if value not in KINDS:
+                bad(field, "must be one of " + " | ".join(KINDS))
+        elif field == "on_unreachable":
+            if value not in ON_UNREACHABLE:
+                bad(field, "must be one of " + " | ".join(ON_UNREACHABLE))
+        elif field in ("target_precision", "target_recall"):
+            if not 0.0 < value <= 1.0:
+                bad(field, "must be in (0, 1]")
+        elif field in ("beta", "c_fp", "c_fn"):
+            if not (np.isfinite(value) and value > 0):
+                bad(field, "must be > 0")
+        elif field == "confidence":
+            if not 0.0 < value < 1.0:
+                bad(field, "must be in (0, 1)")
+        else:
+            raise TypeError(f"check_fields: unknown field {field!r}")  # a bug, not user input

@@ -66,7 +66,7 @@ import numpy as np
 
 from tfcal import TfcalError, certification
 from tfcal.thresholds import clopper_pearson
-from tfcal.tuning.objective_kinds import KINDS, Counts, kind_of
+from tfcal.tuning.objective_kinds import KINDS, Counts, check_fields, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -120,21 +120,10 @@ class Objective:
     on_unreachable: OnUnreachable = "disable"
 
     def __post_init__(self):
-        if self.name not in KINDS:
-            raise ValueError(f"objective name must be one of {tuple(KINDS)}, got {self.name!r}")
-        if self.on_unreachable not in _POLICIES:
-            raise ValueError(f"on_unreachable must be one of {_POLICIES}, "
-                             f"got {self.on_unreachable!r}")
-        for field in ("target_precision", "target_recall"):
-            v = getattr(self, field)
-            if not 0.0 < v <= 1.0:
-                raise ValueError(f"{field} must be in (0, 1], got {v!r}")
-        for field in ("beta", "c_fp", "c_fn"):
-            v = getattr(self, field)
-            if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"{field} must be finite and > 0, got {v!r}")
-        if self.confidence is not None and not 0.0 < self.confidence < 1.0:
-            raise ValueError(f"confidence must be in (0, 1) or None, got {self.confidence!r}")
+        check_fields(objective=self.name, target_precision=self.target_precision,
+                     target_recall=self.target_recall, beta=self.beta, c_fp=self.c_fp,
+                     c_fn=self.c_fn, confidence=self.confidence,
+                     on_unreachable=self.on_unreachable)
 
     @property
     def certified(self) -> bool:
