@@ -130,7 +130,7 @@ def test_markdown_guarantee_and_baseline_sections():
                                          "p_value": 0.01, "boxes_to_certify": None}
     report["classes"][2]["guarantee"] = {"kind": "none", "test_level": 0.05, "p_value": None,
                                          "boxes_to_certify": 120}
-    report["classes"][2]["tune"] = {"num_gt": 40}
+    report["classes"][2]["guarantee"]["boxes_available"] = 40
     report["classes"][1]["holdout"]["clearly_below"] = True
     report["summary"]["guarantee"] = {"classes": {"certified": 1, "none": 1, "estimate": 1},
                                       "statement": "With probability >= 95% ..."}

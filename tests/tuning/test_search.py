@@ -278,7 +278,7 @@ def test_uncertifiable_class_gets_a_box_estimate_and_no_guarantee():
     assert (c0.status, c0.guarantee, c0.boxes_to_certify) == ("ok", "certified", None)
     assert (c1.status, c1.enabled, c1.guarantee) == ("unreachable", False, "none")
     # At 9/9 the test needs 29 of 29: 29 detections at 9 per 12 boxes -> ceil(29 * 12 / 9) = 39.
-    assert c1.boxes_to_certify == 39
+    assert c1.boxes_to_certify == 39 and c1.boxes_available == 12
     best = joint_search(m, Objective(target_precision=0.9, confidence=0.95,
                                      on_unreachable="best_effort"), min_support=1).classes[1]
     assert best.enabled and best.status == "unreachable" and best.guarantee == "none"

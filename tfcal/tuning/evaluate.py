@@ -191,7 +191,8 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
                      "num_gt": choice.num_gt},
             "guarantee": {"kind": choice.guarantee, "test_level": choice.test_level,
                           "p_value": choice.p_value,
-                          "boxes_to_certify": choice.boxes_to_certify},
+                          "boxes_to_certify": choice.boxes_to_certify,
+                          "boxes_available": choice.boxes_available},
             "holdout": block,
         }
         if calib is not None and calib.method == "temperature":

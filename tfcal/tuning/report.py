@@ -9,7 +9,7 @@ says `tune`):
   (`min_score_thresh`, calibrated probability), `nms_iou`, `calibration` (the fitted
   parameters: `temperature`, or `a`/`b`, or isotonic `knots`), `temperature` when the method
   is temperature, `tune: {tp, fp, fn, precision, recall}`, and
-  `guarantee: {kind, test_level, p_value, boxes_to_certify}` (`kind`: `certified` |
+  `guarantee: {kind, test_level, p_value, boxes_to_certify, boxes_available}` (`kind`: `certified` |
   `estimate` | `pooled` | `none`; `boxes_to_certify`: estimated labelled boxes an uncertified
   class would need), and
   `holdout: {tp, fp, fn, precision, precision_lower, precision_upper, recall, meets_target,
@@ -171,7 +171,7 @@ def render_markdown(report: dict) -> str:
             f"{h['tp']} | "
             f"{h['fp']} | {h['fn']} | {_fmt(h['precision'])} | {_interval(h)} | "
             f"{_fmt(h['recall'])} | {meets} | "
-            f"{_need_text(need, (c.get('tune') or {}).get('num_gt'))} |")
+            f"{_need_text(need, gu.get('boxes_available'))} |")
     if report.get("subgroups"):
         lines += ["", "## Subgroups (holdout)", "",
                   "| field | value | images | TP | FP | FN | precision | interval | recall | ECE | "
@@ -202,7 +202,7 @@ def _need_text(need, have) -> str:
     """Estimated labelled boxes to certify a class (an estimate, from its current curve)."""
     if need is None:
         return "–"
-    return f"~{need} (has {have})"
+    return f"~{need}" if have is None else f"~{need} (has {have})"
 
 
 def _split_text(split: dict) -> str:

@@ -281,8 +281,9 @@ class ClassChoice:
             (`delta / G`, or `delta / (K_cert G)` simultaneously), else NaN.
         p_value: the exact binomial p-value at the chosen point in certified mode, else NaN.
         boxes_to_certify: for a class that could not be certified, the estimated labelled boxes
-            it would need at the target (None when its curve never exceeds the target, or when
-            not in certified mode).
+            it would need at the target, over all the tune images (learn and certify parts;
+            None when its curve never exceeds the target, or when not in certified mode).
+        boxes_available: the labelled boxes it has there now (certified mode, else None).
     """
 
     column: int
@@ -303,6 +304,7 @@ class ClassChoice:
     test_level: float = math.nan
     p_value: float = math.nan
     boxes_to_certify: int | None = None
+    boxes_available: int | None = None
 
     @classmethod
     def at_counts(cls, column: int, status: Status, *, min_score_thresh: float, nms_iou: float,
@@ -776,11 +778,17 @@ def joint_search(
             return got
         return int(math.ceil(got * (num_gt[c] + learn_gt[c]) / num_gt[c]))  # both splits grow
 
+    def have(c):
+        if c not in cert_set:
+            return None
+        return int(num_gt[c] + (learn_gt[c] if learn is not None else 0))
+
     def disabled(c, status, obj):
         n = int(num_gt[c])
         return ClassChoice.disabled(c, status, nms_iou=default_nms_iou, num_gt=n,
                                     objective=obj.name, guarantee="none",
-                                    test_level=float(level[c]), boxes_to_certify=need(c))
+                                    test_level=float(level[c]), boxes_to_certify=need(c),
+                                    boxes_available=have(c))
 
     def at_point(c, status, i, obj):
         t, f, n = int(tp[i]), int(fp[i]), int(num_gt[c])
@@ -793,7 +801,7 @@ def joint_search(
             num_gt=n, value=float(value[i]), precision_lower=float(lower[i]),
             objective=obj.name, guarantee=guarantee, test_level=float(level[c]),
             p_value=float(pvalue[i]) if certified else math.nan,
-            boxes_to_certify=None if certified else need(c))
+            boxes_to_certify=None if certified else need(c), boxes_available=have(c))
 
     cert_set = set(cert_cols)
     choices: list[ClassChoice] = []
