@@ -211,9 +211,8 @@ def certify_recall(tp, num_gt: int, target: float, level: float) -> tuple[np.nda
     if tp.size == 0 or num_gt < min_count(target, level):
         return certified, pvals
     p = binomial_pvalue(tp[::-1], np.full(tp.shape, num_gt), target)
-    run = np.cumprod(p <= level).astype(bool)  # fixed sequence: stop at the first failure
     pvals[:] = p[::-1]
-    certified[:] = run[::-1]
+    certified[:] = fixed_sequence(p, level)[::-1]  # stop at the first failure
     return certified, pvals
 
 

@@ -142,3 +142,18 @@ def sample_image(height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray
 def encode_png(image: np.ndarray) -> bytes:
     """PNG bytes of a uint8 `[H, W, 3]` image."""
     return tf.io.encode_png(image).numpy()
+
+
+def export_job(tmp_path, detector, postprocess_config):
+    """A tuned run folder (run/postprocess.json) and a config for `tfcal export`; returns the
+    config path."""
+    import yaml
+
+    postprocess_config.save(tmp_path / "run" / "postprocess.json")
+    cfg = {"model": {"saved_model": str(detector)},
+           "data": {"annotations": "unused.json"},
+           "output": {"dir": "run"},
+           "export": {"dir": "export", "model_name": "det", "verify": False}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

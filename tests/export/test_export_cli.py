@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import yaml
 
+from odapi_test_model import export_job
 from tfcal.cli import main
 
 
-def _job(tmp_path, detector, postprocess_config):
-    run = tmp_path / "run"
-    postprocess_config.save(run / "postprocess.json")
-    cfg = {"model": {"saved_model": str(detector)},
-           "data": {"annotations": "unused.json"},
-           "output": {"dir": "run"},
-           "export": {"dir": "export", "model_name": "det", "verify": False}}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+_job = export_job  # the shared tuned-run fixture of the export tests
 
 
 def test_export_versions_and_postprocess_only_model(tmp_path, image_detector,

@@ -11,22 +11,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tfcal import atomic
+from odapi_test_model import export_job
 from tfcal.cli import main
 from tfcal.export import serving
 
 
-def _job(tmp_path, detector, ppc):
-    ppc.save(tmp_path / "run" / "postprocess.json")
-    cfg = {"model": {"saved_model": str(detector)},
-           "data": {"annotations": "unused.json"},
-           "output": {"dir": "run"},
-           "export": {"dir": "export", "model_name": "det", "verify": False}}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+_job = export_job  # the shared tuned-run fixture of the export tests
 
 
 def test_num_classes_that_do_not_fit_the_detector(tmp_path, image_detector,

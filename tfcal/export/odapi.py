@@ -8,15 +8,8 @@ outputs, with a combined NMS) is cut away: the signature is restricted to the ra
 variables are folded into constants and grappler inlines the nested function calls, so pruning
 removes the detector's NMS from the graph that is saved. `count_nms_ops` proves it on the result.
 
-The detector is loaded by `tfcal.detectors.odapi`, the loader the runner uses too. Input types
-(detected from the signature input's dtype and rank, see `detect_input_type`):
-
-| input type | signature input |
-| --- | --- |
-| `image_tensor` | uint8 `[1 or None, None, None, 3]` |
-| `float_image_tensor` | float32 `[1 or None, None, None, 3]`, values in `[0, 255]` |
-| `encoded_image_string_tensor` | string `[None]` of JPEG/PNG bytes |
-| `tf_example` | string `[None]` of serialized `tf.train.Example` |
+The detector is loaded by `tfcal.detectors.odapi`, the loader the runner uses too; its module
+docstring lists the input types it detects (`detect_input_type`).
 
 The exported SavedModel has these signatures:
 
