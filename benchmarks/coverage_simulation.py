@@ -26,6 +26,12 @@ Each tune set is drawn as the tuner splits tune images by default (`--learn-frac
 learn part that plans each certified class's test and a certify part that tests it; the point
 estimate searches both parts merged, so every comparison is paired on the same draws.
 
+Then `tuning.scope: pooled` (`pooled_coverage`, default grid, precision_target 0.9): one
+certified threshold on per-class calibrated scores, for each calibration method fitted on the
+learn part (the tuner's rule) and, for comparison, on every tune image. PASS also needs the
+learn-part fit's pooled coverage >= 0.95 - 2 SE for every method (the all-tune fit is printed,
+not judged).
+
 Run: `python benchmarks/coverage_simulation.py [--sets N] [--quick] [--seed S]
 [--learn-fraction F]` (default 1,000 sets per grid; `--quick`: 200). The run time is almost all
 `joint_search`: 12 searches per tune set (6 per grid).
@@ -40,7 +46,7 @@ import time
 import numpy as np
 
 from tfcal.tuning.search import Objective
-from tfcal.tuning.simulation import coverage_runs, default_scenario
+from tfcal.tuning.simulation import coverage_runs, default_scenario, pooled_coverage
 
 DEFAULT_GRID = (0.4, 0.5, 0.6, 0.7)
 WIDE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -133,6 +139,27 @@ def run(grid, num_sets, seed, learn_fraction):
     return ok
 
 
+def run_pooled(num_sets, seed, learn_fraction):
+    print(f"[scope pooled, precision_target {TARGET}, confidence {LEVEL}, NMS IoU grid "
+          f"{list(DEFAULT_GRID)}, learn_fraction {learn_fraction}, {num_sets} tune sets, "
+          f"seed {seed}]")
+    objective = Objective(target_precision=TARGET, confidence=LEVEL)
+    failures = []
+    t0 = time.perf_counter()
+    for method in ("temperature", "platt", "isotonic"):
+        for fit_on in ("learn", "tune"):
+            r = pooled_coverage(default_scenario(), objective, DEFAULT_GRID, num_sets, seed,
+                                method=method, fit_on=fit_on, learn_fraction=learn_fraction)
+            print(f"  {method:<11} fitted on {fit_on:<5}: coverage {r.coverage:.3f} +- "
+                  f"{r.coverage_se:.3f}, enabled {r.enabled.mean():.3f}, mean pooled recall "
+                  f"{r.recall.mean():.3f}")
+            if fit_on == "learn" and r.coverage < LEVEL - 2 * r.coverage_se:
+                failures.append(f"{method} pooled coverage {r.coverage:.3f}")
+    print(f"  -> {'PASS' if not failures else 'FAIL: ' + '; '.join(failures)} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    return not failures
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", type=int, default=1000, help="tune sets per grid (default 1000)")
@@ -149,6 +176,8 @@ def main(argv=None):
     ok = True
     for grid in (DEFAULT_GRID, WIDE_GRID):
         ok &= run(grid, num_sets, args.seed, args.learn_fraction)
+    if args.learn_fraction > 0:
+        ok &= run_pooled(num_sets, args.seed, args.learn_fraction)
     print(f"total {time.perf_counter() - t0:.1f} s -> {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 

@@ -89,6 +89,10 @@ BAD = [
     (_with("calibration", "min_samples", 0), "calibration.min_samples: must be > 0"),
     (_with("export", "version", 0), "export.version: must be > 0"),
     (_with("export", "model_name", ""), "export.model_name: must be a non-empty string"),
+    ({**MINIMAL, "tuning": {"scope": "pooled", "learn_fraction": 0},
+      "calibration": {"method": "temperature"}},
+     "tuning.learn_fraction: must be > 0 with tuning.scope: pooled, a certified "
+     "precision_target and calibration.method: temperature"),
     ({**MINIMAL, "outputs": {}}, "outputs: unknown key (did you mean output?)"),
     (_with("tuning", "target_precison", 0.9),
      "tuning.target_precison: unknown key (did you mean target_precision?)"),
@@ -140,3 +144,15 @@ def test_config_and_objective_share_one_check():
         Objective(c_fp=0)
     with pytest.raises(ValueError, match=r"^target_recall: must be in \(0, 1\], got 1.5$"):
         Objective(target_recall=1.5)
+
+
+def test_pooled_scope_without_a_learn_split_is_fine_when_nothing_orders_the_classes(tmp_path):
+    """The learn-split rule binds only where a calibration compares classes in a certified
+    pooled test: uncalibrated or point-estimate pooled runs may use every tune image."""
+    for tuning, method in (({"learn_fraction": 0}, "none"),
+                           ({"learn_fraction": 0, "confidence": None}, "temperature"),
+                           ({"learn_fraction": 0, "objective": "f1"}, "temperature")):
+        doc = {**MINIMAL, "tuning": {"scope": "pooled", **tuning},
+               "calibration": {"method": method}}
+        cfg = load_config(_write(tmp_path, doc))
+        assert cfg.tuning.scope == "pooled" and cfg.tuning.learn_fraction == 0

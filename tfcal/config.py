@@ -22,7 +22,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from tfcal import TfcalError
-from tfcal.tuning.objective_kinds import check_fields
+from tfcal.tuning.objective_kinds import KINDS, check_fields
 
 ScoreConverter = Literal["sigmoid", "softmax", "identity"]
 CalibrationMethod = str  # a name in tfcal.calibration.names(), checked at load
@@ -351,6 +351,13 @@ def _cross_checks(cfg: Config, fail) -> None:
     if t.scope == "pooled" and t.classes:
         fail("tuning.classes", "per-class overrides need tuning.scope: per_class (pooled is one "
              "decision for every class)")
+    if (t.scope == "pooled" and t.confidence is not None and t.learn_fraction == 0
+            and KINDS[t.objective].certifiable and cfg.calibration.method != "none"):
+        fail("tuning.learn_fraction", f"must be > 0 with tuning.scope: pooled, a certified "
+             f"{t.objective} and calibration.method: {cfg.calibration.method}: the calibration "
+             "decides how the classes' scores compare, so it is fitted on the learn part and "
+             "must not see the images that certify (or set calibration.method: none)",
+             t.learn_fraction)
     if len(set(cfg.data.subgroups)) != len(cfg.data.subgroups):
         fail("data.subgroups", "must not repeat a field", list(cfg.data.subgroups))
 

@@ -446,3 +446,32 @@ def test_tune_hands_serving_a_detector_description(tmp_path):
     assert list(d.category_ids) == ppc["class_ids"] == [1, 2, 3]
     assert d.model_fingerprint == ppc["metadata"]["model_fingerprint"]
     assert (d.label_offset, d.score_converter, d.background_column) == (1, "sigmoid", True)
+
+
+def test_pooled_scope_fits_the_calibration_on_the_learn_part_only(tmp_path):
+    """With `scope: pooled` and a certified target the calibration orders the classes for the
+    pooled test, so it is fitted on the learn part of the tune images (never the certify
+    part); per class it keeps every tune image."""
+    from tfcal.tuning.calibrate import fit_calibration
+    from tfcal.tuning.prepare import prepare
+    from tfcal.tuning.tune import learn_split
+
+    report, ppc, _, path = _tune(tmp_path, calibration={"method": "platt", "per_class": False},
+                                 tuning={"scope": "pooled", "confidence": 0.95},
+                                 output={"plots": False})
+    assert report["calibration"]["fitted_on"] == "learn"
+    cfg = load_config(path)
+    prep = prepare(cfg)
+    ids = prep.dataset.image_ids.tolist()
+    tune_idx = np.sort([ids.index(i) for i in report["split"]["tune_image_ids"]])
+    learn_idx, cert_idx = learn_split(cfg, prep, tune_idx)
+    assert sorted(ids[i] for i in learn_idx) == sorted(report["split"]["learn_image_ids"])
+    on_learn = fit_calibration(cfg, prep, learn_idx)
+    on_tune = fit_calibration(cfg, prep, tune_idx)
+    assert ppc["platt_a"] == pytest.approx(list(on_learn.platt_a))
+    assert ppc["platt_b"] == pytest.approx(list(on_learn.platt_b))
+    assert list(on_tune.platt_a) != pytest.approx(list(on_learn.platt_a))
+    per_class, *_ = _tune(tmp_path / "per_class",
+                          calibration={"method": "platt", "per_class": False},
+                          tuning={"confidence": 0.95}, output={"plots": False})
+    assert per_class["calibration"]["fitted_on"] == "tune"

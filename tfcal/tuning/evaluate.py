@@ -24,6 +24,7 @@ from tfcal.tuning.detections import (FlatDetections, default_postprocess_config,
 from tfcal.tuning.objective_kinds import KINDS, kind_of
 from tfcal.tuning.objectives import objectives
 from tfcal.tuning.report import STAT_KEYS, jsonable
+from tfcal.tuning.tune import calibration_fit_part
 
 #: Two-sided level of the holdout precision intervals in the report.
 HOLDOUT_CONFIDENCE = 0.95
@@ -243,6 +244,8 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
         "split": split,
         "calibration": {"method": cfg.calibration.method, "per_class": cfg.calibration.per_class,
                         "min_samples": cfg.calibration.min_samples,
+                        "fitted_on": (calibration_fit_part(cfg, prep, split["tune_images"])
+                                      if calib is not None else None),
                         "fallback_classes": _fallback_ids(calib, prep),
                         "pooled": dict(calib.pooled) if calib is not None else None},
         "holdout_confidence": HOLDOUT_CONFIDENCE,

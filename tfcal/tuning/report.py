@@ -86,6 +86,9 @@ def render_markdown(report: dict) -> str:
         _split_text(report["split"]),
         f"- Calibration: {report['calibration']['method']}"
         + (" per class" if report["calibration"].get("per_class") else " pooled")
+        + (", fitted on the learn part of the tune images only (the pooled decision compares "
+           "classes by calibrated score, so the certify part must not shape it)"
+           if report["calibration"].get("fitted_on") == "learn" else "")
         + (f"; pooled fallback for {len(report['calibration']['fallback_classes'])} classes"
            if report["calibration"].get("fallback_classes") else "") + ".",
         f"- ECE (holdout detections scoring >= {s.get('ece_min_score', 0)}): "

@@ -43,6 +43,9 @@ threshold by less than 3e-8 and makes the curves exact for every threshold the s
 The coverage harness (`coverage`, `coverage_runs`) runs `joint_search` on seeded tune sets and
 reads the true metric at every chosen point: it measures how often the tuner's statement
 ("precision >= target on new images", or recall) holds over the draw of the tune set.
+`pooled_coverage` does the same for `tuning.scope: pooled`, where a per-class calibration fitted
+on the tune set decides how the classes' scores are compared, so it measures the calibration's
+share in the statement too.
 """
 
 from __future__ import annotations
@@ -57,15 +60,18 @@ from typing import Literal
 import numpy as np
 from scipy import special
 
-from tfcal.tuning.search import MatchedDetections, Objective, joint_search
+from tfcal import calibration
+from tfcal.tuning.search import MatchedDetections, Objective, joint_search, pooled_search
 
 __all__ = [
     "ClassModel",
     "CoverageResult",
+    "PooledCoverageResult",
     "coverage",
     "coverage_runs",
     "default_scenario",
     "expected_counts",
+    "pooled_coverage",
     "simulate",
     "true_precision",
     "true_recall",
@@ -586,3 +592,151 @@ def coverage_runs(scenario: Sequence[ClassModel], runs: Sequence[tuple[Objective
                                   enabled[r], chosen_iou[r], chosen_thr[r], precision[r],
                                   recall[r]))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Pooled scope: one threshold on per-class calibrated scores
+
+FitOn = Literal["learn", "tune"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PooledCoverageResult:
+    """What `pooled_coverage` measured over S tune sets.
+
+    The statement judged is the pooled one: "the precision of all emitted detections pooled is
+    >= target on new images". A set is covered when nothing is emitted or the true pooled
+    precision at the chosen point meets the target.
+
+    Attributes:
+        method: the calibration method. fit_on: `"learn"` (the tuner's rule) or `"tune"`.
+        target: the precision target.
+        enabled: bool `[S]`: the pooled decision emits detections.
+        precision: float64 `[S]` true pooled precision (NaN where not enabled).
+        recall: float64 `[S]` true pooled recall, all classes' boxes (0 where not enabled).
+    """
+
+    method: str
+    fit_on: str
+    target: float
+    enabled: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+
+    @property
+    def num_sets(self) -> int:
+        return int(self.enabled.size)
+
+    @property
+    def coverage(self) -> float:
+        ok = ~self.enabled | (np.nan_to_num(self.precision) >= self.target)
+        return float(ok.mean())
+
+    @property
+    def coverage_se(self) -> float:
+        c = self.coverage
+        return math.sqrt(c * (1.0 - c) / self.num_sets)
+
+
+def _cut_for(calib, column: int, level: float, grid: np.ndarray) -> float:
+    """The lowest raw score of `grid` whose calibrated score of `column` is `>= level` (the
+    calibration is non-decreasing, so the kept scores are exactly those `>= ` it); inf: none."""
+    v = calib.apply_to_probabilities(grid.astype(np.float64), np.full(grid.size, column))
+    ok = np.nonzero(v >= np.float32(level))[0]
+    return float(grid[ok[0]]) if ok.size else math.inf
+
+
+def pooled_coverage(scenario: Sequence[ClassModel], objective: Objective, grid: Sequence[float],
+                    num_sets: int, seed: int, *, method: str, fit_on: FitOn = "learn",
+                    learn_fraction: float = 0.3, calibration_iou: float | None = None,
+                    min_samples: int = 30, resolution: int = 4001) -> PooledCoverageResult:
+    """Coverage of the certified pooled decision (`tuning.scope: pooled`) on per-class
+    calibrated scores, with the calibration fitted as the tuner fits it.
+
+    Each seeded tune set is drawn as a learn part and a certify part (`learn_fraction`). The
+    per-class calibration `method` is fitted on the detections at `calibration_iou` of the learn
+    part (`fit_on="learn"`, the tuner's rule for the pooled scope) or of the whole tune set
+    (`fit_on="tune"`, which lets the certify part's labels shape how classes are compared);
+    `pooled_search` then certifies one calibrated threshold on the certify part, planned on the
+    learn part. The chosen level `lambda` keeps, per class, the raw scores `>= r_k` with
+    `calibrated_k(r_k) >= lambda` (found on a `resolution`-point grid of [0, 1]), and the true
+    pooled precision is `sum_k num_gt_k E[TP_k >= r_k] / sum_k num_gt_k E[TP_k + FP_k >= r_k]`.
+
+    Args:
+        scenario: one `ClassModel` per class column (raw scores are their Beta draws).
+        objective: a certified `precision_target` objective.
+        grid: the NMS IoU grid. num_sets: >= 1. seed: int >= 0 (set `i` draws with
+            `np.random.default_rng([seed, i])`).
+        method: a calibration method name other than `none` (`tfcal.calibration.names()`).
+        fit_on: {'learn', 'tune'}, default 'learn'.
+        learn_fraction: in (0, 1), default 0.3.
+        calibration_iou: the IoU whose detections fit the calibration; default the grid's middle
+            value, as `tuning.default_nms_iou` defaults.
+        min_samples: the per-class shrinkage of `fit_per_class`, default 30.
+        resolution: points of the raw-score grid the cuts are read on, default 4001.
+
+    Returns:
+        A `PooledCoverageResult`.
+    """
+    if objective.name != "precision_target" or objective.confidence is None:
+        raise ValueError(f"objective must be a certified precision_target, got {objective.name!r} "
+                         f"with confidence {objective.confidence!r}")
+    if fit_on not in ("learn", "tune"):
+        raise ValueError(f"fit_on must be 'learn' or 'tune', got {fit_on!r}")
+    if not 0.0 < learn_fraction < 1.0:
+        raise ValueError(f"learn_fraction must be in (0, 1), got {learn_fraction!r}")
+    fitter = calibration.get(method)
+    if fitter.name == "none":
+        raise ValueError("method must be a fitted calibration, got 'none'")
+    scenario = tuple(scenario)
+    grid = tuple(float(g) for g in grid)
+    g0 = sorted(grid)[(len(grid) - 1) // 2] if calibration_iou is None else float(calibration_iou)
+    if g0 not in grid:
+        raise ValueError(f"calibration_iou {g0} is not in the grid {list(grid)}")
+    raw_grid = np.linspace(0.0, 1.0, int(resolution)).astype(np.float32)
+    num_gt = np.array([m.num_gt for m in scenario], np.float64)
+    enabled = np.zeros(num_sets, bool)
+    precision = np.full(num_sets, np.nan)
+    recall = np.zeros(num_sets)
+    with _quiet_search(), _quiet_calibration():
+        for i in range(num_sets):
+            rng = np.random.default_rng([int(seed), i])
+            learn = simulate(_scaled(scenario, learn_fraction), grid, rng)
+            certify = simulate(_scaled(scenario, 1.0 - learn_fraction), grid, rng)
+            src = (learn if fit_on == "learn" else merge_sets(learn, certify))[g0]
+            calib = calibration.fit_per_class(
+                fitter.name, fitter.to_space(src.score.astype(np.float64)),
+                src.tp.astype(np.int64), src.column, len(scenario), min_samples=min_samples)
+
+            def calibrated(md):
+                return dataclasses.replace(md, score=calib.apply_to_probabilities(
+                    md.score.astype(np.float64), md.column).astype(np.float32))
+
+            choice = pooled_search({g: calibrated(m) for g, m in certify.items()}, objective,
+                                   learn={g: calibrated(m) for g, m in learn.items()}).pooled
+            if not choice.enabled:
+                continue
+            tp = fp = 0.0
+            for k, model in enumerate(scenario):
+                cut = _cut_for(calib, k, choice.min_score_thresh, raw_grid)
+                if math.isfinite(cut):
+                    e_tp, e_fp = expected_counts(model, np.array([cut]), choice.nms_iou)
+                    tp += float(e_tp[0]) * num_gt[k]
+                    fp += float(e_fp[0]) * num_gt[k]
+            enabled[i] = tp + fp > 0
+            if enabled[i]:
+                precision[i] = tp / (tp + fp)
+                recall[i] = tp / num_gt.sum()
+    return PooledCoverageResult(fitter.name, fit_on, float(objective.target_precision), enabled,
+                                precision, recall)
+
+
+@contextlib.contextmanager
+def _quiet_calibration():
+    """Silences the fitters' per-fit warnings (a class at a temperature bound), which thousands
+    of tune sets would repeat."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
