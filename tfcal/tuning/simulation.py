@@ -712,15 +712,16 @@ def pooled_coverage(scenario: Sequence[ClassModel], objective: Objective, grid: 
                 return dataclasses.replace(md, score=calib.apply_to_probabilities(
                     md.score.astype(np.float64), md.column).astype(np.float32))
 
-            choice = pooled_search({g: calibrated(m) for g, m in certify.items()}, objective,
-                                   learn={g: calibrated(m) for g, m in learn.items()}).pooled
+            found = pooled_search({g: calibrated(m) for g, m in certify.items()}, objective,
+                                  learn={g: calibrated(m) for g, m in learn.items()})
+            choice = found.pooled
             if not choice.enabled:
                 continue
             tp = fp = 0.0
             for k, model in enumerate(scenario):
                 cut = _cut_for(calib, k, choice.min_score_thresh, raw_grid)
                 if math.isfinite(cut):
-                    e_tp, e_fp = expected_counts(model, np.array([cut]), choice.nms_iou)
+                    e_tp, e_fp = expected_counts(model, np.array([cut]), found.classes[k].nms_iou)
                     tp += float(e_tp[0]) * num_gt[k]
                     fp += float(e_fp[0]) * num_gt[k]
             enabled[i] = tp + fp > 0
