@@ -1,6 +1,6 @@
 """Raw detector outputs on disk: the `RawOutputs` record, fingerprints, the cache, and npz loading.
 
-Precomputed raw outputs (user-supplied, documented format) are an npz loaded in memory:
+Precomputed raw outputs (user-supplied, documented format) are an npz of three arrays:
 
 - ``image_ids``: int64 `[I]`, the COCO image id of each row (every dataset image must be
   present; rows for other images are ignored);
@@ -9,7 +9,13 @@ Precomputed raw outputs (user-supplied, documented format) are an npz loaded in 
 - ``scores``: float32 `[I, N, C]`, pre-NMS scores in the model's C raw score columns
   (background column included when the model has one), before any score conversion.
 
-`load_raw_outputs` also accepts a cache directory (below) in place of the npz.
+`load_raw_outputs` also accepts a cache directory (below) in place of the npz. An npz is read
+without loading it whole (`tfcal.coco.npz`): saved uncompressed (`np.savez`) with float32 rows
+in the dataset's order, it is memory-mapped at its zip offset; otherwise (compressed, float64,
+other rows) it is converted once, batch by batch, into a cache directory (`_convert_npz`,
+logged, reused while the npz and the image list are unchanged). `convert_raw_outputs` does
+that conversion for a user, and `RawOutputsWriter` writes the cache directory directly from a
+detector loop: that directory is the streaming format for user-produced outputs.
 
 The raw-output cache is a directory ``<cache_dir>/raw_outputs-<fingerprint[:16]>/``:
 
@@ -70,7 +76,6 @@ import mmap
 import os
 import shutil
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -78,6 +83,7 @@ import numpy as np
 
 import tfcal
 from tfcal import TfcalError, TfcalWarning, atomic
+from tfcal.coco.npz import NpzStream, open_members
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +92,7 @@ CACHE_FORMAT = "tfcal-raw-outputs"
 CACHE_VERSION = 2
 META_NAME = "meta.json"
 _ARRAY_NAMES = ("boxes", "scores")
+_NPZ_NAMES = ("image_ids", "boxes", "scores")
 _FLOAT = np.dtype("<f4")
 _CHUNK = 1 << 20  # bytes per read when hashing files
 _SCAN_BYTES = 1 << 24  # bytes per slice when scanning arrays for NaN/inf or box range
@@ -206,9 +213,11 @@ def normalized_to_coco_xywh(boxes: np.ndarray, heights: np.ndarray,
 
 
 def _hash_file(h, path: Path) -> None:
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    buf = bytearray(_CHUNK)  # one buffer, reused: memory stays at _CHUNK
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
 
 
 def file_sha256(path: str | Path) -> str:
@@ -675,22 +684,106 @@ def load_cache(path: str | Path, fingerprint: str, dataset,
 # Precomputed raw outputs
 
 
-def _read_npz(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Reads `names` from an npz; raises ValueError (message without the path) when it can't."""
+def _open_npz(path: Path) -> dict[str, np.ndarray | NpzStream]:
+    """``image_ids`` in memory; ``boxes`` and ``scores`` memory-mapped (`ReleasingMemmap`)
+    when stored uncompressed, else `NpzStream` (see `tfcal.coco.npz`); ValueError."""
+    a = open_members(path, _NPZ_NAMES, in_memory=("image_ids",))
+    return {n: v.view(ReleasingMemmap) if isinstance(v, np.memmap) else v for n, v in a.items()}
+
+
+def _direct(a: dict) -> bool:
+    """The boxes and scores of `a` are float32 C-order memory maps (usable as they are)."""
+    return all(isinstance(a[n], np.memmap) and a[n].dtype == _FLOAT for n in _ARRAY_NAMES)
+
+
+def _row_batches(a: dict, rows: np.ndarray | None):
+    """``(boxes, scores)`` batches of about `_SCAN_BYTES` of scores: the rows `rows` of memory
+    maps (None: all rows, also from `NpzStream` members), in that order."""
+    scores = a["scores"]
+    step = _rows_per_slice(scores)
+    if rows is None and isinstance(scores, NpzStream):
+        yield from zip(a["boxes"].batches(step), scores.batches(step))
+        return
+    if rows is None:
+        rows = np.arange(scores.shape[0])
+    for start in range(0, len(rows), step):
+        r = rows[start:start + step]
+        yield a["boxes"][r], scores[r]
+
+
+def _write_rows(dest: Path, a: dict, rows: np.ndarray | None, *, image_ids, heights, widths,
+                fingerprint: str = "", data_fp: str = "") -> RawOutputs:
+    with RawOutputsWriter(dest, image_ids=image_ids, image_heights=heights,
+                          image_widths=widths, fingerprint=fingerprint,
+                          data_fingerprint=data_fp) as writer:
+        for boxes, scores in _row_batches(a, rows):
+            writer.append(boxes, scores)
+        return writer.commit()
+
+
+def _convert_npz(path: Path, a: dict, rows: np.ndarray, dataset, cache_dir: Path,
+                 npz_sha: str, num_score_columns: int | None) -> dict[str, np.ndarray]:
+    """The dataset's rows of the npz `path` as a cache folder in `cache_dir` (written once,
+    streaming; reused while the npz and the image list are unchanged): memory maps."""
+    data_fp = data_fingerprint(dataset)
+    fp = combined_fingerprint(f"npz:{npz_sha}", data_fp)
+    dest = cache_path(cache_dir, fp)
+    cached = load_cache(dest, fp, dataset, num_score_columns)
+    if cached is None:
+        why = ("compressed" if any(isinstance(a[n], NpzStream) for n in _ARRAY_NAMES)
+               else "not float32 rows in the data set's order")
+        logger.info("%s: %s; converting it once, batch by batch, to the raw-output folder %s",
+                    path, why, dest)
+        sizes = dict(image_ids=dataset.image_ids, heights=dataset.image_heights,
+                     widths=dataset.image_widths, fingerprint=fp, data_fp=data_fp)
+        identity = np.array_equal(rows, np.arange(a["image_ids"].shape[0]))
+        if identity or not isinstance(a["scores"], NpzStream):
+            cached = _write_rows(dest, a, None if identity else rows, **sizes)
+        else:  # decompress in file order once, then pick the dataset's rows
+            n = a["image_ids"].shape[0]
+            scratch = dest.with_name(dest.name + ".unordered")
+            try:
+                full = _write_rows(scratch, a, None, image_ids=a["image_ids"],
+                                   heights=np.zeros(n, np.int64), widths=np.zeros(n, np.int64))
+                cached = _write_rows(dest, {"boxes": full.boxes, "scores": full.scores}, rows,
+                                     **sizes)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+    return {"image_ids": cached.image_ids, "boxes": cached.boxes, "scores": cached.scores}
+
+
+def convert_raw_outputs(npz_path: str | Path, dest: str | Path, *,
+                        image_heights=None, image_widths=None) -> Path:
+    """Converts precomputed raw outputs (an ``.npz``, compressed or not) to a raw-output folder
+    (the cache format above), reading a batch of rows at a time; atomic.
+
+    The folder keeps the npz's rows in its order and can be given as ``model.raw_outputs``.
+
+    Args:
+      npz_path: the npz (``image_ids``, ``boxes``, ``scores`` as in the module docstring).
+      dest: the folder to create (an existing one is replaced).
+      image_heights, image_widths: int `[I]` pixels, recorded in ``meta.json`` (default 0:
+        unknown; `load_raw_outputs` takes the sizes from the dataset).
+
+    Returns:
+      `dest`.
+
+    Raises:
+      TfcalError: one line naming the file, as `load_raw_outputs`.
+    """
+    path = Path(npz_path)
     try:
-        if not zipfile.is_zipfile(path):
-            raise ValueError("not a readable npz (not a zip archive)")
-        with np.load(path, allow_pickle=False) as z:
-            missing = [n for n in names if n not in z.files]
-            if missing:
-                raise ValueError(f"missing arrays {missing} (has {sorted(z.files)})")
-            return {n: z[n] for n in names}
+        a = _open_npz(path)
+        _check_arrays(a, None, scan_values=False)
+        n = a["image_ids"].shape[0]
+        zeros = np.zeros(n, np.int64)
+        _write_rows(Path(dest), a, None, image_ids=a["image_ids"],
+                    heights=zeros if image_heights is None else image_heights,
+                    widths=zeros if image_widths is None else image_widths,
+                    fingerprint=file_sha256(path))
     except ValueError as e:
-        if str(e).startswith(("not a readable npz", "missing arrays")):
-            raise
-        raise ValueError(f"not a readable npz (ValueError: {e})") from None
-    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise ValueError(f"not a readable npz ({type(e).__name__}: {e})") from None
+        raise TfcalError(f"{path}: {e}") from None
+    return Path(dest)
 
 
 def _rows_per_slice(arr: np.ndarray) -> int:
@@ -706,11 +799,18 @@ def _first_non_finite(arr: np.ndarray) -> tuple[int, ...] | None:
     step = _rows_per_slice(arr)
     for start in range(0, arr.shape[0], step):
         ok = np.isfinite(arr[start:start + step])
+        _release_pages(arr)
         if not ok.all():
             bad = np.argwhere(~ok)[0]
             bad[0] += start
             return tuple(int(i) for i in bad)
     return None
+
+
+def _check_finite(name: str, arr: np.ndarray) -> None:
+    bad = _first_non_finite(arr)
+    if bad is not None:
+        raise ValueError(f"{name}: non-finite value {arr[bad]} at {list(bad)}")
 
 
 def _value_range(arr: np.ndarray) -> tuple[float, float]:
@@ -721,7 +821,7 @@ def _value_range(arr: np.ndarray) -> tuple[float, float]:
         part = arr[start:start + step]
         lo = min(lo, float(part.min(initial=0.0)))
         hi = max(hi, float(part.max(initial=1.0)))
-    _release_pages(arr)
+        _release_pages(arr)
     return lo, hi
 
 
@@ -742,9 +842,7 @@ def _check_arrays(a: dict[str, np.ndarray], num_score_columns: int | None, *,
         if not np.issubdtype(arr.dtype, np.floating):
             raise ValueError(f"{name}: must be float, got {arr.dtype}")
         if scan_values:
-            bad = _first_non_finite(arr)
-            if bad is not None:
-                raise ValueError(f"{name}: non-finite value {arr[bad]} at {list(bad)}")
+            _check_finite(name, arr)
     if num_score_columns is not None and scores.shape[2] != num_score_columns:
         raise ValueError(f"scores: expected {num_score_columns} score columns, got "
                          f"{scores.shape[2]}")
@@ -762,20 +860,31 @@ def _select(a: dict[str, np.ndarray], dataset) -> tuple[np.ndarray, np.ndarray]:
     return rows, len(lookup) - len(rows)
 
 
-def load_raw_outputs(npz_path: str | Path, dataset, *,
-                     num_score_columns: int | None = None) -> RawOutputs:
+def load_raw_outputs(npz_path: str | Path, dataset, *, num_score_columns: int | None = None,
+                     cache_dir: str | Path | None = None) -> RawOutputs:
     """Loads precomputed raw outputs (layout in the module docstring) for `dataset`'s images.
 
     Rows are returned in the dataset's image order; rows for images not in the dataset are
     dropped (logged). Boxes up to `BOX_TOLERANCE` outside [0, 1] are clipped with a
-    `TfcalWarning`. An npz is loaded in memory. A cache directory is memory-mapped when it
-    holds exactly the dataset's images in order (otherwise the dataset's rows are copied into
-    memory); it is validated like the cache, data hashes included (a mismatch is refused).
+    `TfcalWarning`. Memory stays at about a batch of rows for large files:
+
+    - an npz saved uncompressed (`np.savez`) with float32 arrays whose rows are the dataset's
+      images in order is memory-mapped at its zip offset, as it is (`tfcal.coco.npz`);
+    - any other npz (compressed, float64, other rows or order) is converted once, batch by
+      batch, into a raw-output folder in `cache_dir` (logged; reused while the npz and the
+      image list are unchanged), which is memory-mapped; without `cache_dir` it is loaded in
+      memory;
+    - a cache directory is memory-mapped when it holds exactly the dataset's images in order
+      (otherwise the dataset's rows are copied into memory); it is validated like the cache,
+      data hashes included (a mismatch is refused).
+
+    The npz's sha256 identifies the outputs (`RawOutputs.fingerprint`) whichever way it is read.
 
     Args:
       npz_path: the npz file, or a cache directory.
       dataset: the `CocoDataset` the outputs belong to.
       num_score_columns: C expected by the category mapping (raw columns, background included).
+      cache_dir: where an npz that cannot be mapped as it is gets converted (None: in memory).
 
     Raises:
       TfcalError: one line naming the file and array, for an unreadable file, a missing array,
@@ -791,14 +900,27 @@ def load_raw_outputs(npz_path: str | Path, dataset, *,
             a = {"image_ids": cached.image_ids, "boxes": cached.boxes, "scores": cached.scores}
             fingerprint, model_fp = str(meta["meta_sha256"]), cached.model_fingerprint
         else:
-            a = _read_npz(path, ("image_ids", "boxes", "scores"))
-            _check_arrays(a, num_score_columns)
+            a = _open_npz(path)
+            _check_arrays(a, num_score_columns, scan_values=False)
+            for name in _ARRAY_NAMES:
+                if isinstance(a[name], np.memmap):
+                    _check_finite(name, a[name])
             fingerprint, model_fp = file_sha256(path), ""
         rows, extra = _select(a, dataset)
+        identity = np.array_equal(rows, np.arange(len(a["image_ids"])))
+        if not path.is_dir() and not (identity and _direct(a)):
+            if cache_dir is not None:
+                a = _convert_npz(path, a, rows, dataset, Path(cache_dir), fingerprint,
+                                 num_score_columns)
+                identity = True
+            else:
+                a = {n: v.read() if isinstance(v, NpzStream) else v for n, v in a.items()}
+                for name in _ARRAY_NAMES:
+                    _check_finite(name, a[name])
     except ValueError as e:
         raise TfcalError(f"{path}: {e}") from None
     boxes, scores = a.pop("boxes"), a.pop("scores")
-    if not np.array_equal(rows, np.arange(len(a["image_ids"]))):
+    if not identity:
         boxes, scores = boxes[rows], scores[rows]  # only the dataset's rows, in its order
     boxes = boxes.astype(np.float32, copy=False)
     scores = scores.astype(np.float32, copy=False)
@@ -834,7 +956,7 @@ def _min_max(arr: np.ndarray) -> list[float]:
         part = arr[start:start + step]
         if part.size:
             lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
-    _release_pages(arr)
+        _release_pages(arr)
     return [lo, hi]
 
 

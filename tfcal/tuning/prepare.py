@@ -92,7 +92,8 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
             m.saved_model, dataset, keys=keys, batch_size=m.batch_size,
             cache_dir=cache_dir or m.cache_dir or (cfg.output.dir / "cache"))
     else:
-        raw = load_raw_outputs(m.raw_outputs, dataset)
+        raw = load_raw_outputs(m.raw_outputs, dataset,
+                               cache_dir=cache_dir or m.cache_dir or (cfg.output.dir / "cache"))
     model_run = m.saved_model is not None
     check_value_ranges(raw, score_converter=m.score_converter,
                        source=str(m.saved_model or m.raw_outputs),
