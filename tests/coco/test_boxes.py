@@ -49,8 +49,8 @@ def demo(tmp_path_factory):
     return root, ann, ds, arrays
 
 
-def _config(root: Path, ann: Path, arrays: dict, name: str, **model) -> Path:
-    np.savez(root / f"{name}.npz", **arrays)
+def _config(root: Path, ann: Path, arrays: dict, name: str, save=np.savez, **model) -> Path:
+    save(root / f"{name}.npz", **arrays)
     cfg = {"model": {"raw_outputs": f"{name}.npz", "score_converter": "sigmoid", **model},
            "data": {"annotations": str(ann)}, "calibration": {"method": "none"},
            "output": {"dir": f"out_{name}"}, "export": {"enabled": False}}
@@ -144,10 +144,12 @@ def test_bad_layouts_exit_2_with_one_line_through_the_cli(demo, capsys):
 
     root, ann, ds, a = demo
     scale = np.array([ds.image_heights[0], ds.image_widths[0]] * 2, np.float32)
-    for name, boxes in (("cli_xyxy", _xyxy(a["boxes"])),
-                        ("cli_cxcywh", _cxcywh(a["boxes"]).astype(np.float32)),
-                        ("cli_pixels", a["boxes"] * scale)):
-        path = _config(root, ann, dict(a, boxes=boxes), name)
+    for name, boxes, save in (("cli_xyxy", _xyxy(a["boxes"]), np.savez),
+                              ("cli_cxcywh", _cxcywh(a["boxes"]).astype(np.float32), np.savez),
+                              ("cli_pixels", a["boxes"] * scale, np.savez),
+                              # converted batch by batch first: refused before it is kept
+                              ("cli_pixels_packed", a["boxes"] * scale, np.savez_compressed)):
+        path = _config(root, ann, dict(a, boxes=boxes), name, save=save)
         assert main(["tune", str(path), "--no-export"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1, err

@@ -334,6 +334,11 @@ class RawOutputsWriter:
     def num_images(self) -> int:
         return int(self.image_ids.shape[0])
 
+    @property
+    def value_ranges(self) -> dict[str, list[float]]:
+        """``{"boxes": [min, max], "scores": [min, max]}`` of the rows written so far."""
+        return self._value_ranges()
+
     def __enter__(self) -> "RawOutputsWriter":
         return self
 
@@ -713,12 +718,40 @@ def _row_batches(a: dict, rows: np.ndarray | None):
 
 def _write_rows(dest: Path, a: dict, rows: np.ndarray | None, *, image_ids, heights, widths,
                 fingerprint: str = "", data_fp: str = "") -> RawOutputs:
+    """Writes the rows as a cache folder; boxes outside [0, 1] by more than `BOX_TOLERANCE`
+    are refused before anything is committed (ValueError)."""
     with RawOutputsWriter(dest, image_ids=image_ids, image_heights=heights,
                           image_widths=widths, fingerprint=fingerprint,
                           data_fingerprint=data_fp) as writer:
         for boxes, scores in _row_batches(a, rows):
             writer.append(boxes, scores)
+        lo, hi = writer.value_ranges["boxes"]
+        if lo < -BOX_TOLERANCE or hi > 1.0 + BOX_TOLERANCE:
+            raise ValueError(_pixel_boxes(lo, hi))
         return writer.commit()
+
+
+def _pixel_boxes(lo: float, hi: float) -> str:
+    return (f"boxes: must be normalized [ymin, xmin, ymax, xmax] in [0, 1] (pixel "
+            f"coordinates?), got values in [{lo:.4g}, {hi:.4g}]")
+
+
+@contextlib.contextmanager
+def _made_dirs(path: Path):
+    """Removes the folders up to `path` that this block created, if it fails and they are
+    empty (bad input leaves no output folder behind)."""
+    new = []
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        new.append(p)
+        p = p.parent
+    try:
+        yield
+    except BaseException:
+        for d in new:  # deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
 
 
 def _convert_npz(path: Path, a: dict, rows: np.ndarray, dataset, cache_dir: Path,
@@ -728,6 +761,12 @@ def _convert_npz(path: Path, a: dict, rows: np.ndarray, dataset, cache_dir: Path
     data_fp = data_fingerprint(dataset)
     fp = combined_fingerprint(f"npz:{npz_sha}", data_fp)
     dest = cache_path(cache_dir, fp)
+    with _made_dirs(dest.parent):
+        cached = _load_or_convert(path, a, rows, dataset, dest, fp, data_fp, num_score_columns)
+    return {"image_ids": cached.image_ids, "boxes": cached.boxes, "scores": cached.scores}
+
+
+def _load_or_convert(path, a, rows, dataset, dest, fp, data_fp, num_score_columns):
     cached = load_cache(dest, fp, dataset, num_score_columns)
     if cached is None:
         why = ("compressed" if any(isinstance(a[n], NpzStream) for n in _ARRAY_NAMES)
@@ -749,7 +788,7 @@ def _convert_npz(path: Path, a: dict, rows: np.ndarray, dataset, cache_dir: Path
                                      **sizes)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-    return {"image_ids": cached.image_ids, "boxes": cached.boxes, "scores": cached.scores}
+    return cached
 
 
 def convert_raw_outputs(npz_path: str | Path, dest: str | Path, *,
@@ -926,8 +965,7 @@ def load_raw_outputs(npz_path: str | Path, dataset, *, num_score_columns: int | 
     scores = scores.astype(np.float32, copy=False)
     lo, hi = _value_range(boxes)
     if lo < -BOX_TOLERANCE or hi > 1.0 + BOX_TOLERANCE:
-        raise TfcalError(f"{path}: boxes: must be normalized [ymin, xmin, ymax, xmax] in [0, 1] "
-                         f"(pixel coordinates?), got values in [{lo:.4g}, {hi:.4g}]")
+        raise TfcalError(f"{path}: {_pixel_boxes(lo, hi)}")
     if lo < 0.0 or hi > 1.0:
         warnings.warn(f"{path}: boxes: values in [{lo:.4g}, {hi:.4g}] clipped to [0, 1]",
                       TfcalWarning, stacklevel=2)
