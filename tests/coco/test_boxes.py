@@ -188,3 +188,23 @@ def test_no_false_alarm_on_nanodet_cached_outputs():
     with pytest.raises(TfcalError, match=r"model.box_format \(xyxy gives 0\.1"):
         box_lib.check_boxes(transposed, ds, mapping, box_format="yxyx", background_column=True,
                             match_iou=0.5, source=str(NANODET_CACHE))
+
+
+def test_per_class_boxes_are_sampled_with_their_class(demo):
+    from tfcal.coco.cache import RawOutputs
+
+    _, _, ds, a = demo
+    k = a["scores"].shape[-1] - 1
+    decoy = np.array([0.0, 0.0, 0.01, 0.01], np.float32)  # never the right box
+    per_class = np.broadcast_to(decoy, a["boxes"].shape[:2] + (k, 4)).copy()
+    owner = a["scores"][..., 1:].argmax(-1)
+    ii, nn = np.indices(owner.shape)
+    per_class[ii, nn, owner] = a["boxes"]
+    raw = RawOutputs(a["image_ids"], per_class, a["scores"], ds.image_heights, ds.image_widths)
+    mapping = CategoryMapping.odapi(ds, k)
+    sample = box_lib.sample_candidates(raw, background_column=True, num_images=10)
+    top = sample.score >= np.quantile(sample.score, 0.9)  # the owners' own columns
+    assert not (sample.boxes[top] == decoy).all(axis=1).any()
+    found = box_lib.check_boxes(raw, ds, mapping, box_format="yxyx", background_column=True,
+                                match_iou=0.5, source="raw")
+    assert found["ap"] > 0.3

@@ -133,6 +133,8 @@ def sample_candidates(raw, *, background_column: bool, num_images: int = SAMPLE_
         idx = rows[start:start + _READ_ROWS]
         scores = np.asarray(raw.scores[idx], np.float32)[:, :, first:]
         boxes = np.asarray(raw.boxes[idx], np.float32)
+        if boxes.ndim == 4 and boxes.shape[2] == 1:  # one box shared by every class
+            boxes = boxes[:, :, 0]
         b, n, k = scores.shape
         flat = scores.reshape(b, n * k)
         kk = min(top_k, n * k)

@@ -5,7 +5,8 @@ Precomputed raw outputs (user-supplied, documented format) are an npz of three a
 - ``image_ids``: int64 `[I]`, the COCO image id of each row (every dataset image must be
   present; rows for other images are ignored);
 - ``boxes``: float32 `[I, N, 4]`, pre-NMS boxes ``[ymin, xmin, ymax, xmax]`` normalized to
-  [0, 1];
+  [0, 1], or per class `[I, N, K, 4]`: a box for each of the K class columns (background
+  excluded; Faster R-CNN second stages give these);
 - ``scores``: float32 `[I, N, C]`, pre-NMS scores in the model's C raw score columns
   (background column included when the model has one), before any score conversion.
 
@@ -19,7 +20,7 @@ detector loop: that directory is the streaming format for user-produced outputs.
 
 The raw-output cache is a directory ``<cache_dir>/raw_outputs-<fingerprint[:16]>/``:
 
-- ``boxes.npy``: float32 `[I, N, 4]` and ``scores.npy``: float32 `[I, N, C]`, the arrays above
+- ``boxes.npy``: float32 `[I, N, 4]` (or `[I, N, K, 4]`) and ``scores.npy``: float32 `[I, N, C]`, the arrays above
   in the dataset's image order (little-endian, C order, plain ``.npy`` files);
 - ``meta.json``: ``format`` and ``version``; ``fingerprint`` (sha256 of the model and the data,
   see `combined_fingerprint`), ``model_fingerprint``, ``data_fingerprint``; ``image_ids``,
@@ -108,7 +109,8 @@ class RawOutputs:
 
     Attributes:
       image_ids: int64 `[I]`.
-      boxes: float32 `[I, N, 4]` ``[ymin, xmin, ymax, xmax]`` normalized to [0, 1].
+      boxes: float32 `[I, N, 4]` ``[ymin, xmin, ymax, xmax]`` normalized to [0, 1], or per
+        class `[I, N, K, 4]` (box `[i, n, k]` goes with class column `k`, background excluded).
       scores: float32 `[I, N, C]` raw score columns (as the model emits them).
       image_heights: int64 `[I]` pixels. image_widths: int64 `[I]` pixels.
       fingerprint: sha256 hex of model + data (of the npz file for precomputed outputs;
@@ -351,8 +353,9 @@ class RawOutputsWriter:
         """Writes the next rows.
 
         Args:
-          boxes: float `[B, N, 4]`. scores: float `[B, N, C]`. `N` and `C` as in the first
-            batch; cast to float32.
+          boxes: float `[B, N, 4]`, or per class `[B, N, K, 4]` (a box per class column, as
+            Faster R-CNN heads give). scores: float `[B, N, C]`. `N`, `K` and `C` as in the
+            first batch; cast to float32.
 
         Raises:
           ValueError: bad or changed shapes, more rows than images, or NaN/inf values.
@@ -361,9 +364,10 @@ class RawOutputsWriter:
             raise ValueError("the writer is already committed or aborted")
         b = np.ascontiguousarray(boxes, dtype=_FLOAT)
         s = np.ascontiguousarray(scores, dtype=_FLOAT)
-        if b.ndim != 3 or b.shape[2] != 4 or s.ndim != 3 or s.shape[:2] != b.shape[:2]:
+        if b.ndim not in (3, 4) or b.shape[-1] != 4 or s.ndim != 3 or \
+                s.shape[:2] != b.shape[:2]:
             raise ValueError(f"boxes {list(b.shape)} and scores {list(s.shape)} must be "
-                             f"[B, N, 4] and [B, N, C]")
+                             f"[B, N, 4] (or per class [B, N, K, 4]) and [B, N, C]")
         if self._row_shapes is None:
             self._start(b.shape[1:], s.shape[1:])
         elif (b.shape[1:], s.shape[1:]) != (self._row_shapes["boxes"],
@@ -872,8 +876,10 @@ def _check_arrays(a: dict[str, np.ndarray], num_score_columns: int | None, *,
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"image_ids: must be int [I], got {ids.dtype} {list(ids.shape)}")
     i = ids.shape[0]
-    if boxes.ndim != 3 or boxes.shape[0] != i or boxes.shape[2] != 4:
-        raise ValueError(f"boxes: must be [I={i}, N, 4], got {list(boxes.shape)}")
+    if boxes.ndim not in (3, 4) or boxes.shape[0] != i or boxes.shape[-1] != 4 or (
+            boxes.ndim == 4 and boxes.shape[2] < 1):
+        raise ValueError(f"boxes: must be [I={i}, N, 4] or per class [I={i}, N, K, 4], got "
+                         f"{list(boxes.shape)}")
     if scores.ndim != 3 or scores.shape[:2] != boxes.shape[:2]:
         raise ValueError(f"scores: must be [I={i}, N={boxes.shape[1]}, C], got "
                          f"{list(scores.shape)}")

@@ -104,6 +104,12 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
     if num_classes < 1:
         raise TfcalError(f"{m.saved_model or m.raw_outputs}: {m.raw_scores}: needs at least one "
                          f"class column, got {num_columns} columns")
+    if raw.boxes.ndim == 4 and raw.boxes.shape[2] not in (1, num_classes):
+        raise TfcalError(
+            f"{m.saved_model or m.raw_outputs}: {m.raw_boxes if model_run else 'boxes'}: per-class "
+            f"boxes {list(raw.boxes.shape)} need one box per class column ({num_classes} with "
+            f"model.background_column: {str(m.background_column).lower()}), got "
+            f"{raw.boxes.shape[2]}")
     if m.category_columns is not None:
         mapping = CategoryMapping.from_category_columns(dataset, m.category_columns, num_classes)
     else:
