@@ -156,3 +156,18 @@ def test_convert_raw_outputs_writes_a_folder_usable_as_raw_outputs(tmp_path, dat
     np.testing.assert_array_equal(raw.boxes, a["boxes"])
     with pytest.raises(TfcalError, match=r"missing\.npz: not a readable npz"):
         convert_raw_outputs(tmp_path / "missing.npz", tmp_path / "other")
+
+
+def test_convert_command_line(tmp_path, dataset, capsys):
+    from tfcal.cli import main
+
+    np.savez_compressed(tmp_path / "raw.npz", **_arrays(dataset))
+    assert main(["convert-raw-outputs", str(tmp_path / "raw.npz"), str(tmp_path / "out")]) == 0
+    assert "raw outputs:" in capsys.readouterr().out
+    assert load_raw_outputs(tmp_path / "out", dataset).num_images == NUM_IMAGES
+    for args in ((tmp_path / "raw.npz", tmp_path / "out"),       # exists
+                 (tmp_path / "instances.json", tmp_path / "x")):  # not an npz
+        assert main(["convert-raw-outputs", *map(str, args)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and ("already exists" in err or "not a readable npz" in err)
+    assert not (tmp_path / "x").exists()

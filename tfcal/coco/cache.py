@@ -795,8 +795,8 @@ def _load_or_convert(path, a, rows, dataset, dest, fp, data_fp, num_score_column
     return cached
 
 
-def convert_raw_outputs(npz_path: str | Path, dest: str | Path, *,
-                        image_heights=None, image_widths=None) -> Path:
+def convert_raw_outputs(npz_path: str | Path, dest: str | Path, *, image_heights=None,
+                        image_widths=None, overwrite: bool = False) -> Path:
     """Converts precomputed raw outputs (an ``.npz``, compressed or not) to a raw-output folder
     (the cache format above), reading a batch of rows at a time; atomic.
 
@@ -807,14 +807,17 @@ def convert_raw_outputs(npz_path: str | Path, dest: str | Path, *,
       dest: the folder to create (an existing one is replaced).
       image_heights, image_widths: int `[I]` pixels, recorded in ``meta.json`` (default 0:
         unknown; `load_raw_outputs` takes the sizes from the dataset).
+      overwrite: replace an existing `dest` (default: refuse it).
 
     Returns:
       `dest`.
 
     Raises:
-      TfcalError: one line naming the file, as `load_raw_outputs`.
+      TfcalError: one line naming the file, as `load_raw_outputs`; `dest` exists.
     """
     path = Path(npz_path)
+    if Path(dest).exists() and not overwrite:
+        raise TfcalError(f"{dest}: already exists (give a new folder)")
     try:
         a = _open_npz(path)
         _check_arrays(a, None, scan_values=False)
