@@ -318,6 +318,10 @@ def test_cache_directory_as_precomputed_outputs(tmp_path, dataset):
                                 raw.image_heights[perm], raw.image_widths[perm], FP))
     back = load_raw_outputs(path, dataset)
     np.testing.assert_array_equal(back.scores, raw.scores)  # rows put in the dataset's order
+    mapped = load_raw_outputs(path, dataset, cache_dir=tmp_path / "cache")  # converted once
+    assert isinstance(mapped.scores, np.memmap) and mapped.fingerprint == back.fingerprint
+    np.testing.assert_array_equal(mapped.scores, raw.scores)
+    assert len(list((tmp_path / "cache").glob("raw_outputs-*"))) == 1
     _truncate(path, "scores.npy")
     with pytest.raises(TfcalError, match=r"raw: scores\.npy: \d+ bytes, expected"):
         load_raw_outputs(path, dataset)

@@ -760,10 +760,11 @@ def _made_dirs(path: Path):
 
 def _convert_npz(path: Path, a: dict, rows: np.ndarray, dataset, cache_dir: Path,
                  npz_sha: str, num_score_columns: int | None) -> dict[str, np.ndarray]:
-    """The dataset's rows of the npz `path` as a cache folder in `cache_dir` (written once,
-    streaming; reused while the npz and the image list are unchanged): memory maps."""
+    """The dataset's rows of the npz (or raw-output folder) `path` as a cache folder in
+    `cache_dir` (written once, streaming; reused while `npz_sha`, the npz's sha256 or the
+    folder's ``meta_sha256``, and the image list are unchanged): memory maps."""
     data_fp = data_fingerprint(dataset)
-    fp = combined_fingerprint(f"npz:{npz_sha}", data_fp)
+    fp = combined_fingerprint(f"raw_outputs:{npz_sha}", data_fp)
     dest = cache_path(cache_dir, fp)
     with _made_dirs(dest.parent):
         cached = _load_or_convert(path, a, rows, dataset, dest, fp, data_fp, num_score_columns)
@@ -923,8 +924,9 @@ def load_raw_outputs(npz_path: str | Path, dataset, *, num_score_columns: int | 
       image list are unchanged), which is memory-mapped; without `cache_dir` it is loaded in
       memory;
     - a cache directory is memory-mapped when it holds exactly the dataset's images in order
-      (otherwise the dataset's rows are copied into memory); it is validated like the cache,
-      data hashes included (a mismatch is refused).
+      (otherwise its dataset rows are converted into `cache_dir` the same way, or copied into
+      memory without it); it is validated like the cache, data hashes included (a mismatch
+      is refused).
 
     The npz's sha256 identifies the outputs (`RawOutputs.fingerprint`) whichever way it is read.
 
@@ -932,7 +934,8 @@ def load_raw_outputs(npz_path: str | Path, dataset, *, num_score_columns: int | 
       npz_path: the npz file, or a cache directory.
       dataset: the `CocoDataset` the outputs belong to.
       num_score_columns: C expected by the category mapping (raw columns, background included).
-      cache_dir: where an npz that cannot be mapped as it is gets converted (None: in memory).
+      cache_dir: where outputs that cannot be mapped as they are get converted (None: in
+        memory).
 
     Raises:
       TfcalError: one line naming the file and array, for an unreadable file, a missing array,
@@ -956,7 +959,7 @@ def load_raw_outputs(npz_path: str | Path, dataset, *, num_score_columns: int | 
             fingerprint, model_fp = file_sha256(path), ""
         rows, extra = _select(a, dataset)
         identity = np.array_equal(rows, np.arange(len(a["image_ids"])))
-        if not path.is_dir() and not (identity and _direct(a)):
+        if not (identity and _direct(a)):
             if cache_dir is not None:
                 a = _convert_npz(path, a, rows, dataset, Path(cache_dir), fingerprint,
                                  num_score_columns)
