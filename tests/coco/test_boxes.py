@@ -208,3 +208,24 @@ def test_per_class_boxes_are_sampled_with_their_class(demo):
     found = box_lib.check_boxes(raw, ds, mapping, box_format="yxyx", background_column=True,
                                 match_iou=0.5, source="raw")
     assert found["ap"] > 0.3
+
+
+@pytest.mark.parametrize("n,k,top_k", [(50, 7, 20), (3, 4, 10), (30, 1, 30)])
+def test_sample_candidates_are_the_top_entries_over_boxes_and_classes(n, k, top_k):
+    from tfcal.coco.cache import RawOutputs
+
+    rng = np.random.default_rng(n + k)
+    scores = rng.random((11, n, 1 + k), dtype=np.float32)  # continuous: no ties
+    boxes = rng.random((11, n, k, 4), dtype=np.float32)  # per class: each entry's box unique
+    raw = RawOutputs(np.arange(11), boxes, scores, np.ones(11), np.ones(11))
+    s = box_lib.sample_candidates(raw, background_column=True, num_images=5, top_k=top_k)
+    np.testing.assert_array_equal(s.rows, [0, 2, 5, 8, 10])
+    for row in s.rows:  # brute force: sort every (box, class) entry of the image
+        flat = scores[row, :, 1:].ravel()
+        want = np.sort(np.argsort(-flat)[:min(top_k, n * k)])
+        m = s.image_index == row
+        box_of = [np.flatnonzero((boxes[row, :, c] == b).all(axis=1))[0]
+                  for c, b in zip(s.column[m], s.boxes[m])]
+        got = np.sort(np.array(box_of) * k + s.column[m])
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(np.sort(s.score[m]), np.sort(flat[want]))

@@ -136,12 +136,18 @@ def sample_candidates(raw, *, background_column: bool, num_images: int = SAMPLE_
         if boxes.ndim == 4 and boxes.shape[2] == 1:  # one box shared by every class
             boxes = boxes[:, :, 0]
         b, n, k = scores.shape
-        flat = scores.reshape(b, n * k)
         kk = min(top_k, n * k)
         if kk == 0:
             continue
+        # The top kk entries lie in the kk boxes with the highest best score (up to ties):
+        # select those boxes first (cheap), then the entries among them.
+        nb = min(kk, n)
+        best = np.argpartition(-scores.max(axis=2), nb - 1, axis=1)[:, :nb]
+        img_b = np.arange(b)[:, None]
+        flat = scores[img_b, best].reshape(b, nb * k)
+        kk = min(kk, nb * k)
         top = np.argpartition(-flat, kk - 1, axis=1)[:, :kk]
-        box_n, col = top // k, top % k
+        box_n, col = best[img_b, top // k], top % k
         img = np.repeat(np.arange(b), kk).reshape(b, kk)
         chosen = boxes[img, box_n, col] if boxes.ndim == 4 else boxes[img, box_n]
         parts.append((idx[img].ravel(), col.ravel(), flat[img, top].ravel(),

@@ -13,7 +13,7 @@ Precomputed raw outputs (user-supplied, documented format) are an npz of three a
 `load_raw_outputs` also accepts a cache directory (below) in place of the npz. An npz is read
 without loading it whole (`tfcal.coco.npz`): saved uncompressed (`np.savez`) with float32 rows
 in the dataset's order, it is memory-mapped at its zip offset; otherwise (compressed, float64,
-other rows) it is converted once, batch by batch, into a cache directory (`_convert_npz`,
+other rows) it is converted once, batch by batch, into a cache directory (`_convert_rows`,
 logged, reused while the npz and the image list are unchanged). `convert_raw_outputs` does
 that conversion for a user, and `RawOutputsWriter` writes the cache directory directly from a
 detector loop: that directory is the streaming format for user-produced outputs.
@@ -758,7 +758,7 @@ def _made_dirs(path: Path):
         raise
 
 
-def _convert_npz(path: Path, a: dict, rows: np.ndarray, dataset, cache_dir: Path,
+def _convert_rows(path: Path, a: dict, rows: np.ndarray, dataset, cache_dir: Path,
                  npz_sha: str, num_score_columns: int | None) -> dict[str, np.ndarray]:
     """The dataset's rows of the npz (or raw-output folder) `path` as a cache folder in
     `cache_dir` (written once, streaming; reused while `npz_sha`, the npz's sha256 or the
@@ -805,7 +805,7 @@ def convert_raw_outputs(npz_path: str | Path, dest: str | Path, *, image_heights
 
     Args:
       npz_path: the npz (``image_ids``, ``boxes``, ``scores`` as in the module docstring).
-      dest: the folder to create (an existing one is replaced).
+      dest: the folder to create.
       image_heights, image_widths: int `[I]` pixels, recorded in ``meta.json`` (default 0:
         unknown; `load_raw_outputs` takes the sizes from the dataset).
       overwrite: replace an existing `dest` (default: refuse it).
@@ -961,7 +961,7 @@ def load_raw_outputs(npz_path: str | Path, dataset, *, num_score_columns: int | 
         identity = np.array_equal(rows, np.arange(len(a["image_ids"])))
         if not (identity and _direct(a)):
             if cache_dir is not None:
-                a = _convert_npz(path, a, rows, dataset, Path(cache_dir), fingerprint,
+                a = _convert_rows(path, a, rows, dataset, Path(cache_dir), fingerprint,
                                  num_score_columns)
                 identity = True
             else:
