@@ -139,6 +139,17 @@ def test_centre_size_boxes_are_refused_as_inverted(demo):
         _prepare(path)
 
 
+def test_class_columns_that_do_not_line_up_are_refused(demo):
+    root, ann, ds, a = demo
+    names = [ds.category_name(int(c)) for c in ds.category_ids]
+    rotated = {name: (i + 1) % len(names) for i, name in enumerate(names)}  # every column wrong
+    path = _config(root, ann, a, "rotated", category_columns=rotated)
+    with pytest.raises(TfcalError, match=r"AP 0\.0\d\d at tuning.match_iou 0.5 .* check "
+                                         r"model.box_format and model.label_offset / "
+                                         r"model.category_columns$"):
+        _prepare(path)
+
+
 def test_bad_layouts_exit_2_with_one_line_through_the_cli(demo, capsys):
     from tfcal.cli import main
 

@@ -87,6 +87,31 @@ def test_tuner_candidates_equal_the_exported_post_processor_per_class(seed):
     assert len(cand) > 10  # the case is not trivial
 
 
+@pytest.mark.parametrize("seed", [3, 4])
+def test_per_class_thresholds_and_ious_agree_with_the_post_processor(seed):
+    # The search applies class k's threshold to the candidates of class k's IoU; the served
+    # graph applies both in one call. Same detections, class by class (no cap binds).
+    boxes, scores = _case(seed)
+    b, _, k, _ = boxes.shape
+    thresholds, ious = (0.3, 0.5, 0.7), (0.4, 0.6, 0.4)
+    cands = collect_candidates([(np.arange(b), boxes, scores)], _calibrate_fn(Config(), None),
+                               sorted(set(ious)), min(thresholds), 100, 100)
+    ppc = PostProcessConfig(num_classes=k, min_score_thresh=thresholds, nms_iou=ious,
+                            label_offset=0)
+    raw = RawOutputs(np.arange(b), boxes, scores, np.full(b, 100), np.full(b, 100))
+    served = postprocess_images(ppc, raw, np.arange(b))
+    for c in range(k):
+        cand = cands[ious[c]]
+        m = (cand.column == c) & (cand.score >= thresholds[c])
+        want = sorted(zip(cand.image_id[m].tolist(), np.round(cand.score[m], 6).tolist()))
+        s_m = served.column == c
+        got = sorted(zip(served.image_index[s_m].tolist(),
+                         np.round(served.score[s_m], 6).tolist()))
+        assert got == want, c
+        np.testing.assert_allclose(np.sort(served.boxes[s_m], axis=0),
+                                   np.sort(cand.box[m], axis=0))
+
+
 def _per_class(raw, seed=0):
     """`raw` with boxes `[I, N, K, 4]`: the class that scores a box keeps it; every other
     class gets a decoy box in another cell of the grid (no overlap with any object)."""

@@ -786,6 +786,7 @@ def _load_or_convert(path, a, rows, dataset, dest, fp, data_fp, num_score_column
         else:  # decompress in file order once, then pick the dataset's rows
             n = a["image_ids"].shape[0]
             scratch = dest.with_name(dest.name + ".unordered")
+            shutil.rmtree(scratch, ignore_errors=True)  # left by a process killed here
             try:
                 full = _write_rows(scratch, a, None, image_ids=a["image_ids"],
                                    heights=np.zeros(n, np.int64), widths=np.zeros(n, np.int64))
