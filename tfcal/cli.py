@@ -95,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser(
+        "convert-raw-outputs", help="convert a raw-outputs .npz to a raw-output folder",
+        description="Convert precomputed raw outputs (.npz with image_ids, boxes, scores; "
+                    "compressed or not) to the raw-output folder format, reading a batch of rows "
+                    "at a time; give the folder as model.raw_outputs.",
+        epilog=_EPILOG)
+    p.add_argument("npz", type=Path, help="the .npz to convert")
+    p.add_argument("out", type=Path, help="the folder to create (must not exist)")
+    _add_common(p)
+
+    p = sub.add_parser(
         "demo", help="run the whole job on the embedded synthetic dataset and detector",
         description="Generate a synthetic COCO dataset, run the bundled demo detector, calibrate, "
                     "tune for precision >= 0.9 per class, report and export. No downloads.",
@@ -160,6 +170,10 @@ def _run(args: argparse.Namespace) -> int:
                                  raw_outputs=args.raw_outputs, out=args.out)
         print(result.summary())
         return EXIT_OK if result.ok else EXIT_CHECK_FAILED
+    if args.command == "convert-raw-outputs":
+        from tfcal.coco.cache import convert_raw_outputs
+        print(f"raw outputs: {convert_raw_outputs(args.npz, args.out)}")
+        return EXIT_OK
     if args.command == "demo":
         from tfcal.demo.run import run_demo
         result = run_demo(args.out, num_images=args.num_images)
@@ -193,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     from tfcal import TfcalError
 
     try:
-        if args.command not in ("report", "evaluate") and not args.debug:
+        if args.command not in ("report", "evaluate", "convert-raw-outputs") and not args.debug:
             _import_tensorflow_quietly()
         with warnings.catch_warnings():
             if not args.debug:

@@ -25,6 +25,7 @@ from tfcal import TfcalError
 from tfcal.tuning.objective_kinds import KINDS, check_fields
 
 ScoreConverter = Literal["sigmoid", "softmax", "identity"]
+BoxFormat = Literal["yxyx", "xyxy", "cxcywh"]  # tfcal.coco.boxes.BOX_FORMATS
 CalibrationMethod = str  # a name in tfcal.calibration.names(), checked at load
 Objective = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
 OnUnreachable = Literal["disable", "best_effort", "error"]
@@ -77,6 +78,7 @@ class ModelConfig:
     input: str = "input_tensor"
     raw_boxes: str = "raw_detection_boxes"
     raw_scores: str = "raw_detection_scores"
+    box_format: BoxFormat = "yxyx"  # normalized layout of raw boxes, converted at load
     score_converter: ScoreConverter = "sigmoid"
     background_column: bool = True
     label_offset: int = dataclasses.field(default=1, metadata=_check(lambda v: v >= 0, "must be >= 0"))
@@ -329,6 +331,10 @@ def _cross_checks(cfg: Config, fail) -> None:
     m, t = cfg.model, cfg.tuning
     if (m.saved_model is None) == (m.raw_outputs is None):
         fail("model", "give exactly one of saved_model or raw_outputs")
+    if m.box_format != "yxyx" and m.saved_model is not None:
+        fail("model.box_format", "must be yxyx with model.saved_model (the exported "
+             "post-processing reads [ymin, xmin, ymax, xmax] from the model); other layouts "
+             "are for model.raw_outputs", m.box_format)
     if not t.nms_iou_grid:
         fail("tuning.nms_iou_grid", "must list at least one IoU")
     for i, v in enumerate(t.nms_iou_grid):

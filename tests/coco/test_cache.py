@@ -318,6 +318,32 @@ def test_cache_directory_as_precomputed_outputs(tmp_path, dataset):
                                 raw.image_heights[perm], raw.image_widths[perm], FP))
     back = load_raw_outputs(path, dataset)
     np.testing.assert_array_equal(back.scores, raw.scores)  # rows put in the dataset's order
+    mapped = load_raw_outputs(path, dataset, cache_dir=tmp_path / "cache")  # converted once
+    assert isinstance(mapped.scores, np.memmap) and mapped.fingerprint == back.fingerprint
+    np.testing.assert_array_equal(mapped.scores, raw.scores)
+    assert len(list((tmp_path / "cache").glob("raw_outputs-*"))) == 1
     _truncate(path, "scores.npy")
     with pytest.raises(TfcalError, match=r"raw: scores\.npy: \d+ bytes, expected"):
         load_raw_outputs(path, dataset)
+
+
+def test_per_class_boxes_round_trip_through_the_cache_and_npz(tmp_path, dataset):
+    a = _arrays(dataset)  # 4 score columns: background + K = 3 classes
+    rng = np.random.default_rng(5)
+    per_class = (a["boxes"][:, :, None] + rng.uniform(0, 0.05, (4, 5, 3, 4))).astype(np.float32)
+    raw = RawOutputs(a["image_ids"], per_class, a["scores"], dataset.image_heights,
+                     dataset.image_widths, FP)
+    path = save_cache(cache_path(tmp_path / "c", FP), raw)
+    back = load_cache(path, FP, dataset, num_score_columns=4)
+    assert back.boxes.shape == (4, 5, 3, 4)
+    np.testing.assert_array_equal(back.boxes, per_class)
+    np.savez(tmp_path / "raw.npz", **dict(a, boxes=per_class))
+    loaded = load_raw_outputs(tmp_path / "raw.npz", dataset)
+    assert isinstance(loaded.boxes, np.memmap)
+    np.testing.assert_array_equal(loaded.boxes, per_class)
+    with _writer(None, dataset) as w, pytest.raises(ValueError, match=r"\[B, N, K, 4\]"):
+        w.append(np.zeros((1, 5, 3, 2), np.float32), np.zeros((1, 5, 4), np.float32))
+    np.savez(tmp_path / "bad.npz", **dict(a, boxes=np.zeros((4, 5, 3, 4, 1), np.float32)))
+    with pytest.raises(TfcalError, match=r"bad.npz: boxes: must be \[I=4, N, 4\] or per class "
+                                         r"\[I=4, N, K, 4\], got \[4, 5, 3, 4, 1\]"):
+        load_raw_outputs(tmp_path / "bad.npz", dataset)

@@ -1,19 +1,26 @@
 """Raw detector outputs on disk: the `RawOutputs` record, fingerprints, the cache, and npz loading.
 
-Precomputed raw outputs (user-supplied, documented format) are an npz loaded in memory:
+Precomputed raw outputs (user-supplied, documented format) are an npz of three arrays:
 
 - ``image_ids``: int64 `[I]`, the COCO image id of each row (every dataset image must be
   present; rows for other images are ignored);
 - ``boxes``: float32 `[I, N, 4]`, pre-NMS boxes ``[ymin, xmin, ymax, xmax]`` normalized to
-  [0, 1];
+  [0, 1], or per class `[I, N, K, 4]`: a box for each of the K class columns (background
+  excluded; Faster R-CNN second stages give these);
 - ``scores``: float32 `[I, N, C]`, pre-NMS scores in the model's C raw score columns
   (background column included when the model has one), before any score conversion.
 
-`load_raw_outputs` also accepts a cache directory (below) in place of the npz.
+`load_raw_outputs` also accepts a cache directory (below) in place of the npz. An npz is read
+without loading it whole (`tfcal.coco.npz`): saved uncompressed (`np.savez`) with float32 rows
+in the dataset's order, it is memory-mapped at its zip offset; otherwise (compressed, float64,
+other rows) it is converted once, batch by batch, into a cache directory (`_convert_rows`,
+logged, reused while the npz and the image list are unchanged). `convert_raw_outputs` does
+that conversion for a user, and `RawOutputsWriter` writes the cache directory directly from a
+detector loop: that directory is the streaming format for user-produced outputs.
 
 The raw-output cache is a directory ``<cache_dir>/raw_outputs-<fingerprint[:16]>/``:
 
-- ``boxes.npy``: float32 `[I, N, 4]` and ``scores.npy``: float32 `[I, N, C]`, the arrays above
+- ``boxes.npy``: float32 `[I, N, 4]` (or `[I, N, K, 4]`) and ``scores.npy``: float32 `[I, N, C]`, the arrays above
   in the dataset's image order (little-endian, C order, plain ``.npy`` files);
 - ``meta.json``: ``format`` and ``version``; ``fingerprint`` (sha256 of the model and the data,
   see `combined_fingerprint`), ``model_fingerprint``, ``data_fingerprint``; ``image_ids``,
@@ -70,7 +77,6 @@ import mmap
 import os
 import shutil
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -78,6 +84,7 @@ import numpy as np
 
 import tfcal
 from tfcal import TfcalError, TfcalWarning, atomic
+from tfcal.coco.npz import NpzStream, open_members
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +93,7 @@ CACHE_FORMAT = "tfcal-raw-outputs"
 CACHE_VERSION = 2
 META_NAME = "meta.json"
 _ARRAY_NAMES = ("boxes", "scores")
+_NPZ_NAMES = ("image_ids", "boxes", "scores")
 _FLOAT = np.dtype("<f4")
 _CHUNK = 1 << 20  # bytes per read when hashing files
 _SCAN_BYTES = 1 << 24  # bytes per slice when scanning arrays for NaN/inf or box range
@@ -101,7 +109,8 @@ class RawOutputs:
 
     Attributes:
       image_ids: int64 `[I]`.
-      boxes: float32 `[I, N, 4]` ``[ymin, xmin, ymax, xmax]`` normalized to [0, 1].
+      boxes: float32 `[I, N, 4]` ``[ymin, xmin, ymax, xmax]`` normalized to [0, 1], or per
+        class `[I, N, K, 4]` (box `[i, n, k]` goes with class column `k`, background excluded).
       scores: float32 `[I, N, C]` raw score columns (as the model emits them).
       image_heights: int64 `[I]` pixels. image_widths: int64 `[I]` pixels.
       fingerprint: sha256 hex of model + data (of the npz file for precomputed outputs;
@@ -206,9 +215,11 @@ def normalized_to_coco_xywh(boxes: np.ndarray, heights: np.ndarray,
 
 
 def _hash_file(h, path: Path) -> None:
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    buf = bytearray(_CHUNK)  # one buffer, reused: memory stays at _CHUNK
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
 
 
 def file_sha256(path: str | Path) -> str:
@@ -325,6 +336,11 @@ class RawOutputsWriter:
     def num_images(self) -> int:
         return int(self.image_ids.shape[0])
 
+    @property
+    def value_ranges(self) -> dict[str, list[float]]:
+        """``{"boxes": [min, max], "scores": [min, max]}`` of the rows written so far."""
+        return self._value_ranges()
+
     def __enter__(self) -> "RawOutputsWriter":
         return self
 
@@ -337,8 +353,9 @@ class RawOutputsWriter:
         """Writes the next rows.
 
         Args:
-          boxes: float `[B, N, 4]`. scores: float `[B, N, C]`. `N` and `C` as in the first
-            batch; cast to float32.
+          boxes: float `[B, N, 4]`, or per class `[B, N, K, 4]` (a box per class column, as
+            Faster R-CNN heads give). scores: float `[B, N, C]`. `N`, `K` and `C` as in the
+            first batch; cast to float32.
 
         Raises:
           ValueError: bad or changed shapes, more rows than images, or NaN/inf values.
@@ -347,9 +364,10 @@ class RawOutputsWriter:
             raise ValueError("the writer is already committed or aborted")
         b = np.ascontiguousarray(boxes, dtype=_FLOAT)
         s = np.ascontiguousarray(scores, dtype=_FLOAT)
-        if b.ndim != 3 or b.shape[2] != 4 or s.ndim != 3 or s.shape[:2] != b.shape[:2]:
+        if b.ndim not in (3, 4) or b.shape[-1] != 4 or s.ndim != 3 or \
+                s.shape[:2] != b.shape[:2]:
             raise ValueError(f"boxes {list(b.shape)} and scores {list(s.shape)} must be "
-                             f"[B, N, 4] and [B, N, C]")
+                             f"[B, N, 4] (or per class [B, N, K, 4]) and [B, N, C]")
         if self._row_shapes is None:
             self._start(b.shape[1:], s.shape[1:])
         elif (b.shape[1:], s.shape[1:]) != (self._row_shapes["boxes"],
@@ -675,22 +693,145 @@ def load_cache(path: str | Path, fingerprint: str, dataset,
 # Precomputed raw outputs
 
 
-def _read_npz(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Reads `names` from an npz; raises ValueError (message without the path) when it can't."""
+def _open_npz(path: Path) -> dict[str, np.ndarray | NpzStream]:
+    """``image_ids`` in memory; ``boxes`` and ``scores`` memory-mapped (`ReleasingMemmap`)
+    when stored uncompressed, else `NpzStream` (see `tfcal.coco.npz`); ValueError."""
+    a = open_members(path, _NPZ_NAMES, in_memory=("image_ids",))
+    return {n: v.view(ReleasingMemmap) if isinstance(v, np.memmap) else v for n, v in a.items()}
+
+
+def _direct(a: dict) -> bool:
+    """The boxes and scores of `a` are float32 C-order memory maps (usable as they are)."""
+    return all(isinstance(a[n], np.memmap) and a[n].dtype == _FLOAT for n in _ARRAY_NAMES)
+
+
+def _row_batches(a: dict, rows: np.ndarray | None):
+    """``(boxes, scores)`` batches of about `_SCAN_BYTES` of scores: the rows `rows` of memory
+    maps (None: all rows, also from `NpzStream` members), in that order."""
+    scores = a["scores"]
+    step = _rows_per_slice(scores)
+    if rows is None and isinstance(scores, NpzStream):
+        yield from zip(a["boxes"].batches(step), scores.batches(step))
+        return
+    if rows is None:
+        rows = np.arange(scores.shape[0])
+    for start in range(0, len(rows), step):
+        r = rows[start:start + step]
+        yield a["boxes"][r], scores[r]
+
+
+def _write_rows(dest: Path, a: dict, rows: np.ndarray | None, *, image_ids, heights, widths,
+                fingerprint: str = "", data_fp: str = "") -> RawOutputs:
+    """Writes the rows as a cache folder; boxes outside [0, 1] by more than `BOX_TOLERANCE`
+    are refused before anything is committed (ValueError)."""
+    with RawOutputsWriter(dest, image_ids=image_ids, image_heights=heights,
+                          image_widths=widths, fingerprint=fingerprint,
+                          data_fingerprint=data_fp) as writer:
+        for boxes, scores in _row_batches(a, rows):
+            writer.append(boxes, scores)
+        lo, hi = writer.value_ranges["boxes"]
+        if lo < -BOX_TOLERANCE or hi > 1.0 + BOX_TOLERANCE:
+            raise ValueError(_pixel_boxes(lo, hi))
+        return writer.commit()
+
+
+def _pixel_boxes(lo: float, hi: float) -> str:
+    return (f"boxes: must be normalized [ymin, xmin, ymax, xmax] in [0, 1] (pixel "
+            f"coordinates?), got values in [{lo:.4g}, {hi:.4g}]")
+
+
+@contextlib.contextmanager
+def _made_dirs(path: Path):
+    """Removes the folders up to `path` that this block created, if it fails and they are
+    empty (bad input leaves no output folder behind)."""
+    new = []
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        new.append(p)
+        p = p.parent
     try:
-        if not zipfile.is_zipfile(path):
-            raise ValueError("not a readable npz (not a zip archive)")
-        with np.load(path, allow_pickle=False) as z:
-            missing = [n for n in names if n not in z.files]
-            if missing:
-                raise ValueError(f"missing arrays {missing} (has {sorted(z.files)})")
-            return {n: z[n] for n in names}
+        yield
+    except BaseException:
+        for d in new:  # deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
+def _convert_rows(path: Path, a: dict, rows: np.ndarray, dataset, cache_dir: Path,
+                 npz_sha: str, num_score_columns: int | None) -> dict[str, np.ndarray]:
+    """The dataset's rows of the npz (or raw-output folder) `path` as a cache folder in
+    `cache_dir` (written once, streaming; reused while `npz_sha`, the npz's sha256 or the
+    folder's ``meta_sha256``, and the image list are unchanged): memory maps."""
+    data_fp = data_fingerprint(dataset)
+    fp = combined_fingerprint(f"raw_outputs:{npz_sha}", data_fp)
+    dest = cache_path(cache_dir, fp)
+    with _made_dirs(dest.parent):
+        cached = _load_or_convert(path, a, rows, dataset, dest, fp, data_fp, num_score_columns)
+    return {"image_ids": cached.image_ids, "boxes": cached.boxes, "scores": cached.scores}
+
+
+def _load_or_convert(path, a, rows, dataset, dest, fp, data_fp, num_score_columns):
+    cached = load_cache(dest, fp, dataset, num_score_columns)
+    if cached is None:
+        why = ("compressed" if any(isinstance(a[n], NpzStream) for n in _ARRAY_NAMES)
+               else "not float32 rows in the data set's order")
+        logger.info("%s: %s; converting it once, batch by batch, to the raw-output folder %s",
+                    path, why, dest)
+        sizes = dict(image_ids=dataset.image_ids, heights=dataset.image_heights,
+                     widths=dataset.image_widths, fingerprint=fp, data_fp=data_fp)
+        identity = np.array_equal(rows, np.arange(a["image_ids"].shape[0]))
+        if identity or not isinstance(a["scores"], NpzStream):
+            cached = _write_rows(dest, a, None if identity else rows, **sizes)
+        else:  # decompress in file order once, then pick the dataset's rows
+            n = a["image_ids"].shape[0]
+            scratch = dest.with_name(dest.name + ".unordered")
+            shutil.rmtree(scratch, ignore_errors=True)  # left by a process killed here
+            try:
+                full = _write_rows(scratch, a, None, image_ids=a["image_ids"],
+                                   heights=np.zeros(n, np.int64), widths=np.zeros(n, np.int64))
+                cached = _write_rows(dest, {"boxes": full.boxes, "scores": full.scores}, rows,
+                                     **sizes)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+    return cached
+
+
+def convert_raw_outputs(npz_path: str | Path, dest: str | Path, *, image_heights=None,
+                        image_widths=None, overwrite: bool = False) -> Path:
+    """Converts precomputed raw outputs (an ``.npz``, compressed or not) to a raw-output folder
+    (the cache format above), reading a batch of rows at a time; atomic.
+
+    The folder keeps the npz's rows in its order and can be given as ``model.raw_outputs``.
+
+    Args:
+      npz_path: the npz (``image_ids``, ``boxes``, ``scores`` as in the module docstring).
+      dest: the folder to create.
+      image_heights, image_widths: int `[I]` pixels, recorded in ``meta.json`` (default 0:
+        unknown; `load_raw_outputs` takes the sizes from the dataset).
+      overwrite: replace an existing `dest` (default: refuse it).
+
+    Returns:
+      `dest`.
+
+    Raises:
+      TfcalError: one line naming the file, as `load_raw_outputs`; `dest` exists.
+    """
+    path = Path(npz_path)
+    if Path(dest).exists() and not overwrite:
+        raise TfcalError(f"{dest}: already exists (give a new folder)")
+    try:
+        a = _open_npz(path)
+        _check_arrays(a, None, scan_values=False)
+        n = a["image_ids"].shape[0]
+        zeros = np.zeros(n, np.int64)
+        _write_rows(Path(dest), a, None, image_ids=a["image_ids"],
+                    heights=zeros if image_heights is None else image_heights,
+                    widths=zeros if image_widths is None else image_widths,
+                    fingerprint=file_sha256(path))
     except ValueError as e:
-        if str(e).startswith(("not a readable npz", "missing arrays")):
-            raise
-        raise ValueError(f"not a readable npz (ValueError: {e})") from None
-    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise ValueError(f"not a readable npz ({type(e).__name__}: {e})") from None
+        raise TfcalError(f"{path}: {e}") from None
+    return Path(dest)
 
 
 def _rows_per_slice(arr: np.ndarray) -> int:
@@ -706,11 +847,18 @@ def _first_non_finite(arr: np.ndarray) -> tuple[int, ...] | None:
     step = _rows_per_slice(arr)
     for start in range(0, arr.shape[0], step):
         ok = np.isfinite(arr[start:start + step])
+        _release_pages(arr)
         if not ok.all():
             bad = np.argwhere(~ok)[0]
             bad[0] += start
             return tuple(int(i) for i in bad)
     return None
+
+
+def _check_finite(name: str, arr: np.ndarray) -> None:
+    bad = _first_non_finite(arr)
+    if bad is not None:
+        raise ValueError(f"{name}: non-finite value {arr[bad]} at {list(bad)}")
 
 
 def _value_range(arr: np.ndarray) -> tuple[float, float]:
@@ -721,7 +869,7 @@ def _value_range(arr: np.ndarray) -> tuple[float, float]:
         part = arr[start:start + step]
         lo = min(lo, float(part.min(initial=0.0)))
         hi = max(hi, float(part.max(initial=1.0)))
-    _release_pages(arr)
+        _release_pages(arr)
     return lo, hi
 
 
@@ -733,8 +881,10 @@ def _check_arrays(a: dict[str, np.ndarray], num_score_columns: int | None, *,
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"image_ids: must be int [I], got {ids.dtype} {list(ids.shape)}")
     i = ids.shape[0]
-    if boxes.ndim != 3 or boxes.shape[0] != i or boxes.shape[2] != 4:
-        raise ValueError(f"boxes: must be [I={i}, N, 4], got {list(boxes.shape)}")
+    if boxes.ndim not in (3, 4) or boxes.shape[0] != i or boxes.shape[-1] != 4 or (
+            boxes.ndim == 4 and boxes.shape[2] < 1):
+        raise ValueError(f"boxes: must be [I={i}, N, 4] or per class [I={i}, N, K, 4], got "
+                         f"{list(boxes.shape)}")
     if scores.ndim != 3 or scores.shape[:2] != boxes.shape[:2]:
         raise ValueError(f"scores: must be [I={i}, N={boxes.shape[1]}, C], got "
                          f"{list(scores.shape)}")
@@ -742,9 +892,7 @@ def _check_arrays(a: dict[str, np.ndarray], num_score_columns: int | None, *,
         if not np.issubdtype(arr.dtype, np.floating):
             raise ValueError(f"{name}: must be float, got {arr.dtype}")
         if scan_values:
-            bad = _first_non_finite(arr)
-            if bad is not None:
-                raise ValueError(f"{name}: non-finite value {arr[bad]} at {list(bad)}")
+            _check_finite(name, arr)
     if num_score_columns is not None and scores.shape[2] != num_score_columns:
         raise ValueError(f"scores: expected {num_score_columns} score columns, got "
                          f"{scores.shape[2]}")
@@ -762,20 +910,33 @@ def _select(a: dict[str, np.ndarray], dataset) -> tuple[np.ndarray, np.ndarray]:
     return rows, len(lookup) - len(rows)
 
 
-def load_raw_outputs(npz_path: str | Path, dataset, *,
-                     num_score_columns: int | None = None) -> RawOutputs:
+def load_raw_outputs(npz_path: str | Path, dataset, *, num_score_columns: int | None = None,
+                     cache_dir: str | Path | None = None) -> RawOutputs:
     """Loads precomputed raw outputs (layout in the module docstring) for `dataset`'s images.
 
     Rows are returned in the dataset's image order; rows for images not in the dataset are
     dropped (logged). Boxes up to `BOX_TOLERANCE` outside [0, 1] are clipped with a
-    `TfcalWarning`. An npz is loaded in memory. A cache directory is memory-mapped when it
-    holds exactly the dataset's images in order (otherwise the dataset's rows are copied into
-    memory); it is validated like the cache, data hashes included (a mismatch is refused).
+    `TfcalWarning`. Memory stays at about a batch of rows for large files:
+
+    - an npz saved uncompressed (`np.savez`) with float32 arrays whose rows are the dataset's
+      images in order is memory-mapped at its zip offset, as it is (`tfcal.coco.npz`);
+    - any other npz (compressed, float64, other rows or order) is converted once, batch by
+      batch, into a raw-output folder in `cache_dir` (logged; reused while the npz and the
+      image list are unchanged), which is memory-mapped; without `cache_dir` it is loaded in
+      memory;
+    - a cache directory is memory-mapped when it holds exactly the dataset's images in order
+      (otherwise its dataset rows are converted into `cache_dir` the same way, or copied into
+      memory without it); it is validated like the cache, data hashes included (a mismatch
+      is refused).
+
+    The npz's sha256 identifies the outputs (`RawOutputs.fingerprint`) whichever way it is read.
 
     Args:
       npz_path: the npz file, or a cache directory.
       dataset: the `CocoDataset` the outputs belong to.
       num_score_columns: C expected by the category mapping (raw columns, background included).
+      cache_dir: where outputs that cannot be mapped as they are get converted (None: in
+        memory).
 
     Raises:
       TfcalError: one line naming the file and array, for an unreadable file, a missing array,
@@ -791,21 +952,33 @@ def load_raw_outputs(npz_path: str | Path, dataset, *,
             a = {"image_ids": cached.image_ids, "boxes": cached.boxes, "scores": cached.scores}
             fingerprint, model_fp = str(meta["meta_sha256"]), cached.model_fingerprint
         else:
-            a = _read_npz(path, ("image_ids", "boxes", "scores"))
-            _check_arrays(a, num_score_columns)
+            a = _open_npz(path)
+            _check_arrays(a, num_score_columns, scan_values=False)
+            for name in _ARRAY_NAMES:
+                if isinstance(a[name], np.memmap):
+                    _check_finite(name, a[name])
             fingerprint, model_fp = file_sha256(path), ""
         rows, extra = _select(a, dataset)
+        identity = np.array_equal(rows, np.arange(len(a["image_ids"])))
+        if not (identity and _direct(a)):
+            if cache_dir is not None:
+                a = _convert_rows(path, a, rows, dataset, Path(cache_dir), fingerprint,
+                                 num_score_columns)
+                identity = True
+            else:
+                a = {n: v.read() if isinstance(v, NpzStream) else v for n, v in a.items()}
+                for name in _ARRAY_NAMES:
+                    _check_finite(name, a[name])
     except ValueError as e:
         raise TfcalError(f"{path}: {e}") from None
     boxes, scores = a.pop("boxes"), a.pop("scores")
-    if not np.array_equal(rows, np.arange(len(a["image_ids"]))):
+    if not identity:
         boxes, scores = boxes[rows], scores[rows]  # only the dataset's rows, in its order
     boxes = boxes.astype(np.float32, copy=False)
     scores = scores.astype(np.float32, copy=False)
     lo, hi = _value_range(boxes)
     if lo < -BOX_TOLERANCE or hi > 1.0 + BOX_TOLERANCE:
-        raise TfcalError(f"{path}: boxes: must be normalized [ymin, xmin, ymax, xmax] in [0, 1] "
-                         f"(pixel coordinates?), got values in [{lo:.4g}, {hi:.4g}]")
+        raise TfcalError(f"{path}: {_pixel_boxes(lo, hi)}")
     if lo < 0.0 or hi > 1.0:
         warnings.warn(f"{path}: boxes: values in [{lo:.4g}, {hi:.4g}] clipped to [0, 1]",
                       TfcalWarning, stacklevel=2)
@@ -834,7 +1007,7 @@ def _min_max(arr: np.ndarray) -> list[float]:
         part = arr[start:start + step]
         if part.size:
             lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
-    _release_pages(arr)
+        _release_pages(arr)
     return [lo, hi]
 
 

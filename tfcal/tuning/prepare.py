@@ -2,7 +2,8 @@
 
 `prepare(cfg)` loads and checks the data before any work, maps score columns to category ids,
 and gets the detector's raw (pre-NMS) outputs from the cache (running the detector once) or
-from precomputed outputs. `check_model_fingerprint` refuses a detector other than the one a
+from precomputed outputs; their boxes pass the sanity check of `tfcal.coco.boxes` and are
+converted from `model.box_format` to ``[ymin, xmin, ymax, xmax]``. `check_model_fingerprint` refuses a detector other than the one a
 `PostProcessConfig` was tuned for.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from tfcal import TfcalError
-from tfcal.coco import runner
+from tfcal.coco import boxes, runner
 from tfcal.coco.cache import check_value_ranges, load_raw_outputs, model_fingerprint
 from tfcal.coco.dataset import CategoryMapping, load_coco
 from tfcal.config import Config
@@ -91,7 +92,8 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
             m.saved_model, dataset, keys=keys, batch_size=m.batch_size,
             cache_dir=cache_dir or m.cache_dir or (cfg.output.dir / "cache"))
     else:
-        raw = load_raw_outputs(m.raw_outputs, dataset)
+        raw = load_raw_outputs(m.raw_outputs, dataset,
+                               cache_dir=cache_dir or m.cache_dir or (cfg.output.dir / "cache"))
     model_run = m.saved_model is not None
     check_value_ranges(raw, score_converter=m.score_converter,
                        source=str(m.saved_model or m.raw_outputs),
@@ -102,10 +104,21 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
     if num_classes < 1:
         raise TfcalError(f"{m.saved_model or m.raw_outputs}: {m.raw_scores}: needs at least one "
                          f"class column, got {num_columns} columns")
+    if raw.boxes.ndim == 4 and raw.boxes.shape[2] not in (1, num_classes):
+        raise TfcalError(
+            f"{m.saved_model or m.raw_outputs}: {m.raw_boxes if model_run else 'boxes'}: per-class "
+            f"boxes {list(raw.boxes.shape)} need one box per class column ({num_classes} with "
+            f"model.background_column: {str(m.background_column).lower()}), got "
+            f"{raw.boxes.shape[2]}")
     if m.category_columns is not None:
         mapping = CategoryMapping.from_category_columns(dataset, m.category_columns, num_classes)
     else:
         mapping = CategoryMapping.odapi(dataset, num_classes, label_offset=m.label_offset)
+    boxes.check_boxes(raw, dataset, mapping, box_format=m.box_format,
+                      background_column=m.background_column, match_iou=cfg.tuning.match_iou,
+                      source=str(m.saved_model or m.raw_outputs),
+                      boxes_key=m.raw_boxes if model_run else "boxes")
+    raw = boxes.converted(raw, m.box_format)
     # Precomputed outputs have no model to hash: their own file identifies what was measured.
     model_fp = raw.model_fingerprint or f"raw_outputs:{raw.fingerprint}"
     return Prepared(dataset=dataset, mapping=mapping, raw=raw, num_classes=num_classes,
