@@ -49,6 +49,7 @@ __all__ = [
     "SCORE_CONVERTERS",
     "apply_class_thresholds",
     "box_iou",
+    "class_ids_of_columns",
     "combined_nms",
     "iou_groups",
     "pad_knots",
@@ -289,7 +290,8 @@ def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes):
 
 def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: int | None = None,
                  max_total_detections: int = 100, score_threshold=0.0, clip_boxes: bool = False,
-                 class_agnostic: bool = False, label_offset: int = 1) -> dict[str, tf.Tensor]:
+                 class_agnostic: bool = False, label_offset: int = 1,
+                 class_ids=None) -> dict[str, tf.Tensor]:
     """Batched per-class NMS over `tf.image.combined_non_max_suppression`, with per-class IoU.
 
     Classes sharing an IoU threshold form a group; each group gets one combined NMS call on its
@@ -322,14 +324,19 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         `tf.image.combined_non_max_suppression` does).
       class_agnostic: one NMS over all classes: each box keeps only its best class score (and,
         for per-class boxes, that class's box); needs a single IoU and no per-class cap.
-      label_offset: int; output class id = column + `label_offset` (1: OD API ids).
+      label_offset: int; output class id = column + `label_offset` (1: OD API ids). Not used
+        when `class_ids` is given.
+      class_ids: optional float or int `[K]` (a constant, a variable or a tensor): the class id
+        of each column; the output class is `class_ids[column]`, gathered in the graph (ids up
+        to 2**24 are exact in float32).
 
     Returns:
       dict (OD API names and conventions), rows sorted by descending score, rows at or beyond
       `num_detections` all zero:
         `detection_boxes`: float32 `[batch, M, 4]`;
         `detection_scores`: float32 `[batch, M]`;
-        `detection_classes`: float32 `[batch, M]`, column + `label_offset`;
+        `detection_classes`: float32 `[batch, M]`, `class_ids[column]` or column +
+          `label_offset`;
         `num_detections`: float32 `[batch]`.
 
     Raises:
@@ -397,7 +404,7 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         else:
             out_boxes, out_scores, classes, num = _merge_groups(per_group, max_total)
         out_classes = tf.cast(classes, tf.float32)
-    out_classes = out_classes + float(label_offset)
+    out_classes = class_ids_of_columns(out_classes, class_ids, label_offset)
     out_boxes, out_scores, out_classes = _pad_rows(out_boxes, out_scores, out_classes, num,
                                                    max_total)
     return {
@@ -406,6 +413,22 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         "detection_classes": out_classes,
         "num_detections": tf.cast(num, tf.float32),
     }
+
+
+def class_ids_of_columns(columns, class_ids=None, label_offset: int = 1) -> tf.Tensor:
+    """Class ids of class columns: `class_ids[column]`, or `column + label_offset` without ids.
+
+    Args:
+      columns: float or int `[...]` class column indices in `[0, K)`.
+      class_ids: optional float or int `[K]`, the id of each column.
+      label_offset: int, used only when `class_ids` is None.
+
+    Returns:
+      float32 `[...]` class ids.
+    """
+    if class_ids is None:
+        return tf.cast(columns, tf.float32) + float(label_offset)
+    return tf.gather(tf.cast(class_ids, tf.float32), tf.cast(columns, tf.int32))
 
 
 def _group_columns(boxes, scores, columns, active, few_boxes):

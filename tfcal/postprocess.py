@@ -16,6 +16,10 @@ Semantics (binding for the ops, the layers and the NumPy fitters):
   NMS, so they neither appear nor suppress other classes' boxes (NMS is per class).
 - NMS is per class; a box is suppressed iff IoU > `nms_iou[k]` with a higher-scored box of its
   class. `class_agnostic` needs a single `nms_iou` value.
+- A detection of column k is emitted with class id `class_ids[k]` (looked up in the serving
+  graph), or `k + label_offset` when `class_ids` is empty (records written without ids, and
+  OD API label maps). A column whose id is -1 has no category and is never emitted, whatever
+  `class_enabled` says (`enabled()`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Literal, Mapping
+
+import numpy as np
 
 from tfcal import TfcalError, atomic, ops, validation
 from tfcal import calibration as _calibration
@@ -61,8 +67,10 @@ class PostProcessConfig:
       max_detections_per_class: int >= 1 (not used when `class_agnostic`).
       max_total_detections: int >= 1, rows of every output.
       clip_boxes: clip output boxes to [0, 1].
-      label_offset: int >= 0; column k is emitted as class id `k + label_offset`.
-      class_ids: () or K category ids, one per column (informational).
+      label_offset: int >= 0; column k is emitted as class id `k + label_offset` when
+        `class_ids` is empty.
+      class_ids: () or K category ids, one per column, distinct except -1 (a column with no
+        category: never emitted); column k is emitted as class id `class_ids[k]`.
       metadata: JSON-able provenance (fit sizes, data fingerprints, ...).
     """
 
@@ -117,10 +125,7 @@ class PostProcessConfig:
                             ("max_total_detections", max_total_detections)):
             put(name, validation.integer(name, value, minimum=1))
         put("label_offset", validation.integer("label_offset", label_offset, minimum=0))
-        if isinstance(class_ids, (str, bytes)) or not hasattr(class_ids, "__len__") or \
-                len(class_ids) not in (0, k) or not all(validation.is_int(v) for v in class_ids):
-            raise ValueError(f"class_ids: expected [] or {k} ints, got {class_ids!r}")
-        put("class_ids", tuple(int(v) for v in class_ids))
+        put("class_ids", validation.class_ids("class_ids", class_ids, lengths=(0, k)))
         metadata = {} if metadata is None else metadata
         if not isinstance(metadata, Mapping):
             raise ValueError(f"metadata: expected a mapping, got {metadata!r}")
@@ -215,8 +220,36 @@ class PostProcessConfig:
         return t * self.num_classes if len(t) == 1 else t
 
     def enabled(self) -> tuple[bool, ...]:
-        """`class_enabled` broadcast to K values (all True when empty)."""
-        return self.class_enabled or (True,) * self.num_classes
+        """The columns that can be emitted: `class_enabled` broadcast to K values (all True when
+        empty), False for a column whose class id is -1 (no category)."""
+        enabled = self.class_enabled or (True,) * self.num_classes
+        if self.class_ids:
+            enabled = tuple(e and i >= 0 for e, i in zip(enabled, self.class_ids))
+        return enabled
+
+    def emitted_class_ids(self) -> tuple[int, ...]:
+        """The class id each column is emitted as: `class_ids`, or `k + label_offset`."""
+        return self.class_ids or tuple(k + self.label_offset for k in range(self.num_classes))
+
+    def columns_of_class_ids(self, ids):
+        """The column of each emitted class id (the inverse of `emitted_class_ids`).
+
+        Args:
+          ids: int or float `[D]` class ids as emitted (`detection_classes`).
+
+        Returns:
+          int64 `[D]` columns.
+
+        Raises:
+          ValueError: an id that no column is emitted as.
+        """
+        table = {i: k for k, i in enumerate(self.emitted_class_ids()) if i >= 0}
+        ids = np.asarray(ids).reshape(-1)
+        try:
+            return np.array([table[int(i)] for i in ids], dtype=np.int64)
+        except KeyError as e:
+            raise ValueError(f"detection_classes: {e.args[0]} is not the class id of a column "
+                             f"(class ids {list(self.emitted_class_ids())})") from None
 
     def ious(self) -> tuple[float, ...]:
         """`nms_iou` broadcast to K values."""

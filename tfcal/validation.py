@@ -17,9 +17,11 @@ from typing import Sequence
 import numpy as np
 
 __all__ = [
+    "MAX_CLASS_ID",
     "boolean",
     "booleans",
     "choice",
+    "class_ids",
     "floats",
     "integer",
     "is_bool",
@@ -107,6 +109,37 @@ def booleans(name: str, value, *, lengths: Sequence[int] | None = None) -> tuple
                 " or ".join(str(n) for n in sorted(set(lengths))))
         raise ValueError(f"{name}: expected {want} booleans, got {value!r}")
     return tuple(bool(v) for v in value)
+
+
+MAX_CLASS_ID = 2 ** 24
+"""Largest class id: ids are emitted as float32 (`detection_classes`), exact up to 2**24."""
+
+
+def class_ids(name: str, value, *, lengths: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Category ids of class columns: ints in [-1, 2**24], -1 for "no category"; the other ids
+    distinct (each category is predicted by one column).
+
+    Args:
+      name: the argument's name, first word of every message.
+      value: a sequence of ints (NumPy ints accepted).
+      lengths: the allowed lengths; None allows any length >= 1.
+    """
+    ok_length = hasattr(value, "__len__") and (
+        len(value) in lengths if lengths is not None else len(value) > 0)
+    if isinstance(value, (str, bytes)) or not ok_length or not all(
+            is_int(v) and -1 <= v <= MAX_CLASS_ID for v in value):
+        want = ("a non-empty list of" if lengths is None else
+                " or ".join(str(n) for n in sorted(set(lengths))))
+        raise ValueError(f"{name}: expected {want} ints in [-1, {MAX_CLASS_ID}] (-1: no "
+                         f"category), got {value!r}")
+    ids = tuple(int(v) for v in value)
+    seen: dict[int, int] = {}
+    for column, i in enumerate(ids):
+        if i >= 0 and i in seen:
+            raise ValueError(f"{name}: id {i} is given to columns {seen[i]} and {column}; each "
+                             f"id must name one column, got {list(ids)}")
+        seen.setdefault(i, column)
+    return ids
 
 
 def choice(name: str, value, choices: Sequence[str]) -> str:

@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from tfcal import ops, validation
-from tfcal.layers._common import float32_by_default
+from tfcal.layers._common import constant_weight, float32_by_default
 
 
 @keras.saving.register_keras_serializable(package="tfcal")
@@ -29,6 +29,11 @@ class CombinedNMS(keras.layers.Layer):
       clip_boxes: clip output boxes to [0, 1]; default False.
       class_agnostic: one NMS over all classes (each box with its best class); needs one IoU.
       label_offset: int >= 0, default 1: column k is emitted as class id k + 1 (OD API).
+        Not used when `class_ids` is given.
+      class_ids: optional K ints in [-1, 2**24], distinct except -1: column k is emitted as
+        class id `class_ids[k]`, gathered in the graph from the non-trainable float32 weight
+        `class_ids` (`[K]`). -1 marks a column with no category: disable it upstream
+        (`ClassThresholds`), since it would be emitted as -1. Default None: `label_offset`.
       **kwargs: `keras.layers.Layer` arguments.
 
     Call args:
@@ -38,13 +43,13 @@ class CombinedNMS(keras.layers.Layer):
 
     Returns:
       dict: `detection_boxes` float32 `[batch, M, 4]`, `detection_scores` float32 `[batch, M]`,
-      `detection_classes` float32 `[batch, M]`, `num_detections` float32 `[batch]`; rows sorted
+      `detection_classes` float32 `[batch, M]` (class ids), `num_detections` float32 `[batch]`; rows sorted
       by descending score, rows at or beyond `num_detections` all zero.
     """
 
     def __init__(self, iou_threshold=0.5, max_detections_per_class=None,
                  max_total_detections=100, score_threshold=0.0, clip_boxes=False,
-                 class_agnostic=False, label_offset=1, **kwargs):
+                 class_agnostic=False, label_offset=1, class_ids=None, **kwargs):
         super().__init__(**float32_by_default(kwargs))
         self.iou_threshold = list(validation.floats("iou_threshold", iou_threshold, lo=0.0,
                                                     hi=1.0, scalar_ok=True))
@@ -63,6 +68,19 @@ class CombinedNMS(keras.layers.Layer):
         self.max_detections_per_class = None if max_detections_per_class is None else \
             validation.integer("max_detections_per_class", max_detections_per_class, minimum=1)
         self.label_offset = validation.integer("label_offset", label_offset, minimum=0)
+        self.class_ids = None if class_ids is None else list(
+            validation.class_ids("class_ids", class_ids))
+        if self.class_ids is not None and len(self.iou_threshold) > 1 and \
+                len(self.class_ids) != len(self.iou_threshold):
+            raise ValueError(f"class_ids: {len(self.class_ids)} ids but iou_threshold has "
+                             f"{len(self.iou_threshold)} values")
+        self._class_ids = None if self.class_ids is None else constant_weight(
+            self, "class_ids", self.class_ids)
+
+    @property
+    def class_ids_weight(self) -> keras.Variable | None:
+        """The non-trainable float32 `[K]` weight of emitted class ids, or None (offset)."""
+        return self._class_ids
 
     @classmethod
     def from_config(cls, config):
@@ -83,12 +101,16 @@ class CombinedNMS(keras.layers.Layer):
         if len(self.iou_threshold) > 1 and k is not None and k != len(self.iou_threshold):
             raise ValueError(f"scores: {k} class columns but iou_threshold has "
                              f"{len(self.iou_threshold)} values")
+        if self.class_ids is not None and k is not None and k != len(self.class_ids):
+            raise ValueError(f"scores: {k} class columns but class_ids has "
+                             f"{len(self.class_ids)} ids")
         return ops.combined_nms(
             tf.cast(boxes, tf.float32), tf.cast(scores, tf.float32), iou_threshold=self._iou(),
             max_detections_per_class=self.max_detections_per_class,
             max_total_detections=self.max_total_detections,
             score_threshold=self.score_threshold, clip_boxes=self.clip_boxes,
-            class_agnostic=self.class_agnostic, label_offset=self.label_offset)
+            class_agnostic=self.class_agnostic, label_offset=self.label_offset,
+            class_ids=None if self._class_ids is None else tf.convert_to_tensor(self._class_ids))
 
     def compute_output_spec(self, boxes, scores):
         batch = scores.shape[0]
@@ -110,5 +132,6 @@ class CombinedNMS(keras.layers.Layer):
             "clip_boxes": self.clip_boxes,
             "class_agnostic": self.class_agnostic,
             "label_offset": self.label_offset,
+            "class_ids": None if self.class_ids is None else list(self.class_ids),
         })
         return config

@@ -59,7 +59,8 @@ class PostProcessor(keras.layers.Layer):
 
     Returns:
       The `CombinedNMS` dict: `detection_boxes` float32 `[batch, M, 4]`, `detection_scores`
-      float32 `[batch, M]`, `detection_classes` float32 `[batch, M]` (column + `label_offset`),
+      float32 `[batch, M]`, `detection_classes` float32 `[batch, M]` (`class_ids[column]`, a
+      lookup in the graph, or column + `label_offset` without class ids),
       `num_detections` float32 `[batch]`, with `M = max_total_detections`.
 
     Example:
@@ -86,16 +87,19 @@ class PostProcessor(keras.layers.Layer):
             score_converter=cfg.score_converter, background_column=cfg.background_column,
             method=cfg.calibration, num_classes=k, name="score_calibration",
             **cfg.calibration_params)
+        # Columns with no category (class id -1) are disabled too: never emitted.
+        enabled = cfg.enabled()
         self.class_thresholds = ClassThresholds(
             min_score_thresh=list(cfg.min_score_thresh),
-            class_enabled=list(cfg.class_enabled) if cfg.class_enabled else None,
+            class_enabled=list(enabled) if cfg.class_enabled or not all(enabled) else None,
             num_classes=k, name="class_thresholds")
         self.nms = CombinedNMS(
             iou_threshold=list(cfg.nms_iou),
             max_detections_per_class=None if cfg.class_agnostic else cfg.max_detections_per_class,
             max_total_detections=cfg.max_total_detections, score_threshold=0.0,
             clip_boxes=cfg.clip_boxes, class_agnostic=cfg.class_agnostic,
-            label_offset=cfg.label_offset, name="combined_nms")
+            label_offset=cfg.label_offset,
+            class_ids=list(cfg.class_ids) if cfg.class_ids else None, name="combined_nms")
 
     @classmethod
     def from_postprocess_config(cls, config: PostProcessConfig | Mapping[str, Any],

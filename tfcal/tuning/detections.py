@@ -114,7 +114,7 @@ def postprocess_images(ppc, raw, indices: np.ndarray, *, batch_size: int | None 
         n = out["num_detections"].numpy().astype(np.int64)
         valid = np.arange(out["detection_scores"].shape[1])[None, :] < n[:, None]
         parts.append((np.repeat(idx, n),
-                      out["detection_classes"].numpy()[valid].astype(np.int64) - ppc.label_offset,
+                      ppc.columns_of_class_ids(out["detection_classes"].numpy()[valid]),
                       out["detection_scores"].numpy()[valid],
                       out["detection_boxes"].numpy()[valid]))
     if not parts:
