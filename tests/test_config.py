@@ -66,6 +66,8 @@ BAD = [
     (_with("tuning", "nms_iou_grid", 0.5), "tuning.nms_iou_grid: must be a list"),
     (_with("tuning", "default_nms_iou", 0.55), "tuning.default_nms_iou: must be one of"),
     (_with("tuning", "confidence", 1.0), "tuning.confidence: must be in (0, 1)"),
+    (_with("tuning", "soft_nms_sigma", -0.5), "tuning.soft_nms_sigma: must be >= 0, got -0.5"),
+    (_with("tuning", "soft_nms_sigma", "gauss"), "tuning.soft_nms_sigma: must be a number"),
     (_with("tuning", "c_fp", 0), "tuning.c_fp: must be > 0, got 0"),
     (_with("tuning", "classes", {"car": {"beta": -1}}), "tuning.classes.car.beta: must be > 0"),
     (_with("tuning", "match_iou", float("nan")), "tuning.match_iou: must be finite"),

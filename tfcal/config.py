@@ -148,6 +148,10 @@ class TuningConfig:
     nms_iou_grid: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)
     default_nms_iou: float | None = dataclasses.field(
         default=None, metadata=_check(_unit_open, "must be in (0, 1]"))
+    # OD API soft_nms_sigma: > 0 runs Gaussian soft-NMS, in the search's candidates and in the
+    # served graph alike (the NMS IoU then has no effect, as in TF); 0: hard NMS.
+    soft_nms_sigma: float = dataclasses.field(
+        default=0.0, metadata=_check(lambda v: v >= 0.0, "must be >= 0"))
     max_detections_per_class: int = dataclasses.field(
         default=100, metadata=_check(_positive, "must be > 0"))
     max_total_detections: int = dataclasses.field(

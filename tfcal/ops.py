@@ -24,6 +24,15 @@ Threshold and NMS conventions (stated once, relied on by the layers and the tune
 - A box suppresses another of the same class iff their IoU is strictly greater than the IoU
   threshold (IoU == threshold keeps both), as in TF and torchvision. Among equal scores the lower
   box index wins.
+- Soft-NMS (`soft_nms_sigma > 0`, the OD API's `soft_nms_sigma`, Bodla et al. 2017, as
+  `tf.image.non_max_suppression_with_scores` runs it): greedily, the box with the highest
+  current score is selected, and every other box of its class has its score multiplied by
+  `exp(-0.5 * iou**2 / sigma)`. The IoU threshold has no effect then: TF's
+  `NonMaxSuppressionV5`, which the OD API calls, only applies it to hard NMS (measured with TF
+  2.21: IoU thresholds 0, 0.5 and 1 give the same output), so no box is removed by overlap
+  alone. Detections carry their decayed scores and need `decayed score >= min_score_thresh`. The selected scores never increase along the greedy
+  sequence, so thresholding the output at any `t` equals running soft-NMS at `t` (boxes below
+  `t` only ever decay boxes that are already below `t`): the tuner's candidates stay exact.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ __all__ = [
     "class_ids_of_columns",
     "combined_nms",
     "iou_groups",
+    "nms_groups",
     "pad_knots",
     "piecewise_linear",
     "scores_to_logits",
@@ -252,6 +262,36 @@ def iou_groups(iou_threshold, num_classes: int) -> list[tuple[float, list[int]]]
     return sorted(groups.items())
 
 
+def nms_groups(iou_threshold, soft_nms_sigma, num_classes: int
+               ) -> list[tuple[float, float, list[int]]]:
+    """Groups class columns that share an IoU threshold and a soft-NMS sigma.
+
+    Args:
+      iou_threshold: float or 1 or `num_classes` floats, each in [0, 1].
+      soft_nms_sigma: float or 1 or `num_classes` floats, each >= 0 (0: hard NMS).
+      num_classes: K.
+
+    Returns:
+      `[(iou, sigma, columns), ...]` sorted by (sigma, iou); `columns` ascending.
+
+    Raises:
+      ValueError: wrong length or a value out of range.
+    """
+    sigmas = np.atleast_1d(np.asarray(soft_nms_sigma, dtype=np.float64))
+    if sigmas.ndim != 1 or sigmas.size not in (1, num_classes):
+        raise ValueError(f"soft_nms_sigma: expected a scalar or {num_classes} values, "
+                         f"got {np.asarray(soft_nms_sigma).tolist()}")
+    if not np.all(np.isfinite(sigmas) & (sigmas >= 0)):
+        raise ValueError(f"soft_nms_sigma: each value must be finite and >= 0, got "
+                         f"{sigmas.tolist()}")
+    sigmas = np.broadcast_to(sigmas.astype(np.float32), [num_classes])
+    groups: dict[tuple[float, float], list[int]] = {}
+    for iou, columns in iou_groups(iou_threshold, num_classes):
+        for k in columns:
+            groups.setdefault((float(sigmas[k]), iou), []).append(k)
+    return [(iou, sigma, sorted(cols)) for (sigma, iou), cols in sorted(groups.items())]
+
+
 def _pad_rows(boxes, scores, classes, num, max_total):
     """Zeroes the rows at or beyond `num` (boxes, scores and classes)."""
     valid = tf.range(max_total)[None, :] < num[:, None]
@@ -261,7 +301,8 @@ def _pad_rows(boxes, scores, classes, num, max_total):
     return boxes, scores, classes
 
 
-def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes):
+def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes, sigma=0.0,
+                  min_score_thresh=None):
     """Class-agnostic NMS: each box competes once with its best class score."""
     if boxes.shape.rank == 4:
         best = tf.argmax(scores, axis=-1, output_type=tf.int32)
@@ -274,7 +315,7 @@ def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes):
         b, s, c = args
         idx, sel_scores, n = tf.raw_ops.NonMaxSuppressionV5(
             boxes=b, scores=s, max_output_size=max_total, iou_threshold=iou,
-            score_threshold=threshold, soft_nms_sigma=0.0, pad_to_max_output_size=True)
+            score_threshold=threshold, soft_nms_sigma=sigma, pad_to_max_output_size=True)
         return tf.gather(b, idx), sel_scores, tf.cast(tf.gather(c, idx), tf.float32), n
 
     out_boxes, out_scores, out_classes, num = tf.map_fn(
@@ -283,6 +324,13 @@ def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes):
                              tf.TensorSpec([max_total], tf.float32),
                              tf.TensorSpec([max_total], tf.float32),
                              tf.TensorSpec([], tf.int32)))
+    if sigma > 0 and min_score_thresh is not None:
+        # Decayed scores must still reach their class's threshold.
+        valid = tf.range(max_total)[None, :] < num[:, None]
+        thresh = _broadcast_thresholds(min_score_thresh, scores.shape[-1])
+        valid &= out_scores >= tf.gather(thresh, tf.cast(out_classes, tf.int32))
+        out_boxes, out_scores, out_classes, num = _compact(out_boxes, out_scores, out_classes,
+                                                           valid, max_total)
     if clip_boxes:
         out_boxes = tf.clip_by_value(out_boxes, 0.0, 1.0)
     return out_boxes, out_scores, out_classes, num
@@ -291,7 +339,8 @@ def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes):
 def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: int | None = None,
                  max_total_detections: int = 100, score_threshold=0.0, clip_boxes: bool = False,
                  class_agnostic: bool = False, label_offset: int = 1,
-                 class_ids=None) -> dict[str, tf.Tensor]:
+                 class_ids=None, soft_nms_sigma=0.0, min_score_thresh=None
+                 ) -> dict[str, tf.Tensor]:
     """Batched per-class NMS over `tf.image.combined_non_max_suppression`, with per-class IoU.
 
     Classes sharing an IoU threshold form a group; each group gets one combined NMS call on its
@@ -329,6 +378,14 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
       class_ids: optional float or int `[K]` (a constant, a variable or a tensor): the class id
         of each column; the output class is `class_ids[column]`, gathered in the graph (ids up
         to 2**24 are exact in float32).
+      soft_nms_sigma: Python float or sequence of 1 or K floats >= 0, default 0.0 (hard NMS):
+        the classes with a sigma > 0 run Gaussian soft-NMS (see the module docstring; their IoU
+        threshold has no effect), one `NonMaxSuppressionV5` per image and class column with a
+        candidate, and emit decayed scores. Classes sharing (IoU, sigma) form one group.
+      min_score_thresh: optional float `[1]` or `[K]` (a tensor or variable): detections of
+        column k need `score >= min_score_thresh[k]`, on the decayed score for soft-NMS. For
+        hard NMS this equals zeroing the input scores below it first (as `ClassThresholds`
+        does), which is what is done.
 
     Returns:
       dict (OD API names and conventions), rows sorted by descending score, rows at or beyond
@@ -366,11 +423,14 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         raise ValueError(f"score_threshold: expected a value in [0, 1], got {score_threshold!r}")
     if boxes.shape.rank == 4 and boxes.shape[2] == 1:
         boxes = boxes[:, :, 0, :]  # [batch, num_boxes, 1, 4]: shared by all classes
-    groups = iou_groups(iou_threshold, num_classes)
+    groups = nms_groups(iou_threshold, soft_nms_sigma, num_classes)
     threshold = strict_score_threshold(score_threshold)
     if class_agnostic and len(groups) != 1:
-        raise ValueError(f"iou_threshold: class_agnostic NMS needs a single IoU, got "
-                         f"{np.asarray(iou_threshold).tolist()}")
+        raise ValueError(f"iou_threshold, soft_nms_sigma: class_agnostic NMS needs a single IoU "
+                         f"and sigma, got {np.asarray(iou_threshold).tolist()}, "
+                         f"{np.asarray(soft_nms_sigma).tolist()}")
+    if min_score_thresh is not None:
+        scores = apply_class_thresholds(scores, min_score_thresh)
     # Only boxes with some class score above the threshold can be emitted.
     boxes, scores = select_passing_boxes(boxes, scores,
                                          tf.reduce_max(scores, axis=-1) > threshold)
@@ -378,16 +438,23 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
     if class_agnostic:
         out_boxes, out_scores, out_classes, num = _agnostic_nms(
             boxes, scores, iou=groups[0][0], max_total=max_total, threshold=threshold,
-            clip_boxes=clip_boxes)
+            clip_boxes=clip_boxes, sigma=groups[0][1], min_score_thresh=min_score_thresh)
     else:
         if boxes.shape.rank == 3:
             boxes = boxes[:, :, None, :]
         active = tf.reduce_any(scores > threshold, axis=[0, 1])  # [K]
         few_boxes = tf.shape(scores)[1] <= SKIP_EMPTY_CLASSES_MAX_BOXES
         per_group = []
-        for iou, columns in groups:
+        for iou, sigma, columns in groups:
             group_boxes, group_scores, picked = _group_columns(boxes, scores, columns, active,
                                                                few_boxes)
+            if sigma > 0:
+                per_group.append(_soft_nms_group(
+                    group_boxes, group_scores, picked, iou=iou, sigma=sigma,
+                    per_class=per_class_cap, max_total=max_total, threshold=threshold,
+                    clip_boxes=clip_boxes, min_score_thresh=min_score_thresh,
+                    num_classes=num_classes))
+                continue
             # No class can keep more boxes than it has above the threshold, so capping the op's
             # per-class output at the largest such count changes no detection.
             most = tf.reduce_max(tf.reduce_sum(tf.cast(group_scores > threshold, tf.int32),
@@ -460,6 +527,77 @@ def _group_columns(boxes, scores, columns, active, few_boxes):
         group_scores = tf.gather(scores, picked, axis=2)
     group_boxes = boxes if boxes.shape[2] == 1 else tf.gather(boxes, picked, axis=2)
     return group_boxes, group_scores, picked
+
+
+def _broadcast_thresholds(min_score_thresh, num_classes: int) -> tf.Tensor:
+    t = tf.reshape(tf.cast(min_score_thresh, tf.float32), [-1])
+    return tf.broadcast_to(t, [num_classes]) if t.shape[0] == 1 else t
+
+
+def _compact(boxes, scores, classes, valid, max_total):
+    """The valid rows first, by descending score, padded to `max_total` rows, and their count."""
+    rows = tf.shape(scores)[1]
+    pad = tf.maximum(max_total - rows, 0)
+    boxes = tf.pad(boxes, [[0, 0], [0, pad], [0, 0]])
+    scores = tf.pad(scores, [[0, 0], [0, pad]])
+    classes = tf.pad(classes, [[0, 0], [0, pad]])
+    valid = tf.pad(valid, [[0, 0], [0, pad]])
+    top, idx = tf.math.top_k(tf.where(valid, scores, -np.inf), k=max_total, sorted=True)
+    num = tf.minimum(tf.reduce_sum(tf.cast(valid, tf.int32), axis=1), max_total)
+    return (tf.gather(boxes, idx, batch_dims=1), tf.maximum(top, 0.0),
+            tf.gather(classes, idx, batch_dims=1), num)
+
+
+def _soft_nms_group(boxes, scores, picked, *, iou, sigma, per_class, max_total, threshold,
+                    clip_boxes, min_score_thresh, num_classes):
+    """Soft-NMS of one group: one `NonMaxSuppressionV5` per image and column of `picked`.
+
+    Args:
+      boxes: float32 `[B, N, 1 or G, 4]`; scores: float32 `[B, N, G]`; picked: int32 `[G]` the
+        class column of each score column.
+
+    Returns:
+      `(boxes [B, M, 4], scores [B, M], columns [B, M], num [B])`, valid rows first by score.
+    """
+    batch = tf.shape(scores)[0]
+    n = tf.shape(scores)[1]
+    g = tf.shape(scores)[2]
+    flat_scores = tf.reshape(tf.transpose(scores, [0, 2, 1]), [-1, n])  # [B*G, N]
+    if boxes.shape[2] == 1:
+        flat_boxes = tf.repeat(boxes[:, :, 0, :], g, axis=0)  # image b's boxes G times
+    else:
+        flat_boxes = tf.reshape(tf.transpose(boxes, [0, 2, 1, 3]), [-1, n, 4])
+    cap = per_class
+
+    def one(args):
+        b, sc = args
+        idx, sel, count = tf.raw_ops.NonMaxSuppressionV5(
+            boxes=b, scores=sc, max_output_size=cap, iou_threshold=iou,
+            score_threshold=threshold, soft_nms_sigma=sigma, pad_to_max_output_size=True)
+        # A zero box after the last one keeps the padding index 0 valid with no boxes at all.
+        padded = tf.concat([b, tf.zeros([1, 4], b.dtype)], 0)
+        return tf.gather(padded, idx), sel, count
+
+    sel_boxes, sel_scores, counts = tf.map_fn(
+        one, (flat_boxes, flat_scores),
+        fn_output_signature=(tf.TensorSpec([cap, 4], tf.float32),
+                             tf.TensorSpec([cap], tf.float32), tf.TensorSpec([], tf.int32)))
+    rows = tf.shape(sel_scores)[1]
+    valid = tf.range(rows)[None, :] < counts[:, None]  # [B*G, cap]
+    columns = tf.broadcast_to(tf.tile(picked, [batch])[:, None], tf.shape(valid))
+    if min_score_thresh is not None:
+        thresh = _broadcast_thresholds(min_score_thresh, num_classes)
+        valid &= sel_scores >= tf.gather(thresh, columns)
+    # [B*G, cap] -> [B, G*cap]
+    sel_boxes = tf.reshape(sel_boxes, [batch, -1, 4])
+    sel_scores = tf.reshape(sel_scores, [batch, -1])
+    columns = tf.reshape(tf.cast(columns, tf.float32), [batch, -1])
+    valid = tf.reshape(valid, [batch, -1])
+    out_boxes, out_scores, out_columns, num = _compact(sel_boxes, sel_scores, columns, valid,
+                                                       max_total)
+    if clip_boxes:
+        out_boxes = tf.clip_by_value(out_boxes, 0.0, 1.0)
+    return out_boxes, out_scores, tf.cast(out_columns, tf.int32), num
 
 
 def _merge_groups(per_group, max_total):

@@ -15,7 +15,11 @@ Semantics (binding for the ops, the layers and the NumPy fitters):
 - Disabled classes (`class_enabled[k] = False`) are never emitted: their scores are zeroed before
   NMS, so they neither appear nor suppress other classes' boxes (NMS is per class).
 - NMS is per class; a box is suppressed iff IoU > `nms_iou[k]` with a higher-scored box of its
-  class. `class_agnostic` needs a single `nms_iou` value.
+  class. `class_agnostic` needs a single `nms_iou` value. With `soft_nms_sigma[k] > 0` class k
+  runs Gaussian soft-NMS (the OD API's `soft_nms_sigma`, see `tfcal.ops`): the scores of its
+  boxes decay by `exp(-0.5 * iou**2 / sigma)` with the IoU to each selected box, `nms_iou[k]` has
+  no effect (as in TF and the OD API), and a detection needs a decayed score >=
+  `min_score_thresh[k]`.
 - A detection of column k is emitted with class id `class_ids[k]` (looked up in the serving
   graph), or `k + label_offset` when `class_ids` is empty (records written without ids, and
   OD API label maps). A column whose id is -1 has no category and is never emitted, whatever
@@ -63,6 +67,7 @@ class PostProcessConfig:
       min_score_thresh: 1 or K values in [0, 1]; kept iff `score >= min_score_thresh`.
       class_enabled: () (all enabled) or K booleans; disabled classes are never emitted.
       nms_iou: 1 or K values in [0, 1].
+      soft_nms_sigma: 1 or K values >= 0, default (0.0,): hard NMS; > 0: Gaussian soft-NMS.
       class_agnostic: one NMS over all classes (needs a single `nms_iou`).
       max_detections_per_class: int >= 1 (not used when `class_agnostic`).
       max_total_detections: int >= 1, rows of every output.
@@ -82,6 +87,7 @@ class PostProcessConfig:
     min_score_thresh: tuple[float, ...] = (0.0,)
     class_enabled: tuple[bool, ...] = ()
     nms_iou: tuple[float, ...] = (0.5,)
+    soft_nms_sigma: tuple[float, ...] = (0.0,)
     class_agnostic: bool = False
     max_detections_per_class: int = 100
     max_total_detections: int = 100
@@ -92,7 +98,7 @@ class PostProcessConfig:
 
     def __init__(self, num_classes, score_converter="sigmoid", background_column=True,
                  calibration="none", calibration_params=None, min_score_thresh=(0.0,),
-                 class_enabled=(), nms_iou=(0.5,), class_agnostic=False,
+                 class_enabled=(), nms_iou=(0.5,), soft_nms_sigma=(0.0,), class_agnostic=False,
                  max_detections_per_class=100, max_total_detections=100, clip_boxes=False,
                  label_offset=1, class_ids=(), metadata=None, **method_params):
         def put(name, value):
@@ -117,10 +123,13 @@ class PostProcessConfig:
         put("min_score_thresh", validation.floats("min_score_thresh", min_score_thresh,
                                                   lengths=(1, k), lo=0.0, hi=1.0))
         put("nms_iou", validation.floats("nms_iou", nms_iou, lengths=(1, k), lo=0.0, hi=1.0))
+        put("soft_nms_sigma", validation.floats("soft_nms_sigma", soft_nms_sigma, lengths=(1, k),
+                                                lo=0.0))
         put("class_enabled", validation.booleans("class_enabled", class_enabled, lengths=(0, k)))
-        if self.class_agnostic and len(set(self.nms_iou)) > 1:
-            raise ValueError(f"nms_iou: class_agnostic needs a single value, got "
-                             f"{list(self.nms_iou)}")
+        for name in ("nms_iou", "soft_nms_sigma"):
+            if self.class_agnostic and len(set(getattr(self, name))) > 1:
+                raise ValueError(f"{name}: class_agnostic needs a single value, got "
+                                 f"{list(getattr(self, name))}")
         for name, value in (("max_detections_per_class", max_detections_per_class),
                             ("max_total_detections", max_total_detections)):
             put(name, validation.integer(name, value, minimum=1))

@@ -81,7 +81,8 @@ def floats(name: str, value, *, lengths: Sequence[int] | None = None, lo: float 
         if not is_number(v):
             raise ValueError(f"{name}: expected finite numbers, got {values}")
         if (lo is not None and v < lo) or (hi is not None and v > hi) or (positive and v <= 0):
-            rng = "> 0" if positive else f"in [{lo}, {hi}]"
+            rng = "> 0" if positive else (f">= {lo}" if hi is None else
+                                          f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
             raise ValueError(f"{name}: each value must be {rng}, got {[float(x) for x in values]}")
     return tuple(float(v) for v in values)
 

@@ -40,7 +40,8 @@ LAYER_CASES = [
                            num_classes=K)),
     (CombinedNMS, dict(iou_threshold=[0.4, 0.6, 0.4], max_detections_per_class=7,
                        max_total_detections=9, score_threshold=0.05, clip_boxes=True,
-                       class_agnostic=False, label_offset=0, class_ids=[1, 7, 90])),
+                       class_agnostic=False, label_offset=0, class_ids=[1, 7, 90],
+                       soft_nms_sigma=[0.0, 0.5, 0.3])),
     (CandidateBoxes, dict(raw_lower_bounds=[0.2, -np.inf, np.inf], background_column=False)),
     (PostProcessor, dict(postprocess_config=PP_CONFIG.to_dict(), candidate_prefilter=False)),
 ]
@@ -164,6 +165,10 @@ def test_layers_trace_once_for_any_batch_and_output_float32(layer_factory, input
     (lambda: CombinedNMS(class_ids=[1.0, 2.0]), "class_ids"),
     (lambda: CombinedNMS(class_ids=[1, 2 ** 24 + 1]), "class_ids"),
     (lambda: CombinedNMS(iou_threshold=[0.5, 0.6], class_ids=[1, 2, 3]), "class_ids: 3 ids"),
+    (lambda: CombinedNMS(soft_nms_sigma=-0.5), "soft_nms_sigma: each value must be >= 0"),
+    (lambda: CombinedNMS(iou_threshold=[0.5, 0.6], soft_nms_sigma=[0.1, 0.2, 0.3]),
+     "soft_nms_sigma: 3 values"),
+    (lambda: CombinedNMS(soft_nms_sigma=[0.1, 0.2], class_agnostic=True), "soft_nms_sigma"),
     (lambda: CandidateBoxes(raw_lower_bounds=[]), "raw_lower_bounds"),
     (lambda: CandidateBoxes(raw_lower_bounds=[np.nan]), "raw_lower_bounds"),
     (lambda: PostProcessor({"num_classes": 2, "min_score_thresh": [0.1, 0.2, 0.3]}),
@@ -469,3 +474,24 @@ def test_post_processor_never_emits_a_column_without_category():
     out = PostProcessor.from_postprocess_config(cfg.replace(class_ids=(), label_offset=1))(
         boxes, scores)
     np.testing.assert_array_equal(out["detection_classes"].numpy(), [[2, 3, 1]])
+
+
+# ----------------------------------------------------------------------------- soft-NMS
+
+
+def test_post_processor_soft_nms_holds_decayed_scores_to_class_thresholds():
+    # Two boxes of column 0 with IoU 9/11, sigma 0.5: the second decays from 0.8 to
+    # 0.8 exp(-(9/11)^2) = 0.40961. Threshold 0.4 keeps it, 0.41 does not (hand-derived).
+    boxes = np.float32([[[0, 0, 1, 1], [0, 0.1, 1, 1.1]]])
+    raw = np.float32([[[0.0, 0.9], [0.0, 0.8]]])
+    for thresh, expected in ((0.4, [0.9, 0.8 * np.exp(-(9 / 11) ** 2)]), (0.41, [0.9, 0.0])):
+        cfg = PostProcessConfig(num_classes=1, min_score_thresh=(thresh,), nms_iou=(0.5,),
+                                soft_nms_sigma=(0.5,), max_total_detections=2)
+        layer = PostProcessor.from_postprocess_config(cfg)
+        fn = tf.function(layer, input_signature=[tf.TensorSpec([None, None, 4], tf.float32),
+                                                 tf.TensorSpec([None, None, 2], tf.float32)])
+        out = fn(boxes, raw)
+        np.testing.assert_allclose(out["detection_scores"].numpy()[0], expected, rtol=1e-5)
+        assert out["detection_scores"].shape == (1, 2)
+        hard = PostProcessor.from_postprocess_config(cfg.replace(soft_nms_sigma=(0.0,)))
+        np.testing.assert_allclose(hard(boxes, raw)["detection_scores"].numpy()[0], [0.9, 0.0])

@@ -34,22 +34,30 @@ class CombinedNMS(keras.layers.Layer):
         class id `class_ids[k]`, gathered in the graph from the non-trainable float32 weight
         `class_ids` (`[K]`). -1 marks a column with no category: disable it upstream
         (`ClassThresholds`), since it would be emitted as -1. Default None: `label_offset`.
+      soft_nms_sigma: float or 1 or K floats >= 0; default 0.0 (hard NMS). Classes with a
+        sigma > 0 run Gaussian soft-NMS as the OD API does (`tfcal.ops`): scores of overlapping
+        boxes decay by `exp(-0.5 * iou**2 / sigma)`, the class's IoU threshold has no effect
+        (as in TF's op), and detections carry the decayed scores. Pass the class thresholds at
+        call time (`min_score_thresh`) so that decayed scores are held to them.
       **kwargs: `keras.layers.Layer` arguments.
 
     Call args:
       boxes: float `[batch, num_boxes, 4]` or `[batch, num_boxes, K, 4]`,
         `[ymin, xmin, ymax, xmax]`.
       scores: float `[batch, num_boxes, K]` probabilities (K static).
+      min_score_thresh: optional float `[1]` or `[K]`: detections need a (decayed, with
+        soft-NMS) score >= it (`tfcal.ops.combined_nms`).
 
     Returns:
       dict: `detection_boxes` float32 `[batch, M, 4]`, `detection_scores` float32 `[batch, M]`,
-      `detection_classes` float32 `[batch, M]` (class ids), `num_detections` float32 `[batch]`; rows sorted
-      by descending score, rows at or beyond `num_detections` all zero.
+      `detection_classes` float32 `[batch, M]` (class ids), `num_detections` float32 `[batch]`;
+      rows sorted by descending score, rows at or beyond `num_detections` all zero.
     """
 
     def __init__(self, iou_threshold=0.5, max_detections_per_class=None,
                  max_total_detections=100, score_threshold=0.0, clip_boxes=False,
-                 class_agnostic=False, label_offset=1, class_ids=None, **kwargs):
+                 class_agnostic=False, label_offset=1, class_ids=None, soft_nms_sigma=0.0,
+                 **kwargs):
         super().__init__(**float32_by_default(kwargs))
         self.iou_threshold = list(validation.floats("iou_threshold", iou_threshold, lo=0.0,
                                                     hi=1.0, scalar_ok=True))
@@ -68,6 +76,15 @@ class CombinedNMS(keras.layers.Layer):
         self.max_detections_per_class = None if max_detections_per_class is None else \
             validation.integer("max_detections_per_class", max_detections_per_class, minimum=1)
         self.label_offset = validation.integer("label_offset", label_offset, minimum=0)
+        self.soft_nms_sigma = list(validation.floats("soft_nms_sigma", soft_nms_sigma, lo=0.0,
+                                                     scalar_ok=True))
+        if len(self.iou_threshold) > 1 and len(self.soft_nms_sigma) > 1 and \
+                len(self.soft_nms_sigma) != len(self.iou_threshold):
+            raise ValueError(f"soft_nms_sigma: {len(self.soft_nms_sigma)} values but "
+                             f"iou_threshold has {len(self.iou_threshold)}")
+        if self.class_agnostic and len(set(self.soft_nms_sigma)) > 1:
+            raise ValueError(f"soft_nms_sigma: class_agnostic needs a single value, got "
+                             f"{self.soft_nms_sigma}")
         self.class_ids = None if class_ids is None else list(
             validation.class_ids("class_ids", class_ids))
         if self.class_ids is not None and len(self.iou_threshold) > 1 and \
@@ -96,8 +113,16 @@ class CombinedNMS(keras.layers.Layer):
     def _iou(self):
         return self.iou_threshold[0] if len(self.iou_threshold) == 1 else self.iou_threshold
 
-    def call(self, boxes, scores):
+    @property
+    def soft(self) -> bool:
+        """Whether some class runs soft-NMS (sigma > 0)."""
+        return any(v > 0 for v in self.soft_nms_sigma)
+
+    def call(self, boxes, scores, min_score_thresh=None):
         k = scores.shape[-1]
+        if len(self.soft_nms_sigma) > 1 and k is not None and k != len(self.soft_nms_sigma):
+            raise ValueError(f"scores: {k} class columns but soft_nms_sigma has "
+                             f"{len(self.soft_nms_sigma)} values")
         if len(self.iou_threshold) > 1 and k is not None and k != len(self.iou_threshold):
             raise ValueError(f"scores: {k} class columns but iou_threshold has "
                              f"{len(self.iou_threshold)} values")
@@ -110,9 +135,13 @@ class CombinedNMS(keras.layers.Layer):
             max_total_detections=self.max_total_detections,
             score_threshold=self.score_threshold, clip_boxes=self.clip_boxes,
             class_agnostic=self.class_agnostic, label_offset=self.label_offset,
-            class_ids=None if self._class_ids is None else tf.convert_to_tensor(self._class_ids))
+            class_ids=None if self._class_ids is None else tf.convert_to_tensor(self._class_ids),
+            soft_nms_sigma=self.soft_nms_sigma[0] if len(self.soft_nms_sigma) == 1
+            else self.soft_nms_sigma,
+            min_score_thresh=None if min_score_thresh is None else tf.cast(min_score_thresh,
+                                                                           tf.float32))
 
-    def compute_output_spec(self, boxes, scores):
+    def compute_output_spec(self, boxes, scores, min_score_thresh=None):
         batch = scores.shape[0]
         m = self.max_total_detections
         return {
@@ -133,5 +162,6 @@ class CombinedNMS(keras.layers.Layer):
             "class_agnostic": self.class_agnostic,
             "label_offset": self.label_offset,
             "class_ids": None if self.class_ids is None else list(self.class_ids),
+            "soft_nms_sigma": list(self.soft_nms_sigma),
         })
         return config

@@ -99,7 +99,8 @@ class PostProcessor(keras.layers.Layer):
             max_total_detections=cfg.max_total_detections, score_threshold=0.0,
             clip_boxes=cfg.clip_boxes, class_agnostic=cfg.class_agnostic,
             label_offset=cfg.label_offset,
-            class_ids=list(cfg.class_ids) if cfg.class_ids else None, name="combined_nms")
+            class_ids=list(cfg.class_ids) if cfg.class_ids else None,
+            soft_nms_sigma=list(cfg.soft_nms_sigma), name="combined_nms")
 
     @classmethod
     def from_postprocess_config(cls, config: PostProcessConfig | Mapping[str, Any],
@@ -144,6 +145,10 @@ class PostProcessor(keras.layers.Layer):
                 background_column=self.postprocess_config.background_column)
         scores = self.score_calibration(raw_scores)
         scores = self.class_thresholds(scores)
+        if self.nms.soft:
+            # Soft-NMS decays scores: the decayed ones are held to the class thresholds too.
+            return self.nms(boxes, scores, min_score_thresh=tf.convert_to_tensor(
+                self.class_thresholds.min_score_thresh_weight))
         return self.nms(boxes, scores)
 
     def compute_output_spec(self, boxes, raw_scores):
