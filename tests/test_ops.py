@@ -504,3 +504,46 @@ def test_per_class_soft_nms_sigma_equals_running_each_class_alone_and_empty_inpu
         run_nms(boxes, scores, soft_nms_sigma=-0.1)
     with pytest.raises(ValueError, match="class_agnostic"):
         run_nms(boxes, scores, soft_nms_sigma=[0.0, 0.5, 0.5], class_agnostic=True)
+
+
+# ----------------------------------------------------------------------------- clip window
+
+
+def test_clip_window_drops_zero_area_boxes_before_the_total_cut_and_changes_frame():
+    # Window [0, 0, 0.5, 0.5]. A = [0.1, 0.1, 0.3, 0.3] (0.9) inside; B = [0.4, 0.4, 0.7, 0.7]
+    # (0.8) clipped to [0.4, 0.4, 0.5, 0.5]; C = [0.6, 0.6, 0.9, 0.9] (0.95) and
+    # D = [0.0, 0.55, 0.2, 0.8] (0.7) clip to zero area. No pair overlaps above IoU 0.5
+    # (IoU(B, C) = 0.01 / 0.17). With max_total 2 the best score, C, is dropped first and the
+    # two rows are A and B (the OD API cuts after dropping).
+    boxes = np.float32([[[0.1, 0.1, 0.3, 0.3], [0.4, 0.4, 0.7, 0.7], [0.6, 0.6, 0.9, 0.9],
+                         [0.0, 0.55, 0.2, 0.8]]])
+    scores = np.float32([[[0.9], [0.8], [0.95], [0.7]]])
+    window = [0.0, 0.0, 0.5, 0.5]
+    kw = dict(max_detections_per_class=4, max_total_detections=2, label_offset=0,
+              clip_window=window)
+    # Soft-NMS runs on the boxes as given: C, selected first, decays B to
+    # 0.8 exp(-(0.01 / 0.17)^2) before C itself is dropped by the window.
+    soft_b = 0.8 * np.exp(-(0.01 / 0.17) ** 2)
+    for extra, b_score in ((dict(), 0.8), (dict(soft_nms_sigma=0.5), soft_b),
+                           (dict(class_agnostic=True, max_detections_per_class=None), 0.8)):
+        out = run_nms(boxes, scores, **{**kw, **extra})
+        np.testing.assert_allclose(out["detection_boxes"][0],
+                                   [[0.1, 0.1, 0.3, 0.3], [0.4, 0.4, 0.5, 0.5]], atol=1e-6)
+        np.testing.assert_allclose(out["detection_scores"][0], [0.9, b_score], rtol=1e-5)
+        assert out["num_detections"].tolist() == [2.0], extra
+    # In the window's frame (h = w = 0.5): (box - 0) / 0.5.
+    out = run_nms(boxes, scores, change_coordinate_frame=True, **kw)
+    np.testing.assert_allclose(out["detection_boxes"][0],
+                               [[0.2, 0.2, 0.6, 0.6], [0.8, 0.8, 1.0, 1.0]], atol=1e-6)
+    # A shifted window: [0.1, 0.2, 0.6, 0.7] -> A clips to [0.1, 0.2, 0.3, 0.3] and becomes
+    # ((0.1 - 0.1) / 0.5, (0.2 - 0.2) / 0.5, (0.3 - 0.1) / 0.5, (0.3 - 0.2) / 0.5).
+    out = run_nms(boxes[:, :1], scores[:, :1], max_total_detections=1, label_offset=0,
+                  clip_window=[0.1, 0.2, 0.6, 0.7], change_coordinate_frame=True)
+    np.testing.assert_allclose(out["detection_boxes"][0], [[0.0, 0.0, 0.4, 0.2]], atol=1e-6)
+    empty = run_nms(np.zeros((1, 0, 4), np.float32), np.zeros((1, 0, 1), np.float32),
+                    clip_window=window, max_total_detections=3)
+    assert empty["num_detections"].tolist() == [0.0] and empty["detection_boxes"].shape == (1, 3, 4)
+    with pytest.raises(ValueError, match="change_coordinate_frame: needs a clip_window"):
+        run_nms(boxes, scores, change_coordinate_frame=True)
+    with pytest.raises(ValueError, match="clip_window: expected"):
+        run_nms(boxes, scores, clip_window=[0.5, 0.0, 0.5, 1.0])

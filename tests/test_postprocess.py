@@ -181,3 +181,15 @@ def test_class_ids_are_binding_and_invertible():
 def test_bad_class_ids(ids, message):
     with pytest.raises(ValueError, match=message):
         PostProcessConfig(num_classes=3, class_ids=ids)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(change_coordinate_frame=True), "change_coordinate_frame: needs a clip_window"),
+    (dict(clip_window=(0.5, 0.0, 0.2, 1.0)), "clip_window: expected \\[ymin"),
+    (dict(clip_window=(0.0, 0.0, 1.0)), "clip_window: expected 4 values"),
+    (dict(soft_nms_sigma=(-1.0,)), "soft_nms_sigma: each value must be >= 0"),
+    (dict(soft_nms_sigma=(0.1, 0.2), class_agnostic=True), "soft_nms_sigma: class_agnostic"),
+])
+def test_bad_nms_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PostProcessConfig(num_classes=2, **kwargs)

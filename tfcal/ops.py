@@ -58,7 +58,9 @@ __all__ = [
     "SCORE_CONVERTERS",
     "apply_class_thresholds",
     "box_iou",
+    "change_box_frame",
     "class_ids_of_columns",
+    "clip_to_window",
     "combined_nms",
     "iou_groups",
     "nms_groups",
@@ -303,7 +305,8 @@ def _pad_rows(boxes, scores, classes, num, max_total):
 
 def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes, sigma=0.0,
                   min_score_thresh=None):
-    """Class-agnostic NMS: each box competes once with its best class score."""
+    """Class-agnostic NMS: each box competes once with its best class score; `max_total` rows
+    (a Python int or a scalar tensor)."""
     if boxes.shape.rank == 4:
         best = tf.argmax(scores, axis=-1, output_type=tf.int32)
         boxes = tf.gather(boxes, best, axis=2, batch_dims=2)
@@ -320,9 +323,9 @@ def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes, sigma
 
     out_boxes, out_scores, out_classes, num = tf.map_fn(
         one_image, (boxes, best_scores, best),
-        fn_output_signature=(tf.TensorSpec([max_total, 4], tf.float32),
-                             tf.TensorSpec([max_total], tf.float32),
-                             tf.TensorSpec([max_total], tf.float32),
+        fn_output_signature=(tf.TensorSpec([tf.get_static_value(max_total), 4], tf.float32),
+                             tf.TensorSpec([tf.get_static_value(max_total)], tf.float32),
+                             tf.TensorSpec([tf.get_static_value(max_total)], tf.float32),
                              tf.TensorSpec([], tf.int32)))
     if sigma > 0 and min_score_thresh is not None:
         # Decayed scores must still reach their class's threshold.
@@ -339,7 +342,8 @@ def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes, sigma
 def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: int | None = None,
                  max_total_detections: int = 100, score_threshold=0.0, clip_boxes: bool = False,
                  class_agnostic: bool = False, label_offset: int = 1,
-                 class_ids=None, soft_nms_sigma=0.0, min_score_thresh=None
+                 class_ids=None, soft_nms_sigma=0.0, min_score_thresh=None,
+                 clip_window=None, change_coordinate_frame: bool = False
                  ) -> dict[str, tf.Tensor]:
     """Batched per-class NMS over `tf.image.combined_non_max_suppression`, with per-class IoU.
 
@@ -386,6 +390,13 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         column k need `score >= min_score_thresh[k]`, on the decayed score for soft-NMS. For
         hard NMS this equals zeroing the input scores below it first (as `ClassThresholds`
         does), which is what is done.
+      clip_window: optional 4 floats `[ymin, xmin, ymax, xmax]` (a sequence or a float32 `[4]`
+        tensor), as the OD API's `clip_window`: after per-class NMS (which sees the boxes as
+        given), every detection's box is clipped to the window and detections whose clipped box
+        has zero area are dropped before the `max_total_detections` cut (as the OD API's
+        `multiclass_non_max_suppression` does).
+      change_coordinate_frame: with `clip_window`, re-express the clipped boxes in the window's
+        frame: `(box - [ymin, xmin, ymin, xmin]) / [h, w, h, w]` (OD API semantics).
 
     Returns:
       dict (OD API names and conventions), rows sorted by descending score, rows at or beyond
@@ -429,15 +440,32 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         raise ValueError(f"iou_threshold, soft_nms_sigma: class_agnostic NMS needs a single IoU "
                          f"and sigma, got {np.asarray(iou_threshold).tolist()}, "
                          f"{np.asarray(soft_nms_sigma).tolist()}")
+    if change_coordinate_frame and clip_window is None:
+        raise ValueError("change_coordinate_frame: needs a clip_window (the frame to change to)")
+    window = None if clip_window is None else _check_window(clip_window)
     if min_score_thresh is not None:
         scores = apply_class_thresholds(scores, min_score_thresh)
     # Only boxes with some class score above the threshold can be emitted.
     boxes, scores = select_passing_boxes(boxes, scores,
                                          tf.reduce_max(scores, axis=-1) > threshold)
+    rows = max_total
+    if window is not None:
+        # Detections whose clipped box has zero area are dropped before the total cut: ask NMS
+        # for as many more rows as there are candidate (box, class) pairs outside the window.
+        outside = tf.logical_not(_nonzero_area(clip_to_window(boxes, window)))
+        if outside.shape.rank == 3 and class_agnostic:
+            outside = tf.reduce_any(outside, axis=-1)
+        if outside.shape.rank == 2 and not class_agnostic:
+            outside = outside[..., None]
+        passing = scores > threshold if not class_agnostic else \
+            tf.reduce_max(scores, axis=-1) > threshold
+        extra = tf.reduce_max(tf.reduce_sum(tf.cast(passing & outside, tf.int32),
+                                            axis=list(range(1, passing.shape.rank))))
+        rows = max_total + extra
 
     if class_agnostic:
         out_boxes, out_scores, out_classes, num = _agnostic_nms(
-            boxes, scores, iou=groups[0][0], max_total=max_total, threshold=threshold,
+            boxes, scores, iou=groups[0][0], max_total=rows, threshold=threshold,
             clip_boxes=clip_boxes, sigma=groups[0][1], min_score_thresh=min_score_thresh)
     else:
         if boxes.shape.rank == 3:
@@ -451,7 +479,7 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
             if sigma > 0:
                 per_group.append(_soft_nms_group(
                     group_boxes, group_scores, picked, iou=iou, sigma=sigma,
-                    per_class=per_class_cap, max_total=max_total, threshold=threshold,
+                    per_class=per_class_cap, max_total=rows, threshold=threshold,
                     clip_boxes=clip_boxes, min_score_thresh=min_score_thresh,
                     num_classes=num_classes))
                 continue
@@ -462,15 +490,23 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
             per_class = tf.clip_by_value(most, 1, per_class_cap)
             r = tf.image.combined_non_max_suppression(
                 group_boxes, group_scores, max_output_size_per_class=per_class,
-                max_total_size=max_total, iou_threshold=iou, score_threshold=threshold,
+                max_total_size=rows, iou_threshold=iou, score_threshold=threshold,
                 pad_per_class=False, clip_boxes=clip_boxes)
             group_classes = tf.gather(picked, tf.cast(r.nmsed_classes, tf.int32))
             per_group.append((r.nmsed_boxes, r.nmsed_scores, group_classes, r.valid_detections))
         if len(per_group) == 1:
             out_boxes, out_scores, classes, num = per_group[0]
         else:
-            out_boxes, out_scores, classes, num = _merge_groups(per_group, max_total)
+            out_boxes, out_scores, classes, num = _merge_groups(per_group, rows)
         out_classes = tf.cast(classes, tf.float32)
+    if window is not None:
+        out_boxes = clip_to_window(out_boxes, window)
+        valid = (tf.range(tf.shape(out_scores)[1])[None, :] < num[:, None]) & \
+            _nonzero_area(out_boxes)
+        out_boxes, out_scores, out_classes, num = _compact(out_boxes, out_scores, out_classes,
+                                                           valid, max_total)
+        if change_coordinate_frame:
+            out_boxes = change_box_frame(out_boxes, window)
     out_classes = class_ids_of_columns(out_classes, class_ids, label_offset)
     out_boxes, out_scores, out_classes = _pad_rows(out_boxes, out_scores, out_classes, num,
                                                    max_total)
@@ -480,6 +516,49 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         "detection_classes": out_classes,
         "num_detections": tf.cast(num, tf.float32),
     }
+
+
+def _check_window(clip_window):
+    if isinstance(clip_window, (tf.Tensor, tf.Variable)):
+        return tf.reshape(tf.cast(clip_window, tf.float32), [4])
+    return tf.constant(validation.clip_window("clip_window", clip_window), tf.float32)
+
+
+def clip_to_window(boxes, window) -> tf.Tensor:
+    """Clips `[ymin, xmin, ymax, xmax]` boxes to a window (the OD API's `clip_to_window`).
+
+    Args:
+      boxes: float `[..., 4]`.
+      window: float `[4]` `[ymin, xmin, ymax, xmax]`.
+
+    Returns:
+      float32 `[..., 4]`: each coordinate clamped to the window's range on its axis.
+    """
+    b = tf.cast(boxes, tf.float32)
+    w = tf.cast(window, tf.float32)
+    lo = tf.stack([w[0], w[1], w[0], w[1]])
+    hi = tf.stack([w[2], w[3], w[2], w[3]])
+    return tf.minimum(tf.maximum(b, lo), hi)
+
+
+def change_box_frame(boxes, window) -> tf.Tensor:
+    """Re-expresses boxes in a window's frame (the OD API's `change_coordinate_frame`):
+    `(box - [ymin, xmin, ymin, xmin]) / [h, w, h, w]`.
+
+    Args:
+      boxes: float `[..., 4]`; window: float `[4]` `[ymin, xmin, ymax, xmax]`, positive size.
+
+    Returns:
+      float32 `[..., 4]`.
+    """
+    b = tf.cast(boxes, tf.float32)
+    w = tf.cast(window, tf.float32)
+    h, wd = w[2] - w[0], w[3] - w[1]
+    return (b - tf.stack([w[0], w[1], w[0], w[1]])) / tf.stack([h, wd, h, wd])
+
+
+def _nonzero_area(boxes) -> tf.Tensor:
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]) != 0.0
 
 
 def class_ids_of_columns(columns, class_ids=None, label_offset: int = 1) -> tf.Tensor:

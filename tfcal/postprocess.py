@@ -20,6 +20,10 @@ Semantics (binding for the ops, the layers and the NumPy fitters):
   boxes decay by `exp(-0.5 * iou**2 / sigma)` with the IoU to each selected box, `nms_iou[k]` has
   no effect (as in TF and the OD API), and a detection needs a decayed score >=
   `min_score_thresh[k]`.
+- With a `clip_window` `[ymin, xmin, ymax, xmax]` (the OD API's), boxes are clipped to it after
+  NMS and detections whose clipped box has zero area are dropped before the
+  `max_total_detections` cut; `change_coordinate_frame` then re-expresses the boxes in the
+  window's frame (`(box - [ymin, xmin, ymin, xmin]) / [h, w, h, w]`).
 - A detection of column k is emitted with class id `class_ids[k]` (looked up in the serving
   graph), or `k + label_offset` when `class_ids` is empty (records written without ids, and
   OD API label maps). A column whose id is -1 has no category and is never emitted, whatever
@@ -72,6 +76,8 @@ class PostProcessConfig:
       max_detections_per_class: int >= 1 (not used when `class_agnostic`).
       max_total_detections: int >= 1, rows of every output.
       clip_boxes: clip output boxes to [0, 1].
+      clip_window: () or 4 floats `[ymin, xmin, ymax, xmax]`, ymin < ymax, xmin < xmax.
+      change_coordinate_frame: emit boxes in the `clip_window`'s frame (needs a window).
       label_offset: int >= 0; column k is emitted as class id `k + label_offset` when
         `class_ids` is empty.
       class_ids: () or K category ids, one per column, distinct except -1 (a column with no
@@ -92,6 +98,8 @@ class PostProcessConfig:
     max_detections_per_class: int = 100
     max_total_detections: int = 100
     clip_boxes: bool = False
+    clip_window: tuple[float, ...] = ()
+    change_coordinate_frame: bool = False
     label_offset: int = 1
     class_ids: tuple[int, ...] = ()
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -100,7 +108,8 @@ class PostProcessConfig:
                  calibration="none", calibration_params=None, min_score_thresh=(0.0,),
                  class_enabled=(), nms_iou=(0.5,), soft_nms_sigma=(0.0,), class_agnostic=False,
                  max_detections_per_class=100, max_total_detections=100, clip_boxes=False,
-                 label_offset=1, class_ids=(), metadata=None, **method_params):
+                 clip_window=(), change_coordinate_frame=False, label_offset=1, class_ids=(),
+                 metadata=None, **method_params):
         def put(name, value):
             object.__setattr__(self, name, value)
 
@@ -109,7 +118,8 @@ class PostProcessConfig:
         put("score_converter", validation.choice("score_converter", score_converter,
                                                  ops.SCORE_CONVERTERS))
         for name, value in (("background_column", background_column),
-                            ("class_agnostic", class_agnostic), ("clip_boxes", clip_boxes)):
+                            ("class_agnostic", class_agnostic), ("clip_boxes", clip_boxes),
+                            ("change_coordinate_frame", change_coordinate_frame)):
             put(name, validation.boolean(name, value))
         try:
             method = _calibration.get(calibration)
@@ -133,6 +143,13 @@ class PostProcessConfig:
         for name, value in (("max_detections_per_class", max_detections_per_class),
                             ("max_total_detections", max_total_detections)):
             put(name, validation.integer(name, value, minimum=1))
+        if clip_window is None or (hasattr(clip_window, "__len__") and len(clip_window) == 0):
+            put("clip_window", ())
+        else:
+            put("clip_window", validation.clip_window("clip_window", clip_window))
+        if self.change_coordinate_frame and not self.clip_window:
+            raise ValueError("change_coordinate_frame: needs a clip_window (the frame to change "
+                             "to), got clip_window []")
         put("label_offset", validation.integer("label_offset", label_offset, minimum=0))
         put("class_ids", validation.class_ids("class_ids", class_ids, lengths=(0, k)))
         metadata = {} if metadata is None else metadata

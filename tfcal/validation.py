@@ -22,6 +22,7 @@ __all__ = [
     "booleans",
     "choice",
     "class_ids",
+    "clip_window",
     "floats",
     "integer",
     "is_bool",
@@ -141,6 +142,15 @@ def class_ids(name: str, value, *, lengths: Sequence[int] | None = None) -> tupl
                              f"id must name one column, got {list(ids)}")
         seen.setdefault(i, column)
     return ids
+
+
+def clip_window(name: str, value) -> tuple[float, float, float, float]:
+    """A window `[ymin, xmin, ymax, xmax]` of finite numbers with ymin < ymax and xmin < xmax."""
+    values = floats(name, value, lengths=(4,))
+    if not (values[0] < values[2] and values[1] < values[3]):
+        raise ValueError(f"{name}: expected [ymin, xmin, ymax, xmax] with ymin < ymax and "
+                         f"xmin < xmax, got {list(values)}")
+    return values
 
 
 def choice(name: str, value, choices: Sequence[str]) -> str:

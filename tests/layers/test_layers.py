@@ -41,7 +41,8 @@ LAYER_CASES = [
     (CombinedNMS, dict(iou_threshold=[0.4, 0.6, 0.4], max_detections_per_class=7,
                        max_total_detections=9, score_threshold=0.05, clip_boxes=True,
                        class_agnostic=False, label_offset=0, class_ids=[1, 7, 90],
-                       soft_nms_sigma=[0.0, 0.5, 0.3])),
+                       soft_nms_sigma=[0.0, 0.5, 0.3], clip_window=[0.0, 0.1, 0.9, 1.0],
+                       change_coordinate_frame=True)),
     (CandidateBoxes, dict(raw_lower_bounds=[0.2, -np.inf, np.inf], background_column=False)),
     (PostProcessor, dict(postprocess_config=PP_CONFIG.to_dict(), candidate_prefilter=False)),
 ]
@@ -169,6 +170,9 @@ def test_layers_trace_once_for_any_batch_and_output_float32(layer_factory, input
     (lambda: CombinedNMS(iou_threshold=[0.5, 0.6], soft_nms_sigma=[0.1, 0.2, 0.3]),
      "soft_nms_sigma: 3 values"),
     (lambda: CombinedNMS(soft_nms_sigma=[0.1, 0.2], class_agnostic=True), "soft_nms_sigma"),
+    (lambda: CombinedNMS(clip_window=[0.0, 0.5, 1.0, 0.2]), "clip_window: expected"),
+    (lambda: CombinedNMS(clip_window=[0.0, 0.0, 1.0]), "clip_window: expected 4 values"),
+    (lambda: CombinedNMS(change_coordinate_frame=True), "change_coordinate_frame: needs"),
     (lambda: CandidateBoxes(raw_lower_bounds=[]), "raw_lower_bounds"),
     (lambda: CandidateBoxes(raw_lower_bounds=[np.nan]), "raw_lower_bounds"),
     (lambda: PostProcessor({"num_classes": 2, "min_score_thresh": [0.1, 0.2, 0.3]}),
@@ -495,3 +499,18 @@ def test_post_processor_soft_nms_holds_decayed_scores_to_class_thresholds():
         assert out["detection_scores"].shape == (1, 2)
         hard = PostProcessor.from_postprocess_config(cfg.replace(soft_nms_sigma=(0.0,)))
         np.testing.assert_allclose(hard(boxes, raw)["detection_scores"].numpy()[0], [0.9, 0.0])
+
+
+def test_post_processor_clip_window_in_the_window_frame_under_tf_function():
+    cfg = PostProcessConfig(num_classes=1, background_column=False, clip_window=(0.0, 0.0, 0.5, 0.5),
+                            change_coordinate_frame=True, max_total_detections=2)
+    assert PostProcessConfig.from_json(cfg.to_json()) == cfg
+    layer = PostProcessor.from_postprocess_config(cfg)
+    fn = tf.function(layer, input_signature=[tf.TensorSpec([None, None, 4], tf.float32),
+                                             tf.TensorSpec([None, None, 1], tf.float32)])
+    boxes = np.float32([[[0.1, 0.1, 0.3, 0.3], [0.6, 0.6, 0.9, 0.9]]] * 2)
+    out = fn(boxes, np.float32([[[0.9], [0.95]]] * 2))
+    assert out["detection_boxes"].shape == (2, 2, 4)
+    np.testing.assert_allclose(out["detection_boxes"].numpy()[1], [[0.2, 0.2, 0.6, 0.6], [0] * 4],
+                               atol=1e-6)
+    assert out["num_detections"].numpy().tolist() == [1.0, 1.0]

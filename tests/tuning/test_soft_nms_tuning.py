@@ -1,4 +1,4 @@
-"""The tuner with `tuning.soft_nms_sigma`: its candidates are what the served graph emits.
+"""The tuner with `tuning.soft_nms_sigma` and `tuning.clip_window`: what the served graph emits.
 
 The search cuts the candidates of `matched_candidates` at each threshold; for that to be the
 served post-processing, `collect_candidates` at a low threshold, cut at `t`, must equal the
@@ -53,3 +53,21 @@ def test_tune_with_soft_nms_writes_sigma_and_reports_held_out_soft_nms(tmp_path)
     # The IoU has no effect under soft-NMS: every IoU ties and the default (0.5) is recorded.
     assert set(ppc["nms_iou"]) == {0.5}
     assert result.report["classes"][0]["holdout"]["tp"] > 0
+
+
+def test_tune_matches_boxes_in_image_frame_when_served_in_the_window_frame(tmp_path):
+    # The window keeps the top two thirds of every image (rows 0-3 of the 6 x 6 grid and a
+    # sliver of row 4, cut at y = 0.7 of 240 px = 168 px, inside row 4's 20 px boxes at 165-185):
+    # the same detections are kept with and without change_coordinate_frame, so the held-out
+    # counts agree only if the tuner maps window-frame boxes back before matching.
+    reports = []
+    for frame in (False, True):
+        path = ka.write_job(tmp_path / str(frame), num_images=20, config=ka.default_config(
+            tuning={"clip_window": [0.0, 0.0, 0.7, 1.0], "change_coordinate_frame": frame}))
+        result = run_tune(load_config(path), export=False)
+        ppc = json.loads(result.postprocess_path.read_text())
+        assert ppc["clip_window"] == [0.0, 0.0, 0.7, 1.0]
+        assert ppc["change_coordinate_frame"] is frame
+        reports.append({c["name"]: c["holdout"] for c in result.report["classes"]})
+    assert reports[0] == reports[1]
+    assert any(h["tp"] > 0 for h in reports[0].values())

@@ -39,6 +39,11 @@ class CombinedNMS(keras.layers.Layer):
         boxes decay by `exp(-0.5 * iou**2 / sigma)`, the class's IoU threshold has no effect
         (as in TF's op), and detections carry the decayed scores. Pass the class thresholds at
         call time (`min_score_thresh`) so that decayed scores are held to them.
+      clip_window: optional 4 floats `[ymin, xmin, ymax, xmax]` (ymin < ymax, xmin < xmax), the
+        OD API's `clip_window`: after NMS each box is clipped to it and detections whose clipped
+        box has zero area are dropped before the `max_total_detections` cut. Default None.
+      change_coordinate_frame: with `clip_window`, emit boxes in the window's frame
+        (`(box - [ymin, xmin, ymin, xmin]) / [h, w, h, w]`); default False.
       **kwargs: `keras.layers.Layer` arguments.
 
     Call args:
@@ -57,7 +62,7 @@ class CombinedNMS(keras.layers.Layer):
     def __init__(self, iou_threshold=0.5, max_detections_per_class=None,
                  max_total_detections=100, score_threshold=0.0, clip_boxes=False,
                  class_agnostic=False, label_offset=1, class_ids=None, soft_nms_sigma=0.0,
-                 **kwargs):
+                 clip_window=None, change_coordinate_frame=False, **kwargs):
         super().__init__(**float32_by_default(kwargs))
         self.iou_threshold = list(validation.floats("iou_threshold", iou_threshold, lo=0.0,
                                                     hi=1.0, scalar_ok=True))
@@ -82,6 +87,13 @@ class CombinedNMS(keras.layers.Layer):
                 len(self.soft_nms_sigma) != len(self.iou_threshold):
             raise ValueError(f"soft_nms_sigma: {len(self.soft_nms_sigma)} values but "
                              f"iou_threshold has {len(self.iou_threshold)}")
+        self.clip_window = None if clip_window is None else list(
+            validation.clip_window("clip_window", clip_window))
+        self.change_coordinate_frame = validation.boolean("change_coordinate_frame",
+                                                          change_coordinate_frame)
+        if self.change_coordinate_frame and self.clip_window is None:
+            raise ValueError("change_coordinate_frame: needs a clip_window (the frame to change "
+                             "to), got clip_window None")
         if self.class_agnostic and len(set(self.soft_nms_sigma)) > 1:
             raise ValueError(f"soft_nms_sigma: class_agnostic needs a single value, got "
                              f"{self.soft_nms_sigma}")
@@ -139,7 +151,8 @@ class CombinedNMS(keras.layers.Layer):
             soft_nms_sigma=self.soft_nms_sigma[0] if len(self.soft_nms_sigma) == 1
             else self.soft_nms_sigma,
             min_score_thresh=None if min_score_thresh is None else tf.cast(min_score_thresh,
-                                                                           tf.float32))
+                                                                           tf.float32),
+            clip_window=self.clip_window, change_coordinate_frame=self.change_coordinate_frame)
 
     def compute_output_spec(self, boxes, scores, min_score_thresh=None):
         batch = scores.shape[0]
@@ -163,5 +176,7 @@ class CombinedNMS(keras.layers.Layer):
             "label_offset": self.label_offset,
             "class_ids": None if self.class_ids is None else list(self.class_ids),
             "soft_nms_sigma": list(self.soft_nms_sigma),
+            "clip_window": None if self.clip_window is None else list(self.clip_window),
+            "change_coordinate_frame": self.change_coordinate_frame,
         })
         return config

@@ -100,7 +100,9 @@ class PostProcessor(keras.layers.Layer):
             clip_boxes=cfg.clip_boxes, class_agnostic=cfg.class_agnostic,
             label_offset=cfg.label_offset,
             class_ids=list(cfg.class_ids) if cfg.class_ids else None,
-            soft_nms_sigma=list(cfg.soft_nms_sigma), name="combined_nms")
+            soft_nms_sigma=list(cfg.soft_nms_sigma),
+            clip_window=list(cfg.clip_window) if cfg.clip_window else None,
+            change_coordinate_frame=cfg.change_coordinate_frame, name="combined_nms")
 
     @classmethod
     def from_postprocess_config(cls, config: PostProcessConfig | Mapping[str, Any],

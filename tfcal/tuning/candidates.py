@@ -57,7 +57,7 @@ def _identity(scores):
 
 @functools.lru_cache(maxsize=8)
 def _combined_nms_fn(iou_grid, lowest_threshold, max_per_class, max_total, clip_boxes,
-                     calibrate_fn, soft_nms_sigma=0.0):
+                     calibrate_fn, soft_nms_sigma=0.0, clip_window=None):
     import tensorflow as tf
 
     from tfcal.ops import combined_nms
@@ -71,7 +71,7 @@ def _combined_nms_fn(iou_grid, lowest_threshold, max_per_class, max_total, clip_
                              max_detections_per_class=max_per_class,
                              max_total_detections=max_total, score_threshold=lowest_threshold,
                              clip_boxes=clip_boxes, label_offset=0,
-                             soft_nms_sigma=soft_nms_sigma)
+                             soft_nms_sigma=soft_nms_sigma, clip_window=clip_window)
             outs.append((r["detection_boxes"], r["detection_scores"], r["detection_classes"],
                          tf.cast(r["num_detections"], tf.int32)))
         return outs
@@ -89,6 +89,7 @@ def collect_candidates(
     *,
     clip_boxes: bool = False,
     soft_nms_sigma: float = 0.0,
+    clip_window: Sequence[float] | None = None,
 ) -> dict[float, Candidates]:
     """Calibrates and post-processes raw outputs batch by batch, once per NMS IoU.
 
@@ -105,6 +106,8 @@ def collect_candidates(
         max_total_detections: per-image cap.
         clip_boxes: passed to the NMS.
         soft_nms_sigma: passed to the NMS (>= 0; 0: hard NMS).
+        clip_window: passed to the NMS (boxes clipped after NMS, zero-area ones dropped; the
+            candidates stay in image frame).
 
     Returns:
         `{nms_iou: Candidates}` in grid order.
@@ -123,7 +126,8 @@ def collect_candidates(
     fn = _combined_nms_fn(grid, float(lowest_threshold), int(max_detections_per_class),
                           int(max_total_detections), bool(clip_boxes),
                           calibrate_fn if calibrate_fn is not None else _identity,
-                          float(soft_nms_sigma))
+                          float(soft_nms_sigma),
+                          None if clip_window is None else tuple(float(v) for v in clip_window))
     parts: list[list[tuple]] = [[] for _ in grid]
     for image_ids, boxes, raw_scores in raw_batches:
         image_ids = np.asarray(image_ids, np.int64).reshape(-1)
