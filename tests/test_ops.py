@@ -547,3 +547,77 @@ def test_clip_window_drops_zero_area_boxes_before_the_total_cut_and_changes_fram
         run_nms(boxes, scores, change_coordinate_frame=True)
     with pytest.raises(ValueError, match="clip_window: expected"):
         run_nms(boxes, scores, clip_window=[0.5, 0.0, 0.5, 1.0])
+
+
+# ----------------------------------------------------------------------------- selection indices
+
+
+def np_combined_nms_indices(boxes, scores, iou, max_per_class, max_total):
+    """`np_combined_nms` with the box index: sorted list of (score, column, index)."""
+    num_classes = scores.shape[1]
+    iou = np.broadcast_to(iou, [num_classes])
+    dets = []
+    for k in range(num_classes):
+        cand = np.flatnonzero(scores[:, k] > 0)
+        kept = [cand[i] for i in np_nms(boxes[cand], scores[cand, k], iou[k])]
+        dets += [(scores[i, k], k, i) for i in kept[:max_per_class]]
+    dets.sort(key=lambda d: -d[0])
+    return dets[:max_total]
+
+
+@pytest.mark.parametrize("seed, ious", [(0, 0.5), (1, [0.3, 0.5, 0.7]), (2, [0.5, 0.5, 0.6])])
+def test_detection_indices_match_the_numpy_reference(seed, ious):
+    rng = np.random.default_rng(seed)
+    boxes = np.stack([boxes_near_threshold(rng, 10, 0.5) for _ in range(2)])  # [2, 20, 4]
+    scores = rng.uniform(0, 1, size=(2, 20, 3)).astype(np.float32)
+    scores[rng.uniform(size=scores.shape) < 0.4] = 0.0
+    scores[0, 3, 1] = 1.0
+    out = run_nms(boxes, scores, iou_threshold=ious, max_detections_per_class=5,
+                  max_total_detections=12, label_offset=0, return_indices=True, clip_boxes=True)
+    for b in range(2):
+        ref = np_combined_nms_indices(boxes[b], scores[b], np.asarray(ious), 5, 12)
+        n = int(out["num_detections"][b])
+        got = sorted(zip(out["detection_scores"][b, :n].tolist(),
+                         out["detection_classes"][b, :n].astype(int).tolist(),
+                         out["detection_indices"][b, :n].tolist()))
+        assert got == sorted((float(s), int(k), int(i)) for s, k, i in ref)
+        assert np.all(out["detection_indices"][b, n:] == -1)
+        np.testing.assert_array_equal(out["detection_boxes"][b, :n],
+                                      np.clip(boxes[b, out["detection_indices"][b, :n]], 0, 1))
+
+
+def test_detection_indices_with_soft_nms_agnostic_per_class_boxes_and_empty_input():
+    rng = np.random.default_rng(4)
+    boxes = np.stack([boxes_near_threshold(rng, 8, 0.5) for _ in range(3)], axis=1)[None]
+    scores = rng.uniform(0, 1, size=(1, 16, 3)).astype(np.float32)  # per-class boxes [1,16,3,4]
+    for kw in (dict(soft_nms_sigma=0.5), dict(class_agnostic=True), dict()):
+        out = run_nms(boxes, scores, max_total_detections=10, label_offset=0,
+                      return_indices=True, **kw)
+        n = int(out["num_detections"][0])
+        for m in range(n):
+            i, k = out["detection_indices"][0, m], int(out["detection_classes"][0, m])
+            np.testing.assert_array_equal(out["detection_boxes"][0, m], boxes[0, i, k])
+            assert scores[0, i, k] >= out["detection_scores"][0, m]
+    ref = [(k, i) for s, k, i in np_soft_nms_rows(boxes[0], scores[0], 0.5)][:10]
+    out = run_nms(boxes, scores, max_total_detections=10, label_offset=0, return_indices=True,
+                  soft_nms_sigma=0.5)
+    assert list(zip(out["detection_classes"][0].astype(int), out["detection_indices"][0])) == ref
+    empty = run_nms(np.zeros((2, 0, 4), np.float32), np.zeros((2, 0, 2), np.float32),
+                    max_total_detections=3, return_indices=True)
+    assert empty["detection_indices"].tolist() == [[-1] * 3] * 2
+    assert ops.gather_detections(np.zeros((2, 0, 5), np.float32),
+                                 empty["detection_indices"]).shape == (2, 3, 5)
+
+
+def np_soft_nms_rows(boxes, scores, sigma):
+    """Per-class soft-NMS of per-class boxes `[N, K, 4]`: (score, column, index) by score."""
+    rows = []
+    for k in range(scores.shape[1]):
+        rows += [(s, k, i) for i, s in np_soft_nms(boxes[:, k], scores[:, k], sigma)]
+    return sorted(rows, key=lambda r: -r[0])
+
+
+def test_gather_detections_zeroes_padding_rows():
+    values = np.arange(2 * 4 * 2, dtype=np.float32).reshape(2, 4, 2)
+    out = ops.gather_detections(values, np.int32([[3, 0, -1], [-1, -1, -1]])).numpy()
+    np.testing.assert_array_equal(out, [[[6, 7], [0, 1], [0, 0]], [[0, 0], [0, 0], [0, 0]]])

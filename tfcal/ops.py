@@ -62,6 +62,7 @@ __all__ = [
     "class_ids_of_columns",
     "clip_to_window",
     "combined_nms",
+    "gather_detections",
     "iou_groups",
     "nms_groups",
     "pad_knots",
@@ -343,8 +344,8 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
                  max_total_detections: int = 100, score_threshold=0.0, clip_boxes: bool = False,
                  class_agnostic: bool = False, label_offset: int = 1,
                  class_ids=None, soft_nms_sigma=0.0, min_score_thresh=None,
-                 clip_window=None, change_coordinate_frame: bool = False
-                 ) -> dict[str, tf.Tensor]:
+                 clip_window=None, change_coordinate_frame: bool = False,
+                 return_indices: bool = False) -> dict[str, tf.Tensor]:
     """Batched per-class NMS over `tf.image.combined_non_max_suppression`, with per-class IoU.
 
     Classes sharing an IoU threshold form a group; each group gets one combined NMS call on its
@@ -397,6 +398,13 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         `multiclass_non_max_suppression` does).
       change_coordinate_frame: with `clip_window`, re-express the clipped boxes in the window's
         frame: `(box - [ymin, xmin, ymin, xmin]) / [h, w, h, w]` (OD API semantics).
+      return_indices: also return `detection_indices`, int32 `[batch, M]`: the input box index
+        of each detection (-1 for padding rows), to gather per-box outputs of the detector for
+        the kept boxes (`gather_detections`). The NMS ops do not return indices, so each
+        detection is found among the input boxes of its class by its exact box (before
+        clipping) and score (for soft-NMS, the first box whose score is >= the decayed one):
+        exact, except that boxes identical in all four coordinates and score within one class
+        are indistinguishable (the lowest index is given).
 
     Returns:
       dict (OD API names and conventions), rows sorted by descending score, rows at or beyond
@@ -445,6 +453,9 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
     window = None if clip_window is None else _check_window(clip_window)
     if min_score_thresh is not None:
         scores = apply_class_thresholds(scores, min_score_thresh)
+    in_boxes, in_scores = boxes, scores
+    # Box clipping to [0, 1] happens after the detections' input boxes are found.
+    op_clips = clip_boxes and not return_indices
     # Only boxes with some class score above the threshold can be emitted.
     boxes, scores = select_passing_boxes(boxes, scores,
                                          tf.reduce_max(scores, axis=-1) > threshold)
@@ -466,23 +477,35 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
     if class_agnostic:
         out_boxes, out_scores, out_classes, num = _agnostic_nms(
             boxes, scores, iou=groups[0][0], max_total=rows, threshold=threshold,
-            clip_boxes=clip_boxes, sigma=groups[0][1], min_score_thresh=min_score_thresh)
+            clip_boxes=op_clips, sigma=groups[0][1], min_score_thresh=min_score_thresh)
     else:
         if boxes.shape.rank == 3:
             boxes = boxes[:, :, None, :]
         active = tf.reduce_any(scores > threshold, axis=[0, 1])  # [K]
         few_boxes = tf.shape(scores)[1] <= SKIP_EMPTY_CLASSES_MAX_BOXES
         per_group = []
+        # Soft-NMS columns run in one loop of NonMaxSuppressionV5, each with its own IoU and
+        # sigma; the others by IoU group in combined NMS.
+        column_iou = np.zeros(num_classes, np.float32)
+        column_sigma = np.zeros(num_classes, np.float32)
+        looped = []
         for iou, sigma, columns in groups:
+            column_iou[columns], column_sigma[columns] = iou, sigma
+            if sigma > 0:
+                looped += columns
+        if looped:
+            looped_boxes, looped_scores, picked = _group_columns(boxes, scores, sorted(looped),
+                                                                 active, few_boxes)
+            per_group.append(_soft_nms_group(
+                looped_boxes, looped_scores, picked, column_iou=column_iou,
+                column_sigma=column_sigma, per_class=per_class_cap, max_total=rows,
+                threshold=threshold, clip_boxes=op_clips, min_score_thresh=min_score_thresh,
+                num_classes=num_classes))
+        for iou, sigma, columns in groups:
+            if sigma > 0:
+                continue
             group_boxes, group_scores, picked = _group_columns(boxes, scores, columns, active,
                                                                few_boxes)
-            if sigma > 0:
-                per_group.append(_soft_nms_group(
-                    group_boxes, group_scores, picked, iou=iou, sigma=sigma,
-                    per_class=per_class_cap, max_total=rows, threshold=threshold,
-                    clip_boxes=clip_boxes, min_score_thresh=min_score_thresh,
-                    num_classes=num_classes))
-                continue
             # No class can keep more boxes than it has above the threshold, so capping the op's
             # per-class output at the largest such count changes no detection.
             most = tf.reduce_max(tf.reduce_sum(tf.cast(group_scores > threshold, tf.int32),
@@ -491,7 +514,7 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
             r = tf.image.combined_non_max_suppression(
                 group_boxes, group_scores, max_output_size_per_class=per_class,
                 max_total_size=rows, iou_threshold=iou, score_threshold=threshold,
-                pad_per_class=False, clip_boxes=clip_boxes)
+                pad_per_class=False, clip_boxes=op_clips)
             group_classes = tf.gather(picked, tf.cast(r.nmsed_classes, tf.int32))
             per_group.append((r.nmsed_boxes, r.nmsed_scores, group_classes, r.valid_detections))
         if len(per_group) == 1:
@@ -499,23 +522,90 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         else:
             out_boxes, out_scores, classes, num = _merge_groups(per_group, rows)
         out_classes = tf.cast(classes, tf.float32)
+    indices = None
+    if return_indices:
+        indices = _detection_indices(in_boxes, in_scores, out_boxes, out_scores, out_classes, num,
+                                     exact_scores=not any(g[1] > 0 for g in groups))
+        if clip_boxes:
+            out_boxes = tf.clip_by_value(out_boxes, 0.0, 1.0)
     if window is not None:
         out_boxes = clip_to_window(out_boxes, window)
         valid = (tf.range(tf.shape(out_scores)[1])[None, :] < num[:, None]) & \
             _nonzero_area(out_boxes)
-        out_boxes, out_scores, out_classes, num = _compact(out_boxes, out_scores, out_classes,
+        if indices is not None:
+            # Carried through the compaction as a float column (indices < 2**24 are exact).
+            payload = tf.stack([out_classes, tf.cast(indices, tf.float32)], axis=-1)
+            out_boxes, out_scores, payload, num = _compact(out_boxes, out_scores, payload,
                                                            valid, max_total)
+            out_classes, indices = payload[..., 0], tf.cast(payload[..., 1], tf.int32)
+        else:
+            out_boxes, out_scores, out_classes, num = _compact(out_boxes, out_scores,
+                                                               out_classes, valid, max_total)
         if change_coordinate_frame:
             out_boxes = change_box_frame(out_boxes, window)
     out_classes = class_ids_of_columns(out_classes, class_ids, label_offset)
     out_boxes, out_scores, out_classes = _pad_rows(out_boxes, out_scores, out_classes, num,
                                                    max_total)
-    return {
+    out = {
         "detection_boxes": out_boxes,
         "detection_scores": out_scores,
         "detection_classes": out_classes,
         "num_detections": tf.cast(num, tf.float32),
     }
+    if indices is not None:
+        valid = tf.range(max_total)[None, :] < num[:, None]
+        out["detection_indices"] = tf.where(valid, indices, -1)
+    return out
+
+
+def _detection_indices(in_boxes, in_scores, out_boxes, out_scores, out_columns, num, *,
+                       exact_scores: bool) -> tf.Tensor:
+    """The input box index of each output row (see `combined_nms`'s `return_indices`).
+
+    Args:
+      in_boxes: float32 `[B, N, 4]` or `[B, N, K, 4]`; in_scores: float32 `[B, N, K]`;
+      out_boxes: float32 `[B, R, 4]` (unclipped); out_scores, out_columns: `[B, R]`; num `[B]`.
+
+    Returns:
+      int32 `[B, R]`, -1 for rows at or beyond `num` (or, never expected, with no match).
+    """
+    # One zero box with score 0 after the last keeps the ops defined for an empty input.
+    in_scores = tf.pad(in_scores, [[0, 0], [0, 1], [0, 0]])
+    in_boxes = tf.pad(in_boxes, [[0, 0], [0, 1]] + [[0, 0]] * (in_boxes.shape.rank - 2))
+    cols = tf.cast(out_columns, tf.int32)
+    score_at = tf.gather(in_scores, cols, axis=2, batch_dims=1)  # [B, N, R]
+    if in_boxes.shape.rank == 3:
+        same = tf.reduce_all(in_boxes[:, :, None, :] == out_boxes[:, None, :, :], axis=-1)
+    else:
+        class_boxes = tf.gather(in_boxes, cols, axis=2, batch_dims=1)  # [B, N, R, 4]
+        same = tf.reduce_all(class_boxes == out_boxes[:, None, :, :], axis=-1)
+    target = out_scores[:, None, :]
+    ok = score_at == target if exact_scores else score_at >= target
+    match = same & ok & (score_at > 0)
+    idx = tf.argmax(tf.cast(match, tf.int32), axis=1, output_type=tf.int32)  # first match
+    rows = tf.shape(out_scores)[1]
+    valid = (tf.range(rows)[None, :] < num[:, None]) & tf.reduce_any(match, axis=1)
+    return tf.where(valid, idx, -1)
+
+
+def gather_detections(values, indices) -> tf.Tensor:
+    """Per-box values of the detections: `values[b, indices[b, m]]`, zeros where the index is -1.
+
+    Args:
+      values: `[batch, num_boxes, ...]` per-box outputs of a detector (before NMS), any dtype.
+      indices: int32 `[batch, M]` (`combined_nms(..., return_indices=True)`).
+
+    Returns:
+      `[batch, M, ...]` of `values`' dtype.
+    """
+    values = tf.convert_to_tensor(values)
+    idx = tf.cast(indices, tf.int32)
+    # A zero row after the last keeps index 0 valid when there are no boxes at all.
+    padded = tf.pad(values, [[0, 0], [0, 1]] + [[0, 0]] * (values.shape.rank - 2))
+    picked = tf.gather(padded, tf.maximum(idx, 0), axis=1, batch_dims=1)
+    mask = tf.reshape(idx >= 0, tf.concat([tf.shape(idx), tf.ones([tf.rank(values) - 2],
+                                                                     tf.int32)], 0))
+    return tf.where(mask, picked, tf.zeros_like(picked))
 
 
 def _check_window(clip_window):
@@ -619,7 +709,7 @@ def _compact(boxes, scores, classes, valid, max_total):
     pad = tf.maximum(max_total - rows, 0)
     boxes = tf.pad(boxes, [[0, 0], [0, pad], [0, 0]])
     scores = tf.pad(scores, [[0, 0], [0, pad]])
-    classes = tf.pad(classes, [[0, 0], [0, pad]])
+    classes = tf.pad(classes, [[0, 0], [0, pad]] + [[0, 0]] * (classes.shape.rank - 2))
     valid = tf.pad(valid, [[0, 0], [0, pad]])
     top, idx = tf.math.top_k(tf.where(valid, scores, -np.inf), k=max_total, sorted=True)
     num = tf.minimum(tf.reduce_sum(tf.cast(valid, tf.int32), axis=1), max_total)
@@ -627,13 +717,14 @@ def _compact(boxes, scores, classes, valid, max_total):
             tf.gather(classes, idx, batch_dims=1), num)
 
 
-def _soft_nms_group(boxes, scores, picked, *, iou, sigma, per_class, max_total, threshold,
-                    clip_boxes, min_score_thresh, num_classes):
-    """Soft-NMS of one group: one `NonMaxSuppressionV5` per image and column of `picked`.
+def _soft_nms_group(boxes, scores, picked, *, column_iou, column_sigma, per_class, max_total,
+                    threshold, clip_boxes, min_score_thresh, num_classes):
+    """One `NonMaxSuppressionV5` per image and column of `picked` (soft-NMS, or hard NMS with
+    sigma 0), each column with its own IoU threshold and sigma.
 
     Args:
       boxes: float32 `[B, N, 1 or G, 4]`; scores: float32 `[B, N, G]`; picked: int32 `[G]` the
-        class column of each score column.
+        class column of each score column; column_iou, column_sigma: float32 `[K]`.
 
     Returns:
       `(boxes [B, M, 4], scores [B, M], columns [B, M], num [B])`, valid rows first by score.
@@ -647,9 +738,12 @@ def _soft_nms_group(boxes, scores, picked, *, iou, sigma, per_class, max_total, 
     else:
         flat_boxes = tf.reshape(tf.transpose(boxes, [0, 2, 1, 3]), [-1, n, 4])
     cap = per_class
+    flat_columns = tf.tile(picked, [batch])  # row b * G + g is column picked[g] of image b
+    flat_iou = tf.gather(tf.constant(column_iou), flat_columns)
+    flat_sigma = tf.gather(tf.constant(column_sigma), flat_columns)
 
     def one(args):
-        b, sc = args
+        b, sc, iou, sigma = args
         idx, sel, count = tf.raw_ops.NonMaxSuppressionV5(
             boxes=b, scores=sc, max_output_size=cap, iou_threshold=iou,
             score_threshold=threshold, soft_nms_sigma=sigma, pad_to_max_output_size=True)
@@ -658,12 +752,12 @@ def _soft_nms_group(boxes, scores, picked, *, iou, sigma, per_class, max_total, 
         return tf.gather(padded, idx), sel, count
 
     sel_boxes, sel_scores, counts = tf.map_fn(
-        one, (flat_boxes, flat_scores),
+        one, (flat_boxes, flat_scores, flat_iou, flat_sigma),
         fn_output_signature=(tf.TensorSpec([cap, 4], tf.float32),
                              tf.TensorSpec([cap], tf.float32), tf.TensorSpec([], tf.int32)))
     rows = tf.shape(sel_scores)[1]
     valid = tf.range(rows)[None, :] < counts[:, None]  # [B*G, cap]
-    columns = tf.broadcast_to(tf.tile(picked, [batch])[:, None], tf.shape(valid))
+    columns = tf.broadcast_to(flat_columns[:, None], tf.shape(valid))
     if min_score_thresh is not None:
         thresh = _broadcast_thresholds(min_score_thresh, num_classes)
         valid &= sel_scores >= tf.gather(thresh, columns)
@@ -695,7 +789,8 @@ def _merge_groups(per_group, max_total):
 # ----------------------------------------------------------------------------- candidate pre-filter
 
 
-def select_candidate_boxes(boxes, raw_scores, lower_bounds, *, background_column: bool = True):
+def select_candidate_boxes(boxes, raw_scores, lower_bounds, *, background_column: bool = True,
+                           return_indices: bool = False):
     """Keeps only the boxes whose best class score reaches the lowest class bound.
 
     Every box that can pass some class threshold has a class column at or above that class's
@@ -714,16 +809,18 @@ def select_candidate_boxes(boxes, raw_scores, lower_bounds, *, background_column
       background_column: raw column 0 is background (never a reason to keep a box).
 
     Returns:
-      `(boxes, raw_scores)` with `num_boxes` replaced by `num_candidates`.
+      `(boxes, raw_scores)` with `num_boxes` replaced by `num_candidates` (and, with
+      `return_indices`, the int32 `[batch, num_candidates]` input index of each kept box).
     """
     raw = tf.cast(raw_scores, tf.float32)
     floor = tf.reduce_min(tf.cast(lower_bounds, tf.float32))
     class_scores = raw[:, :, 1:] if background_column else raw
     passing = tf.reduce_max(class_scores, axis=-1) >= floor  # [B, N]
-    return select_passing_boxes(tf.convert_to_tensor(boxes), raw, passing)
+    return select_passing_boxes(tf.convert_to_tensor(boxes), raw, passing,
+                                return_indices=return_indices)
 
 
-def select_passing_boxes(boxes, scores, passing):
+def select_passing_boxes(boxes, scores, passing, *, return_indices: bool = False):
     """Keeps the boxes flagged in `passing`, in their original order, padded to one count.
 
     Args:
@@ -735,7 +832,8 @@ def select_passing_boxes(boxes, scores, passing):
       `(boxes, scores)` with `num_boxes` replaced by `max over images of the passing count`
       (at least 1): each image's passing boxes first, in ascending index order (so NMS
       tie-breaking by box index is unchanged), then non-passing filler boxes. The inputs
-      themselves when every box of some image passes.
+      themselves when every box of some image passes. With `return_indices`, also int32
+      `[batch, num_candidates]`: the input index of each kept box.
     """
     count = tf.reduce_max(tf.reduce_sum(tf.cast(passing, tf.int32), axis=1))
     num_boxes = tf.shape(scores)[1]
@@ -744,7 +842,13 @@ def select_passing_boxes(boxes, scores, passing):
     def select():
         # top_k breaks ties by lower index: passing boxes come first, in ascending index order.
         _, idx = tf.math.top_k(tf.cast(passing, tf.float32), k=num_candidates, sorted=True)
-        return tf.gather(boxes, idx, batch_dims=1), tf.gather(scores, idx, batch_dims=1)
+        out = (tf.gather(boxes, idx, batch_dims=1), tf.gather(scores, idx, batch_dims=1))
+        return out + (idx,) if return_indices else out
+
+    def keep_all():
+        if not return_indices:
+            return boxes, scores
+        return boxes, scores, tf.broadcast_to(tf.range(num_boxes)[None, :], tf.shape(scores)[:2])
 
     # Nothing to drop (e.g. thresholds near 0): skip the sort and the copies.
-    return tf.cond(num_candidates < num_boxes, select, lambda: (boxes, scores))
+    return tf.cond(num_candidates < num_boxes, select, keep_all)

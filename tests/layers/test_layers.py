@@ -514,3 +514,47 @@ def test_post_processor_clip_window_in_the_window_frame_under_tf_function():
     np.testing.assert_allclose(out["detection_boxes"].numpy()[1], [[0.2, 0.2, 0.6, 0.6], [0] * 4],
                                atol=1e-6)
     assert out["num_detections"].numpy().tolist() == [1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------- extra outputs
+
+
+@pytest.mark.parametrize("prefilter", [True, False])
+def test_post_processor_passes_per_box_outputs_through_for_the_kept_boxes(prefilter):
+    rng = np.random.default_rng(9)
+    boxes, raw = make_inputs(9, batch=2, num_boxes=30)
+    keypoints = rng.uniform(0, 1, (2, 30, 5, 2)).astype(np.float32)
+    cfg = PostProcessConfig(num_classes=K, min_score_thresh=(0.6,), nms_iou=(0.5,),
+                            max_total_detections=8)
+    layer = PostProcessor.from_postprocess_config(cfg, candidate_prefilter=prefilter)
+    assert layer.uses_candidate_prefilter is prefilter
+    fn = tf.function(lambda b, r, k: layer(b, r, extras={
+        "detection_multiclass_scores": r, "detection_keypoints": k}))
+    out = fn(boxes, raw, keypoints)
+    plain = layer(boxes, raw)
+    for key in plain:  # the detections themselves are unchanged
+        np.testing.assert_array_equal(out[key].numpy(), plain[key].numpy())
+    assert out["detection_keypoints"].shape == (2, 8, 5, 2)
+    for b in range(2):
+        n = int(out["num_detections"][b])
+        assert n > 0
+        for m in range(n):
+            # Every raw box is distinct, so the kept box names its input row.
+            (i,) = np.flatnonzero(np.all(boxes[b] == out["detection_boxes"][b, m].numpy(), 1))
+            np.testing.assert_array_equal(out["detection_keypoints"][b, m], keypoints[b, i])
+            np.testing.assert_array_equal(out["detection_multiclass_scores"][b, m], raw[b, i])
+        assert not out["detection_keypoints"][b, n:].numpy().any()
+
+
+@pytest.mark.parametrize("extras, error, message", [
+    ({"detection_masks": np.zeros((1, 4, 3, 3))}, ValueError,
+     "detection_masks cannot be passed through: an OD API model computes masks"),
+    ({"keypoints": np.zeros((1, 4, 2))}, ValueError, "start with 'detection_'"),
+    ({"detection_scores": np.zeros((1, 4))}, ValueError, "start with 'detection_'"),
+    ([np.zeros((1, 4))], TypeError, "extras: expected a mapping"),
+])
+def test_post_processor_refuses_masks_and_bad_extra_names(extras, error, message):
+    layer = PostProcessor.from_postprocess_config(PostProcessConfig(num_classes=K))
+    boxes, raw = make_inputs(1, batch=1, num_boxes=4)
+    with pytest.raises(error, match=message):
+        layer(boxes, raw, extras=extras)

@@ -52,6 +52,8 @@ class CombinedNMS(keras.layers.Layer):
       scores: float `[batch, num_boxes, K]` probabilities (K static).
       min_score_thresh: optional float `[1]` or `[K]`: detections need a (decayed, with
         soft-NMS) score >= it (`tfcal.ops.combined_nms`).
+      return_indices: also return `detection_indices` int32 `[batch, M]`, the input box of each
+        detection (-1 for padding; see `tfcal.ops.combined_nms`).
 
     Returns:
       dict: `detection_boxes` float32 `[batch, M, 4]`, `detection_scores` float32 `[batch, M]`,
@@ -130,7 +132,7 @@ class CombinedNMS(keras.layers.Layer):
         """Whether some class runs soft-NMS (sigma > 0)."""
         return any(v > 0 for v in self.soft_nms_sigma)
 
-    def call(self, boxes, scores, min_score_thresh=None):
+    def call(self, boxes, scores, min_score_thresh=None, return_indices=False):
         k = scores.shape[-1]
         if len(self.soft_nms_sigma) > 1 and k is not None and k != len(self.soft_nms_sigma):
             raise ValueError(f"scores: {k} class columns but soft_nms_sigma has "
@@ -152,17 +154,21 @@ class CombinedNMS(keras.layers.Layer):
             else self.soft_nms_sigma,
             min_score_thresh=None if min_score_thresh is None else tf.cast(min_score_thresh,
                                                                            tf.float32),
-            clip_window=self.clip_window, change_coordinate_frame=self.change_coordinate_frame)
+            clip_window=self.clip_window, change_coordinate_frame=self.change_coordinate_frame,
+            return_indices=bool(return_indices))
 
-    def compute_output_spec(self, boxes, scores, min_score_thresh=None):
+    def compute_output_spec(self, boxes, scores, min_score_thresh=None, return_indices=False):
         batch = scores.shape[0]
         m = self.max_total_detections
-        return {
+        spec = {
             "detection_boxes": keras.KerasTensor((batch, m, 4), dtype="float32"),
             "detection_scores": keras.KerasTensor((batch, m), dtype="float32"),
             "detection_classes": keras.KerasTensor((batch, m), dtype="float32"),
             "num_detections": keras.KerasTensor((batch,), dtype="float32"),
         }
+        if return_indices:
+            spec["detection_indices"] = keras.KerasTensor((batch, m), dtype="int32")
+        return spec
 
     def get_config(self):
         config = super().get_config()
