@@ -393,3 +393,231 @@ def test_many_candidates_take_every_column_and_match_the_reference():
                   max_total_detections=12, score_threshold=0.25)
     ref = np_combined_nms(boxes[0], scores[0], np.array([0.5, 0.6, 0.4]), 8, 12, 0.25)
     np.testing.assert_allclose(as_sorted_rows(out, 0), ref_rows(ref), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- soft-NMS
+
+
+def np_soft_nms(boxes, scores, sigma, score_threshold=0.0, max_out=None):
+    """Gaussian soft-NMS reference (Bodla et al. 2017, as TF's NonMaxSuppressionV5 runs it):
+    pick the highest current score (ties: lower index), then multiply every remaining score by
+    exp(-0.5 iou^2 / sigma) (TF ignores the IoU threshold in soft mode); drop scores <=
+    threshold. Returns [(box index, decayed score)] in selection order."""
+    current = scores.astype(np.float64).copy()
+    alive = current > score_threshold
+    picked = []
+    while alive.any() and (max_out is None or len(picked) < max_out):
+        i = int(np.flatnonzero(alive)[np.argmax(current[alive])])
+        picked.append((i, current[i]))
+        alive[i] = False
+        for j in np.flatnonzero(alive):
+            iou = np_iou(boxes[i], boxes[j])
+            current[j] *= np.exp(-0.5 * iou * iou / sigma)
+            alive[j] = current[j] > score_threshold
+    return picked
+
+
+def test_soft_nms_hand_derived_decayed_scores():
+    # Three unit-height boxes of class 0: A = [0, 0, 1, 1] (0.9), B = A shifted 0.1 (0.8),
+    # C = A shifted 0.5 (0.7); class 1: C (0.6) and D = [0.5, 0.5, 0.9, 0.9] (0.5).
+    # IoU(A, B) = 0.9 / 1.1 = 9/11, IoU(A, C) = 0.5 / 1.5 = 1/3, IoU(B, C) = 0.6 / 1.4 = 3/7,
+    # IoU(C, D) = 0.16 / 1 = 0.16. sigma = 0.5, so the decay is exp(-iou^2).
+    # Class 0 at IoU 0.9: A 0.9; C 0.7 e^-(1/9) = 0.62645 > B 0.8 e^-(81/121) = 0.40961; then B
+    # 0.40961 e^-(9/49) = 0.34087. Class 1: C 0.6; D 0.5 e^-0.0256 = 0.48736.
+    # At IoU 0.8 (< IoU(A, B)) and 0.0 nothing changes: TF's op, which the OD API calls, ignores
+    # the IoU threshold in soft mode.
+    boxes = np.float32([[[0, 0, 1, 1], [0, 0.1, 1, 1.1], [0, 0.5, 1, 1.5], [0.5, 0.5, 0.9, 0.9]]])
+    scores = np.float32([[[0.9, 0.0], [0.8, 0.0], [0.7, 0.6], [0.0, 0.5]]])
+    out = run_nms(boxes, scores, iou_threshold=0.9, soft_nms_sigma=0.5, max_total_detections=6,
+                  label_offset=0)
+    e = np.exp
+    np.testing.assert_allclose(
+        out["detection_scores"][0],
+        [0.9, 0.7 * e(-1 / 9), 0.6, 0.5 * e(-0.0256), 0.8 * e(-81 / 121) * e(-9 / 49), 0.0],
+        rtol=1e-5)
+    np.testing.assert_array_equal(out["detection_classes"][0], [0, 0, 1, 1, 0, 0])
+    assert out["num_detections"].tolist() == [5.0]
+    for iou in (0.8, 0.0):
+        again = run_nms(boxes, scores, iou_threshold=iou, soft_nms_sigma=0.5,
+                        max_total_detections=6, label_offset=0)
+        np.testing.assert_array_equal(again["detection_scores"], out["detection_scores"])
+    # Decayed scores are held to the class thresholds: B (0.341) < 0.35, D (0.487) < 0.49.
+    out = run_nms(boxes, scores, iou_threshold=0.9, soft_nms_sigma=0.5, max_total_detections=6,
+                  label_offset=0, min_score_thresh=[0.35, 0.49])
+    np.testing.assert_allclose(out["detection_scores"][0], [0.9, 0.7 * e(-1 / 9), 0.6, 0, 0, 0],
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed, iou, sigma", [(0, 0.5, 0.5), (1, 0.3, 0.1), (2, 1.0, 0.8)])
+def test_soft_nms_matches_numpy_reference_near_iou_threshold(seed, iou, sigma):
+    rng = np.random.default_rng(seed)
+    boxes = np.stack([boxes_near_threshold(rng, 10, iou if iou < 1 else 0.5) for _ in range(2)])
+    scores = rng.uniform(0, 1, size=(2, 20, 3)).astype(np.float32)
+    scores[rng.uniform(size=scores.shape) < 0.3] = 0.0
+    scores[0, 0, 0], scores[1, 1, 2] = 1.0, 0.0  # exactly 1 and exactly 0
+    out = run_nms(boxes, scores, iou_threshold=iou, soft_nms_sigma=sigma,
+                  max_detections_per_class=6, max_total_detections=15, min_score_thresh=[0.1],
+                  label_offset=0)
+    for b in range(2):
+        dets = []
+        for k in range(3):
+            picked = np_soft_nms(boxes[b], scores[b, :, k], sigma, max_out=6)
+            dets += [(s, k, boxes[b, i]) for i, s in picked if s >= 0.1]
+        dets.sort(key=lambda d: -d[0])
+        np.testing.assert_allclose(as_sorted_rows(out, b), ref_rows(dets[:15], label_offset=0),
+                                   atol=1e-5)
+
+
+def test_soft_nms_thresholding_the_output_equals_running_at_the_threshold():
+    # The tuner relies on it: candidates at a low threshold, cut at t, are the detections at t.
+    rng = np.random.default_rng(11)
+    boxes = np.stack([boxes_near_threshold(rng, 12, 0.5, delta=0.2) for _ in range(2)])
+    scores = rng.uniform(0, 1, size=(2, 24, 3)).astype(np.float32)
+    kw = dict(iou_threshold=[0.5, 0.6, 0.5], soft_nms_sigma=0.5, max_detections_per_class=8,
+              max_total_detections=40, label_offset=0)
+    low = run_nms(boxes, scores, min_score_thresh=[0.01], **kw)
+    for t in (0.2, 0.45, 0.7):
+        at_t = run_nms(boxes, scores, min_score_thresh=[t], **kw)
+        for b in range(2):
+            rows = as_sorted_rows(low, b)
+            np.testing.assert_allclose(as_sorted_rows(at_t, b), rows[rows[:, 0] >= t], atol=1e-6)
+
+
+def test_per_class_soft_nms_sigma_equals_running_each_class_alone_and_empty_inputs():
+    rng = np.random.default_rng(5)
+    boxes = np.stack([boxes_near_threshold(rng, 8, 0.5, delta=0.2) for _ in range(2)])
+    scores = rng.uniform(0, 1, size=(2, 16, 3)).astype(np.float32)
+    sigmas, ious = [0.0, 0.5, 0.3], [0.5, 0.5, 0.7]
+    kw = dict(max_detections_per_class=5, max_total_detections=30)
+    out = run_nms(boxes, scores, iou_threshold=ious, soft_nms_sigma=sigmas, **kw)
+    alone = [run_nms(boxes, scores[:, :, k:k + 1], iou_threshold=ious[k],
+                     soft_nms_sigma=sigmas[k], label_offset=k + 1, **kw) for k in range(3)]
+    for b in range(2):
+        rows = np.concatenate([as_sorted_rows(a, b) for a in alone])
+        rows = rows[np.lexsort(rows.T[::-1])][::-1]
+        np.testing.assert_allclose(as_sorted_rows(out, b), rows, atol=1e-6)
+    empty = run_nms(np.zeros((2, 0, 4), np.float32), np.zeros((2, 0, 3), np.float32),
+                    soft_nms_sigma=0.5, max_total_detections=4)
+    assert empty["num_detections"].tolist() == [0.0, 0.0]
+    assert not empty["detection_boxes"].any() and empty["detection_boxes"].shape == (2, 4, 4)
+    with pytest.raises(ValueError, match="soft_nms_sigma"):
+        run_nms(boxes, scores, soft_nms_sigma=-0.1)
+    with pytest.raises(ValueError, match="class_agnostic"):
+        run_nms(boxes, scores, soft_nms_sigma=[0.0, 0.5, 0.5], class_agnostic=True)
+
+
+# ----------------------------------------------------------------------------- clip window
+
+
+def test_clip_window_drops_zero_area_boxes_before_the_total_cut_and_changes_frame():
+    # Window [0, 0, 0.5, 0.5]. A = [0.1, 0.1, 0.3, 0.3] (0.9) inside; B = [0.4, 0.4, 0.7, 0.7]
+    # (0.8) clipped to [0.4, 0.4, 0.5, 0.5]; C = [0.6, 0.6, 0.9, 0.9] (0.95) and
+    # D = [0.0, 0.55, 0.2, 0.8] (0.7) clip to zero area. No pair overlaps above IoU 0.5
+    # (IoU(B, C) = 0.01 / 0.17). With max_total 2 the best score, C, is dropped first and the
+    # two rows are A and B (the OD API cuts after dropping).
+    boxes = np.float32([[[0.1, 0.1, 0.3, 0.3], [0.4, 0.4, 0.7, 0.7], [0.6, 0.6, 0.9, 0.9],
+                         [0.0, 0.55, 0.2, 0.8]]])
+    scores = np.float32([[[0.9], [0.8], [0.95], [0.7]]])
+    window = [0.0, 0.0, 0.5, 0.5]
+    kw = dict(max_detections_per_class=4, max_total_detections=2, label_offset=0,
+              clip_window=window)
+    # Soft-NMS runs on the boxes as given: C, selected first, decays B to
+    # 0.8 exp(-(0.01 / 0.17)^2) before C itself is dropped by the window.
+    soft_b = 0.8 * np.exp(-(0.01 / 0.17) ** 2)
+    for extra, b_score in ((dict(), 0.8), (dict(soft_nms_sigma=0.5), soft_b),
+                           (dict(class_agnostic=True, max_detections_per_class=None), 0.8)):
+        out = run_nms(boxes, scores, **{**kw, **extra})
+        np.testing.assert_allclose(out["detection_boxes"][0],
+                                   [[0.1, 0.1, 0.3, 0.3], [0.4, 0.4, 0.5, 0.5]], atol=1e-6)
+        np.testing.assert_allclose(out["detection_scores"][0], [0.9, b_score], rtol=1e-5)
+        assert out["num_detections"].tolist() == [2.0], extra
+    # In the window's frame (h = w = 0.5): (box - 0) / 0.5.
+    out = run_nms(boxes, scores, change_coordinate_frame=True, **kw)
+    np.testing.assert_allclose(out["detection_boxes"][0],
+                               [[0.2, 0.2, 0.6, 0.6], [0.8, 0.8, 1.0, 1.0]], atol=1e-6)
+    # A shifted window: [0.1, 0.2, 0.6, 0.7] -> A clips to [0.1, 0.2, 0.3, 0.3] and becomes
+    # ((0.1 - 0.1) / 0.5, (0.2 - 0.2) / 0.5, (0.3 - 0.1) / 0.5, (0.3 - 0.2) / 0.5).
+    out = run_nms(boxes[:, :1], scores[:, :1], max_total_detections=1, label_offset=0,
+                  clip_window=[0.1, 0.2, 0.6, 0.7], change_coordinate_frame=True)
+    np.testing.assert_allclose(out["detection_boxes"][0], [[0.0, 0.0, 0.4, 0.2]], atol=1e-6)
+    empty = run_nms(np.zeros((1, 0, 4), np.float32), np.zeros((1, 0, 1), np.float32),
+                    clip_window=window, max_total_detections=3)
+    assert empty["num_detections"].tolist() == [0.0] and empty["detection_boxes"].shape == (1, 3, 4)
+    with pytest.raises(ValueError, match="change_coordinate_frame: needs a clip_window"):
+        run_nms(boxes, scores, change_coordinate_frame=True)
+    with pytest.raises(ValueError, match="clip_window: expected"):
+        run_nms(boxes, scores, clip_window=[0.5, 0.0, 0.5, 1.0])
+
+
+# ----------------------------------------------------------------------------- selection indices
+
+
+def np_combined_nms_indices(boxes, scores, iou, max_per_class, max_total):
+    """`np_combined_nms` with the box index: sorted list of (score, column, index)."""
+    num_classes = scores.shape[1]
+    iou = np.broadcast_to(iou, [num_classes])
+    dets = []
+    for k in range(num_classes):
+        cand = np.flatnonzero(scores[:, k] > 0)
+        kept = [cand[i] for i in np_nms(boxes[cand], scores[cand, k], iou[k])]
+        dets += [(scores[i, k], k, i) for i in kept[:max_per_class]]
+    dets.sort(key=lambda d: -d[0])
+    return dets[:max_total]
+
+
+@pytest.mark.parametrize("seed, ious", [(0, 0.5), (1, [0.3, 0.5, 0.7]), (2, [0.5, 0.5, 0.6])])
+def test_detection_indices_match_the_numpy_reference(seed, ious):
+    rng = np.random.default_rng(seed)
+    boxes = np.stack([boxes_near_threshold(rng, 10, 0.5) for _ in range(2)])  # [2, 20, 4]
+    scores = rng.uniform(0, 1, size=(2, 20, 3)).astype(np.float32)
+    scores[rng.uniform(size=scores.shape) < 0.4] = 0.0
+    scores[0, 3, 1] = 1.0
+    out = run_nms(boxes, scores, iou_threshold=ious, max_detections_per_class=5,
+                  max_total_detections=12, label_offset=0, return_indices=True, clip_boxes=True)
+    for b in range(2):
+        ref = np_combined_nms_indices(boxes[b], scores[b], np.asarray(ious), 5, 12)
+        n = int(out["num_detections"][b])
+        got = sorted(zip(out["detection_scores"][b, :n].tolist(),
+                         out["detection_classes"][b, :n].astype(int).tolist(),
+                         out["detection_indices"][b, :n].tolist()))
+        assert got == sorted((float(s), int(k), int(i)) for s, k, i in ref)
+        assert np.all(out["detection_indices"][b, n:] == -1)
+        np.testing.assert_array_equal(out["detection_boxes"][b, :n],
+                                      np.clip(boxes[b, out["detection_indices"][b, :n]], 0, 1))
+
+
+def test_detection_indices_with_soft_nms_agnostic_per_class_boxes_and_empty_input():
+    rng = np.random.default_rng(4)
+    boxes = np.stack([boxes_near_threshold(rng, 8, 0.5) for _ in range(3)], axis=1)[None]
+    scores = rng.uniform(0, 1, size=(1, 16, 3)).astype(np.float32)  # per-class boxes [1,16,3,4]
+    for kw in (dict(soft_nms_sigma=0.5), dict(class_agnostic=True), dict()):
+        out = run_nms(boxes, scores, max_total_detections=10, label_offset=0,
+                      return_indices=True, **kw)
+        n = int(out["num_detections"][0])
+        for m in range(n):
+            i, k = out["detection_indices"][0, m], int(out["detection_classes"][0, m])
+            np.testing.assert_array_equal(out["detection_boxes"][0, m], boxes[0, i, k])
+            assert scores[0, i, k] >= out["detection_scores"][0, m]
+    ref = [(k, i) for s, k, i in np_soft_nms_rows(boxes[0], scores[0], 0.5)][:10]
+    out = run_nms(boxes, scores, max_total_detections=10, label_offset=0, return_indices=True,
+                  soft_nms_sigma=0.5)
+    assert list(zip(out["detection_classes"][0].astype(int), out["detection_indices"][0])) == ref
+    empty = run_nms(np.zeros((2, 0, 4), np.float32), np.zeros((2, 0, 2), np.float32),
+                    max_total_detections=3, return_indices=True)
+    assert empty["detection_indices"].tolist() == [[-1] * 3] * 2
+    assert ops.gather_detections(np.zeros((2, 0, 5), np.float32),
+                                 empty["detection_indices"]).shape == (2, 3, 5)
+
+
+def np_soft_nms_rows(boxes, scores, sigma):
+    """Per-class soft-NMS of per-class boxes `[N, K, 4]`: (score, column, index) by score."""
+    rows = []
+    for k in range(scores.shape[1]):
+        rows += [(s, k, i) for i, s in np_soft_nms(boxes[:, k], scores[:, k], sigma)]
+    return sorted(rows, key=lambda r: -r[0])
+
+
+def test_gather_detections_zeroes_padding_rows():
+    values = np.arange(2 * 4 * 2, dtype=np.float32).reshape(2, 4, 2)
+    out = ops.gather_detections(values, np.int32([[3, 0, -1], [-1, -1, -1]])).numpy()
+    np.testing.assert_array_equal(out, [[[6, 7], [0, 1], [0, 0]], [[0, 0], [0, 0], [0, 0]]])

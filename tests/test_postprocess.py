@@ -157,3 +157,39 @@ def test_replace_with_another_method_starts_from_its_own_parameters():
     assert cal.calibration_params == {"temperature": (1.2,)} and cal.knots_x == ()
     assert cfg.replace(label_offset=1).knots_x == cfg.knots_x
 
+
+
+def test_class_ids_are_binding_and_invertible():
+    cfg = PostProcessConfig(num_classes=3, class_ids=(1, -1, 90), class_enabled=(True, True, False))
+    assert cfg.emitted_class_ids() == (1, -1, 90)
+    assert cfg.enabled() == (True, False, False)  # -1: no category, never emitted
+    assert cfg.columns_of_class_ids(np.float32([90, 1, 1])).tolist() == [2, 0, 0]
+    with pytest.raises(ValueError, match="detection_classes: 2 is not the class id of a column"):
+        cfg.columns_of_class_ids([2])
+    # A record written without class ids means column + label_offset, as before.
+    old = PostProcessConfig.from_dict({"num_classes": 2, "label_offset": 1})
+    assert old.emitted_class_ids() == (1, 2) and old.enabled() == (True, True)
+    assert old.columns_of_class_ids([2.0, 1.0]).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("ids, message", [
+    ((1, 1, 2), "id 1 is given to columns 0 and 1"),
+    ((1, -2, 3), "ints in \\[-1, 16777216\\]"),
+    ((1, 2), "expected 0 or 3 ints"),
+    ((1, 2.0, 3), "ints"),
+])
+def test_bad_class_ids(ids, message):
+    with pytest.raises(ValueError, match=message):
+        PostProcessConfig(num_classes=3, class_ids=ids)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(change_coordinate_frame=True), "change_coordinate_frame: needs a clip_window"),
+    (dict(clip_window=(0.5, 0.0, 0.2, 1.0)), "clip_window: expected \\[ymin"),
+    (dict(clip_window=(0.0, 0.0, 1.0)), "clip_window: expected 4 values"),
+    (dict(soft_nms_sigma=(-1.0,)), "soft_nms_sigma: each value must be >= 0"),
+    (dict(soft_nms_sigma=(0.1, 0.2), class_agnostic=True), "soft_nms_sigma: class_agnostic"),
+])
+def test_bad_nms_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PostProcessConfig(num_classes=2, **kwargs)

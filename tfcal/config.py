@@ -150,6 +150,15 @@ class TuningConfig:
     nms_iou_grid: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)
     default_nms_iou: float | None = dataclasses.field(
         default=None, metadata=_check(_unit_open, "must be in (0, 1]"))
+    # OD API soft_nms_sigma: > 0 runs Gaussian soft-NMS, in the search's candidates and in the
+    # served graph alike (the NMS IoU then has no effect, as in TF); 0: hard NMS.
+    soft_nms_sigma: float = dataclasses.field(
+        default=0.0, metadata=_check(lambda v: v >= 0.0, "must be >= 0"))
+    # OD API clip_window [ymin, xmin, ymax, xmax] (normalized): boxes are clipped to it after NMS
+    # and zero-area ones dropped, in the search and the served graph; change_coordinate_frame
+    # makes the served boxes relative to the window (the tuner matches them in image frame).
+    clip_window: tuple[float, ...] | None = None
+    change_coordinate_frame: bool = False
     max_detections_per_class: int = dataclasses.field(
         default=100, metadata=_check(_positive, "must be > 0"))
     max_total_detections: int = dataclasses.field(
@@ -344,6 +353,13 @@ def _cross_checks(cfg: Config, fail) -> None:
         fail("tuning.nms_iou_grid", "must not repeat a value", list(t.nms_iou_grid))
     if t.default_nms_iou is not None and t.default_nms_iou not in t.nms_iou_grid:
         fail("tuning.default_nms_iou", "must be one of tuning.nms_iou_grid", t.default_nms_iou)
+    if t.clip_window is not None and (len(t.clip_window) != 4 or not (
+            t.clip_window[0] < t.clip_window[2] and t.clip_window[1] < t.clip_window[3])):
+        fail("tuning.clip_window", "must be [ymin, xmin, ymax, xmax] with ymin < ymax and "
+             "xmin < xmax", list(t.clip_window))
+    if t.change_coordinate_frame and t.clip_window is None:
+        fail("tuning.change_coordinate_frame", "needs tuning.clip_window (the frame to change "
+             "to)", True)
     if t.max_detections_per_class > t.max_total_detections:
         fail("tuning.max_detections_per_class", "must be <= tuning.max_total_detections",
              t.max_detections_per_class)

@@ -24,6 +24,15 @@ Threshold and NMS conventions (stated once, relied on by the layers and the tune
 - A box suppresses another of the same class iff their IoU is strictly greater than the IoU
   threshold (IoU == threshold keeps both), as in TF and torchvision. Among equal scores the lower
   box index wins.
+- Soft-NMS (`soft_nms_sigma > 0`, the OD API's `soft_nms_sigma`, Bodla et al. 2017, as
+  `tf.image.non_max_suppression_with_scores` runs it): greedily, the box with the highest
+  current score is selected, and every other box of its class has its score multiplied by
+  `exp(-0.5 * iou**2 / sigma)`. The IoU threshold has no effect then: TF's
+  `NonMaxSuppressionV5`, which the OD API calls, only applies it to hard NMS (measured with TF
+  2.21: IoU thresholds 0, 0.5 and 1 give the same output), so no box is removed by overlap
+  alone. Detections carry their decayed scores and need `decayed score >= min_score_thresh`. The selected scores never increase along the greedy
+  sequence, so thresholding the output at any `t` equals running soft-NMS at `t` (boxes below
+  `t` only ever decay boxes that are already below `t`): the tuner's candidates stay exact.
 """
 
 from __future__ import annotations
@@ -49,8 +58,13 @@ __all__ = [
     "SCORE_CONVERTERS",
     "apply_class_thresholds",
     "box_iou",
+    "change_box_frame",
+    "class_ids_of_columns",
+    "clip_to_window",
     "combined_nms",
+    "gather_detections",
     "iou_groups",
+    "nms_groups",
     "pad_knots",
     "piecewise_linear",
     "scores_to_logits",
@@ -251,6 +265,36 @@ def iou_groups(iou_threshold, num_classes: int) -> list[tuple[float, list[int]]]
     return sorted(groups.items())
 
 
+def nms_groups(iou_threshold, soft_nms_sigma, num_classes: int
+               ) -> list[tuple[float, float, list[int]]]:
+    """Groups class columns that share an IoU threshold and a soft-NMS sigma.
+
+    Args:
+      iou_threshold: float or 1 or `num_classes` floats, each in [0, 1].
+      soft_nms_sigma: float or 1 or `num_classes` floats, each >= 0 (0: hard NMS).
+      num_classes: K.
+
+    Returns:
+      `[(iou, sigma, columns), ...]` sorted by (sigma, iou); `columns` ascending.
+
+    Raises:
+      ValueError: wrong length or a value out of range.
+    """
+    sigmas = np.atleast_1d(np.asarray(soft_nms_sigma, dtype=np.float64))
+    if sigmas.ndim != 1 or sigmas.size not in (1, num_classes):
+        raise ValueError(f"soft_nms_sigma: expected a scalar or {num_classes} values, "
+                         f"got {np.asarray(soft_nms_sigma).tolist()}")
+    if not np.all(np.isfinite(sigmas) & (sigmas >= 0)):
+        raise ValueError(f"soft_nms_sigma: each value must be finite and >= 0, got "
+                         f"{sigmas.tolist()}")
+    sigmas = np.broadcast_to(sigmas.astype(np.float32), [num_classes])
+    groups: dict[tuple[float, float], list[int]] = {}
+    for iou, columns in iou_groups(iou_threshold, num_classes):
+        for k in columns:
+            groups.setdefault((float(sigmas[k]), iou), []).append(k)
+    return [(iou, sigma, sorted(cols)) for (sigma, iou), cols in sorted(groups.items())]
+
+
 def _pad_rows(boxes, scores, classes, num, max_total):
     """Zeroes the rows at or beyond `num` (boxes, scores and classes)."""
     valid = tf.range(max_total)[None, :] < num[:, None]
@@ -260,8 +304,10 @@ def _pad_rows(boxes, scores, classes, num, max_total):
     return boxes, scores, classes
 
 
-def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes):
-    """Class-agnostic NMS: each box competes once with its best class score."""
+def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes, sigma=0.0,
+                  min_score_thresh=None):
+    """Class-agnostic NMS: each box competes once with its best class score; `max_total` rows
+    (a Python int or a scalar tensor)."""
     if boxes.shape.rank == 4:
         best = tf.argmax(scores, axis=-1, output_type=tf.int32)
         boxes = tf.gather(boxes, best, axis=2, batch_dims=2)
@@ -273,15 +319,22 @@ def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes):
         b, s, c = args
         idx, sel_scores, n = tf.raw_ops.NonMaxSuppressionV5(
             boxes=b, scores=s, max_output_size=max_total, iou_threshold=iou,
-            score_threshold=threshold, soft_nms_sigma=0.0, pad_to_max_output_size=True)
+            score_threshold=threshold, soft_nms_sigma=sigma, pad_to_max_output_size=True)
         return tf.gather(b, idx), sel_scores, tf.cast(tf.gather(c, idx), tf.float32), n
 
     out_boxes, out_scores, out_classes, num = tf.map_fn(
         one_image, (boxes, best_scores, best),
-        fn_output_signature=(tf.TensorSpec([max_total, 4], tf.float32),
-                             tf.TensorSpec([max_total], tf.float32),
-                             tf.TensorSpec([max_total], tf.float32),
+        fn_output_signature=(tf.TensorSpec([tf.get_static_value(max_total), 4], tf.float32),
+                             tf.TensorSpec([tf.get_static_value(max_total)], tf.float32),
+                             tf.TensorSpec([tf.get_static_value(max_total)], tf.float32),
                              tf.TensorSpec([], tf.int32)))
+    if sigma > 0 and min_score_thresh is not None:
+        # Decayed scores must still reach their class's threshold.
+        valid = tf.range(max_total)[None, :] < num[:, None]
+        thresh = _broadcast_thresholds(min_score_thresh, scores.shape[-1])
+        valid &= out_scores >= tf.gather(thresh, tf.cast(out_classes, tf.int32))
+        out_boxes, out_scores, out_classes, num = _compact(out_boxes, out_scores, out_classes,
+                                                           valid, max_total)
     if clip_boxes:
         out_boxes = tf.clip_by_value(out_boxes, 0.0, 1.0)
     return out_boxes, out_scores, out_classes, num
@@ -289,7 +342,10 @@ def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes):
 
 def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: int | None = None,
                  max_total_detections: int = 100, score_threshold=0.0, clip_boxes: bool = False,
-                 class_agnostic: bool = False, label_offset: int = 1) -> dict[str, tf.Tensor]:
+                 class_agnostic: bool = False, label_offset: int = 1,
+                 class_ids=None, soft_nms_sigma=0.0, min_score_thresh=None,
+                 clip_window=None, change_coordinate_frame: bool = False,
+                 return_indices: bool = False) -> dict[str, tf.Tensor]:
     """Batched per-class NMS over `tf.image.combined_non_max_suppression`, with per-class IoU.
 
     Classes sharing an IoU threshold form a group; each group gets one combined NMS call on its
@@ -322,14 +378,41 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         `tf.image.combined_non_max_suppression` does).
       class_agnostic: one NMS over all classes: each box keeps only its best class score (and,
         for per-class boxes, that class's box); needs a single IoU and no per-class cap.
-      label_offset: int; output class id = column + `label_offset` (1: OD API ids).
+      label_offset: int; output class id = column + `label_offset` (1: OD API ids). Not used
+        when `class_ids` is given.
+      class_ids: optional float or int `[K]` (a constant, a variable or a tensor): the class id
+        of each column; the output class is `class_ids[column]`, gathered in the graph (ids up
+        to 2**24 are exact in float32).
+      soft_nms_sigma: Python float or sequence of 1 or K floats >= 0, default 0.0 (hard NMS):
+        the classes with a sigma > 0 run Gaussian soft-NMS (see the module docstring; their IoU
+        threshold has no effect), one `NonMaxSuppressionV5` per image and class column with a
+        candidate, and emit decayed scores. Classes sharing (IoU, sigma) form one group.
+      min_score_thresh: optional float `[1]` or `[K]` (a tensor or variable): detections of
+        column k need `score >= min_score_thresh[k]`, on the decayed score for soft-NMS. For
+        hard NMS this equals zeroing the input scores below it first (as `ClassThresholds`
+        does), which is what is done.
+      clip_window: optional 4 floats `[ymin, xmin, ymax, xmax]` (a sequence or a float32 `[4]`
+        tensor), as the OD API's `clip_window`: after per-class NMS (which sees the boxes as
+        given), every detection's box is clipped to the window and detections whose clipped box
+        has zero area are dropped before the `max_total_detections` cut (as the OD API's
+        `multiclass_non_max_suppression` does).
+      change_coordinate_frame: with `clip_window`, re-express the clipped boxes in the window's
+        frame: `(box - [ymin, xmin, ymin, xmin]) / [h, w, h, w]` (OD API semantics).
+      return_indices: also return `detection_indices`, int32 `[batch, M]`: the input box index
+        of each detection (-1 for padding rows), to gather per-box outputs of the detector for
+        the kept boxes (`gather_detections`). The NMS ops do not return indices, so each
+        detection is found among the input boxes of its class by its exact box (before
+        clipping) and score (for soft-NMS, the first box whose score is >= the decayed one):
+        exact, except that boxes identical in all four coordinates and score within one class
+        are indistinguishable (the lowest index is given).
 
     Returns:
       dict (OD API names and conventions), rows sorted by descending score, rows at or beyond
       `num_detections` all zero:
         `detection_boxes`: float32 `[batch, M, 4]`;
         `detection_scores`: float32 `[batch, M]`;
-        `detection_classes`: float32 `[batch, M]`, column + `label_offset`;
+        `detection_classes`: float32 `[batch, M]`, `class_ids[column]` or column +
+          `label_offset`;
         `num_detections`: float32 `[batch]`.
 
     Raises:
@@ -359,26 +442,68 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         raise ValueError(f"score_threshold: expected a value in [0, 1], got {score_threshold!r}")
     if boxes.shape.rank == 4 and boxes.shape[2] == 1:
         boxes = boxes[:, :, 0, :]  # [batch, num_boxes, 1, 4]: shared by all classes
-    groups = iou_groups(iou_threshold, num_classes)
+    groups = nms_groups(iou_threshold, soft_nms_sigma, num_classes)
     threshold = strict_score_threshold(score_threshold)
     if class_agnostic and len(groups) != 1:
-        raise ValueError(f"iou_threshold: class_agnostic NMS needs a single IoU, got "
-                         f"{np.asarray(iou_threshold).tolist()}")
+        raise ValueError(f"iou_threshold, soft_nms_sigma: class_agnostic NMS needs a single IoU "
+                         f"and sigma, got {np.asarray(iou_threshold).tolist()}, "
+                         f"{np.asarray(soft_nms_sigma).tolist()}")
+    if change_coordinate_frame and clip_window is None:
+        raise ValueError("change_coordinate_frame: needs a clip_window (the frame to change to)")
+    window = None if clip_window is None else _check_window(clip_window)
+    if min_score_thresh is not None:
+        scores = apply_class_thresholds(scores, min_score_thresh)
+    in_boxes, in_scores = boxes, scores
+    # Box clipping to [0, 1] happens after the detections' input boxes are found.
+    op_clips = clip_boxes and not return_indices
     # Only boxes with some class score above the threshold can be emitted.
     boxes, scores = select_passing_boxes(boxes, scores,
                                          tf.reduce_max(scores, axis=-1) > threshold)
+    rows = max_total
+    if window is not None:
+        # Detections whose clipped box has zero area are dropped before the total cut: ask NMS
+        # for as many more rows as there are candidate (box, class) pairs outside the window.
+        outside = tf.logical_not(_nonzero_area(clip_to_window(boxes, window)))
+        if outside.shape.rank == 3 and class_agnostic:
+            outside = tf.reduce_any(outside, axis=-1)
+        if outside.shape.rank == 2 and not class_agnostic:
+            outside = outside[..., None]
+        passing = scores > threshold if not class_agnostic else \
+            tf.reduce_max(scores, axis=-1) > threshold
+        extra = tf.reduce_max(tf.reduce_sum(tf.cast(passing & outside, tf.int32),
+                                            axis=list(range(1, passing.shape.rank))))
+        rows = max_total + extra
 
     if class_agnostic:
         out_boxes, out_scores, out_classes, num = _agnostic_nms(
-            boxes, scores, iou=groups[0][0], max_total=max_total, threshold=threshold,
-            clip_boxes=clip_boxes)
+            boxes, scores, iou=groups[0][0], max_total=rows, threshold=threshold,
+            clip_boxes=op_clips, sigma=groups[0][1], min_score_thresh=min_score_thresh)
     else:
         if boxes.shape.rank == 3:
             boxes = boxes[:, :, None, :]
         active = tf.reduce_any(scores > threshold, axis=[0, 1])  # [K]
         few_boxes = tf.shape(scores)[1] <= SKIP_EMPTY_CLASSES_MAX_BOXES
         per_group = []
-        for iou, columns in groups:
+        # Soft-NMS columns run in one loop of NonMaxSuppressionV5, each with its own IoU and
+        # sigma; the others by IoU group in combined NMS.
+        column_iou = np.zeros(num_classes, np.float32)
+        column_sigma = np.zeros(num_classes, np.float32)
+        looped = []
+        for iou, sigma, columns in groups:
+            column_iou[columns], column_sigma[columns] = iou, sigma
+            if sigma > 0:
+                looped += columns
+        if looped:
+            looped_boxes, looped_scores, picked = _group_columns(boxes, scores, sorted(looped),
+                                                                 active, few_boxes)
+            per_group.append(_soft_nms_group(
+                looped_boxes, looped_scores, picked, column_iou=column_iou,
+                column_sigma=column_sigma, per_class=per_class_cap, max_total=rows,
+                threshold=threshold, clip_boxes=op_clips, min_score_thresh=min_score_thresh,
+                num_classes=num_classes))
+        for iou, sigma, columns in groups:
+            if sigma > 0:
+                continue
             group_boxes, group_scores, picked = _group_columns(boxes, scores, columns, active,
                                                                few_boxes)
             # No class can keep more boxes than it has above the threshold, so capping the op's
@@ -388,24 +513,158 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
             per_class = tf.clip_by_value(most, 1, per_class_cap)
             r = tf.image.combined_non_max_suppression(
                 group_boxes, group_scores, max_output_size_per_class=per_class,
-                max_total_size=max_total, iou_threshold=iou, score_threshold=threshold,
-                pad_per_class=False, clip_boxes=clip_boxes)
+                max_total_size=rows, iou_threshold=iou, score_threshold=threshold,
+                pad_per_class=False, clip_boxes=op_clips)
             group_classes = tf.gather(picked, tf.cast(r.nmsed_classes, tf.int32))
             per_group.append((r.nmsed_boxes, r.nmsed_scores, group_classes, r.valid_detections))
         if len(per_group) == 1:
             out_boxes, out_scores, classes, num = per_group[0]
         else:
-            out_boxes, out_scores, classes, num = _merge_groups(per_group, max_total)
+            out_boxes, out_scores, classes, num = _merge_groups(per_group, rows)
         out_classes = tf.cast(classes, tf.float32)
-    out_classes = out_classes + float(label_offset)
+    indices = None
+    if return_indices:
+        indices = _detection_indices(in_boxes, in_scores, out_boxes, out_scores, out_classes, num,
+                                     exact_scores=not any(g[1] > 0 for g in groups))
+        if clip_boxes:
+            out_boxes = tf.clip_by_value(out_boxes, 0.0, 1.0)
+    if window is not None:
+        out_boxes = clip_to_window(out_boxes, window)
+        valid = (tf.range(tf.shape(out_scores)[1])[None, :] < num[:, None]) & \
+            _nonzero_area(out_boxes)
+        if indices is not None:
+            # Carried through the compaction as a float column (indices < 2**24 are exact).
+            payload = tf.stack([out_classes, tf.cast(indices, tf.float32)], axis=-1)
+            out_boxes, out_scores, payload, num = _compact(out_boxes, out_scores, payload,
+                                                           valid, max_total)
+            out_classes, indices = payload[..., 0], tf.cast(payload[..., 1], tf.int32)
+        else:
+            out_boxes, out_scores, out_classes, num = _compact(out_boxes, out_scores,
+                                                               out_classes, valid, max_total)
+        if change_coordinate_frame:
+            out_boxes = change_box_frame(out_boxes, window)
+    out_classes = class_ids_of_columns(out_classes, class_ids, label_offset)
     out_boxes, out_scores, out_classes = _pad_rows(out_boxes, out_scores, out_classes, num,
                                                    max_total)
-    return {
+    out = {
         "detection_boxes": out_boxes,
         "detection_scores": out_scores,
         "detection_classes": out_classes,
         "num_detections": tf.cast(num, tf.float32),
     }
+    if indices is not None:
+        valid = tf.range(max_total)[None, :] < num[:, None]
+        out["detection_indices"] = tf.where(valid, indices, -1)
+    return out
+
+
+def _detection_indices(in_boxes, in_scores, out_boxes, out_scores, out_columns, num, *,
+                       exact_scores: bool) -> tf.Tensor:
+    """The input box index of each output row (see `combined_nms`'s `return_indices`).
+
+    Args:
+      in_boxes: float32 `[B, N, 4]` or `[B, N, K, 4]`; in_scores: float32 `[B, N, K]`;
+      out_boxes: float32 `[B, R, 4]` (unclipped); out_scores, out_columns: `[B, R]`; num `[B]`.
+
+    Returns:
+      int32 `[B, R]`, -1 for rows at or beyond `num` (or, never expected, with no match).
+    """
+    # One zero box with score 0 after the last keeps the ops defined for an empty input.
+    in_scores = tf.pad(in_scores, [[0, 0], [0, 1], [0, 0]])
+    in_boxes = tf.pad(in_boxes, [[0, 0], [0, 1]] + [[0, 0]] * (in_boxes.shape.rank - 2))
+    cols = tf.cast(out_columns, tf.int32)
+    score_at = tf.gather(in_scores, cols, axis=2, batch_dims=1)  # [B, N, R]
+    if in_boxes.shape.rank == 3:
+        same = tf.reduce_all(in_boxes[:, :, None, :] == out_boxes[:, None, :, :], axis=-1)
+    else:
+        class_boxes = tf.gather(in_boxes, cols, axis=2, batch_dims=1)  # [B, N, R, 4]
+        same = tf.reduce_all(class_boxes == out_boxes[:, None, :, :], axis=-1)
+    target = out_scores[:, None, :]
+    ok = score_at == target if exact_scores else score_at >= target
+    match = same & ok & (score_at > 0)
+    idx = tf.argmax(tf.cast(match, tf.int32), axis=1, output_type=tf.int32)  # first match
+    rows = tf.shape(out_scores)[1]
+    valid = (tf.range(rows)[None, :] < num[:, None]) & tf.reduce_any(match, axis=1)
+    return tf.where(valid, idx, -1)
+
+
+def gather_detections(values, indices) -> tf.Tensor:
+    """Per-box values of the detections: `values[b, indices[b, m]]`, zeros where the index is -1.
+
+    Args:
+      values: `[batch, num_boxes, ...]` per-box outputs of a detector (before NMS), any dtype.
+      indices: int32 `[batch, M]` (`combined_nms(..., return_indices=True)`).
+
+    Returns:
+      `[batch, M, ...]` of `values`' dtype.
+    """
+    values = tf.convert_to_tensor(values)
+    idx = tf.cast(indices, tf.int32)
+    # A zero row after the last keeps index 0 valid when there are no boxes at all.
+    padded = tf.pad(values, [[0, 0], [0, 1]] + [[0, 0]] * (values.shape.rank - 2))
+    picked = tf.gather(padded, tf.maximum(idx, 0), axis=1, batch_dims=1)
+    mask = tf.reshape(idx >= 0, tf.concat([tf.shape(idx), tf.ones([tf.rank(values) - 2],
+                                                                     tf.int32)], 0))
+    return tf.where(mask, picked, tf.zeros_like(picked))
+
+
+def _check_window(clip_window):
+    if isinstance(clip_window, (tf.Tensor, tf.Variable)):
+        return tf.reshape(tf.cast(clip_window, tf.float32), [4])
+    return tf.constant(validation.clip_window("clip_window", clip_window), tf.float32)
+
+
+def clip_to_window(boxes, window) -> tf.Tensor:
+    """Clips `[ymin, xmin, ymax, xmax]` boxes to a window (the OD API's `clip_to_window`).
+
+    Args:
+      boxes: float `[..., 4]`.
+      window: float `[4]` `[ymin, xmin, ymax, xmax]`.
+
+    Returns:
+      float32 `[..., 4]`: each coordinate clamped to the window's range on its axis.
+    """
+    b = tf.cast(boxes, tf.float32)
+    w = tf.cast(window, tf.float32)
+    lo = tf.stack([w[0], w[1], w[0], w[1]])
+    hi = tf.stack([w[2], w[3], w[2], w[3]])
+    return tf.minimum(tf.maximum(b, lo), hi)
+
+
+def change_box_frame(boxes, window) -> tf.Tensor:
+    """Re-expresses boxes in a window's frame (the OD API's `change_coordinate_frame`):
+    `(box - [ymin, xmin, ymin, xmin]) / [h, w, h, w]`.
+
+    Args:
+      boxes: float `[..., 4]`; window: float `[4]` `[ymin, xmin, ymax, xmax]`, positive size.
+
+    Returns:
+      float32 `[..., 4]`.
+    """
+    b = tf.cast(boxes, tf.float32)
+    w = tf.cast(window, tf.float32)
+    h, wd = w[2] - w[0], w[3] - w[1]
+    return (b - tf.stack([w[0], w[1], w[0], w[1]])) / tf.stack([h, wd, h, wd])
+
+
+def _nonzero_area(boxes) -> tf.Tensor:
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]) != 0.0
+
+
+def class_ids_of_columns(columns, class_ids=None, label_offset: int = 1) -> tf.Tensor:
+    """Class ids of class columns: `class_ids[column]`, or `column + label_offset` without ids.
+
+    Args:
+      columns: float or int `[...]` class column indices in `[0, K)`.
+      class_ids: optional float or int `[K]`, the id of each column.
+      label_offset: int, used only when `class_ids` is None.
+
+    Returns:
+      float32 `[...]` class ids.
+    """
+    if class_ids is None:
+        return tf.cast(columns, tf.float32) + float(label_offset)
+    return tf.gather(tf.cast(class_ids, tf.float32), tf.cast(columns, tf.int32))
 
 
 def _group_columns(boxes, scores, columns, active, few_boxes):
@@ -439,6 +698,81 @@ def _group_columns(boxes, scores, columns, active, few_boxes):
     return group_boxes, group_scores, picked
 
 
+def _broadcast_thresholds(min_score_thresh, num_classes: int) -> tf.Tensor:
+    t = tf.reshape(tf.cast(min_score_thresh, tf.float32), [-1])
+    return tf.broadcast_to(t, [num_classes]) if t.shape[0] == 1 else t
+
+
+def _compact(boxes, scores, classes, valid, max_total):
+    """The valid rows first, by descending score, padded to `max_total` rows, and their count."""
+    rows = tf.shape(scores)[1]
+    pad = tf.maximum(max_total - rows, 0)
+    boxes = tf.pad(boxes, [[0, 0], [0, pad], [0, 0]])
+    scores = tf.pad(scores, [[0, 0], [0, pad]])
+    classes = tf.pad(classes, [[0, 0], [0, pad]] + [[0, 0]] * (classes.shape.rank - 2))
+    valid = tf.pad(valid, [[0, 0], [0, pad]])
+    top, idx = tf.math.top_k(tf.where(valid, scores, -np.inf), k=max_total, sorted=True)
+    num = tf.minimum(tf.reduce_sum(tf.cast(valid, tf.int32), axis=1), max_total)
+    return (tf.gather(boxes, idx, batch_dims=1), tf.maximum(top, 0.0),
+            tf.gather(classes, idx, batch_dims=1), num)
+
+
+def _soft_nms_group(boxes, scores, picked, *, column_iou, column_sigma, per_class, max_total,
+                    threshold, clip_boxes, min_score_thresh, num_classes):
+    """One `NonMaxSuppressionV5` per image and column of `picked` (soft-NMS, or hard NMS with
+    sigma 0), each column with its own IoU threshold and sigma.
+
+    Args:
+      boxes: float32 `[B, N, 1 or G, 4]`; scores: float32 `[B, N, G]`; picked: int32 `[G]` the
+        class column of each score column; column_iou, column_sigma: float32 `[K]`.
+
+    Returns:
+      `(boxes [B, M, 4], scores [B, M], columns [B, M], num [B])`, valid rows first by score.
+    """
+    batch = tf.shape(scores)[0]
+    n = tf.shape(scores)[1]
+    g = tf.shape(scores)[2]
+    flat_scores = tf.reshape(tf.transpose(scores, [0, 2, 1]), [-1, n])  # [B*G, N]
+    if boxes.shape[2] == 1:
+        flat_boxes = tf.repeat(boxes[:, :, 0, :], g, axis=0)  # image b's boxes G times
+    else:
+        flat_boxes = tf.reshape(tf.transpose(boxes, [0, 2, 1, 3]), [-1, n, 4])
+    cap = per_class
+    flat_columns = tf.tile(picked, [batch])  # row b * G + g is column picked[g] of image b
+    flat_iou = tf.gather(tf.constant(column_iou), flat_columns)
+    flat_sigma = tf.gather(tf.constant(column_sigma), flat_columns)
+
+    def one(args):
+        b, sc, iou, sigma = args
+        idx, sel, count = tf.raw_ops.NonMaxSuppressionV5(
+            boxes=b, scores=sc, max_output_size=cap, iou_threshold=iou,
+            score_threshold=threshold, soft_nms_sigma=sigma, pad_to_max_output_size=True)
+        # A zero box after the last one keeps the padding index 0 valid with no boxes at all.
+        padded = tf.concat([b, tf.zeros([1, 4], b.dtype)], 0)
+        return tf.gather(padded, idx), sel, count
+
+    sel_boxes, sel_scores, counts = tf.map_fn(
+        one, (flat_boxes, flat_scores, flat_iou, flat_sigma),
+        fn_output_signature=(tf.TensorSpec([cap, 4], tf.float32),
+                             tf.TensorSpec([cap], tf.float32), tf.TensorSpec([], tf.int32)))
+    rows = tf.shape(sel_scores)[1]
+    valid = tf.range(rows)[None, :] < counts[:, None]  # [B*G, cap]
+    columns = tf.broadcast_to(flat_columns[:, None], tf.shape(valid))
+    if min_score_thresh is not None:
+        thresh = _broadcast_thresholds(min_score_thresh, num_classes)
+        valid &= sel_scores >= tf.gather(thresh, columns)
+    # [B*G, cap] -> [B, G*cap]
+    sel_boxes = tf.reshape(sel_boxes, [batch, -1, 4])
+    sel_scores = tf.reshape(sel_scores, [batch, -1])
+    columns = tf.reshape(tf.cast(columns, tf.float32), [batch, -1])
+    valid = tf.reshape(valid, [batch, -1])
+    out_boxes, out_scores, out_columns, num = _compact(sel_boxes, sel_scores, columns, valid,
+                                                       max_total)
+    if clip_boxes:
+        out_boxes = tf.clip_by_value(out_boxes, 0.0, 1.0)
+    return out_boxes, out_scores, tf.cast(out_columns, tf.int32), num
+
+
 def _merge_groups(per_group, max_total):
     """Merges per-group NMS results: the best `max_total` valid rows of all groups, by score."""
     boxes = tf.concat([g[0] for g in per_group], axis=1)
@@ -455,7 +789,8 @@ def _merge_groups(per_group, max_total):
 # ----------------------------------------------------------------------------- candidate pre-filter
 
 
-def select_candidate_boxes(boxes, raw_scores, lower_bounds, *, background_column: bool = True):
+def select_candidate_boxes(boxes, raw_scores, lower_bounds, *, background_column: bool = True,
+                           return_indices: bool = False):
     """Keeps only the boxes whose best class score reaches the lowest class bound.
 
     Every box that can pass some class threshold has a class column at or above that class's
@@ -474,16 +809,18 @@ def select_candidate_boxes(boxes, raw_scores, lower_bounds, *, background_column
       background_column: raw column 0 is background (never a reason to keep a box).
 
     Returns:
-      `(boxes, raw_scores)` with `num_boxes` replaced by `num_candidates`.
+      `(boxes, raw_scores)` with `num_boxes` replaced by `num_candidates` (and, with
+      `return_indices`, the int32 `[batch, num_candidates]` input index of each kept box).
     """
     raw = tf.cast(raw_scores, tf.float32)
     floor = tf.reduce_min(tf.cast(lower_bounds, tf.float32))
     class_scores = raw[:, :, 1:] if background_column else raw
     passing = tf.reduce_max(class_scores, axis=-1) >= floor  # [B, N]
-    return select_passing_boxes(tf.convert_to_tensor(boxes), raw, passing)
+    return select_passing_boxes(tf.convert_to_tensor(boxes), raw, passing,
+                                return_indices=return_indices)
 
 
-def select_passing_boxes(boxes, scores, passing):
+def select_passing_boxes(boxes, scores, passing, *, return_indices: bool = False):
     """Keeps the boxes flagged in `passing`, in their original order, padded to one count.
 
     Args:
@@ -495,7 +832,8 @@ def select_passing_boxes(boxes, scores, passing):
       `(boxes, scores)` with `num_boxes` replaced by `max over images of the passing count`
       (at least 1): each image's passing boxes first, in ascending index order (so NMS
       tie-breaking by box index is unchanged), then non-passing filler boxes. The inputs
-      themselves when every box of some image passes.
+      themselves when every box of some image passes. With `return_indices`, also int32
+      `[batch, num_candidates]`: the input index of each kept box.
     """
     count = tf.reduce_max(tf.reduce_sum(tf.cast(passing, tf.int32), axis=1))
     num_boxes = tf.shape(scores)[1]
@@ -504,7 +842,13 @@ def select_passing_boxes(boxes, scores, passing):
     def select():
         # top_k breaks ties by lower index: passing boxes come first, in ascending index order.
         _, idx = tf.math.top_k(tf.cast(passing, tf.float32), k=num_candidates, sorted=True)
-        return tf.gather(boxes, idx, batch_dims=1), tf.gather(scores, idx, batch_dims=1)
+        out = (tf.gather(boxes, idx, batch_dims=1), tf.gather(scores, idx, batch_dims=1))
+        return out + (idx,) if return_indices else out
+
+    def keep_all():
+        if not return_indices:
+            return boxes, scores
+        return boxes, scores, tf.broadcast_to(tf.range(num_boxes)[None, :], tf.shape(scores)[:2])
 
     # Nothing to drop (e.g. thresholds near 0): skip the sort and the copies.
-    return tf.cond(num_candidates < num_boxes, select, lambda: (boxes, scores))
+    return tf.cond(num_candidates < num_boxes, select, keep_all)

@@ -15,7 +15,19 @@ Semantics (binding for the ops, the layers and the NumPy fitters):
 - Disabled classes (`class_enabled[k] = False`) are never emitted: their scores are zeroed before
   NMS, so they neither appear nor suppress other classes' boxes (NMS is per class).
 - NMS is per class; a box is suppressed iff IoU > `nms_iou[k]` with a higher-scored box of its
-  class. `class_agnostic` needs a single `nms_iou` value.
+  class. `class_agnostic` needs a single `nms_iou` value. With `soft_nms_sigma[k] > 0` class k
+  runs Gaussian soft-NMS (the OD API's `soft_nms_sigma`, see `tfcal.ops`): the scores of its
+  boxes decay by `exp(-0.5 * iou**2 / sigma)` with the IoU to each selected box, `nms_iou[k]` has
+  no effect (as in TF and the OD API), and a detection needs a decayed score >=
+  `min_score_thresh[k]`.
+- With a `clip_window` `[ymin, xmin, ymax, xmax]` (the OD API's), boxes are clipped to it after
+  NMS and detections whose clipped box has zero area are dropped before the
+  `max_total_detections` cut; `change_coordinate_frame` then re-expresses the boxes in the
+  window's frame (`(box - [ymin, xmin, ymin, xmin]) / [h, w, h, w]`).
+- A detection of column k is emitted with class id `class_ids[k]` (looked up in the serving
+  graph), or `k + label_offset` when `class_ids` is empty (records written without ids, and
+  OD API label maps). A column whose id is -1 has no category and is never emitted, whatever
+  `class_enabled` says (`enabled()`).
 """
 
 from __future__ import annotations
@@ -24,6 +36,8 @@ import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Literal, Mapping
+
+import numpy as np
 
 from tfcal import TfcalError, atomic, ops, validation
 from tfcal import calibration as _calibration
@@ -57,12 +71,17 @@ class PostProcessConfig:
       min_score_thresh: 1 or K values in [0, 1]; kept iff `score >= min_score_thresh`.
       class_enabled: () (all enabled) or K booleans; disabled classes are never emitted.
       nms_iou: 1 or K values in [0, 1].
+      soft_nms_sigma: 1 or K values >= 0, default (0.0,): hard NMS; > 0: Gaussian soft-NMS.
       class_agnostic: one NMS over all classes (needs a single `nms_iou`).
       max_detections_per_class: int >= 1 (not used when `class_agnostic`).
       max_total_detections: int >= 1, rows of every output.
       clip_boxes: clip output boxes to [0, 1].
-      label_offset: int >= 0; column k is emitted as class id `k + label_offset`.
-      class_ids: () or K category ids, one per column (informational).
+      clip_window: () or 4 floats `[ymin, xmin, ymax, xmax]`, ymin < ymax, xmin < xmax.
+      change_coordinate_frame: emit boxes in the `clip_window`'s frame (needs a window).
+      label_offset: int >= 0; column k is emitted as class id `k + label_offset` when
+        `class_ids` is empty.
+      class_ids: () or K category ids, one per column, distinct except -1 (a column with no
+        category: never emitted); column k is emitted as class id `class_ids[k]`.
       metadata: JSON-able provenance (fit sizes, data fingerprints, ...).
     """
 
@@ -74,19 +93,23 @@ class PostProcessConfig:
     min_score_thresh: tuple[float, ...] = (0.0,)
     class_enabled: tuple[bool, ...] = ()
     nms_iou: tuple[float, ...] = (0.5,)
+    soft_nms_sigma: tuple[float, ...] = (0.0,)
     class_agnostic: bool = False
     max_detections_per_class: int = 100
     max_total_detections: int = 100
     clip_boxes: bool = False
+    clip_window: tuple[float, ...] = ()
+    change_coordinate_frame: bool = False
     label_offset: int = 1
     class_ids: tuple[int, ...] = ()
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __init__(self, num_classes, score_converter="sigmoid", background_column=True,
                  calibration="none", calibration_params=None, min_score_thresh=(0.0,),
-                 class_enabled=(), nms_iou=(0.5,), class_agnostic=False,
+                 class_enabled=(), nms_iou=(0.5,), soft_nms_sigma=(0.0,), class_agnostic=False,
                  max_detections_per_class=100, max_total_detections=100, clip_boxes=False,
-                 label_offset=1, class_ids=(), metadata=None, **method_params):
+                 clip_window=(), change_coordinate_frame=False, label_offset=1, class_ids=(),
+                 metadata=None, **method_params):
         def put(name, value):
             object.__setattr__(self, name, value)
 
@@ -95,7 +118,8 @@ class PostProcessConfig:
         put("score_converter", validation.choice("score_converter", score_converter,
                                                  ops.SCORE_CONVERTERS))
         for name, value in (("background_column", background_column),
-                            ("class_agnostic", class_agnostic), ("clip_boxes", clip_boxes)):
+                            ("class_agnostic", class_agnostic), ("clip_boxes", clip_boxes),
+                            ("change_coordinate_frame", change_coordinate_frame)):
             put(name, validation.boolean(name, value))
         try:
             method = _calibration.get(calibration)
@@ -109,18 +133,25 @@ class PostProcessConfig:
         put("min_score_thresh", validation.floats("min_score_thresh", min_score_thresh,
                                                   lengths=(1, k), lo=0.0, hi=1.0))
         put("nms_iou", validation.floats("nms_iou", nms_iou, lengths=(1, k), lo=0.0, hi=1.0))
+        put("soft_nms_sigma", validation.floats("soft_nms_sigma", soft_nms_sigma, lengths=(1, k),
+                                                lo=0.0))
         put("class_enabled", validation.booleans("class_enabled", class_enabled, lengths=(0, k)))
-        if self.class_agnostic and len(set(self.nms_iou)) > 1:
-            raise ValueError(f"nms_iou: class_agnostic needs a single value, got "
-                             f"{list(self.nms_iou)}")
+        for name in ("nms_iou", "soft_nms_sigma"):
+            if self.class_agnostic and len(set(getattr(self, name))) > 1:
+                raise ValueError(f"{name}: class_agnostic needs a single value, got "
+                                 f"{list(getattr(self, name))}")
         for name, value in (("max_detections_per_class", max_detections_per_class),
                             ("max_total_detections", max_total_detections)):
             put(name, validation.integer(name, value, minimum=1))
+        if clip_window is None or (hasattr(clip_window, "__len__") and len(clip_window) == 0):
+            put("clip_window", ())
+        else:
+            put("clip_window", validation.clip_window("clip_window", clip_window))
+        if self.change_coordinate_frame and not self.clip_window:
+            raise ValueError("change_coordinate_frame: needs a clip_window (the frame to change "
+                             "to), got clip_window []")
         put("label_offset", validation.integer("label_offset", label_offset, minimum=0))
-        if isinstance(class_ids, (str, bytes)) or not hasattr(class_ids, "__len__") or \
-                len(class_ids) not in (0, k) or not all(validation.is_int(v) for v in class_ids):
-            raise ValueError(f"class_ids: expected [] or {k} ints, got {class_ids!r}")
-        put("class_ids", tuple(int(v) for v in class_ids))
+        put("class_ids", validation.class_ids("class_ids", class_ids, lengths=(0, k)))
         metadata = {} if metadata is None else metadata
         if not isinstance(metadata, Mapping):
             raise ValueError(f"metadata: expected a mapping, got {metadata!r}")
@@ -215,8 +246,36 @@ class PostProcessConfig:
         return t * self.num_classes if len(t) == 1 else t
 
     def enabled(self) -> tuple[bool, ...]:
-        """`class_enabled` broadcast to K values (all True when empty)."""
-        return self.class_enabled or (True,) * self.num_classes
+        """The columns that can be emitted: `class_enabled` broadcast to K values (all True when
+        empty), False for a column whose class id is -1 (no category)."""
+        enabled = self.class_enabled or (True,) * self.num_classes
+        if self.class_ids:
+            enabled = tuple(e and i >= 0 for e, i in zip(enabled, self.class_ids))
+        return enabled
+
+    def emitted_class_ids(self) -> tuple[int, ...]:
+        """The class id each column is emitted as: `class_ids`, or `k + label_offset`."""
+        return self.class_ids or tuple(k + self.label_offset for k in range(self.num_classes))
+
+    def columns_of_class_ids(self, ids):
+        """The column of each emitted class id (the inverse of `emitted_class_ids`).
+
+        Args:
+          ids: int or float `[D]` class ids as emitted (`detection_classes`).
+
+        Returns:
+          int64 `[D]` columns.
+
+        Raises:
+          ValueError: an id that no column is emitted as.
+        """
+        table = {i: k for k, i in enumerate(self.emitted_class_ids()) if i >= 0}
+        ids = np.asarray(ids).reshape(-1)
+        try:
+            return np.array([table[int(i)] for i in ids], dtype=np.int64)
+        except KeyError as e:
+            raise ValueError(f"detection_classes: {e.args[0]} is not the class id of a column "
+                             f"(class ids {list(self.emitted_class_ids())})") from None
 
     def ious(self) -> tuple[float, ...]:
         """`nms_iou` broadcast to K values."""

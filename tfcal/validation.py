@@ -17,9 +17,12 @@ from typing import Sequence
 import numpy as np
 
 __all__ = [
+    "MAX_CLASS_ID",
     "boolean",
     "booleans",
     "choice",
+    "class_ids",
+    "clip_window",
     "floats",
     "integer",
     "is_bool",
@@ -79,7 +82,8 @@ def floats(name: str, value, *, lengths: Sequence[int] | None = None, lo: float 
         if not is_number(v):
             raise ValueError(f"{name}: expected finite numbers, got {values}")
         if (lo is not None and v < lo) or (hi is not None and v > hi) or (positive and v <= 0):
-            rng = "> 0" if positive else f"in [{lo}, {hi}]"
+            rng = "> 0" if positive else (f">= {lo}" if hi is None else
+                                          f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
             raise ValueError(f"{name}: each value must be {rng}, got {[float(x) for x in values]}")
     return tuple(float(v) for v in values)
 
@@ -107,6 +111,46 @@ def booleans(name: str, value, *, lengths: Sequence[int] | None = None) -> tuple
                 " or ".join(str(n) for n in sorted(set(lengths))))
         raise ValueError(f"{name}: expected {want} booleans, got {value!r}")
     return tuple(bool(v) for v in value)
+
+
+MAX_CLASS_ID = 2 ** 24
+"""Largest class id: ids are emitted as float32 (`detection_classes`), exact up to 2**24."""
+
+
+def class_ids(name: str, value, *, lengths: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Category ids of class columns: ints in [-1, 2**24], -1 for "no category"; the other ids
+    distinct (each category is predicted by one column).
+
+    Args:
+      name: the argument's name, first word of every message.
+      value: a sequence of ints (NumPy ints accepted).
+      lengths: the allowed lengths; None allows any length >= 1.
+    """
+    ok_length = hasattr(value, "__len__") and (
+        len(value) in lengths if lengths is not None else len(value) > 0)
+    if isinstance(value, (str, bytes)) or not ok_length or not all(
+            is_int(v) and -1 <= v <= MAX_CLASS_ID for v in value):
+        want = ("a non-empty list of" if lengths is None else
+                " or ".join(str(n) for n in sorted(set(lengths))))
+        raise ValueError(f"{name}: expected {want} ints in [-1, {MAX_CLASS_ID}] (-1: no "
+                         f"category), got {value!r}")
+    ids = tuple(int(v) for v in value)
+    seen: dict[int, int] = {}
+    for column, i in enumerate(ids):
+        if i >= 0 and i in seen:
+            raise ValueError(f"{name}: id {i} is given to columns {seen[i]} and {column}; each "
+                             f"id must name one column, got {list(ids)}")
+        seen.setdefault(i, column)
+    return ids
+
+
+def clip_window(name: str, value) -> tuple[float, float, float, float]:
+    """A window `[ymin, xmin, ymax, xmax]` of finite numbers with ymin < ymax and xmin < xmax."""
+    values = floats(name, value, lengths=(4,))
+    if not (values[0] < values[2] and values[1] < values[3]):
+        raise ValueError(f"{name}: expected [ymin, xmin, ymax, xmax] with ymin < ymax and "
+                         f"xmin < xmax, got {list(values)}")
+    return values
 
 
 def choice(name: str, value, choices: Sequence[str]) -> str:

@@ -40,7 +40,9 @@ LAYER_CASES = [
                            num_classes=K)),
     (CombinedNMS, dict(iou_threshold=[0.4, 0.6, 0.4], max_detections_per_class=7,
                        max_total_detections=9, score_threshold=0.05, clip_boxes=True,
-                       class_agnostic=False, label_offset=0)),
+                       class_agnostic=False, label_offset=0, class_ids=[1, 7, 90],
+                       soft_nms_sigma=[0.0, 0.5, 0.3], clip_window=[0.0, 0.1, 0.9, 1.0],
+                       change_coordinate_frame=True)),
     (CandidateBoxes, dict(raw_lower_bounds=[0.2, -np.inf, np.inf], background_column=False)),
     (PostProcessor, dict(postprocess_config=PP_CONFIG.to_dict(), candidate_prefilter=False)),
 ]
@@ -159,6 +161,18 @@ def test_layers_trace_once_for_any_batch_and_output_float32(layer_factory, input
     (lambda: CombinedNMS(iou_threshold=[0.5, 0.6], class_agnostic=True), "class_agnostic"),
     (lambda: CombinedNMS(label_offset=-1), "label_offset"),
     (lambda: CombinedNMS(clip_boxes="no"), "clip_boxes"),
+    (lambda: CombinedNMS(class_ids=[1, 7, 7]), "class_ids: id 7 is given to columns 1 and 2"),
+    (lambda: CombinedNMS(class_ids=[1, -2]), "class_ids"),
+    (lambda: CombinedNMS(class_ids=[1.0, 2.0]), "class_ids"),
+    (lambda: CombinedNMS(class_ids=[1, 2 ** 24 + 1]), "class_ids"),
+    (lambda: CombinedNMS(iou_threshold=[0.5, 0.6], class_ids=[1, 2, 3]), "class_ids: 3 ids"),
+    (lambda: CombinedNMS(soft_nms_sigma=-0.5), "soft_nms_sigma: each value must be >= 0"),
+    (lambda: CombinedNMS(iou_threshold=[0.5, 0.6], soft_nms_sigma=[0.1, 0.2, 0.3]),
+     "soft_nms_sigma: 3 values"),
+    (lambda: CombinedNMS(soft_nms_sigma=[0.1, 0.2], class_agnostic=True), "soft_nms_sigma"),
+    (lambda: CombinedNMS(clip_window=[0.0, 0.5, 1.0, 0.2]), "clip_window: expected"),
+    (lambda: CombinedNMS(clip_window=[0.0, 0.0, 1.0]), "clip_window: expected 4 values"),
+    (lambda: CombinedNMS(change_coordinate_frame=True), "change_coordinate_frame: needs"),
     (lambda: CandidateBoxes(raw_lower_bounds=[]), "raw_lower_bounds"),
     (lambda: CandidateBoxes(raw_lower_bounds=[np.nan]), "raw_lower_bounds"),
     (lambda: PostProcessor({"num_classes": 2, "min_score_thresh": [0.1, 0.2, 0.3]}),
@@ -408,3 +422,139 @@ def test_the_stages_one_by_one_save_and_load_as_a_keras_model(tmp_path):
     assert before["num_detections"].numpy().min() > 0
     for key in before:
         np.testing.assert_array_equal(after[key].numpy(), before[key].numpy(), err_msg=key)
+
+
+# ----------------------------------------------------------------------------- class ids
+
+
+def _one_box_per_column(scores_by_column):
+    """One image, one disjoint box per column, scored `scores_by_column[k]` in column k only."""
+    k = len(scores_by_column)
+    boxes = np.float32([[[0.1 * i, 0.0, 0.1 * i + 0.05, 0.05] for i in range(k)]])
+    scores = np.zeros((1, k, k), np.float32)
+    scores[0, np.arange(k), np.arange(k)] = scores_by_column
+    return boxes, scores
+
+
+def test_combined_nms_emits_the_class_id_of_each_column_from_a_weight():
+    boxes, scores = _one_box_per_column([0.9, 0.8, 0.7])
+    layer = CombinedNMS(class_ids=[1, 7, 90], max_total_detections=5)
+    fn = tf.function(layer, input_signature=[tf.TensorSpec([None, None, 4], tf.float32),
+                                             tf.TensorSpec([None, None, 3], tf.float32)])
+    out = fn(boxes, scores)
+    # Sorted by score: column 0 (0.9) -> id 1, column 1 -> 7, column 2 -> 90; padding rows 0.
+    np.testing.assert_array_equal(out["detection_classes"].numpy(), [[1, 7, 90, 0, 0]])
+    assert out["detection_classes"].dtype == tf.float32
+    layer.class_ids_weight.assign([3.0, 5.0, 11.0])  # the weight is what runs, no retrace
+    np.testing.assert_array_equal(fn(boxes, scores)["detection_classes"].numpy(),
+                                  [[3, 5, 11, 0, 0]])
+    assert fn.experimental_get_tracing_count() == 1
+    with pytest.raises(ValueError, match="class_ids has 3 ids"):
+        layer(boxes[:, :2], scores[:, :2, :2])
+
+
+def test_post_processor_class_ids_survive_keras_saving(tmp_path):
+    cfg = PostProcessConfig(num_classes=3, min_score_thresh=(0.5,), class_ids=(1, 7, 90),
+                            max_total_detections=4)
+    boxes, scores = _one_box_per_column([0.6, 0.9, 0.7])
+    raw = np.concatenate([np.zeros((1, 3, 1), np.float32), scores], -1)
+    inputs = [keras.Input((None, 4)), keras.Input((None, 4))]
+    model = keras.Model(inputs, PostProcessor.from_postprocess_config(cfg)(*inputs))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(loaded([boxes, raw])["detection_classes"].numpy(),
+                                  [[7, 90, 1, 0]])
+
+
+def test_post_processor_never_emits_a_column_without_category():
+    # Column 1 has id -1 (no category) and the best score: it is neither emitted nor counted.
+    cfg = PostProcessConfig(num_classes=3, class_ids=(4, -1, 2), max_total_detections=3,
+                            background_column=False)
+    boxes, scores = _one_box_per_column([0.5, 0.99, 0.6])
+    out = PostProcessor.from_postprocess_config(cfg)(boxes, scores)
+    np.testing.assert_array_equal(out["detection_classes"].numpy(), [[2, 4, 0]])
+    assert out["num_detections"].numpy().tolist() == [2.0]
+    # Without class ids the OD API convention holds: column + label_offset.
+    out = PostProcessor.from_postprocess_config(cfg.replace(class_ids=(), label_offset=1))(
+        boxes, scores)
+    np.testing.assert_array_equal(out["detection_classes"].numpy(), [[2, 3, 1]])
+
+
+# ----------------------------------------------------------------------------- soft-NMS
+
+
+def test_post_processor_soft_nms_holds_decayed_scores_to_class_thresholds():
+    # Two boxes of column 0 with IoU 9/11, sigma 0.5: the second decays from 0.8 to
+    # 0.8 exp(-(9/11)^2) = 0.40961. Threshold 0.4 keeps it, 0.41 does not (hand-derived).
+    boxes = np.float32([[[0, 0, 1, 1], [0, 0.1, 1, 1.1]]])
+    raw = np.float32([[[0.0, 0.9], [0.0, 0.8]]])
+    for thresh, expected in ((0.4, [0.9, 0.8 * np.exp(-(9 / 11) ** 2)]), (0.41, [0.9, 0.0])):
+        cfg = PostProcessConfig(num_classes=1, min_score_thresh=(thresh,), nms_iou=(0.5,),
+                                soft_nms_sigma=(0.5,), max_total_detections=2)
+        layer = PostProcessor.from_postprocess_config(cfg)
+        fn = tf.function(layer, input_signature=[tf.TensorSpec([None, None, 4], tf.float32),
+                                                 tf.TensorSpec([None, None, 2], tf.float32)])
+        out = fn(boxes, raw)
+        np.testing.assert_allclose(out["detection_scores"].numpy()[0], expected, rtol=1e-5)
+        assert out["detection_scores"].shape == (1, 2)
+        hard = PostProcessor.from_postprocess_config(cfg.replace(soft_nms_sigma=(0.0,)))
+        np.testing.assert_allclose(hard(boxes, raw)["detection_scores"].numpy()[0], [0.9, 0.0])
+
+
+def test_post_processor_clip_window_in_the_window_frame_under_tf_function():
+    cfg = PostProcessConfig(num_classes=1, background_column=False, clip_window=(0.0, 0.0, 0.5, 0.5),
+                            change_coordinate_frame=True, max_total_detections=2)
+    assert PostProcessConfig.from_json(cfg.to_json()) == cfg
+    layer = PostProcessor.from_postprocess_config(cfg)
+    fn = tf.function(layer, input_signature=[tf.TensorSpec([None, None, 4], tf.float32),
+                                             tf.TensorSpec([None, None, 1], tf.float32)])
+    boxes = np.float32([[[0.1, 0.1, 0.3, 0.3], [0.6, 0.6, 0.9, 0.9]]] * 2)
+    out = fn(boxes, np.float32([[[0.9], [0.95]]] * 2))
+    assert out["detection_boxes"].shape == (2, 2, 4)
+    np.testing.assert_allclose(out["detection_boxes"].numpy()[1], [[0.2, 0.2, 0.6, 0.6], [0] * 4],
+                               atol=1e-6)
+    assert out["num_detections"].numpy().tolist() == [1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------- extra outputs
+
+
+@pytest.mark.parametrize("prefilter", [True, False])
+def test_post_processor_passes_per_box_outputs_through_for_the_kept_boxes(prefilter):
+    rng = np.random.default_rng(9)
+    boxes, raw = make_inputs(9, batch=2, num_boxes=30)
+    keypoints = rng.uniform(0, 1, (2, 30, 5, 2)).astype(np.float32)
+    cfg = PostProcessConfig(num_classes=K, min_score_thresh=(0.6,), nms_iou=(0.5,),
+                            max_total_detections=8)
+    layer = PostProcessor.from_postprocess_config(cfg, candidate_prefilter=prefilter)
+    assert layer.uses_candidate_prefilter is prefilter
+    fn = tf.function(lambda b, r, k: layer(b, r, extras={
+        "detection_multiclass_scores": r, "detection_keypoints": k}))
+    out = fn(boxes, raw, keypoints)
+    plain = layer(boxes, raw)
+    for key in plain:  # the detections themselves are unchanged
+        np.testing.assert_array_equal(out[key].numpy(), plain[key].numpy())
+    assert out["detection_keypoints"].shape == (2, 8, 5, 2)
+    for b in range(2):
+        n = int(out["num_detections"][b])
+        assert n > 0
+        for m in range(n):
+            # Every raw box is distinct, so the kept box names its input row.
+            (i,) = np.flatnonzero(np.all(boxes[b] == out["detection_boxes"][b, m].numpy(), 1))
+            np.testing.assert_array_equal(out["detection_keypoints"][b, m], keypoints[b, i])
+            np.testing.assert_array_equal(out["detection_multiclass_scores"][b, m], raw[b, i])
+        assert not out["detection_keypoints"][b, n:].numpy().any()
+
+
+@pytest.mark.parametrize("extras, error, message", [
+    ({"detection_masks": np.zeros((1, 4, 3, 3))}, ValueError,
+     "detection_masks cannot be passed through: an OD API model computes masks"),
+    ({"keypoints": np.zeros((1, 4, 2))}, ValueError, "start with 'detection_'"),
+    ({"detection_scores": np.zeros((1, 4))}, ValueError, "start with 'detection_'"),
+    ([np.zeros((1, 4))], TypeError, "extras: expected a mapping"),
+])
+def test_post_processor_refuses_masks_and_bad_extra_names(extras, error, message):
+    layer = PostProcessor.from_postprocess_config(PostProcessConfig(num_classes=K))
+    boxes, raw = make_inputs(1, batch=1, num_boxes=4)
+    with pytest.raises(error, match=message):
+        layer(boxes, raw, extras=extras)

@@ -450,6 +450,7 @@ def export_handoff(
     options: ExportOptions,
     *,
     config_source: str | os.PathLike = "postprocess config",
+    category_ids: Sequence[int] | None = None,
 ) -> ServingExport:
     """Exports the two handoff records of a tuning run as a new TF Serving model version.
 
@@ -459,6 +460,9 @@ def export_handoff(
         output keys and warmup image); None exports a `postprocess_only` model.
       options: the `ExportOptions`.
       config_source: the file `postprocess_config` came from, named in errors.
+      category_ids: the category id of each class column as tuned (-1: none), which the
+        verification holds the served classes to; default the description's `category_ids`
+        (needed for a `postprocess_only` export to be checked against the tuning side).
 
     Returns, Raises: as `export_for_serving`; also TfcalError, before anything is written,
       when the SavedModel is not the one tuned (`handoff.check_detector`) or the description's
@@ -466,19 +470,21 @@ def export_handoff(
     """
     if detector is not None:
         check_detector(postprocess_config, detector, config_source)
-    if detector is not None and detector.category_ids and postprocess_config.class_ids and \
-            tuple(detector.category_ids) != tuple(postprocess_config.class_ids):
+    if category_ids is None and detector is not None and detector.category_ids:
+        category_ids = detector.category_ids
+    if category_ids is not None and postprocess_config.class_ids and \
+            tuple(category_ids) != tuple(postprocess_config.class_ids):
         raise TfcalError(f"{config_source}: class_ids: {list(postprocess_config.class_ids)} are "
                          f"not the detector description's category_ids "
-                         f"{list(detector.category_ids)}")
+                         f"{list(category_ids)}")
     warmup = () if detector is None or detector.warmup_image is None else (detector.warmup_image,)
     return _export(postprocess_config, detector, options, warmup_images=warmup,
-                   config_source=config_source)
+                   config_source=config_source, category_ids=category_ids)
 
 
 def _export(config: PostProcessConfig, description: DetectorDescription | None,
-            options: ExportOptions, *, warmup_images: Sequence[Any], config_source
-            ) -> ServingExport:
+            options: ExportOptions, *, warmup_images: Sequence[Any], config_source,
+            category_ids: Sequence[int] | None = None) -> ServingExport:
     """Builds, verifies and publishes one version (see the module docstring)."""
     from tfcal.export import verify as verify_mod
 
@@ -524,8 +530,10 @@ def _export(config: PostProcessConfig, description: DetectorDescription | None,
                 encoded_images=encoded[:1] if "encoded_image" in result.signatures else (),
                 reference_raw=reference_raw,
             )
+            # The served class ids are checked against the tuning side's category mapping.
             report = verify_mod.verify_export(tmp, config, sample,
-                                              detector.info if detector else None)
+                                              detector.info if detector else None,
+                                              category_ids=category_ids)
             logger.info("verification passed: %s", report.summary())
         os.chmod(tmp, 0o777 & ~atomic.umask())  # private while written, then as mkdir makes
         # One lock for the export root: the version rename and models.config (which lists

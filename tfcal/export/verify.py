@@ -11,7 +11,10 @@
 3. `saved_model_cli run` runs `serving_default` through the TF1 loader
    (`tf.compat.v1.saved_model.loader`), the path TF Serving uses;
 4. parity: each run equals the in-process `PostProcessor` applied to the exported model's own
-   raw outputs: the same `num_detections`, and max |difference| <= `atol` (default 1e-5);
+   raw outputs: the same `num_detections`, and max |difference| <= `atol` (default 1e-5). The
+   reference emits class columns, which are turned into ids with the tuning side's category ids
+   (`category_ids`, from the `CategoryMapping` the thresholds were tuned with, not the config's
+   `class_ids`), so a wrong id lookup in the served graph fails `<run> detection_classes`;
 5. graph: no NMS op of the detector is reachable from `serving_default` (only the PostProcessor's).
 
 The two subprocesses run concurrently (each costs a TensorFlow import).
@@ -238,6 +241,7 @@ def _check_specs(report: VerificationReport, specs, config, detector) -> None:
 def _compare(
     report: VerificationReport, name: str, got: Mapping[str, np.ndarray], expected, atol: float
 ):
+    _compare_classes(report, name, got, expected)
     missing = [k for k in odapi.DETECTION_KEYS if k not in got]
     if missing:
         report.add(f"{name} parity", False, f"missing outputs {missing}")
@@ -261,6 +265,27 @@ def _compare(
             diff = max(diff, float(np.max(np.abs(got[key].astype(np.float64) - expected[key]))))
     report.max_abs_diff[name] = diff
     report.add(f"{name} parity", diff <= atol, f"max abs diff {diff:.3e} (atol {atol:.0e})")
+
+
+def _compare_classes(report: VerificationReport, name: str, got: Mapping[str, np.ndarray],
+                     expected) -> None:
+    """The served class ids of the valid rows are exactly the expected category ids."""
+    if "detection_classes" not in got or "num_detections" not in got or \
+            got["detection_classes"].shape != expected["detection_classes"].shape:
+        return  # reported by the parity checks
+    n = np.minimum(got["num_detections"], expected["num_detections"]).astype(np.int64)
+    valid = np.arange(expected["detection_classes"].shape[1])[None, :] < n[:, None]
+    served = got["detection_classes"][valid]
+    want = expected["detection_classes"][valid]
+    wrong = served != want
+    report.add(
+        f"{name} detection_classes",
+        not wrong.any(),
+        f"served class ids {np.unique(served).astype(np.int64).tolist()}; "
+        + (f"{int(wrong.sum())} rows differ from the category ids tuned "
+           f"(e.g. {int(served[wrong][0])} for {int(want[wrong][0])})" if wrong.any()
+           else "all equal the category ids tuned"),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +350,7 @@ def verify_export(
     sample: VerificationSample,
     detector: odapi.DetectorInfo | None = None,
     options: VerifyOptions = VerifyOptions(),
+    category_ids=None,
 ) -> VerificationReport:
     """Verifies an exported SavedModel (see the module docstring for the checks).
 
@@ -334,6 +360,10 @@ def verify_export(
       sample: the `VerificationSample` to run the model on.
       detector: the wrapped detector's info, None for `postprocess_only` models.
       options: the `VerifyOptions`; default `VerifyOptions()`.
+      category_ids: int `[K]`, the category id of each class column as the tuning side mapped
+        it (`DetectorDescription.category_ids`; -1: no category); the served classes must be
+        these. None: the config's own `emitted_class_ids()` (then a wrong `class_ids` in the
+        config is not caught).
 
     Returns:
       A `VerificationReport`.
@@ -343,6 +373,12 @@ def verify_export(
     """
     start = time.perf_counter()
     config = odapi.load_postprocess_config(postprocess_config)
+    if category_ids is None:
+        category_ids = config.emitted_class_ids()
+    category_ids = np.asarray(category_ids, np.int64).reshape(-1)
+    if category_ids.size != config.num_classes:
+        raise ValueError(f"category_ids: expected {config.num_classes} ids (one per class "
+                         f"column), got {category_ids.tolist()}")
     saved_model_dir = Path(saved_model_dir)
     sha = odapi.config_sha256(config)
     report = VerificationReport(saved_model_dir=str(saved_model_dir))
@@ -352,7 +388,8 @@ def verify_export(
     _check_detector_nms(report, saved_model_dir, specs, detector)
     fresh, cli = _run_fresh_processes(report, saved_model_dir, sample, options)
     if fresh is not None:
-        _check_fresh_results(report, config, sha, sample, detector, fresh, cli, options.atol)
+        _check_fresh_results(report, config, sha, sample, detector, fresh, cli, options.atol,
+                             category_ids)
     report.seconds = time.perf_counter() - start
     if options.raise_on_failure and not report.passed:
         raise ExportVerificationError(
@@ -470,10 +507,10 @@ def _run_fresh_processes(
 def _check_fresh_results(
     report: VerificationReport, config, sha: str, sample: VerificationSample,
     detector: odapi.DetectorInfo | None, fresh: Mapping[str, np.ndarray],
-    cli: Mapping[str, np.ndarray] | None, atol: float,
+    cli: Mapping[str, np.ndarray] | None, atol: float, category_ids: np.ndarray,
 ) -> None:
     """The fresh process's metadata, and each run's parity with the in-process PostProcessor
-    applied to the exported model's own raw outputs."""
+    applied to the exported model's own raw outputs, its columns named by `category_ids`."""
     import tensorflow as tf
     from tfcal.layers import PostProcessor
 
@@ -493,7 +530,10 @@ def _check_fresh_results(
             "raw outputs", False, "the exported model has no detector_raw_outputs function"
         )
         return
-    layer = PostProcessor.from_postprocess_config(config)
+    # The reference emits columns (the same columns as the config can emit); the tuning
+    # side's category ids name them.
+    by_column = config.replace(class_ids=(), label_offset=0, class_enabled=config.enabled())
+    layer = PostProcessor.from_postprocess_config(by_column)
     expected = {
         k: np.asarray(v, dtype=np.float32)
         for k, v in layer(
@@ -501,6 +541,10 @@ def _check_fresh_results(
         ).items()
         if k in odapi.DETECTION_KEYS
     }
+    n = expected["num_detections"].astype(np.int64)
+    valid = np.arange(expected["detection_classes"].shape[1])[None, :] < n[:, None]
+    columns = expected["detection_classes"].astype(np.int64)
+    expected["detection_classes"] = np.where(valid, category_ids[columns], 0).astype(np.float32)
     report.num_detections = [int(n) for n in expected["num_detections"]]
     _compare(report, "fresh_process", _strip(fresh, "serving_default/"), expected, atol)
     if cli is not None:

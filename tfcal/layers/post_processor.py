@@ -19,6 +19,29 @@ from tfcal.postprocess import PostProcessConfig
 PREFILTER_MIN_THRESH = 0.01
 
 
+_CORE_OUTPUTS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections",
+                 "detection_indices")
+
+
+def _check_extras(extras) -> dict:
+    """The extra per-box outputs' names, checked (see `PostProcessor`'s call args)."""
+    if extras is None:
+        return {}
+    if not isinstance(extras, Mapping):
+        raise TypeError(f"extras: expected a mapping of output name -> [batch, num_boxes, ...] "
+                        f"tensor, got {type(extras).__name__}")
+    for name in extras:
+        if not isinstance(name, str) or not name.startswith("detection_") or \
+                name in _CORE_OUTPUTS:
+            raise ValueError(f"extras: output names start with 'detection_' and are not one of "
+                             f"{list(_CORE_OUTPUTS)}, got {name!r}")
+        if name == "detection_masks":
+            raise ValueError("extras: detection_masks cannot be passed through: an OD API model "
+                             "computes masks for its own detections after its NMS, not for the "
+                             "pre-NMS boxes the tuned NMS selects from; export without masks")
+    return dict(extras)
+
+
 @keras.saving.register_keras_serializable(package="tfcal")
 class PostProcessor(keras.layers.Layer):
     """Raw detector outputs to OD API detections: calibration -> class thresholds -> NMS.
@@ -56,10 +79,19 @@ class PostProcessor(keras.layers.Layer):
         `[ymin, xmin, ymax, xmax]`.
       raw_scores: float `[batch, num_boxes, C]` in the detector's score space (`C = K + 1` with
         a background column).
+      extras: optional `{output name: [batch, num_boxes, ...] tensor}`: per-box outputs the
+        detector computes before NMS (keypoints, embeddings, its class-score distribution...),
+        emitted for the kept boxes under the given names (OD API names such as
+        `detection_multiclass_scores`, `detection_keypoints`, `detection_keypoint_scores`), as
+        `[batch, M, ...]` with zeros in padding rows. The boxes are found through
+        `tfcal.ops.combined_nms(..., return_indices=True)`. `detection_masks` is refused:
+        an OD API model computes masks for its own post-NMS detections, which are not the
+        pre-NMS boxes this layer selects from.
 
     Returns:
       The `CombinedNMS` dict: `detection_boxes` float32 `[batch, M, 4]`, `detection_scores`
-      float32 `[batch, M]`, `detection_classes` float32 `[batch, M]` (column + `label_offset`),
+      float32 `[batch, M]`, `detection_classes` float32 `[batch, M]` (`class_ids[column]`, a
+      lookup in the graph, or column + `label_offset` without class ids),
       `num_detections` float32 `[batch]`, with `M = max_total_detections`.
 
     Example:
@@ -86,16 +118,22 @@ class PostProcessor(keras.layers.Layer):
             score_converter=cfg.score_converter, background_column=cfg.background_column,
             method=cfg.calibration, num_classes=k, name="score_calibration",
             **cfg.calibration_params)
+        # Columns with no category (class id -1) are disabled too: never emitted.
+        enabled = cfg.enabled()
         self.class_thresholds = ClassThresholds(
             min_score_thresh=list(cfg.min_score_thresh),
-            class_enabled=list(cfg.class_enabled) if cfg.class_enabled else None,
+            class_enabled=list(enabled) if cfg.class_enabled or not all(enabled) else None,
             num_classes=k, name="class_thresholds")
         self.nms = CombinedNMS(
             iou_threshold=list(cfg.nms_iou),
             max_detections_per_class=None if cfg.class_agnostic else cfg.max_detections_per_class,
             max_total_detections=cfg.max_total_detections, score_threshold=0.0,
             clip_boxes=cfg.clip_boxes, class_agnostic=cfg.class_agnostic,
-            label_offset=cfg.label_offset, name="combined_nms")
+            label_offset=cfg.label_offset,
+            class_ids=list(cfg.class_ids) if cfg.class_ids else None,
+            soft_nms_sigma=list(cfg.soft_nms_sigma),
+            clip_window=list(cfg.clip_window) if cfg.clip_window else None,
+            change_coordinate_frame=cfg.change_coordinate_frame, name="combined_nms")
 
     @classmethod
     def from_postprocess_config(cls, config: PostProcessConfig | Mapping[str, Any],
@@ -129,21 +167,46 @@ class PostProcessor(keras.layers.Layer):
             None if enabled is None else tf.convert_to_tensor(enabled),
             num_classes=self.postprocess_config.num_classes)
 
-    def call(self, boxes, raw_scores):
+    def call(self, boxes, raw_scores, extras=None):
+        extras = _check_extras(extras)
         boxes = tf.cast(boxes, tf.float32)
         raw_scores = tf.cast(raw_scores, tf.float32)
+        kept = None  # input index of each box the NMS sees, when it is not the identity
         if self.uses_candidate_prefilter:
             # Only boxes that can pass some class threshold are calibrated and sent to NMS; the
             # result is identical, and most boxes of a real detector are dropped here.
-            boxes, raw_scores = ops.select_candidate_boxes(
+            found = ops.select_candidate_boxes(
                 boxes, raw_scores, self.raw_lower_bounds(),
-                background_column=self.postprocess_config.background_column)
+                background_column=self.postprocess_config.background_column,
+                return_indices=bool(extras))
+            boxes, raw_scores = found[:2]
+            kept = found[2] if extras else None
         scores = self.score_calibration(raw_scores)
         scores = self.class_thresholds(scores)
-        return self.nms(boxes, scores)
+        # Soft-NMS decays scores: the decayed ones are held to the class thresholds too.
+        nms_args = {}
+        if self.nms.soft:
+            nms_args["min_score_thresh"] = tf.convert_to_tensor(
+                self.class_thresholds.min_score_thresh_weight)
+        if extras:
+            nms_args["return_indices"] = True
+        out = dict(self.nms(boxes, scores, **nms_args))
+        if extras:
+            index = out.pop("detection_indices")
+            if kept is not None:
+                index = tf.where(index >= 0, tf.gather(kept, tf.maximum(index, 0), batch_dims=1),
+                                 -1)
+            for name, values in extras.items():
+                out[name] = ops.gather_detections(values, index)
+        return out
 
-    def compute_output_spec(self, boxes, raw_scores):
-        return self.nms.compute_output_spec(boxes, raw_scores)
+    def compute_output_spec(self, boxes, raw_scores, extras=None):
+        spec = self.nms.compute_output_spec(boxes, raw_scores)
+        m = self.postprocess_config.max_total_detections
+        for name, values in _check_extras(extras).items():
+            spec[name] = keras.KerasTensor((values.shape[0], m) + tuple(values.shape[2:]),
+                                           dtype=values.dtype)
+        return spec
 
     def get_config(self):
         config = super().get_config()

@@ -10,7 +10,9 @@ The NMS is `tfcal.ops.combined_nms`, the op the serving graph runs: kept iff
 `score >= lowest_threshold` and `score > 0`. Exactness: for hard NMS, thresholding before NMS
 equals thresholding after, and the per-class and total caps keep the highest scores; so any
 global `min_score_thresh >= lowest_threshold` applied to these candidates gives what
-post-processing at that threshold gives. (Per-class thresholds can free total-cap slots for other
+post-processing at that threshold gives. The same holds for soft-NMS (`soft_nms_sigma > 0`, on
+the decayed scores): its selected scores never increase, so a higher threshold cuts a prefix of
+the same greedy sequence (`tfcal.ops`). (Per-class thresholds can free total-cap slots for other
 classes; the final check with the serving graph measures that.)
 
 `calibrate_fn` runs on every raw score of a batch; a caller that knows a per-class raw floor below
@@ -55,7 +57,7 @@ def _identity(scores):
 
 @functools.lru_cache(maxsize=8)
 def _combined_nms_fn(iou_grid, lowest_threshold, max_per_class, max_total, clip_boxes,
-                     calibrate_fn):
+                     calibrate_fn, soft_nms_sigma=0.0, clip_window=None):
     import tensorflow as tf
 
     from tfcal.ops import combined_nms
@@ -68,7 +70,8 @@ def _combined_nms_fn(iou_grid, lowest_threshold, max_per_class, max_total, clip_
             r = combined_nms(boxes, scores, iou_threshold=g,
                              max_detections_per_class=max_per_class,
                              max_total_detections=max_total, score_threshold=lowest_threshold,
-                             clip_boxes=clip_boxes, label_offset=0)
+                             clip_boxes=clip_boxes, label_offset=0,
+                             soft_nms_sigma=soft_nms_sigma, clip_window=clip_window)
             outs.append((r["detection_boxes"], r["detection_scores"], r["detection_classes"],
                          tf.cast(r["num_detections"], tf.int32)))
         return outs
@@ -85,6 +88,8 @@ def collect_candidates(
     max_total_detections: int,
     *,
     clip_boxes: bool = False,
+    soft_nms_sigma: float = 0.0,
+    clip_window: Sequence[float] | None = None,
 ) -> dict[float, Candidates]:
     """Calibrates and post-processes raw outputs batch by batch, once per NMS IoU.
 
@@ -100,6 +105,9 @@ def collect_candidates(
         max_detections_per_class: per-class cap of the combined NMS.
         max_total_detections: per-image cap.
         clip_boxes: passed to the NMS.
+        soft_nms_sigma: passed to the NMS (>= 0; 0: hard NMS).
+        clip_window: passed to the NMS (boxes clipped after NMS, zero-area ones dropped; the
+            candidates stay in image frame).
 
     Returns:
         `{nms_iou: Candidates}` in grid order.
@@ -117,7 +125,9 @@ def collect_candidates(
                          f"{max_total_detections}")
     fn = _combined_nms_fn(grid, float(lowest_threshold), int(max_detections_per_class),
                           int(max_total_detections), bool(clip_boxes),
-                          calibrate_fn if calibrate_fn is not None else _identity)
+                          calibrate_fn if calibrate_fn is not None else _identity,
+                          float(soft_nms_sigma),
+                          None if clip_window is None else tuple(float(v) for v in clip_window))
     parts: list[list[tuple]] = [[] for _ in grid]
     for image_ids, boxes, raw_scores in raw_batches:
         image_ids = np.asarray(image_ids, np.int64).reshape(-1)

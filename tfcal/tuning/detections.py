@@ -76,6 +76,9 @@ def postprocess_config(cfg: Config, prep: Prepared, *, min_score_thresh: tuple[f
         min_score_thresh=min_score_thresh,
         class_enabled=class_enabled,
         nms_iou=nms_iou,
+        soft_nms_sigma=(cfg.tuning.soft_nms_sigma,),
+        clip_window=cfg.tuning.clip_window or (),
+        change_coordinate_frame=cfg.tuning.change_coordinate_frame,
         max_detections_per_class=cfg.tuning.max_detections_per_class,
         max_total_detections=cfg.tuning.max_total_detections,
         label_offset=cfg.model.label_offset,
@@ -114,13 +117,22 @@ def postprocess_images(ppc, raw, indices: np.ndarray, *, batch_size: int | None 
         n = out["num_detections"].numpy().astype(np.int64)
         valid = np.arange(out["detection_scores"].shape[1])[None, :] < n[:, None]
         parts.append((np.repeat(idx, n),
-                      out["detection_classes"].numpy()[valid].astype(np.int64) - ppc.label_offset,
+                      ppc.columns_of_class_ids(out["detection_classes"].numpy()[valid]),
                       out["detection_scores"].numpy()[valid],
-                      out["detection_boxes"].numpy()[valid]))
+                      _image_frame(ppc, out["detection_boxes"].numpy()[valid])))
     if not parts:
         return FlatDetections(np.zeros(0, np.int64), np.zeros(0, np.int64),
                               np.zeros(0, np.float32), np.zeros((0, 4), np.float32))
     return FlatDetections(*(np.concatenate(p) for p in zip(*parts)))
+
+
+def _image_frame(ppc, boxes: np.ndarray) -> np.ndarray:
+    """Boxes emitted in the clip window's frame (`change_coordinate_frame`) back in the image's."""
+    if not ppc.change_coordinate_frame:
+        return boxes
+    y0, x0, y1, x1 = ppc.clip_window
+    scale = np.float32([y1 - y0, x1 - x0, y1 - y0, x1 - x0])
+    return boxes * scale + np.float32([y0, x0, y0, x0])
 
 
 def _compiled(layer):
@@ -183,13 +195,19 @@ def matched_candidates(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray,
                        nms_iou_grid=None) -> dict:
     """`{nms_iou: MatchedDetections}` of the images `tune_idx`: post-processed once per NMS IoU
     (streamed) with the serving ops (calibration `calib`, or none, then combined NMS at
-    `tuning.min_candidate_thresh`), matched once. For hard NMS any higher threshold applied to
-    them equals post-processing at that threshold."""
+    `tuning.min_candidate_thresh`, soft-NMS with `tuning.soft_nms_sigma`), matched once. Any
+    higher threshold applied to them equals post-processing at that threshold (for soft-NMS
+    too: see `tfcal.ops`)."""
     t = cfg.tuning
+    grid = tuple(nms_iou_grid or t.nms_iou_grid)
+    # Soft-NMS ignores the IoU (as TF does): one run serves every IoU of the grid.
+    run_grid = grid[:1] if t.soft_nms_sigma > 0 else grid
     candidates = collect_candidates(
         _raw_batches(prep.raw, tune_idx, POSTPROCESS_BATCH), _calibrate_fn(cfg, calib),
-        tuple(nms_iou_grid or t.nms_iou_grid), t.min_candidate_thresh,
-        t.max_detections_per_class, t.max_total_detections)
+        run_grid, t.min_candidate_thresh,
+        t.max_detections_per_class, t.max_total_detections, soft_nms_sigma=t.soft_nms_sigma,
+        clip_window=t.clip_window)
+    candidates = {iou: candidates.get(iou, candidates[run_grid[0]]) for iou in grid}
     matched = {}
     for iou, cand in candidates.items():
         dets = FlatDetections(prep.dataset.image_index(cand.image_id), cand.column.astype(np.int64),

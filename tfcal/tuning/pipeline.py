@@ -258,8 +258,8 @@ def _export(cfg: Config, ppc: PostProcessConfig, detector: DetectorDescription,
     """Writes the TF Serving package (export.dir/<model_name>/<version>/ + models.config)."""
     try:
         served = None if postprocess_only or detector.saved_model is None else detector
-        return export_handoff(ppc, served, options,
-                              config_source=source)
+        return export_handoff(ppc, served, options, config_source=source,
+                              category_ids=detector.category_ids or None)
     except FileExistsError as err:
         where = str(err).split(";")[0]  # "<version dir> already exists"
         raise TfcalError(f"{cfg.source}: export.version (or --version): {where}; pass "
