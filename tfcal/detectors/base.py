@@ -105,9 +105,6 @@ class Detector(abc.ABC):
         category ids are filled in by the tuner, which knows the data set).
       num_score_columns: C, raw score columns (background included if any).
       batchable: True when `__call__` takes B > 1 images of equal size in one run.
-      column_names: the class name of each score column after background (from a labels
-        file), or None when the detector has none (columns map by `label_offset` or
-        `category_columns`).
 
     Subclasses load lazily: building one reads no weights, so a cache hit never loads the model.
     """
@@ -115,7 +112,6 @@ class Detector(abc.ABC):
     description: DetectorDescription
     num_score_columns: int
     batchable: bool
-    column_names: tuple[str, ...] | None = None
 
     @property
     def source(self) -> str:
@@ -172,3 +168,50 @@ def check_outputs(source: str, boxes: np.ndarray, scores: np.ndarray, batch: int
         raise TfcalError(f"{source}: {what} {list(boxes.shape)} and {list(scores.shape)} must "
                          f"be [{batch}, N, 4] boxes and [{batch}, N, C] scores")
     return boxes, scores
+
+
+def image_serving_graph(raw_fn, *, path: str, signature_key: str, raw_boxes_key: str,
+                        raw_scores_key: str, input_type: str | None = None) -> ServingGraph:
+    """The `ServingGraph` of an adapter whose `raw_fn` runs on decoded images.
+
+    Args:
+      raw_fn: tf.function-safe `raw_fn(images) -> (boxes, scores)` on uint8 or float32
+        `[B, H, W, 3]` images (values in `[0, 255]`), with the adapter's preprocessing and
+        decoding inside.
+      path, signature_key, raw_boxes_key, raw_scores_key: what `DetectorInfo` records.
+      input_type: ``image_tensor`` (default) or ``float_image_tensor``; encoded images are
+        served by the exporter's ``encoded_image`` signature.
+
+    Returns:
+      A `ServingGraph` whose variables are folded into constants, and whose `reference` runs
+      `raw_fn` itself.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework import convert_to_constants
+
+    input_type = input_type or "image_tensor"
+    if input_type not in ("image_tensor", "float_image_tensor"):
+        raise TfcalError(f"{path}: this detector is served with image_tensor or "
+                         f"float_image_tensor input (encoded images: the encoded_image "
+                         f"signature), got {input_type!r}")
+    dtype = tf.uint8 if input_type == "image_tensor" else tf.float32
+    spec = tf.TensorSpec([None, None, None, 3], dtype, name="input_tensor")
+    concrete = tf.function(raw_fn).get_concrete_function(spec)
+    frozen = convert_to_constants.convert_variables_to_constants_v2(concrete)
+    boxes_shape, scores_shape = (t.shape for t in frozen.outputs)
+
+    def serve(x):
+        boxes, scores = frozen(x)
+        return boxes, scores
+
+    def reference(feed):
+        boxes, scores = raw_fn(tf.constant(feed["input_tensor"]))
+        return {raw_boxes_key: boxes.numpy(), raw_scores_key: scores.numpy()}
+
+    info = DetectorInfo(
+        path=str(path), signature_key=signature_key, input_name="input_tensor",
+        input_type=input_type, input_dtype=dtype.name, input_shape=(None, None, None, 3),
+        raw_boxes_key=raw_boxes_key, raw_scores_key=raw_scores_key,
+        raw_boxes_shape=tuple(boxes_shape.as_list()),
+        raw_scores_shape=tuple(scores_shape.as_list()), pruned=True, detector_nms_ops=0)
+    return ServingGraph(info=info, raw_fn=serve, loaded=None, reference=reference)
