@@ -107,9 +107,10 @@ class KerasConfig:
     pixel_range: PixelRange = "byte"
 
 
-#: The score space of each non-OD API format, used when the config does not set it.
+#: The score space of each non-OD API format, used when the config does not set it: YOLO
+#: scores are sigmoid probabilities (score_converter sigmoid) with no background column.
 FORMAT_SCORE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "yolo": {"score_converter": "identity", "background_column": False},
+    "yolo": {"score_converter": "sigmoid", "background_column": False},
 }
 
 

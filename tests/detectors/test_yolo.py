@@ -153,12 +153,12 @@ def test_config_format_yolo(tmp_path):
     cfg = load_config(_cfg(tmp_path, {"format": "yolo", "path": "m.tflite",
                                       "yolo": {"preset": "yolov8", "labels": "labels.txt"}}))
     m = cfg.model
-    assert (m.score_converter, m.background_column) == ("identity", False)  # format defaults
+    assert (m.score_converter, m.background_column) == ("sigmoid", False)  # format defaults
     assert m.detector_path == tmp_path / "m.tflite" and m.yolo.labels == tmp_path / "labels.txt"
     cfg = load_config(_cfg(tmp_path, {"format": "yolo", "path": "m.tflite",
-                                      "score_converter": "sigmoid",
+                                      "background_column": True,
                                       "yolo": {"layout": "boxes_last", "labels": "labels.txt"}}))
-    assert cfg.model.score_converter == "sigmoid"  # what the file says wins
+    assert cfg.model.background_column is True  # what the file says wins
 
 
 @pytest.mark.parametrize("model,message", [
