@@ -84,7 +84,8 @@ class KerasDetector(Detector):
         """tf.function-safe: uint8/float32 images `[B, H, W, 3]` -> `(boxes, scores)`."""
         import tensorflow as tf
 
-        model = self._load()
+        with tf.init_scope():  # load eagerly, even when first called inside a trace
+            model = self._load()
         x = tf.cast(x, tf.float32)
         if self.input_size is not None:
             x = tf.image.resize(x, self.input_size, method="bilinear")
@@ -102,6 +103,8 @@ class KerasDetector(Detector):
 
     def serving_graph(self, *, input_type: str | None = None, prune: bool = True
                       ) -> ServingGraph:
+        # Loaded eagerly: a Keras model loaded inside a tf.function trace gets other weights.
+        self._load()
         d = self.description
         return image_serving_graph(self.raw_fn, path=str(self.path), signature_key="keras",
                                    raw_boxes_key=d.raw_boxes, raw_scores_key=d.raw_scores,

@@ -478,7 +478,8 @@ class YoloDetector(Detector):
         """tf.function-safe: uint8/float32 images `[B, H, W, 3]` -> `(boxes, scores)`."""
         import tensorflow as tf
 
-        backend = self._load()
+        with tf.init_scope():  # load eagerly, even when first called inside a trace
+            backend = self._load()
         x = tf.convert_to_tensor(x)
         shape = tf.shape(x)
         raw = backend(preprocess(x, self.keys, self.input_size))
