@@ -70,6 +70,27 @@ def test_outputs_are_the_model_on_resized_images(keras_file):
     assert d.fingerprint() != describe(_config(path, scores_output="other")).fingerprint()
 
 
+def test_every_serving_input_type_gives_the_adapter_outputs(keras_file):
+    from tfcal.detectors.base import INPUT_TYPES
+    from tfcal.detectors.odapi import encode_example
+
+    det = open_detector(_config(keras_file[0]))
+    images = _images(seed=2)
+    boxes, scores = det(images)
+    png = [tf.io.encode_png(im).numpy() for im in images]
+    feeds = {"image_tensor": np.stack(images), "float_image_tensor": np.stack(images) * 1.0,
+             "encoded_image_string_tensor": np.array(png, dtype=object),
+             "tf_example": np.array([encode_example(p) for p in png], dtype=object)}
+    for input_type in INPUT_TYPES:
+        graph = det.serving_graph(input_type=input_type)
+        assert graph.info.input_type == input_type
+        b, s = graph.raw_fn(tf.constant(feeds[input_type]))
+        np.testing.assert_allclose(b, boxes, atol=1e-5, err_msg=input_type)
+        np.testing.assert_allclose(s, scores, atol=1e-5, err_msg=input_type)
+        ref = graph.reference({"input_tensor": feeds[input_type]})
+        np.testing.assert_allclose(ref["raw_detection_scores"], scores, atol=1e-5)
+
+
 def test_missing_outputs_are_named(keras_file):
     det = open_detector(_config(keras_file[0], scores_output="logits"))
     with pytest.raises(TfcalError, match=r"outputs 'boxes' and 'logits'.*not found \(has "
