@@ -85,7 +85,7 @@ class YoloConfig:
 
     preset: YoloPreset | None = None
     layout: YoloLayout | None = None  # boxes_first [B,4+K,N] | boxes_last [B,N,4+K] | objectness
-    box_units: BoxUnits | None = None  # of the centre-size boxes: normalized to, or pixels of, the input
+    box_units: BoxUnits | None = None  # centre-size boxes normalized to the input, or its pixels
     resize: ResizeMode | None = None  # default letterbox
     pixel_range: PixelRange | None = None  # network input values: unit [0, 1] (default) | byte
     input_size: tuple[int, ...] | None = dataclasses.field(

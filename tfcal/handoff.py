@@ -22,8 +22,8 @@ from tfcal.rundir import DETECTOR_FILE, POSTPROCESS_FILE
 from tfcal.coco.cache import model_fingerprint
 from tfcal.ops import SCORE_CONVERTERS
 
-__all__ = ["BOX_FORMATS", "DETECTOR_FORMATS", "DETECTOR_FILE", "POSTPROCESS_FILE", "DetectorDescription",
-           "check_detector", "check_fingerprint"]
+__all__ = ["BOX_FORMATS", "DETECTOR_FORMATS", "DETECTOR_FILE", "POSTPROCESS_FILE",
+           "DetectorDescription", "check_detector", "check_fingerprint"]
 
 BoxFormat = Literal["yxyx_normalized", "cxcywh_normalized", "cxcywh_pixels"]
 BOX_FORMATS: tuple[str, ...] = ("yxyx_normalized", "cxcywh_normalized", "cxcywh_pixels")

@@ -32,7 +32,6 @@ tuning only, not exportable as a SavedModel); a SavedModel folder runs its signa
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence

@@ -1,4 +1,5 @@
-"""Exports tuned post-processing: detector wrapping (through its adapter), TF Serving package, verification."""
+"""Exports tuned post-processing: detector wrapping (through its adapter), TF Serving package,
+verification."""
 
 from tfcal.export.odapi import DETECTION_KEYS
 from tfcal.export.odapi import INPUT_TYPES
