@@ -183,3 +183,35 @@ def test_config_format_yolo(tmp_path):
 def test_config_errors_name_the_key(tmp_path, model, message):
     with pytest.raises(TfcalError, match=r"c.yaml: " + message):
         load_config(_cfg(tmp_path, model))
+
+
+def _raw_job(tmp_path, labels):
+    """Two images, precomputed YOLO-space outputs (3 boxes, 2 class columns), and a config."""
+    import json
+
+    coco = {"images": [{"id": i, "file_name": f"{i}.png", "width": 40, "height": 30}
+                       for i in (1, 2)],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, 10, 10],
+                             "area": 100, "iscrowd": 0}],
+            "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]}
+    (tmp_path / "a.json").write_text(json.dumps(coco))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "raw.npz", image_ids=np.array([1, 2]),
+             boxes=np.tile(np.array([0.1, 0.1, 0.5, 0.5], np.float32), (2, 3, 1)),
+             scores=rng.uniform(0, 1, (2, 3, 2)).astype(np.float32))
+    (tmp_path / "labels.txt").write_text("\n".join(labels) + "\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"format": "yolo", "raw_outputs": "raw.npz", "yolo": {"labels": "labels.txt"}},
+        "data": {"annotations": "a.json"}}))
+    return load_config(path)
+
+
+def test_labels_map_columns_to_category_ids_by_name(tmp_path):
+    from tfcal.tuning.prepare import prepare
+
+    prep = prepare(_raw_job(tmp_path, ["dog", "cat"]))  # column 0 is dog (id 7), 1 is cat (3)
+    assert prep.num_classes == 2 and prep.mapping.column_category_ids.tolist() == [7, 3]
+    with pytest.raises(TfcalError, match=r"labels.txt: labels: 3 names, but .*raw.npz has 2 "
+                                         r"class columns"):
+        prepare(_raw_job(tmp_path, ["dog", "cat", "bird"]))
