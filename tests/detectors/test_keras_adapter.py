@@ -117,3 +117,32 @@ def test_exported_model_takes_images_and_runs_the_tuned_postprocessing(tmp_path,
     for key in ("detection_boxes", "detection_scores", "detection_classes", "num_detections"):
         np.testing.assert_allclose(out[key].numpy(), tf.cast(want[key], tf.float32).numpy(),
                                    atol=1e-5, err_msg=key)
+
+
+def test_a_keras_yolo_head_through_the_yolo_adapter(tmp_path):
+    from tfcal.detectors.yolo import YoloDetector, resolve_layout
+    from tfcal.handoff import DetectorDescription
+
+    from .test_yolo import _np_letterbox_decode
+
+    keras.utils.set_random_seed(1)
+    k, n = 2, 5
+    x = keras.Input((32, 32, 3))
+    f = keras.layers.GlobalAveragePooling2D()(x)
+    head = keras.layers.Reshape((4 + k, n))(keras.layers.Dense((4 + k) * n,
+                                                               activation="sigmoid")(f))
+    model = keras.Model(x, head)
+    path = tmp_path / "yolo.keras"
+    model.save(path)
+    det = YoloDetector(DetectorDescription(
+        saved_model=str(path), format="yolo",
+        layout=resolve_layout(path, layout="boxes_first", box_units="normalized")))
+    image = np.random.default_rng(3).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    boxes, scores = det([image])
+    # 24 x 32 into 32 x 32: no resize, 4 gray rows above and below (hand-derived).
+    padded = np.concatenate([np.full((4, 32, 3), 114, np.uint8), image,
+                             np.full((4, 32, 3), 114, np.uint8)])[None] / 255.0
+    raw = model(padded.astype(np.float32)).numpy()[0].T  # [N, 4 + K]
+    np.testing.assert_allclose(boxes[0], _np_letterbox_decode(raw[:, :4] * 32.0, 24, 32, 32, 32),
+                               atol=1e-5)
+    np.testing.assert_allclose(scores[0], raw[:, 4:], atol=1e-6)
