@@ -215,3 +215,14 @@ def test_labels_map_columns_to_category_ids_by_name(tmp_path):
     with pytest.raises(TfcalError, match=r"labels.txt: labels: 3 names, but .*raw.npz has 2 "
                                          r"class columns"):
         prepare(_raw_job(tmp_path, ["dog", "cat", "bird"]))
+
+
+def test_unknown_labels_exit_2_with_one_line(tmp_path, capsys):
+    from tfcal.cli import main
+
+    _raw_job(tmp_path, ["dog", "unicorn"])
+    assert main(["tune", str(tmp_path / "c.yaml"), "--no-export"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "labels.txt: labels: 1 names are no category" in err and "unicorn" in err
+    assert not list(tmp_path.rglob("postprocess.json")) and not list(tmp_path.rglob("report.json"))
