@@ -275,12 +275,18 @@ def num_classes_of(shape: Sequence[int | None], layout: str) -> tuple[int | None
 # --- backends ------------------------------------------------------------------------------
 
 class _Tflite:
-    """A `.tflite` model run with `tf.lite.Interpreter` (batch 1; quantized I/O handled)."""
+    """A `.tflite` model run with `tf.lite.Interpreter` (batch 1; quantized I/O handled). An
+    interpreter is not thread-safe: calls are serialized by a lock, so one detector may be
+    shared by threads (e.g. a Beam worker's)."""
 
     batchable = False
 
     def __init__(self, path: Path):
+        import threading
+
         import tensorflow as tf
+
+        self.lock = threading.Lock()
 
         try:
             self.interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=2)
@@ -302,11 +308,13 @@ class _Tflite:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         out = []
-        for one in x:
-            self.interpreter.set_tensor(self.input["index"], _quantize(one[None], self.input))
-            self.interpreter.invoke()
-            out.append(_dequantize(self.interpreter.get_tensor(self.output["index"]),
-                                   self.output))
+        with self.lock:
+            for one in x:
+                self.interpreter.set_tensor(self.input["index"],
+                                            _quantize(one[None], self.input))
+                self.interpreter.invoke()
+                out.append(_dequantize(self.interpreter.get_tensor(self.output["index"]),
+                                       self.output))
         return np.concatenate(out, axis=0)
 
 
