@@ -2,7 +2,8 @@
 
 What to wrap comes from the detector's adapter (`tfcal.detectors`): its `ServingGraph` takes
 an OD API input and returns raw boxes and scores, with the adapter's preprocessing and decoding
-inside. For an OD API export:
+inside (YOLO and Keras detectors: `tfcal.detectors.base.image_serving_graph`, images in, any of
+the four OD API input types). For an OD API export:
 
 A detector exported by the OD API (`exporter_main_v2.py`) has a `serving_default` signature with
 one input (`input_tensor`) and, among others, `raw_detection_boxes` (float32 `[batch, N, 4]`,
@@ -12,8 +13,8 @@ outputs, with a combined NMS) is cut away: the signature is restricted to the ra
 variables are folded into constants and grappler inlines the nested function calls, so pruning
 removes the detector's NMS from the graph that is saved. `count_nms_ops` proves it on the result.
 
-The detector is loaded by `tfcal.detectors.odapi`, the loader the runner uses too; its module
-docstring lists the input types it detects (`detect_input_type`).
+The OD API detector is loaded by `tfcal.detectors.odapi` (`load_serving_graph`), the adapter the
+runner uses too; its module docstring lists the input types it detects (`detect_input_type`).
 
 The exported SavedModel has these signatures:
 
@@ -91,8 +92,9 @@ class ModelOptions:
     """What an exported SavedModel holds besides the detections (validated here, once).
 
     Attributes:
-      input_type: the detector's input type, one of `INPUT_TYPES`; default None: detected from
-        the signature input (see `load_detector`).
+      input_type: the served input type, one of `INPUT_TYPES`; default None: an OD API
+        detector's own (detected from its signature input, see `load_detector`), ``image_tensor``
+        for YOLO and Keras detectors.
       include_raw_outputs: also return the raw boxes and scores from `serving_default`,
         default False.
       encoded_image_signature: add the `encoded_image` signature (JPEG/PNG strings in), default
@@ -420,7 +422,8 @@ def export_detector(
     *,
     overwrite: bool = False,
 ) -> ExportResult:
-    """Wraps an OD API detector with the tuned post-processing and saves it atomically.
+    """Wraps a detector (through its adapter) with the tuned post-processing and saves it
+    atomically.
 
     Args:
       detector: the detector's `DetectorDescription` (SavedModel, signature, raw output keys);
