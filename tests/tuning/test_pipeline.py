@@ -475,3 +475,13 @@ def test_pooled_scope_fits_the_calibration_on_the_learn_part_only(tmp_path):
                           calibration={"method": "platt", "per_class": False},
                           tuning={"confidence": 0.95}, output={"plots": False})
     assert per_class["calibration"]["fitted_on"] == "tune"
+
+
+def test_export_of_precomputed_raw_outputs_lands_at_the_postprocess_model(tmp_path):
+    # Raw outputs have no detector to bake in: the model takes raw boxes and scores, so it is
+    # <model_name>_postprocess (as `--postprocess-only`), never a version of <model_name>.
+    path = ka.write_job(tmp_path, config=ka.default_config(
+        export={"enabled": True, "dir": "export", "model_name": "det", "verify": False}))
+    run_tune(load_config(path), export=True)
+    assert (tmp_path / "export" / "det_postprocess" / "1" / "saved_model.pb").is_file()
+    assert not (tmp_path / "export" / "det").exists()
