@@ -42,9 +42,11 @@ class OdApiTestModel(tf.Module):
     """A tiny detector with the OD API `serving_default` contract (see the module docstring)."""
 
     def __init__(
-        self, input_type: str = "image_tensor", batch_size: int | None = None, seed: int = 0
+        self, input_type: str = "image_tensor", batch_size: int | None = None, seed: int = 0,
+        per_class_boxes: bool = False,
     ):
         super().__init__()
+        self.per_class_boxes = per_class_boxes
         rng = np.random.default_rng(seed)
         self.input_type = input_type
         self.anchors = tf.constant(_anchor_boxes(seed))
@@ -96,8 +98,11 @@ class OdApiTestModel(tf.Module):
         shift = self.box_shift * (colour[:, :1] - 0.5)  # [B, 1]
         boxes = tf.clip_by_value(self.anchors[tf.newaxis] + shift[:, :, tf.newaxis], 0.0, 1.0)
         boxes = tf.reshape(boxes, [batch, NUM_BOXES, 4])
+        if self.per_class_boxes:  # a second stage's refinement per class: [B, N, K, 4]
+            nudge = tf.constant([0.0, 0.01, 0.02], tf.float32)[:NUM_CLASSES]
+            boxes = tf.clip_by_value(boxes[:, :, tf.newaxis, :] + nudge[:, tf.newaxis], 0.0, 1.0)
         nms_boxes, nms_scores, nms_classes, num = tf.image.combined_non_max_suppression(
-            boxes[:, :, tf.newaxis, :],
+            boxes if self.per_class_boxes else boxes[:, :, tf.newaxis, :],
             scores[..., 1:],
             max_output_size_per_class=OWN_MAX_DETECTIONS,
             max_total_size=OWN_MAX_DETECTIONS,
@@ -120,9 +125,11 @@ def build_odapi_test_model(
     *,
     batch_size: int | None = None,
     seed: int = 0,
+    per_class_boxes: bool = False,
 ) -> Path:
-    """Saves an `OdApiTestModel` SavedModel to `path` and returns `path`."""
-    model = OdApiTestModel(input_type, batch_size, seed)
+    """Saves an `OdApiTestModel` SavedModel to `path` and returns `path` (`per_class_boxes`:
+    `raw_detection_boxes` float32 `[B, N, K, 4]`, as Faster R-CNN exports give them)."""
+    model = OdApiTestModel(input_type, batch_size, seed, per_class_boxes)
     tf.saved_model.save(
         model, str(path), signatures={"serving_default": model.serve.get_concrete_function()}
     )

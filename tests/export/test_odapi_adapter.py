@@ -55,3 +55,50 @@ def test_errors_name_the_model(tmp_path, detectors):
                         num_score_columns=91)
     with pytest.raises(TfcalError, match=r"has 4 score columns, expected 91"):
         det([sample_image()])
+
+
+def test_per_class_boxes_tune_and_export(tmp_path):
+    """A SavedModel whose `raw_detection_boxes` are per class, `[B, N, K, 4]` (Faster R-CNN's
+    second stage), is run, tuned with each class's own boxes, exported and verified."""
+    import json
+
+    import yaml
+    from PIL import Image
+
+    from tfcal.cli import main
+
+    path = build_odapi_test_model(tmp_path / "frcnn", per_class_boxes=True)
+    det = OdapiDetector(DetectorDescription(saved_model=str(path)))
+    boxes, scores = det([sample_image(seed=3)])
+    assert boxes.shape == (1, NUM_BOXES, NUM_CLASSES, 4)
+    assert scores.shape == (1, NUM_BOXES, NUM_CLASSES + 1)
+    assert not np.allclose(boxes[:, :, 0], boxes[:, :, 2])  # each class has its own box
+
+    images, annotations = [], []
+    (tmp_path / "images").mkdir()
+    for i in range(12):
+        pixels = sample_image(48, 64, seed=10 + i)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": 48, "width": 64})
+        b, s = det([pixels])
+        for n in range(0, NUM_BOXES, 3):  # ground truth at the boxes of the best class
+            k = int(np.argmax(s[0, n, 1:]))
+            y0, x0, y1, x1 = b[0, n, k] * [48, 64, 48, 64]
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
+                                "category_id": k + 1, "bbox": [float(x0), float(y0),
+                                                               float(x1 - x0), float(y1 - y0)],
+                                "area": float((x1 - x0) * (y1 - y0)), "iscrowd": 0})
+    cats = [{"id": k + 1, "name": f"c{k}"} for k in range(NUM_CLASSES)]
+    (tmp_path / "gt.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": cats}))
+    cfg = {"model": {"saved_model": str(path)},
+           "data": {"annotations": "gt.json", "images": "images", "holdout_fraction": 0.3},
+           "calibration": {"method": "none"},
+           "tuning": {"confidence": None, "min_support": 1, "on_unreachable": "best_effort"},
+           "output": {"dir": "run", "plots": False},
+           "export": {"enabled": True, "dir": "export", "model_name": "frcnn", "verify": True}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["tune", str(tmp_path / "cfg.yaml")]) == 0
+    assert (tmp_path / "export" / "frcnn" / "1" / "saved_model.pb").is_file()
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["summary"]["holdout"]["tp"] > 0  # matched with each class's own boxes

@@ -157,16 +157,18 @@ class Detector(abc.ABC):
 
 def check_outputs(source: str, boxes: np.ndarray, scores: np.ndarray, batch: int,
                   what: str = "outputs") -> tuple[np.ndarray, np.ndarray]:
-    """Checks a detector's decoded outputs: boxes `[batch, N, 4]`, scores `[batch, N, C]`.
+    """Checks a detector's decoded outputs: boxes `[batch, N, 4]` (or per class
+    `[batch, N, K, 4]`), scores `[batch, N, C]`.
 
     Returns them as float32 arrays. Raises TfcalError naming `source` otherwise.
     """
     boxes = np.asarray(boxes, dtype=np.float32)
     scores = np.asarray(scores, dtype=np.float32)
-    if boxes.ndim != 3 or scores.ndim != 3 or boxes.shape[2] != 4 or \
+    if boxes.ndim not in (3, 4) or scores.ndim != 3 or boxes.shape[-1] != 4 or \
             boxes.shape[:2] != scores.shape[:2] or boxes.shape[0] != batch:
         raise TfcalError(f"{source}: {what} {list(boxes.shape)} and {list(scores.shape)} must "
-                         f"be [{batch}, N, 4] boxes and [{batch}, N, C] scores")
+                         f"be [{batch}, N, 4] (or [{batch}, N, K, 4]) boxes and [{batch}, N, C] "
+                         f"scores")
     return boxes, scores
 
 

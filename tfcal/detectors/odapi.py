@@ -345,8 +345,9 @@ class OdapiDetector(Detector):
             raise TfcalError(f"{where}: input {d.input!r} batch dimension must be 1 or None, "
                              f"got {shape[0]}")
         b, s = sig.raw_boxes_shape, sig.raw_scores_shape
-        if b.rank != 3 or b[2] not in (None, 4):
-            raise TfcalError(f"{where}: output {d.raw_boxes!r} must be [B, N, 4], got {b}")
+        if b.rank not in (3, 4) or b[-1] not in (None, 4):
+            raise TfcalError(f"{where}: output {d.raw_boxes!r} must be [B, N, 4] or per class "
+                             f"[B, N, K, 4], got {b}")
         if s.rank != 3:
             raise TfcalError(f"{where}: output {d.raw_scores!r} must be [B, N, C], got {s}")
         if b[1] is not None and s[1] is not None and b[1] != s[1]:
