@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tfcal import TfcalError
+from tfcal import TfcalError, beam
 from tfcal.coco import runner
 from tfcal.coco.cache import check_value_ranges, load_raw_outputs, model_fingerprint
 from tfcal.coco.dataset import CategoryMapping, load_coco
@@ -85,11 +85,15 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
     dataset = load_dataset(cfg, annotations, images)
     m = cfg.model
     if m.saved_model is not None:
-        keys = runner.SignatureKeys(signature=m.signature, input=m.input, raw_boxes=m.raw_boxes,
-                                    raw_scores=m.raw_scores)
-        raw = runner.run_detector(
-            m.saved_model, dataset, keys=keys, batch_size=m.batch_size,
-            cache_dir=cache_dir or m.cache_dir or (cfg.output.dir / "cache"))
+        cache_dir = cache_dir or m.cache_dir or (cfg.output.dir / "cache")
+        if cfg.runner.kind == "beam":
+            raw = beam.run_detector(m, cfg.runner, dataset, cache_dir=cache_dir,
+                                    source=str(cfg.source))
+        else:
+            keys = runner.SignatureKeys(signature=m.signature, input=m.input,
+                                        raw_boxes=m.raw_boxes, raw_scores=m.raw_scores)
+            raw = runner.run_detector(m.saved_model, dataset, keys=keys,
+                                      batch_size=m.batch_size, cache_dir=cache_dir)
     else:
         raw = load_raw_outputs(m.raw_outputs, dataset)
     model_run = m.saved_model is not None
