@@ -143,6 +143,11 @@ class ShardCombineFn(beam.CombineFn):
             merged.merge(other)
         return merged
 
+    def compact(self, accumulator):
+        # Before an accumulator leaves its worker: its records go to a shard, only names travel.
+        accumulator.spill()
+        return accumulator
+
     def extract_output(self, accumulator):
         return accumulator.finish()
 

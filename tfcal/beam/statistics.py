@@ -130,9 +130,10 @@ class ShardAccumulator:
     """Bounded-memory accumulator of `ImageRecord`s: at most `shard_images` records in memory;
     when full they are written as a shard (`write_shard`) and only its entry is kept.
 
-    `merge` joins the entries of both sides and spills their pending records together, so
-    merging is exact (concatenation) and associative; `finish` spills the rest and returns
-    every entry.
+    `merge` joins the entries of both sides and adds the other side's pending records, so
+    merging is exact (concatenation) and associative; `spill` writes the pending records now
+    (before an accumulator is sent elsewhere); `finish` spills the rest and returns every
+    entry.
     """
 
     def __init__(self, store: str | Path, shard_images: int):
@@ -146,7 +147,7 @@ class ShardAccumulator:
     def add(self, record: ImageRecord) -> "ShardAccumulator":
         self.pending.append(record)
         if len(self.pending) >= self.shard_images:
-            self._spill()
+            self.spill()
         return self
 
     def merge(self, other: "ShardAccumulator") -> "ShardAccumulator":
@@ -156,10 +157,11 @@ class ShardAccumulator:
         return self
 
     def finish(self) -> list[ShardEntry]:
-        self._spill()
+        self.spill()
         return list(self.entries)
 
-    def _spill(self) -> None:
+    def spill(self) -> None:
+        """Writes the pending records as shards (one per row shape)."""
         by_shape: dict = {}
         for r in self.pending:
             by_shape.setdefault((r.boxes.shape, r.scores.shape), []).append(r)
