@@ -221,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.beam_options = beam_flags
     if beam_flags and args.command not in ("tune", "drift"):
-        parser.error(f"Beam flags after -- apply to tune and drift only, not {args.command}")
+        print(f"tfcal: error: Beam flags after -- apply to tune and drift only, not "
+              f"{args.command}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tfcal").setLevel(logging.DEBUG if args.debug else logging.INFO)

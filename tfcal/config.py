@@ -373,6 +373,9 @@ def _cross_checks(cfg: Config, fail) -> None:
     if t.scope == "pooled" and t.classes:
         fail("tuning.classes", "per-class overrides need tuning.scope: per_class (pooled is one "
              "decision for every class)")
+    if cfg.runner.kind == "beam" and m.saved_model is None:
+        fail("runner.kind", "beam runs model.saved_model; with model.raw_outputs there is no "
+             "detector to run (use kind: local)")
     for i, flag in enumerate(cfg.runner.beam_options):
         if not flag.startswith("--"):
             fail(f"runner.beam_options[{i}]", "must be a Beam pipeline flag like "
