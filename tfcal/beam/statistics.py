@@ -121,7 +121,7 @@ def write_shard(store: str | Path, records: Sequence[ImageRecord]) -> ShardEntry
                                         dtype=_FLOAT)
             np.save(tmp / f"{array}.npy", data)
             meta["arrays"][array] = {"shape": list(data.shape),
-                                     "sha256": hashlib.sha256(data).hexdigest()}
+                                     "file_sha256": cache_lib.file_sha256(tmp / f"{array}.npy")}
         atomic.write_json(tmp / SHARD_META, meta)
     return ShardEntry(name, tuple(meta["image_keys"]))
 
@@ -228,7 +228,9 @@ def load_index(store: str | Path, model_fingerprint: str) -> StoreIndex:
 
 
 class _Shard:
-    """A committed shard, memory-mapped and checked against its recorded hashes once."""
+    """A committed shard, checked against its recorded file hashes once (streamed) and
+    memory-mapped; reading rows copies them and gives the pages back (`ReleasingMemmap`), so
+    the merge's RSS stays at a batch however many shards it reads."""
 
     def __init__(self, store: Path, name: str):
         folder = store / "shards" / name
@@ -236,11 +238,14 @@ class _Shard:
             meta = json.loads((folder / SHARD_META).read_text(encoding="utf-8"))
             self.arrays = {}
             for array in ("boxes", "scores"):
-                data = np.load(folder / f"{array}.npy", mmap_mode="r")
+                file = folder / f"{array}.npy"
                 rec = meta["arrays"][array]
-                if data.dtype != _FLOAT or list(data.shape) != rec["shape"] or \
-                        hashlib.sha256(np.ascontiguousarray(data)).hexdigest() != rec["sha256"]:
-                    raise ValueError(f"{array}.npy differs from {SHARD_META}")
+                if cache_lib.file_sha256(file) != rec["file_sha256"]:
+                    raise ValueError(f"{array}.npy changed since written")
+                data = np.load(file, mmap_mode="r").view(cache_lib.ReleasingMemmap)
+                if data.dtype != _FLOAT or list(data.shape) != rec["shape"]:
+                    raise ValueError(f"{array}.npy is {data.dtype} {list(data.shape)}, "
+                                     f"{SHARD_META} says {rec['shape']}")
                 self.arrays[array] = data
         except (OSError, ValueError, KeyError) as e:
             raise TfcalError(f"{folder}: damaged Beam statistics shard ({e}); remove "
@@ -275,9 +280,23 @@ def merge_into_cache(index: StoreIndex, dataset, keys: Sequence[str], target: Pa
                 if name not in shards:
                     shards[name] = _Shard(index.path, name)
             try:
-                writer.append(np.stack([shards[n].arrays["boxes"][r] for n, r in rows]),
-                              np.stack([shards[n].arrays["scores"][r] for n, r in rows]))
+                writer.append(*(_gather(shards, rows, array) for array in ("boxes", "scores")))
             except ValueError as e:
                 raise TfcalError(f"{index.path}: shards of images {start}..{start + len(rows)}"
                                  f": {e}") from None
         return writer.commit()
+
+
+def _gather(shards: dict, rows: list[tuple[str, int]], array: str) -> np.ndarray:
+    """The rows `(shard name, row)` of `array`, in order: one copying read per shard."""
+    by_shard: dict[str, list[int]] = {}
+    for i, (name, _) in enumerate(rows):
+        by_shard.setdefault(name, []).append(i)
+    first = shards[rows[0][0]].arrays[array]
+    shapes = {shards[n].arrays[array].shape[1:] for n in by_shard}
+    if len(shapes) != 1:
+        raise ValueError(f"{array} rows of shapes {sorted(shapes)} cannot share a cache")
+    out = np.empty((len(rows), *first.shape[1:]), first.dtype)
+    for name, positions in by_shard.items():
+        out[positions] = shards[name].arrays[array][np.array([rows[i][1] for i in positions])]
+    return out
