@@ -142,3 +142,38 @@ def test_a_broken_image_is_reported_by_id_and_only_it_is_retried(job, caplog):
     assert any(r.getMessage().startswith(f"beam 1/3: 1 of {NUM_IMAGES} images need")
                for r in caplog.records)
     assert _cache_hashes(root / "cache-broken") == hashes
+
+
+class _FlakyDetector:
+    """Normalized boxes for dark images, pixel boxes for grey ones, an error for bright ones."""
+
+    batchable = False
+
+    def __call__(self, images):
+        level = int(images[0].mean())
+        if level > 200:
+            raise RuntimeError("boom")
+        scale = 1.0 if level < 50 else 32.0
+        return (np.full((1, 3, 4), 0.5 * scale, np.float32), np.full((1, 3, 2), 0.1, np.float32))
+
+
+def test_failed_inferences_and_bad_outputs_reach_the_dead_letter_list(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from tfcal.beam import pipeline
+    from tfcal.config import ModelConfig
+
+    monkeypatch.setattr(pipeline, "open_detector", lambda model: _FlakyDetector())
+    todo = []
+    for image_id, level in ((1, 10), (2, 128), (3, 250)):
+        path = tmp_path / f"{image_id}.png"
+        Image.fromarray(np.full((16, 16, 3), level, np.uint8)).save(path)
+        todo.append((f"k{image_id}", image_id, str(path), 16, 16))
+    todo.append(("k4", 4, str(tmp_path / "1.png"), 8, 16))  # the JSON's size is wrong
+    entries, failed = pipeline.run(todo, ModelConfig(saved_model=tmp_path), tmp_path / "store",
+                                   shard_images=2, beam_options=[])
+    assert [e.image_keys for e in entries] == [("k1",)]
+    assert [i for i, _ in failed] == [2, 3, 4]
+    assert "boxes must be normalized" in failed[0][1]
+    assert failed[1][1] == "detector failed: RuntimeError('boom')"
+    assert "decoded size 16x16 differs from the JSON height x width 8x16" in failed[2][1]

@@ -118,7 +118,7 @@ class _ToRecord(beam.DoFn):
         if problem is not None:
             yield beam.pvalue.TaggedOutput(_FAILED, (image_id, problem))
             return
-        beam.metrics.Metrics.counter("tfcal", "images_inferred").inc()
+        beam.metrics.Metrics.counter("tfcal", "images_kept").inc()
         yield ImageRecord(key, int(image_id), boxes, scores)
 
 
@@ -153,9 +153,15 @@ class ShardCombineFn(beam.CombineFn):
 
 
 def _failed_batch(element):
+    """A dead-letter batch of RunInference -> `(image id, reason)` per image of it. Beam gives
+    the error as `(exception class, repr, traceback lines)` (or the exception itself)."""
     batch, error = element
-    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    return [(image_id, f"detector failed: {reason}") for (_, image_id), _ in batch]
+    if isinstance(error, tuple) and len(error) >= 2:
+        reason = str(error[1])
+    else:
+        reason = repr(error)
+    return [(image_id, f"detector failed: {reason.splitlines()[0] if reason else '?'}")
+            for (_, image_id), _ in batch]
 
 
 def _write_result(value, path: str):
@@ -186,6 +192,16 @@ def build(p, todo: Sequence[tuple], model: ModelConfig, store: Path, shard_image
      | "write failures" >> beam.Map(_write_result, str(result_path) + ".failed"))
 
 
+def _counters(result) -> dict[str, int]:
+    """tfcal's Beam counters of a finished pipeline (runners that report none give {})."""
+    try:
+        query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace("tfcal"))
+    except (AttributeError, NotImplementedError):  # pragma: no cover - runner-dependent
+        return {}
+    return {c.key.metric.name: int(c.committed if c.committed is not None else c.attempted)
+            for c in query["counters"]}
+
+
 def run(todo: Sequence[tuple], model: ModelConfig, store: Path, *, shard_images: int,
         beam_options: Sequence[str]) -> tuple[list[ShardEntry], list[tuple[int, str]]]:
     """Runs the detector pass over `todo` on the runner `beam_options` name.
@@ -197,9 +213,11 @@ def run(todo: Sequence[tuple], model: ModelConfig, store: Path, *, shard_images:
     result_path = store / "runs" / f"run-{secrets.token_hex(8)}"
     result_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    options = PipelineOptions(flags)
-    with beam.Pipeline(options=options) as p:
-        build(p, todo, model, store, shard_images, result_path)
+    p = beam.Pipeline(options=PipelineOptions(flags))
+    build(p, todo, model, store, shard_images, result_path)
+    result = p.run()
+    result.wait_until_finish()
+    counts = _counters(result)
     try:
         shards = json.loads(Path(str(result_path) + ".shards").read_text(encoding="utf-8"))
         failed = json.loads(Path(str(result_path) + ".failed").read_text(encoding="utf-8"))
@@ -207,8 +225,9 @@ def run(todo: Sequence[tuple], model: ModelConfig, store: Path, *, shard_images:
         for part in (".shards", ".failed"):
             Path(str(result_path) + part).unlink(missing_ok=True)
     elapsed = time.perf_counter() - start
-    log.info("beam: detector pass (%s) ran %d images into %d shards in %.1f s (%.1f images/s); "
-             "%d failed", " ".join(flags), len(todo) - len(failed), len(shards), elapsed,
-             len(todo) / max(elapsed, 1e-9), len(failed))
+    log.info("beam 2/3: detector pass (%s): %d images decoded, %d kept, %d failed, %d "
+             "shards, in %.1f s (%.1f images/s)", " ".join(flags),
+             counts.get("images_decoded", len(todo)), counts.get("images_kept", len(todo)),
+             len(failed), len(shards), elapsed, len(todo) / max(elapsed, 1e-9))
     entries = [ShardEntry(str(name), tuple(keys)) for name, keys in shards]
     return entries, sorted((int(i), str(r)) for i, r in failed)
