@@ -180,12 +180,19 @@ def test_private_names_stay_inside_their_part_of_the_package():
             assert _area(target) == _area(module), f"{module} uses {target}.{name}"
 
 
-def test_the_runner_and_the_exporter_share_one_detector_loader():
-    for module in ("tfcal.coco.runner", "tfcal.export.odapi"):
-        assert ("tfcal.detectors.odapi", "load_saved_model") in imports(module), module
-        assert ("tfcal.detectors.odapi", "read_signature") in imports(module), module
+def test_the_runner_and_the_exporter_go_through_the_detector_seam():
+    assert ("tfcal.detectors.base", "Detector") in imports("tfcal.coco.runner")
+    assert ("tfcal.detectors", "open_described") in imports("tfcal.export.odapi")
+    assert ("tfcal.detectors", "open_detector") in imports("tfcal.tuning.prepare")
+    for module in ("tfcal.coco.runner", "tfcal.export.odapi", "tfcal.export.serving"):
+        assert not [t for t, _ in imports(module) if t.split(".")[0] == "keras"], module
+    # The adapters know the handoff record and the fingerprint, nothing of the tuner,
+    # the exporter or the serving layers.
     for module in _in("detectors"):
-        assert _tfcal_areas(module) <= {"detectors", "tfcal"}, module
+        extra = _tfcal_areas(module) - {"detectors", "tfcal", "handoff", "coco", "validation"}
+        assert not extra, (module, extra)
+        assert not [t for t, _ in imports(module) if t.startswith("tfcal.coco.")
+                    and t != "tfcal.coco.cache"], module
 
 
 #: Modules that import an optional extra at module level, and the extra they need.

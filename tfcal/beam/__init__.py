@@ -16,9 +16,9 @@ from pathlib import Path
 
 from tfcal import TfcalError
 from tfcal.beam import statistics
-from tfcal.beam._detector import open_detector
 from tfcal.coco import cache as cache_lib
 from tfcal.config import ModelConfig, RunnerConfig
+from tfcal.detectors import open_detector
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,8 @@ def run_detector(model: ModelConfig, runner: RunnerConfig, dataset, *, cache_dir
       TfcalError: no Beam installed, a bad model, or images that failed (by id; what
         succeeded is kept, so running again retries only those).
     """
-    keys = (model.signature, model.input, model.raw_boxes, model.raw_scores)
-    if not (Path(model.saved_model) / "saved_model.pb").is_file():
-        raise TfcalError(f"{model.saved_model}: not a SavedModel folder (no saved_model.pb)")
-    model_fp = cache_lib.model_fingerprint(model.saved_model, keys=keys)
+    detector = open_detector(model)  # checks the files; loads nothing yet
+    model_fp = detector.fingerprint()
     data_fp = cache_lib.data_fingerprint(dataset)
     fingerprint = cache_lib.combined_fingerprint(model_fp, data_fp)
     target = cache_lib.cache_path(cache_dir, fingerprint)
@@ -69,7 +67,7 @@ def run_detector(model: ModelConfig, runner: RunnerConfig, dataset, *, cache_dir
     log.info("beam 1/3: %d of %d images need the detector (%d held in %s)", len(todo),
              len(image_keys), len(image_keys) - len(todo), store)
     if todo:
-        open_detector(model)  # a bad model fails here, in one line, before any pipeline starts
+        detector.batchable  # loads it: a bad model fails here, in one line, before any pipeline
         try:
             from tfcal.beam import pipeline
         except ImportError as e:

@@ -27,10 +27,10 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunIn
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from tfcal import atomic
-from tfcal.beam._detector import open_detector
 from tfcal.beam.statistics import ImageRecord, ShardAccumulator, ShardEntry
 from tfcal.coco.cache import BOX_TOLERANCE
 from tfcal.config import ModelConfig
+from tfcal.detectors import open_detector
 
 log = logging.getLogger(__name__)
 

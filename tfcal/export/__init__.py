@@ -1,11 +1,11 @@
-"""Exports tuned post-processing: OD API detector wrapping, TF Serving package, verification."""
+"""Exports tuned post-processing: detector wrapping (through its adapter), TF Serving package, verification."""
 
 from tfcal.export.odapi import DETECTION_KEYS
 from tfcal.export.odapi import INPUT_TYPES
-from tfcal.export.odapi import Detector
 from tfcal.export.odapi import DetectorInfo
 from tfcal.export.odapi import ExportResult
 from tfcal.export.odapi import ModelOptions
+from tfcal.export.odapi import ServingGraph
 from tfcal.export.odapi import count_nms_ops
 from tfcal.export.odapi import detect_input_type
 from tfcal.export.odapi import export_detector
@@ -28,12 +28,12 @@ __all__ = [
     "DETECTION_KEYS",
     "INPUT_TYPES",
     "BatchingParameters",
-    "Detector",
     "DetectorInfo",
     "ExportOptions",
     "ExportResult",
     "ExportVerificationError",
     "ModelOptions",
+    "ServingGraph",
     "ServingExport",
     "VerificationReport",
     "VerificationSample",

@@ -1,4 +1,8 @@
-"""Wraps an OD API detector's raw outputs with the tuned PostProcessor and saves the SavedModel.
+"""Wraps a detector's raw outputs with the tuned PostProcessor and saves the SavedModel.
+
+What to wrap comes from the detector's adapter (`tfcal.detectors`): its `ServingGraph` takes
+an OD API input and returns raw boxes and scores, with the adapter's preprocessing and decoding
+inside. For an OD API export:
 
 A detector exported by the OD API (`exporter_main_v2.py`) has a `serving_default` signature with
 one input (`input_tensor`) and, among others, `raw_detection_boxes` (float32 `[batch, N, 4]`,
@@ -43,9 +47,14 @@ import tensorflow as tf
 import tfcal
 from tfcal import TfcalError
 from tfcal import atomic, validation
-from tfcal.detectors.odapi import (INPUT_TYPES, InputType, detect_input_type, load_saved_model,
-                                   read_signature)
+from tfcal.detectors import open_described
+from tfcal.detectors.base import INPUT_TYPES, DetectorInfo, InputType, ServingGraph
+from tfcal.detectors.odapi import NMS_OPS, detect_input_type, load_serving_graph
 from tfcal.handoff import DetectorDescription
+
+__all__ = ["DETECTION_KEYS", "INPUT_TYPES", "NMS_OPS", "DetectorInfo", "ExportResult",
+           "ModelOptions", "ServingGraph", "count_nms_ops", "detect_input_type",
+           "export_detector", "load_described", "load_detector", "save_export"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,76 +66,7 @@ DETECTION_KEYS: tuple[str, ...] = (
 )
 METADATA_ASSET = "tfcal_postprocess.json"
 METADATA_FORMAT = "tfcal.export.metadata/1"
-NMS_OPS = frozenset(
-    {
-        "CombinedNonMaxSuppression",
-        "NonMaxSuppression",
-        "NonMaxSuppressionV2",
-        "NonMaxSuppressionV3",
-        "NonMaxSuppressionV4",
-        "NonMaxSuppressionV5",
-        "NonMaxSuppressionWithOverlaps",
-    }
-)
 _CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
-
-
-@dataclasses.dataclass(frozen=True)
-class DetectorInfo:
-    """What the exporter learned about a detector SavedModel.
-
-    Attributes:
-      path: the detector SavedModel directory.
-      signature_key: the signature that was wrapped.
-      input_name: the signature's input name (OD API: `input_tensor`).
-      input_type: one of `INPUT_TYPES`.
-      input_dtype: the input's dtype name (`uint8`, `float32`, `string`).
-      input_shape: the input's static shape, `None` for unknown dimensions.
-      raw_boxes_key: output key of the raw boxes.
-      raw_scores_key: output key of the raw scores.
-      raw_boxes_shape: static shape of the raw boxes, `[batch, N, 4]` or `[batch, N, K, 4]`.
-      raw_scores_shape: static shape of the raw scores, `[batch, N, C]`.
-      pruned: True when the detector's own post-processing was cut from the wrapped graph.
-      detector_nms_ops: NMS ops reachable from the wrapped detector graph (0 after pruning).
-    """
-
-    path: str
-    signature_key: str
-    input_name: str
-    input_type: str
-    input_dtype: str
-    input_shape: tuple[int | None, ...]
-    raw_boxes_key: str
-    raw_scores_key: str
-    raw_boxes_shape: tuple[int | None, ...]
-    raw_scores_shape: tuple[int | None, ...]
-    pruned: bool
-    detector_nms_ops: int
-
-    @property
-    def batch_size(self) -> int | None:
-        """The detector's static batch size (`None` = dynamic)."""
-        return self.input_shape[0] if self.input_shape else None
-
-
-@dataclasses.dataclass
-class Detector:
-    """A loaded detector reduced to its raw outputs.
-
-    Attributes:
-      info: the `DetectorInfo`.
-      raw_fn: callable `raw_fn(x) -> (raw_boxes, raw_scores)` on the signature input `x`.
-    """
-
-    info: DetectorInfo
-    raw_fn: Any
-    _loaded: Any = None  # keeps the restored object (and its variables) alive when not pruned
-
-    @property
-    def loaded(self) -> Any:
-        """The restored SavedModel object (None when not kept), whose signatures and variables
-        the detector uses."""
-        return self._loaded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,17 +122,6 @@ class ModelOptions:
             validation.integer("raw_scores_columns", self.raw_scores_columns, minimum=1)
 
 
-def _shape_tuple(shape: tf.TensorShape) -> tuple[int | None, ...]:
-    return tuple(shape.as_list()) if shape.rank is not None else ()
-
-
-def _graph_ops(graph_def: tf.compat.v1.GraphDef) -> collections.Counter:
-    ops = collections.Counter(n.op for n in graph_def.node)
-    for fn in graph_def.library.function:
-        ops.update(n.op for n in fn.node_def)
-    return ops
-
-
 def load_detector(
     path: str | os.PathLike,
     *,
@@ -201,94 +130,12 @@ def load_detector(
     raw_boxes_key: str = "raw_detection_boxes",
     raw_scores_key: str = "raw_detection_scores",
     prune: bool = True,
-) -> Detector:
-    """Loads an OD API detector SavedModel and reduces it to its raw outputs.
-
-    Args:
-      path: the detector SavedModel directory (`exporter_main_v2.py` output `saved_model/`).
-      signature_key: the signature to wrap, default `serving_default`.
-      input_type: one of `INPUT_TYPES`; default: detected from the signature input.
-      raw_boxes_key: output key of the raw boxes, float32 `[batch, N, 4]` or `[batch, N, K, 4]`.
-      raw_scores_key: output key of the raw scores, float32 `[batch, N, C]`.
-      prune: fold variables into constants and inline the graph so that everything not needed for
-        the raw outputs (the detector's NMS) is pruned away. The folded weights live in the
-        GraphDef, which protobuf limits to 2 GB; use `prune=False` for larger detectors (the
-        signature is then called whole and the runtime is left to prune it).
-
-    Returns:
-      A `Detector`.
-
-    Raises:
-      TfcalError: missing directory, signature or output key, or an unsupported input.
-    """
-    path = Path(path)
-    loaded = load_saved_model(path)
-    found = read_signature(loaded, path, signature_key=signature_key, raw_boxes_key=raw_boxes_key,
-                           raw_scores_key=raw_scores_key)
-    sig, input_name, input_spec = found.fn, found.input_name, found.input_spec
-    sig_ops = _graph_ops(sig.graph.as_graph_def())
-    detected = detect_input_type(input_spec, sig_ops)
-    if input_type is None:
-        input_type = detected
-    elif input_type not in INPUT_TYPES:
-        raise TfcalError(f"{path}: input_type must be one of {INPUT_TYPES}, got {input_type!r}")
-    elif input_type != detected and {input_type, detected} != {
-        "tf_example",
-        "encoded_image_string_tensor",
-    }:
-        raise TfcalError(
-            f"{path}: input_type {input_type!r} does not match signature input "
-            f"{input_spec.dtype.name} {input_spec.shape} ({detected})"
-        )
-    spec = tf.TensorSpec(input_spec.shape, input_spec.dtype, name=input_name)
-
-    @tf.function
-    def raw_only(x):
-        out = sig(**{input_name: x})
-        return out[raw_boxes_key], out[raw_scores_key]
-
-    concrete = raw_only.get_concrete_function(spec)
-    if prune:
-        from tensorflow.python.framework import convert_to_constants
-
-        frozen = convert_to_constants.convert_variables_to_constants_v2(concrete)
-        graph_def = frozen.graph.as_graph_def()
-        raw_fn = _ListToTuple(frozen)
-        boxes_shape, scores_shape = (t.shape for t in frozen.outputs)
-        nms = sum(count for op, count in _graph_ops(graph_def).items() if op in NMS_OPS)
-        logger.info("pruned detector graph: %d nodes, %d NMS ops", len(graph_def.node), nms)
-        if nms:
-            logger.warning("%s: %d NMS ops remain in the pruned detector graph", path, nms)
-    else:
-        raw_fn = concrete
-        boxes_shape, scores_shape = (t.shape for t in concrete.outputs)
-        nms = sum(count for op, count in sig_ops.items() if op in NMS_OPS)
-    info = DetectorInfo(
-        path=str(path),
-        signature_key=signature_key,
-        input_name=input_name,
-        input_type=input_type,
-        input_dtype=input_spec.dtype.name,
-        input_shape=_shape_tuple(input_spec.shape),
-        raw_boxes_key=raw_boxes_key,
-        raw_scores_key=raw_scores_key,
-        raw_boxes_shape=_shape_tuple(boxes_shape),
-        raw_scores_shape=_shape_tuple(scores_shape),
-        pruned=prune,
-        detector_nms_ops=nms,
-    )
-    return Detector(info=info, raw_fn=raw_fn, _loaded=loaded)
-
-
-class _ListToTuple:
-    """Calls a frozen concrete function and returns its two outputs as a tuple."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, x):
-        boxes, scores = self.fn(x)
-        return boxes, scores
+) -> ServingGraph:
+    """The `ServingGraph` of an OD API detector SavedModel folder (see
+    `tfcal.detectors.odapi.load_serving_graph`, which this calls)."""
+    return load_serving_graph(path, signature_key=signature_key, input_type=input_type,
+                              raw_boxes_key=raw_boxes_key, raw_scores_key=raw_scores_key,
+                              prune=prune)
 
 
 def load_postprocess_config(config) -> Any:
@@ -394,7 +241,7 @@ def _detections(postprocessor, boxes, scores) -> dict[str, tf.Tensor]:
 
 def _build_module(
     config,
-    detector: Detector | None,
+    detector: ServingGraph | None,
     *,
     metadata_json: str,
     metadata_asset_path: str,
@@ -458,8 +305,8 @@ def _build_module(
             return {info.raw_boxes_key: boxes, info.raw_scores_key: scores}
 
         module.detector_raw_outputs = detector_raw_outputs  # not a signature: for verification
-        if not info.pruned:
-            module.detector = detector._loaded  # its variables are captured by the signatures
+        if not info.pruned and detector.loaded is not None:
+            module.detector = detector.loaded  # its variables are captured by the signatures
 
         def serve_fn(x):
             boxes, scores = raw_fn(x)
@@ -519,7 +366,7 @@ def _encoded_image_fn(module: _ExportModule, info: DetectorInfo, raw_fn):
 def save_export(
     output_dir: str | os.PathLike,
     postprocess_config,
-    detector: Detector | None = None,
+    detector: ServingGraph | None = None,
     options: ModelOptions = ModelOptions(),
 ) -> ExportResult:
     """Writes the SavedModel into `output_dir` (which must exist and be empty; no atomicity here).
@@ -555,20 +402,14 @@ def save_export(
     )
 
 
-def load_described(detector: DetectorDescription, options: ModelOptions) -> Detector:
-    """`load_detector` for a `DetectorDescription` (its SavedModel, signature and raw output
-    keys), with the input type and pruning of `options`."""
+def load_described(detector: DetectorDescription, options: ModelOptions) -> ServingGraph:
+    """The `ServingGraph` of a `DetectorDescription`, through its adapter
+    (`tfcal.detectors.open_described`), with the input type and pruning of `options`."""
     if detector.saved_model is None:
         raise TfcalError("detector.saved_model: needed to export a detector (None exports a "
                          "postprocess_only model)")
-    return load_detector(
-        detector.saved_model,
-        signature_key=detector.signature,
-        input_type=options.input_type,
-        raw_boxes_key=detector.raw_boxes,
-        raw_scores_key=detector.raw_scores,
-        prune=options.prune,
-    )
+    return open_described(detector).serving_graph(input_type=options.input_type,
+                                                  prune=options.prune)
 
 
 def export_detector(

@@ -330,17 +330,12 @@ def read_warmup_requests(path: str | os.PathLike) -> list[Any]:
 
 
 def _original_raw_outputs(
-    detector: odapi.Detector, feed: dict[str, np.ndarray]
+    detector: odapi.ServingGraph, feed: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray] | None:
-    """The unmodified detector signature's raw outputs on `feed` (None when not at hand)."""
-    import tensorflow as tf
-
-    loaded = detector.loaded
-    if loaded is None:
+    """The unmodified detector's raw outputs on `feed` (None when not at hand)."""
+    if detector.reference is None:
         return None
-    info = detector.info
-    out = loaded.signatures[info.signature_key](**{k: tf.constant(v) for k, v in feed.items()})
-    return {k: out[k].numpy() for k in (info.raw_boxes_key, info.raw_scores_key)}
+    return detector.reference(feed)
 
 
 @dataclasses.dataclass(frozen=True)

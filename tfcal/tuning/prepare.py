@@ -19,6 +19,7 @@ from tfcal.coco import runner
 from tfcal.coco.cache import check_value_ranges, load_raw_outputs, model_fingerprint
 from tfcal.coco.dataset import CategoryMapping, load_coco
 from tfcal.config import Config
+from tfcal.detectors import open_detector
 from tfcal.handoff import check_fingerprint
 
 
@@ -90,10 +91,8 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
             raw = beam.run_detector(m, cfg.runner, dataset, cache_dir=cache_dir,
                                     source=str(cfg.source))
         else:
-            keys = runner.SignatureKeys(signature=m.signature, input=m.input,
-                                        raw_boxes=m.raw_boxes, raw_scores=m.raw_scores)
-            raw = runner.run_detector(m.saved_model, dataset, keys=keys,
-                                      batch_size=m.batch_size, cache_dir=cache_dir)
+            raw = runner.run_detector(open_detector(m), dataset, batch_size=m.batch_size,
+                                      cache_dir=cache_dir)
     else:
         raw = load_raw_outputs(m.raw_outputs, dataset)
     model_run = m.saved_model is not None
