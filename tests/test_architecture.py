@@ -22,11 +22,11 @@ serving post-processing over cached raw outputs, and matching), `tuning.objectiv
 `tuning.calibrate`, `tuning.search`, `tuning.tune` (the fit and the search on one set of
 tune images), `tuning.baseline`, `tuning.evaluate` (held-out evidence and report.json), and
 `tuning.pipeline`, which orders them and which only the command line and
-the demo import. The Beam runner (`tfcal.beam`) sits beside the local runner: it feeds the raw-output cache
-and imports neither the tuning job nor the serving side; only `tfcal.beam.pipeline` imports
-`apache_beam`, and only when a Beam run starts, so `import tfcal` needs no extra.
-No import cycle among tfcal modules (read from the source); the tuning
-modules import tfcal at module level (TensorFlow, optional plots and the command line's
+the demo import. The Beam runner (`tfcal.beam`) sits beside the local runner: it feeds the
+raw-output cache and imports neither the tuning job nor the serving side; only
+`tfcal.beam.pipeline` imports `apache_beam`, and only when a Beam run starts, so
+`import tfcal` needs no extra. No import cycle among tfcal modules (read from the source);
+the tuning modules import tfcal at module level (TensorFlow, optional plots and the command line's
 per-command imports may stay late).
 """
 

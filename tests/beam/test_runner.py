@@ -128,8 +128,9 @@ def test_a_broken_image_is_reported_by_id_and_only_it_is_retried(job, caplog):
     s["data"]["images"] = str(data / "images")
     (root / "broken.yaml").write_text(yaml.safe_dump(s))
     cfg = load_config(root / "broken.yaml")
-    with pytest.raises(TfcalError, match=rf"1 images failed in the Beam detector pass: "
-                                         rf"{victim['id']} \(cannot decode .*{victim['file_name']}"):
+    expected = (rf"1 images failed in the Beam detector pass: {victim['id']} "
+                rf"\(cannot decode .*{victim['file_name']}")
+    with pytest.raises(TfcalError, match=expected):
         prepare(cfg)
     assert not list((root / "cache-broken").glob("raw_outputs-*"))  # nothing half-written
     (store,) = (root / "cache-broken").glob("beam-*")

@@ -43,7 +43,8 @@ def test_accumulator_spills_full_shards_and_keeps_at_most_one_shard_in_memory(tm
         assert len(acc.pending) < 4
     entries = acc.finish()
     assert [len(e.image_keys) for e in entries] == [4, 4, 2]
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == sorted(e.name for e in entries)
+    written = sorted(p.name for p in (tmp_path / "shards").iterdir())
+    assert written == sorted(e.name for e in entries)
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(range(3))))

@@ -81,7 +81,8 @@ def run_detector(model: ModelConfig, runner: RunnerConfig, dataset, *, cache_dir
         index.save()  # what succeeded is kept, failures or not
         if failed:
             shown = ", ".join(f"{i} ({r})" for i, r in failed[:SHOWN_FAILURES])
-            more = "" if len(failed) <= SHOWN_FAILURES else f" and {len(failed) - SHOWN_FAILURES} more"
+            rest = len(failed) - SHOWN_FAILURES
+            more = f" and {rest} more" if rest > 0 else ""
             raise TfcalError(f"{dataset.path}: {len(failed)} images failed in the Beam detector "
                              f"pass: {shown}{more}; the other {len(todo) - len(failed)} are kept "
                              f"in {store}, so running again retries only these")
