@@ -218,7 +218,8 @@ def test_only_the_beam_pipeline_imports_apache_beam_and_only_when_it_runs():
 @pytest.mark.parametrize("module", _in("beam"))
 def test_the_beam_runner_sits_beside_the_local_runner(module):
     # It feeds the cache like tfcal.coco.runner: no tuning step, no export, no serving code.
-    assert _tfcal_areas(module) <= {"beam", "coco", "config", "detectors", "atomic", "tfcal"}, \
+    assert _tfcal_areas(module) <= {"beam", "coco", "config", "detectors", "atomic", "locks",
+                                    "tfcal"}, \
         (module, _tfcal_areas(module))
 
 

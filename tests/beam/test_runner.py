@@ -178,3 +178,16 @@ def test_failed_inferences_and_bad_outputs_reach_the_dead_letter_list(tmp_path, 
     assert "boxes must be normalized" in failed[0][1]
     assert failed[1][1] == "detector failed: RuntimeError('boom')"
     assert "decoded size 16x16 differs from the JSON height x width 8x16" in failed[2][1]
+
+
+def test_a_second_run_on_one_store_stops_at_once_naming_the_holder(job):
+    from tfcal import locks
+    from tfcal.detectors import open_detector
+
+    root, _, _ = job
+    cfg = load_config(_config(root, "locked", {"kind": "beam"}))
+    store = statistics.store_path(root / "cache-locked", open_detector(cfg.model).fingerprint())
+    with locks.hold(store, "tfcal tune other.yaml", what="the Beam statistics store"):
+        with pytest.raises(TfcalError, match="the Beam statistics store.*tfcal tune other.yaml"):
+            prepare(cfg)
+    assert not list((root / "cache-locked").glob("raw_outputs-*"))

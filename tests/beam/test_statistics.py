@@ -98,6 +98,16 @@ def test_index_round_trip_and_a_key_in_two_shards_resolves_to_the_newest(tmp_pat
         st.load_index(tmp_path, "fp")
 
 
+def test_shards_no_run_committed_are_removed(tmp_path):
+    records = _records(3)
+    kept = st.write_shard(tmp_path, records[:2])
+    orphan = st.write_shard(tmp_path, records[2:])  # e.g. a bundle the runner retried
+    index = st.StoreIndex(tmp_path, "fp", (kept,))
+    assert st.remove_unindexed(index) == 1
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [kept.name]
+    assert orphan.name != kept.name and st.remove_unindexed(index) == 0
+
+
 def test_missing_images_and_damaged_shards_are_refused_without_a_cache(tmp_path):
     records = _records(4)
     entry = st.write_shard(tmp_path / "store", records[:3])

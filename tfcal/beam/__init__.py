@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tfcal import TfcalError
+from tfcal import TfcalError, locks
 from tfcal.beam import statistics
 from tfcal.coco import cache as cache_lib
 from tfcal.config import ModelConfig, RunnerConfig
@@ -58,7 +58,15 @@ def run_detector(model: ModelConfig, runner: RunnerConfig, dataset, *, cache_dir
         log.info("beam 1/3: every image's raw outputs are cached in %s", target)
         return cached
     store = statistics.store_path(cache_dir, model_fp)
-    index = statistics.load_index(store, model_fp)
+    # One run writes a store at a time (a second one stops at once, naming the holder).
+    with locks.hold(store, locks.command_line(), what="the Beam statistics store"):
+        return _run_and_merge(model, runner, dataset, detector, store, target,
+                              fingerprint=fingerprint, data_fp=data_fp, source=source)
+
+
+def _run_and_merge(model, runner, dataset, detector, store: Path, target: Path, *,
+                   fingerprint: str, data_fp: str, source: str) -> cache_lib.RawOutputs:
+    index = statistics.load_index(store, detector.fingerprint())
     image_keys = statistics.image_keys(dataset)
     held = index.location
     todo = [(k, int(i), str(p), int(h), int(w)) for k, i, p, h, w in zip(
@@ -79,6 +87,10 @@ def run_detector(model: ModelConfig, runner: RunnerConfig, dataset, *, cache_dir
                                        beam_options=runner.beam_options)
         index = index.with_entries(entries)
         index.save()  # what succeeded is kept, failures or not
+        removed = statistics.remove_unindexed(index)
+        if removed:
+            log.info("beam: removed %d shards no run committed (retried or failed bundles)",
+                     removed)
         if failed:
             shown = ", ".join(f"{i} ({r})" for i, r in failed[:SHOWN_FAILURES])
             rest = len(failed) - SHOWN_FAILURES

@@ -1,7 +1,7 @@
 """The detector pass as an Apache Beam pipeline: RunInference over the detector, per-image
 statistics combined into shards (`tfcal.beam.statistics`).
 
-    Create(images to run) -> Reshuffle -> decode (tf.io, as the local runner)
+    ReadFromText(images to run) -> Reshuffle -> decode (tf.io, as the local runner)
       -> RunInference(KeyedModelHandler(DetectorModelHandler)), keyed by (image key, image id)
       -> per-image record (shape, finiteness and box-range checks)
       -> CombineGlobally(ShardCombineFn): shards written by the workers, entries merged
@@ -168,12 +168,18 @@ def _write_result(value, path: str):
     atomic.write_json(path, value)
 
 
-def build(p, todo: Sequence[tuple], model: ModelConfig, store: Path, shard_images: int,
+def build(p, todo_path: Path, model: ModelConfig, store: Path, shard_images: int,
           result_path: Path) -> None:
-    """Adds the detector pass over `todo` (`(key, image_id, path, height, width)` each) to the
-    pipeline `p`; when it has run, `result_path` holds ``{"shards": [...], "failed": [...]}``
-    written by two writes (shards, then failures) into ``result_path.<part>``."""
-    decoded = (p | "images" >> beam.Create(list(todo))
+    """Adds the detector pass to the pipeline `p`.
+
+    `todo_path` is a JSON-lines file of `[key, image_id, path, height, width]`, one image a
+    line (read by the workers, split by Beam: the job graph stays small however many images
+    there are). When the pipeline has run, ``<result_path>.shards`` holds the committed shard
+    entries `[[name, [key, ...]], ...]` and ``<result_path>.failed`` the failures
+    `[[image id, reason], ...]`.
+    """
+    decoded = (p | "images" >> beam.io.ReadFromText(str(todo_path))
+               | "parse" >> beam.Map(lambda line: tuple(json.loads(line)))
                | "spread" >> beam.Reshuffle()
                | "decode" >> beam.ParDo(_Decode()).with_outputs(_FAILED, main="images"))
     inferred, dead = (decoded.images
@@ -211,18 +217,19 @@ def run(todo: Sequence[tuple], model: ModelConfig, store: Path, *, shard_images:
     """
     flags = list(beam_options) or list(DEFAULT_OPTIONS)
     result_path = store / "runs" / f"run-{secrets.token_hex(8)}"
-    result_path.parent.mkdir(parents=True, exist_ok=True)
+    todo_path = Path(str(result_path) + ".todo.jsonl")
+    atomic.write_text(todo_path, "".join(json.dumps(list(t)) + "\n" for t in todo))
     start = time.perf_counter()
-    p = beam.Pipeline(options=PipelineOptions(flags))
-    build(p, todo, model, store, shard_images, result_path)
-    result = p.run()
-    result.wait_until_finish()
-    counts = _counters(result)
     try:
+        p = beam.Pipeline(options=PipelineOptions(flags))
+        build(p, todo_path, model, store, shard_images, result_path)
+        result = p.run()
+        result.wait_until_finish()
+        counts = _counters(result)
         shards = json.loads(Path(str(result_path) + ".shards").read_text(encoding="utf-8"))
         failed = json.loads(Path(str(result_path) + ".failed").read_text(encoding="utf-8"))
     finally:
-        for part in (".shards", ".failed"):
+        for part in (".todo.jsonl", ".shards", ".failed"):
             Path(str(result_path) + part).unlink(missing_ok=True)
     elapsed = time.perf_counter() - start
     log.info("beam 2/3: detector pass (%s): %d images decoded, %d kept, %d failed, %d "

@@ -27,7 +27,9 @@ Store layout, ``<model.cache_dir>/beam-<model fingerprint[:16]>/``:
   ``shard.json`` (``image_keys``, ``image_ids``, shapes, sha256 of each file); written to a
   temporary sibling and renamed, so a shard exists only whole;
 - ``index.json``: every committed shard (name, image keys), replaced atomically after each
-  run. Shards not in the index (a run that failed, a retried bundle) are never read.
+  run. Shards not in the index (a run that failed, a retried bundle) are never read, and are
+  deleted after the next run commits (`remove_unindexed`);
+- ``.tfcal.lock``: held by the run writing the store (`tfcal.locks`).
 
 Incremental data: a new run looks the data set's image keys up in the index and runs the
 detector on the missing images only; old and new shards then merge into the new cache.
@@ -41,6 +43,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -200,6 +203,20 @@ class StoreIndex:
             "model_fingerprint": self.model_fingerprint,
             "shards": [{"name": e.name, "image_keys": list(e.image_keys)}
                        for e in self.entries]})
+
+
+def remove_unindexed(index: StoreIndex) -> int:
+    """Deletes the shard folders `index` does not list (written by bundles a runner retried or
+    by a run that failed before committing); returns how many. Call it only while holding the
+    store's lock, after saving the index."""
+    keep = {e.name for e in index.entries}
+    shards = index.path / "shards"
+    removed = 0
+    for folder in (sorted(shards.iterdir()) if shards.is_dir() else []):
+        if folder.name.startswith("shard-") and folder.name not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def load_index(store: str | Path, model_fingerprint: str) -> StoreIndex:
