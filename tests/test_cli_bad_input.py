@@ -96,7 +96,7 @@ CONFIG_CASES = [
     ("runner", "kind", "spark", "runner.kind: must be one of local | beam"),
     ("runner", "beam_options", ["runner=DirectRunner"], "runner.beam_options[0]: must be a Beam"),
     ("runner", "shard_images", 0, "runner.shard_images: must be > 0"),
-    ("runner", "kind", "beam", "runner.kind: beam runs model.saved_model"),
+    ("runner", "kind", "beam", "runner.kind: beam runs a detector"),
 ]
 
 

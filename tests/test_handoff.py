@@ -45,3 +45,32 @@ def test_the_fingerprint_check_compares_only_models():
     with pytest.raises(TfcalError, match=r"model.saved_model m: model fingerprint bbbb.*differs "
                                          r"from the one tuned \(p.json metadata"):
         check_fingerprint(ppc, "p.json", "b" * 64, "model.saved_model m")
+
+
+def test_detector_description_formats_round_trip_and_old_files_read_as_odapi(tmp_path):
+    from tfcal.handoff import DetectorDescription
+
+    old = {"saved_model": "det", "signature": "serving_default", "input": "input_tensor",
+           "raw_boxes": "raw_detection_boxes", "raw_scores": "raw_detection_scores",
+           "box_format": "yxyx_normalized", "score_converter": "sigmoid",
+           "background_column": True, "label_offset": 1, "category_ids": [1, 2],
+           "model_fingerprint": "", "warmup_image": None, "input_dtype": "uint8"}
+    d = DetectorDescription.from_dict(old)
+    assert d.format == "odapi" and d.layout == {}
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"tflite bytes")
+    yolo = DetectorDescription(saved_model=str(model), format="yolo",
+                               box_format="cxcywh_normalized", background_column=False,
+                               layout={"backend": "tflite", "layout": "boxes_first",
+                                       "input_size": None})
+    path = yolo.save(tmp_path / "detector.json")
+    again = DetectorDescription.load(path)
+    assert again == yolo and again.fingerprint() == yolo.fingerprint()
+    changed = DetectorDescription(**{**yolo.to_dict(), "layout": {"backend": "tflite",
+                                                                  "layout": "boxes_last"}})
+    assert changed.fingerprint() != yolo.fingerprint()  # the cache key covers the layout
+    before = yolo.fingerprint()
+    model.write_bytes(b"other bytes")
+    assert DetectorDescription.load(path).fingerprint() != before  # and the model's bytes
+    with pytest.raises(ValueError, match="format"):
+        DetectorDescription(format="onnx")

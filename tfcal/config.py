@@ -25,6 +25,13 @@ from tfcal import TfcalError
 from tfcal.tuning.objective_kinds import check_fields
 
 ScoreConverter = Literal["sigmoid", "softmax", "identity"]
+ModelFormat = Literal["odapi", "yolo", "keras"]
+YoloPreset = Literal["yolov8", "yolo11", "yolov5"]
+YoloLayout = Literal["boxes_first", "boxes_last", "objectness"]
+BoxUnits = Literal["normalized", "pixels"]
+ResizeMode = Literal["letterbox", "stretch"]
+PixelRange = Literal["unit", "byte"]
+OnUnknownLabel = Literal["error", "disable"]
 CalibrationMethod = str  # a name in tfcal.calibration.names(), checked at load
 Objective = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
 OnUnreachable = Literal["disable", "best_effort", "error"]
@@ -68,11 +75,53 @@ def _resolved_path(v):
     return v is None or isinstance(v, Path)
 
 
+def _size(v):
+    return len(v) == 2 and all(x > 0 for x in v)
+
+
+@dataclasses.dataclass(frozen=True)
+class YoloConfig:
+    """A YOLO-style head (`format: yolo`, see `tfcal.detectors.yolo`); null keys come from the
+    preset."""
+
+    preset: YoloPreset | None = None
+    layout: YoloLayout | None = None  # boxes_first [B,4+K,N] | boxes_last [B,N,4+K] | objectness
+    box_units: BoxUnits | None = None  # of the centre-size boxes: normalized to, or pixels of, the input
+    resize: ResizeMode | None = None  # default letterbox
+    pixel_range: PixelRange | None = None  # network input values: unit [0, 1] (default) | byte
+    input_size: tuple[int, ...] | None = dataclasses.field(
+        default=None, metadata=_check(_size, "must be [height, width], both > 0"))
+    output: str | None = None  # the output key, when the model has several
+    labels: Path | None = None  # class names, one per line, in column order
+    on_unknown_label: OnUnknownLabel = "error"  # a label that is no data set category
+
+
+@dataclasses.dataclass(frozen=True)
+class KerasConfig:
+    """A Keras model (`format: keras`) with raw boxes `[B, N, 4]` (`[ymin, xmin, ymax, xmax]`
+    normalized) and raw scores `[B, N, C]` outputs."""
+
+    boxes_output: str = "boxes"
+    scores_output: str = "scores"
+    input_size: tuple[int, ...] | None = dataclasses.field(
+        default=None, metadata=_check(_size, "must be [height, width], both > 0"))
+    pixel_range: PixelRange = "byte"
+
+
+#: The score space of each non-OD API format, used when the config does not set it: YOLO
+#: scores are sigmoid probabilities (score_converter sigmoid) with no background column.
+FORMAT_SCORE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "yolo": {"score_converter": "sigmoid", "background_column": False},
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The detector and how to read its raw (pre-NMS) outputs."""
 
+    format: ModelFormat = "odapi"
     saved_model: Path | None = None
+    path: Path | None = None  # format yolo / keras: the .tflite / .keras file or SavedModel folder
     raw_outputs: Path | None = None  # precomputed npz instead of a model (see README)
     signature: str = "serving_default"
     input: str = "input_tensor"
@@ -84,6 +133,13 @@ class ModelConfig:
     category_columns: dict[str, int] | None = None  # explicit {category id or name: column}
     batch_size: int = dataclasses.field(default=8, metadata=_check(_positive, "must be > 0"))
     cache_dir: Path | None = None  # default: <output.dir>/cache
+    yolo: YoloConfig = YoloConfig()
+    keras: KerasConfig = KerasConfig()
+
+    @property
+    def detector_path(self) -> Path | None:
+        """The model to run: `saved_model` (OD API) or `path`; None with `raw_outputs`."""
+        return self.saved_model if self.format == "odapi" else self.path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +296,8 @@ class Config:
     sha256: str = dataclasses.field(default="", compare=False)
 
 
-_PATH_KEYS = {"saved_model", "raw_outputs", "annotations", "images", "dir", "cache_dir"}
+_PATH_KEYS = {"saved_model", "path", "raw_outputs", "annotations", "images", "dir", "cache_dir",
+              "labels"}
 
 
 class _Loader:
@@ -349,8 +406,7 @@ def _join(prefix: str, key: str) -> str:
 def _cross_checks(cfg: Config, fail) -> None:
     """Checks that involve more than one key."""
     m, t = cfg.model, cfg.tuning
-    if (m.saved_model is None) == (m.raw_outputs is None):
-        fail("model", "give exactly one of saved_model or raw_outputs")
+    _check_model_format(m, fail)
     if not t.nms_iou_grid:
         fail("tuning.nms_iou_grid", "must list at least one IoU")
     for i, v in enumerate(t.nms_iou_grid):
@@ -373,15 +429,74 @@ def _cross_checks(cfg: Config, fail) -> None:
     if t.scope == "pooled" and t.classes:
         fail("tuning.classes", "per-class overrides need tuning.scope: per_class (pooled is one "
              "decision for every class)")
-    if cfg.runner.kind == "beam" and m.saved_model is None:
-        fail("runner.kind", "beam runs model.saved_model; with model.raw_outputs there is no "
-             "detector to run (use kind: local)")
+    if cfg.runner.kind == "beam" and m.detector_path is None:
+        fail("runner.kind", "beam runs a detector (model.saved_model or model.path); with "
+             "model.raw_outputs there is none to run (use kind: local)")
     for i, flag in enumerate(cfg.runner.beam_options):
         if not flag.startswith("--"):
             fail(f"runner.beam_options[{i}]", "must be a Beam pipeline flag like "
                  "--runner=DirectRunner", flag)
     if len(set(cfg.data.subgroups)) != len(cfg.data.subgroups):
         fail("data.subgroups", "must not repeat a field", list(cfg.data.subgroups))
+
+
+def _check_model_format(m: ModelConfig, fail) -> None:
+    """The model keys each `model.format` takes, and a YOLO layout that resolves."""
+    if m.format == "odapi":
+        if m.path is not None:
+            fail("model.path", "is for format yolo or keras; an OD API model is "
+                 "model.saved_model")
+        if (m.saved_model is None) == (m.raw_outputs is None):
+            fail("model", "give exactly one of saved_model or raw_outputs")
+    else:
+        if m.saved_model is not None:
+            fail("model.saved_model", f"is for format odapi; a {m.format} model is model.path")
+        if (m.path is None) == (m.raw_outputs is None):
+            fail("model", "give exactly one of path or raw_outputs")
+        if m.path is not None and not m.path.exists():
+            fail("model.path", "no such file or folder", str(m.path))
+    for section, default in (("yolo", YoloConfig()), ("keras", KerasConfig())):
+        if m.format != section and getattr(m, section) != default:
+            fail(f"model.{section}", f"is for format {section} (model.format is {m.format})")
+    if m.format == "yolo":
+        y = m.yolo
+        if y.labels is None and m.category_columns is None:
+            fail("model.yolo.labels", "is required (or model.category_columns): YOLO columns "
+                 "map to categories by name")
+        if y.labels is not None and m.category_columns is not None:
+            fail("model.yolo.labels", "give labels or model.category_columns, not both")
+        if y.labels is not None:
+            from tfcal.detectors.yolo import read_labels
+
+            try:
+                read_labels(y.labels)
+            except TfcalError as err:
+                fail("model.yolo.labels", str(err))
+        if m.path is not None:
+            from tfcal.detectors.yolo import resolve_layout
+
+            try:
+                resolve_layout(m.path, preset=y.preset, layout=y.layout, box_units=y.box_units,
+                               resize=y.resize, pixel_range=y.pixel_range,
+                               input_size=y.input_size, output=y.output, signature=m.signature)
+            except ValueError as err:
+                field, _, message = str(err).partition(": ")
+                fail(f"model.yolo.{field}", message)
+            except TfcalError as err:
+                fail("model.path", str(err))
+    if m.format == "keras" and m.path is not None and m.path.suffix != ".keras":
+        fail("model.path", "format keras takes a .keras file", str(m.path))
+
+
+def _format_defaults(cfg: Config, raw: Any) -> Config:
+    """The score space of `model.format` for the score keys the file does not set."""
+    defaults = FORMAT_SCORE_DEFAULTS.get(cfg.model.format)
+    if not defaults:
+        return cfg
+    given = raw.get("model") if isinstance(raw, Mapping) else None
+    given = given if isinstance(given, Mapping) else {}
+    changes = {k: v for k, v in defaults.items() if k not in given}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **changes))
 
 
 def _check_objectives(t: TuningConfig, fail) -> None:
@@ -429,7 +544,7 @@ def load_config(path: str | Path) -> Config:
         problem = getattr(err, "problem", None) or "not valid YAML"
         raise TfcalError(f"{path}: invalid YAML{where}: {problem}") from None
     loader = _Loader(str(path), path.resolve().parent)
-    cfg = loader.build(Config, raw, "")
+    cfg = _format_defaults(loader.build(Config, raw, ""), raw)
     _cross_checks(cfg, loader.fail)
     return dataclasses.replace(cfg, source=path, sha256=hashlib.sha256(text).hexdigest())
 

@@ -12,6 +12,7 @@ anything is built it checks that the SavedModel on disk is the one that was tune
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -21,11 +22,13 @@ from tfcal.rundir import DETECTOR_FILE, POSTPROCESS_FILE
 from tfcal.coco.cache import model_fingerprint
 from tfcal.ops import SCORE_CONVERTERS
 
-__all__ = ["BOX_FORMATS", "DETECTOR_FILE", "POSTPROCESS_FILE", "DetectorDescription",
+__all__ = ["BOX_FORMATS", "DETECTOR_FORMATS", "DETECTOR_FILE", "POSTPROCESS_FILE", "DetectorDescription",
            "check_detector", "check_fingerprint"]
 
-BoxFormat = Literal["yxyx_normalized"]
-BOX_FORMATS: tuple[str, ...] = ("yxyx_normalized",)
+BoxFormat = Literal["yxyx_normalized", "cxcywh_normalized", "cxcywh_pixels"]
+BOX_FORMATS: tuple[str, ...] = ("yxyx_normalized", "cxcywh_normalized", "cxcywh_pixels")
+DetectorFormat = Literal["odapi", "yolo", "keras"]
+DETECTOR_FORMATS: tuple[str, ...] = ("odapi", "yolo", "keras")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,14 +36,18 @@ class DetectorDescription:
     """The detector a `PostProcessConfig` was tuned for, and how its raw outputs are read.
 
     Attributes:
-      saved_model: the detector SavedModel folder; None when tuned from precomputed raw outputs
-        (only a `postprocess_only` model can then be exported).
+      saved_model: the detector model: its SavedModel folder, or for `format` ``yolo`` /
+        ``keras`` its ``.tflite`` / ``.keras`` file or SavedModel folder; None when tuned from
+        precomputed raw outputs (only a `postprocess_only` model can then be exported).
       signature: the signature key, default ``serving_default``.
       input: the signature input's key, default ``input_tensor``.
       input_dtype: the input's dtype name as tuned (``uint8``), or None when not known.
       raw_boxes: output key of the raw boxes, float32 `[batch, N, 4]`.
       raw_scores: output key of the raw scores, float32 `[batch, N, C]`.
-      box_format: ``yxyx_normalized``: `[ymin, xmin, ymax, xmax]` in `[0, 1]`.
+      box_format: how the model's own head gives boxes: ``yxyx_normalized`` (`[ymin, xmin,
+        ymax, xmax]` in `[0, 1]`, OD API), ``cxcywh_normalized`` or ``cxcywh_pixels`` (YOLO
+        centre-size, normalized to or in pixels of the network input). The adapter always
+        hands the tuner and the exported graph ``yxyx_normalized`` boxes of the original image.
       score_converter: how raw scores become probabilities, one of `ops.SCORE_CONVERTERS`.
       background_column: True when score column 0 is background.
       label_offset: class id = class column + `label_offset` (>= 0).
@@ -49,6 +56,10 @@ class DetectorDescription:
         tuned from precomputed outputs; empty when not known).
       warmup_image: an image of the tuning data for the warmup requests, or None (a small
         generated image is used).
+      format: the adapter, one of `DETECTOR_FORMATS` (default ``odapi``: files written before
+        adapters existed read as OD API).
+      layout: the adapter's layout keys (``yolo``: `tfcal.detectors.yolo.resolve_layout`;
+        ``keras``: the output names and input size), empty for ``odapi``.
     """
 
     saved_model: str | None = None
@@ -64,6 +75,8 @@ class DetectorDescription:
     category_ids: tuple[int, ...] = ()
     model_fingerprint: str = ""
     warmup_image: str | None = None
+    format: DetectorFormat = "odapi"
+    layout: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("signature", "input", "raw_boxes", "raw_scores"):
@@ -71,6 +84,10 @@ class DetectorDescription:
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name}: must be a non-empty string, got {value!r}")
         validation.choice("box_format", self.box_format, BOX_FORMATS)
+        validation.choice("format", self.format, DETECTOR_FORMATS)
+        if not isinstance(self.layout, Mapping):
+            raise ValueError(f"layout: must be a mapping, got {self.layout!r}")
+        object.__setattr__(self, "layout", dict(self.layout))
         validation.choice("score_converter", self.score_converter, SCORE_CONVERTERS)
         validation.boolean("background_column", self.background_column)
         validation.integer("label_offset", self.label_offset, minimum=0)
@@ -85,6 +102,7 @@ class DetectorDescription:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["category_ids"] = list(self.category_ids)
+        out["layout"] = json.loads(json.dumps(self.layout))
         return out
 
     @classmethod
@@ -113,11 +131,31 @@ class DetectorDescription:
             raise TfcalError(f"{path}: not a detector description: {e}") from None
 
     def fingerprint(self) -> str | None:
-        """The fingerprint of the SavedModel on disk and the keys (None: no SavedModel there)."""
-        if self.saved_model is None or not (Path(self.saved_model) / "saved_model.pb").is_file():
+        """The fingerprint of the model on disk and the keys (None: no model there).
+
+        OD API: `tfcal.coco.cache.model_fingerprint` of the SavedModel and its signature keys.
+        Other formats: of the SavedModel folder or the model file's bytes, with the format and
+        its layout keys (what the raw outputs depend on)."""
+        if self.saved_model is None:
             return None
-        return model_fingerprint(self.saved_model, keys=(self.signature, self.input,
-                                                         self.raw_boxes, self.raw_scores))
+        path = Path(self.saved_model)
+        if self.format == "odapi":
+            if not (path / "saved_model.pb").is_file():
+                return None
+            return model_fingerprint(path, keys=(self.signature, self.input,
+                                                 self.raw_boxes, self.raw_scores))
+        keys = (self.format, json.dumps(self.layout, sort_keys=True))
+        if (path / "saved_model.pb").is_file():
+            return model_fingerprint(path, keys=keys)
+        if not path.is_file():
+            return None
+        h = hashlib.sha256(b"tfcal-model-file-v1\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        for k in keys:
+            h.update(b"key\0" + k.encode() + b"\0")
+        return h.hexdigest()
 
 
 def check_fingerprint(postprocess_config, ppc_path, model_fp: str | None, what: str) -> None:

@@ -446,3 +446,13 @@ def test_tune_hands_serving_a_detector_description(tmp_path):
     assert list(d.category_ids) == ppc["class_ids"] == [1, 2, 3]
     assert d.model_fingerprint == ppc["metadata"]["model_fingerprint"]
     assert (d.label_offset, d.score_converter, d.background_column) == (1, "sigmoid", True)
+
+
+def test_export_of_precomputed_raw_outputs_lands_at_the_postprocess_model(tmp_path):
+    # Raw outputs have no detector to bake in: the model takes raw boxes and scores, so it is
+    # <model_name>_postprocess (as `--postprocess-only`), never a version of <model_name>.
+    path = ka.write_job(tmp_path, config=ka.default_config(
+        export={"enabled": True, "dir": "export", "model_name": "det", "verify": False}))
+    run_tune(load_config(path), export=True)
+    assert (tmp_path / "export" / "det_postprocess" / "1" / "saved_model.pb").is_file()
+    assert not (tmp_path / "export" / "det").exists()

@@ -35,7 +35,8 @@ def run_detector(model: ModelConfig, runner: RunnerConfig, dataset, *, cache_dir
     shards into the raw-output cache.
 
     Args:
-      model: the config's model section (a SavedModel; the workers open it themselves).
+      model: the config's model section (any format `tfcal.detectors.open_detector` opens;
+        each worker opens it itself).
       runner: the config's runner section (Beam flags, shard size).
       dataset: a `CocoDataset` loaded with its images.
       cache_dir: the cache folder; the statistics store is ``beam-<model fp>/`` inside it.

@@ -42,8 +42,8 @@ DEFAULT_OPTIONS = ("--runner=DirectRunner",)
 class DetectorModelHandler(ModelHandler):
     """A Beam `ModelHandler` over the tfcal `Detector` of a `ModelConfig`.
 
-    `load_model` opens the detector on the worker (the SavedModel with
-    `tf.saved_model.load`). A batch is the uint8 `[H, W, 3]` images Beam grouped (at most
+    `load_model` opens the detector on the worker (`tfcal.detectors.open_detector`: an OD
+    API SavedModel with `tf.saved_model.load`, or a YOLO / Keras adapter). A batch is the uint8 `[H, W, 3]` images Beam grouped (at most
     `model.batch_size`); images of one size go to the detector together when it is batchable,
     else one by one. Each prediction is `(boxes float32 [N, 4], scores float32 [N, C])`.
     """

@@ -105,9 +105,6 @@ class Detector(abc.ABC):
         category ids are filled in by the tuner, which knows the data set).
       num_score_columns: C, raw score columns (background included if any).
       batchable: True when `__call__` takes B > 1 images of equal size in one run.
-      column_names: the class name of each score column after background (from a labels
-        file), or None when the detector has none (columns map by `label_offset` or
-        `category_columns`).
 
     Subclasses load lazily: building one reads no weights, so a cache hit never loads the model.
     """
@@ -115,7 +112,6 @@ class Detector(abc.ABC):
     description: DetectorDescription
     num_score_columns: int
     batchable: bool
-    column_names: tuple[str, ...] | None = None
 
     @property
     def source(self) -> str:
@@ -172,3 +168,85 @@ def check_outputs(source: str, boxes: np.ndarray, scores: np.ndarray, batch: int
         raise TfcalError(f"{source}: {what} {list(boxes.shape)} and {list(scores.shape)} must "
                          f"be [{batch}, N, 4] boxes and [{batch}, N, C] scores")
     return boxes, scores
+
+
+def image_serving_graph(raw_fn, *, path: str, signature_key: str, raw_boxes_key: str,
+                        raw_scores_key: str, input_type: str | None = None) -> ServingGraph:
+    """The `ServingGraph` of an adapter whose `raw_fn` runs on decoded images.
+
+    Args:
+      raw_fn: tf.function-safe `raw_fn(images) -> (boxes, scores)` on uint8 or float32
+        `[B, H, W, 3]` images (values in `[0, 255]`), with the adapter's preprocessing and
+        decoding inside.
+      path, signature_key, raw_boxes_key, raw_scores_key: what `DetectorInfo` records.
+      input_type: the serving input, one of `INPUT_TYPES` (default ``image_tensor``): uint8 or
+        float32 `[B, H, W, 3]` images of one size, or string `[B]` of JPEG/PNG bytes
+        (``encoded_image_string_tensor``) or of `tf.train.Example`s holding them in
+        ``image/encoded`` (``tf_example``), decoded and run one by one (any sizes).
+
+    Returns:
+      A `ServingGraph` whose variables are folded into constants, and whose `reference` runs
+      `raw_fn` itself.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework import convert_to_constants
+
+    input_type = input_type or "image_tensor"
+    if input_type not in INPUT_TYPES:
+        raise TfcalError(f"{path}: input_type must be one of {INPUT_TYPES}, got {input_type!r}")
+    image_spec = tf.TensorSpec([None, None, None, 3], tf.uint8, name="input_tensor")
+    frozen = convert_to_constants.convert_variables_to_constants_v2(
+        tf.function(raw_fn).get_concrete_function(image_spec))
+    boxes_shape, scores_shape = (t.shape for t in frozen.outputs)
+
+    def on_images(x):
+        boxes, scores = frozen(tf.cast(x, tf.uint8) if x.dtype != tf.uint8 else x)
+        return boxes, scores
+
+    if input_type in ("image_tensor", "float_image_tensor"):
+        dtype = tf.uint8 if input_type == "image_tensor" else tf.float32
+        spec = tf.TensorSpec([None, None, None, 3], dtype, name="input_tensor")
+        if dtype == tf.float32:  # values in [0, 255], as the OD API's float_image_tensor
+            def serve(x):
+                return on_images(tf.cast(tf.round(tf.clip_by_value(x, 0.0, 255.0)), tf.uint8))
+        else:
+            serve = on_images
+    else:
+        spec = tf.TensorSpec([None], tf.string, name="input_tensor")
+        one_box = tf.TensorSpec(boxes_shape[1:], tf.float32)
+        one_score = tf.TensorSpec(scores_shape[1:], tf.float32)
+
+        def one(encoded):
+            image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+            boxes, scores = on_images(image[tf.newaxis])
+            return boxes[0], scores[0]
+
+        def serve(x):
+            if input_type == "tf_example":
+                x = tf.io.parse_example(
+                    x, {"image/encoded": tf.io.FixedLenFeature([], tf.string)})["image/encoded"]
+            return tf.map_fn(one, x, fn_output_signature=(one_box, one_score))
+
+    def reference(feed):
+        """`raw_fn` eagerly on the feed, each string decoded on its own."""
+        value = feed["input_tensor"]
+        if input_type in ("image_tensor", "float_image_tensor"):
+            boxes, scores = raw_fn(tf.constant(value))
+            return {raw_boxes_key: boxes.numpy(), raw_scores_key: scores.numpy()}
+        outs = []
+        for item in value:
+            if input_type == "tf_example":
+                item = tf.train.Example.FromString(item).features.feature[
+                    "image/encoded"].bytes_list.value[0]
+            image = tf.io.decode_image(item, channels=3, expand_animations=False)
+            outs.append([t.numpy()[0] for t in raw_fn(image[tf.newaxis])])
+        return {raw_boxes_key: np.stack([o[0] for o in outs]),
+                raw_scores_key: np.stack([o[1] for o in outs])}
+
+    info = DetectorInfo(
+        path=str(path), signature_key=signature_key, input_name="input_tensor",
+        input_type=input_type, input_dtype=spec.dtype.name, input_shape=tuple(spec.shape),
+        raw_boxes_key=raw_boxes_key, raw_scores_key=raw_scores_key,
+        raw_boxes_shape=tuple(boxes_shape.as_list()),
+        raw_scores_shape=tuple(scores_shape.as_list()), pruned=True, detector_nms_ops=0)
+    return ServingGraph(info=info, raw_fn=serve, loaded=None, reference=reference)

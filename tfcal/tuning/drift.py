@@ -224,16 +224,16 @@ def run_drift(cfg: Config, annotations: Path, images: Path | None = None, *,
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, subgroups=()))
     if raw_outputs is not None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-            cfg.model, saved_model=None, raw_outputs=Path(raw_outputs)))
-    elif cfg.model.saved_model is not None and images is None:
+            cfg.model, saved_model=None, path=None, raw_outputs=Path(raw_outputs)))
+    elif cfg.model.detector_path is not None and images is None:
         raise TfcalError(f"{annotations}: --images: the new images are needed to run "
-                         f"{cfg.model.saved_model} (or give --raw-outputs)")
+                         f"{cfg.model.detector_path} (or give --raw-outputs)")
     check_model_fingerprint(cfg, ppc, ppc_path)  # before running the model
     prep = prepare(cfg, annotations=annotations, images=images,
                    cache_dir=cfg.model.cache_dir or run_dir / "cache")
     check_model_fingerprint(cfg, ppc, ppc_path, model_fp=prep.raw.model_fingerprint,
                             what=f"--raw-outputs {raw_outputs}" if raw_outputs is not None
-                            else f"model {cfg.model.saved_model or cfg.model.raw_outputs}")
+                            else f"model {cfg.model.detector_path or cfg.model.raw_outputs}")
     if prep.num_classes != ppc.num_classes:
         raise TfcalError(f"{ppc_path}: num_classes: {ppc.num_classes} does not match the "
                          f"detector's {prep.num_classes} class columns")

@@ -27,6 +27,7 @@ import tfcal
 from tfcal import TfcalError, atomic, locks, rundir
 from tfcal.coco.cache import file_sha256
 from tfcal.config import Config
+from tfcal.detectors import describe, servable
 from tfcal.export import ExportOptions, ModelOptions, export_handoff
 from tfcal.handoff import DETECTOR_FILE, POSTPROCESS_FILE, DetectorDescription
 from tfcal.postprocess import PostProcessConfig
@@ -202,14 +203,16 @@ def _check_output_places(cfg: Config, *, export: bool) -> None:
     """Fails before any work when an output place cannot take the outputs (naming it)."""
     atomic.check_room(cfg.output.dir, OUTPUT_ROOM_BYTES, "output.dir")
     if export:
-        atomic.check_room(cfg.export.dir, _export_room(cfg.model.saved_model), "export.dir")
+        atomic.check_room(cfg.export.dir, _export_room(cfg.model.detector_path), "export.dir")
 
 
 def _export_room(saved_model) -> int:
-    """Bytes an export takes: about the detector's SavedModel, plus the post-processing."""
+    """Bytes an export takes: about the detector's model, plus the post-processing."""
     size = 0
     if saved_model is not None and Path(saved_model).is_dir():
         size = sum(p.stat().st_size for p in Path(saved_model).rglob("*") if p.is_file())
+    elif saved_model is not None and Path(saved_model).is_file():
+        size = Path(saved_model).stat().st_size
     return size + EXPORT_EXTRA_BYTES
 
 
@@ -217,12 +220,9 @@ def describe_detector(cfg: Config, prep: Prepared) -> DetectorDescription:
     """The detector record `tfcal tune` hands to the export beside postprocess.json."""
     m = cfg.model
     paths = prep.dataset.image_paths
-    return DetectorDescription(
-        saved_model=None if m.saved_model is None else str(m.saved_model),
-        signature=m.signature, input=m.input,
-        input_dtype="uint8" if m.saved_model is not None else None,  # what the runner runs
-        raw_boxes=m.raw_boxes, raw_scores=m.raw_scores, score_converter=m.score_converter,
-        background_column=m.background_column, label_offset=m.label_offset,
+    return dataclasses.replace(
+        describe(m),
+        input_dtype="uint8" if m.detector_path is not None else None,  # what the runner runs
         category_ids=tuple(int(c) for c in prep.mapping.column_category_ids),
         model_fingerprint=prep.model_fingerprint,
         warmup_image=str(Path(paths[0]).resolve()) if paths else None)
@@ -231,19 +231,17 @@ def describe_detector(cfg: Config, prep: Prepared) -> DetectorDescription:
 def _config_detector(cfg: Config, ppc: PostProcessConfig) -> DetectorDescription:
     """The config's model section as a detector record, for a run folder without one (tuned
     by an older tfcal, or from precomputed raw outputs): no warmup image."""
-    m = cfg.model
-    return DetectorDescription(
-        saved_model=None if m.saved_model is None else str(m.saved_model),
-        signature=m.signature, input=m.input, raw_boxes=m.raw_boxes, raw_scores=m.raw_scores,
-        score_converter=ppc.score_converter, background_column=ppc.background_column,
-        label_offset=ppc.label_offset, category_ids=tuple(ppc.class_ids))
+    return dataclasses.replace(
+        describe(cfg.model), score_converter=ppc.score_converter,
+        background_column=ppc.background_column, label_offset=ppc.label_offset,
+        category_ids=tuple(ppc.class_ids))
 
 
 def _export_options(cfg: Config, detector: DetectorDescription | None, *, version=None,
                     overwrite=None, postprocess_only: bool = False) -> ExportOptions:
     e = cfg.export
     name = e.model_name
-    if postprocess_only and detector is not None and detector.saved_model is not None:
+    if postprocess_only or detector is None or not servable(detector):
         # Different inputs (raw boxes and scores): never a new version of the image model.
         name = f"{e.model_name}_postprocess"
     return ExportOptions(export_root=e.dir, model_name=name,
@@ -257,7 +255,11 @@ def _export(cfg: Config, ppc: PostProcessConfig, detector: DetectorDescription,
             options: ExportOptions, *, postprocess_only: bool = False, source: Path):
     """Writes the TF Serving package (export.dir/<model_name>/<version>/ + models.config)."""
     try:
-        served = None if postprocess_only or detector.saved_model is None else detector
+        served = None if postprocess_only or not servable(detector) else detector
+        if served is None and not postprocess_only:
+            log.info("%s: the detector cannot be baked into a SavedModel; exporting the "
+                     "post-processing alone as %s", detector.saved_model or "raw outputs",
+                     options.model_name)
         return export_handoff(ppc, served, options,
                               config_source=source)
     except FileExistsError as err:
@@ -287,7 +289,8 @@ def run_export(cfg: Config, *, version: int | None = None, overwrite: bool = Fal
     if detector is None or detector.saved_model is None:
         detector = _config_detector(cfg, ppc)
     if detector.saved_model is None and not postprocess_only:
-        raise TfcalError(f"{cfg.source}: model.saved_model: needed to export a detector "
+        key = "saved_model" if cfg.model.format == "odapi" else "path"
+        raise TfcalError(f"{cfg.source}: model.{key}: needed to export a detector "
                          "(or pass --postprocess-only)")
     options = _export_options(cfg, detector, version=version, overwrite=overwrite or None,
                               postprocess_only=postprocess_only)

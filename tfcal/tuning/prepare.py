@@ -16,10 +16,11 @@ import numpy as np
 
 from tfcal import TfcalError, beam
 from tfcal.coco import runner
-from tfcal.coco.cache import check_value_ranges, load_raw_outputs, model_fingerprint
+from tfcal.coco.cache import check_value_ranges, load_raw_outputs
 from tfcal.coco.dataset import CategoryMapping, load_coco
 from tfcal.config import Config
-from tfcal.detectors import open_detector
+from tfcal.detectors import describe, open_detector
+from tfcal.detectors.yolo import label_columns, read_labels
 from tfcal.handoff import check_fingerprint
 
 
@@ -68,9 +69,10 @@ def load_dataset(cfg: Config, annotations: Path | None = None, images: Path | No
     """Loads and validates the COCO set (and, with a model, its images) before any work."""
     annotations = annotations or cfg.data.annotations
     images = images if images is not None else cfg.data.images
-    need_images = cfg.model.saved_model is not None
+    need_images = cfg.model.detector_path is not None
     if need_images and images is None:
-        raise TfcalError(f"{cfg.source}: data.images: is required to run model.saved_model")
+        key = "saved_model" if cfg.model.format == "odapi" else "path"
+        raise TfcalError(f"{cfg.source}: data.images: is required to run model.{key}")
     dataset = load_coco(annotations, images if need_images else None, check_images=need_images)
     for field in cfg.data.subgroups:
         missing = [img.get("id") for img in dataset.dataset["images"] if field not in img]
@@ -85,7 +87,7 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
     """Validates the data, maps categories to columns and gets the raw outputs (cached)."""
     dataset = load_dataset(cfg, annotations, images)
     m = cfg.model
-    if m.saved_model is not None:
+    if m.detector_path is not None:
         cache_dir = cache_dir or m.cache_dir or (cfg.output.dir / "cache")
         if cfg.runner.kind == "beam":
             raw = beam.run_detector(m, cfg.runner, dataset, cache_dir=cache_dir,
@@ -95,17 +97,19 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
                                       cache_dir=cache_dir)
     else:
         raw = load_raw_outputs(m.raw_outputs, dataset)
-    model_run = m.saved_model is not None
+    model_run = m.detector_path is not None
     check_value_ranges(raw, score_converter=m.score_converter,
-                       source=str(m.saved_model or m.raw_outputs),
+                       source=str(m.detector_path or m.raw_outputs),
                        boxes_key=m.raw_boxes if model_run else "boxes",
                        scores_key=m.raw_scores if model_run else "scores")
     num_columns = raw.scores.shape[-1]
     num_classes = num_columns - 1 if m.background_column else num_columns
     if num_classes < 1:
-        raise TfcalError(f"{m.saved_model or m.raw_outputs}: {m.raw_scores}: needs at least one "
+        raise TfcalError(f"{m.detector_path or m.raw_outputs}: {m.raw_scores}: needs at least one "
                          f"class column, got {num_columns} columns")
-    if m.category_columns is not None:
+    if m.format == "yolo" and m.yolo.labels is not None:
+        mapping = _label_mapping(m, dataset, num_classes)
+    elif m.category_columns is not None:
         mapping = CategoryMapping.from_category_columns(dataset, m.category_columns, num_classes)
     else:
         mapping = CategoryMapping.odapi(dataset, num_classes, label_offset=m.label_offset)
@@ -115,13 +119,22 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
                     model_fingerprint=model_fp, data_fingerprint=raw.data_fingerprint)
 
 
+def _label_mapping(m, dataset, num_classes: int) -> CategoryMapping:
+    """Columns to category ids by the names of `model.yolo.labels` (see `label_columns`)."""
+    names = read_labels(m.yolo.labels)
+    if len(names) != num_classes:
+        raise TfcalError(f"{m.yolo.labels}: labels: {len(names)} names, but "
+                         f"{m.detector_path or m.raw_outputs} has {num_classes} class columns")
+    columns = label_columns(names, list(dataset.category_names),
+                            on_unknown=m.yolo.on_unknown_label, source=str(m.yolo.labels))
+    return CategoryMapping.explicit(dataset, columns, num_classes)
+
+
 def config_model_fingerprint(cfg: Config) -> str | None:
-    """The fingerprint of the config's `model.saved_model` and keys (None: no SavedModel)."""
-    m = cfg.model
-    if m.saved_model is None or not (Path(m.saved_model) / "saved_model.pb").is_file():
+    """The fingerprint of the config's model and keys (None: no model)."""
+    if cfg.model.detector_path is None:
         return None
-    return model_fingerprint(m.saved_model, keys=(m.signature, m.input, m.raw_boxes,
-                                                  m.raw_scores))
+    return describe(cfg.model).fingerprint()
 
 
 def check_model_fingerprint(cfg: Config, ppc, ppc_path: Path, *, model_fp: str | None = None,
@@ -136,5 +149,5 @@ def check_model_fingerprint(cfg: Config, ppc, ppc_path: Path, *, model_fp: str |
         model_fp = config_model_fingerprint(cfg)
         if model_fp is None:
             return
-        what = f"model.saved_model {cfg.model.saved_model}"
+        what = f"model {cfg.model.detector_path}"
     check_fingerprint(ppc, ppc_path, model_fp, what)
