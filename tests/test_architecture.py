@@ -22,8 +22,11 @@ serving post-processing over cached raw outputs, and matching), `tuning.objectiv
 `tuning.calibrate`, `tuning.search`, `tuning.tune` (the fit and the search on one set of
 tune images), `tuning.baseline`, `tuning.evaluate` (held-out evidence and report.json), and
 `tuning.pipeline`, which orders them and which only the command line and
-the demo import. No import cycle among tfcal modules (read from the source); the tuning
-modules import tfcal at module level (TensorFlow, optional plots and the command line's
+the demo import. The Beam runner (`tfcal.beam`) sits beside the local runner: it feeds the
+raw-output cache and imports neither the tuning job nor the serving side; only
+`tfcal.beam.pipeline` imports `apache_beam`, and only when a Beam run starts, so
+`import tfcal` needs no extra. No import cycle among tfcal modules (read from the source);
+the tuning modules import tfcal at module level (TensorFlow, optional plots and the command line's
 per-command imports may stay late).
 """
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -191,6 +195,34 @@ def test_the_runner_and_the_exporter_go_through_the_detector_seam():
                     and t != "tfcal.coco.cache"], module
 
 
+#: Modules that import an optional extra at module level, and the extra they need.
+OPTIONAL_EXTRAS = {"tfcal.beam.pipeline": "apache_beam"}
+
+
+def test_only_the_beam_pipeline_imports_apache_beam_and_only_when_it_runs():
+    users = sorted(m for m in MODULES if any(t.split(".")[0] == "apache_beam"
+                                             for t, _ in imports(m)))
+    assert users == ["tfcal.beam.pipeline"], users
+    # Everything else reaches it only inside a function: `import tfcal` needs no Beam.
+    tree = ast.parse(MODULES["tfcal.beam"].read_text(encoding="utf-8"))
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert ("tfcal.beam.pipeline", None) in imports("tfcal.beam")
+    assert not [n for n in top if isinstance(n, ast.ImportFrom) and
+                _resolve("tfcal.beam", n) == "tfcal.beam" and
+                any(a.name == "pipeline" for a in n.names)]
+    for module in MODULES:
+        if module not in ("tfcal.beam", "tfcal.beam.pipeline"):
+            assert "tfcal.beam.pipeline" not in {t for t, _ in imports(module)}, module
+
+
+@pytest.mark.parametrize("module", _in("beam"))
+def test_the_beam_runner_sits_beside_the_local_runner(module):
+    # It feeds the cache like tfcal.coco.runner: no tuning step, no export, no serving code.
+    assert _tfcal_areas(module) <= {"beam", "coco", "config", "detectors", "atomic", "locks",
+                                    "tfcal"}, \
+        (module, _tfcal_areas(module))
+
+
 #: Modules that run a job end to end; they may import the tuning job.
 JOB_IMPORTERS = {"tfcal.cli", "tfcal.demo.run"}
 
@@ -294,6 +326,9 @@ def test_every_module_imports_alone_without_a_cycle(fresh_tfcal):
     for module in MODULES:
         if module.endswith(".__main__"):
             continue  # `python -m tfcal`: running it is what importing it does
+        extra = OPTIONAL_EXTRAS.get(module)
+        if extra is not None and importlib.util.find_spec(extra) is None:
+            continue  # needs an extra that is not installed (the rule above keeps it alone)
         fresh_tfcal()
         try:
             importlib.import_module(module)

@@ -93,6 +93,10 @@ CONFIG_CASES = [
     ("model", "score_converter", "tanh", "model.score_converter"),
     ("data", "holdout_fraction", 0, "data.holdout_fraction"),
     ("data", "unknown_key", 1, "data.unknown_key: unknown key"),
+    ("runner", "kind", "spark", "runner.kind: must be one of local | beam"),
+    ("runner", "beam_options", ["runner=DirectRunner"], "runner.beam_options[0]: must be a Beam"),
+    ("runner", "shard_images", 0, "runner.shard_images: must be > 0"),
+    ("runner", "kind", "beam", "runner.kind: beam runs a detector"),
 ]
 
 
@@ -102,6 +106,15 @@ def test_bad_config(job, capsys, section, key, value, fragment):
     path = job.write()
     _expect_bad_input(capsys, ["tune", str(path)], str(path), fragment,
                       out_dir=job.root / "out")
+
+
+def test_beam_flags_after_the_config_must_be_flags(job, capsys):
+    path = job.write()
+    _expect_bad_input(capsys, ["tune", str(path), "--", "DataflowRunner"],
+                      f"{path}: runner.beam_options (command line, after --)",
+                      "got 'DataflowRunner'", out_dir=job.root / "out")
+    _expect_bad_input(capsys, ["report", str(job.root), "--", "--runner=DirectRunner"],
+                      "apply to tune and drift only")
 
 
 def test_config_not_yaml(job, capsys):

@@ -24,6 +24,33 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
 
 
+def _add_runner(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runner", choices=("local", "beam"), default=None,
+                   help="where the detector runs (default: the config's runner.kind)")
+    p.epilog = (_EPILOG + " Beam pipeline flags go after --, replace runner.beam_options and "
+                "select the Beam runner: tfcal tune my.yaml -- --runner=DataflowRunner "
+                "--project=P --region=R --temp_location=gs://B/tmp")
+
+
+def _with_runner(cfg, args):
+    """`cfg` with the command line's --runner and Beam flags (they win over the config)."""
+    import dataclasses
+
+    from tfcal import TfcalError
+
+    runner = cfg.runner
+    if args.runner is not None:
+        runner = dataclasses.replace(runner, kind=args.runner)
+    if args.beam_options:
+        bad = [f for f in args.beam_options if not f.startswith("--")]
+        if bad:
+            raise TfcalError(f"{cfg.source}: runner.beam_options (command line, after --): "
+                             f"must be Beam pipeline flags like --runner=DirectRunner, got "
+                             f"{bad[0]!r}")
+        runner = dataclasses.replace(runner, kind="beam", beam_options=tuple(args.beam_options))
+    return dataclasses.replace(cfg, runner=runner)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tfcal",
@@ -41,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG)
     p.add_argument("config", type=Path, help="YAML config (see configs/example.yaml)")
     p.add_argument("--no-export", action="store_true", help="skip the export even if enabled")
+    _add_runner(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -92,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="a new file for the result, or a folder for drift-<UTC time>.json "
                         "(default: <output.dir>/drift/); an earlier result is never replaced")
+    _add_runner(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -140,7 +169,7 @@ def _run(args: argparse.Namespace) -> int:
     from tfcal import config as config_lib
 
     if args.command == "tune":
-        cfg = config_lib.load_config(args.config)
+        cfg = _with_runner(config_lib.load_config(args.config), args)
         from tfcal.tuning import pipeline
         result = pipeline.run_tune(cfg, export=not args.no_export)
         print(result.summary())
@@ -164,7 +193,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"report: {path}")
         return EXIT_OK
     if args.command == "drift":
-        cfg = config_lib.load_config(args.config)
+        cfg = _with_runner(config_lib.load_config(args.config), args)
         from tfcal.tuning import drift
         result = drift.run_drift(cfg, args.annotations, args.images,
                                  raw_outputs=args.raw_outputs, out=args.out)
@@ -198,11 +227,21 @@ _default_showwarning = warnings.showwarning
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tfcal` console script; returns the exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    beam_flags: list[str] = []
+    if "--" in argv:  # Beam's own pipeline flags, passed through as given
+        cut = argv.index("--")
+        argv, beam_flags = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    args.beam_options = beam_flags
+    if beam_flags and args.command not in ("tune", "drift"):
+        print(f"tfcal: error: Beam flags after -- apply to tune and drift only, not "
+              f"{args.command}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tfcal").setLevel(logging.DEBUG if args.debug else logging.INFO)
-    for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "PIL"):
+    for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "PIL", "apache_beam"):
         logging.getLogger(noisy).setLevel(logging.WARNING if args.debug else logging.ERROR)
     from tfcal import TfcalError
 

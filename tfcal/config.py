@@ -39,6 +39,7 @@ OnUnreachable = Literal["disable", "best_effort", "error"]
 ConfidenceBudget = Literal["per_class", "simultaneous"]
 Scope = Literal["per_class", "pooled"]
 MultipleTesting = Literal["holm", "none"]
+RunnerKind = Literal["local", "beam"]
 
 
 def _check(predicate, message):
@@ -271,6 +272,26 @@ class DriftConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    """Where the detector pass runs (`tfcal.coco.runner` or `tfcal.beam`).
+
+    Attributes:
+      kind: ``local`` runs the detector in this process; ``beam`` runs it as an Apache Beam
+        pipeline (the ``tfcal[beam]`` extra) with RunInference, sharded, and merges the
+        per-image statistics into the same raw-output cache.
+      beam_options: Beam's own pipeline flags, passed through as given, e.g.
+        ``[--runner=DataflowRunner, --project=p, --region=r, --temp_location=gs://b/t]``
+        (default: the DirectRunner in this process).
+      shard_images: images per statistics shard (a worker holds at most one shard of raw
+        outputs in memory).
+    """
+
+    kind: RunnerKind = "local"
+    beam_options: tuple[str, ...] = ()
+    shard_images: int = dataclasses.field(default=256, metadata=_check(_positive, "must be > 0"))
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole tuning config, as loaded from YAML."""
 
@@ -281,6 +302,7 @@ class Config:
     output: OutputConfig = OutputConfig()
     export: ExportConfig = ExportConfig()
     drift: DriftConfig = DriftConfig()
+    runner: RunnerConfig = RunnerConfig()
     source: Path | None = dataclasses.field(default=None, compare=False)
     sha256: str = dataclasses.field(default="", compare=False)
 
@@ -435,6 +457,13 @@ def _cross_checks(cfg: Config, fail) -> None:
              "decides how the classes' scores compare, so it is fitted on the learn part and "
              "must not see the images that certify (or set calibration.method: none)",
              t.learn_fraction)
+    if cfg.runner.kind == "beam" and m.detector_path is None:
+        fail("runner.kind", "beam runs a detector (model.saved_model or model.path); with "
+             "model.raw_outputs there is none to run (use kind: local)")
+    for i, flag in enumerate(cfg.runner.beam_options):
+        if not flag.startswith("--"):
+            fail(f"runner.beam_options[{i}]", "must be a Beam pipeline flag like "
+                 "--runner=DirectRunner", flag)
     if len(set(cfg.data.subgroups)) != len(cfg.data.subgroups):
         fail("data.subgroups", "must not repeat a field", list(cfg.data.subgroups))
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from tfcal import TfcalError
+from tfcal import TfcalError, beam
 from tfcal.coco import boxes, runner
 from tfcal.coco.cache import check_value_ranges, load_raw_outputs, model_fingerprint
 from tfcal.coco.dataset import CategoryMapping, load_coco
@@ -89,9 +89,13 @@ def prepare(cfg: Config, *, annotations: Path | None = None, images: Path | None
     dataset = load_dataset(cfg, annotations, images)
     m = cfg.model
     if m.detector_path is not None:
-        raw = runner.run_detector(
-            open_detector(m), dataset, batch_size=m.batch_size,
-            cache_dir=cache_dir or m.cache_dir or (cfg.output.dir / "cache"))
+        cache_dir = cache_dir or m.cache_dir or (cfg.output.dir / "cache")
+        if cfg.runner.kind == "beam":
+            raw = beam.run_detector(m, cfg.runner, dataset, cache_dir=cache_dir,
+                                    source=str(cfg.source))
+        else:
+            raw = runner.run_detector(open_detector(m), dataset, batch_size=m.batch_size,
+                                      cache_dir=cache_dir)
     else:
         raw = load_raw_outputs(m.raw_outputs, dataset,
                                cache_dir=cache_dir or m.cache_dir or (cfg.output.dir / "cache"))
