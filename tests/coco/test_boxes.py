@@ -174,8 +174,8 @@ def test_box_format_needs_raw_outputs(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"model": {"saved_model": "m", "box_format": "xyxy"},
                                     "data": {"annotations": "a.json"}}))
-    with pytest.raises(TfcalError, match=r"c.yaml: model.box_format: must be yxyx with "
-                                         r"model.saved_model"):
+    with pytest.raises(TfcalError, match=r"c.yaml: model.box_format: must be yxyx with a "
+                                         r"detector model"):
         load_config(path)
     path.write_text(yaml.safe_dump({"model": {"raw_outputs": "r.npz", "box_format": "xywh"},
                                     "data": {"annotations": "a.json"}}))
