@@ -33,6 +33,7 @@ BoxUnits = Literal["normalized", "pixels"]
 ResizeMode = Literal["letterbox", "stretch"]
 PixelRange = Literal["unit", "byte"]
 OnUnknownLabel = Literal["error", "disable"]
+ExtraOutput = Literal["detection_multiclass_scores", "detection_anchor_indices"]
 CalibrationMethod = str  # a name in tfcal.calibration.names(), checked at load
 Objective = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
 OnUnreachable = Literal["disable", "best_effort", "error"]
@@ -245,6 +246,7 @@ class ExportConfig:
     version: int | None = dataclasses.field(default=None, metadata=_check(_positive, "must be > 0"))
     overwrite: bool = False
     include_raw_outputs: bool = False
+    extra_outputs: tuple[ExtraOutput, ...] = ()
     verify: bool = True
 
 

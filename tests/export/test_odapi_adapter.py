@@ -102,3 +102,43 @@ def test_per_class_boxes_tune_and_export(tmp_path):
     assert (tmp_path / "export" / "frcnn" / "1" / "saved_model.pb").is_file()
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["summary"]["holdout"]["tp"] > 0  # matched with each class's own boxes
+
+
+def test_extra_outputs_are_the_raw_rows_of_the_kept_boxes(tmp_path):
+    """`ModelOptions.extra_outputs`: every detections signature also returns, per kept box, its
+    index in the raw boxes and its raw score row (the OD API exporter's
+    `detection_anchor_indices` and `detection_multiclass_scores`); padding rows are 0."""
+    import tensorflow as tf
+
+    from tfcal.export import ExportOptions, ModelOptions, export_handoff
+    from tfcal.postprocess import PostProcessConfig
+
+    path = build_odapi_test_model(tmp_path / "det")
+    ppc = PostProcessConfig(num_classes=NUM_CLASSES, min_score_thresh=(0.3, 0.2, 0.4),
+                            nms_iou=(0.5, 0.6, 0.5), max_detections_per_class=4,
+                            max_total_detections=8)
+    extras = ("detection_multiclass_scores", "detection_anchor_indices")
+    options = ExportOptions(export_root=tmp_path / "export", model_name="det", verify=True,
+                            model=ModelOptions(include_raw_outputs=True, extra_outputs=extras))
+    result = export_handoff(ppc, DetectorDescription(saved_model=str(path)), options)
+    loaded = tf.saved_model.load(str(result.version_dir))
+    image = tf.constant(np.stack([sample_image(seed=5), sample_image(seed=6)]))
+    out = loaded.signatures["serving_default"](input_tensor=image)
+    enc = loaded.signatures["encoded_image"](
+        encoded_image=tf.constant([tf.io.encode_png(i).numpy() for i in image]))
+    raw_b, raw_s = out["raw_detection_boxes"].numpy(), out["raw_detection_scores"].numpy()
+    idx, rows = out["detection_anchor_indices"].numpy(), out["detection_multiclass_scores"].numpy()
+    assert rows.shape == (2, 8, NUM_CLASSES + 1) and idx.shape == (2, 8)
+    for b in range(2):
+        n = int(out["num_detections"][b])
+        assert n > 0
+        i = idx[b, :n].astype(int)
+        np.testing.assert_array_equal(rows[b, :n], raw_s[b, i])
+        np.testing.assert_allclose(out["detection_boxes"][b, :n], raw_b[b, i], atol=1e-6)
+        cls = out["detection_classes"][b, :n].numpy().astype(int)  # label_offset 1: column + 1
+        np.testing.assert_allclose(out["detection_scores"][b, :n], raw_s[b, i, cls], atol=1e-6)
+        assert not rows[b, n:].any() and not idx[b, n:].any()
+    for key in extras:
+        np.testing.assert_allclose(enc[key], out[key], atol=1e-6)
+    with pytest.raises(ValueError, match="extra_outputs"):
+        ModelOptions(extra_outputs=("detection_masks",))

@@ -53,12 +53,13 @@ from tfcal.detectors.base import INPUT_TYPES, DetectorInfo, InputType, ServingGr
 from tfcal.detectors.odapi import NMS_OPS, detect_input_type, load_serving_graph
 from tfcal.handoff import DetectorDescription
 
-__all__ = ["DETECTION_KEYS", "INPUT_TYPES", "NMS_OPS", "DetectorInfo", "ExportResult",
+__all__ = ["DETECTION_KEYS", "EXTRA_OUTPUTS", "INPUT_TYPES", "NMS_OPS", "DetectorInfo", "ExportResult",
            "ModelOptions", "ServingGraph", "count_nms_ops", "detect_input_type",
            "export_detector", "load_described", "load_detector", "save_export"]
 
 logger = logging.getLogger(__name__)
 
+EXTRA_OUTPUTS: tuple[str, ...] = ("detection_multiclass_scores", "detection_anchor_indices")
 DETECTION_KEYS: tuple[str, ...] = (
     "detection_boxes",
     "detection_scores",
@@ -105,6 +106,13 @@ class ModelOptions:
         default None: `num_classes + background_column`.
       per_class_boxes: for `postprocess_only` models, raw boxes are `[batch, N, K, 4]`, default
         False.
+      extra_outputs: OD API per-detection outputs to add to every detections signature, any of
+        `EXTRA_OUTPUTS`, default none: ``detection_multiclass_scores`` float32
+        `[batch, max_total_detections, C]`, the detector's raw score row of each detection (the
+        OD API's: every class, background included when the model has it, in the detector's
+        score space, before calibration); ``detection_anchor_indices`` float32
+        `[batch, max_total_detections]`, the index in the raw boxes each detection came from.
+        Padding rows are 0, as the OD API pads.
     """
 
     input_type: InputType | None = None
@@ -113,6 +121,7 @@ class ModelOptions:
     prune: bool = True
     raw_scores_columns: int | None = None
     per_class_boxes: bool = False
+    extra_outputs: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.input_type is not None:
@@ -122,6 +131,12 @@ class ModelOptions:
             validation.boolean(name, getattr(self, name))
         if self.raw_scores_columns is not None:
             validation.integer("raw_scores_columns", self.raw_scores_columns, minimum=1)
+        extras = tuple(self.extra_outputs)
+        for name in extras:
+            validation.choice("extra_outputs", name, EXTRA_OUTPUTS)
+        if len(set(extras)) != len(extras):
+            raise ValueError(f"extra_outputs: must not repeat a name, got {list(extras)}")
+        object.__setattr__(self, "extra_outputs", extras)
 
 
 def load_detector(
@@ -236,9 +251,19 @@ class _Untracked:
         self.value = value
 
 
-def _detections(postprocessor, boxes, scores) -> dict[str, tf.Tensor]:
-    out = postprocessor(tf.cast(boxes, tf.float32), tf.cast(scores, tf.float32))
-    return {key: tf.cast(out[key], tf.float32) for key in DETECTION_KEYS}
+def _detections(postprocessor, boxes, scores, extra_outputs=()) -> dict[str, tf.Tensor]:
+    """The detections signature outputs: `DETECTION_KEYS`, plus the `extra_outputs` (see
+    `ModelOptions`) gathered for the kept boxes by the post-processor."""
+    boxes = tf.cast(boxes, tf.float32)
+    scores = tf.cast(scores, tf.float32)
+    extras = {}
+    if "detection_multiclass_scores" in extra_outputs:
+        extras["detection_multiclass_scores"] = scores
+    if "detection_anchor_indices" in extra_outputs:
+        index = tf.range(tf.shape(scores)[1], dtype=tf.float32)
+        extras["detection_anchor_indices"] = tf.broadcast_to(index, tf.shape(scores)[:2])
+    out = postprocessor(boxes, scores, extras=extras or None)
+    return {key: tf.cast(out[key], tf.float32) for key in (*DETECTION_KEYS, *extras)}
 
 
 def _build_module(
@@ -252,6 +277,7 @@ def _build_module(
     from tfcal.layers import PostProcessor
 
     include_raw_outputs = options.include_raw_outputs
+    extra_outputs = options.extra_outputs
     raw_scores_columns = options.raw_scores_columns
     per_class_boxes = options.per_class_boxes
     post = PostProcessor.from_postprocess_config(config)
@@ -279,7 +305,8 @@ def _build_module(
 
     @tf.function(input_signature=[boxes_spec, scores_spec])
     def postprocess_only(raw_detection_boxes, raw_detection_scores):
-        return _detections(module.postprocessor, raw_detection_boxes, raw_detection_scores)
+        return _detections(module.postprocessor, raw_detection_boxes, raw_detection_scores,
+                           extra_outputs)
 
     module.postprocess_only = postprocess_only
 
@@ -312,7 +339,7 @@ def _build_module(
 
         def serve_fn(x):
             boxes, scores = raw_fn(x)
-            out = _detections(module.postprocessor, boxes, scores)
+            out = _detections(module.postprocessor, boxes, scores, extra_outputs)
             if include_raw_outputs:
                 out[info.raw_boxes_key] = tf.identity(boxes)
                 out[info.raw_scores_key] = tf.identity(scores)
@@ -323,7 +350,7 @@ def _build_module(
         signatures["serving_default"] = serve.get_concrete_function()
 
         if options.encoded_image_signature and info.input_type != "tf_example":
-            enc = _encoded_image_fn(module, info, raw_fn)
+            enc = _encoded_image_fn(module, info, raw_fn, extra_outputs)
             module.encoded_image = enc
             signatures["encoded_image"] = enc.get_concrete_function()
         elif options.encoded_image_signature:
@@ -333,7 +360,7 @@ def _build_module(
     return module, signatures
 
 
-def _encoded_image_fn(module: _ExportModule, info: DetectorInfo, raw_fn):
+def _encoded_image_fn(module: _ExportModule, info: DetectorInfo, raw_fn, extra_outputs=()):
     """The `encoded_image` signature: string `[None]` of JPEG/PNG bytes -> detections."""
     spec = tf.TensorSpec([None], tf.string, name="encoded_image")
     if info.input_type == "encoded_image_string_tensor":
@@ -341,7 +368,7 @@ def _encoded_image_fn(module: _ExportModule, info: DetectorInfo, raw_fn):
         @tf.function(input_signature=[spec])
         def encoded_image(images):
             boxes, scores = raw_fn(images)
-            return _detections(module.postprocessor, boxes, scores)
+            return _detections(module.postprocessor, boxes, scores, extra_outputs)
 
         return encoded_image
 
@@ -360,7 +387,7 @@ def _encoded_image_fn(module: _ExportModule, info: DetectorInfo, raw_fn):
     @tf.function(input_signature=[spec])
     def encoded_image(images):
         boxes, scores = tf.map_fn(one, images, fn_output_signature=(box_spec, score_spec))
-        return _detections(module.postprocessor, boxes, scores)
+        return _detections(module.postprocessor, boxes, scores, extra_outputs)
 
     return encoded_image
 

@@ -395,6 +395,7 @@ def export_for_serving(
     raw_boxes_key: str = "raw_detection_boxes",
     raw_scores_key: str = "raw_detection_scores",
     include_raw_outputs: bool = False,
+    extra_outputs: Sequence[str] = (),
     encoded_image_signature: bool = True,
     prune: bool = True,
     config_source: str | os.PathLike | None = None,
@@ -408,7 +409,8 @@ def export_for_serving(
       postprocess_config: a `PostProcessConfig`, a `postprocess.json` path or its dict.
       export_root, model_name, version, overwrite, container_base_path, batching, verify: see
         `ExportOptions`.
-      input_type, include_raw_outputs, encoded_image_signature, prune: see `odapi.ModelOptions`.
+      input_type, include_raw_outputs, extra_outputs, encoded_image_signature, prune: see
+        `odapi.ModelOptions`.
       warmup_images: paths, encoded bytes or uint8 `[H, W, 3]` arrays for the warmup requests and
         the verification; default one small generated image. Use real images from your data.
       signature_key, raw_boxes_key, raw_scores_key: see `odapi.load_detector`.
@@ -428,7 +430,8 @@ def export_for_serving(
         overwrite=overwrite, container_base_path=container_base_path, batching=batching,
         verify=verify, model=odapi.ModelOptions(
             input_type=input_type, include_raw_outputs=include_raw_outputs,
-            encoded_image_signature=encoded_image_signature, prune=prune))
+            extra_outputs=tuple(extra_outputs), encoded_image_signature=encoded_image_signature,
+            prune=prune))
     detector = None if detector_dir is None else DetectorDescription(
         saved_model=str(detector_dir), signature=signature_key, raw_boxes=raw_boxes_key,
         raw_scores=raw_scores_key)

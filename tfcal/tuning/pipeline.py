@@ -248,7 +248,8 @@ def _export_options(cfg: Config, detector: DetectorDescription | None, *, versio
                          version=version if version is not None else e.version,
                          overwrite=e.overwrite if overwrite is None else overwrite,
                          verify=e.verify,
-                         model=ModelOptions(include_raw_outputs=e.include_raw_outputs))
+                         model=ModelOptions(include_raw_outputs=e.include_raw_outputs,
+                                            extra_outputs=e.extra_outputs))
 
 
 def _export(cfg: Config, ppc: PostProcessConfig, detector: DetectorDescription,
