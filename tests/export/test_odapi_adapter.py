@@ -142,3 +142,29 @@ def test_extra_outputs_are_the_raw_rows_of_the_kept_boxes(tmp_path):
         np.testing.assert_allclose(enc[key], out[key], atol=1e-6)
     with pytest.raises(ValueError, match="extra_outputs"):
         ModelOptions(extra_outputs=("detection_masks",))
+
+
+def test_masks_made_after_the_models_own_nms_are_refused(tmp_path):
+    """A Mask R-CNN-style signature (masks for its own post-NMS detections) cannot follow the
+    tuned NMS: the adapter refuses it in one line naming the output, for tuning and export."""
+    import tensorflow as tf
+
+    from tfcal.export.odapi import load_detector
+
+    class WithMasks(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, None, None, 3], tf.uint8)])
+        def serve(self, x):
+            b = tf.zeros([1, 4, 4]) + tf.reduce_mean(tf.cast(x, tf.float32)) * 0.0
+            return {"raw_detection_boxes": b, "raw_detection_scores": tf.zeros([1, 4, 3]),
+                    "detection_masks": tf.zeros([1, 4, 8, 8])}
+
+    model = WithMasks()
+    tf.saved_model.save(model, str(tmp_path / "mrcnn"),
+                        signatures={"serving_default": model.serve.get_concrete_function()})
+    det = OdapiDetector(DetectorDescription(saved_model=str(tmp_path / "mrcnn"), input="x"))
+    with pytest.raises(TfcalError, match=r"outputs \['detection_masks'\] are computed by the "
+                                         r"model for its own post-NMS detections") as info:
+        det([sample_image()])
+    assert "\n" not in str(info.value)
+    with pytest.raises(TfcalError, match="detection_masks"):
+        load_detector(tmp_path / "mrcnn")

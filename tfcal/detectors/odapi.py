@@ -51,6 +51,9 @@ NMS_OPS = frozenset(
         "NonMaxSuppressionWithOverlaps",
     }
 )
+POST_NMS_OUTPUTS = frozenset({"detection_masks", "detection_keypoints",
+                              "detection_keypoint_scores"})
+"""OD API outputs made for the model's own post-NMS detections: refused (see `read_signature`)."""
 _PARSE_EXAMPLE_OPS = frozenset({"ParseExample", "ParseExampleV2", "ParseSingleExample"})
 
 
@@ -128,6 +131,13 @@ def read_signature(model: Any, path: str | Path, *, signature_key: str = "servin
     for key in (raw_boxes_key, raw_scores_key):
         if key not in outputs:
             raise TfcalError(f"{where}: output {key!r} not found (has {sorted(outputs)})")
+    post_nms = sorted(k for k in outputs if k in POST_NMS_OUTPUTS)
+    if post_nms:
+        raise TfcalError(
+            f"{where}: outputs {post_nms} are computed by the model for its own post-NMS "
+            f"detections (Mask R-CNN masks, CenterNet keypoints), so they cannot follow the "
+            f"detections of tfcal's tuned NMS and would be dropped; export a box-only model "
+            f"(exporter_main_v2.py without the mask or keypoint heads) to tune and serve")
     return Signature(path=path, key=signature_key, fn=fn, input_name=input_key,
                      input_spec=inputs[input_key], raw_boxes_key=raw_boxes_key,
                      raw_scores_key=raw_scores_key,
