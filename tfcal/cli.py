@@ -73,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export", help="export the tuned post-processing as a TF Serving SavedModel",
-        description="Append <output.dir>/postprocess.json to the detector in model.saved_model and "
-                    "write export.dir/<model_name>/<version>/ with models.config, batching "
-                    "parameters and warmup requests.",
+        description="Append <output.dir>/postprocess.json to the tuned detector (detector.json "
+                    "beside it: model.saved_model or model.path) and write "
+                    "export.dir/<model_name>/<version>/ with models.config, batching parameters "
+                    "and warmup requests (a TFLite detector or precomputed raw outputs: the "
+                    "post-processing alone, as <model_name>_postprocess).",
         epilog=_EPILOG)
     p.add_argument("config", type=Path, help="the YAML config used by `tfcal tune`")
     p.add_argument("--version", type=int, default=None, help="version number (default: next free)")
