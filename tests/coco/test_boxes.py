@@ -20,8 +20,8 @@ from tfcal.coco import boxes as box_lib
 from tfcal.coco.dataset import CategoryMapping, load_coco
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-NANODET_CACHE = Path("/work/runs/cache_nanodet800/raw_outputs-3716e79ff4e67f4e")
-COCO800 = SHARED / "data" / "coco_val2017_800" / "instances_val2017.json"
+NANODET = SHARED / "models" / "nanodet_odapi"
+TINY = SHARED / "data" / "coco_val2017_tiny"
 
 
 def _xyxy(b):
@@ -183,22 +183,26 @@ def test_box_format_needs_raw_outputs(tmp_path):
         load_config(path)
 
 
-@pytest.mark.skipif(not (NANODET_CACHE / "meta.json").exists() or not COCO800.exists(),
-                    reason=f"NanoDet cached outputs ({NANODET_CACHE}) or {COCO800} not found")
-def test_no_false_alarm_on_nanodet_cached_outputs():
-    from tfcal.coco.cache import load_raw_outputs
+@pytest.mark.slow
+@pytest.mark.skipif(not (NANODET / "saved_model.pb").exists()
+                    or not (TINY / "instances_val2017.json").exists(),
+                    reason=f"real model and data not found under {SHARED} "
+                           "(models/nanodet_odapi, data/coco_val2017_tiny)")
+def test_no_false_alarm_on_nanodet_outputs(tmp_path):
+    """NanoDet-g's real outputs on the 50 shared val2017 images pass; transposed, they do not."""
+    from tfcal.coco.runner import run_detector
 
-    ds = load_coco(COCO800)
-    raw = load_raw_outputs(NANODET_CACHE, ds)
+    ds = load_coco(TINY / "instances_val2017.json", TINY / "images")
+    raw = run_detector(NANODET, ds, cache_dir=tmp_path / "cache", progress=False)
     mapping = CategoryMapping.odapi(ds, raw.num_score_columns - 1)
     found = box_lib.check_boxes(raw, ds, mapping, box_format="yxyx", background_column=True,
-                                match_iou=0.5, source=str(NANODET_CACHE))
+                                match_iou=0.5, source=str(NANODET))
     assert found["inverted_share"] < 0.01
-    assert found["ap"] > 0.1 and found["num_gt"] > 1000  # 0.196 measured (no NMS)
+    assert found["ap"] > 0.1 and found["num_gt"] > 100  # 0.196 on the 800 images (no NMS)
     transposed = dataclasses.replace(raw, boxes=_xyxy(np.asarray(raw.boxes)))
-    with pytest.raises(TfcalError, match=r"model.box_format \(xyxy gives 0\.1"):
+    with pytest.raises(TfcalError, match=r"model.box_format \(xyxy gives 0\.[1-9]"):
         box_lib.check_boxes(transposed, ds, mapping, box_format="yxyx", background_column=True,
-                            match_iou=0.5, source=str(NANODET_CACHE))
+                            match_iou=0.5, source=str(NANODET))
 
 
 def test_per_class_boxes_are_sampled_with_their_class(demo):
