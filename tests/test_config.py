@@ -94,6 +94,7 @@ BAD = [
     (_with("calibration", "method", "beta"), "calibration.method: must be one of"),
     (_with("calibration", "min_samples", 0), "calibration.min_samples: must be > 0"),
     (_with("export", "version", 0), "export.version: must be > 0"),
+    (_with("export", "input_type", "jpeg"), "export.input_type: must be one of image_tensor"),
     (_with("export", "extra_outputs", ["detection_masks"]),
      "export.extra_outputs[0]: must be one of detection_multiclass_scores"),
     (_with("export", "model_name", ""), "export.model_name: must be a non-empty string"),

@@ -34,6 +34,8 @@ ResizeMode = Literal["letterbox", "stretch"]
 PixelRange = Literal["unit", "byte"]
 OnUnknownLabel = Literal["error", "disable"]
 ExtraOutput = Literal["detection_multiclass_scores", "detection_anchor_indices"]
+ServedInputType = Literal["image_tensor", "float_image_tensor", "encoded_image_string_tensor",
+                          "tf_example"]  # tfcal.detectors.odapi.INPUT_TYPES
 CalibrationMethod = str  # a name in tfcal.calibration.names(), checked at load
 Objective = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
 OnUnreachable = Literal["disable", "best_effort", "error"]
@@ -247,6 +249,7 @@ class ExportConfig:
     overwrite: bool = False
     include_raw_outputs: bool = False
     extra_outputs: tuple[ExtraOutput, ...] = ()
+    input_type: ServedInputType | None = None
     verify: bool = True
 
 

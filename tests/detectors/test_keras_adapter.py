@@ -146,3 +146,37 @@ def test_a_keras_yolo_head_through_the_yolo_adapter(tmp_path):
     np.testing.assert_allclose(boxes[0], _np_letterbox_decode(raw[:, :4] * 32.0, 24, 32, 32, 32),
                                atol=1e-5)
     np.testing.assert_allclose(scores[0], raw[:, 4:], atol=1e-6)
+
+
+def test_export_input_type_from_the_config(tmp_path, keras_file):
+    """`export.input_type` chooses the served input of a Keras (or YOLO) detector: here JPEG/PNG
+    strings in, the same detections as the adapter on the decoded images."""
+    import yaml
+
+    from tfcal.cli import main
+    from tfcal.layers import PostProcessor
+
+    path, _ = keras_file
+    cfg = _config(path)
+    ppc = PostProcessConfig(num_classes=C - 1, score_converter="identity",
+                            min_score_thresh=(0.3, 0.2), nms_iou=(0.5, 0.6),
+                            max_detections_per_class=4, max_total_detections=5)
+    ppc.save(tmp_path / "run" / "postprocess.json")
+    describe(cfg).save(tmp_path / "run" / "detector.json")
+    doc = {"model": {"format": "keras", "path": str(path), "score_converter": "identity"},
+           "data": {"annotations": "unused.json"}, "output": {"dir": "run"},
+           "export": {"dir": "export", "model_name": "det", "verify": False,
+                      "input_type": "encoded_image_string_tensor"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["export", str(tmp_path / "cfg.yaml")]) == 0
+    served = tf.saved_model.load(str(tmp_path / "export" / "det" / "1"))
+    fn = served.signatures["serving_default"]
+    (key, spec), = fn.structured_input_signature[1].items()
+    assert spec.dtype == tf.string
+    images = _images(seed=2)[:1]
+    out = fn(**{key: tf.constant([tf.io.encode_png(images[0]).numpy()])})
+    boxes, scores = open_detector(cfg)(images)
+    want = PostProcessor.from_postprocess_config(ppc)(tf.constant(boxes), tf.constant(scores))
+    for k in ("detection_boxes", "detection_scores", "detection_classes", "num_detections"):
+        np.testing.assert_allclose(out[k].numpy(), tf.cast(want[k], tf.float32).numpy(),
+                                   atol=1e-5, err_msg=k)

@@ -249,7 +249,8 @@ def _export_options(cfg: Config, detector: DetectorDescription | None, *, versio
                          overwrite=e.overwrite if overwrite is None else overwrite,
                          verify=e.verify,
                          model=ModelOptions(include_raw_outputs=e.include_raw_outputs,
-                                            extra_outputs=e.extra_outputs))
+                                            extra_outputs=e.extra_outputs,
+                                            input_type=e.input_type))
 
 
 def _export(cfg: Config, ppc: PostProcessConfig, detector: DetectorDescription,
