@@ -155,6 +155,16 @@ class Detector(abc.ABC):
                          f"export the post-processing alone (`tfcal export --postprocess-only`)")
 
 
+def load_keras_model(path) -> Any:
+    """Loads a ``.keras`` model, uncompiled (TfcalError naming `path` when it cannot)."""
+    import keras
+
+    try:
+        return keras.saving.load_model(str(path), compile=False)
+    except (OSError, ValueError, TypeError) as e:
+        raise TfcalError(f"{path}: cannot load Keras model: {str(e).splitlines()[0]}") from None
+
+
 def check_outputs(source: str, boxes: np.ndarray, scores: np.ndarray, batch: int,
                   what: str = "outputs") -> tuple[np.ndarray, np.ndarray]:
     """Checks a detector's decoded outputs: boxes `[batch, N, 4]` (or per class

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Mapping
 
 from tfcal import TfcalError
-from tfcal.detectors.base import Detector, ServingGraph, check_outputs, image_serving_graph
+from tfcal.detectors.base import (Detector, ServingGraph, check_outputs, image_serving_graph,
+                                  load_keras_model)
 
 
 class KerasDetector(Detector):
@@ -42,13 +43,7 @@ class KerasDetector(Detector):
     def _load(self):
         if self._model is not None:
             return self._model
-        import keras
-
-        try:
-            model = keras.saving.load_model(str(self.path), compile=False)
-        except (OSError, ValueError, TypeError) as e:
-            raise TfcalError(f"{self.path}: cannot load Keras model: "
-                             f"{str(e).splitlines()[0]}") from None
+        model = load_keras_model(self.path)
         size = self.keys.get("input_size")
         if size is None and model.inputs:
             static = tuple(model.inputs[0].shape)[1:3]

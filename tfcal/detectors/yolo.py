@@ -39,7 +39,8 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from tfcal import TfcalError
-from tfcal.detectors.base import Detector, ServingGraph, check_outputs, image_serving_graph
+from tfcal.detectors.base import (Detector, ServingGraph, check_outputs, image_serving_graph,
+                                  load_keras_model)
 
 logger = logging.getLogger(__name__)
 
@@ -348,13 +349,7 @@ class _Graph:
         self.path = path
         output = keys.get("output")
         if backend == "keras":
-            import keras
-
-            try:
-                model = keras.saving.load_model(str(path), compile=False)
-            except (OSError, ValueError, TypeError) as e:
-                raise TfcalError(f"{path}: cannot load Keras model: "
-                                 f"{str(e).splitlines()[0]}") from None
+            model = load_keras_model(path)
             self.model = model
             shape = tuple(model.inputs[0].shape) if model.inputs else (None, None, None, 3)
             self.input_size = shape[1:3]
