@@ -38,7 +38,7 @@ ServedInputType = Literal["image_tensor", "float_image_tensor", "encoded_image_s
                           "tf_example"]  # tfcal.detectors.odapi.INPUT_TYPES
 CalibrationMethod = str  # a name in tfcal.calibration.names(), checked at load
 Objective = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
-OnUnreachable = Literal["disable", "best_effort", "error"]
+OnUnreachable = Literal["disable", "best_effort", "error", "pool"]
 ConfidenceBudget = Literal["per_class", "simultaneous"]
 Scope = Literal["per_class", "pooled"]
 MultipleTesting = Literal["holm", "none"]
@@ -462,6 +462,22 @@ def _cross_checks(cfg: Config, fail) -> None:
              "decides how the classes' scores compare, so it is fitted on the learn part and "
              "must not see the images that certify (or set calibration.method: none)",
              t.learn_fraction)
+    if t.on_unreachable == "pool":
+        if not (KINDS[t.objective].certifiable and t.confidence is not None):
+            fail("tuning.on_unreachable", "pool needs a certified target (objective "
+                 "precision_target or recall_target with a confidence): the group's pooled "
+                 "target is what is certified", "pool")
+        if t.scope != "per_class":
+            fail("tuning.on_unreachable", "pool needs tuning.scope: per_class (scope pooled "
+                 "already shares one threshold)", "pool")
+        if t.learn_fraction == 0:
+            fail("tuning.learn_fraction", "must be > 0 with tuning.on_unreachable: pool: the "
+                 "learn part decides which classes form the group, without the certify labels",
+                 t.learn_fraction)
+    for key, ov in t.classes.items():
+        if ov.on_unreachable == "pool":
+            fail(f"tuning.classes.{key}.on_unreachable", "pool is set for all classes at once "
+                 "(tuning.on_unreachable): the group is one decision", "pool")
     if cfg.runner.kind == "beam" and m.detector_path is None:
         fail("runner.kind", "beam runs a detector (model.saved_model or model.path); with "
              "model.raw_outputs there is none to run (use kind: local)")

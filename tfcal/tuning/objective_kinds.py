@@ -151,7 +151,7 @@ def kind_of(name: str) -> Kind:
 
 
 #: What a class that cannot reach its target gets.
-ON_UNREACHABLE = ("disable", "best_effort", "error")
+ON_UNREACHABLE = ("disable", "best_effort", "error", "pool")
 
 
 def check_fields(**fields) -> None:

@@ -48,6 +48,16 @@ Conventions (the brute-force reference in tests/tuning/test_search_bruteforce.py
   (its lower bound in confidence mode) with tp > 0, then recall; for `recall_target` the highest
   recall, then precision; a class with no TP anywhere is disabled even then (it would only emit
   false positives); `"error"` raises `UnreachableTargetError` listing every such class.
+- `on_unreachable="pool"` (a certified default objective with a learn split): the classes the
+  learn part does not expect to certify on their own (no plan, or a planned start whose
+  predicted pass probability is < 0.5) and those under `min_support` form one group, decided
+  without any certify label. The group shares one `(min_score_thresh, nms_iou)`, chosen on its
+  detections pooled and certified on its pooled precision (or recall) by the same Learn-then-Test
+  at the full `delta` (per class) or `delta / (K_cert + 1)` (simultaneous: the group is one more
+  statement). Its classes get status and guarantee `"pooled"`: together they keep the target,
+  none of them alone is promised. A class tested alone that then fails on the certify part stays
+  disabled: moving it into the group would let the certify labels choose the group. When the
+  group cannot be certified, its classes are disabled.
 - Too little support (`num_gt < min_support`, or fewer than `min_detections` non-ignored
   detections at every IoU): status `insufficient_data`; the class gets the choice of the default
   objective over all classes' detections pooled (per IoU), falling back to the pooled best effort
@@ -71,8 +81,8 @@ from tfcal.tuning.objective_kinds import KINDS, Counts, check_fields, kind_of
 log = logging.getLogger(__name__)
 
 ObjectiveName = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
-OnUnreachable = Literal["disable", "best_effort", "error"]
-Status = Literal["ok", "unreachable", "insufficient_data"]
+OnUnreachable = Literal["disable", "best_effort", "error", "pool"]
+Status = Literal["ok", "unreachable", "insufficient_data", "pooled"]
 Guarantee = Literal["certified", "estimate", "pooled", "none"]
 ConfidenceBudget = Literal["per_class", "simultaneous"]
 _POLICIES = ("disable", "best_effort", "error")
@@ -262,7 +272,8 @@ class ClassChoice:
 
     Attributes:
         column: class column.
-        status: `"ok"`, `"unreachable"` or `"insufficient_data"`.
+        status: `"ok"`, `"unreachable"`, `"insufficient_data"` or `"pooled"` (a member of the
+            `on_unreachable="pool"` group, emitted at the group's certified point).
         enabled: False when the class is never emitted (unreachable with `disable`, or no TP).
         min_score_thresh: chosen threshold (a float32 value; 1.0 for a disabled class).
         nms_iou: chosen NMS IoU (the default IoU for a disabled class).
@@ -275,8 +286,8 @@ class ClassChoice:
         objective: the objective name used for this class.
         guarantee: `"certified"` (the target is certified, see the module docstring),
             `"estimate"` (a point estimate), `"pooled"` (one shared threshold: only the pooled
-            number is certified or estimated, see `pooled_search`) or `"none"` (best effort,
-            pooled fallback, disabled).
+            number is certified or estimated, see `pooled_search`, or the group's with
+            `on_unreachable="pool"`) or `"none"` (best effort, pooled fallback, disabled).
         test_level: the family-wise level of each of this class's IoU curves in certified mode
             (`delta / G`, or `delta / (K_cert G)` simultaneously), else NaN.
         p_value: the exact binomial p-value at the chosen point in certified mode, else NaN.
@@ -336,7 +347,8 @@ class SearchResult:
         curves: one `Curves` per grid value, in grid order.
         iou_table: float64 `[G, K]`: best objective value of each class at each IoU (NaN where no
             feasible point): the trade-off across the grid, for plots.
-        pooled: the pooled choice used for `insufficient_data` classes (column -1), or None.
+        pooled: the pooled choice used for `insufficient_data` classes, or with
+            `on_unreachable="pool"` the group's certified choice (column -1), or None.
     """
 
     classes: tuple[ClassChoice, ...]
@@ -492,8 +504,9 @@ def _learned_segments(obj: Objective, curves: Sequence[Curves], learn: Sequence[
     starts; the certify split (`curves`) tests it at the class's whole level.
 
     Returns:
-        `(iou index, curve rows, certified, p-values)` of the chosen IoU curve, or None when the
-        learn split predicts that no IoU can be certified.
+        `(iou index, curve rows, certified, p-values, start chance)` of the chosen IoU curve
+        (the start chance: the predicted probability that the sequence's first test passes), or
+        None when the learn split predicts that no IoU can be certified.
     """
     plans = []
     for i, cv in enumerate(curves):
@@ -516,6 +529,7 @@ def _learned_segments(obj: Objective, curves: Sequence[Curves], learn: Sequence[
                 continue
             # Expected recall: the planned end's recall times the chance the start passes.
             value = chance[start] * t_l[end] / max(num_gt_learn, 1)
+            start_chance = float(chance[start])
             rows = rows[start:]
             p = certification.binomial_pvalue(tp[rows], n[rows], obj.target_precision)
             weights = np.zeros(rows.shape)
@@ -533,15 +547,16 @@ def _learned_segments(obj: Objective, curves: Sequence[Curves], learn: Sequence[
                 continue
             e = run - 1
             value = t_l[e] / max(t_l[e] + f_l[e], 1)  # predicted precision
+            start_chance = 1.0  # the run's first point is predicted to pass
             p = certification.binomial_pvalue(tp[rows], np.full(rows.shape, n_gt),
                                               obj.target_recall)
             weights = np.zeros(rows.shape)
             weights[0] = 1.0  # recall: one fixed sequence from the bottom
-        plans.append((-value, int(ranks[i]), i, lo + rows, p, weights))
+        plans.append((-value, int(ranks[i]), i, lo + rows, p, weights, start_chance))
     if not plans:
         return None
-    _, _, i, rows, p, weights = min(plans, key=lambda x: (x[0], x[1]))
-    return i, rows, certification.fallback_reject(p, weights, level), p
+    _, _, i, rows, p, weights, start_chance = min(plans, key=lambda x: (x[0], x[1]))
+    return i, rows, certification.fallback_reject(p, weights, level), p, start_chance
 
 
 def _boxes_to_certify(obj: Objective, curves: Sequence[Curves], column: int, level: float):
@@ -714,12 +729,32 @@ def joint_search(
         learn_gt = next(iter(learn.values())).num_gt
         if learn_gt.shape[0] != k:
             raise ValueError(f"learn must have {k} class columns, got {learn_gt.shape[0]}")
+    pool = objective.on_unreachable == "pool"
+    if any(o.on_unreachable == "pool" for o in objectives) and not pool:
+        raise ValueError("on_unreachable='pool' is set on the default objective (the group is "
+                         "searched for it), not on an override alone")
+    if pool:
+        if not objective.certified:
+            raise ValueError("on_unreachable='pool' needs a certified objective (a target with "
+                             "a confidence): the group's pooled target is what is certified")
+        if learn is None:
+            raise ValueError("on_unreachable='pool' needs learn (a learn split): which classes "
+                             "form the group is decided there, without the certify labels")
+    # One more statement for the group: the simultaneous budget splits delta over it too.
+    statements = len(cert_cols) + (1 if pool else 0)
     level = np.full(k, np.nan)
     for c in cert_cols:
         delta = 1.0 - objectives[c].confidence
         if confidence_budget == "simultaneous":
-            delta /= len(cert_cols)
+            delta /= statements
         level[c] = delta if learn is not None else delta / len(grid)
+    group_level = math.nan
+    if pool:
+        group_level = (1.0 - objective.confidence) / (
+            statements if confidence_budget == "simultaneous" else 1)
+    # Group members share the default objective; an override with another target is disabled.
+    joins = [pool and objectives[c] == objective for c in range(k)]
+    group = [c for c in range(k) if insufficient[c] and joins[c]]
 
     n_pts = col.shape[0]
     feasible = np.zeros(n_pts, bool)
@@ -750,8 +785,11 @@ def joint_search(
         if learn is not None:
             plan = _learned_segments(objectives[c], curves, learn_sorted, c, int(learn_gt[c]),
                                      level[c], ranks)
+            if joins[c] and (plan is None or plan[4] < 0.5):
+                group.append(c)  # not expected to certify alone (learn part): joins the group
+                continue
             if plan is not None:
-                i, rows, ok, p = plan
+                i, rows, ok, p, _ = plan
                 at = pts.base[i] + rows
                 feasible[at] = ok & (tp[at] > 0)
                 pvalue[at] = p
@@ -766,7 +804,12 @@ def joint_search(
     iou_table = iou_table.reshape(len(grid), k)
 
     pooled_choice, pooled_point = None, None
-    if insufficient.any():
+    group = sorted(group)
+    group_set = set(group)
+    if pool and group:
+        pooled_choice, pooled_point = _group_search(matched, learn, group, objective,
+                                                    group_level, thr, default_nms_iou)
+    elif insufficient.any() and not pool:
         pooled_choice, pooled_point = _pooled(mds, grid, objective, ranks, thr, default_nms_iou,
                                               learn)
 
@@ -808,8 +851,21 @@ def joint_search(
     errors = []
     for c in range(k):
         obj = objectives[c]
-        if insufficient[c]:
+        if c in group_set:
+            status = "insufficient_data" if insufficient[c] else "unreachable"
             if pooled_point is None:
+                choices.append(disabled(c, status, obj))
+                continue
+            g_idx, t_pool = pooled_point
+            t, f = sorted_[g_idx].counts_at(c, t_pool)
+            n = int(num_gt[c])
+            val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None)[3][0]
+            choices.append(ClassChoice.at_counts(
+                c, "pooled", min_score_thresh=float(t_pool), nms_iou=grid[g_idx], tp=t, fp=f,
+                num_gt=n, value=float(val), objective=objective.name, guarantee="pooled",
+                test_level=group_level, boxes_to_certify=need(c), boxes_available=have(c)))
+        elif insufficient[c]:
+            if pooled_point is None or pool:  # the group's point is for its members only
                 choices.append(disabled(c, "insufficient_data", objective))
                 continue
             g_idx, t_pool = pooled_point
@@ -838,14 +894,38 @@ def joint_search(
                         pooled_choice)
 
 
-def pool_classes(matched: Mapping[float, MatchedDetections]) -> dict[float, MatchedDetections]:
+def pool_classes(matched: Mapping[float, MatchedDetections],
+                 columns: Sequence[int] | None = None) -> dict[float, MatchedDetections]:
     """The same detections as one class (column 0, `num_gt` summed): the search over them is
-    one shared threshold and IoU, judged on the pooled precision or recall."""
+    one shared threshold and IoU, judged on the pooled precision or recall. With `columns`, only
+    those class columns' detections and ground truths are pooled."""
     out = {}
     for g, md in matched.items():
-        out[g] = MatchedDetections(md.score, np.zeros(md.score.shape[0], np.int64), md.tp,
-                                   md.ignored, np.array([int(md.num_gt.sum())]))
+        keep = slice(None) if columns is None else np.isin(md.column, np.asarray(columns))
+        n = md.num_gt if columns is None else md.num_gt[np.asarray(columns, np.int64)]
+        score = md.score[keep]
+        out[g] = MatchedDetections(score, np.zeros(score.shape[0], np.int64), md.tp[keep],
+                                   md.ignored[keep], np.array([int(n.sum())]))
     return out
+
+
+def _group_search(matched, learn, group, objective: Objective, level: float, thr,
+                  default_nms_iou: float):
+    """The group's shared `(min_score_thresh, nms_iou)` (`on_unreachable="pool"`): the default
+    objective over the group's detections pooled, certified at `level` by Learn-then-Test (the
+    learn part plans, the certify part tests), so the group's pooled precision (or recall) keeps
+    the promise. Returns `(choice, (grid index, threshold) or None)`, column -1."""
+    grid = tuple(float(g) for g in matched)
+    inner = dataclasses.replace(objective, confidence=1.0 - level, on_unreachable="disable")
+    found = joint_search(pool_classes(matched, group), inner, default_nms_iou=default_nms_iou,
+                         min_support=1, thresholds=thr, learn=pool_classes(learn, group))
+    c = dataclasses.replace(found.classes[0], column=-1,
+                            guarantee="certified" if found.classes[0].enabled else "none")
+    if c.status != "ok" or not c.enabled:
+        log.warning("on_unreachable pool: the group of %d classes cannot be certified at the "
+                    "%s target; they are disabled", len(group), objective.name)
+        return c, None
+    return c, (grid.index(c.nms_iou), float(c.min_score_thresh))
 
 
 def pooled_search(matched: Mapping[float, MatchedDetections], objective: Objective = Objective(),
@@ -866,6 +946,8 @@ def pooled_search(matched: Mapping[float, MatchedDetections], objective: Objecti
     """
     grid = tuple(float(g) for g in matched)
     mds = [matched[g] for g in matched]
+    if objective.on_unreachable == "pool":  # one decision already: nothing to group
+        objective = dataclasses.replace(objective, on_unreachable="disable")
     one = joint_search(pool_classes(matched), objective, default_nms_iou=default_nms_iou,
                        min_support=1, thresholds=thresholds,
                        learn=None if learn is None else pool_classes(learn))

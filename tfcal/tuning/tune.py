@@ -8,6 +8,7 @@ certified), and the `PostProcessConfig` they give.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -65,6 +66,10 @@ def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
         matched = matched_candidates(cfg, prep, calib, tune_idx)
     if t.scope == "pooled":
         return pooled_search(matched, objective, default_nms_iou=t.default_nms_iou, learn=learn)
+    if learn is None and objective.on_unreachable == "pool":
+        log.warning("on_unreachable pool: no learn split (fewer than 2 tune images); classes "
+                    "that cannot be certified are disabled instead")
+        objective = dataclasses.replace(objective, on_unreachable="disable")
     try:
         return joint_search(matched, objective, overrides=overrides,
                             default_nms_iou=t.default_nms_iou, min_support=t.min_support,
@@ -96,9 +101,11 @@ def calibration_images(cfg: Config, prep: Prepared, tune_idx: np.ndarray) -> np.
 
 def calibration_fit_part(cfg: Config, prep: Prepared, num_tune: int) -> str:
     """``"learn"`` when the calibration is fitted on the learn part only (see
-    `calibration_images`), else ``"tune"``."""
-    pooled = cfg.tuning.scope == "pooled"
-    return "learn" if pooled and uses_learn_split(cfg, prep, num_tune) else "tune"
+    `calibration_images`), else ``"tune"``. With `tuning.on_unreachable: pool` the group's
+    shared threshold compares its classes' calibrated scores, as the pooled scope does."""
+    t = cfg.tuning
+    compared = t.scope == "pooled" or t.on_unreachable == "pool"
+    return "learn" if compared and uses_learn_split(cfg, prep, num_tune) else "tune"
 
 
 def tune_on(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
