@@ -485,3 +485,23 @@ def test_export_of_precomputed_raw_outputs_lands_at_the_postprocess_model(tmp_pa
     run_tune(load_config(path), export=True)
     assert (tmp_path / "export" / "det_postprocess" / "1" / "saved_model.pb").is_file()
     assert not (tmp_path / "export" / "det").exists()
+
+
+def test_pool_policy_fits_on_the_learn_part_and_reports_the_group(tmp_path):
+    """`on_unreachable: pool` compares the group's classes by calibrated score, so the
+    calibration is fitted on the learn part; here the group (flag alone: precision 1/3) cannot
+    be certified, so flag is disabled exactly as with `disable`, and the report says so."""
+    report, ppc, run_dir, _ = _tune(tmp_path, calibration={"method": "platt", "per_class": False},
+                                    tuning={"confidence": 0.95, "on_unreachable": "pool"},
+                                    output={"plots": False})
+    assert report["calibration"]["fitted_on"] == "learn"
+    assert report["target"]["on_unreachable"] == "pool"
+    g = report["summary"]["guarantee"]
+    assert "The classes marked pooled" in g["statement"]
+    assert g["group"]["classes"] == 0 and g["group"]["guarantee"] == "none"
+    classes = _by_name(report)
+    assert (classes["flag"]["status"], classes["flag"]["enabled"]) == ("unreachable", False)
+    assert ppc["class_enabled"][classes["flag"]["column"]] is False
+    assert classes["car"]["guarantee"]["kind"] == "certified"
+    assert "Pooled group (0 classes, none): not certified: disabled." in (
+        run_dir / "report.md").read_text()

@@ -353,3 +353,22 @@ def test_minimal_report_is_not_mutated_by_rendering():
     before = copy.deepcopy(report)
     render_markdown(report)
     assert report == before
+
+
+def test_markdown_pooled_group_line():
+    report = minimal_report()
+    report["target"]["on_unreachable"] = "pool"
+    report["summary"]["guarantee"] = {
+        "classes": {"certified": 1, "pooled": 2}, "statement": "With probability >= 95% ...",
+        "group": {"classes": 2, "guarantee": "certified", "threshold": 0.72, "nms_iou": 0.5,
+                  "test_level": 0.05, "p_value": 0.02,
+                  "holdout": {"tp": 86, "fp": 13, "fn": 1224, "precision": 86 / 99,
+                              "precision_lower": 0.786, "precision_upper": 0.928,
+                              "recall": 86 / 1310}}}
+    md = render_markdown(report)
+    assert ("Pooled group (2 classes, certified): threshold 0.720, NMS IoU 0.5; holdout "
+            "precision 0.869 [0.786, 0.928], recall 0.066.") in md
+    assert "classes not expected to certify alone share one certified threshold" in md
+    report["summary"]["guarantee"]["group"].update(guarantee="none", threshold=None,
+                                                   nms_iou=None, holdout=None, classes=0)
+    assert "Pooled group (0 classes, none): not certified: disabled." in render_markdown(report)

@@ -391,3 +391,109 @@ def test_objective_registry_is_the_one_vocabulary():
     assert kind_of("f1").meets(obj, {"precision": 0.1}) is None
     with pytest.raises(ValueError, match="objective must be one of"):
         kind_of("youden")
+
+
+def _clean(column, n_tp, n_fp, top=0.99, step=0.001):
+    """`n_tp` true positives scored from `top` down, then `n_fp` false positives below them."""
+    rows = [(top - step * i, column, 1) for i in range(n_tp)]
+    return rows + [(top - step * (n_tp + i), column, 0) for i in range(n_fp)]
+
+
+def pool_fixture(*, hopeless_group=False):
+    """Class 0: 200 clean true positives (certifies alone at 0.9). Classes 1-3: 28 true
+    positives each, above 1 false positive, so no class alone can pass an exact test at 0.9
+    (29 straight true positives are the least that can, at level 0.05), while their 84 + 3
+    pooled can. Class 4 has 4 ground truths (< min_support 10). The learn part is the same
+    shape. With `hopeless_group`, classes 1-3 are mostly false positives."""
+    def part(scale):
+        rows = _clean(0, 200 * scale, 5)
+        for c in (1, 2, 3):
+            rows += (_clean(c, 28 * scale, 1, top=0.95 - 0.01 * c) if not hopeless_group
+                     else _clean(c, 2 * scale, 12 * scale, top=0.95 - 0.01 * c))
+        rows += _clean(4, 4, 0, top=0.9)
+        gt = [200 * scale + 10, 28 * scale + 2, 28 * scale + 2, 28 * scale + 2, 4]
+        return {0.5: _md(rows, gt), 0.6: _md(rows, gt)}
+    return part(1), part(1)
+
+
+POOL = Objective(target_precision=0.9, confidence=0.95, on_unreachable="pool")
+
+
+def test_pool_groups_what_the_learn_part_does_not_expect_to_certify():
+    certify, learn = pool_fixture()
+    r = joint_search(certify, POOL, learn=learn)
+    c = r.classes
+    assert (c[0].status, c[0].guarantee) == ("ok", "certified")
+    for m in c[1:]:
+        assert (m.status, m.guarantee, m.enabled) == ("pooled", "pooled", True)
+        assert (m.min_score_thresh, m.nms_iou) == (r.pooled.min_score_thresh, r.pooled.nms_iou)
+        assert m.test_level == pytest.approx(0.05)
+    g = r.pooled
+    assert (g.column, g.status, g.guarantee) == (-1, "ok", "certified")
+    assert g.tp + g.fp == sum(m.tp + m.fp for m in c[1:])  # the group is its members pooled
+    assert g.num_gt == sum(m.num_gt for m in c[1:])
+    assert g.p_value <= 0.05 and g.precision >= 0.9
+    # Without pooling the same classes are disabled (1-3) or get the uncertified fallback (4).
+    plain = joint_search(certify, Objective(target_precision=0.9, confidence=0.95), learn=learn)
+    assert [m.status for m in plain.classes] == ["ok", "unreachable", "unreachable",
+                                                  "unreachable", "insufficient_data"]
+    assert [m.guarantee for m in plain.classes[1:]] == ["none"] * 4
+    assert plain.classes[0] == c[0]  # a class tested alone is untouched by the group
+
+
+def test_pool_simultaneous_budget_counts_the_group_as_one_more_statement():
+    certify, learn = pool_fixture()
+    r = joint_search(certify, POOL, learn=learn, confidence_budget="simultaneous")
+    assert r.classes[0].test_level == pytest.approx(0.05 / 5)  # 4 certified classes + group
+    assert r.pooled.test_level == pytest.approx(0.05 / 5)
+
+
+def test_pool_group_that_cannot_be_certified_is_disabled():
+    certify, learn = pool_fixture(hopeless_group=True)
+    r = joint_search(certify, POOL, learn=learn)
+    assert r.pooled.guarantee == "none" and not r.pooled.enabled
+    assert [m.status for m in r.classes[1:4]] == ["unreachable"] * 3
+    assert not any(m.enabled for m in r.classes[1:4])
+    # The class under min_support keeps the uncertified pooled fallback, as without pooling.
+    assert (r.classes[4].status, r.classes[4].guarantee) == ("insufficient_data", "none")
+
+
+def test_pool_an_override_with_another_target_does_not_join():
+    certify, learn = pool_fixture()
+    other = Objective(target_precision=0.97, confidence=0.95, on_unreachable="pool")
+    r = joint_search(certify, POOL, overrides={2: other}, learn=learn)
+    assert r.classes[2].status == "unreachable" and not r.classes[2].enabled
+    assert [m.status for m in r.classes[1:]] == ["pooled", "unreachable", "pooled", "pooled"]
+
+
+def test_pool_needs_a_learn_split_and_the_default_objective():
+    certify, learn = pool_fixture()
+    with pytest.raises(ValueError, match="needs learn"):
+        joint_search(certify, POOL)
+    with pytest.raises(ValueError, match="not on an override alone"):
+        joint_search(certify, Objective(target_precision=0.9, confidence=0.95),
+                     overrides={1: POOL}, learn=learn)
+    with pytest.raises(ValueError, match="certified objective"):
+        joint_search(certify, Objective(target_precision=0.9, on_unreachable="pool"),
+                     learn=learn)
+
+
+def test_pool_group_block_of_the_report_sums_its_members(tmp_path):
+    from tfcal.config import load_config
+    from tfcal.tuning.evaluate import _guarantee_block
+
+    certify, learn = pool_fixture()
+    found = joint_search(certify, POOL, learn=learn)
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {annotations: a.json}\nmodel: {raw_outputs: r.npz}\n"
+                    "tuning: {on_unreachable: pool}\n")
+    classes = [{"status": c.status, "guarantee": {"kind": c.guarantee},
+                "holdout": {"tp": 10 * i, "fp": i, "fn": 3}}
+               for i, c in enumerate(found.classes)]
+    block = _guarantee_block(load_config(path), found, classes)
+    g = block["group"]
+    assert block["classes"] == {"certified": 1, "pooled": 4}
+    assert g["classes"] == 4 and g["guarantee"] == "certified"
+    assert (g["threshold"], g["nms_iou"]) == (found.pooled.min_score_thresh, found.pooled.nms_iou)
+    assert (g["holdout"]["tp"], g["holdout"]["fp"], g["holdout"]["fn"]) == (100, 10, 12)
+    assert g["holdout"]["precision"] == pytest.approx(100 / 110)

@@ -301,9 +301,24 @@ def _guarantee_block(cfg, found, classes) -> dict:
     kinds = {}
     for c in classes:
         kinds[c["guarantee"]["kind"]] = kinds.get(c["guarantee"]["kind"], 0) + 1
-    return {"confidence": t.confidence if kind_of(t.objective).certifiable else None, "budget": t.confidence_budget, "scope": t.scope,
-            "pooled": found.pooled.guarantee if t.scope == "pooled" and found.pooled else None,
-            "classes": kinds, "statement": guarantee_statement(cfg)}
+    out = {"confidence": t.confidence if kind_of(t.objective).certifiable else None,
+           "budget": t.confidence_budget, "scope": t.scope,
+           "pooled": found.pooled.guarantee if t.scope == "pooled" and found.pooled else None,
+           "classes": kinds, "statement": guarantee_statement(cfg)}
+    if t.scope == "per_class" and t.on_unreachable == "pool":
+        members = [c for c in classes if c["status"] == "pooled"]
+        g = found.pooled
+        tp = sum(c["holdout"]["tp"] for c in members)
+        fp = sum(c["holdout"]["fp"] for c in members)
+        fn = sum(c["holdout"]["fn"] for c in members)
+        out["group"] = {
+            "classes": len(members), "guarantee": g.guarantee if g is not None else "none",
+            "threshold": float(g.min_score_thresh) if g is not None and g.enabled else None,
+            "nms_iou": float(g.nms_iou) if g is not None and g.enabled else None,
+            "test_level": float(g.test_level) if g is not None else None,
+            "p_value": float(g.p_value) if g is not None else None,
+            "holdout": _precision_block(tp, fp, fn) if members else None}
+    return out
 
 
 def guarantee_statement(cfg) -> str:
@@ -327,11 +342,17 @@ def guarantee_statement(cfg) -> str:
            else "all classes marked certified, at once,")
     tail = (" (each class on its own; not all classes at once)"
             if t.confidence_budget == "per_class" else "")
+    group = ""
+    if t.on_unreachable == "pool":
+        group = (f" The classes marked pooled (those the learn images did not expect to certify "
+                 f"alone, and those under min_support) share one threshold: with probability >= "
+                 f"{level}, their detections taken together have {what} >= {target}; none of "
+                 f"them is promised alone.")
     return (f"With probability >= {level} over the draw of the tune images, {who} has {what} >= "
-            f"{target} on new images from the same distribution{tail}. Classes not marked "
-            f"certified (pooled fallback, best effort, disabled) carry no such promise. Assumes "
-            f"the served images are drawn like the tune images, and counts detections as "
-            f"independent.")
+            f"{target} on new images from the same distribution{tail}.{group} Classes not "
+            f"marked certified{' or pooled' if group else ''} (pooled fallback, best effort, "
+            f"disabled) carry no such promise. Assumes the served images are drawn like the tune "
+            f"images, and counts detections as independent.")
 
 
 def _maybe(fn, probs, labels):
@@ -387,6 +408,8 @@ def _notes(cfg, prep, classes, calib) -> list[str]:
     for status, text in (("unreachable", "could not reach the target on the tune split"),
                          ("insufficient_data", "had too little support and use the pooled "
                                                "choice"),
+                         ("pooled", "share the group's certified threshold (on_unreachable: "
+                                    "pool)"),
                          ("disabled", "are disabled (never emitted)")):
         names = [c["name"] for c in classes if c["status"] == status]
         if names:

@@ -5,7 +5,7 @@
 says `tune`):
 
 - `classes`: one entry per category: `category_id`, `name`, `column`, `status`
-  (`ok` | `unreachable` | `insufficient_data` | `disabled`), `threshold`
+  (`ok` | `unreachable` | `insufficient_data` | `pooled` | `disabled`), `threshold`
   (`min_score_thresh`, calibrated probability), `nms_iou`, `calibration` (the fitted
   parameters: `temperature`, or `a`/`b`, or isotonic `knots`), `temperature` when the method
   is temperature, `tune: {tp, fp, fn, precision, recall}`, and
@@ -81,6 +81,8 @@ def render_markdown(report: dict) -> str:
                    else ", point estimate: not guaranteed)")
     if t.get("scope") == "pooled":
         target += ", one pooled threshold for all classes"
+    elif t.get("on_unreachable") == "pool":
+        target += ", classes not expected to certify alone share one certified threshold"
     lines += [
         f"- Target: {target}; match IoU {t['match_iou']}; NMS IoU grid {t['nms_iou_grid']}.",
         _split_text(report["split"]),
@@ -110,6 +112,15 @@ def render_markdown(report: dict) -> str:
                   "the pooled promise; `none`: no promise (pooled fallback, best effort, "
                   "disabled). The held-out numbers below are estimates of how it carries over, "
                   "with their intervals.", ""]
+        grp = g.get("group")
+        if grp:
+            h = grp.get("holdout")
+            where = (f"threshold {_fmt(grp['threshold'])}, NMS IoU {grp['nms_iou']}"
+                     if grp.get("threshold") is not None else "not certified: disabled")
+            lines += [f"Pooled group ({grp['classes']} classes, {grp['guarantee']}): {where}"
+                      + (f"; holdout precision {_fmt(h['precision'])} "
+                         f"[{_fmt(h['precision_lower'])}, {_fmt(h['precision_upper'])}], recall "
+                         f"{_fmt(h['recall'])}" if h else "") + ".", ""]
     b = s.get("baseline")
     if b:
         bh, same = b["holdout"], b["same_precision"]

@@ -57,7 +57,8 @@ Conventions (the brute-force reference in tests/tuning/test_search_bruteforce.py
   statement). Its classes get status and guarantee `"pooled"`: together they keep the target,
   none of them alone is promised. A class tested alone that then fails on the certify part stays
   disabled: moving it into the group would let the certify labels choose the group. When the
-  group cannot be certified, its classes are disabled.
+  group cannot be certified, its classes are disabled, except those under `min_support`, which
+  keep the uncertified pooled fallback below.
 - Too little support (`num_gt < min_support`, or fewer than `min_detections` non-ignored
   detections at every IoU): status `insufficient_data`; the class gets the choice of the default
   objective over all classes' detections pooled (per IoU), falling back to the pooled best effort
@@ -804,12 +805,14 @@ def joint_search(
     iou_table = iou_table.reshape(len(grid), k)
 
     pooled_choice, pooled_point = None, None
+    group_choice, group_point = None, None
     group = sorted(group)
-    group_set = set(group)
     if pool and group:
-        pooled_choice, pooled_point = _group_search(matched, learn, group, objective,
-                                                    group_level, thr, default_nms_iou)
-    elif insufficient.any() and not pool:
+        group_choice, group_point = _group_search(matched, learn, group, objective,
+                                                  group_level, thr, default_nms_iou)
+    # Without a certified group, classes under min_support keep the uncertified pooled fallback.
+    group_set = set(group) if group_point is not None else set()
+    if insufficient.any() and group_point is None:
         pooled_choice, pooled_point = _pooled(mds, grid, objective, ranks, thr, default_nms_iou,
                                               learn)
 
@@ -852,11 +855,7 @@ def joint_search(
     for c in range(k):
         obj = objectives[c]
         if c in group_set:
-            status = "insufficient_data" if insufficient[c] else "unreachable"
-            if pooled_point is None:
-                choices.append(disabled(c, status, obj))
-                continue
-            g_idx, t_pool = pooled_point
+            g_idx, t_pool = group_point
             t, f = sorted_[g_idx].counts_at(c, t_pool)
             n = int(num_gt[c])
             val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None)[3][0]
@@ -865,7 +864,7 @@ def joint_search(
                 num_gt=n, value=float(val), objective=objective.name, guarantee="pooled",
                 test_level=group_level, boxes_to_certify=need(c), boxes_available=have(c)))
         elif insufficient[c]:
-            if pooled_point is None or pool:  # the group's point is for its members only
+            if pooled_point is None:
                 choices.append(disabled(c, "insufficient_data", objective))
                 continue
             g_idx, t_pool = pooled_point
@@ -891,7 +890,7 @@ def joint_search(
             f"tuning target unreachable on the tune split for {len(errors)} classes: {detail}",
             errors, [num_gt[c] for c in errors])
     return SearchResult(tuple(choices), grid, default_nms_iou, tuple(curves), iou_table,
-                        pooled_choice)
+                        group_choice if group_choice is not None else pooled_choice)
 
 
 def pool_classes(matched: Mapping[float, MatchedDetections],

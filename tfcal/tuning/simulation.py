@@ -423,6 +423,11 @@ class CoverageResult:
         nms_iou, min_score_thresh: float64 `[S, K]` the chosen point (NaN where disabled).
         precision, recall: float64 `[S, K]` true precision and recall at the chosen point (0
             where disabled).
+        pooled: bool `[S, K]`: the class is a member of the `on_unreachable="pool"` group in
+            that set (emitted at the group's point; its statement is the group's, not its own).
+        group_metric: float64 `[S]` the group's true pooled metric at its point: precision
+            `sum_k num_gt_k E[TP_k] / sum_k num_gt_k E[TP_k + FP_k]` over its members, or
+            recall `sum_k num_gt_k E[TP_k] / sum_k num_gt_k`; NaN where no group is emitted.
     """
 
     objective: Objective
@@ -437,10 +442,31 @@ class CoverageResult:
     min_score_thresh: np.ndarray
     precision: np.ndarray
     recall: np.ndarray
+    pooled: np.ndarray | None = None
+    group_metric: np.ndarray | None = None
 
     @property
     def num_sets(self) -> int:
         return int(self.enabled.shape[0])
+
+    @property
+    def group_enabled_rate(self) -> float:
+        """P(a group is emitted)."""
+        return float(np.mean(np.isfinite(self.group_metric))) if self.group_metric is not None \
+            else 0.0
+
+    @property
+    def group_coverage(self) -> float:
+        """P(no group emitted, or its true pooled metric meets the target)."""
+        if self.group_metric is None:
+            return 1.0
+        m = self.group_metric
+        return float(np.mean(~np.isfinite(m) | (np.nan_to_num(m) >= self.target)))
+
+    @property
+    def group_coverage_se(self) -> float:
+        p = self.group_coverage
+        return math.sqrt(p * (1.0 - p) / self.num_sets)
 
     @property
     def metric(self) -> np.ndarray:
@@ -449,8 +475,10 @@ class CoverageResult:
 
     @property
     def covered(self) -> np.ndarray:
-        """bool `[S, K]`: disabled, or the true metric meets the target."""
-        return ~self.enabled | (self.metric >= self.target)
+        """bool `[S, K]`: disabled, a group member (no statement of its own), or the true metric
+        meets the target."""
+        member = self.pooled if self.pooled is not None else np.zeros_like(self.enabled)
+        return ~self.enabled | member | (self.metric >= self.target)
 
     @property
     def enabled_rate(self) -> np.ndarray:
@@ -549,6 +577,9 @@ def coverage_runs(scenario: Sequence[ClassModel], runs: Sequence[tuple[Objective
     enabled = np.zeros(shape, bool)
     chosen_iou = np.full(shape, np.nan)
     chosen_thr = np.full(shape, np.nan)
+    member = np.zeros(shape, bool)
+    group_thr = np.full(shape[:2], np.nan)
+    group_iou = np.full(shape[:2], np.nan)
     with _quiet_search():
         for i in range(num_sets):
             rng = np.random.default_rng([int(seed), i])
@@ -571,6 +602,10 @@ def coverage_runs(scenario: Sequence[ClassModel], runs: Sequence[tuple[Objective
                         enabled[r, i, c.column] = True
                         chosen_iou[r, i, c.column] = c.nms_iou
                         chosen_thr[r, i, c.column] = c.min_score_thresh
+                        member[r, i, c.column] = c.status == "pooled"
+                if member[r, i].any():
+                    group_thr[r, i] = found.pooled.min_score_thresh
+                    group_iou[r, i] = found.pooled.nms_iou
     precision = np.zeros(shape)
     recall = np.zeros(shape)
     for col, model in enumerate(scenario):
@@ -582,15 +617,31 @@ def coverage_runs(scenario: Sequence[ClassModel], runs: Sequence[tuple[Objective
                 precision[:, :, col][m] = np.divide(tp, den, out=np.zeros_like(den),
                                                     where=den > 0)
                 recall[:, :, col][m] = tp
+    # The group's pooled counts, expected per set: members' boxes times their per-box rates.
+    g_tp = np.zeros(shape[:2])
+    g_det = np.zeros(shape[:2])
+    g_gt = np.zeros(shape[:2])
+    for col, model in enumerate(scenario):
+        for g in grid:
+            m = member[:, :, col] & (group_iou == g)
+            if m.any():
+                tp, fp = expected_counts(model, group_thr[m], g)
+                g_tp[m] += model.num_gt * tp
+                g_det[m] += model.num_gt * (tp + fp)
+                g_gt[m] += model.num_gt
+    has = member.any(axis=2)
     names = tuple(m.name for m in scenario)
     num_gt = np.array([m.num_gt for m in scenario], np.int64)
     judged = num_gt >= min_support
     out = []
     for r, (obj, budget) in enumerate(runs):
         target = obj.target_recall if obj.name == "recall_target" else obj.target_precision
+        den = g_gt[r] if obj.name == "recall_target" else g_det[r]
+        metric = np.divide(g_tp[r], den, out=np.zeros(num_sets), where=den > 0)
+        metric[~has[r]] = np.nan
         out.append(CoverageResult(obj, budget, grid, names, num_gt, judged, float(target),
                                   enabled[r], chosen_iou[r], chosen_thr[r], precision[r],
-                                  recall[r]))
+                                  recall[r], member[r], metric))
     return out
 
 

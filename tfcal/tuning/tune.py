@@ -120,7 +120,7 @@ def tune_on(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
                  sum(bool(used[k]) for k in calib.fallback_classes))
     found = search(cfg, prep, calib, tune_idx)
     mapped = [c for c in found.classes if used[c.column]]
-    log.info("search: %d categories ok, %d unreachable, %d insufficient data",
+    log.info("search: %d categories ok, %d unreachable, %d insufficient data, %d pooled",
              *(sum(c.status == s for c in mapped)
-               for s in ("ok", "unreachable", "insufficient_data")))
+               for s in ("ok", "unreachable", "insufficient_data", "pooled")))
     return calib, found, tuned_postprocess_config(cfg, prep, calib, found)
