@@ -32,6 +32,12 @@ learn part (the tuner's rule) and, for comparison, on every tune image. PASS als
 learn-part fit's pooled coverage >= 0.95 - 2 SE for every method (the all-tune fit is printed,
 not judged).
 
+Then `tuning.on_unreachable: pool` against `disable` on the same tune sets, both budgets, on the
+default scenario and on `small_classes_scenario()` (six classes of 20-60 boxes, none certifiable
+alone): how often the group is certified, the group's coverage (its true pooled precision at
+its point >= the target), and the recall of all boxes. PASS also needs the group's coverage >=
+0.95 - 2 SE and the per-class coverage of the classes tested alone as above.
+
 Run: `python benchmarks/coverage_simulation.py [--sets N] [--quick] [--seed S]
 [--learn-fraction F]` (default 1,000 sets per grid; `--quick`: 200). The run time is almost all
 `joint_search`: 12 searches per tune set (6 per grid).
@@ -46,7 +52,12 @@ import time
 import numpy as np
 
 from tfcal.tuning.search import Objective
-from tfcal.tuning.simulation import coverage_runs, default_scenario, pooled_coverage
+from tfcal.tuning.simulation import (
+    coverage_runs,
+    default_scenario,
+    pooled_coverage,
+    small_classes_scenario,
+)
 
 DEFAULT_GRID = (0.4, 0.5, 0.6, 0.7)
 WIDE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -160,6 +171,35 @@ def run_pooled(num_sets, seed, learn_fraction):
     return not failures
 
 
+def run_group(num_sets, seed, learn_fraction):
+    """`tuning.on_unreachable: pool` against `disable` on the same tune sets: the group's
+    coverage, and what it adds in recall (all boxes of the scenario)."""
+    ok = True
+    for label, scenario in (("default", default_scenario()),
+                            ("small classes", small_classes_scenario())):
+        print(f"[on_unreachable pool vs disable, {label} scenario, precision_target {TARGET}, "
+              f"confidence {LEVEL}, grid {list(DEFAULT_GRID)}, learn_fraction "
+              f"{learn_fraction}, {num_sets} tune sets, seed {seed}]")
+        for budget in BUDGETS:
+            pool = Objective(target_precision=TARGET, confidence=LEVEL, on_unreachable="pool")
+            plain = Objective(target_precision=TARGET, confidence=LEVEL)
+            t0 = time.perf_counter()
+            r, d = coverage_runs(scenario, [(pool, budget), (plain, budget)], DEFAULT_GRID,
+                                 num_sets, seed, learn_fraction=learn_fraction)
+            boxes = r.num_gt.sum()
+            total = lambda x: float((x.recall * x.num_gt).sum(axis=1).mean() / boxes)  # noqa: E731
+            alone = r.judged & ~r.pooled.all(axis=0)
+            low = alone & (r.class_coverage < LEVEL - 2 * r.class_coverage_se)
+            bad = r.group_coverage < LEVEL - 2 * r.group_coverage_se or low.any()
+            ok &= not bad
+            print(f"  {budget:<12}: group certified in {r.group_enabled_rate:.3f} of sets, "
+                  f"group coverage {r.group_coverage:.3f} +- {r.group_coverage_se:.3f}; "
+                  f"per-class coverage min {r.class_coverage[r.judged].min():.3f}; recall of "
+                  f"all boxes {total(r):.3f} (disable: {total(d):.3f}) "
+                  f"-> {'FAIL' if bad else 'PASS'} ({time.perf_counter() - t0:.1f} s)")
+    return ok
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", type=int, default=1000, help="tune sets per grid (default 1000)")
@@ -178,6 +218,7 @@ def main(argv=None):
         ok &= run(grid, num_sets, args.seed, args.learn_fraction)
     if args.learn_fraction > 0:
         ok &= run_pooled(num_sets, args.seed, args.learn_fraction)
+        ok &= run_group(num_sets, args.seed, args.learn_fraction)
     print(f"total {time.perf_counter() - t0:.1f} s -> {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 

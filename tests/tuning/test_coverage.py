@@ -16,7 +16,12 @@ import numpy as np
 import pytest
 
 from tfcal.tuning.search import Objective
-from tfcal.tuning.simulation import coverage_runs, default_scenario, pooled_coverage
+from tfcal.tuning.simulation import (
+    coverage_runs,
+    default_scenario,
+    pooled_coverage,
+    small_classes_scenario,
+)
 
 pytestmark = pytest.mark.slow  # about 20 s: 400 tune sets, three searches each
 
@@ -116,20 +121,9 @@ def test_pooled_coverage_checks_its_arguments():
 GROUP_SETS = 250
 
 
-def group_scenario():
-    """Six small classes (20-60 boxes) that reach 0.9 only just or only at their top: none can
-    certify alone, their detections pooled sometimes can, and the group's true pooled precision
-    at its chosen point falls below 0.9 in some tune sets when the test is not exact."""
-    by_name = {m.name: m for m in default_scenario()}
-    sizes = [("just-50", 40), ("just-50", 60), ("easy-20", 30), ("flat-100", 50),
-             ("just-50", 50), ("easy-20", 20)]
-    return tuple(dataclasses.replace(by_name[b], name=f"{b}-{i}", num_gt=n)
-                 for i, (b, n) in enumerate(sizes))
-
-
 def test_pooled_group_promise_holds():
     obj = Objective(target_precision=TARGET, confidence=LEVEL, on_unreachable="pool")
-    (r,) = coverage_runs(group_scenario(), [(obj, "per_class")], GRID, GROUP_SETS, SEED,
+    (r,) = coverage_runs(small_classes_scenario(), [(obj, "per_class")], GRID, GROUP_SETS, SEED,
                          learn_fraction=0.3)
     assert r.group_enabled_rate > 0.08, r.group_enabled_rate  # the group is certified at times
     assert np.nanmin(r.group_metric) < TARGET  # and the statement is at stake when it is

@@ -73,6 +73,7 @@ __all__ = [
     "expected_counts",
     "pooled_coverage",
     "simulate",
+    "small_classes_scenario",
     "true_precision",
     "true_recall",
 ]
@@ -332,6 +333,18 @@ def default_scenario() -> tuple[ClassModel, ...]:
         The models, one per class column.
     """
     return _DEFAULT_SCENARIO
+
+
+def small_classes_scenario() -> tuple[ClassModel, ...]:
+    """Six small classes (20-60 boxes) built from `default_scenario()`'s just-50, easy-20 and
+    flat-100 curves: none can certify precision 0.9 alone at 95%, their detections pooled
+    sometimes can (`on_unreachable="pool"`), and the pooled precision at a point the group
+    could choose falls below 0.9 often enough for its coverage to be at stake."""
+    by_name = {m.name: m for m in _DEFAULT_SCENARIO}
+    sizes = [("just-50", 40), ("just-50", 60), ("easy-20", 30), ("flat-100", 50),
+             ("just-50", 50), ("easy-20", 20)]
+    return tuple(dataclasses.replace(by_name[b], name=f"{b}-{i}", num_gt=n)
+                 for i, (b, n) in enumerate(sizes))
 
 
 def _look_alike(**kw) -> dict:
