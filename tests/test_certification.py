@@ -104,20 +104,6 @@ def test_critical_count_and_pass_probability():
     assert got[0] == pytest.approx(stats.binom.sf(k[1] - 1, 100, 0.95)) and got[1] == 0.0
 
 
-def test_plan_precision_starts_where_passing_is_likeliest():
-    # Predicted precision 0.99 everywhere: pass probabilities 0.74, 0.88, 0.9998, 1.0 grow
-    # with the count, so the sequence starts (and ends) at the last point.
-    n = np.array([30, 60, 120, 240])
-    assert C.plan_precision(np.full(4, 0.99), n, 0.9, 0.05) == (3, 3)
-    # Falling precision 0.99, 0.97, 0.93, 0.85: 0.74, 0.46, 0.26, 0.0001: start at the top,
-    # and the run of likely passes ends there too.
-    assert C.plan_precision(np.array([0.99, 0.97, 0.93, 0.85]), n, 0.9, 0.05) == (0, 0)
-    # Hopeless (0.8 < 0.9): still planned at its likeliest point; testing it costs nothing.
-    assert C.pass_probability(np.full(4, 0.8), n, 0.9, 0.05).max() < 0.002  # 0.8^30
-    assert C.plan_precision(np.full(4, 0.8), n, 0.9, 0.05) == (0, 0)
-    assert C.plan_precision(np.full(4, 0.8), np.array([5, 10, 20, 28]), 0.9, 0.05) == (-1, -1)
-
-
 def test_boxes_to_certify():
     # 9 of 9 on 12 boxes: 29 of 29 detections pass at 0.05 (0.9^29 = 0.047), i.e.
     # ceil(29 * 12 / 9) = 39 boxes.

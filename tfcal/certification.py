@@ -25,6 +25,14 @@ made among the operating points that a family-wise error controlling procedure c
    paid for. Classes: per class each gets `delta`; simultaneously each gets `delta / K` (all
    certified classes hold together with probability >= `1 - delta`).
 
+5. Learn then test (`tuning.learn_fraction > 0`): the tune images are split again, and a class's
+   IoU and the start of one fixed sequence at its whole level are planned on the learn split's
+   labels and the certify split's label-free counts only, so the plan costs no level. The plan
+   (`plan_precision_run`) fits a smooth model of the TP chance by score to the learn split
+   (`TpChanceModel`), simulates the certify split's labels from its posterior at the certify
+   split's own detection counts, and starts where the expected certified TPs of the whole run
+   are highest. The certify split then runs the exact tests from there down.
+
 Every rejected point is certified at once, so choosing the best-recall one among them keeps the
 guarantee. What is assumed: tune and served images are exchangeable draws from one distribution,
 and detections are independent given that; detections of one image are in truth correlated,
@@ -309,30 +317,6 @@ def predictive_pass_probability(successes, failures, n, target: float,
 
 #: Beta-binomial tails with fewer terms than this are summed exactly when planning.
 EXACT_TAIL = 64
-
-
-def plan_precision(predicted, n_cert, target: float, level: float) -> tuple[int, int]:
-    """Plans a precision sequence from the pass probability predicted at each point.
-
-    Args:
-      predicted: float `[M]` the predicted pass probability at the certify split's tested
-        points (thresholds descending), e.g. `predictive_pass_probability`; or, with a float
-        rate per point, see `pass_probability`. n_cert: int `[M]` the certify split's
-        detections there (unused when `predicted` already holds probabilities).
-
-    Returns:
-      `(start, end)`: the point where the certify test is most likely to pass (its sequence
-      starts there), and the last point of the unbroken run after it that is predicted to pass
-      more often than not (the expected operating point); `(-1, -1)` when none can pass.
-    """
-    p = np.asarray(predicted, np.float64) if n_cert is None else \
-        pass_probability(predicted, n_cert, target, level)
-    if p.size == 0 or p.max() <= 0.0:
-        return -1, -1
-    start = int(np.argmax(p))
-    run = np.cumprod(p[start:] >= 0.5)
-    end = start + max(int(run.sum()) - 1, 0)
-    return start, end
 
 
 def fixed_sequence(pvalues, level: float) -> np.ndarray:
