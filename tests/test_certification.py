@@ -127,14 +127,16 @@ def test_predictive_pass_probability_accounts_for_thin_learn_evidence():
 
 
 def test_tp_chance_model_recovers_a_known_logistic_and_survives_separable_data():
-    # TP chance sigmoid(-3 + 8 s - 2 s^2) on 4,000 seeded detections: the fit is close to it
+    # TP chance sigmoid(2 + 1.5 logit(s)) on 4,000 seeded detections: the fit is close to it
     # at every score, and its posterior narrows around it.
     rng = np.random.default_rng(3)
     s = rng.beta(2.0, 2.0, 4000)
-    y = rng.random(s.size) < 1.0 / (1.0 + np.exp(-(-3.0 + 8.0 * s - 2.0 * s ** 2)))
+    z = np.log(s) - np.log1p(-s)
+    y = rng.random(s.size) < 1.0 / (1.0 + np.exp(-(2.0 + 1.5 * z)))
     model = C.TpChanceModel.fit(s, y)
     grid = np.array([0.1, 0.3, 0.5, 0.7, 0.9])
-    truth = 1.0 / (1.0 + np.exp(-(-3.0 + 8.0 * grid - 2.0 * grid ** 2)))
+    gz = np.log(grid) - np.log1p(-grid)
+    truth = 1.0 / (1.0 + np.exp(-(2.0 + 1.5 * gz)))
     draws = model.draw_chances(grid, 400, np.random.default_rng(0))
     np.testing.assert_allclose(np.median(draws, axis=0), truth, atol=0.03)
     assert np.all(draws.std(axis=0) < 0.03)
@@ -152,7 +154,7 @@ def test_tp_chance_model_recovers_a_known_logistic_and_survives_separable_data()
 def _constant_model(q):
     """A model with TP chance q at every score and no posterior spread."""
     logit = math.log(q / (1.0 - q))
-    return C.TpChanceModel(np.array([logit, 0.0, 0.0]), np.zeros((3, 3)), 0.5, 1.0)
+    return C.TpChanceModel(np.array([logit, 0.0, 0.0]), np.zeros((3, 3)), 0.0, 1.0)
 
 
 def test_plan_precision_run_matches_the_exact_expectation():

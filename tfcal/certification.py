@@ -340,13 +340,17 @@ PLAN_PRIOR_SD = 10.0
 PLAN_SEED = 0
 
 
+def _logit_feature(score) -> np.ndarray:
+    """float64: the logit of the score (scores are probabilities; clipped to [1e-6, 1 - 1e-6])."""
+    s = np.clip(np.asarray(score, np.float64), 1e-6, 1.0 - 1e-6)
+    return np.log(s) - np.log1p(-s)
+
+
 @dataclasses.dataclass(frozen=True)
 class TpChanceModel:
     """The chance that a detection is a true positive given its score, learnt from labelled
-    detections (the learn split): `P(tp | s) = sigmoid(sum_d beta_d * z**d)`, `z` the score `s`
-    standardized over the fitted detections, `d = 0..PLAN_DEGREE`. The score itself, not its
-    logit: calibrated scores can sit at exactly 0 or 1 (isotonic), whose logits would dominate
-    the fit; and nothing is assumed about the score's range.
+    detections (the learn split): `P(tp | s) = sigmoid(sum_d beta_d * z**d)`, `z` the logit of
+    `s` standardized over the fitted detections, `d = 0..PLAN_DEGREE`.
 
     `beta` is the posterior mode under independent `N(0, PLAN_PRIOR_SD**2)` priors and `cov` the
     inverse Hessian there (the Laplace approximation of the posterior), so draws of `beta` carry
@@ -356,7 +360,7 @@ class TpChanceModel:
 
     Attributes:
       beta: float64 `[PLAN_DEGREE + 1]` posterior mode. cov: float64 `[PLAN_DEGREE + 1] * 2`.
-      center, scale: the standardization of the score.
+      center, scale: the standardization of the logit feature.
     """
 
     beta: np.ndarray
@@ -374,7 +378,7 @@ class TpChanceModel:
         Raises:
           ValueError: empty or mismatched inputs.
         """
-        z = np.asarray(score, np.float64).reshape(-1)
+        z = _logit_feature(score).reshape(-1)
         y = np.asarray(tp, np.float64).reshape(-1)
         if z.size == 0 or z.shape != y.shape:
             raise ValueError(f"score and tp: need matching non-empty arrays, got {z.shape} and "
@@ -397,7 +401,7 @@ class TpChanceModel:
 
     def draw_chances(self, score, num: int, rng: np.random.Generator) -> np.ndarray:
         """float64 `[num, S]`: the TP chance at each of `S` scores under `num` posterior draws."""
-        z = (np.asarray(score, np.float64).reshape(-1) - self.center) / self.scale
+        z = (_logit_feature(score).reshape(-1) - self.center) / self.scale
         x = np.vander(z, PLAN_DEGREE + 1, increasing=True)
         chol = np.linalg.cholesky(self.cov + 1e-12 * np.eye(self.cov.shape[0]))
         betas = self.beta + rng.standard_normal((num, self.beta.size)) @ chol.T

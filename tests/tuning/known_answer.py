@@ -110,13 +110,12 @@ EXPECTED: dict[str, dict[str, Point]] = {
     # 0.5: everything >= 0.70 is a TP (58 of 58 on the certify part, p = 0.9^58); the next
     # threshold adds background FPs for good: t = 0.70 certified. person: the plan values each
     # start by the TPs its run is expected to certify (certification.plan_precision_run, the
-    # learn part's TP chance by score smoothed by certification.TpChanceModel: 0.69 at 0.96,
-    # where the learn part has 1 TP and 1 FP in the top two, 0.93 at 0.78). 29 of 29 at t = 0.96
-    # is then nearly hopeless (value 0), and the best start is t = 0.78 at IoU 0.6 (expected 33
-    # TPs; 0.75: 31, 0.80: 20; IoU 0.7 ties, 0.6 is nearer the default). Every start but 0.96
-    # fails on the certify part: at 0.78 its count is exactly 11/12 of 348 = 319, below the 323
-    # the test needs at 0.05 (0.75: 348 of 377, 350 needed), so the run stops at once and person
-    # is unreachable: a gamble on 11 of 13 boxes that this deterministic job loses.
+    # learn part's TP chance by score smoothed by certification.TpChanceModel: 0.54 at 0.96,
+    # where the learn part has 1 TP and 1 FP in the top two, 0.90 at 0.78). 29 of 29 at t = 0.96
+    # is then nearly hopeless, and the best start is t = 0.78 at IoU 0.6 (expected 27 TPs;
+    # 0.80: 22, 0.75: 14). Its certify count is exactly 11/12 of 348 = 319, below the 323 the
+    # test needs at 0.05 (0.75 would need 350 of 377 and has 348), so the run stops at once and
+    # person is unreachable: a gamble on 11 of 13 boxes that this deterministic job loses.
     # flag: unreachable.
     "certified": {"car": _CAR, "person": _p("unreachable", 1.0, 0.5, 0, 0, 13, enabled=False),
                   "flag": _FLAG_OFF},

@@ -85,16 +85,16 @@ def test_the_plan_keeps_most_of_the_point_estimates_recall():
     """The power of the learn split's plan (certification.plan_precision_run): on the three
     500-box classes of `default_scenario()`, the certified search keeps most of the point
     estimate's true recall, paired on the same tune sets, and still covers. Measured at seed 0,
-    300 sets: ratio 0.939 / 0.779 / 0.919 (easy / crowd / dup); the plan it replaced (the start
-    where the learn part's raw curve predicted the likeliest pass) kept 0.877 / 0.700 / 0.878,
-    which fails every floor."""
+    300 sets: ratio 0.918 / 0.776 / 0.914 (easy / crowd / dup); the plan it replaced (the start
+    where the learn part's raw curve predicted the likeliest pass) kept 0.877 / 0.700 / 0.878.
+    The floors sit between the two where they differ (crowd, dup)."""
     by_name = {m.name: m for m in default_scenario()}
     scenario = tuple(by_name[n] for n in ("easy-500", "crowd-500", "dup-500"))
     runs = [(Objective(target_precision=TARGET, confidence=LEVEL), "per_class"),
             (Objective(target_precision=TARGET, confidence=None), "per_class")]
     cert, point = coverage_runs(scenario, runs, GRID, PLAN_SETS, SEED, learn_fraction=0.3)
     ratio = cert.mean_recall / point.mean_recall
-    assert np.all(ratio >= [0.9, 0.74, 0.895]), ratio
+    assert np.all(ratio >= [0.89, 0.74, 0.895]), ratio
     low = cert.class_coverage < LEVEL - 2 * cert.class_coverage_se
     assert not low.any(), _summary(cert)
 
