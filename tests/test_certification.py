@@ -104,20 +104,6 @@ def test_critical_count_and_pass_probability():
     assert got[0] == pytest.approx(stats.binom.sf(k[1] - 1, 100, 0.95)) and got[1] == 0.0
 
 
-def test_plan_precision_starts_where_passing_is_likeliest():
-    # Predicted precision 0.99 everywhere: pass probabilities 0.74, 0.88, 0.9998, 1.0 grow
-    # with the count, so the sequence starts (and ends) at the last point.
-    n = np.array([30, 60, 120, 240])
-    assert C.plan_precision(np.full(4, 0.99), n, 0.9, 0.05) == (3, 3)
-    # Falling precision 0.99, 0.97, 0.93, 0.85: 0.74, 0.46, 0.26, 0.0001: start at the top,
-    # and the run of likely passes ends there too.
-    assert C.plan_precision(np.array([0.99, 0.97, 0.93, 0.85]), n, 0.9, 0.05) == (0, 0)
-    # Hopeless (0.8 < 0.9): still planned at its likeliest point; testing it costs nothing.
-    assert C.pass_probability(np.full(4, 0.8), n, 0.9, 0.05).max() < 0.002  # 0.8^30
-    assert C.plan_precision(np.full(4, 0.8), n, 0.9, 0.05) == (0, 0)
-    assert C.plan_precision(np.full(4, 0.8), np.array([5, 10, 20, 28]), 0.9, 0.05) == (-1, -1)
-
-
 def test_boxes_to_certify():
     # 9 of 9 on 12 boxes: 29 of 29 detections pass at 0.05 (0.9^29 = 0.047), i.e.
     # ceil(29 * 12 / 9) = 39 boxes.
@@ -138,3 +124,66 @@ def test_predictive_pass_probability_accounts_for_thin_learn_evidence():
     thin = C.predictive_pass_probability([19], [1], n, 0.9, 0.05)[0]
     plug_in = C.pass_probability(np.array([0.95]), n, 0.9, 0.05)[0]
     assert thin < got < plug_in
+
+
+def test_tp_chance_model_recovers_a_known_logistic_and_survives_separable_data():
+    # TP chance sigmoid(2 + 1.5 logit(s)) on 4,000 seeded detections: the fit is close to it
+    # at every score, and its posterior narrows around it.
+    rng = np.random.default_rng(3)
+    s = rng.beta(2.0, 2.0, 4000)
+    z = np.log(s) - np.log1p(-s)
+    y = rng.random(s.size) < 1.0 / (1.0 + np.exp(-(2.0 + 1.5 * z)))
+    model = C.TpChanceModel.fit(s, y)
+    grid = np.array([0.1, 0.3, 0.5, 0.7, 0.9])
+    gz = np.log(grid) - np.log1p(-grid)
+    truth = 1.0 / (1.0 + np.exp(-(2.0 + 1.5 * gz)))
+    draws = model.draw_chances(grid, 400, np.random.default_rng(0))
+    np.testing.assert_allclose(np.median(draws, axis=0), truth, atol=0.03)
+    assert np.all(draws.std(axis=0) < 0.03)
+    # All TP (separable): finite, the chance high, and wider on 10 detections than on 200.
+    thin = C.TpChanceModel.fit(np.linspace(0.9, 0.99, 10), np.ones(10, bool))
+    thick = C.TpChanceModel.fit(np.linspace(0.9, 0.99, 200), np.ones(200, bool))
+    assert np.all(np.isfinite(thin.beta)) and np.all(np.isfinite(thin.cov))
+    d_thin = thin.draw_chances([0.95], 2000, np.random.default_rng(1))
+    d_thick = thick.draw_chances([0.95], 2000, np.random.default_rng(1))
+    assert np.median(d_thin) > 0.95 and np.quantile(d_thin, 0.1) < np.quantile(d_thick, 0.1)
+    with pytest.raises(ValueError, match="score and tp"):
+        C.TpChanceModel.fit([], [])
+
+
+def _constant_model(q):
+    """A model with TP chance q at every score and no posterior spread."""
+    logit = math.log(q / (1.0 - q))
+    return C.TpChanceModel(np.array([logit, 0.0, 0.0]), np.zeros((3, 3)), 0.0, 1.0)
+
+
+def test_plan_precision_run_matches_the_exact_expectation():
+    # TP chance q everywhere, tested counts 29 and 58 (the second 29 of 58 detections enter
+    # there). Start 0 passes iff all 29 are TP (k0 = 29 at 0.05); the run then reaches point 1
+    # iff its count X + 29 >= k1, X ~ Binomial(29, q): value_0 = q^29 * E[X + 29 if it passes,
+    # else 29]. Start 1 alone: value_1 = E[T 1{T >= k1}], T ~ Binomial(58, q).
+    q, level = 0.97, 0.05
+    n = np.array([29, 58])
+    k0, k1 = C.critical_count(n, 0.9, level)
+    assert k0 == 29
+    x = np.arange(30)
+    px = stats.binom.pmf(x, 29, q)
+    v0 = np.where(x + 29 >= k1, x + 29, 29)
+    want0 = q ** 29 * np.sum(px * v0)
+    sd0 = math.sqrt(q ** 29 * np.sum(px * v0 ** 2) - want0 ** 2)
+    t = np.arange(59)
+    pt = stats.binom.pmf(t, 58, q)
+    want1 = np.sum(pt * t * (t >= k1))
+    sd1 = math.sqrt(np.sum(pt * (t * (t >= k1)) ** 2) - want1 ** 2)
+    thr = np.linspace(0.99, 0.5, 58)  # one detection per threshold
+    got = C.plan_precision_run(_constant_model(q), thr, np.arange(1, 59), np.array([28, 57]),
+                               0.9, level)
+    # Monte Carlo over PLAN_DRAWS draws (seeded): within 4 standard errors of the exact value.
+    assert got[0] == pytest.approx(want0, abs=4 * sd0 / math.sqrt(C.PLAN_DRAWS))
+    assert got[1] == pytest.approx(want1, abs=4 * sd1 / math.sqrt(C.PLAN_DRAWS))
+    assert got[1] > got[0]  # 58 detections at 0.97 pass far more often than 29 of 29
+    # A hopeless rate certifies nothing anywhere; no tested point, no value.
+    assert np.all(C.plan_precision_run(_constant_model(0.8), thr, np.arange(1, 59),
+                                       np.array([28, 57]), 0.9, level) == 0.0)
+    assert C.plan_precision_run(_constant_model(0.97), thr, np.arange(1, 59),
+                                np.zeros(0, np.int64), 0.9, level).shape == (0,)

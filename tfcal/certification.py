@@ -25,6 +25,14 @@ made among the operating points that a family-wise error controlling procedure c
    paid for. Classes: per class each gets `delta`; simultaneously each gets `delta / K` (all
    certified classes hold together with probability >= `1 - delta`).
 
+5. Learn then test (`tuning.learn_fraction > 0`): the tune images are split again, and a class's
+   IoU and the start of one fixed sequence at its whole level are planned on the learn split's
+   labels and the certify split's label-free counts only, so the plan costs no level. The plan
+   (`plan_precision_run`) fits a smooth model of the TP chance by score to the learn split
+   (`TpChanceModel`), simulates the certify split's labels from its posterior at the certify
+   split's own detection counts, and starts where the expected certified TPs of the whole run
+   are highest. The certify split then runs the exact tests from there down.
+
 Every rejected point is certified at once, so choosing the best-recall one among them keeps the
 guarantee. What is assumed: tune and served images are exchangeable draws from one distribution,
 and detections are independent given that; detections of one image are in truth correlated,
@@ -33,6 +41,7 @@ which the real-image check in the README measures.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -48,6 +57,8 @@ __all__ = [
     "certify_recall",
     "fallback_reject",
     "min_count",
+    "plan_precision_run",
+    "TpChanceModel",
 ]
 
 #: Label-free checkpoints along one sequence: the level is shared over at most this many.
@@ -308,30 +319,135 @@ def predictive_pass_probability(successes, failures, n, target: float,
 EXACT_TAIL = 64
 
 
-def plan_precision(predicted, n_cert, target: float, level: float) -> tuple[int, int]:
-    """Plans a precision sequence from the pass probability predicted at each point.
-
-    Args:
-      predicted: float `[M]` the predicted pass probability at the certify split's tested
-        points (thresholds descending), e.g. `predictive_pass_probability`; or, with a float
-        rate per point, see `pass_probability`. n_cert: int `[M]` the certify split's
-        detections there (unused when `predicted` already holds probabilities).
-
-    Returns:
-      `(start, end)`: the point where the certify test is most likely to pass (its sequence
-      starts there), and the last point of the unbroken run after it that is predicted to pass
-      more often than not (the expected operating point); `(-1, -1)` when none can pass.
-    """
-    p = np.asarray(predicted, np.float64) if n_cert is None else \
-        pass_probability(predicted, n_cert, target, level)
-    if p.size == 0 or p.max() <= 0.0:
-        return -1, -1
-    start = int(np.argmax(p))
-    run = np.cumprod(p[start:] >= 0.5)
-    end = start + max(int(run.sum()) - 1, 0)
-    return start, end
-
-
 def fixed_sequence(pvalues, level: float) -> np.ndarray:
     """bool `[m]`: fixed-sequence testing in the given order: reject while `p <= level`."""
     return np.cumprod(np.asarray(pvalues) <= level).astype(bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning a precision sequence: simulate the certify split's run from a model of the learn split
+
+#: Posterior draws of the learn split's model behind one planned precision sequence.
+PLAN_DRAWS = 200
+#: Degree of the polynomial in the score feature inside the logistic model of a detection's TP
+#: chance (2: a bend, so the chance can flatten near the top and fall faster below).
+PLAN_DEGREE = 2
+#: Standard deviation of the Gaussian prior on each coefficient (standardized feature): weak,
+#: only there so that separable learn data (all TP, say) still give a finite fit.
+PLAN_PRIOR_SD = 10.0
+#: The fixed seed of the planning draws: a plan is a deterministic function of its inputs, and
+#: every IoU of a class is planned on the same random numbers (a paired comparison).
+PLAN_SEED = 0
+
+
+def _logit_feature(score) -> np.ndarray:
+    """float64: the logit of the score (scores are probabilities; clipped to [1e-6, 1 - 1e-6])."""
+    s = np.clip(np.asarray(score, np.float64), 1e-6, 1.0 - 1e-6)
+    return np.log(s) - np.log1p(-s)
+
+
+@dataclasses.dataclass(frozen=True)
+class TpChanceModel:
+    """The chance that a detection is a true positive given its score, learnt from labelled
+    detections (the learn split): `P(tp | s) = sigmoid(sum_d beta_d * z**d)`, `z` the logit of
+    `s` standardized over the fitted detections, `d = 0..PLAN_DEGREE`.
+
+    `beta` is the posterior mode under independent `N(0, PLAN_PRIOR_SD**2)` priors and `cov` the
+    inverse Hessian there (the Laplace approximation of the posterior), so draws of `beta` carry
+    how thin the learn evidence is. A smooth, few-parameter model plans better than the raw
+    learn curve: the argmax over hundreds of noisy cumulative points falls where the learn split
+    was lucky, which the certify split does not repeat.
+
+    Attributes:
+      beta: float64 `[PLAN_DEGREE + 1]` posterior mode. cov: float64 `[PLAN_DEGREE + 1] * 2`.
+      center, scale: the standardization of the logit feature.
+    """
+
+    beta: np.ndarray
+    cov: np.ndarray
+    center: float
+    scale: float
+
+    @classmethod
+    def fit(cls, score, tp) -> "TpChanceModel":
+        """Fits the model to detections.
+
+        Args:
+          score: float `[D]` detection scores, `D >= 1`. tp: bool `[D]` true positive or not.
+
+        Raises:
+          ValueError: empty or mismatched inputs.
+        """
+        z = _logit_feature(score).reshape(-1)
+        y = np.asarray(tp, np.float64).reshape(-1)
+        if z.size == 0 or z.shape != y.shape:
+            raise ValueError(f"score and tp: need matching non-empty arrays, got {z.shape} and "
+                             f"{y.shape}")
+        center, scale = float(z.mean()), float(max(z.std(), 1e-6))
+        x = np.vander((z - center) / scale, PLAN_DEGREE + 1, increasing=True)
+        prior = np.eye(PLAN_DEGREE + 1) / PLAN_PRIOR_SD ** 2
+        beta = np.zeros(PLAN_DEGREE + 1)
+        for _ in range(100):  # Newton on a strictly concave log posterior
+            mu = special.expit(x @ beta)
+            hess = x.T @ (x * (mu * (1.0 - mu))[:, None]) + prior
+            step = np.linalg.solve(hess, x.T @ (y - mu) - prior @ beta)
+            step *= min(1.0, 5.0 / max(float(np.abs(step).max()), 1e-300))  # damped far out
+            beta = beta + step
+            if np.abs(step).max() < 1e-9:
+                break
+        mu = special.expit(x @ beta)
+        hess = x.T @ (x * (mu * (1.0 - mu))[:, None]) + prior
+        return cls(beta, np.linalg.inv(hess), center, scale)
+
+    def draw_chances(self, score, num: int, rng: np.random.Generator) -> np.ndarray:
+        """float64 `[num, S]`: the TP chance at each of `S` scores under `num` posterior draws."""
+        z = (_logit_feature(score).reshape(-1) - self.center) / self.scale
+        x = np.vander(z, PLAN_DEGREE + 1, increasing=True)
+        chol = np.linalg.cholesky(self.cov + 1e-12 * np.eye(self.cov.shape[0]))
+        betas = self.beta + rng.standard_normal((num, self.beta.size)) @ chol.T
+        return special.expit(betas @ x.T)
+
+
+def plan_precision_run(model: TpChanceModel, threshold, n_pred, rows, target: float,
+                       level: float, *, with_pass: bool = False):
+    """Expected true positives that the certify split certifies, for each possible start of its
+    fixed sequence, predicted by simulating its labels from the learn split's model.
+
+    The certify split's detection counts are label-free, so they are used as they are; only
+    which of them are TPs is simulated: per posterior draw of `model`, the detections entering
+    between consecutive tested points are Binomial(their count, the TP chance at the score of
+    their middle detection). The
+    sequence started at point `m` certifies the unbroken run of exact tests passing from `m`, and
+    the search keeps its last point, so its value is that point's TP (0 when `m` fails). This
+    plans the whole run (whether the start passes and how far the run then goes), not the start
+    alone.
+
+    Args:
+      model: fitted on the learn split's detections of the class at this NMS IoU.
+      threshold: float `[P]` the certify curve's thresholds (descending). n_pred: int `[P]` its
+        detections there (non-decreasing). rows: int `[M]` the tested points, indices into the
+        curve (increasing), e.g. `grid_points`.
+      target: the precision target in (0, 1). level: the sequence's level in (0, 1).
+
+    Returns:
+      float64 `[M]`: the expected certified TPs of the sequence started at each tested point;
+      with `with_pass`, `(that, pass)`, `pass` float64 `[M]` the predicted probability that the
+      first test of the sequence started there passes.
+    """
+    n = np.asarray(n_pred, np.int64)
+    rows = np.asarray(rows, np.int64)
+    if rows.size == 0:
+        return (np.zeros(0), np.zeros(0)) if with_pass else np.zeros(0)
+    rng = np.random.default_rng(PLAN_SEED)
+    count = np.diff(n[rows], prepend=0)  # detections entering at each tested point (> 0)
+    # Each step's TP chance is read at its middle detection (a step spans ~3% of the count).
+    middle = np.searchsorted(n, n[rows] - count / 2.0, side="left")
+    rate = model.draw_chances(np.asarray(threshold)[middle], PLAN_DRAWS, rng)  # [draws, M]
+    tp = np.cumsum(rng.binomial(np.broadcast_to(count, rate.shape), rate), axis=1)
+    passes = tp >= critical_count(n[rows], target, level)
+    m = rows.size
+    # First failing point at or after each point (m when none), per draw.
+    fail_at = np.minimum.accumulate(np.where(passes, m, np.arange(m))[:, ::-1], axis=1)[:, ::-1]
+    last = np.take_along_axis(tp, np.maximum(fail_at - 1, 0), axis=1)
+    expected = np.where(passes, last, 0).mean(axis=0)
+    return (expected, passes.mean(axis=0)) if with_pass else expected

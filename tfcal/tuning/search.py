@@ -499,15 +499,29 @@ def _certify_segment(obj: Objective, tp, fp, num_gt: int, level: float):
     return certification.certify_recall(tp, num_gt, obj.target_recall, level)
 
 
+def _learn_detections(srt: _Sorted, column: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (float32 `[D]`, descending) and TP flags (bool `[D]`) of one class's detections."""
+    lo, hi = int(srt.offsets[column]), int(srt.offsets[column + 1])
+    return srt.score[lo:hi], np.diff(srt.tp_cum[lo:hi], prepend=0) > 0
+
+
 def _learned_segments(obj: Objective, curves: Sequence[Curves], learn: Sequence[_Sorted],
                       column: int, num_gt_learn: int, level: float, ranks: np.ndarray):
     """Learn then test for one class: the learn split picks the NMS IoU and where the sequence
     starts; the certify split (`curves`) tests it at the class's whole level.
 
+    Precision: per IoU, a smooth model of the learn split's TP chance by score
+    (`certification.TpChanceModel`) simulates the certify split's labels at its own label-free
+    detection counts; each tested point's value is the expected TP certified by the fixed
+    sequence started there (`certification.plan_precision_run`), and the best (IoU, start) is
+    kept (ties: the IoU nearest the default). Recall: from the lowest threshold up; the learn
+    split's predicted passes choose the IoU by predicted precision.
+
     Returns:
         `(iou index, curve rows, certified, p-values, start chance)` of the chosen IoU curve
         (the start chance: the predicted probability that the sequence's first test passes), or
-        None when the learn split predicts that no IoU can be certified.
+        None when no IoU can be tested (precision: too few certify detections; recall: too few
+        boxes, or the learn split predicts no pass).
     """
     plans = []
     for i, cv in enumerate(curves):
@@ -522,14 +536,16 @@ def _learned_segments(obj: Objective, curves: Sequence[Curves], learn: Sequence[
                                                                          level))
             if rows.size == 0:
                 continue
-            t_l, f_l = learn[i].counts_at_many(column, thr[rows])
-            chance = certification.predictive_pass_probability(t_l, f_l, n[rows],
-                                                               obj.target_precision, level)
-            start, end = certification.plan_precision(chance, None, obj.target_precision, level)
-            if start < 0:
-                continue
-            # Expected recall: the planned end's recall times the chance the start passes.
-            value = chance[start] * t_l[end] / max(num_gt_learn, 1)
+            score_l, tp_l = _learn_detections(learn[i], column)
+            expected = np.zeros(rows.shape)  # no learn detection: from the top, valued 0
+            chance = np.zeros(rows.shape)
+            if score_l.size:
+                model = certification.TpChanceModel.fit(score_l, tp_l)
+                expected, chance = certification.plan_precision_run(
+                    model, thr, n, rows, obj.target_precision, level, with_pass=True)
+            # A hopeless curve (value 0) is still tested from its first point: it costs nothing.
+            start = int(np.argmax(expected))
+            value = float(expected[start])  # expected certified TPs (recall x the box count)
             start_chance = float(chance[start])
             rows = rows[start:]
             p = certification.binomial_pvalue(tp[rows], n[rows], obj.target_precision)

@@ -89,7 +89,7 @@ def calibration_images(cfg: Config, prep: Prepared, tune_idx: np.ndarray) -> np.
 
     The pooled decision compares every class's detections by calibrated score, so a calibration
     fitted with the certify images' labels would make the certified sequence depend on them:
-    with isotonic maps fitted on all tune images, the pooled promise held in 0.856 of 1,000
+    with isotonic maps fitted on all tune images, the pooled promise held in 0.846 of 1,000
     simulated tune sets instead of >= 0.95 (0.988 fitted on the learn part) (`simulation.pooled_coverage`). Per class, a calibration is one
     increasing map per class and leaves each class's order, and so its certified sequence, as
     it was; there the fit keeps every tune image.
