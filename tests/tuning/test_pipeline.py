@@ -489,8 +489,10 @@ def test_export_of_precomputed_raw_outputs_lands_at_the_postprocess_model(tmp_pa
 
 def test_pool_policy_fits_on_the_learn_part_and_reports_the_group(tmp_path):
     """`on_unreachable: pool` compares the group's classes by calibrated score, so the
-    calibration is fitted on the learn part; here the group (flag alone: precision 1/3) cannot
-    be certified, so flag is disabled exactly as with `disable`, and the report says so."""
+    calibration is fitted on the learn part. Here car certifies alone; the planner does not
+    expect person (see `known_answer`) nor flag (precision 1/3) to, so they form the group,
+    which is certified together at one calibrated threshold: person's top detections carry it.
+    Without pooling both are disabled."""
     report, ppc, run_dir, _ = _tune(tmp_path, calibration={"method": "platt", "per_class": False},
                                     tuning={"confidence": 0.95, "on_unreachable": "pool"},
                                     output={"plots": False})
@@ -498,10 +500,24 @@ def test_pool_policy_fits_on_the_learn_part_and_reports_the_group(tmp_path):
     assert report["target"]["on_unreachable"] == "pool"
     g = report["summary"]["guarantee"]
     assert "The classes marked pooled" in g["statement"]
-    assert g["group"]["classes"] == 0 and g["group"]["guarantee"] == "none"
+    assert g["classes"] == {"certified": 1, "pooled": 2}
+    group = g["group"]
+    assert (group["classes"], group["guarantee"]) == (2, "certified")
+    assert group["p_value"] <= group["test_level"]
     classes = _by_name(report)
-    assert (classes["flag"]["status"], classes["flag"]["enabled"]) == ("unreachable", False)
-    assert ppc["class_enabled"][classes["flag"]["column"]] is False
     assert classes["car"]["guarantee"]["kind"] == "certified"
-    assert "Pooled group (0 classes, none): not certified: disabled." in (
-        run_dir / "report.md").read_text()
+    members = [classes["person"], classes["flag"]]
+    for c in members:
+        assert (c["status"], c["guarantee"]["kind"], c["enabled"]) == ("pooled", "pooled", True)
+        assert ppc["min_score_thresh"][c["column"]] == c["threshold"] == group["threshold"]
+        assert ppc["nms_iou"][c["column"]] == c["nms_iou"] == group["nms_iou"]
+        assert ppc["class_enabled"][c["column"]] is True
+    for key in ("tp", "fp", "fn"):
+        assert group["holdout"][key] == sum(c["holdout"][key] for c in members)
+    assert "Pooled group (2 classes, certified): threshold" in (run_dir / "report.md").read_text()
+    plain, plain_ppc, *_ = _tune(tmp_path / "plain",
+                                 calibration={"method": "platt", "per_class": False},
+                                 tuning={"confidence": 0.95}, output={"plots": False})
+    assert [plain_ppc["class_enabled"][classes[n]["column"]] for n in ("person", "flag")] == [
+        False, False]
+    assert "group" not in plain["summary"]["guarantee"]
