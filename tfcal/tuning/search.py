@@ -937,8 +937,12 @@ def _group_search(matched, learn, group, objective: Objective, level: float, thr
     c = dataclasses.replace(found.classes[0], column=-1,
                             guarantee="certified" if found.classes[0].enabled else "none")
     if c.status != "ok" or not c.enabled:
-        log.warning("on_unreachable pool: the group of %d classes cannot be certified at the "
-                    "%s target; they are disabled", len(group), objective.name)
+        md = next(iter(matched.values()))
+        seen = sum(1 for c in group if md.num_gt[c] > 0 or np.any(md.column == c))
+        log.warning("on_unreachable pool: the group (%d classes with ground truth or "
+                    "detections) cannot be certified at the %s target; its classes are "
+                    "disabled, those under min_support keep the uncertified pooled fallback",
+                    seen, objective.name)
         return c, None
     return c, (grid.index(c.nms_iou), float(c.min_score_thresh))
 
