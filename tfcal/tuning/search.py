@@ -865,32 +865,30 @@ def joint_search(
             p_value=float(pvalue[i]) if certified else math.nan,
             boxes_to_certify=None if certified else need(c), boxes_available=have(c))
 
+    def at_shared(c, status, point, **extra):
+        """Class `c` at a shared `(grid index, threshold)`, with its own counts there."""
+        g_idx, t_shared = point
+        t, f = sorted_[g_idx].counts_at(c, t_shared)
+        n = int(num_gt[c])
+        val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None)[3][0]
+        return ClassChoice.at_counts(c, status, min_score_thresh=float(t_shared),
+                                     nms_iou=grid[g_idx], tp=t, fp=f, num_gt=n,
+                                     value=float(val), objective=objective.name, **extra)
+
     cert_set = set(cert_cols)
     choices: list[ClassChoice] = []
     errors = []
     for c in range(k):
         obj = objectives[c]
         if c in group_set:
-            g_idx, t_pool = group_point
-            t, f = sorted_[g_idx].counts_at(c, t_pool)
-            n = int(num_gt[c])
-            val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None)[3][0]
-            choices.append(ClassChoice.at_counts(
-                c, "pooled", min_score_thresh=float(t_pool), nms_iou=grid[g_idx], tp=t, fp=f,
-                num_gt=n, value=float(val), objective=objective.name, guarantee="pooled",
-                test_level=group_level, boxes_to_certify=need(c), boxes_available=have(c)))
+            choices.append(at_shared(c, "pooled", group_point, guarantee="pooled",
+                                     test_level=group_level, boxes_to_certify=need(c),
+                                     boxes_available=have(c)))
         elif insufficient[c]:
             if pooled_point is None:
                 choices.append(disabled(c, "insufficient_data", objective))
                 continue
-            g_idx, t_pool = pooled_point
-            t, f = sorted_[g_idx].counts_at(c, t_pool)
-            n = int(num_gt[c])
-            val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None)[3][0]
-            choices.append(ClassChoice.at_counts(
-                c, "insufficient_data", min_score_thresh=float(t_pool), nms_iou=grid[g_idx],
-                tp=t, fp=f, num_gt=n, value=float(val), objective=objective.name,
-                guarantee="none"))
+            choices.append(at_shared(c, "insufficient_data", pooled_point, guarantee="none"))
         elif best[c] >= 0:
             choices.append(at_point(c, "ok", best[c], obj))
         elif obj.on_unreachable == "error":
@@ -938,7 +936,7 @@ def _group_search(matched, learn, group, objective: Objective, level: float, thr
                             guarantee="certified" if found.classes[0].enabled else "none")
     if c.status != "ok" or not c.enabled:
         md = next(iter(matched.values()))
-        seen = sum(1 for c in group if md.num_gt[c] > 0 or np.any(md.column == c))
+        seen = sum(1 for m in group if md.num_gt[m] > 0 or np.any(md.column == m))
         log.warning("on_unreachable pool: the group (%d classes with ground truth or "
                     "detections) cannot be certified at the %s target; its classes are "
                     "disabled, those under min_support keep the uncertified pooled fallback",
