@@ -189,10 +189,8 @@ def test_the_runner_and_the_exporter_go_through_the_detector_seam():
     # The adapters know the handoff record and the fingerprint, nothing of the tuner,
     # the exporter or the serving layers.
     for module in _in("detectors"):
-        extra = _tfcal_areas(module) - {"detectors", "tfcal", "handoff", "coco", "validation"}
+        extra = _tfcal_areas(module) - {"detectors", "tfcal", "handoff", "raw", "validation"}
         assert not extra, (module, extra)
-        assert not [t for t, _ in imports(module) if t.startswith("tfcal.coco.")
-                    and t != "tfcal.coco.cache"], module
 
 
 #: Modules that import an optional extra at module level, and the extra they need.
@@ -219,7 +217,7 @@ def test_only_the_beam_pipeline_imports_apache_beam_and_only_when_it_runs():
 def test_the_beam_runner_sits_beside_the_local_runner(module):
     # It feeds the cache like tfcal.coco.runner: no tuning step, no export, no serving code.
     assert _tfcal_areas(module) <= {"beam", "coco", "config", "detectors", "atomic", "locks",
-                                    "tfcal"}, \
+                                    "raw", "tfcal"}, \
         (module, _tfcal_areas(module))
 
 

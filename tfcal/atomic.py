@@ -94,6 +94,23 @@ def write_with(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
     return path
 
 
+def fsync_file(path: str | Path) -> None:
+    """Flushes the file `path` (written by other means, e.g. a memory map) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flushes the directory `path` (its entries: files created or renamed in it) to disk; best
+    effort: directories can be fsynced on POSIX only."""
+    if os.name == "posix":
+        with contextlib.suppress(OSError):
+            fsync_file(path)
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Writes UTF-8 `text` to `path` atomically."""
     return write_bytes(path, text.encode("utf-8"))

@@ -202,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
         print(result.summary())
         return EXIT_OK if result.ok else EXIT_CHECK_FAILED
     if args.command == "convert-raw-outputs":
-        from tfcal.coco.cache import convert_raw_outputs
+        from tfcal.raw import convert_raw_outputs
         print(f"raw outputs: {convert_raw_outputs(args.npz, args.out)}")
         return EXIT_OK
     if args.command == "demo":

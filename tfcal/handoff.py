@@ -19,8 +19,8 @@ from typing import Any, Literal, Mapping
 
 from tfcal import TfcalError, atomic, validation
 from tfcal.rundir import DETECTOR_FILE, POSTPROCESS_FILE
-from tfcal.coco.cache import model_fingerprint
 from tfcal.ops import SCORE_CONVERTERS
+from tfcal.raw.fingerprint import model_fingerprint
 
 __all__ = ["BOX_FORMATS", "DETECTOR_FORMATS", "DETECTOR_FILE", "POSTPROCESS_FILE",
            "DetectorDescription", "check_detector", "check_fingerprint"]
@@ -133,7 +133,7 @@ class DetectorDescription:
     def fingerprint(self) -> str | None:
         """The fingerprint of the model on disk and the keys (None: no model there).
 
-        OD API: `tfcal.coco.cache.model_fingerprint` of the SavedModel and its signature keys.
+        OD API: `tfcal.raw.fingerprint.model_fingerprint` of the SavedModel and its signature keys.
         Other formats: of the SavedModel folder or the model file's bytes, with the format and
         its layout keys (what the raw outputs depend on)."""
         if self.saved_model is None:

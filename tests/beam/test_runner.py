@@ -175,7 +175,7 @@ def test_failed_inferences_and_bad_outputs_reach_the_dead_letter_list(tmp_path, 
                                    shard_images=2, beam_options=[])
     assert [e.image_keys for e in entries] == [("k1",)]
     assert [i for i, _ in failed] == [2, 3, 4]
-    assert "boxes must be normalized" in failed[0][1]
+    assert "boxes: must be normalized" in failed[0][1]
     assert failed[1][1] == "detector failed: RuntimeError('boom')"
     assert "decoded size 16x16 differs from the JSON height x width 8x16" in failed[2][1]
 

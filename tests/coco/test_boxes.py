@@ -17,7 +17,9 @@ import yaml
 
 from tfcal import TfcalError
 from tfcal.coco import boxes as box_lib
+from tfcal.coco.boxes import normalized_to_coco_xywh
 from tfcal.coco.dataset import CategoryMapping, load_coco
+from tfcal.raw import RawOutputs
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 NANODET = SHARED / "models" / "nanodet_odapi"
@@ -85,7 +87,6 @@ def test_inverted_share():
 
 
 def test_sample_ap_equals_pycocotools_ap50(demo):
-    from tfcal.coco.cache import RawOutputs, normalized_to_coco_xywh
     from tfcal.coco.evaluation import coco_stats
     from tfcal.coco.matching import Detections
 
@@ -206,7 +207,6 @@ def test_no_false_alarm_on_nanodet_outputs(tmp_path):
 
 
 def test_per_class_boxes_are_sampled_with_their_class(demo):
-    from tfcal.coco.cache import RawOutputs
 
     _, _, ds, a = demo
     k = a["scores"].shape[-1] - 1
@@ -227,7 +227,6 @@ def test_per_class_boxes_are_sampled_with_their_class(demo):
 
 @pytest.mark.parametrize("n,k,top_k", [(50, 7, 20), (3, 4, 10), (30, 1, 30)])
 def test_sample_candidates_are_the_top_entries_over_boxes_and_classes(n, k, top_k):
-    from tfcal.coco.cache import RawOutputs
 
     rng = np.random.default_rng(n + k)
     scores = rng.random((11, n, 1 + k), dtype=np.float32)  # continuous: no ties
@@ -244,3 +243,11 @@ def test_sample_candidates_are_the_top_entries_over_boxes_and_classes(n, k, top_
         got = np.sort(np.array(box_of) * k + s.column[m])
         np.testing.assert_array_equal(got, want)
         np.testing.assert_allclose(np.sort(s.score[m]), np.sort(flat[want]))
+
+
+def test_normalized_to_coco_xywh():
+    # ymin, xmin, ymax, xmax = 0.1, 0.2, 0.5, 0.6 on a 200 (h) x 100 (w) image:
+    # x = 20, y = 20, width = 40, height = 80.
+    out = normalized_to_coco_xywh(np.array([[[0.1, 0.2, 0.5, 0.6]]]), np.array([200]),
+                                  np.array([100]))
+    np.testing.assert_allclose(out, [[[20.0, 20.0, 40.0, 80.0]]])

@@ -329,7 +329,7 @@ def test_outputs_of_another_model_are_refused_not_called_drift(job, capsys, tmp_
     # The run was tuned on a model with fingerprint "a" * 64; the new raw outputs (a cache
     # folder) say they come from model "b" * 64. Comparing them would report a huge "drift"
     # (ECE 0.096 -> 0.997 in the fault corpus); the right answer is: not the tuned model.
-    from tfcal.coco.cache import RawOutputs, save_cache
+    from tfcal.raw import RawOutputs, save_cache
 
     root, _ = job
     run_dir = tmp_path / "run"

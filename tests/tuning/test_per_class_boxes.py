@@ -20,7 +20,7 @@ import pytest
 
 import known_answer as ka
 from tfcal import TfcalError
-from tfcal.coco.cache import RawOutputs
+from tfcal.raw import RawOutputs
 from tfcal.config import Config, load_config
 from tfcal.postprocess import PostProcessConfig
 from tfcal.tuning.candidates import collect_candidates

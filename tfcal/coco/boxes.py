@@ -27,7 +27,7 @@ set):
   times better on the same numbers is almost surely the one the detector writes. (On the
   demo detector the right layout gives AP50 0.38, the transposed one 0.011.)
 
-Pixel coordinates are refused before, by `tfcal.coco.cache.check_value_ranges`.
+Pixel coordinates are refused before, by `tfcal.raw.checks.check_value_ranges`.
 The candidates are the top `TOP_K` (box, class) entries of each of up to `SAMPLE_IMAGES` images
 spread evenly over the set, read `_READ_ROWS` images at a time (memory: a few images of raw
 scores). Per-class boxes ``[I, N, K, 4]`` give each entry the box of its class.
@@ -97,6 +97,18 @@ def converted(raw, box_format: str):
         out[start:start + step] = to_yxyx(raw.boxes[start:start + step], box_format)
     logger.info("boxes converted from %s to [ymin, xmin, ymax, xmax]", box_format)
     return dataclasses.replace(raw, boxes=out)
+
+
+def normalized_to_coco_xywh(boxes: np.ndarray, heights: np.ndarray,
+                            widths: np.ndarray) -> np.ndarray:
+    """float `[I, M, 4]` ``[ymin, xmin, ymax, xmax]`` in [0, 1] -> float64 `[I, M, 4]` pixel
+    ``[x, y, width, height]`` (COCO's box) using each image's int `[I]` `heights` and
+    `widths`."""
+    b = np.asarray(boxes, dtype=np.float64)
+    h = np.asarray(heights, dtype=np.float64)[:, None]
+    w = np.asarray(widths, dtype=np.float64)[:, None]
+    x0, y0 = b[..., 1] * w, b[..., 0] * h
+    return np.stack([x0, y0, b[..., 3] * w - x0, b[..., 2] * h - y0], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,8 +214,6 @@ def sample_ap(sample: BoxSample, boxes_yxyx: np.ndarray, dataset, mapping, *,
               match_iou: float, max_dets: int = TOP_K) -> tuple[float, int]:
     """``(AP, ground-truth boxes)`` of the sampled candidates with these yxyx boxes, on the
     sampled images (see `average_precision`)."""
-    from tfcal.coco.cache import normalized_to_coco_xywh
-
     cat = mapping.columns_to_category_ids(sample.column)
     keep = cat >= 0
     idx = sample.image_index[keep]

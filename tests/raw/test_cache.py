@@ -1,4 +1,4 @@
-"""Tests for tfcal.coco.cache: precomputed raw outputs, box conversion, atomic npz writes, and
+"""Tests for tfcal.raw: precomputed raw outputs, atomic npz writes, and
 the memory-mapped cache directory (layout, validation on load, atomic and interrupted writes)."""
 
 import json
@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 
 from tfcal import TfcalError, TfcalWarning, atomic
-from tfcal.coco import cache as cache_lib
-from tfcal.coco.cache import (RawOutputs, RawOutputsWriter, cache_path, load_cache,
-                              load_raw_outputs, normalized_to_coco_xywh, save_cache,
-                              save_npz_atomic)
 from tfcal.coco.dataset import load_coco
+from tfcal.raw import (RawOutputs, RawOutputsWriter, cache_path, load_cache, load_raw_outputs,
+                       save_cache, save_npz_atomic)
 
-from .cocogen import edit_cache_meta, make_gt, write_json
+from coco.cocogen import edit_cache_meta, make_gt, write_json
 
 
 @pytest.fixture
@@ -88,14 +86,6 @@ def test_slightly_out_of_range_boxes_are_clipped_with_warning(tmp_path, dataset)
     with pytest.warns(TfcalWarning, match="clipped"):
         raw = load_raw_outputs(path, dataset)
     np.testing.assert_array_equal(raw.boxes[0, 0], np.float32([0.0, 0.2, 0.5, 1.0]))
-
-
-def test_normalized_to_coco_xywh():
-    # ymin, xmin, ymax, xmax = 0.1, 0.2, 0.5, 0.6 on a 200 (h) x 100 (w) image:
-    # x = 20, y = 20, width = 40, height = 80.
-    out = normalized_to_coco_xywh(np.array([[[0.1, 0.2, 0.5, 0.6]]]), np.array([200]),
-                                  np.array([100]))
-    np.testing.assert_allclose(out, [[[20.0, 20.0, 40.0, 80.0]]])
 
 
 FP = "f" * 64
