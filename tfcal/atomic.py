@@ -19,6 +19,8 @@ import socket
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
+from tfcal import TfcalError
+
 logger = logging.getLogger(__name__)
 
 
@@ -274,8 +276,6 @@ def check_room(folder: str | Path, need_bytes: int, what: str) -> None:
     Raises:
       TfcalError: naming `what` and the folder: not a folder, not writable, or too little room.
     """
-    from tfcal import TfcalError
-
     folder = Path(folder)
     place = folder
     while not place.exists() and place != place.parent:

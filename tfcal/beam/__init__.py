@@ -78,7 +78,7 @@ def _run_and_merge(model, runner, dataset, detector, store: Path, target: Path, 
              len(image_keys), len(image_keys) - len(todo), store)
     if todo:
         detector.batchable  # loads it: a bad model fails here, in one line, before any pipeline
-        try:
+        try:  # apache_beam (the tfcal[beam] extra): imported only when a pipeline runs
             from tfcal.beam import pipeline
         except ImportError as e:
             raise TfcalError(f"{source}: runner.kind: beam needs Apache Beam ({e}); install "

@@ -37,17 +37,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Literal, get_args
 
 import numpy as np
 
 from tfcal import TfcalError
 from tfcal.coco.matching import Detections, match_detections
+from tfcal.vocabulary import BOX_FORMATS, BoxFormat
 
 logger = logging.getLogger(__name__)
 
-BoxFormat = Literal["yxyx", "xyxy", "cxcywh"]
-BOX_FORMATS: tuple[str, ...] = get_args(BoxFormat)
 
 SAMPLE_IMAGES = 200
 TOP_K = 100
@@ -59,7 +57,7 @@ MIN_ALT_AP = 0.05
 _READ_ROWS = 8
 
 
-def to_yxyx(boxes: np.ndarray, box_format: str) -> np.ndarray:
+def to_yxyx(boxes: np.ndarray, box_format: BoxFormat) -> np.ndarray:
     """Boxes of `box_format` as ``[ymin, xmin, ymax, xmax]``, clipped to [0, 1] (except yxyx,
     returned as given).
 
@@ -84,7 +82,7 @@ def to_yxyx(boxes: np.ndarray, box_format: str) -> np.ndarray:
     return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
 
 
-def converted(raw, box_format: str):
+def converted(raw, box_format: BoxFormat):
     """`raw` (`RawOutputs`) with its boxes converted to yxyx in memory (itself for yxyx).
 
     Boxes are `4 / C` of the raw outputs' size (C score columns), converted
@@ -225,7 +223,7 @@ def sample_ap(sample: BoxSample, boxes_yxyx: np.ndarray, dataset, mapping, *,
     return average_precision(result)
 
 
-def check_boxes(raw, dataset, mapping, *, box_format: str, background_column: bool,
+def check_boxes(raw, dataset, mapping, *, box_format: BoxFormat, background_column: bool,
                 match_iou: float, source: str, boxes_key: str = "boxes") -> dict:
     """Refuses raw outputs whose boxes cannot be right (see the module docstring).
 

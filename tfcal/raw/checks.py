@@ -13,6 +13,7 @@ import numpy as np
 
 from tfcal import TfcalError
 from tfcal.raw.record import RawOutputs, release_pages
+from tfcal.vocabulary import ScoreConverter
 
 #: Boxes this far outside [0, 1] are refused as pixel coordinates; closer ones are clipped
 #: with a warning when precomputed outputs are loaded.
@@ -128,7 +129,7 @@ def check_arrays(a: dict[str, np.ndarray], num_score_columns: int | None, *,
         raise ValueError("image_ids: repeated ids")
 
 
-def check_value_ranges(raw: RawOutputs, *, score_converter: str, source: str,
+def check_value_ranges(raw: RawOutputs, *, score_converter: ScoreConverter, source: str,
                        boxes_key: str = "boxes", scores_key: str = "scores") -> None:
     """Refuses raw outputs whose values cannot be what the config says they are.
 
