@@ -28,7 +28,7 @@ runner and the tuner build on it.
 The tuning job is split by owner: `tuning.prepare` (validated inputs), `tuning.detections` (the
 serving post-processing over cached raw outputs, and matching), `tuning.objectives`,
 `tuning.calibrate`, `tuning.search`, `tuning.tune` (the fit and the search on one set of
-tune images), `tuning.baseline`, `tuning.evaluate` (held-out evidence and report.json), and
+tune images), `tuning.baseline`, `tuning.holdout` (held-out evidence and report.json), and
 `tuning.pipeline`, which orders them and which only the command line and
 the demo import. The Beam runner (`tfcal.beam`) sits beside the local runner: it feeds the
 raw-output cache and imports neither the tuning job nor the serving side; only

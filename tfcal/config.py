@@ -70,10 +70,6 @@ def _calibration_methods_message():
     return "must be one of " + " | ".join(calibration.names())
 
 
-def _resolved_path(v):
-    return v is None or isinstance(v, Path)
-
-
 def _size(v):
     return len(v) == 2 and all(x > 0 for x in v)
 

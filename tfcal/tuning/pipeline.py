@@ -32,7 +32,7 @@ from tfcal.handoff import DETECTOR_FILE, POSTPROCESS_FILE, DetectorDescription
 from tfcal.postprocess import PostProcessConfig
 from tfcal.raw import file_sha256
 from tfcal.tuning import baseline, report as report_lib
-from tfcal.tuning.evaluate import HoldoutEvidence, collect_evidence, holdout_report
+from tfcal.tuning.holdout import HoldoutEvidence, collect_evidence, holdout_report
 from tfcal.tuning.prepare import Prepared, prepare
 from tfcal.tuning.split import kfold, split_images
 from tfcal.tuning.tune import learn_split, tune_on, uses_learn_split
