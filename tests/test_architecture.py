@@ -154,6 +154,48 @@ def test_one_box_range_check():
     assert not owners, f"the box tolerance is read outside tfcal.raw.checks: {owners}"
 
 
+def _spelled_vocabularies(module: str) -> list[frozenset[str]]:
+    """Every `Literal[...]` of strings and every tuple or list of two or more strings that
+    `module` writes out, as sets of words."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    found, literal_args = [], set()
+    for node in ast.walk(tree):  # parents come before their children
+        elts = None
+        if isinstance(node, ast.Subscript) and getattr(node.value, "id", None) == "Literal":
+            elts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            literal_args.add(id(node.slice))
+        elif isinstance(node, (ast.Tuple, ast.List)) and len(node.elts) >= 2 and \
+                id(node) not in literal_args:
+            elts = node.elts
+        if elts and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in elts):
+            found.append(frozenset(e.value for e in elts))
+    return found
+
+
+def test_each_vocabulary_is_spelled_once():
+    # Typed once (a Literal, its values read with get_args) by its owner; everyone else
+    # imports it. A second spelling would drift from the first.
+    from tfcal import vocabulary
+    from tfcal.detectors import yolo
+
+    owners = {frozenset(vocabulary.SCORE_CONVERTERS): "tfcal.vocabulary",
+              frozenset(vocabulary.BOX_FORMATS): "tfcal.vocabulary",
+              frozenset(vocabulary.HEAD_BOX_FORMATS): "tfcal.vocabulary",
+              frozenset(vocabulary.DETECTOR_FORMATS): "tfcal.vocabulary",
+              frozenset(yolo.LAYOUTS): "tfcal.detectors.yolo",
+              frozenset(yolo.BOX_UNITS): "tfcal.detectors.yolo",
+              frozenset(yolo.RESIZES): "tfcal.detectors.yolo",
+              frozenset(yolo.PIXEL_RANGES): "tfcal.detectors.yolo"}
+    spelled = {}
+    for module in MODULES:
+        for words in _spelled_vocabularies(module):
+            if words in owners:
+                spelled.setdefault(words, []).append(module)
+    for words, where in spelled.items():
+        assert where == [owners[words]], f"{sorted(words)} spelled in {where}"
+    assert set(spelled) == set(owners)  # the check sees each owner's own spelling
+
+
 @pytest.mark.parametrize("module", [m for a in ("validation", "ops", "calibration", "postprocess")
                                     for m in _in(a)])
 def test_only_the_layers_use_keras(module):

@@ -51,7 +51,8 @@ def demo(tmp_path_factory):
     return root, ann, ds, arrays
 
 
-def _config(root: Path, ann: Path, arrays: dict, name: str, save=np.savez, **model) -> Path:
+def _raw_outputs_config(root: Path, ann: Path, arrays: dict, name: str, save=np.savez,
+                        **model) -> Path:
     save(root / f"{name}.npz", **arrays)
     cfg = {"model": {"raw_outputs": f"{name}.npz", "score_converter": "sigmoid", **model},
            "data": {"annotations": str(ann)}, "calibration": {"method": "none"},
@@ -109,7 +110,7 @@ def test_sample_ap_equals_pycocotools_ap50(demo):
 
 def test_correct_layout_passes(demo, caplog):
     root, ann, _, a = demo
-    prep = _prepare(_config(root, ann, a, "yxyx"))
+    prep = _prepare(_raw_outputs_config(root, ann, a, "yxyx"))
     np.testing.assert_array_equal(prep.raw.boxes, a["boxes"])
 
 
@@ -117,13 +118,13 @@ def test_correct_layout_passes(demo, caplog):
 def test_declared_layout_is_converted_at_load(demo, fmt, convert):
     root, ann, _, a = demo
     stored = dict(a, boxes=convert(a["boxes"]).astype(np.float32))
-    prep = _prepare(_config(root, ann, stored, f"declared_{fmt}", box_format=fmt))
+    prep = _prepare(_raw_outputs_config(root, ann, stored, f"declared_{fmt}", box_format=fmt))
     np.testing.assert_allclose(prep.raw.boxes, np.clip(a["boxes"], 0, 1), atol=2e-6)
 
 
 def test_xyxy_boxes_read_as_yxyx_are_refused_with_the_fix(demo):
     root, ann, _, a = demo
-    path = _config(root, ann, dict(a, boxes=_xyxy(a["boxes"])), "xyxy")
+    path = _raw_outputs_config(root, ann, dict(a, boxes=_xyxy(a["boxes"])), "xyxy")
     with pytest.raises(TfcalError) as err:
         _prepare(path)
     msg = str(err.value)
@@ -134,7 +135,8 @@ def test_xyxy_boxes_read_as_yxyx_are_refused_with_the_fix(demo):
 
 def test_centre_size_boxes_are_refused_as_inverted(demo):
     root, ann, _, a = demo
-    path = _config(root, ann, dict(a, boxes=_cxcywh(a["boxes"]).astype(np.float32)), "cxcywh")
+    path = _raw_outputs_config(root, ann, dict(a, boxes=_cxcywh(a["boxes"]).astype(np.float32)),
+                               "cxcywh")
     with pytest.raises(TfcalError, match=r"ymin > ymax or xmin > xmax as model.box_format: "
                                          r"yxyx reads them; set model.box_format .*cxcywh"):
         _prepare(path)
@@ -144,7 +146,7 @@ def test_class_columns_that_do_not_line_up_are_refused(demo):
     root, ann, ds, a = demo
     names = [ds.category_name(int(c)) for c in ds.category_ids]
     rotated = {name: (i + 1) % len(names) for i, name in enumerate(names)}  # every column wrong
-    path = _config(root, ann, a, "rotated", category_columns=rotated)
+    path = _raw_outputs_config(root, ann, a, "rotated", category_columns=rotated)
     with pytest.raises(TfcalError, match=r"AP 0\.0\d\d at tuning.match_iou 0.5 .* check "
                                          r"model.box_format and model.label_offset / "
                                          r"model.category_columns$"):
@@ -161,7 +163,7 @@ def test_bad_layouts_exit_2_with_one_line_through_the_cli(demo, capsys):
                               ("cli_pixels", a["boxes"] * scale, np.savez),
                               # converted batch by batch first: refused before it is kept
                               ("cli_pixels_packed", a["boxes"] * scale, np.savez_compressed)):
-        path = _config(root, ann, dict(a, boxes=boxes), name, save=save)
+        path = _raw_outputs_config(root, ann, dict(a, boxes=boxes), name, save=save)
         assert main(["tune", str(path), "--no-export"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1, err

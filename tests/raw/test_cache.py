@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 
 from tfcal import TfcalError, TfcalWarning, atomic
-from tfcal.coco.dataset import load_coco
 from tfcal.raw import (RawOutputs, RawOutputsWriter, cache_path, load_cache, load_raw_outputs,
                        save_cache, save_npz_atomic)
 
-from coco.cocogen import edit_cache_meta, make_gt, write_json
+from coco.cocogen import edit_cache_meta
 
 
-@pytest.fixture
-def dataset(tmp_path):
-    gt = make_gt(0, num_images=4, num_categories=3)
+def _smaller_second_image(gt):
     gt["images"][1]["width"], gt["images"][1]["height"] = 100, 50
     # Its boxes were drawn for 640 x 480: they would lie outside the smaller image.
     gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] != gt["images"][1]["id"]]
-    return load_coco(write_json(tmp_path / "instances.json", gt))
+
+
+#: The `dataset` fixture (tests/conftest.py): 4 images, the second one smaller than the others.
+COCO_SET = {"seed": 0, "num_images": 4, "num_categories": 3, "edit": _smaller_second_image}
 
 
 def _arrays(ds, seed=0, n=5, c=4):

@@ -12,22 +12,17 @@ import numpy as np
 import pytest
 
 from tfcal import TfcalError
-from tfcal.coco.dataset import load_coco
 from tfcal.raw import (RawOutputs, checks, convert_raw_outputs, file_sha256, fingerprint,
                        load_raw_outputs)
 from tfcal.raw.npz import NpzStream, open_members
-
-from coco.cocogen import make_gt, write_json
 
 NUM_IMAGES, NUM_BOXES, NUM_COLUMNS = 48, 400, 41  # scores: 48 x 400 x 41 x 4 B = 3.1 MB
 SCAN_BYTES = 1 << 17  # 128 KB slices: 2 images of scores per batch, 24 batches
 HASH_CHUNK = 1 << 16
 
 
-@pytest.fixture
-def dataset(tmp_path):
-    return load_coco(write_json(tmp_path / "instances.json",
-                                make_gt(1, num_images=NUM_IMAGES, num_categories=3)))
+#: The `dataset` fixture (tests/conftest.py).
+COCO_SET = {"seed": 1, "num_images": NUM_IMAGES, "num_categories": 3}
 
 
 def _arrays(ds, seed=0):

@@ -5,9 +5,9 @@ their conversion, and the value checks (one box-range check for every path).
 Modules, bottom up: `record` (the record and its read-only memory map), `fingerprint`,
 `checks`, `npz` (npz members read without loading them whole), `cache` (the on-disk format,
 its writer and verified reader), `precomputed` (a user's npz or folder for a data set, and
-`tfcal convert-raw-outputs`). This package imports nothing of tfcal but the root package and
-`tfcal.atomic`: the COCO code, the detectors, the detector handoff, the Beam runner and the
-tuner build on it.
+`tfcal convert-raw-outputs`). This package imports nothing of tfcal but the root package,
+`tfcal.atomic` and `tfcal.vocabulary`: the COCO code, the detectors, the detector handoff, the
+Beam runner and the tuner build on it.
 """
 
 from tfcal.raw.cache import RawOutputsWriter, cache_path, load_cache, save_cache
