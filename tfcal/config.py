@@ -22,16 +22,11 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from tfcal import TfcalError
+from tfcal.detectors.yolo import BoxUnits, Layout, PixelRange, Resize, read_labels, resolve_layout
+from tfcal.vocabulary import BoxFormat, DetectorFormat, ScoreConverter
 from tfcal.tuning.objective_kinds import KINDS, check_fields
 
-ScoreConverter = Literal["sigmoid", "softmax", "identity"]
-BoxFormat = Literal["yxyx", "xyxy", "cxcywh"]  # tfcal.coco.boxes.BOX_FORMATS
-ModelFormat = Literal["odapi", "yolo", "keras"]
 YoloPreset = Literal["yolov8", "yolo11", "yolov5"]
-YoloLayout = Literal["boxes_first", "boxes_last", "objectness"]
-BoxUnits = Literal["normalized", "pixels"]
-ResizeMode = Literal["letterbox", "stretch"]
-PixelRange = Literal["unit", "byte"]
 OnUnknownLabel = Literal["error", "disable"]
 ExtraOutput = Literal["detection_multiclass_scores", "detection_anchor_indices"]
 ServedInputType = Literal["image_tensor", "float_image_tensor", "encoded_image_string_tensor",
@@ -70,13 +65,9 @@ def _calibration_method(v):
 
 
 def _calibration_methods_message():
-    from tfcal import calibration
+    from tfcal import calibration  # TensorFlow: only when a message names the methods
 
     return "must be one of " + " | ".join(calibration.names())
-
-
-def _resolved_path(v):
-    return v is None or isinstance(v, Path)
 
 
 def _size(v):
@@ -89,9 +80,9 @@ class YoloConfig:
     preset."""
 
     preset: YoloPreset | None = None
-    layout: YoloLayout | None = None  # boxes_first [B,4+K,N] | boxes_last [B,N,4+K] | objectness
+    layout: Layout | None = None  # boxes_first [B,4+K,N] | boxes_last [B,N,4+K] | objectness
     box_units: BoxUnits | None = None  # centre-size boxes normalized to the input, or its pixels
-    resize: ResizeMode | None = None  # default letterbox
+    resize: Resize | None = None  # default letterbox
     pixel_range: PixelRange | None = None  # network input values: unit [0, 1] (default) | byte
     input_size: tuple[int, ...] | None = dataclasses.field(
         default=None, metadata=_check(_size, "must be [height, width], both > 0"))
@@ -123,7 +114,7 @@ FORMAT_SCORE_DEFAULTS: dict[str, dict[str, Any]] = {
 class ModelConfig:
     """The detector and how to read its raw (pre-NMS) outputs."""
 
-    format: ModelFormat = "odapi"
+    format: DetectorFormat = "odapi"
     saved_model: Path | None = None
     path: Path | None = None  # format yolo / keras: the .tflite / .keras file or SavedModel folder
     raw_outputs: Path | None = None  # precomputed npz instead of a model (see README)
@@ -515,15 +506,11 @@ def _check_model_format(m: ModelConfig, fail) -> None:
         if y.labels is not None and m.category_columns is not None:
             fail("model.yolo.labels", "give labels or model.category_columns, not both")
         if y.labels is not None:
-            from tfcal.detectors.yolo import read_labels
-
             try:
                 read_labels(y.labels)
             except TfcalError as err:
                 fail("model.yolo.labels", str(err))
         if m.path is not None:
-            from tfcal.detectors.yolo import resolve_layout
-
             try:
                 resolve_layout(m.path, preset=y.preset, layout=y.layout, box_units=y.box_units,
                                resize=y.resize, pixel_range=y.pixel_range,

@@ -41,11 +41,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfcal import validation
+from tfcal.vocabulary import SCORE_CONVERTERS
 
 EPS = 1e-7
 """Probability clip before taking logits (float32-safe; `tfcal.calibration` uses this value)."""
-
-SCORE_CONVERTERS = ("sigmoid", "softmax", "identity")
 
 SKIP_EMPTY_CLASSES_MAX_BOXES = 512
 """`combined_nms` sends only the class columns with a candidate to the op when at most this many

@@ -35,14 +35,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from tfcal import TfcalError, atomic, ops, validation
 from tfcal import calibration as _calibration
+from tfcal.vocabulary import ScoreConverter
 
-ScoreConverter = Literal["sigmoid", "softmax", "identity"]
 
 __all__ = ["PostProcessConfig", "ScoreConverter"]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from odapi_test_model import build_odapi_test_model
-from odapi_test_model import sample_image
+from .odapi_test_model import build_odapi_test_model
+from .odapi_test_model import sample_image
 from tfcal.postprocess import PostProcessConfig
 
 

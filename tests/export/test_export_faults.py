@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tfcal import atomic
-from odapi_test_model import export_job
+from .odapi_test_model import export_job
 from tfcal.cli import main
 from tfcal.export import serving
 

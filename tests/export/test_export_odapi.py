@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from odapi_test_model import build_odapi_test_model
-from odapi_test_model import encode_png
-from odapi_test_model import sample_image
+from .odapi_test_model import build_odapi_test_model
+from .odapi_test_model import encode_png
+from .odapi_test_model import sample_image
 from tfcal import TfcalError
 from tfcal.export import odapi
 from tfcal.handoff import DetectorDescription

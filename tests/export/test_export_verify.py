@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from odapi_test_model import build_odapi_test_model
-from odapi_test_model import encode_png
-from odapi_test_model import sample_image
+from .odapi_test_model import build_odapi_test_model
+from .odapi_test_model import encode_png
+from .odapi_test_model import sample_image
 from tfcal.export import odapi
 from tfcal.export import serving
 from tfcal.export import verify

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from odapi_test_model import NUM_BOXES, NUM_CLASSES, build_odapi_test_model, sample_image
+from .odapi_test_model import NUM_BOXES, NUM_CLASSES, build_odapi_test_model, sample_image
 from tfcal import TfcalError
 from tfcal.detectors import open_described
 from tfcal.detectors.base import Detector

@@ -40,6 +40,7 @@ import numpy as np
 from tfcal import TfcalError
 from tfcal import atomic, locks
 from tfcal.export import odapi
+from tfcal.export import verify as verify_mod
 from tfcal.handoff import DetectorDescription, check_detector
 from tfcal.postprocess import PostProcessConfig
 
@@ -484,8 +485,6 @@ def _export(config: PostProcessConfig, description: DetectorDescription | None,
             options: ExportOptions, *, warmup_images: Sequence[Any], config_source,
             category_ids: Sequence[int] | None = None) -> ServingExport:
     """Builds, verifies and publishes one version (see the module docstring)."""
-    from tfcal.export import verify as verify_mod
-
     export_root = options.export_root
     model_name = options.model_name
     container_base_path = options.container_base_path

@@ -37,6 +37,7 @@ import numpy as np
 
 from tfcal import validation
 from tfcal.export import odapi
+from tfcal.layers import PostProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -512,7 +513,6 @@ def _check_fresh_results(
     """The fresh process's metadata, and each run's parity with the in-process PostProcessor
     applied to the exported model's own raw outputs, its columns named by `category_ids`."""
     import tensorflow as tf
-    from tfcal.layers import PostProcessor
 
     report.signatures = tuple(str(s) for s in fresh["signatures"])
     meta = json.loads(str(fresh["metadata"]))

@@ -60,7 +60,7 @@ def _combined_nms_fn(iou_grid, lowest_threshold, max_per_class, max_total, clip_
                      calibrate_fn, soft_nms_sigma=0.0, clip_window=None):
     import tensorflow as tf
 
-    from tfcal.ops import combined_nms
+    from tfcal.ops import combined_nms  # TensorFlow: tfcal.tuning's init imports this module
 
     @tf.function(reduce_retracing=True)
     def run(boxes, raw_scores):

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from tfcal import TfcalError, atomic, locks, rundir
+from tfcal import plots as plot_lib
 from tfcal.tuning.objective_kinds import KINDS
 
 log = logging.getLogger(__name__)
@@ -249,10 +250,15 @@ def write_plots(report: dict, plots_dir: Path) -> dict[str, str]:
     says so; the report itself is complete without plots.
     """
     try:
-        from tfcal import plots
+        return _draw_plots(report, plots_dir)
     except ImportError as err:  # pragma: no cover - depends on the environment
         log.warning("plots skipped: %s (pip install 'tfcal[plots]')", err)
         return {}
+
+
+def _draw_plots(report: dict, plots_dir: Path) -> dict[str, str]:
+    """`write_plots` itself; ImportError without matplotlib (before any file is written)."""
+    plots = plot_lib
     curves = report.get("curves") or {}
     out: dict[str, str] = {}
     rel = Path("plots")
