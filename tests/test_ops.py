@@ -206,6 +206,31 @@ def test_no_box_passes_gives_all_zero_output(iou, agnostic):
         np.testing.assert_array_equal(out[key], 0.0)
 
 
+@pytest.mark.parametrize("agnostic", [False, True])
+@pytest.mark.parametrize("boxes_shape, scores_shape", [
+    ([0, 0, 0, 4], [0, 0, 0]),  # an empty batch with no classes
+    ([0, 0, 4], [0, 0, 0]),
+    ([2, 5, 4], [2, 5, 0]),  # images and boxes, no class column
+    ([2, 0, 1, 4], [2, 0, 3]),  # no boxes
+])
+def test_empty_inputs_give_empty_outputs_like_tf_combined_nms(boxes_shape, scores_shape,
+                                                              agnostic):
+    # tf.image.combined_non_max_suppression returns [batch, max_total, ...] zeros for these.
+    fn = tf.function(lambda b, s: ops.combined_nms(b, s, max_total_detections=7,
+                                                   class_agnostic=agnostic))
+    out = {k: v.numpy() for k, v in fn(tf.zeros(boxes_shape), tf.zeros(scores_shape)).items()}
+    batch = scores_shape[0]
+    ref = tf.image.combined_non_max_suppression(
+        tf.zeros(boxes_shape if len(boxes_shape) == 4 else boxes_shape[:2] + [1, 4]),
+        tf.zeros(scores_shape), 5, 7)
+    assert out["detection_boxes"].shape == tuple(ref.nmsed_boxes.shape) == (batch, 7, 4)
+    assert out["detection_scores"].shape == out["detection_classes"].shape == (batch, 7)
+    assert out["num_detections"].shape == (batch,)
+    for key, value in out.items():
+        assert value.dtype == np.float32, key
+        np.testing.assert_array_equal(value, 0.0, err_msg=key)
+
+
 def test_all_equal_scores_lower_index_wins():
     # Boxes 0 and 1 coincide, as do 2 and 3; equal scores -> the lower index survives each pair.
     boxes = np.array([[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]], np.float32)

@@ -320,6 +320,9 @@ def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes, sigma
         idx, sel_scores, n = tf.raw_ops.NonMaxSuppressionV5(
             boxes=b, scores=s, max_output_size=max_total, iou_threshold=iou,
             score_threshold=threshold, soft_nms_sigma=sigma, pad_to_max_output_size=True)
+        # A zero box (class 0) after the last keeps the padding index 0 valid with no boxes.
+        b = tf.concat([b, tf.zeros([1, 4], b.dtype)], 0)
+        c = tf.concat([c, tf.zeros([1], c.dtype)], 0)
         return tf.gather(b, idx), sel_scores, tf.cast(tf.gather(c, idx), tf.float32), n
 
     out_boxes, out_scores, out_classes, num = tf.map_fn(
@@ -433,6 +436,9 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
     if boxes.shape.rank == 4 and boxes.shape[2] not in (None, 1, num_classes):
         raise ValueError(f"boxes: class axis {boxes.shape[2]} != scores class axis {num_classes}")
     max_total = validation.integer("max_total_detections", max_total_detections, minimum=1)
+    if num_classes == 0:
+        # No class column, so nothing to emit (an empty batch, as TF's op returns it).
+        return _no_detections(tf.shape(scores)[0], max_total, return_indices)
     if class_agnostic and max_detections_per_class is not None:
         raise ValueError(f"max_detections_per_class: not used by class_agnostic NMS (one NMS "
                          f"over all classes); leave it None, got {max_detections_per_class!r}")
@@ -555,6 +561,19 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
     if indices is not None:
         valid = tf.range(max_total)[None, :] < num[:, None]
         out["detection_indices"] = tf.where(valid, indices, -1)
+    return out
+
+
+def _no_detections(batch, max_total: int, return_indices: bool) -> dict[str, tf.Tensor]:
+    """All-padding outputs for `batch` images (`[batch, max_total, ...]` zeros)."""
+    out = {
+        "detection_boxes": tf.zeros([batch, max_total, 4], tf.float32),
+        "detection_scores": tf.zeros([batch, max_total], tf.float32),
+        "detection_classes": tf.zeros([batch, max_total], tf.float32),
+        "num_detections": tf.zeros([batch], tf.float32),
+    }
+    if return_indices:
+        out["detection_indices"] = tf.fill([batch, max_total], -1)
     return out
 
 

@@ -333,6 +333,14 @@ def test_tf_saved_model_round_trip_with_dynamic_shapes(tmp_path):
             np.testing.assert_array_equal(got[key].numpy(), want[key].numpy(), err_msg=key)
 
 
+def test_combined_nms_on_an_empty_batch_with_no_classes():
+    # tf.image.combined_non_max_suppression gives [0, max_total, ...] here; so does the layer.
+    out = CombinedNMS(max_total_detections=5)(tf.zeros([0, 0, 0, 4]), tf.zeros([0, 0, 0]))
+    assert out["detection_boxes"].shape == (0, 5, 4)
+    assert out["detection_scores"].shape == out["detection_classes"].shape == (0, 5)
+    assert out["num_detections"].shape == (0,)
+
+
 def test_class_agnostic_post_processor_with_per_class_boxes():
     cfg = PP_CONFIG.replace(nms_iou=(0.5,), class_agnostic=True)
     boxes, raw = make_inputs(25, batch=2, num_boxes=30)
