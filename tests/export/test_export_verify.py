@@ -109,7 +109,7 @@ def test_nanodet_export_reload_parity(tmp_path):
     config = PostProcessConfig(
         num_classes=90,
         calibration="temperature",
-        temperature=(1.2,),
+        calibration_params={"temperature": (1.2,)},
         min_score_thresh=(0.05,),
         nms_iou=ious,
         max_detections_per_class=100,
