@@ -79,6 +79,7 @@ def floats(name: str, value, *, lengths: Sequence[int] | None = None, lo: float 
     Raises:
       ValueError: not numbers, a non-finite value, a value out of range, or a wrong length.
     """
+    scalar = scalar_ok and isinstance(value, numbers.Real) and not is_bool(value)
     values = _sequence(name, value, scalar_ok=scalar_ok)
     if lengths is None and not values:
         raise ValueError(f"{name}: expected at least one value, got []")
@@ -87,10 +88,14 @@ def floats(name: str, value, *, lengths: Sequence[int] | None = None, lo: float 
         raise ValueError(f"{name}: expected {want} values, got {len(values)}: {values}")
     for v in values:
         if not is_number(v):
+            if scalar:
+                raise ValueError(f"{name}: expected a finite number, got {value!r}")
             raise ValueError(f"{name}: expected finite numbers, got {values}")
         if (lo is not None and v < lo) or (hi is not None and v > hi) or (positive and v <= 0):
             rng = "> 0" if positive else (f">= {lo}" if hi is None else
                                           f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
+            if scalar:
+                raise ValueError(f"{name}: must be {rng}, got {value!r}")
             raise ValueError(f"{name}: each value must be {rng}, got {[float(x) for x in values]}")
     return tuple(float(v) for v in values)
 
@@ -214,6 +219,8 @@ def iou_thresholds(name: str, value, *, lengths: Sequence[int] | None = None,
     """
     values = floats(name, value, lengths=lengths, lo=0.0, hi=1.0, scalar_ok=scalar_ok)
     if not allow_zero and any(v == 0.0 for v in values):
+        if scalar_ok and len(values) == 1 and not hasattr(value, "__len__"):
+            raise ValueError(f"{name}: must be in (0, 1], got {value!r}")
         raise ValueError(f"{name}: each value must be in (0, 1], got {list(values)}")
     return values
 

@@ -167,7 +167,7 @@ def test_layers_trace_once_for_any_batch_and_output_float32(layer_factory, input
     (lambda: CombinedNMS(class_ids=[1.0, 2.0]), "class_ids"),
     (lambda: CombinedNMS(class_ids=[1, 2 ** 24 + 1]), "class_ids"),
     (lambda: CombinedNMS(iou_threshold=[0.5, 0.6], class_ids=[1, 2, 3]), "class_ids: 3 ids"),
-    (lambda: CombinedNMS(soft_nms_sigma=-0.5), "soft_nms_sigma: each value must be >= 0"),
+    (lambda: CombinedNMS(soft_nms_sigma=-0.5), "soft_nms_sigma: must be >= 0.0, got -0.5"),
     (lambda: CombinedNMS(iou_threshold=[0.5, 0.6], soft_nms_sigma=[0.1, 0.2, 0.3]),
      "soft_nms_sigma: 3 values"),
     (lambda: CombinedNMS(soft_nms_sigma=[0.1, 0.2], class_agnostic=True), "soft_nms_sigma"),
