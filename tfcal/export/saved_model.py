@@ -68,7 +68,6 @@ DETECTION_KEYS: tuple[str, ...] = (
 )
 METADATA_ASSET = "tfcal_postprocess.json"
 METADATA_FORMAT = "tfcal.export.metadata/1"
-_CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
 
 
 @dataclasses.dataclass(frozen=True)
