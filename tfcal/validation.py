@@ -1,9 +1,13 @@
-"""Argument validators shared by `PostProcessConfig`, the calibration methods and the layers.
+"""Argument validators shared by the tuning config, `PostProcessConfig`, the ops, the calibration
+methods and the layers.
 
-Each number of the serving side is checked once, where it enters (a `PostProcessConfig`, a layer's
-`__init__`, a calibration method's parameters), by the same functions here, so a value is either
-accepted everywhere or rejected everywhere with the same message. Every check raises a
-`ValueError` that starts with the argument's name and includes the bad value.
+Each number of the serving side is checked once, where it enters (the tuning config file, a
+`PostProcessConfig`, a `tfcal.ops.NmsOptions`, a layer's `__init__`, a calibration method's
+parameters), by the same functions here, so a value is either accepted everywhere or rejected
+everywhere with the same message: IoU thresholds, score thresholds, soft-NMS sigmas, detection
+caps (one rule for class-agnostic NMS, `detection_caps`), clip windows, label offsets and class
+ids. Every check raises a `ValueError` that starts with the argument's name and includes the bad
+value (`tfcal.config` turns it into one line naming the file and key).
 
 Plain Python and NumPy only: no TF, no Keras, no config objects.
 """
