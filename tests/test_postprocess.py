@@ -271,3 +271,14 @@ def test_bad_class_ids(ids, message):
 def test_bad_nms_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PostProcessConfig(num_classes=2, **kwargs)
+
+
+def test_nms_options_hold_the_records_nms_numbers():
+    cfg = full_config(soft_nms_sigma=(0.0, 0.5, 0.0), clip_window=(0.0, 0.1, 0.9, 1.0),
+                      change_coordinate_frame=True)
+    o = cfg.nms_options()
+    assert (o.iou_threshold, o.soft_nms_sigma) == (cfg.nms_iou, cfg.soft_nms_sigma)
+    assert (o.max_detections_per_class, o.max_total_detections) == (50, 80)
+    assert o.clip_window == (0.0, 0.1, 0.9, 1.0) and o.change_coordinate_frame and o.clip_boxes
+    assert o.label_offset == 0 and not o.class_agnostic
+    assert PostProcessConfig(num_classes=2).nms_options().clip_window is None

@@ -284,8 +284,7 @@ def test_post_processor_matches_the_ops_chain():
     q = calibration.calibrate_scores_tf(raw, method="temperature",
                                         **PP_CONFIG.calibration_params)
     q = ops.apply_class_thresholds(q, PP_CONFIG.min_score_thresh, PP_CONFIG.class_enabled)
-    ref = ops.combined_nms(boxes, q, ops.NmsOptions(
-        iou_threshold=PP_CONFIG.nms_iou, max_detections_per_class=4, max_total_detections=6))
+    ref = ops.combined_nms(boxes, q, PP_CONFIG.nms_options())
     for key in out:
         np.testing.assert_array_equal(out[key].numpy(), ref[key].numpy(), err_msg=key)
     assert 3.0 not in out["detection_classes"].numpy(), "class 3 is disabled"
