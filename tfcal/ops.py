@@ -364,8 +364,8 @@ class NmsOptions:
         if window is not None and not isinstance(window, (tf.Tensor, tf.Variable)):
             window = None if len(window) == 0 else validation.clip_window("clip_window", window)
         put("clip_window", window)
-        put("change_coordinate_frame", validation.window_frame(
-            self.change_coordinate_frame, None if window is None else [0.0] * 4))
+        put("change_coordinate_frame", validation.window_frame(self.change_coordinate_frame,
+                                                               window))
         put("label_offset", validation.label_offset("label_offset", self.label_offset))
 
     @property

@@ -282,7 +282,8 @@ def one_value_when_agnostic(name: str, values: Sequence[float], class_agnostic: 
 def window_frame(change_coordinate_frame: bool, clip_window) -> bool:
     """`change_coordinate_frame` as a bool; it needs a clip window (the frame to change to)."""
     change = boolean("change_coordinate_frame", change_coordinate_frame)
-    if change and (clip_window is None or len(clip_window) == 0):
+    if change and (clip_window is None or (hasattr(clip_window, "__len__")
+                                           and len(clip_window) == 0)):
         raise ValueError(f"change_coordinate_frame: needs a clip_window (the frame to change "
                          f"to), got clip_window {clip_window!r}")
     return change
