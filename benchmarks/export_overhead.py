@@ -118,7 +118,8 @@ def _run(args, work: Path) -> int:
     unpruned_dir = work / "unpruned"
     described = DetectorDescription(saved_model=detector)
     saved_model.export_detector(described, config, exported_dir)
-    saved_model.export_detector(described, config, unpruned_dir, saved_model.ModelOptions(prune=False))
+    saved_model.export_detector(described, config, unpruned_dir,
+                                saved_model.ModelOptions(prune=False))
 
     exported = tf.saved_model.load(str(exported_dir))
     eager = {

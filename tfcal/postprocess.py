@@ -16,8 +16,8 @@ Semantics (binding for the ops, the layers and the NumPy fitters):
   NMS, so they neither appear nor suppress other classes' boxes (NMS is per class).
 - NMS is per class; a box is suppressed iff IoU > `nms_iou[k]` with a higher-scored box of its
   class. `class_agnostic` runs one NMS over all classes: it needs a single `nms_iou` and sigma,
-  and a `max_detections_per_class` that cannot bind (None or >= `max_total_detections`). With `soft_nms_sigma[k] > 0` class k
-  runs Gaussian soft-NMS (the OD API's `soft_nms_sigma`, see `tfcal.ops`): the scores of its
+  and a `max_detections_per_class` that cannot bind (None or >= `max_total_detections`). With
+  `soft_nms_sigma[k] > 0` class k runs Gaussian soft-NMS (the OD API's `soft_nms_sigma`, see `tfcal.ops`): the scores of its
   boxes decay by `exp(-0.5 * iou**2 / sigma)` with the IoU to each selected box, `nms_iou[k]` has
   no effect (as in TF and the OD API), and a detection needs a decayed score >=
   `min_score_thresh[k]`.

@@ -149,8 +149,9 @@ def test_exported_graph_has_no_detector_nms(tmp_path, exported, image_detector, 
     assert saved_model.count_nms_ops(out, "serving_default") == own
     assert saved_model.count_nms_ops(out, "encoded_image") == own
     unpruned = tmp_path / "unpruned"
-    saved_model.export_detector(DetectorDescription(saved_model=image_detector), postprocess_config,
-                          unpruned, saved_model.ModelOptions(prune=False))
+    saved_model.export_detector(DetectorDescription(saved_model=image_detector),
+                                postprocess_config, unpruned,
+                                saved_model.ModelOptions(prune=False))
     served = saved_model.count_nms_ops(unpruned, "serving_default")
     assert sum(served.values()) == sum(own.values()) + 1  # the detector's NMS is still reachable
 
@@ -217,7 +218,7 @@ def test_other_input_types(tmp_path, postprocess_config, input_type):
     det_dir = build_odapi_test_model(tmp_path / "det", input_type)
     det = saved_model.load_detector(det_dir)
     assert det.info.input_type == input_type
-    result = saved_model.export_detector(DetectorDescription(saved_model=det_dir), postprocess_config,
-                                   tmp_path / "model")
+    result = saved_model.export_detector(DetectorDescription(saved_model=det_dir),
+                                         postprocess_config, tmp_path / "model")
     # tf_example detectors get no encoded_image signature (no in-graph Example writer).
     assert ("encoded_image" in result.signatures) == (input_type != "tf_example")
