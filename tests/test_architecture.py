@@ -267,9 +267,9 @@ def test_private_names_stay_inside_their_part_of_the_package():
 
 def test_the_runner_and_the_exporter_go_through_the_detector_seam():
     assert ("tfcal.detectors.base", "Detector") in imports("tfcal.coco.runner")
-    assert ("tfcal.detectors", "open_described") in imports("tfcal.export.odapi")
+    assert ("tfcal.detectors", "open_described") in imports("tfcal.export.saved_model")
     assert ("tfcal.detectors", "open_detector") in imports("tfcal.tuning.prepare")
-    for module in ("tfcal.coco.runner", "tfcal.export.odapi", "tfcal.export.serving"):
+    for module in ("tfcal.coco.runner", "tfcal.export.saved_model", "tfcal.export.serving"):
         assert not [t for t, _ in imports(module) if t.split(".")[0] == "keras"], module
     # The adapters know the handoff record and the fingerprint, nothing of the tuner,
     # the exporter or the serving layers.
@@ -475,3 +475,29 @@ def test_every_module_imports_alone_without_a_cycle(fresh_tfcal):
         except ImportError as e:  # a cycle shows as a partially initialized module
             failures.append(f"{module}: {e}")
     assert not failures, "\n".join(failures)
+
+
+#: Where the rule on wide signatures is held (the serving side, the exporter, threshold
+#: selection and candidate collection).
+NARROW_AREAS = ("validation", "ops", "calibration", "postprocess", "layers", "export",
+                "thresholds")
+MAX_PARAMETERS = 8
+
+
+def _parameter_count(node: ast.FunctionDef) -> int:
+    a = node.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+    return len(names) + bool(a.vararg) + bool(a.kwarg)
+
+
+@pytest.mark.parametrize("module", [m for a in NARROW_AREAS for m in _in(a)]
+                         + ["tfcal.tuning.candidates"])
+def test_public_functions_take_at_most_eight_parameters(module):
+    # More than that travels as a record (`NmsOptions`, `ServingOptions`, `ThresholdObjective`,
+    # `ModelOptions`...). Constructors are exempt: a record's is its typed, documented fields,
+    # a Keras layer's is its `get_config`.
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    wide = [f"{node.name} ({_parameter_count(node)})" for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and not node.name.startswith("_") and _parameter_count(node) > MAX_PARAMETERS]
+    assert not wide, f"{module}: {wide}"

@@ -12,7 +12,7 @@ import tensorflow as tf
 from .odapi_test_model import build_odapi_test_model
 from .odapi_test_model import encode_png
 from .odapi_test_model import sample_image
-from tfcal.export import odapi
+from tfcal.export import saved_model
 from tfcal.export import serving
 from tfcal.export import verify
 from tfcal.layers import PostProcessor
@@ -109,7 +109,7 @@ def test_nanodet_export_reload_parity(tmp_path):
     config = PostProcessConfig(
         num_classes=90,
         calibration="temperature",
-        temperature=(1.2,),
+        calibration_params={"temperature": (1.2,)},
         min_score_thresh=(0.05,),
         nms_iou=ious,
         max_detections_per_class=100,
@@ -135,7 +135,7 @@ def test_nanodet_export_reload_parity(tmp_path):
         want = layer(raw["raw_detection_boxes"], raw["raw_detection_scores"])
         got = loaded.signatures["serving_default"](input_tensor=x)
         assert int(got["num_detections"][0]) == int(want["num_detections"][0]) > 0
-        for key in odapi.DETECTION_KEYS:
+        for key in saved_model.DETECTION_KEYS:
             np.testing.assert_allclose(got[key].numpy(), want[key].numpy(), atol=1e-5)
             np.testing.assert_allclose(batch[key].numpy()[i], got[key].numpy()[0], atol=1e-5)
     meta = loaded.signatures["metadata"](request=tf.constant([""]))["postprocess_config"]

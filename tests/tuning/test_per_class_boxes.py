@@ -58,7 +58,7 @@ def test_tuner_candidates_equal_the_exported_post_processor_per_class(seed):
     b, n, k, _ = boxes.shape
     iou, thresh = 0.5, 0.3
     cand = collect_candidates([(np.arange(b), boxes, scores)], _calibrate_fn(Config(), None),
-                              [iou], thresh, 100, 100)[iou]
+                              [iou], thresh)[iou]
     ppc = PostProcessConfig(num_classes=k, min_score_thresh=(thresh,), nms_iou=(iou,),
                             label_offset=0)
     raw = RawOutputs(np.arange(b), boxes, scores, np.full(b, 100), np.full(b, 100))
@@ -85,7 +85,7 @@ def test_per_class_thresholds_and_ious_agree_with_the_post_processor(seed):
     b, _, k, _ = boxes.shape
     thresholds, ious = (0.3, 0.5, 0.7), (0.4, 0.6, 0.4)
     cands = collect_candidates([(np.arange(b), boxes, scores)], _calibrate_fn(Config(), None),
-                               sorted(set(ious)), min(thresholds), 100, 100)
+                               sorted(set(ious)), min(thresholds))
     ppc = PostProcessConfig(num_classes=k, min_score_thresh=thresholds, nms_iou=ious,
                             label_offset=0)
     raw = RawOutputs(np.arange(b), boxes, scores, np.full(b, 100), np.full(b, 100))

@@ -1,4 +1,5 @@
-"""Wraps a detector's raw outputs with the tuned PostProcessor and saves the SavedModel.
+"""Wraps a detector's raw outputs with the tuned PostProcessor and saves the SavedModel, for
+every detector format (OD API, YOLO, Keras) and for post-processing alone.
 
 What to wrap comes from the detector's adapter (`tfcal.detectors`): its `ServingGraph` takes
 an OD API input and returns raw boxes and scores, with the adapter's preprocessing and decoding
@@ -70,7 +71,6 @@ DETECTION_KEYS: tuple[str, ...] = (
 )
 METADATA_ASSET = "tfcal_postprocess.json"
 METADATA_FORMAT = "tfcal.export.metadata/1"
-_CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
 
 
 @dataclasses.dataclass(frozen=True)
