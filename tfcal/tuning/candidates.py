@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from tfcal import validation
-from tfcal.ops import NmsOptions, combined_nms
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -59,8 +58,10 @@ def _identity(scores):
 
 
 @functools.lru_cache(maxsize=8)
-def _combined_nms_fn(iou_grid, lowest_threshold, nms: NmsOptions, calibrate_fn):
+def _combined_nms_fn(iou_grid, lowest_threshold, nms: ops.NmsOptions, calibrate_fn):
     import tensorflow as tf
+
+    from tfcal.ops import combined_nms  # TensorFlow: tfcal.tuning's init imports this module
 
     @tf.function(reduce_retracing=True)
     def run(boxes, raw_scores):
@@ -81,7 +82,7 @@ def collect_candidates(
     calibrate_fn: Callable | None,
     iou_grid: Sequence[float],
     lowest_threshold: float,
-    nms: NmsOptions = NmsOptions(),
+    nms: ops.NmsOptions | None = None,
 ) -> dict[float, Candidates]:
     """Calibrates and post-processes raw outputs batch by batch, once per NMS IoU.
 
@@ -96,7 +97,7 @@ def collect_candidates(
         lowest_threshold: the lowest candidate `min_score_thresh`, in [0, 1].
         nms: the rest of the serving NMS (`tfcal.ops.NmsOptions`: detection caps, soft-NMS
             sigma, clipping and clip window; boxes clipped to a window after NMS and zero-area
-            ones dropped, the candidates staying in image frame), default `NmsOptions()` (100
+            ones dropped, the candidates staying in image frame), default None: `NmsOptions()` (100
             detections, no per-class cap below it). Its `iou_threshold` is replaced by each
             value of `iou_grid` and its `label_offset` by 0 (candidates carry class columns).
 
@@ -109,6 +110,9 @@ def collect_candidates(
     grid = validation.iou_thresholds("iou_grid", list(iou_grid), allow_zero=False)
     lowest = validation.score_thresholds("lowest_threshold", lowest_threshold, lengths=(1,),
                                          scalar_ok=True)[0]
+    from tfcal.ops import NmsOptions  # TensorFlow: tfcal.tuning's init imports this module
+
+    nms = NmsOptions() if nms is None else nms
     if not isinstance(nms, NmsOptions):
         raise TypeError(f"nms: expected an NmsOptions, got {type(nms).__name__}")
     # One change of frame would hide the candidates' image-frame boxes from the matching.
