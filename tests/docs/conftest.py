@@ -24,13 +24,14 @@ def tf_serving(tmp_path_factory):
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
     from tfcal.demo.data import NUM_CLASSES
-    from tfcal.export import export_for_serving
+    from tfcal.export import ServingOptions, export_for_serving
     from tfcal.postprocess import PostProcessConfig
 
     config = PostProcessConfig(num_classes=NUM_CLASSES, min_score_thresh=[0.3], nms_iou=[0.5],
                                max_detections_per_class=50, max_total_detections=100)
     root = tmp_path_factory.mktemp("serving") / "export"
-    served = export_for_serving(DEMO_DETECTOR, config, root, "detector", verify=False)
+    served = export_for_serving(DEMO_DETECTOR, config, root, "detector",
+                                options=ServingOptions(verify=False))
     models = {"detector": tf.saved_model.load(str(served.version_dir))}
 
     class Predictor(prediction_service_pb2_grpc.PredictionServiceServicer):
