@@ -54,6 +54,7 @@ __all__ = [
     "TFLiteVerification",
     "TFLiteVerificationError",
     "build_postprocess_fn",
+    "build_yolo_postprocess_fn",
     "compare_detections",
     "convert",
     "export_tflite",
@@ -274,15 +275,38 @@ def _kept_scores(config: PostProcessConfig, boxes: tf.Tensor, raw: tf.Tensor, bo
     return tf.gather(boxes, index), tf.where(tf.gather(keep, index), scores, _REJECT)
 
 
-def _nms(boxes, scores, *, cap: int, iou: float, sigma: float):
-    """One `NonMaxSuppressionV5`: `(boxes [cap, 4], scores [cap], valid [cap], index [cap])`."""
+def _nms(boxes, scores, zero_area, *, cap: int, iou: float, sigma: float):
+    """One class's NMS, as TF's `NonMaxSuppressionV5` selects: `(boxes [cap, 4], scores [cap],
+    valid [cap], index [cap])`, valid rows first by descending score.
+
+    TF gives a zero-area box IoU 0 with every box: it is selected whenever its score ranks
+    within the cap, and suppresses (or decays) nothing. LiteRT 2.3's kernel re-queues a selected
+    box and relies on its IoU with itself (1) to drop it the second time, so it selects a
+    zero-area box again and again. Zero-area boxes therefore bypass the op here: the op runs on
+    the others, the zero-area candidates are ranked by `top_k`, and the two lists are merged by
+    score and cut at `cap` (equal to TF's greedy order, since the two never interact).
+
+    Args:
+      boxes: float32 `[P, 4]`; scores: float32 `[P]` (`_REJECT` where not kept);
+      zero_area: bool `[P]`, `(ymax - ymin) * (xmax - xmin) == 0` (TF's test, same arithmetic).
+    """
     idx, sel, count = tf.raw_ops.NonMaxSuppressionV5(
-        boxes=boxes, scores=scores, max_output_size=cap, iou_threshold=float(iou),
-        score_threshold=_REJECT / 2, soft_nms_sigma=float(sigma), pad_to_max_output_size=True)
+        boxes=boxes, scores=tf.where(zero_area, _REJECT, scores), max_output_size=cap,
+        iou_threshold=float(iou), score_threshold=_REJECT / 2, soft_nms_sigma=float(sigma),
+        pad_to_max_output_size=True)
     valid = tf.range(cap) < count
-    # A zero box after the last keeps the padding index 0 in range when there are no boxes.
-    padded = tf.concat([boxes, tf.zeros([1, 4])], 0)
-    return tf.gather(padded, idx), sel, valid, idx
+    # `cap` rejected rows after the last keep top_k defined and index 0 in range when P < cap.
+    padded_boxes = tf.concat([boxes, tf.zeros([cap, 4])], 0)
+    flat = tf.concat([tf.where(zero_area, scores, _REJECT), tf.fill([cap], _REJECT)], 0)
+    zero_scores, zero_idx = tf.math.top_k(flat, k=cap)
+    zero_valid = zero_scores > _REJECT / 2
+    all_scores = tf.concat([tf.where(valid, sel, -np.inf), tf.where(zero_valid, zero_scores,
+                                                                   -np.inf)], 0)
+    all_idx = tf.concat([idx, zero_idx], 0)
+    top, pick = tf.math.top_k(all_scores, k=cap)
+    index = tf.gather(all_idx, pick)
+    valid = top > -np.inf
+    return tf.gather(padded_boxes, index), tf.where(valid, top, 0.0), valid, index
 
 
 def build_postprocess_fn(config: PostProcessConfig, num_boxes: int, *, bounds="auto",
@@ -321,11 +345,59 @@ def build_postprocess_fn(config: PostProcessConfig, num_boxes: int, *, bounds="a
     return postprocess
 
 
+def build_yolo_postprocess_fn(config: PostProcessConfig, keys: Mapping[str, Any],
+                              input_size: Sequence[int], raw_shape: Sequence[int], *,
+                              bounds="auto", postprocessor=None
+                              ) -> Callable[..., dict[str, tf.Tensor]]:
+    """The on-device post-processing of a YOLO detector's own output tensor, batch 1.
+
+    Runs the YOLO adapter's TF decode (`tfcal.detectors.yolo.decode`: layout, box units, the
+    letterbox inverse to the original image, clipping), then the post-processing of
+    `build_postprocess_fn`, so a client feeds the detector's output and the image size and
+    writes no decode code.
+
+    Args:
+      config: the tuned post-processing (`background_column` False: YOLO has none).
+      keys: the adapter's layout keys (`tfcal.detectors.yolo.resolve_layout`).
+      input_size: the network input `[h1, w1]`.
+      raw_shape: the detector's output shape, `[1, 4 + K, N]` (`boxes_first`), `[1, N, 4 + K]`
+        or `[1, N, 5 + K]`.
+      bounds, postprocessor: as for `build_postprocess_fn`.
+
+    Returns:
+      A `tf.function` of `yolo_output` float32 `raw_shape` and `image_size` float32 `[2]`
+      (original height, width in pixels), returning the `DETECTION_KEYS` dict.
+    """
+    from tfcal.detectors import yolo  # noqa: PLC0415
+
+    shape = [int(v) for v in raw_shape]
+    if len(shape) != 3 or shape[0] != 1:
+        raise ValueError(f"raw_shape: expected [1, rows, columns], got {list(raw_shape)}")
+    k, n = yolo.num_classes_of(shape, keys["layout"])
+    if k != config.num_classes or config.background_column:
+        raise ValueError(f"raw_shape: {shape} in layout {keys['layout']} has {k} classes; the "
+                         f"config has {config.num_classes} (background_column "
+                         f"{config.background_column})")
+    if isinstance(bounds, str):
+        bounds = raw_keep_bounds(config, postprocessor)
+    signature = [tf.TensorSpec(shape, tf.float32, name="yolo_output"),
+                 tf.TensorSpec([2], tf.float32, name="image_size")]
+
+    @tf.function(input_signature=signature)
+    def postprocess(yolo_output, image_size):
+        boxes, scores = yolo.decode(yolo_output, (image_size[0], image_size[1]), keys,
+                                    input_size)
+        return _detections(config, boxes[0], scores[0], bounds)
+
+    return postprocess
+
+
 def _detections(config: PostProcessConfig, boxes, raw, bounds) -> dict[str, tf.Tensor]:
     """The graph for one image: boxes `[N, 4]`, raw scores `[N, C]`."""
     k, m = config.num_classes, config.max_total_detections
     n = int(boxes.shape[0])
     boxes, scores = _kept_scores(config, boxes, raw, bounds)
+    zero_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) == 0.0
     ious = config.ious()
     sigmas = config.soft_nms_sigma * k if len(config.soft_nms_sigma) == 1 else \
         config.soft_nms_sigma
@@ -336,19 +408,22 @@ def _detections(config: PostProcessConfig, boxes, raw, bounds) -> dict[str, tf.T
         # Each box competes once with its best class (the first on ties, as tf.argmax).
         best = tf.argmax(scores, axis=-1, output_type=tf.int32)
         cap = n if window is not None else min(n, m)
-        b, s, valid, idx = _nms(boxes, tf.reduce_max(scores, axis=-1), cap=cap, iou=ious[0],
-                                sigma=sigmas[0])
-        columns = tf.gather(tf.concat([best, [0]], 0), idx)
+        b, s, valid, idx = _nms(boxes, tf.reduce_max(scores, axis=-1), zero_area, cap=cap,
+                                iou=ious[0], sigma=sigmas[0])
+        columns = tf.gather(tf.concat([best, tf.zeros([cap], tf.int32)], 0), idx)
         if sigmas[0] > 0:
             valid &= s >= tf.gather(tf.constant(thresholds), columns)
         sel_boxes, sel_scores, sel_columns, sel_valid = [b], [s], [columns], [valid]
     else:
         cap = min(n, config.max_detections_per_class)
+        # One transpose and unstack, not a strided slice per column: cheaper, and LiteRT 2.3
+        # returned wrong columns for strided slices of the YOLO decode's transposed output.
+        by_column = tf.unstack(tf.transpose(scores), num=k, axis=0)
         for col in range(k):
             if not config.enabled()[col] or (bounds is not None and
                                              bounds.bound[col] == np.inf):
                 continue  # never kept
-            b, s, valid, _ = _nms(boxes, scores[:, col], cap=cap, iou=ious[col],
+            b, s, valid, _ = _nms(boxes, by_column[col], zero_area, cap=cap, iou=ious[col],
                                   sigma=sigmas[col])
             if sigmas[col] > 0:
                 valid &= s >= thresholds[col]  # decayed scores are held to the threshold
