@@ -397,6 +397,10 @@ def _detections(config: PostProcessConfig, boxes, raw, bounds) -> dict[str, tf.T
     k, m = config.num_classes, config.max_total_detections
     n = int(boxes.shape[0])
     boxes, scores = _kept_scores(config, boxes, raw, bounds)
+    # A rejected filler row after the last: LiteRT's UNPACK refuses an empty tensor (no box
+    # kept), and a row after the others changes no NMS tie-break.
+    boxes = tf.concat([boxes, tf.zeros([1, 4])], 0)
+    scores = tf.concat([scores, tf.fill([1, k], _REJECT)], 0)
     zero_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) == 0.0
     ious = config.ious()
     sigmas = config.soft_nms_sigma * k if len(config.soft_nms_sigma) == 1 else \
