@@ -1,5 +1,5 @@
 """Exports tuned post-processing: detector wrapping (through its adapter), TF Serving package,
-verification."""
+verification, and the on-device (TFLite) post-processing."""
 
 from tfcal.export.odapi import DETECTION_KEYS
 from tfcal.export.odapi import INPUT_TYPES
@@ -19,6 +19,8 @@ from tfcal.export.serving import export_handoff
 from tfcal.export.serving import next_version
 from tfcal.export.serving import read_warmup_requests
 from tfcal.export.serving import write_models_config
+from tfcal.export.tflite import TFLiteVerificationError
+from tfcal.export.tflite import export_tflite_handoff
 from tfcal.export.verify import ExportVerificationError
 from tfcal.export.verify import VerificationReport
 from tfcal.export.verify import VerificationSample
@@ -35,6 +37,7 @@ __all__ = [
     "ExportVerificationError",
     "ModelOptions",
     "ServingGraph",
+    "TFLiteVerificationError",
     "ServingExport",
     "VerificationReport",
     "VerificationSample",
@@ -44,6 +47,7 @@ __all__ = [
     "export_detector",
     "export_for_serving",
     "export_handoff",
+    "export_tflite_handoff",
     "load_detector",
     "next_version",
     "read_warmup_requests",

@@ -57,7 +57,9 @@ __all__ = [
     "build_yolo_postprocess_fn",
     "compare_detections",
     "convert",
+    "YoloVariant",
     "export_tflite",
+    "export_tflite_handoff",
     "RawKeepBounds",
     "raw_keep_bounds",
     "reference_postprocessor",
@@ -646,8 +648,44 @@ def seeded_inputs(config: PostProcessConfig, num_boxes: int, count: int = 8, see
 
 
 @dataclasses.dataclass(frozen=True)
+class YoloVariant:
+    """What the YOLO raw-output variant needs: the adapter's layout keys, the network input
+    size `[h1, w1]` and the detector's output shape `[1, rows, columns]`."""
+
+    keys: Mapping[str, Any]
+    input_size: tuple[int, int]
+    raw_shape: tuple[int, int, int]
+
+    def seeded_inputs(self, count: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
+        """Seeded detector outputs (centre-size boxes in the layout's units, class scores in
+        [0, 1]) and original image sizes of several aspect ratios."""
+        from tfcal.detectors import yolo  # noqa: PLC0415
+
+        rng = np.random.default_rng(seed)
+        k, n = yolo.num_classes_of(self.raw_shape, self.keys["layout"])
+        scale = np.array(self.input_size[::-1] * 2, np.float64)  # w, h, w, h in pixels
+        if self.keys["box_units"] == "normalized":
+            scale = np.ones(4)
+        out = []
+        for i in range(count):
+            centre = rng.uniform(0.1, 0.9, (n, 2))
+            size = rng.uniform(0.02, 0.4, (n, 2))
+            box = np.concatenate([centre, size], 1) * scale
+            extra = 1 if self.keys["layout"] == "objectness" else 0
+            scores = rng.beta(0.4, 3.0, (n, k + extra))
+            rows = np.concatenate([box, scores], 1).astype(np.float32)  # [N, 4 + K]
+            raw = rows.T[None] if self.keys["layout"] == "boxes_first" else rows[None]
+            hw = [(480, 640), (640, 427), (720, 1280), (500, 500)][i % 4]
+            out.append({"yolo_output": np.ascontiguousarray(raw),
+                        "image_size": np.array(hw, np.float32)})
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class TFLiteExport:
-    """What `export_tflite` wrote: the directory, its files, the model size and verification."""
+    """What `export_tflite` wrote: the directory, its files, the model sizes and verifications.
+
+    `yolo_path` / `yolo_verification`: the YOLO raw-output variant, when one was asked for."""
 
     directory: Path
     model_path: Path
@@ -655,10 +693,16 @@ class TFLiteExport:
     metadata_path: Path
     model_bytes: int
     verification: TFLiteVerification
+    yolo_path: Path | None = None
+    yolo_verification: TFLiteVerification | None = None
 
     def summary(self) -> str:
-        return (f"TFLite post-processing: {self.model_path} ({self.model_bytes} bytes, builtin "
-                f"ops)\n  {self.verification.summary()}")
+        lines = [f"TFLite post-processing: {self.model_path} ({self.model_bytes} bytes, builtin "
+                 f"ops)", f"  {self.verification.summary()}"]
+        if self.yolo_path is not None:
+            lines += [f"  YOLO raw-output variant: {self.yolo_path}",
+                      f"  {self.yolo_verification.summary()}"]
+        return "\n".join(lines)
 
 
 def labels_text(config: PostProcessConfig, names: Mapping[int, str] | None = None) -> str:
@@ -672,16 +716,46 @@ def labels_text(config: PostProcessConfig, names: Mapping[int, str] | None = Non
     return "\n".join(lines) + "\n"
 
 
+def verify_yolo_tflite(model: bytes | str | Path, config: PostProcessConfig,
+                       variant: YoloVariant, inputs: Iterable[Mapping[str, np.ndarray]], *,
+                       postprocessor=None) -> TFLiteVerification:
+    """The YOLO variant on LiteRT against the adapter's TF decode + the TF reference."""
+    from tfcal.detectors import yolo  # noqa: PLC0415
+
+    pp = reference_postprocessor(config) if postprocessor is None else postprocessor
+    lite = LiteRunner(model)
+    images = detections = 0
+    max_diff = 0.0
+    failures = []
+    for i, one in enumerate(inputs):
+        raw, hw = one["yolo_output"], one["image_size"]
+        boxes, scores = yolo.decode(tf.constant(raw), (float(hw[0]), float(hw[1])), variant.keys,
+                                    variant.input_size)
+        want = {k: v.numpy() for k, v in pp(boxes, scores).items()}
+        got = lite(yolo_output=raw, image_size=hw)
+        images += 1
+        detections += int(want["num_detections"][0])
+        problems = compare_detections(want, got)
+        if problems:
+            failures.append(f"image {i}: " + "; ".join(problems))
+        elif int(want["num_detections"][0]):
+            ws, gs = np.sort(_rows(want)[1]), np.sort(_rows(got)[1])
+            max_diff = max(max_diff, float(np.max(np.abs(ws.astype(np.float64) - gs))))
+    return TFLiteVerification(images, "seeded detector outputs", detections, max_diff,
+                              tuple(failures))
+
+
 def export_tflite(config: PostProcessConfig, directory: str | Path, *, num_boxes: int,
                   name: str = "postprocess", inputs: Sequence[tuple[np.ndarray, np.ndarray]]
                   | None = None, source: str | None = None,
                   category_names: Mapping[int, str] | None = None,
-                  overwrite: bool = False) -> TFLiteExport:
+                  yolo: YoloVariant | None = None, overwrite: bool = False) -> TFLiteExport:
     """Builds, converts, verifies and writes the on-device post-processing.
 
     Writes the directory `directory` (atomically: nothing is there unless all succeeded) with
     `<name>.tflite`, `<name>.labels.txt` (`labels_text`) and `<name>.json` (the metadata: the
-    config and its SHA-256, the input and output tensors, the verification result).
+    config and its SHA-256, the input and output tensors, the verifications), and with `yolo`
+    also `<name>_yolo.tflite`, the variant that takes the detector's own output tensor.
 
     Args:
       config: the tuned post-processing.
@@ -692,6 +766,8 @@ def export_tflite(config: PostProcessConfig, directory: str | Path, *, num_boxes
         images' cached raw outputs; None: 8 seeded inputs (`seeded_inputs`).
       source: a word on where `inputs` came from, for the summary.
       category_names: optional class id -> name for the labels file.
+      yolo: also write the YOLO raw-output variant (`build_yolo_postprocess_fn`), verified on
+        seeded detector outputs.
       overwrite: replace an existing directory.
 
     Returns:
@@ -707,30 +783,120 @@ def export_tflite(config: PostProcessConfig, directory: str | Path, *, num_boxes
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} already exists")
     pp = reference_postprocessor(config)
-    model = convert(build_postprocess_fn(config, num_boxes, postprocessor=pp))
+    bounds = raw_keep_bounds(config, pp)
+    model = convert(build_postprocess_fn(config, num_boxes, bounds=bounds))
     if inputs is None:
         inputs, source = seeded_inputs(config, num_boxes), "seeded"
     check = verify_tflite(model, config, inputs, source=source or "given", postprocessor=pp)
     if not check.passed:
         raise TFLiteVerificationError(check.summary())
+    yolo_model = yolo_check = None
+    if yolo is not None:
+        yolo_model = convert(build_yolo_postprocess_fn(config, yolo.keys, yolo.input_size,
+                                                       yolo.raw_shape, bounds=bounds))
+        yolo_check = verify_yolo_tflite(yolo_model, config, yolo, yolo.seeded_inputs(),
+                                        postprocessor=pp)
+        if not yolo_check.passed:
+            raise TFLiteVerificationError("YOLO raw-output variant: " + yolo_check.summary())
     columns = config.num_classes + int(config.background_column)
+    m = config.max_total_detections
+    outputs = {"detection_boxes": [1, m, 4], "detection_scores": [1, m],
+               "detection_classes": [1, m], "num_detections": [1]}
     metadata = {
         "format": "tfcal-tflite-postprocess/1",
         "config_sha256": config_sha256(config),
         "postprocess_config": json.loads(config.to_json()),
+        "model": f"{name}.tflite",
         "inputs": {_INPUT_BOXES: [1, int(num_boxes), 4],
                    _INPUT_SCORES: [1, int(num_boxes), columns]},
-        "outputs": {"detection_boxes": [1, config.max_total_detections, 4],
-                    "detection_scores": [1, config.max_total_detections],
-                    "detection_classes": [1, config.max_total_detections],
-                    "num_detections": [1]},
+        "outputs": outputs,
+        "raw_keep_bounds": None if bounds is None else {
+            "bound": [float(v) if np.isfinite(v) else ("inf" if v > 0 else "-inf")
+                      for v in bounds.bound],
+            "increasing": [bool(v) for v in bounds.increasing],
+            "band": [int(v) for v in bounds.band]},
         "verification": dataclasses.asdict(check) | {"score_atol": SCORE_ATOL},
         "tensorflow_version": tf.__version__,
     }
+    if yolo is not None:
+        metadata["yolo_variant"] = {
+            "model": f"{name}_yolo.tflite",
+            "layout": dict(yolo.keys), "input_size": list(yolo.input_size),
+            "inputs": {"yolo_output": list(yolo.raw_shape), "image_size": [2]},
+            "outputs": outputs,
+            "verification": dataclasses.asdict(yolo_check) | {"score_atol": SCORE_ATOL}}
     with atomic.directory(directory, overwrite=overwrite) as tmp:
         (tmp / f"{name}.tflite").write_bytes(model)
+        if yolo_model is not None:
+            (tmp / f"{name}_yolo.tflite").write_bytes(yolo_model)
         (tmp / f"{name}.labels.txt").write_text(labels_text(config, category_names),
                                                 encoding="utf-8")
-        (tmp / f"{name}.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        (tmp / f"{name}.json").write_text(json.dumps(metadata, indent=2, allow_nan=False) + "\n",
+                                          encoding="utf-8")
     return TFLiteExport(directory, directory / f"{name}.tflite", directory / f"{name}.labels.txt",
-                        directory / f"{name}.json", len(model), check)
+                        directory / f"{name}.json", len(model), check,
+                        directory / f"{name}_yolo.tflite" if yolo_model is not None else None,
+                        yolo_check)
+
+
+# ----------------------------------------------------------------------------- handoff
+
+
+def export_tflite_handoff(config: PostProcessConfig, detector, export_root: str | Path,
+                          model_name: str, *,
+                          raw_inputs: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+                          source: str | None = None,
+                          category_names: Mapping[int, str] | None = None,
+                          overwrite: bool = False) -> TFLiteExport:
+    """The TFLite export of a tuning run's handoff: `<export_root>/<model_name>_tflite/`.
+
+    The detector's box count N comes from `raw_inputs` (the tune images' cached raw outputs,
+    also verified on) or, for a YOLO detector, from its output shape; a YOLO detector also gets
+    the raw-output variant (`YoloVariant`).
+
+    Args:
+      config: the tuned post-processing.
+      detector: the run's `tfcal.handoff.DetectorDescription`.
+      export_root: `export.dir`.
+      model_name: `export.model_name`.
+      raw_inputs: (boxes `[1, N, 4]`, raw scores `[1, N, C]`) pairs, or None (seeded).
+      source: where `raw_inputs` came from, for the summary.
+      category_names: class id -> name, for the labels file.
+      overwrite: replace an existing `<model_name>_tflite` folder.
+
+    Raises:
+      TfcalError: N unknown, or per-class boxes (`[1, N, K, 4]`: not supported on device).
+      TFLiteVerificationError: LiteRT differs from TF.
+    """
+    from tfcal import TfcalError  # noqa: PLC0415
+
+    out = Path(export_root) / f"{model_name}_tflite"
+    variant = None
+    if detector is not None and detector.format == "yolo" and detector.saved_model:
+        from tfcal.detectors.yolo import YoloDetector  # noqa: PLC0415
+
+        det = YoloDetector(detector)
+        det.num_score_columns  # loads the model: its input size and output shape
+        variant = YoloVariant(dict(detector.layout), tuple(det.input_size),
+                              tuple(int(v) for v in det.raw_shape))
+    if raw_inputs:
+        boxes = np.asarray(raw_inputs[0][0])
+        if boxes.ndim != 3:
+            raise TfcalError(f"export.tflite: the detector's raw boxes are per class "
+                             f"{list(boxes.shape)}; the on-device export takes shared boxes "
+                             f"[1, N, 4]")
+        num_boxes = int(boxes.shape[1])
+    elif variant is not None:
+        from tfcal.detectors.yolo import num_classes_of  # noqa: PLC0415
+
+        num_boxes = int(num_classes_of(variant.raw_shape, variant.keys["layout"])[1])
+    else:
+        raise TfcalError("export.tflite: the detector's box count is unknown without its raw "
+                         "outputs; export it from `tfcal tune` with export.tflite: true")
+    try:
+        return export_tflite(config, out, num_boxes=num_boxes, inputs=raw_inputs or None,
+                             source=source, category_names=category_names, yolo=variant,
+                             overwrite=overwrite)
+    except FileExistsError:
+        raise TfcalError(f"{out}: already exists; pass --overwrite (or set export.overwrite: "
+                         f"true) to replace it") from None
