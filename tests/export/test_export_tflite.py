@@ -292,3 +292,7 @@ def test_yolo_raw_output_variant_equals_the_adapter():
         got = lite(yolo_output=raw, image_size=np.array(hw, np.float32))
         assert tl.compare_detections(want, got) == []
         assert want["num_detections"][0] > 0
+    # No anchor above any threshold: no candidate at all (the delegate once failed on that).
+    raw[:, 4:] = 0.0
+    got = lite(yolo_output=raw, image_size=np.array([480, 640], np.float32))
+    assert got["num_detections"][0] == 0 and not np.any(got["detection_scores"])
