@@ -296,3 +296,89 @@ def test_yolo_raw_output_variant_equals_the_adapter():
     raw[:, 4:] = 0.0
     got = lite(yolo_output=raw, image_size=np.array([480, 640], np.float32))
     assert got["num_detections"][0] == 0 and not np.any(got["detection_scores"])
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _tiny_yolo(path, k: int = 3) -> None:
+    """A YOLOv8-layout TFLite head: float32 `[1, 32, 32, 3]` in, `[1, 4 + k, 64]` out (centre-
+    size boxes normalized to the input, sigmoid class scores), seeded weights."""
+    rng = np.random.default_rng(0)
+    w = tf.constant(rng.normal(0, 2, (3, 4 + k)).astype(np.float32))
+    b = tf.constant(rng.normal(0, 1, (4 + k,)).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 32, 32, 3], tf.float32)])
+    def head(x):
+        f = tf.reshape(tf.nn.avg_pool2d(x, 4, 4, "VALID"), [1, 64, 3])
+        rows = tf.sigmoid(tf.matmul(f, w) + b) * tf.constant([1, 1, 0.3, 0.3] + [1] * k)
+        return tf.transpose(rows, [0, 2, 1])
+
+    path.write_bytes(tl.convert(head))
+
+
+def _yolo_job(tmp_path, **export):
+    import yaml
+
+    _tiny_yolo(tmp_path / "yolo.tflite")
+    (tmp_path / "labels.txt").write_text("person\nbicycle\ncar\n")
+    PostProcessConfig(num_classes=3, background_column=False, calibration="temperature",
+                      temperature=(1.2,), min_score_thresh=(0.3, 0.4, 0.5),
+                      nms_iou=(0.5, 0.6, 0.45), class_ids=(1, 2, 3),
+                      max_total_detections=20).save(tmp_path / "run" / "postprocess.json")
+    cfg = {"model": {"format": "yolo", "path": str(tmp_path / "yolo.tflite"),
+                     "yolo": {"preset": "yolov8", "labels": str(tmp_path / "labels.txt")}},
+           "data": {"annotations": "unused.json"},
+           "output": {"dir": "run"},
+           "export": {"dir": "export", "model_name": "det", "verify": False, **export}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_cli_export_format_tflite_writes_both_models(tmp_path, capsys):
+    from tfcal.cli import main
+
+    config = _yolo_job(tmp_path)
+    assert main(["export", str(config), "--format", "tflite"]) == 0
+    out = tmp_path / "export" / "det_tflite"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "postprocess.json", "postprocess.labels.txt", "postprocess.tflite",
+        "postprocess_yolo.tflite"]
+    assert not (tmp_path / "export" / "det_postprocess").exists()  # no SavedModel asked for
+    meta = json.loads((out / "postprocess.json").read_text())
+    assert meta["inputs"]["raw_detection_boxes"] == [1, 64, 4]
+    assert meta["yolo_variant"]["inputs"]["yolo_output"] == [1, 7, 64]
+    printed = capsys.readouterr().out
+    assert "identical detections" in printed and "YOLO raw-output variant" in printed
+    # The folder is not replaced without --overwrite: exit 2, one line.
+    assert main(["export", str(config), "--format", "tflite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--overwrite" in err
+    assert main(["export", str(config), "--format", "tflite", "--overwrite"]) == 0
+
+
+def test_cli_tflite_mismatch_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from tfcal.cli import main
+
+    config = _yolo_job(tmp_path)
+    real = tl._detections
+
+    def dropped_row(config, boxes, raw, bounds, num_boxes=None):
+        out = real(config, boxes, raw, bounds, num_boxes)
+        out["num_detections"] = tf.maximum(out["num_detections"] - 1.0, 0.0)
+        return out
+
+    monkeypatch.setattr(tl, "_detections", dropped_row)
+    assert main(["export", str(config), "--format", "tflite"]) == 1
+    assert "differs from TF" in capsys.readouterr().err
+    assert not (tmp_path / "export" / "det_tflite").exists()
+
+
+def test_config_export_tflite_is_validated_at_load(tmp_path, capsys):
+    from tfcal.cli import main
+
+    config = _yolo_job(tmp_path, tflite="yes please")
+    assert main(["export", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "export.tflite" in err
