@@ -382,3 +382,30 @@ def test_config_export_tflite_is_validated_at_load(tmp_path, capsys):
     assert main(["export", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "export.tflite" in err
+
+
+# ----------------------------------------------------------------------------- fused
+
+
+def test_demo_detector_and_post_processing_fuse_into_one_file():
+    from pathlib import Path
+
+    import tfcal
+    from tfcal.export.odapi import load_detector
+
+    graph = load_detector(Path(tfcal.__file__).parent / "demo" / "assets" / "detector")
+    cfg = _config(calibration="temperature", temperature=(1.3,), max_total_detections=20)
+    pp = tl.reference_postprocessor(cfg)
+    lite = tl.LiteRunner(tl.convert(tl.build_fused_fn(cfg, graph, (96, 128), postprocessor=pp)))
+    rng = np.random.default_rng(0)
+    total = 0
+    for _ in range(3):
+        image = rng.integers(0, 256, (1, 96, 128, 3), dtype=np.uint8)
+        boxes, scores = graph.raw_fn(tf.constant(image))
+        want = {k: v.numpy() for k, v in pp(boxes, scores).items()}
+        got = lite(input_tensor=image)
+        # The network's own arithmetic rounds differently in LiteRT (measured: boxes within
+        # 7.5e-8): tolerances, not bit-exactness, for the fused file.
+        assert tl.compare_detections(want, got, score_atol=1e-5, box_atol=1e-5) == []
+        total += int(want["num_detections"][0])
+    assert total > 0

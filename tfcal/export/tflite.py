@@ -53,6 +53,7 @@ __all__ = [
     "TFLiteExport",
     "TFLiteVerification",
     "TFLiteVerificationError",
+    "build_fused_fn",
     "build_postprocess_fn",
     "build_yolo_postprocess_fn",
     "compare_detections",
@@ -454,6 +455,48 @@ def build_yolo_postprocess_fn(config: PostProcessConfig, keys: Mapping[str, Any]
         return _detections(config, boxes[0], scores[0], bounds, num_boxes=n)
 
     return postprocess
+
+
+def build_fused_fn(config: PostProcessConfig, serving_graph, input_size: Sequence[int], *,
+                   bounds="auto", postprocessor=None) -> Callable[..., dict[str, tf.Tensor]]:
+    """The detector and the on-device post-processing in one function, for one converted file.
+
+    For SavedModel and Keras detectors whose graph converts to builtin ops (`convert` raises
+    otherwise, naming the ops): the adapter's `ServingGraph.raw_fn` (its preprocessing, the
+    network and its decoding), then the post-processing of `build_postprocess_fn`. The result
+    is not bit-exact against TF: the network's own arithmetic (convolutions, resizes) rounds
+    differently in LiteRT, so compare with tolerances (`compare_detections`' `score_atol` and
+    `box_atol`), and scores near a threshold may flip.
+
+    Args:
+      config: the tuned post-processing.
+      serving_graph: the detector's `tfcal.detectors.base.ServingGraph` with an image input
+        (`image_tensor`: `[1, H, W, 3]` uint8 or float32).
+      input_size: `[H, W]`, the fixed image size of the converted model (TFLite wants static
+        shapes; the detector's own resize still runs inside).
+      bounds, postprocessor: as for `build_postprocess_fn`.
+
+    Returns:
+      A `tf.function` of `input_tensor` `[1, H, W, 3]` returning the `DETECTION_KEYS` dict.
+    """
+    info = serving_graph.info
+    if info.input_type != "image_tensor":
+        raise ValueError(f"serving_graph: needs an image_tensor input, got {info.input_type!r}")
+    shape = info.raw_boxes_shape
+    if len(shape) != 3 or shape[1] is None:
+        raise ValueError(f"serving_graph: needs shared raw boxes [1, N, 4] with a static N, got "
+                         f"{list(shape)}")
+    if isinstance(bounds, str):
+        bounds = raw_keep_bounds(config, postprocessor)
+    h, w = (int(v) for v in input_size)
+    dtype = tf.as_dtype(info.input_dtype)
+
+    @tf.function(input_signature=[tf.TensorSpec([1, h, w, 3], dtype, name="input_tensor")])
+    def detect(input_tensor):
+        boxes, scores = serving_graph.raw_fn(input_tensor)
+        return _detections(config, boxes[0], scores[0], bounds, num_boxes=int(shape[1]))
+
+    return detect
 
 
 def _detections(config: PostProcessConfig, boxes, raw, bounds, num_boxes: int | None = None
