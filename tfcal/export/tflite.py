@@ -20,11 +20,20 @@ How it is built (every number is a constant of the graph; no loops, no `tf.map_f
   that it keeps (`raw_keep_bounds`), and the device compares raw scores with those constants:
   an exact comparison. Softmax temperature scaling mixes columns; it thresholds the calibrated
   scores (a score within a few ulps of a threshold may then flip).
+- Only candidate boxes (a raw score >= the lowest keep bound, by one max pool per box) are
+  calibrated, in their original order (NMS ties break by index as in TF).
 - One `NonMaxSuppressionV5` per enabled class, unrolled in Python, each with its class's IoU
-  and soft-NMS sigma and a cap of `max_detections_per_class`; the per-class selections are
+  and soft-NMS sigma and a cap of `max_detections_per_class`; zero-area boxes bypass the op
+  (`_nms`: LiteRT's kernel selects them repeatedly); the per-class selections are
   concatenated, clipped to the window (when set), and merged by `top_k`. `class_agnostic` runs
   one NMS over every box's best class.
 - Class ids by `gather` from a constant table.
+
+Variants: `build_yolo_postprocess_fn` takes a YOLO detector's own output tensor and the image
+size (the adapter's decode and letterbox inverse on device); `build_fused_fn` puts a
+SavedModel/Keras detector and the post-processing in one file where the detector converts.
+`export_tflite` writes and verifies the files; `export_tflite_handoff` is what `tfcal export
+--format tflite` and `tfcal tune` (with `export.tflite`) call.
 
 Exactness against the TF `postprocess_only` path (the `PostProcessor` layer), what the export's
 verification checks with `compare_detections`: the same detections (count, class ids, boxes
