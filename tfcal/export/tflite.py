@@ -967,8 +967,8 @@ def export_tflite_handoff(config: PostProcessConfig, detector, export_root: str 
     """The TFLite export of a tuning run's handoff: `<export_root>/<model_name>_tflite/`.
 
     The detector's box count N comes from `raw_inputs` (the tune images' cached raw outputs,
-    also verified on) or, for a YOLO detector, from its output shape; a YOLO detector also gets
-    the raw-output variant (`YoloVariant`).
+    also verified on), a YOLO detector's output shape, or a SavedModel/Keras detector's raw
+    boxes shape; a YOLO detector also gets the raw-output variant (`YoloVariant`).
 
     Args:
       config: the tuned post-processing.
@@ -1006,6 +1006,14 @@ def export_tflite_handoff(config: PostProcessConfig, detector, export_root: str 
         from tfcal.detectors.yolo import num_classes_of  # noqa: PLC0415
 
         num_boxes = int(num_classes_of(variant.raw_shape, variant.keys["layout"])[1])
+    elif detector is not None and detector.saved_model:
+        from tfcal.detectors import open_described  # noqa: PLC0415
+
+        shape = open_described(detector).serving_graph().info.raw_boxes_shape
+        if len(shape) != 3 or shape[1] is None:
+            raise TfcalError(f"export.tflite: the detector's raw boxes {list(shape)} are not "
+                             f"[1, N, 4] with a fixed N; the on-device export needs that")
+        num_boxes = int(shape[1])
     else:
         raise TfcalError("export.tflite: the detector's box count is unknown without its raw "
                          "outputs; export it from `tfcal tune` with export.tflite: true")
