@@ -409,3 +409,15 @@ def test_demo_detector_and_post_processing_fuse_into_one_file():
         assert tl.compare_detections(want, got, score_atol=1e-5, box_atol=1e-5) == []
         total += int(want["num_detections"][0])
     assert total > 0
+
+
+def test_cli_export_with_export_tflite_writes_the_saved_model_and_tflite(tmp_path, capsys):
+    from tfcal.cli import main
+
+    config = _yolo_job(tmp_path, tflite=True)
+    assert main(["export", str(config)]) == 0
+    # A TFLite detector: the SavedModel is the post-processing alone, beside the TFLite folder.
+    assert (tmp_path / "export" / "det_postprocess" / "1" / "saved_model.pb").is_file()
+    assert (tmp_path / "export" / "det_tflite" / "postprocess_yolo.tflite").is_file()
+    printed = capsys.readouterr().out
+    assert "version 1" in printed and "identical detections" in printed

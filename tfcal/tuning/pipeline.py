@@ -282,7 +282,10 @@ def run_export(cfg: Config, *, version: int | None = None, overwrite: bool = Fal
     Reads `<output.dir>/postprocess.json` and `<output.dir>/detector.json` (the detector
     `tfcal tune` described; for a run folder without one, or tuned from precomputed raw
     outputs, the config's model section) and nothing of the data section or the data set.
+    `formats`: any of "saved_model", "tflite"; default the SavedModel, plus TFLite when
+    `export.tflite` is set. The TFLite export is verified on seeded inputs here (no data set).
     """
+    formats = formats or ("saved_model",) + (("tflite",) if cfg.export.tflite else ())
     run = rundir.current_run(cfg.output.dir)
     path = run / POSTPROCESS_FILE
     if not path.exists():
