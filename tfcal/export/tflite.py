@@ -277,7 +277,8 @@ def _kept_scores(config: PostProcessConfig, boxes: tf.Tensor, raw: tf.Tensor, bo
         keep = (scores >= tf.constant(np.asarray(config.thresholds(), np.float32))) & \
             (scores > 0.0) & tf.constant(enabled)
         return boxes, tf.where(keep, scores, _REJECT)
-    cls = raw[:, 1:] if config.background_column else raw
+    # A SPLIT, not a slice, ahead of the max pool (see `build_postprocess_fn`).
+    cls = tf.split(raw, [1, config.num_classes], axis=1)[1] if config.background_column else raw
     floor = _candidate_floor(config, bounds)
     if floor is not None:
         # A box some class keeps has a raw score >= the lowest live bound: one max per box
@@ -391,7 +392,10 @@ def build_postprocess_fn(config: PostProcessConfig, num_boxes: int, *, bounds="a
 
     @tf.function(input_signature=signature)
     def postprocess(raw_detection_boxes, raw_detection_scores):
-        return _detections(config, raw_detection_boxes[0], raw_detection_scores[0], bounds)
+        # Reshapes, not `[0]` slices: after a STRIDED_SLICE LiteRT ran the candidate max pool
+        # outside the XNNPACK delegate (8.5 ms instead of 1.0 ms on [8400, 80] scores).
+        return _detections(config, tf.reshape(raw_detection_boxes, [n, 4]),
+                           tf.reshape(raw_detection_scores, [n, columns]), bounds)
 
     return postprocess
 
@@ -444,10 +448,12 @@ def build_yolo_postprocess_fn(config: PostProcessConfig, keys: Mapping[str, Any]
             # Only anchors with a class score >= the lowest keep bound can be detections:
             # decode those (in index order; the decode is per anchor, so the same values).
             if keys["layout"] == "boxes_first":
-                best = tf.reshape(tf.nn.max_pool2d(raw[:, 4:, :, None], ksize=[k, 1],
-                                                   strides=[k, 1], padding="VALID"), [-1])
+                # A SPLIT, not a slice (see `build_postprocess_fn`).
+                scores = tf.reshape(tf.split(raw, [4, k], axis=1)[1], [1, k, n, 1])
+                best = tf.reshape(tf.nn.max_pool2d(scores, ksize=[k, 1], strides=[k, 1],
+                                                   padding="VALID"), [-1])
             else:
-                best = _row_max(raw[0, :, 4:])
+                best = _row_max(tf.reshape(tf.split(raw, [4, k], axis=2)[1], [n, k]))
             index = tf.reshape(tf.where(best >= floor), [-1])
             # One filler anchor (zero box, NaN scores: never kept) after the last keeps the
             # candidate set non-empty (see `_with_filler`).
