@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocess-only", action="store_true",
                    help="export only the post-processing (raw boxes and scores in), as the "
                         "model <export.model_name>_postprocess")
+    p.add_argument("--format", choices=("saved_model", "tflite"), default=None,
+                   help="saved_model: the TF Serving package; tflite: the on-device "
+                        "post-processing (builtin TFLite ops, verified on LiteRT) in "
+                        "export.dir/<model_name>_tflite/ (default: saved_model, and tflite too "
+                        "when export.tflite is true)")
     _add_common(p)
 
     p = sub.add_parser(
@@ -184,7 +189,8 @@ def _run(args: argparse.Namespace) -> int:
         cfg = config_lib.load_config(args.config)
         from tfcal.tuning import pipeline  # TensorFlow
         result = pipeline.run_export(cfg, version=args.version, overwrite=args.overwrite,
-                                     postprocess_only=args.postprocess_only)
+                                     postprocess_only=args.postprocess_only,
+                                     formats=(args.format,) if args.format else None)
         print(result.summary())
         return EXIT_OK
     if args.command == "evaluate":
@@ -274,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the one place that turns bugs into an exit code
         if args.debug:
             raise
+        lite = sys.modules.get("tfcal.export.tflite")  # loaded when an export ran
+        if lite is not None and isinstance(err, lite.TFLiteVerificationError):
+            print(f"tfcal: error: the TFLite export differs from TF, nothing was written: {err}",
+                  file=sys.stderr)
+            return EXIT_CHECK_FAILED
         print(f"tfcal: internal error: {type(err).__name__}: {err} (rerun with --debug)",
               file=sys.stderr)
         return EXIT_INTERNAL

@@ -235,6 +235,7 @@ class ExportConfig:
     extra_outputs: tuple[ExtraOutput, ...] = ()
     input_type: ServedInputType | None = None
     verify: bool = True
+    tflite: bool = False  # also the on-device post-processing, <dir>/<model_name>_tflite/
 
 
 @dataclasses.dataclass(frozen=True)

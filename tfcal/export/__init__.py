@@ -1,5 +1,5 @@
 """Exports tuned post-processing: detector wrapping (through its adapter), TF Serving package,
-verification."""
+verification, and the on-device (TFLite) post-processing."""
 
 from tfcal.export.saved_model import DETECTION_KEYS
 from tfcal.export.saved_model import INPUT_TYPES
@@ -20,6 +20,8 @@ from tfcal.export.serving import export_handoff
 from tfcal.export.serving import next_version
 from tfcal.export.serving import read_warmup_requests
 from tfcal.export.serving import write_models_config
+from tfcal.export.tflite import TFLiteVerificationError
+from tfcal.export.tflite import export_tflite_handoff
 from tfcal.export.verify import ExportVerificationError
 from tfcal.export.verify import VerificationReport
 from tfcal.export.verify import VerificationSample
@@ -36,6 +38,7 @@ __all__ = [
     "ExportVerificationError",
     "ModelOptions",
     "ServingGraph",
+    "TFLiteVerificationError",
     "ServingExport",
     "ServingOptions",
     "VerificationReport",
@@ -46,6 +49,7 @@ __all__ = [
     "export_detector",
     "export_for_serving",
     "export_handoff",
+    "export_tflite_handoff",
     "load_detector",
     "next_version",
     "read_warmup_requests",

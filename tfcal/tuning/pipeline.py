@@ -27,7 +27,7 @@ import tfcal
 from tfcal import TfcalError, atomic, locks, rundir
 from tfcal.config import Config
 from tfcal.detectors import describe, servable
-from tfcal.export import ExportOptions, ModelOptions, export_handoff
+from tfcal.export import ExportOptions, ModelOptions, export_handoff, export_tflite_handoff
 from tfcal.handoff import DETECTOR_FILE, POSTPROCESS_FILE, DetectorDescription
 from tfcal.postprocess import PostProcessConfig
 from tfcal.raw import file_sha256
@@ -155,6 +155,10 @@ def _tune(cfg: Config, *, export: bool) -> TuneResult:
     if export:
         exported = _export(cfg, ppc, detector, _export_options(cfg, detector),
                            source=postprocess_path)
+        if cfg.export.tflite:
+            final_idx = eval_idx if cfg.data.kfold else tune_idx  # the final fit's images
+            exported = _Exports((exported, _export_tflite(cfg, ppc, detector, prep=prep,
+                                                          tune_idx=final_idx)))
     return TuneResult(run_dir=run_dir, report=report, postprocess_path=postprocess_path,
                       export=exported)
 
@@ -272,13 +276,16 @@ def _export(cfg: Config, ppc: PostProcessConfig, detector: DetectorDescription,
 
 
 def run_export(cfg: Config, *, version: int | None = None, overwrite: bool = False,
-               postprocess_only: bool = False):
+               postprocess_only: bool = False, formats: tuple[str, ...] | None = None):
     """`tfcal export`: exports the current run's two handoff records.
 
     Reads `<output.dir>/postprocess.json` and `<output.dir>/detector.json` (the detector
     `tfcal tune` described; for a run folder without one, or tuned from precomputed raw
     outputs, the config's model section) and nothing of the data section or the data set.
+    `formats`: any of "saved_model", "tflite"; default the SavedModel, plus TFLite when
+    `export.tflite` is set. The TFLite export is verified on seeded inputs here (no data set).
     """
+    formats = formats or ("saved_model",) + (("tflite",) if cfg.export.tflite else ())
     run = rundir.current_run(cfg.output.dir)
     path = run / POSTPROCESS_FILE
     if not path.exists():
@@ -290,6 +297,11 @@ def run_export(cfg: Config, *, version: int | None = None, overwrite: bool = Fal
         detector = DetectorDescription.load(run / DETECTOR_FILE)
     if detector is None or detector.saved_model is None:
         detector = _config_detector(cfg, ppc)
+    lite = None
+    if "tflite" in formats:
+        lite = _export_tflite(cfg, ppc, detector, overwrite=overwrite)
+        if "saved_model" not in formats:
+            return lite
     if detector.saved_model is None and not postprocess_only:
         key = "saved_model" if cfg.model.format == "odapi" else "path"
         raise TfcalError(f"{cfg.source}: model.{key}: needed to export a detector "
@@ -297,4 +309,36 @@ def run_export(cfg: Config, *, version: int | None = None, overwrite: bool = Fal
     options = _export_options(cfg, detector, version=version, overwrite=overwrite or None,
                               postprocess_only=postprocess_only)
     atomic.check_room(cfg.export.dir, _export_room(detector.saved_model), "export.dir")
-    return _export(cfg, ppc, detector, options, postprocess_only=postprocess_only, source=path)
+    served = _export(cfg, ppc, detector, options, postprocess_only=postprocess_only, source=path)
+    return served if lite is None else _Exports((served, lite))
+
+
+#: Tune images the TFLite export is verified on (their cached raw outputs).
+TFLITE_VERIFY_IMAGES = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exports:
+    """Several exports of one run, summarized together."""
+
+    parts: tuple
+
+    def summary(self) -> str:
+        return "\n".join(p.summary() for p in self.parts)
+
+
+def _export_tflite(cfg: Config, ppc: PostProcessConfig, detector: DetectorDescription, *,
+                   prep: Prepared | None = None, tune_idx=None, overwrite: bool = False):
+    """The on-device export (`tfcal.export.tflite`), verified on up to TFLITE_VERIFY_IMAGES
+    tune images' cached raw outputs when the run has them, else on seeded inputs."""
+    inputs, names, source = None, None, None
+    if prep is not None and tune_idx is not None and len(tune_idx):
+        rows = np.asarray(tune_idx)[:TFLITE_VERIFY_IMAGES]
+        boxes, scores = prep.raw.boxes[rows], prep.raw.scores[rows]
+        inputs = [(boxes[i:i + 1], scores[i:i + 1]) for i in range(len(rows))]
+        source = "tune images' cached raw outputs"
+        names = dict(zip((int(i) for i in prep.dataset.category_ids),
+                         prep.dataset.category_names))
+    return export_tflite_handoff(ppc, detector, cfg.export.dir, cfg.export.model_name,
+                                 raw_inputs=inputs, source=source, category_names=names,
+                                 overwrite=overwrite or cfg.export.overwrite)
