@@ -150,3 +150,20 @@ def test_size_buckets_and_reliability_by_size():
     assert curves["large"] is None
     assert curves["small"].count.sum() == 1 and curves["small"].ece == pytest.approx(0.2)
     assert curves["medium"].ece == pytest.approx(0.15)
+
+
+def test_evaluate_file_reports_the_localization_block(tmp_path):
+    from tfcal.coco.evaluation import evaluate_detections_file
+
+    ds, dets = _hand_fixture(tmp_path)
+    out = evaluate_detections_file(ds.path, write_json(tmp_path / "dt.json", dets))
+    loc = out["localization"]
+    # The hand-derived values of test_laece_and_laace_hand_derived.
+    assert loc["la_ece_0"] == pytest.approx(0.49125)
+    assert loc["la_ace_0"] == pytest.approx(0.483)
+    # D-ECE at match IoU 0.5, 10 score bins, the ignored d5 (crowd) left out: d1 (IoU 0.5: TP,
+    # 0.9), d2 (FP at 0.5: A is taken, B has IoU 0), d3 (TP on B, 0.81), d4 (FP, 0.3), d6 (TP,
+    # 0.6), d7 (FP, 0.7; category 3 has no ground truth).
+    # Bins: [0.9, 1.0]: d1 |1 - 0.9| = 0.1; [0.8, 0.9): d2, d3 |0.5 - 0.815| = 0.315 (x2);
+    # [0.7, 0.8): d7 0.7; [0.6, 0.7): d6 0.4; [0.3, 0.4): d4 0.3. Sum / 6:
+    assert loc["d_ece_score"] == pytest.approx((0.1 + 2 * 0.315 + 0.7 + 0.4 + 0.3) / 6)

@@ -76,6 +76,9 @@ def test_same_data_is_ok(job, capsys):
     assert classes["car"]["precision_new"] == classes["car"]["precision_report"] == 1.0
     assert all(c["status"] == "ok" for c in classes.values())
     assert drift["ece_new"] is not None and drift["ece_report"] is not None
+    # The same images: LaECE_0 and LaACE_0 as in the tuning report's holdout (a subset).
+    assert drift["localization"]["la_ece_0_new"] is not None
+    assert drift["localization"]["la_ece_0_report"] is not None
     assert "drift: OK" in out
 
 
@@ -260,10 +263,10 @@ def test_saved_model_config_needs_images(job, capsys, tmp_path):
     assert "--images" in err
 
 
-def test_ece_check_alone_fails_on_the_drifted_set(job, capsys, tmp_path):
+def test_calibration_checks_alone_fail_on_the_drifted_set(job, capsys, tmp_path):
     # min_support above any count leaves every class unjudged; with ECE tolerance 0 the
-    # confident false positives (0.80, 0.85) raise ECE above the report's, and that alone
-    # exits 1.
+    # confident false positives (0.80, 0.85) raise ECE, LaECE_0 and LaACE_0 above the
+    # report's (false positives count IoU 0), and that alone exits 1.
     root, _ = job
     config = _config_with_run_dir(job, tmp_path, root / "run", min_support=100000,
                                   ece_tolerance=0.0)
@@ -273,11 +276,17 @@ def test_ece_check_alone_fails_on_the_drifted_set(job, capsys, tmp_path):
     assert code == 1, err
     drift = json.loads(out_path.read_text())
     assert drift["ece_new"] > drift["ece_report"]
-    assert len(drift["failures"]) == 1 and drift["failures"][0].startswith("ECE rose from")
+    loc = drift["localization"]
+    assert loc["la_ece_0_new"] > loc["la_ece_0_report"]
+    assert loc["la_ace_0_new"] > loc["la_ace_0_report"]
+    assert [f.split(" rose from")[0] for f in drift["failures"]] == ["ECE", "LaECE_0",
+                                                                      "LaACE_0"]
     # New data from the undrifted source is better calibrated than the drifted set.
     same_path = tmp_path / "same_drift.json"
     _drift(capsys, config, root / "same.json", root / "images", "--out", str(same_path))
-    assert json.loads(same_path.read_text())["ece_new"] < drift["ece_new"]
+    same = json.loads(same_path.read_text())
+    assert same["ece_new"] < drift["ece_new"]
+    assert same["localization"]["la_ece_0_new"] < loc["la_ece_0_new"]
 
 
 def test_classes_below_min_support_are_reported_not_judged(job, capsys, tmp_path):

@@ -521,3 +521,21 @@ def test_pool_policy_fits_on_the_learn_part_and_reports_the_group(tmp_path):
     assert [plain_ppc["class_enabled"][classes[n]["column"]] for n in ("person", "flag")] == [
         False, False]
     assert "group" not in plain["summary"]["guarantee"]
+
+
+def test_report_localization_block(base):
+    report, *_ = base
+    loc = report["summary"]["localization"]
+    # Calibration none: the same scores before and after, so the same numbers.
+    assert loc["before"] == loc["after"]
+    side = loc["before"]
+    assert 0.0 < side["la_ece_0"] < 1.0 and 0.0 < side["la_ace_0"] < 1.0
+    assert {c["name"] for c in side["classes"]} <= set(ka.NAMES)
+    # Every box is 20 x 20 px: only the small bucket has detections.
+    assert side["reliability_by_size"]["medium"] is None
+    assert side["reliability_by_size"]["large"] is None
+    assert side["reliability_by_size"]["small"]["ece"] == pytest.approx(
+        report["summary"]["ece_before"])
+    # One size bucket, so the score x size D-ECE is the score-only one (10 bins, like the ECE).
+    assert side["d_ece"]["score_x_size"] == pytest.approx(side["d_ece"]["score"])
+    assert side["d_ece"]["score"] == pytest.approx(report["summary"]["ece_before"])

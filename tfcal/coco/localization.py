@@ -19,9 +19,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from tfcal.coco.dataset import CocoDataset, quiet
-from tfcal.coco.matching import as_detections
+from tfcal.coco.matching import as_detections, match_detections
+from tfcal.localization_metrics import box_detection_ece, localization_errors
 
-__all__ = ["LocalizationMatch", "match_with_iou"]
+__all__ = ["LocalizationMatch", "match_with_iou", "summary"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -135,3 +136,39 @@ def _num_gt(dataset: CocoDataset, image_ids) -> np.ndarray:
     cats = np.asarray(dataset.category_ids, dtype=np.int64)
     return np.array([int(np.sum(keep & (dataset.ann_category_ids == c))) for c in cats],
                     dtype=np.int64)
+
+
+def summary(dataset: CocoDataset, detections: Any, *, match_iou: float = 0.5,
+            max_dets: int = 100) -> dict:
+    """The localisation-aware calibration of a detections file (``tfcal evaluate``).
+
+    Returns:
+      ``{"la_ece_0", "la_ace_0", "classes": [{category_id, la_ece, la_ace}], "d_ece_score",
+      "d_ece_score_x_size", "d_ece_score_x_position", "match_iou"}``: LaECE_0 / LaACE_0 as
+      `tfcal.localization_metrics.localization_errors` computes them (every detection), D-ECE
+      with the TP labels at `match_iou` (scores outside [0, 1]: None).
+    """
+    dets = as_detections(detections)
+    m = match_with_iou(dataset, dets, tau=0.0, max_dets=max_dets)
+    out: dict[str, Any] = {"la_ece_0": None, "la_ace_0": None, "classes": [],
+                           "d_ece_score": None, "d_ece_score_x_size": None,
+                           "d_ece_score_x_position": None, "match_iou": float(match_iou)}
+    if len(dets) == 0 or dets.score.min() < 0 or dets.score.max() > 1:
+        return out
+    e = localization_errors(m.category_id, m.score, m.tp, m.fp, m.iou,
+                            dict(zip(m.category_ids.tolist(), m.num_gt.tolist())),
+                            ignored=m.ignored).to_dict()
+    out.update(la_ece_0=e["la_ece"], la_ace_0=e["la_ace"], classes=e["classes"])
+    r = match_detections(dataset, dets, iou_threshold=match_iou, max_dets=max_dets)
+    keep = ~r.ignored
+    rows = r.det_index[keep]
+    pos = {int(i): j for j, i in enumerate(dataset.image_ids)}
+    img = np.array([pos[int(i)] for i in dets.image_id[rows]], dtype=np.int64)
+    w = np.asarray(dataset.image_widths, np.float64)[img]
+    h = np.asarray(dataset.image_heights, np.float64)[img]
+    x, y, bw, bh = dets.bbox[rows].T
+    boxes = np.clip(np.stack([y / h, x / w, (y + bh) / h, (x + bw) / w], axis=1), 0.0, 1.0)
+    d = box_detection_ece(r.score[keep], r.tp[keep].astype(np.int64), boxes)
+    out.update(d_ece_score=d["score"], d_ece_score_x_size=d["score_x_size"],
+               d_ece_score_x_position=d["score_x_position"])
+    return out

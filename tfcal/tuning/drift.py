@@ -45,6 +45,7 @@ from tfcal.metrics import expected_calibration_error
 from tfcal.postprocess import PostProcessConfig
 from tfcal.tuning.detections import ODAPI_DEFAULT_SCORE_THRESH, match, postprocess_images
 from tfcal.tuning.evaluate import ECE_MIN_SCORE
+from tfcal.tuning.localization import localization_drift
 from tfcal.tuning.objective_kinds import KINDS
 from tfcal.tuning.prepare import check_model_fingerprint, prepare
 from tfcal.tuning.report import jsonable, load_report
@@ -257,6 +258,10 @@ def run_drift(cfg: Config, annotations: Path, images: Path | None = None, *,
     if ece_new is not None and ece_report is not None and ece_new > ece_report + d.ece_tolerance:
         failures.append(f"ECE rose from {ece_report:.3f} to {ece_new:.3f} "
                         f"(> +{d.ece_tolerance})")
+    localization = localization_drift(prep, dets, every, report, tolerance=d.ece_tolerance,
+                                      min_score=ECE_MIN_SCORE,
+                                      max_dets=cfg.tuning.max_total_detections)
+    failures += localization.pop("failures")
     classes = []
     for c in reference:
         if not 0 <= c["column"] < prep.num_classes:
@@ -275,6 +280,7 @@ def run_drift(cfg: Config, annotations: Path, images: Path | None = None, *,
     result = {
         "ok": not failures, "failures": failures,
         "ece_report": ece_report, "ece_new": ece_new,
+        "localization": localization,
         "tolerances": {"ece": d.ece_tolerance, "precision": d.precision_tolerance,
                        "min_support": d.min_support, "significance": d.significance,
                        "multiple_testing": d.multiple_testing},

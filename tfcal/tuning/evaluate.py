@@ -21,6 +21,7 @@ from tfcal.tuning.baseline import recall_at_precision
 from tfcal.tuning.detections import (FlatDetections, default_postprocess_config, match,
                                      postprocess_images, to_coco_detections,
                                      ODAPI_DEFAULT_SCORE_THRESH)
+from tfcal.tuning.localization import localization_block
 from tfcal.tuning.objective_kinds import KINDS, kind_of
 from tfcal.tuning.objectives import objectives
 from tfcal.tuning.report import STAT_KEYS, jsonable
@@ -224,6 +225,9 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
                                    "score_threshold": ODAPI_DEFAULT_SCORE_THRESH,
                                    "calibration": "none"},
     }
+    summary["localization"] = localization_block(
+        prep, before, evidence.before_calibrated, eval_idx, b_match, mapped, keep,
+        min_score=ECE_MIN_SCORE, max_dets=cfg.tuning.max_total_detections)
     summary["baseline"] = _baseline_block(cfg, prep, evidence, eval_idx, classes, total,
                                           b_match, num_gt, mapped_cols, objective)
     summary["guarantee"] = _guarantee_block(cfg, found, classes)

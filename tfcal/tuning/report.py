@@ -21,6 +21,9 @@ says `tune`):
   `baseline` (one global raw-score threshold chosen on the same tune images: its thresholds,
   held-out precision/recall, emitted and clearly-below classes beside tfcal's, and
   `same_precision`: the recall one raw threshold reaches at tfcal's held-out precision).
+- `summary.localization`: `tfcal.tuning.localization`: `before` / `after` calibration, each
+  `la_ece_0`, `la_ace_0`, per-class `classes`, `d_ece` (`score`, `score_x_size`,
+  `score_x_position`) and `reliability_by_size` (COCO small / medium / large curves).
 - `split`: how images were split, with `tune_image_ids` / `holdout_image_ids` (k-fold:
   `fold_image_ids`, the evaluated images of each fold).
 - `subgroups`: per image-level field value: images, TP/FP/FN, precision with its bounds, recall,
@@ -41,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from tfcal import TfcalError, atomic, locks, rundir
+from tfcal.tuning.localization_text import markdown_lines
 from tfcal.tuning.objective_kinds import KINDS
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,7 @@ def render_markdown(report: dict) -> str:
         f"(all detections: {_fmt(s.get('ece_all_detections_before'))} -> "
         f"{_fmt(s.get('ece_all_detections_after'))}). Brier {_fmt(s.get('brier_before'))} -> "
         f"{_fmt(s.get('brier_after'))}.",
+        *markdown_lines(s),
         f"- Holdout at the chosen thresholds: TP {s['holdout']['tp']}, FP {s['holdout']['fp']}, "
         f"FN {s['holdout']['fn']}; precision {_fmt(s['holdout']['precision'])}, "
         f"recall {_fmt(s['holdout']['recall'])}.",
