@@ -20,8 +20,9 @@ IoU `tau` (`tfcal.coco.localization.match_with_iou`; the `_0` metrics use `tau =
 - The overall value is the mean over classes of the per-class values, where a class value of
   exactly 0 is dropped (the reference marks it NaN and averages with ``nanmean``).
 
-D-ECE by box features is `tfcal.metrics.detection_ece` over the score x relative size
-(`sqrt(w h)` of the normalized box) and the score x box centre (`cx`, `cy`).
+D-ECE by box features is `tfcal.metrics.detection_ece` over the score x relative log size
+(`1 + log10(clip(w h, 1e-4, 1)) / 4` of the normalized box, in [0, 1]) and the score x box
+centre (`cx`, `cy`).
 
 COCO size buckets use the detection box's area in pixels: small `< 32^2`, medium
 `[32^2, 96^2)`, large `>= 96^2` (half-open; COCOeval's ranges share their edges).

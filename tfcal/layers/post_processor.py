@@ -181,7 +181,10 @@ class PostProcessor(keras.layers.Layer):
                 return_indices=bool(extras))
             boxes, raw_scores = found[:2]
             kept = found[2] if extras else None
-        scores = self.score_calibration(raw_scores)
+        if self.score_calibration.calibration_method.uses_boxes:
+            scores = self.score_calibration(raw_scores, boxes)
+        else:
+            scores = self.score_calibration(raw_scores)
         scores = self.class_thresholds(scores)
         # Soft-NMS decays scores: the decayed ones are held to the class thresholds too.
         nms_args = {}

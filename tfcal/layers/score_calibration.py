@@ -110,20 +110,26 @@ class ScoreCalibration(keras.layers.Layer):
                              f"({k} classes, background_column={self.background_column}), "
                              f"got {columns}")
 
-    def build(self, input_shape):
-        self._check_columns(input_shape[-1])
+    def build(self, raw_scores_shape, boxes_shape=None):
+        self._check_columns(raw_scores_shape[-1])
 
-    def call(self, raw_scores):
+    def call(self, raw_scores, boxes=None):
+        """`raw_scores` float `[..., C]` -> float32 `[..., K]`; `boxes` (float `[..., 4]` or
+        `[..., K, 4]`, normalized) are required by a method that reads boxes (`box_platt`) and
+        ignored by the others."""
         raw_scores = tf.cast(raw_scores, tf.float32)
         self._check_columns(raw_scores.shape[-1])
+        if self._method.uses_boxes and boxes is None:
+            raise ValueError(f"boxes: calibration method {self.method!r} needs the boxes")
         return self._method.calibrate_tf(raw_scores, self._weight_tensors(),
                                          score_converter=self.score_converter,
-                                         background_column=self.background_column)
+                                         background_column=self.background_column,
+                                         boxes=boxes)
 
-    def compute_output_shape(self, input_shape):
-        columns = input_shape[-1]
+    def compute_output_shape(self, raw_scores_shape, boxes_shape=None):
+        columns = raw_scores_shape[-1]
         k = None if columns is None else columns - int(self.background_column)
-        return tuple(input_shape[:-1]) + (k,)
+        return tuple(raw_scores_shape[:-1]) + (k,)
 
     def get_config(self):
         config = super().get_config()

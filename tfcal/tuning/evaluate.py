@@ -68,11 +68,12 @@ def _precision_block(tp: int, fp: int, fn: int) -> dict:
     }
 
 
-def _calibrated(calib, cfg, scores, columns):
-    """Calibrated probabilities of uncalibrated post-processed `scores` of class `columns`."""
+def _calibrated(calib, cfg, scores, columns, boxes=None):
+    """Calibrated probabilities of uncalibrated post-processed `scores` of class `columns`
+    (and `boxes`, normalized `[D, 4]`, for a box-dependent calibration)."""
     if calib is None or scores.size == 0:
         return scores.astype(np.float64)
-    return calib.apply_to_probabilities(scores, columns).astype(np.float64)
+    return calib.apply_to_probabilities(scores, columns, boxes).astype(np.float64)
 
 
 #: A class is "clearly below" its precision target on the held-out images when it emitted at
@@ -137,7 +138,8 @@ def collect_evidence(cfg, prep, ppc, calib, default_iou: float, idx, baseline) -
     """Runs the default, the tuned and the baseline post-processing over the images `idx`."""
     before_ppc = default_postprocess_config(cfg, prep, default_iou)
     before = postprocess_images(before_ppc, prep.raw, idx)
-    return HoldoutEvidence(before, _calibrated(calib, cfg, before.score, before.column),
+    return HoldoutEvidence(before, _calibrated(calib, cfg, before.score, before.column,
+                                               before.boxes),
                            postprocess_images(ppc, prep.raw, idx),
                            postprocess_images(baseline.ppc, prep.raw, idx),
                            (baseline.choice,))
