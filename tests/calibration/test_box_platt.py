@@ -113,3 +113,38 @@ def test_box_platt_needs_boxes_and_the_others_refuse_them():
         cal.fit_per_class("platt", z, y, c, 1, boxes=boxes)
     with pytest.raises(ValueError, match="box_a"):
         cal.get("box_platt").check_params({"box_a": [-1.0], "box_b": [0.0], "box_c": [0.0]})
+
+
+@pytest.mark.slow
+def test_tf_map_converts_to_builtin_tflite_ops_and_matches_on_litert():
+    # The on-device export needs TFLite builtins only: the map is elementwise (SUB, MAXIMUM,
+    # MUL, MINIMUM, LOG, ADD, LOGISTIC), with no searchsorted.
+    litert = pytest.importorskip("ai_edge_litert.interpreter",
+                                 reason="ai-edge-litert (the TFLite runtime) is not installed")
+    import tensorflow as tf
+
+    m = cal.get("box_platt")
+    params = m.check_params(dict(box_a=[1.2, 0.8, 1.0], box_b=[0.1, -0.2, 0.3],
+                                 box_c=[2.0, -1.5, 0.5]), 3)
+    weights = {k: tf.constant(v) for k, v in m.weights(params).items()}
+    n = 300
+
+    @tf.function(input_signature=[tf.TensorSpec([n, 4], tf.float32),
+                                  tf.TensorSpec([n, 4], tf.float32)])
+    def calibrate(boxes, raw):
+        return m.calibrate_tf(raw, weights, score_converter="sigmoid", boxes=boxes)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [calibrate.get_concrete_function()], calibrate)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    interpreter = litert.Interpreter(model_content=converter.convert())
+    interpreter.allocate_tensors()
+    rng = np.random.default_rng(9)
+    side = 10 ** rng.uniform(-3, 0, (n, 2))
+    boxes = np.concatenate([np.zeros((n, 2)), side], 1).astype(np.float32)
+    raw = rng.dirichlet(np.ones(4), n).astype(np.float32)
+    for d in interpreter.get_input_details():
+        interpreter.set_tensor(d["index"], boxes if "boxes" in d["name"] else raw)
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(got, calibrate(boxes, raw).numpy(), atol=1e-6)
