@@ -79,13 +79,15 @@ def make_inputs(rng: np.random.Generator, batch: int, num_boxes: int, num_object
 
 
 def make_config(rng: np.random.Generator, method: str = "temperature") -> PostProcessConfig:
-    """Per-class temperature (or box_platt: the slope 1 / T, a size coefficient in [-1, 1]),
-    thresholds around 0.3, and 4 distinct IoU values."""
+    """Per-class temperature (or box_platt: the slope 1 / T, a size coefficient in [-1, 1]
+    centred on the typical box), thresholds around 0.3, and 4 distinct IoU values."""
     temperature = tuple(rng.uniform(0.8, 1.6, NUM_CLASSES).round(3).tolist())
     if method == "box_platt":
+        # A size effect of up to one logit either way, centred (as a fit centres it through b)
+        # on the synthetic boxes' typical relative log size 0.6.
+        c = rng.uniform(-1.0, 1.0, NUM_CLASSES).round(3)
         params = dict(box_a=tuple(round(1 / t, 4) for t in temperature),
-                      box_b=(0.0,) * NUM_CLASSES,
-                      box_c=tuple(rng.uniform(-1.0, 1.0, NUM_CLASSES).round(3).tolist()))
+                      box_b=tuple((-0.6 * c).round(4).tolist()), box_c=tuple(c.tolist()))
     else:
         params = dict(temperature=temperature)
     return PostProcessConfig(

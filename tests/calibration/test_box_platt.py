@@ -148,3 +148,27 @@ def test_tf_map_converts_to_builtin_tflite_ops_and_matches_on_litert():
     interpreter.invoke()
     got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     np.testing.assert_allclose(got, calibrate(boxes, raw).numpy(), atol=1e-6)
+
+
+def test_per_box_candidate_floor_is_conservative_and_tighter():
+    # Every (box, class) whose calibrated score reaches its threshold has a raw score >= its
+    # box's floor; boxes at the bins' edges (s = j / 8 exactly) included. The floor of a box is
+    # never below the size-free bound (min over classes of raw_lower_bounds).
+    import tensorflow as tf
+
+    m = cal.get("box_platt")
+    params = m.check_params(dict(box_a=[1.3, 0.7, 2.0], box_b=[-0.2, 0.4, 0.0],
+                                 box_c=[2.5, -3.0, 0.0]), 3)
+    weights = m.weights(params)
+    thresh = np.float32([0.4, 0.3, 0.6])
+    rng = np.random.default_rng(3)
+    s = np.concatenate([rng.uniform(0, 1, 4000), np.arange(9) / 8])
+    boxes = _boxes_of_area(10 ** (4 * (s - 1)))[None].astype(np.float32)
+    raw = rng.uniform(0, 1, (1, s.size, 4)).astype(np.float32)
+    q = cal.calibrate_scores(raw, method="box_platt", boxes=boxes, **params)
+    floor = m.box_candidate_floor_tf(tf.constant(boxes), thresh, weights, num_classes=3).numpy()
+    passing = (q >= thresh).any(axis=-1)
+    assert passing.sum() > 100
+    assert np.all(raw[..., 1:].max(-1)[passing] >= floor[passing])
+    flat = m.raw_lower_bounds(thresh, weights, num_classes=3).numpy().min()
+    assert np.all(floor >= flat) and floor.max() > flat + 0.05

@@ -17,7 +17,13 @@ min_samples))` (a box fit has three parameters): `(a, b, c)_k = v_k (a, b, c)_ow
 would reverse the ranking), gets `v_k = 0`.
 
 Pre-filter. With `a_k > 0`, `q >= t` needs `a z + b + c s >= logit(t)` for some `s` in [0, 1],
-so `z >= (logit(t) - b - max(c, 0)) / a` bounds the raw score of every box size.
+so `z >= (logit(t) - b - max(c, 0)) / a` bounds the raw score of every box size
+(`raw_lower_bounds`). The serving graph knows each box's size before calibrating, so it uses a
+tighter floor per box (`box_candidate_floor_tf`): with the size range cut into `FLOOR_BINS`
+equal bins, bin `j = floor(s * FLOOR_BINS)` (exact in float32: the scale is a power of two) has
+per-class bounds `(logit(t) - b - c * s_worst) / a`, `s_worst` the bin's upper end for `c > 0` and
+its lower end otherwise, and a box is a candidate when its best class score reaches the least of
+its bin's bounds; the same safety margins as `raw_lower_bounds`.
 
 Every op of the TF map is elementwise (`LOG`, `MAXIMUM`, `MINIMUM`, `MUL`, `ADD`, `LOGISTIC`
 in TFLite's builtin set).
@@ -44,6 +50,8 @@ __all__ = ["AREA_MIN", "BOX_SAMPLES_FACTOR", "BoxPlatt", "box_size_feature",
 AREA_MIN = 1e-4
 #: A class needs this many times `min_samples` detections for full weight on its box fit.
 BOX_SAMPLES_FACTOR = 3
+#: Size bins of the per-box candidate floor (a power of two, so binning is exact).
+FLOOR_BINS = 8
 _LOG10_AREA_MIN = math.log10(AREA_MIN)
 
 
@@ -214,6 +222,34 @@ class BoxPlatt(CalibrationMethod):
         # The most any box size adds to the logit: c * s at s = 1 (c > 0) or s = 0 (c <= 0).
         top = b + tf.maximum(c, 0.0)
         return tf.where(a > 0, (lt - top) / tf.where(a > 0, a, 1.0), -np.inf)
+
+    def box_candidate_floor_tf(self, boxes, min_score_thresh, weights, *, num_classes: int,
+                               score_converter: str = "sigmoid", class_enabled=None):
+        """Per-box raw-score floors of the candidate pre-filter (see the module docstring).
+
+        Args:
+          boxes: float `[batch, num_boxes, 4]` normalized boxes (per-class boxes `[..., K, 4]`
+            are not supported: use `raw_lower_bounds`).
+          min_score_thresh, weights, num_classes, score_converter, class_enabled: as for
+            `raw_lower_bounds`.
+
+        Returns:
+          float32 `[batch, num_boxes]`: a box whose best class raw score is below its floor
+          passes no class threshold.
+        """
+        bins = np.arange(FLOOR_BINS, dtype=np.float32)
+        s_lo, s_hi = bins / FLOOR_BINS, (bins + 1) / FLOOR_BINS
+        a, b, c = (tf.broadcast_to(_vector(weights, p), [num_classes]) for p in self.params)
+        worst = tf.where(c[None, :] > 0, s_hi[:, None], s_lo[:, None])  # [bins, K]
+        table = tf.stack([
+            tf.reduce_min(self.raw_lower_bounds(
+                min_score_thresh, {"box_a": a, "box_b": b + c * worst[j], "box_c": 0.0 * c},
+                num_classes=num_classes, score_converter=score_converter,
+                class_enabled=class_enabled))
+            for j in range(FLOOR_BINS)])
+        s = box_size_feature_tf(boxes)
+        index = tf.clip_by_value(tf.cast(tf.floor(s * FLOOR_BINS), tf.int32), 0, FLOOR_BINS - 1)
+        return tf.gather(table, index)
 
     def report_entry(self, params, k):
         return {"a": float(params["box_a"][k]), "b": float(params["box_b"][k]),

@@ -101,6 +101,15 @@ class ScoreCalibration(keras.layers.Layer):
             min_score_thresh, self._weight_tensors(), num_classes=num_classes,
             score_converter=self.score_converter, class_enabled=class_enabled)
 
+    def box_candidate_floor(self, boxes, min_score_thresh, class_enabled=None, *,
+                            num_classes: int) -> tf.Tensor:
+        """Per-box raw-score floors of a box-dependent method (`box_candidate_floor_tf`, e.g.
+        `tfcal.calibration.box_platt`), from the current weights: float32
+        `[batch, num_boxes]` for boxes `[batch, num_boxes, 4]`."""
+        return self._method.box_candidate_floor_tf(
+            boxes, min_score_thresh, self._weight_tensors(), num_classes=num_classes,
+            score_converter=self.score_converter, class_enabled=class_enabled)
+
     def _check_columns(self, columns) -> None:
         k = self._expected_classes
         if columns is None or k is None:
