@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from tfcal.coco.cache import RawOutputsWriter, load_cache
+from tfcal.raw import RawOutputsWriter, load_cache
 
 NUM_BOXES, NUM_COLUMNS, BATCH = 3549, 91, 32
 

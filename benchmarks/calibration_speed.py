@@ -91,7 +91,8 @@ def bench_threshold() -> None:
     r = thresholds.select_threshold(s, y, "f1")
     ours = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rp = thresholds.select_threshold(s, y, "precision_target", target=0.9, confidence=0.95)
+    rp = thresholds.select_threshold(s, y, thresholds.ThresholdObjective(
+        "precision_target", target=0.9, confidence=0.95))
     ours_cp = time.perf_counter() - t0
     cand = np.unique(s)
     sample = rng.choice(cand, 200, replace=False)

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
 
 
 def _run(args, work: Path) -> int:
-    from tfcal.export import odapi
+    from tfcal.export import saved_model
     from tfcal.handoff import DetectorDescription
     from tfcal.postprocess import PostProcessConfig
 
@@ -117,8 +117,9 @@ def _run(args, work: Path) -> int:
     exported_dir = work / "exported"
     unpruned_dir = work / "unpruned"
     described = DetectorDescription(saved_model=detector)
-    odapi.export_detector(described, config, exported_dir)
-    odapi.export_detector(described, config, unpruned_dir, odapi.ModelOptions(prune=False))
+    saved_model.export_detector(described, config, exported_dir)
+    saved_model.export_detector(described, config, unpruned_dir,
+                                saved_model.ModelOptions(prune=False))
 
     exported = tf.saved_model.load(str(exported_dir))
     eager = {
@@ -151,10 +152,10 @@ def _run(args, work: Path) -> int:
         print(f"  median paired ratio exported / original: {paired:.3f}")
 
     nms = {
-        "original serving_default": odapi.count_nms_ops(detector),
-        "exported serving_default": odapi.count_nms_ops(exported_dir),
-        "exported postprocess_only": odapi.count_nms_ops(exported_dir, "postprocess_only"),
-        "unpruned serving_default": odapi.count_nms_ops(unpruned_dir),
+        "original serving_default": saved_model.count_nms_ops(detector),
+        "exported serving_default": saved_model.count_nms_ops(exported_dir),
+        "exported postprocess_only": saved_model.count_nms_ops(exported_dir, "postprocess_only"),
+        "unpruned serving_default": saved_model.count_nms_ops(unpruned_dir),
     }
     pruned_ok = nms["exported serving_default"] == nms["exported postprocess_only"]
     print("NMS ops reachable from the outputs (postprocess_only = the PostProcessor alone):")

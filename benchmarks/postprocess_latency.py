@@ -92,7 +92,7 @@ def make_config(rng: np.random.Generator, method: str = "temperature") -> PostPr
         params = dict(temperature=temperature)
     return PostProcessConfig(
         num_classes=NUM_CLASSES, score_converter="sigmoid", background_column=True,
-        calibration=method, **params,
+        calibration=method, calibration_params=params,
         min_score_thresh=tuple(rng.uniform(0.25, 0.35, NUM_CLASSES).round(3).tolist()),
         nms_iou=tuple(rng.choice([0.4, 0.5, 0.6, 0.7], NUM_CLASSES).tolist()),
         max_detections_per_class=100, max_total_detections=100)

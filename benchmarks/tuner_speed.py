@@ -33,7 +33,7 @@ import tensorflow as tf  # noqa: E402
 tf.get_logger().setLevel("ERROR")  # first traces of the five per-IoU functions are expected
 
 from tfcal.coco.matching import Detections, GroundTruth, match_detections  # noqa: E402
-from tfcal.ops import combined_nms  # noqa: E402
+from tfcal.ops import NmsOptions, combined_nms  # noqa: E402
 from tfcal.tuning.candidates import collect_candidates  # noqa: E402
 from tfcal.tuning.search import MatchedDetections, Objective, joint_search  # noqa: E402
 
@@ -228,15 +228,16 @@ def run_comparison(num_images=500, num_anchors=150, num_classes=80, seed=0):
 
     # Trace TF functions for both sides at the measured shapes first (not timed).
     lowest = float(thresholds[0])
-    collect_candidates([(ids, boxes, scores)], None, grid, lowest, 100, 100)
+    collect_candidates([(ids, boxes, scores)], None, grid, lowest)
     nms_fns = {g: tf.function(lambda b, s, thr, g=g: combined_nms(
-        b, s, iou_threshold=g, max_detections_per_class=100, max_total_detections=100,
-        score_threshold=thr, label_offset=1)) for g in grid}
+        b, s, NmsOptions(iou_threshold=g, max_detections_per_class=100,
+                         max_total_detections=100, label_offset=1),
+        score_threshold=thr)) for g in grid}
     for g in grid:
         nms_fns[g](tf.constant(boxes), tf.constant(scores), tf.constant(0.1))
 
     t0 = time.perf_counter()
-    cands = collect_candidates([(ids, boxes, scores)], None, grid, lowest, 100, 100)
+    cands = collect_candidates([(ids, boxes, scores)], None, grid, lowest)
     matched = matched_from_candidates(cands, gt, num_classes)
     fast = joint_search(matched, objective, default_nms_iou=default, min_support=1,
                         thresholds=thresholds)
@@ -311,7 +312,7 @@ def run_scale(num_images=5000, num_anchors=3549, num_classes=80, seed=1, batch_s
             yield batch
 
     t0 = time.perf_counter()
-    cands = collect_candidates(timed_batches(), calibrate, grid, lowest, 100, 100)
+    cands = collect_candidates(timed_batches(), calibrate, grid, lowest)
     t_nms = time.perf_counter() - t0 - gen_time[0]
     t1 = time.perf_counter()
     matched = matched_from_candidates(cands, gt, num_classes)

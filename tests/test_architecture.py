@@ -1,5 +1,8 @@
 """The package's layering, stated as rules on its imports (read with `ast`), and no import cycles.
 
+Shared by every layer: `tfcal.vocabulary` (the closed vocabularies: score converters, box
+formats, detector formats), which imports nothing of tfcal.
+
 Serving side, bottom up (each may import only what is left of it):
 
     validation <- ops <- calibration <- postprocess <- layers
@@ -17,17 +20,29 @@ exporter never imports the tuner; the tuner uses the exporter only through `tfca
 public names. pycocotools is imported under `tfcal/coco/` only, and private modules (`_x.py`)
 only from their own package. Every import counts, module-level or inside a function.
 
+Offline side: `tfcal.raw` (the raw-output record, fingerprints, the verified cache, precomputed
+npz outputs, value checks) imports nothing above it (only the root package, `tfcal.atomic` and
+the vocabulary); the COCO code and its runner, the detectors, the detector handoff, the Beam
+runner and the tuner build on it.
+
 The tuning job is split by owner: `tuning.prepare` (validated inputs), `tuning.detections` (the
 serving post-processing over cached raw outputs, and matching), `tuning.objectives`,
 `tuning.calibrate`, `tuning.search`, `tuning.tune` (the fit and the search on one set of
-tune images), `tuning.baseline`, `tuning.evaluate` (held-out evidence and report.json), and
+tune images), `tuning.baseline`, `tuning.holdout` (held-out evidence and report.json), and
 `tuning.pipeline`, which orders them and which only the command line and
 the demo import. The Beam runner (`tfcal.beam`) sits beside the local runner: it feeds the
 raw-output cache and imports neither the tuning job nor the serving side; only
 `tfcal.beam.pipeline` imports `apache_beam`, and only when a Beam run starts, so
-`import tfcal` needs no extra. No import cycle among tfcal modules (read from the source);
-the tuning modules import tfcal at module level (TensorFlow, optional plots and the command line's
-per-command imports may stay late).
+`import tfcal` needs no extra. No import cycle among tfcal modules (read from the source,
+imports inside functions included, and importing `a.b.c` counting as importing the package
+`a.b`, whose ``__init__`` runs first).
+
+No tfcal module is imported inside a function to hide the layering: a function-level import of a
+tfcal module is allowed only when it defers a heavy third-party package (`HEAVY`: TensorFlow,
+Keras, matplotlib, pycocotools, Apache Beam) that the imported module loads and the importing
+module does not, and a comment on that line or the line above says so. (The command line
+imports TensorFlow quietly before a command's module; `tfcal report` and `--help` start
+without it; the Beam and plot extras are optional.)
 """
 
 from __future__ import annotations
@@ -95,11 +110,12 @@ def _in(area: str) -> list[str]:
 
 # What each serving-side area may import from tfcal (besides itself and the root package).
 SERVING_ALLOWED = {
+    "vocabulary": set(),
     "validation": set(),
-    "ops": {"validation"},
-    "calibration": {"validation", "ops"},
-    "postprocess": {"validation", "ops", "calibration", "atomic"},
-    "layers": {"validation", "ops", "calibration", "postprocess"},
+    "ops": {"validation", "vocabulary"},
+    "calibration": {"validation", "ops", "vocabulary"},
+    "postprocess": {"validation", "ops", "calibration", "atomic", "vocabulary"},
+    "layers": {"validation", "ops", "calibration", "postprocess", "vocabulary"},
 }
 
 
@@ -109,6 +125,75 @@ def test_serving_side_imports_only_what_is_below_it(module):
     extra = _tfcal_areas(module) - SERVING_ALLOWED[area] - {area, "tfcal"}
     assert not extra, (f"{module} imports tfcal.{sorted(extra)}; {area} may use "
                        f"{sorted(SERVING_ALLOWED[area])}")
+
+
+@pytest.mark.parametrize("module", _in("raw"))
+def test_the_raw_package_imports_nothing_above_it(module):
+    extra = _tfcal_areas(module) - {"raw", "tfcal", "atomic", "vocabulary"}
+    assert not extra, f"{module} imports tfcal.{sorted(extra)}; tfcal.raw sits below them"
+
+
+def test_raw_outputs_are_read_from_their_own_package():
+    # The detectors, the handoff, the runners and the tuner take the record, the fingerprints
+    # and the cache from tfcal.raw (there is no second home for them under tfcal.coco).
+    assert "tfcal.coco.cache" not in MODULES and "tfcal.coco.npz" not in MODULES
+    for module, name in [("tfcal.handoff", "model_fingerprint"),
+                         ("tfcal.detectors.odapi", "model_fingerprint"),
+                         ("tfcal.coco.runner", "RawOutputsWriter"),
+                         ("tfcal.beam.statistics", "RawOutputsWriter"),
+                         ("tfcal.tuning.prepare", "load_raw_outputs")]:
+        assert [t for t, n in imports(module) if n == name and _area(t) == "raw"], \
+            (module, name)
+
+
+def test_one_box_range_check():
+    # "boxes outside [0, 1]" is decided in one place, tfcal.raw.checks.check_box_range.
+    owners = sorted(m for m in MODULES
+                    if "BOX_TOLERANCE" in MODULES[m].read_text(encoding="utf-8")
+                    and _area(m) != "raw")
+    assert not owners, f"the box tolerance is read outside tfcal.raw.checks: {owners}"
+
+
+def _spelled_vocabularies(module: str) -> list[frozenset[str]]:
+    """Every `Literal[...]` of strings and every tuple or list of two or more strings that
+    `module` writes out, as sets of words."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    found, literal_args = [], set()
+    for node in ast.walk(tree):  # parents come before their children
+        elts = None
+        if isinstance(node, ast.Subscript) and getattr(node.value, "id", None) == "Literal":
+            elts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            literal_args.add(id(node.slice))
+        elif isinstance(node, (ast.Tuple, ast.List)) and len(node.elts) >= 2 and \
+                id(node) not in literal_args:
+            elts = node.elts
+        if elts and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in elts):
+            found.append(frozenset(e.value for e in elts))
+    return found
+
+
+def test_each_vocabulary_is_spelled_once():
+    # Typed once (a Literal, its values read with get_args) by its owner; everyone else
+    # imports it. A second spelling would drift from the first.
+    from tfcal import vocabulary
+    from tfcal.detectors import yolo
+
+    owners = {frozenset(vocabulary.SCORE_CONVERTERS): "tfcal.vocabulary",
+              frozenset(vocabulary.BOX_FORMATS): "tfcal.vocabulary",
+              frozenset(vocabulary.HEAD_BOX_FORMATS): "tfcal.vocabulary",
+              frozenset(vocabulary.DETECTOR_FORMATS): "tfcal.vocabulary",
+              frozenset(yolo.LAYOUTS): "tfcal.detectors.yolo",
+              frozenset(yolo.BOX_UNITS): "tfcal.detectors.yolo",
+              frozenset(yolo.RESIZES): "tfcal.detectors.yolo",
+              frozenset(yolo.PIXEL_RANGES): "tfcal.detectors.yolo"}
+    spelled = {}
+    for module in MODULES:
+        for words in _spelled_vocabularies(module):
+            if words in owners:
+                spelled.setdefault(words, []).append(module)
+    for words, where in spelled.items():
+        assert where == [owners[words]], f"{sorted(words)} spelled in {where}"
+    assert set(spelled) == set(owners)  # the check sees each owner's own spelling
 
 
 @pytest.mark.parametrize("module", [m for a in ("validation", "ops", "calibration", "postprocess")
@@ -182,17 +267,16 @@ def test_private_names_stay_inside_their_part_of_the_package():
 
 def test_the_runner_and_the_exporter_go_through_the_detector_seam():
     assert ("tfcal.detectors.base", "Detector") in imports("tfcal.coco.runner")
-    assert ("tfcal.detectors", "open_described") in imports("tfcal.export.odapi")
+    assert ("tfcal.detectors", "open_described") in imports("tfcal.export.saved_model")
     assert ("tfcal.detectors", "open_detector") in imports("tfcal.tuning.prepare")
-    for module in ("tfcal.coco.runner", "tfcal.export.odapi", "tfcal.export.serving"):
+    for module in ("tfcal.coco.runner", "tfcal.export.saved_model", "tfcal.export.serving"):
         assert not [t for t, _ in imports(module) if t.split(".")[0] == "keras"], module
     # The adapters know the handoff record and the fingerprint, nothing of the tuner,
     # the exporter or the serving layers.
     for module in _in("detectors"):
-        extra = _tfcal_areas(module) - {"detectors", "tfcal", "handoff", "coco", "validation"}
+        extra = _tfcal_areas(module) - {"detectors", "tfcal", "handoff", "raw", "validation",
+                                        "vocabulary"}
         assert not extra, (module, extra)
-        assert not [t for t, _ in imports(module) if t.startswith("tfcal.coco.")
-                    and t != "tfcal.coco.cache"], module
 
 
 #: Modules that import an optional extra at module level, and the extra they need.
@@ -219,7 +303,7 @@ def test_only_the_beam_pipeline_imports_apache_beam_and_only_when_it_runs():
 def test_the_beam_runner_sits_beside_the_local_runner(module):
     # It feeds the cache like tfcal.coco.runner: no tuning step, no export, no serving code.
     assert _tfcal_areas(module) <= {"beam", "coco", "config", "detectors", "atomic", "locks",
-                                    "tfcal"}, \
+                                    "raw", "vocabulary", "tfcal"}, \
         (module, _tfcal_areas(module))
 
 
@@ -235,8 +319,14 @@ def test_only_the_command_line_imports_the_tuning_job():
 
 
 def test_no_import_cycles_among_tfcal_modules():
-    # Every import counts, inside functions too: a late import only hides a cycle.
-    graph = {m: {t for t, _ in imports(m) if t in MODULES} - {m} for m in MODULES}
+    # Every import counts, inside functions too: a late import only hides a cycle. Importing
+    # a.b.c from outside the package a.b runs a.b's __init__ first: that edge counts as well.
+    graph = {}
+    for m in MODULES:
+        targets = {t for t, _ in imports(m) if t in MODULES}
+        outside = {p for t in targets for p in _parents(t) | {t}
+                   if p in MODULES and not (m + ".").startswith(p + ".")}
+        graph[m] = (targets | outside) - {m}
     # A package's __init__ re-exports its modules: an edge into it stands for its contents.
     state, cycles = {}, []
 
@@ -263,35 +353,85 @@ def _is_init_edge(a: str, b: str) -> bool:
     return b.startswith(a + ".") or a.startswith(b + ".")
 
 
-#: Function-local tfcal imports of the tuning modules allowed, as `(module, imported)`:
-#: matplotlib is optional (`tfcal.plots`); `tfcal report` starts without TensorFlow, so the
-#: calibration registry loads only to describe fitted parameters, and `candidates` (imported by
-#: `tfcal.tuning`'s package init) loads its TensorFlow ops late.
-LATE_IMPORTS_ALLOWED = {("tfcal.tuning.report", "tfcal.plots"),
-                        ("tfcal.tuning.report", "tfcal.calibration"),
-                        ("tfcal.tuning.candidates", "tfcal.ops")}
+def _parents(module: str) -> set[str]:
+    """The packages whose ``__init__`` runs before `module` (``tfcal.a.b`` -> ``tfcal.a``)."""
+    parts = module.split(".")
+    return {".".join(parts[:k]) for k in range(2, len(parts))} & set(MODULES)
 
 
-def _late_tfcal_imports(module: str) -> list[str]:
+#: Third-party packages worth deferring: importing them takes seconds or needs an extra.
+HEAVY = {"tensorflow", "keras", "matplotlib", "pycocotools", "apache_beam"}
+
+
+def _statements(module: str, *, late: bool) -> list[tuple[ast.stmt, int]]:
+    """`(import statement, line)` of `module`, inside functions (`late`) or not."""
     tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
-    late = set()
+    inside = set()
     for fn in ast.walk(tree):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            for node in ast.walk(fn):
-                if isinstance(node, ast.Import):
-                    late |= {a.name for a in node.names}
-                elif isinstance(node, ast.ImportFrom):
-                    target = _resolve(module, node)
-                    late |= {f"{target}.{a.name}" if f"{target}.{a.name}" in MODULES else target
-                             for a in node.names}
-    return sorted(t for t in late if t.split(".")[0] == "tfcal"
-                  and (module, t) not in LATE_IMPORTS_ALLOWED)
+            inside |= {id(n) for n in ast.walk(fn)}
+    return [(n, n.lineno) for n in ast.walk(tree)
+            if isinstance(n, (ast.Import, ast.ImportFrom)) and (id(n) in inside) == late]
 
 
-@pytest.mark.parametrize("module", [m for m in MODULES if m.startswith("tfcal.tuning")])
-def test_the_tuning_modules_import_tfcal_at_module_level(module):
-    late = _late_tfcal_imports(module)
-    assert not late, f"{module} imports {late} inside functions (hiding the layering)"
+def _targets(module: str, node: ast.stmt) -> set[str]:
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names}
+    target = _resolve(module, node)
+    return {f"{target}.{a.name}" if f"{target}.{a.name}" in MODULES else target
+            for a in node.names}
+
+
+def _heavy(module: str, seen: set[str] | None = None) -> set[str]:
+    """The `HEAVY` packages that importing `module` loads (module-level imports, followed
+    through tfcal modules and the packages' ``__init__``)."""
+    seen = set() if seen is None else seen
+    if module in seen:
+        return set()
+    seen.add(module)
+    out = set()
+    for node, _ in _statements(module, late=False):
+        for t in _targets(module, node):
+            if t.split(".")[0] in HEAVY:
+                out.add(t.split(".")[0])
+            elif t in MODULES:
+                out |= _heavy(t, seen)
+    for p in _parents(module):
+        out |= _heavy(p, seen)
+    return out
+
+
+def _hidden_late_imports(module: str) -> list[str]:
+    """Function-level tfcal imports of `module` that defer nothing heavy, or say nothing."""
+    lines = MODULES[module].read_text(encoding="utf-8").splitlines()
+    bad = []
+    for node, line in _statements(module, late=True):
+        for t in _targets(module, node):
+            if t.split(".")[0] != "tfcal":
+                continue
+            deferred = _heavy(t) - _heavy(module)
+            said = "#" in lines[line - 1] or lines[line - 2].strip().startswith("#") or \
+                "#" in lines[line - 2] and lines[line - 2].strip().startswith("try:")
+            if not deferred:
+                bad.append(f"{module}:{line} imports {t} inside a function, deferring nothing "
+                           f"heavy: import it at module level")
+            elif not said:
+                bad.append(f"{module}:{line} defers {sorted(deferred)} by importing {t} late: "
+                           f"say so in a comment")
+    return bad
+
+
+def test_no_function_level_tfcal_import_hides_the_layering():
+    bad = [b for m in MODULES for b in _hidden_late_imports(m)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_late_import_rule_can_fail():
+    # The rule above, on the imports it allows: each defers a heavy package (checked there);
+    # and it would catch a late import of a light module (tfcal.raw loads none of HEAVY).
+    assert not _heavy("tfcal.raw") and not _heavy("tfcal.config")
+    assert "tensorflow" in _heavy("tfcal.tuning.pipeline")
+    assert "apache_beam" in _heavy("tfcal.beam.pipeline")
 
 
 def test_import_statements_name_existing_modules():
@@ -335,3 +475,29 @@ def test_every_module_imports_alone_without_a_cycle(fresh_tfcal):
         except ImportError as e:  # a cycle shows as a partially initialized module
             failures.append(f"{module}: {e}")
     assert not failures, "\n".join(failures)
+
+
+#: Where the rule on wide signatures is held (the serving side, the exporter, threshold
+#: selection and candidate collection).
+NARROW_AREAS = ("validation", "ops", "calibration", "postprocess", "layers", "export",
+                "thresholds")
+MAX_PARAMETERS = 8
+
+
+def _parameter_count(node: ast.FunctionDef) -> int:
+    a = node.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+    return len(names) + bool(a.vararg) + bool(a.kwarg)
+
+
+@pytest.mark.parametrize("module", [m for a in NARROW_AREAS for m in _in(a)]
+                         + ["tfcal.tuning.candidates"])
+def test_public_functions_take_at_most_eight_parameters(module):
+    # More than that travels as a record (`NmsOptions`, `ServingOptions`, `ThresholdObjective`,
+    # `ModelOptions`...). Constructors are exempt: a record's is its typed, documented fields,
+    # a Keras layer's is its `get_config`.
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    wide = [f"{node.name} ({_parameter_count(node)})" for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and not node.name.startswith("_") and _parameter_count(node) > MAX_PARAMETERS]
+    assert not wide, f"{module}: {wide}"

@@ -75,8 +75,17 @@ def boxes_near_threshold(rng, num_pairs, iou_threshold, delta=0.02):
     return np.asarray(boxes, np.float32)[rng.permutation(2 * num_pairs)]
 
 
+_CALL_ARGS = ("score_threshold", "min_score_thresh", "class_ids", "return_indices")
+
+
+def nms(boxes, scores, **kw):
+    """`ops.combined_nms` with the `NmsOptions` fields and the call arguments as keywords."""
+    call = {k: kw.pop(k) for k in _CALL_ARGS if k in kw}
+    return ops.combined_nms(boxes, scores, ops.NmsOptions(**kw), **call)
+
+
 def run_nms(boxes, scores, **kw):
-    out = ops.combined_nms(tf.constant(boxes, tf.float32), tf.constant(scores, tf.float32), **kw)
+    out = nms(tf.constant(boxes, tf.float32), tf.constant(scores, tf.float32), **kw)
     return {k: v.numpy() for k, v in out.items()}
 
 
@@ -206,6 +215,31 @@ def test_no_box_passes_gives_all_zero_output(iou, agnostic):
         np.testing.assert_array_equal(out[key], 0.0)
 
 
+@pytest.mark.parametrize("agnostic", [False, True])
+@pytest.mark.parametrize("boxes_shape, scores_shape", [
+    ([0, 0, 0, 4], [0, 0, 0]),  # an empty batch with no classes
+    ([0, 0, 4], [0, 0, 0]),
+    ([2, 5, 4], [2, 5, 0]),  # images and boxes, no class column
+    ([2, 0, 1, 4], [2, 0, 3]),  # no boxes
+])
+def test_empty_inputs_give_empty_outputs_like_tf_combined_nms(boxes_shape, scores_shape,
+                                                              agnostic):
+    # tf.image.combined_non_max_suppression returns [batch, max_total, ...] zeros for these.
+    fn = tf.function(lambda b, s: nms(b, s, max_total_detections=7,
+                                                   class_agnostic=agnostic))
+    out = {k: v.numpy() for k, v in fn(tf.zeros(boxes_shape), tf.zeros(scores_shape)).items()}
+    batch = scores_shape[0]
+    ref = tf.image.combined_non_max_suppression(
+        tf.zeros(boxes_shape if len(boxes_shape) == 4 else boxes_shape[:2] + [1, 4]),
+        tf.zeros(scores_shape), 5, 7)
+    assert out["detection_boxes"].shape == tuple(ref.nmsed_boxes.shape) == (batch, 7, 4)
+    assert out["detection_scores"].shape == out["detection_classes"].shape == (batch, 7)
+    assert out["num_detections"].shape == (batch,)
+    for key, value in out.items():
+        assert value.dtype == np.float32, key
+        np.testing.assert_array_equal(value, 0.0, err_msg=key)
+
+
 def test_all_equal_scores_lower_index_wins():
     # Boxes 0 and 1 coincide, as do 2 and 3; equal scores -> the lower index survives each pair.
     boxes = np.array([[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]], np.float32)
@@ -286,18 +320,20 @@ def test_combined_nms_rejects_bad_arguments():
     boxes = tf.zeros([1, 3, 4])
     scores = tf.zeros([1, 3, 2])
     with pytest.raises(ValueError, match="iou_threshold"):
-        ops.combined_nms(boxes, scores, iou_threshold=[0.5, 0.5, 0.5])
+        nms(boxes, scores, iou_threshold=[0.5, 0.5, 0.5])
     with pytest.raises(ValueError, match="iou_threshold"):
-        ops.combined_nms(boxes, scores, iou_threshold=1.5)
+        nms(boxes, scores, iou_threshold=1.5)
     with pytest.raises(ValueError, match="class_agnostic"):
-        ops.combined_nms(boxes, scores, iou_threshold=[0.5, 0.6], class_agnostic=True)
+        nms(boxes, scores, iou_threshold=[0.5, 0.6], class_agnostic=True)
     with pytest.raises(ValueError, match="max_total_detections"):
-        ops.combined_nms(boxes, scores, max_total_detections=0)
+        nms(boxes, scores, max_total_detections=0)
     with pytest.raises(ValueError, match="boxes"):
-        ops.combined_nms(tf.zeros([1, 3, 3]), scores)
-    # One NMS over all classes has no per-class cap: the argument would be ignored.
-    with pytest.raises(ValueError, match="max_detections_per_class: not used by class_agnostic"):
-        ops.combined_nms(boxes, scores, class_agnostic=True, max_detections_per_class=5)
+        nms(tf.zeros([1, 3, 3]), scores)
+    # One NMS over all classes has no per-class cap: a cap that would bind is refused.
+    with pytest.raises(ValueError, match="max_detections_per_class: class_agnostic NMS has no"):
+        nms(boxes, scores, class_agnostic=True, max_detections_per_class=5)
+    with pytest.raises(TypeError, match="options: expected an NmsOptions"):
+        ops.combined_nms(boxes, scores, {"iou_threshold": 0.5})
 
 
 def test_only_boxes_with_a_candidate_reach_the_nms_op():
@@ -305,7 +341,7 @@ def test_only_boxes_with_a_candidate_reach_the_nms_op():
     scores = np.zeros((2, 500, 3), np.float32)
     scores[0, 321, 2] = 0.9
     boxes = np.tile(np.float32([0, 0, 1, 1]), (2, 500, 1))
-    fn = tf.function(lambda b, s: ops.combined_nms(b, s, score_threshold=0.5,
+    fn = tf.function(lambda b, s: nms(b, s, score_threshold=0.5,
                                                    max_total_detections=3))
     out = fn(boxes, scores)
     np.testing.assert_array_equal(out["num_detections"], [1, 0])
@@ -368,7 +404,7 @@ def test_per_class_cap_adapts_to_candidates_without_changing_detections(threshol
     scores[0, :30, 0] = rng.uniform(0.6, 1.0, 30)
     scores[1, :2, 1] = [0.9, 0.7]
     scores[1, 5, 2] = 0.5  # exactly at the 0.5 threshold: kept
-    fn = tf.function(lambda b, s: ops.combined_nms(
+    fn = tf.function(lambda b, s: nms(
         b, s, iou_threshold=0.5, max_detections_per_class=25, max_total_detections=40,
         score_threshold=threshold), input_signature=[
             tf.TensorSpec([None, None, 4], tf.float32), tf.TensorSpec([None, None, 3], tf.float32)])

@@ -23,7 +23,7 @@ def full_config(**changes) -> PostProcessConfig:
         max_total_detections=80, clip_boxes=True, label_offset=0, class_ids=(1, 3, 7),
         metadata={"source": "unit test", "n": 12})
     kw.update(changes)
-    return PostProcessConfig(**kw)
+    return PostProcessConfig.from_dict(kw)  # the calibration parameters as JSON keys
 
 
 def test_json_round_trip_preserves_every_field():
@@ -51,9 +51,9 @@ def test_defaults_and_list_inputs_become_tuples():
 
 def test_numpy_knots_from_a_fitter_are_accepted():
     kx, ky = np.array([0.0, 0.2, 1.0]), np.array([0.0, 0.1, 0.9])
-    cfg = PostProcessConfig(num_classes=2, calibration="isotonic", knots_x=[kx, kx],
-                            knots_y=[ky, ky])
-    assert cfg.knots_x[0] == (0.0, 0.2, 1.0)
+    cfg = PostProcessConfig(num_classes=2, calibration="isotonic",
+                            calibration_params={"knots_x": [kx, kx], "knots_y": [ky, ky]})
+    assert cfg.calibration_params["knots_x"][0] == (0.0, 0.2, 1.0)
     assert PostProcessConfig.from_json(cfg.to_json()) == cfg
 
 
@@ -134,8 +134,9 @@ LEGACY_JSON = """{
 
 def test_records_written_before_the_method_registry_still_load():
     cfg = PostProcessConfig.from_json(LEGACY_JSON)
-    assert cfg.calibration == "isotonic" and cfg.knots_x[1] == (0.0, 0.5, 1.0)
-    assert cfg.temperature == () and cfg.calibration_params.keys() == {"knots_x", "knots_y"}
+    assert cfg.calibration == "isotonic" and cfg.calibration_params["knots_x"][1] == (0.0, 0.5,
+                                                                                     1.0)
+    assert cfg.calibration_params.keys() == {"knots_x", "knots_y"}
     written = json.loads(cfg.to_json())
     # Only the method's own parameters are written, right after the method's name.
     assert list(written)[3:6] == ["calibration", "knots_x", "knots_y"]
@@ -154,8 +155,85 @@ def test_a_stale_parameter_of_another_method_is_rejected_not_ignored():
 def test_replace_with_another_method_starts_from_its_own_parameters():
     cfg = full_config()
     cal = cfg.replace(calibration="temperature", temperature=(1.2,))
-    assert cal.calibration_params == {"temperature": (1.2,)} and cal.knots_x == ()
-    assert cfg.replace(label_offset=1).knots_x == cfg.knots_x
+    assert cal.calibration_params == {"temperature": (1.2,)}
+    assert cfg.replace(label_offset=1).calibration_params == cfg.calibration_params
+    assert cfg.replace(knots_y=((0.1, 0.4, 1.0), (0.0, 0.8), (0.5,))).calibration_params[
+        "knots_y"][0] == (0.1, 0.4, 1.0)
+    with pytest.raises(ValueError, match="temperature: not a parameter of calibration method "
+                                         "'isotonic'"):
+        cfg.replace(temperature=(1.2,))  # isotonic would ignore it
+
+
+# Written by the release before the record took its calibration parameters as one mapping: it
+# loads, and serializes back byte for byte.
+WRITTEN_JSON = """{
+  "num_classes": 2,
+  "score_converter": "sigmoid",
+  "background_column": true,
+  "calibration": "platt",
+  "platt_a": [
+    1.1,
+    0.9
+  ],
+  "platt_b": [
+    -0.2,
+    0.1
+  ],
+  "min_score_thresh": [
+    0.31,
+    0.42
+  ],
+  "class_enabled": [
+    true,
+    false
+  ],
+  "nms_iou": [
+    0.5,
+    0.65
+  ],
+  "soft_nms_sigma": [
+    0.0
+  ],
+  "class_agnostic": false,
+  "max_detections_per_class": 50,
+  "max_total_detections": 80,
+  "clip_boxes": false,
+  "clip_window": [
+    0.0,
+    0.0,
+    1.0,
+    1.0
+  ],
+  "change_coordinate_frame": false,
+  "label_offset": 0,
+  "class_ids": [
+    3,
+    -1
+  ],
+  "metadata": {
+    "source": "unit test"
+  }
+}"""
+
+
+def test_calibration_parameters_are_one_explicit_mapping_and_files_round_trip(tmp_path):
+    cfg = PostProcessConfig.from_json(WRITTEN_JSON)
+    assert cfg.calibration_params == {"platt_a": (1.1, 0.9), "platt_b": (-0.2, 0.1)}
+    assert cfg.to_json() == WRITTEN_JSON
+    path = tmp_path / "postprocess.json"
+    path.write_text(WRITTEN_JSON + "\n")
+    cfg.save(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == path.read_bytes()
+    # No parameter reads as an attribute (another method's used to read as ()), and a
+    # parameter is given in `calibration_params`, not as a keyword of its own.
+    assert not hasattr(cfg, "platt_a") and not hasattr(cfg, "temperature")
+    with pytest.raises(TypeError, match="temperature"):
+        PostProcessConfig(2, calibration="temperature", temperature=(1.2,))
+    with pytest.raises(ValueError, match="knots_x: not a parameter of calibration method 'platt'"):
+        PostProcessConfig(2, calibration="platt", calibration_params={
+            "platt_a": (1.0,) * 2, "platt_b": (0.0,) * 2, "knots_x": ()})
+    with pytest.raises(ValueError, match="calibration_params: expected a mapping"):
+        PostProcessConfig(2, calibration="temperature", calibration_params=[1.2])
 
 
 
@@ -193,3 +271,14 @@ def test_bad_class_ids(ids, message):
 def test_bad_nms_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PostProcessConfig(num_classes=2, **kwargs)
+
+
+def test_nms_options_hold_the_records_nms_numbers():
+    cfg = full_config(soft_nms_sigma=(0.0, 0.5, 0.0), clip_window=(0.0, 0.1, 0.9, 1.0),
+                      change_coordinate_frame=True)
+    o = cfg.nms_options()
+    assert (o.iou_threshold, o.soft_nms_sigma) == (cfg.nms_iou, cfg.soft_nms_sigma)
+    assert (o.max_detections_per_class, o.max_total_detections) == (50, 80)
+    assert o.clip_window == (0.0, 0.1, 0.9, 1.0) and o.change_coordinate_frame and o.clip_boxes
+    assert o.label_offset == 0 and not o.class_agnostic
+    assert PostProcessConfig(num_classes=2).nms_options().clip_window is None

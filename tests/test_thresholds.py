@@ -36,7 +36,7 @@ def test_fbeta_golden():
     # beta = 0.5, b2 = 0.25: F = 1.25 tp / (1.25 tp + 0.25 fn + fp):
     # 0.9: 1.25/1.75 = .714; 0.8: 2.5/2.75 = .909; 0.7: 2.5/3.75 = .667; 0.6: 3.75/4.75 = .789;
     # 0.5: 3.75/5.75 = .652 -> 0.8 with 10/11.
-    r = th.select_threshold(SCORES, LABELS, "fbeta", beta=0.5)
+    r = th.select_threshold(SCORES, LABELS, th.ThresholdObjective("fbeta", beta=0.5))
     assert r.threshold == 0.8 and r.value == pytest.approx(10 / 11)
 
 
@@ -48,7 +48,8 @@ def test_youden_golden():
 
 def test_cost_golden():
     # c_fp = 1, c_fn = 5: cost = fp + 5 fn: 10, 5, 6, 1, 2 -> 0.6, mean cost 1/5 = 0.2.
-    r = th.select_threshold(SCORES, LABELS, "cost", c_fp=1.0, c_fn=5.0)
+    r = th.select_threshold(SCORES, LABELS, th.ThresholdObjective("cost", c_fp=1.0,
+                                                                  c_fn=5.0))
     assert r.threshold == 0.6 and r.value == pytest.approx(0.2)
 
 
@@ -58,17 +59,19 @@ def test_cost_golden():
     (1.0, 0.8, 2 / 3),
 ])
 def test_precision_target_golden(target, threshold, recall):
-    r = th.select_threshold(SCORES, LABELS, "precision_target", target=target)
+    r = th.select_threshold(SCORES, LABELS,
+                            th.ThresholdObjective("precision_target", target=target))
     assert r.feasible and r.threshold == threshold and r.value == pytest.approx(recall)
     assert r.precision >= target
 
 
 def test_recall_target_golden_and_infeasible():
     # recall >= 0.9 at 0.6 (precision 3/4) and 0.5 (3/5) -> 0.6
-    r = th.select_threshold(SCORES, LABELS, "recall_target", target=0.9)
+    r = th.select_threshold(SCORES, LABELS, th.ThresholdObjective("recall_target", target=0.9))
     assert r.threshold == 0.6 and r.value == pytest.approx(0.75)
     # with 4 ground truths the best recall is 3/4: infeasible, and says so
-    r = th.select_threshold(SCORES, LABELS, "recall_target", target=0.9, num_positives=4)
+    r = th.select_threshold(SCORES, LABELS, th.ThresholdObjective("recall_target", target=0.9),
+                            num_positives=4)
     assert not r.feasible and r.threshold is None and math.isnan(r.value)
     assert "no threshold reaches recall >= 0.9" in r.message and "0.7500" in r.message
 
@@ -86,7 +89,8 @@ def test_ties_go_together():
     r = th.select_threshold([0.9, 0.5, 0.5, 0.1], [1, 0, 1, 0])
     assert r.threshold == 0.5 and (r.tp, r.fp) == (2, 1)
     # an infeasible precision: the tie cannot be split to reach precision 1 with recall 1
-    r = th.select_threshold([0.5, 0.5], [1, 0], "precision_target", target=0.9)
+    r = th.select_threshold([0.5, 0.5], [1, 0],
+                            th.ThresholdObjective("precision_target", target=0.9))
     assert not r.feasible and r.threshold is None
     assert "best is 0.5000 at threshold 0.5" in r.message
 
@@ -124,7 +128,7 @@ def test_matches_brute_force_with_ties(seed, objective, kw):
     rng = np.random.default_rng(seed)
     s = np.round(rng.random(300), 2)  # many ties
     y = (rng.random(300) < s).astype(int)
-    r = th.select_threshold(s, y, objective, **kw)
+    r = th.select_threshold(s, y, th.ThresholdObjective(objective, **kw))
     expect = _brute_force(s, y, objective, int(y.sum()), **kw)
     assert r.threshold == expect
     pred = s >= r.threshold
@@ -160,14 +164,16 @@ def test_precision_target_with_confidence_is_certified():
     # fails and the sequence stops: the 20th score.
     s = np.linspace(1.0, 0.01, 30)
     y = np.array([1] * 20 + [0] + [1] * 2 + [0] * 7)
-    r = th.select_threshold(s, y, "precision_target", target=0.85)
+    r = th.select_threshold(s, y, th.ThresholdObjective("precision_target", target=0.85))
     assert r.threshold == s[22] and r.precision == pytest.approx(22 / 23) and r.recall == 1.0
-    r = th.select_threshold(s, y, "precision_target", target=0.85, confidence=0.95)
+    r = th.select_threshold(s, y, th.ThresholdObjective("precision_target", target=0.85,
+                                                        confidence=0.95))
     assert r.feasible and r.threshold == s[19] and r.tp == 20
     assert r.precision_lower == pytest.approx(0.05 ** (1 / 20))
     assert r.precision_lower == pytest.approx(th.clopper_pearson(20, 20, 0.95, sided="one")[0])
     # 0.9 needs 29 of 29 (0.9^29 = 0.047): the 21st label is an FP, so nothing certifies.
-    r = th.select_threshold(s, y, "precision_target", target=0.9, confidence=0.95)
+    r = th.select_threshold(s, y, th.ThresholdObjective("precision_target", target=0.9,
+                                                        confidence=0.95))
     assert not r.feasible and r.threshold is None
     assert "certified precision" in r.message and "0.8609" in r.message
 
@@ -189,7 +195,7 @@ def test_cost_threshold():
     rng = np.random.default_rng(3)
     p = rng.random(20000)
     y = (rng.random(20000) < p).astype(int)
-    r = th.select_threshold(p, y, "cost", c_fp=1.0, c_fn=3.0)
+    r = th.select_threshold(p, y, th.ThresholdObjective("cost", c_fp=1.0, c_fn=3.0))
     assert abs(r.threshold - 0.25) < 0.05
     with pytest.raises(ValueError, match="c_fp"):
         th.cost_threshold(-1, 1)
@@ -204,6 +210,10 @@ def test_errors():
         th.select_threshold(SCORES, LABELS, "accuracy")
     with pytest.raises(ValueError, match="target: required"):
         th.select_threshold(SCORES, LABELS, "precision_target")
+    with pytest.raises(ValueError, match="beta: must be a finite number > 0"):
+        th.ThresholdObjective("fbeta", beta=0.0)
+    with pytest.raises(ValueError, match="confidence: must be in"):
+        th.ThresholdObjective("precision_target", target=0.9, confidence=1.5)
     with pytest.raises(ValueError, match="num_positives"):
         th.select_threshold(SCORES, LABELS, num_positives=2)
     with pytest.raises(ValueError, match="needs at least one positive"):
@@ -212,6 +222,8 @@ def test_errors():
         th.select_threshold(SCORES, np.ones(5), "youden")
     with pytest.raises(TypeError):
         th.select_threshold(SCORES, LABELS, "f1", gamma=2)
+    with pytest.raises(TypeError):
+        th.select_threshold(SCORES, LABELS, "fbeta", beta=2)  # arguments go in the record
 
 
 def test_single_label_all_positive():

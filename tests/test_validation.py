@@ -61,3 +61,53 @@ def test_knot_rows_name_the_row():
         validation.knot_rows([[0.0, 1.0]], [[0.9, 0.1]])
     with pytest.raises(ValueError, match=r"knots_y\[0\]: expected 2 values"):
         validation.knot_rows([[0.0, 1.0]], [[0.9]])
+
+
+# (max_detections_per_class, max_total_detections, class_agnostic) and the message, if refused.
+CAP_CASES = [
+    (None, 100, True, None),
+    (100, 100, True, None),  # the OD API's defaults with use_class_agnostic_nms
+    (300, 100, True, None),
+    (10, 100, True, "max_detections_per_class: class_agnostic NMS has no per-class cap"),
+    (None, 100, False, None),
+    (10, 100, False, None),
+    (300, 100, False, None),
+    (0, 100, False, "max_detections_per_class: expected an int >= 1, got 0"),
+    (2.5, 100, True, "max_detections_per_class: expected an int >= 1, got 2.5"),
+    (True, 100, False, "max_detections_per_class: expected an int >= 1, got True"),
+    (None, 0, True, "max_total_detections: expected an int >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("per_class, total, agnostic, message", CAP_CASES)
+def test_detection_caps_are_one_rule_for_config_record_layer_and_op(per_class, total, agnostic,
+                                                                    message):
+    from tfcal import ops
+    from tfcal.layers import CombinedNMS, PostProcessor
+    from tfcal.postprocess import PostProcessConfig
+
+    entries = {
+        "validation": lambda: validation.detection_caps(per_class, total,
+                                                        class_agnostic=agnostic),
+        "PostProcessConfig": lambda: PostProcessConfig(
+            num_classes=2, class_agnostic=agnostic, max_detections_per_class=per_class,
+            max_total_detections=total),
+        "CombinedNMS": lambda: CombinedNMS(class_agnostic=agnostic,
+                                           max_detections_per_class=per_class,
+                                           max_total_detections=total),
+        "NmsOptions": lambda: ops.NmsOptions(class_agnostic=agnostic,
+                                             max_detections_per_class=per_class,
+                                             max_total_detections=total),
+    }
+    for where, build in entries.items():
+        if message is None:
+            build()
+        else:
+            with pytest.raises(ValueError, match=message):
+                build()
+    if message is None:
+        # What the record accepts, the serving layer built from it accepts, and it round-trips.
+        cfg = PostProcessConfig(num_classes=2, class_agnostic=agnostic,
+                                max_detections_per_class=per_class, max_total_detections=total)
+        assert PostProcessConfig.from_json(cfg.to_json()) == cfg
+        assert PostProcessor(cfg).nms.max_detections_per_class == per_class

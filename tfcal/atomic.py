@@ -19,6 +19,8 @@ import socket
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
+from tfcal import TfcalError
+
 logger = logging.getLogger(__name__)
 
 
@@ -92,6 +94,23 @@ def write_with(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flushes the file `path` (written by other means, e.g. a memory map) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flushes the directory `path` (its entries: files created or renamed in it) to disk; best
+    effort: directories can be fsynced on POSIX only."""
+    if os.name == "posix":
+        with contextlib.suppress(OSError):
+            fsync_file(path)
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -257,8 +276,6 @@ def check_room(folder: str | Path, need_bytes: int, what: str) -> None:
     Raises:
       TfcalError: naming `what` and the folder: not a folder, not writable, or too little room.
     """
-    from tfcal import TfcalError
-
     folder = Path(folder)
     place = folder
     while not place.exists() and place != place.parent:

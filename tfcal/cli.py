@@ -15,6 +15,13 @@ import sys
 import warnings
 from pathlib import Path
 
+from tfcal import TfcalError, TfcalWarning
+from tfcal import config as config_lib
+from tfcal.atomic import disk_error
+from tfcal.coco import evaluation
+from tfcal.raw import convert_raw_outputs
+from tfcal.tuning import report as report_lib
+
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 _EPILOG = "Exit codes: 0 ok, 1 a check failed (drift), 2 bad input or usage, 3 internal error."
@@ -35,8 +42,6 @@ def _add_runner(p: argparse.ArgumentParser) -> None:
 def _with_runner(cfg, args):
     """`cfg` with the command line's --runner and Beam flags (they win over the config)."""
     import dataclasses
-
-    from tfcal import TfcalError
 
     runner = cfg.runner
     if args.runner is not None:
@@ -167,46 +172,42 @@ def _import_tensorflow_quietly() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # Imports are here so that `--help` answers at once.
-    from tfcal import config as config_lib
-
+    # Each command's module is imported when it runs, after TensorFlow was imported quietly
+    # (`main`): tuning, drift and the demo load TensorFlow.
     if args.command == "tune":
         cfg = _with_runner(config_lib.load_config(args.config), args)
-        from tfcal.tuning import pipeline
+        from tfcal.tuning import pipeline  # TensorFlow
         result = pipeline.run_tune(cfg, export=not args.no_export)
         print(result.summary())
         return EXIT_OK
     if args.command == "export":
         cfg = config_lib.load_config(args.config)
-        from tfcal.tuning import pipeline
+        from tfcal.tuning import pipeline  # TensorFlow
         result = pipeline.run_export(cfg, version=args.version, overwrite=args.overwrite,
                                      postprocess_only=args.postprocess_only)
         print(result.summary())
         return EXIT_OK
     if args.command == "evaluate":
-        from tfcal.coco import evaluation
         result = evaluation.run_evaluate(args.annotations, args.detections,
                                          match_iou=args.match_iou, out=args.out)
         print(result.summary())
         return EXIT_OK
     if args.command == "report":
-        from tfcal.tuning import report
-        path = report.render_report(args.report)
+        path = report_lib.render_report(args.report)
         print(f"report: {path}")
         return EXIT_OK
     if args.command == "drift":
         cfg = _with_runner(config_lib.load_config(args.config), args)
-        from tfcal.tuning import drift
+        from tfcal.tuning import drift  # TensorFlow
         result = drift.run_drift(cfg, args.annotations, args.images,
                                  raw_outputs=args.raw_outputs, out=args.out)
         print(result.summary())
         return EXIT_OK if result.ok else EXIT_CHECK_FAILED
     if args.command == "convert-raw-outputs":
-        from tfcal.coco.cache import convert_raw_outputs
         print(f"raw outputs: {convert_raw_outputs(args.npz, args.out)}")
         return EXIT_OK
     if args.command == "demo":
-        from tfcal.demo.run import run_demo
+        from tfcal.demo.run import run_demo  # TensorFlow
         result = run_demo(args.out, num_images=args.num_images)
         print(result.summary())
         return EXIT_OK
@@ -215,8 +216,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """tfcal's own warnings as one line for the user (the source location is for --debug)."""
-    from tfcal import TfcalWarning
-
     if issubclass(category, TfcalWarning):
         print(f"tfcal: warning: {message}", file=file or sys.stderr)
     else:
@@ -245,8 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("tfcal").setLevel(logging.DEBUG if args.debug else logging.INFO)
     for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "PIL", "apache_beam"):
         logging.getLogger(noisy).setLevel(logging.WARNING if args.debug else logging.ERROR)
-    from tfcal import TfcalError
-
     try:
         if args.command not in ("report", "evaluate", "convert-raw-outputs") and not args.debug:
             _import_tensorflow_quietly()
@@ -260,8 +257,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tfcal: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as err:
-        from tfcal.atomic import disk_error
-
         reason = disk_error(err)
         if args.debug or not reason:
             if args.debug:

@@ -21,17 +21,12 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from tfcal import TfcalError
+from tfcal import TfcalError, validation
+from tfcal.detectors.yolo import BoxUnits, Layout, PixelRange, Resize, read_labels, resolve_layout
+from tfcal.vocabulary import BoxFormat, DetectorFormat, ScoreConverter
 from tfcal.tuning.objective_kinds import KINDS, check_fields
 
-ScoreConverter = Literal["sigmoid", "softmax", "identity"]
-BoxFormat = Literal["yxyx", "xyxy", "cxcywh"]  # tfcal.coco.boxes.BOX_FORMATS
-ModelFormat = Literal["odapi", "yolo", "keras"]
 YoloPreset = Literal["yolov8", "yolo11", "yolov5"]
-YoloLayout = Literal["boxes_first", "boxes_last", "objectness"]
-BoxUnits = Literal["normalized", "pixels"]
-ResizeMode = Literal["letterbox", "stretch"]
-PixelRange = Literal["unit", "byte"]
 OnUnknownLabel = Literal["error", "disable"]
 ExtraOutput = Literal["detection_multiclass_scores", "detection_anchor_indices"]
 ServedInputType = Literal["image_tensor", "float_image_tensor", "encoded_image_string_tensor",
@@ -51,10 +46,6 @@ def _check(predicate, message):
     return {"check": (predicate, message)}
 
 
-def _unit_open(v):
-    return 0.0 < v <= 1.0
-
-
 def _unit_closed(v):
     return 0.0 <= v <= 1.0
 
@@ -70,13 +61,9 @@ def _calibration_method(v):
 
 
 def _calibration_methods_message():
-    from tfcal import calibration
+    from tfcal import calibration  # TensorFlow: only when a message names the methods
 
     return "must be one of " + " | ".join(calibration.names())
-
-
-def _resolved_path(v):
-    return v is None or isinstance(v, Path)
 
 
 def _size(v):
@@ -89,9 +76,9 @@ class YoloConfig:
     preset."""
 
     preset: YoloPreset | None = None
-    layout: YoloLayout | None = None  # boxes_first [B,4+K,N] | boxes_last [B,N,4+K] | objectness
+    layout: Layout | None = None  # boxes_first [B,4+K,N] | boxes_last [B,N,4+K] | objectness
     box_units: BoxUnits | None = None  # centre-size boxes normalized to the input, or its pixels
-    resize: ResizeMode | None = None  # default letterbox
+    resize: Resize | None = None  # default letterbox
     pixel_range: PixelRange | None = None  # network input values: unit [0, 1] (default) | byte
     input_size: tuple[int, ...] | None = dataclasses.field(
         default=None, metadata=_check(_size, "must be [height, width], both > 0"))
@@ -123,7 +110,7 @@ FORMAT_SCORE_DEFAULTS: dict[str, dict[str, Any]] = {
 class ModelConfig:
     """The detector and how to read its raw (pre-NMS) outputs."""
 
-    format: ModelFormat = "odapi"
+    format: DetectorFormat = "odapi"
     saved_model: Path | None = None
     path: Path | None = None  # format yolo / keras: the .tflite / .keras file or SavedModel folder
     raw_outputs: Path | None = None  # precomputed npz instead of a model (see README)
@@ -134,7 +121,7 @@ class ModelConfig:
     box_format: BoxFormat = "yxyx"  # normalized layout of raw boxes, converted at load
     score_converter: ScoreConverter = "sigmoid"
     background_column: bool = True
-    label_offset: int = dataclasses.field(default=1, metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    label_offset: int = 1  # >= 0 (tfcal.validation.label_offset)
     category_columns: dict[str, int] | None = None  # explicit {category id or name: column}
     batch_size: int = dataclasses.field(default=8, metadata=_check(_positive, "must be > 0"))
     cache_dir: Path | None = None  # default: <output.dir>/cache
@@ -208,21 +195,18 @@ class TuningConfig:
     match_iou: float = dataclasses.field(
         default=0.5, metadata=_check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"))
     nms_iou_grid: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)
-    default_nms_iou: float | None = dataclasses.field(
-        default=None, metadata=_check(_unit_open, "must be in (0, 1]"))
+    default_nms_iou: float | None = None
     # OD API soft_nms_sigma: > 0 runs Gaussian soft-NMS, in the search's candidates and in the
     # served graph alike (the NMS IoU then has no effect, as in TF); 0: hard NMS.
-    soft_nms_sigma: float = dataclasses.field(
-        default=0.0, metadata=_check(lambda v: v >= 0.0, "must be >= 0"))
+    soft_nms_sigma: float = 0.0
     # OD API clip_window [ymin, xmin, ymax, xmax] (normalized): boxes are clipped to it after NMS
     # and zero-area ones dropped, in the search and the served graph; change_coordinate_frame
     # makes the served boxes relative to the window (the tuner matches them in image frame).
     clip_window: tuple[float, ...] | None = None
     change_coordinate_frame: bool = False
-    max_detections_per_class: int = dataclasses.field(
-        default=100, metadata=_check(_positive, "must be > 0"))
-    max_total_detections: int = dataclasses.field(
-        default=100, metadata=_check(_positive, "must be > 0"))
+    # The numbers the served NMS takes too are checked by `tfcal.validation`, as there.
+    max_detections_per_class: int = 100
+    max_total_detections: int = 100
     min_support: int = dataclasses.field(default=10, metadata=_check(_positive, "must be > 0"))
     min_candidate_thresh: float = dataclasses.field(
         default=0.001, metadata=_check(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"))
@@ -426,22 +410,11 @@ def _cross_checks(cfg: Config, fail) -> None:
     if m.box_format != "yxyx" and m.detector_path is not None:
         fail("model.box_format", "must be yxyx with a detector model (its adapter gives "
              "[ymin, xmin, ymax, xmax]); other layouts are for model.raw_outputs", m.box_format)
-    if not t.nms_iou_grid:
-        fail("tuning.nms_iou_grid", "must list at least one IoU")
-    for i, v in enumerate(t.nms_iou_grid):
-        if not 0.0 < v <= 1.0:
-            fail(f"tuning.nms_iou_grid[{i}]", "must be in (0, 1]", v)
+    _check_shared_numbers(cfg, fail)
     if len(set(t.nms_iou_grid)) != len(t.nms_iou_grid):
         fail("tuning.nms_iou_grid", "must not repeat a value", list(t.nms_iou_grid))
     if t.default_nms_iou is not None and t.default_nms_iou not in t.nms_iou_grid:
         fail("tuning.default_nms_iou", "must be one of tuning.nms_iou_grid", t.default_nms_iou)
-    if t.clip_window is not None and (len(t.clip_window) != 4 or not (
-            t.clip_window[0] < t.clip_window[2] and t.clip_window[1] < t.clip_window[3])):
-        fail("tuning.clip_window", "must be [ymin, xmin, ymax, xmax] with ymin < ymax and "
-             "xmin < xmax", list(t.clip_window))
-    if t.change_coordinate_frame and t.clip_window is None:
-        fail("tuning.change_coordinate_frame", "needs tuning.clip_window (the frame to change "
-             "to)", True)
     if t.max_detections_per_class > t.max_total_detections:
         fail("tuning.max_detections_per_class", "must be <= tuning.max_total_detections",
              t.max_detections_per_class)
@@ -489,6 +462,33 @@ def _cross_checks(cfg: Config, fail) -> None:
         fail("data.subgroups", "must not repeat a field", list(cfg.data.subgroups))
 
 
+def _check_shared_numbers(cfg: Config, fail) -> None:
+    """The numbers the served post-processing takes too (IoU, sigma, window, caps, label offset),
+    by the checks `PostProcessConfig`, `tfcal.ops.NmsOptions` and the layers run
+    (`tfcal.validation`), so a value is accepted or refused alike on both sides."""
+    m, t = cfg.model, cfg.tuning
+    checks = [
+        ("tuning", lambda: validation.iou_thresholds("nms_iou_grid", list(t.nms_iou_grid),
+                                                     allow_zero=False)),
+        ("tuning", lambda: t.default_nms_iou is None or validation.iou_thresholds(
+            "default_nms_iou", t.default_nms_iou, scalar_ok=True, allow_zero=False)),
+        ("tuning", lambda: validation.soft_nms_sigmas("soft_nms_sigma", t.soft_nms_sigma,
+                                                      scalar_ok=True)),
+        ("tuning", lambda: t.clip_window is None or validation.clip_window(
+            "clip_window", list(t.clip_window))),
+        ("tuning", lambda: validation.window_frame(t.change_coordinate_frame, t.clip_window)),
+        ("tuning", lambda: validation.detection_caps(t.max_detections_per_class,
+                                                     t.max_total_detections)),
+        ("model", lambda: validation.label_offset("label_offset", m.label_offset)),
+    ]
+    for section, check in checks:
+        try:
+            check()
+        except ValueError as err:
+            field, _, message = str(err).partition(": ")
+            fail(f"{section}.{field}", message.replace("clip_window", "tuning.clip_window"))
+
+
 def _check_model_format(m: ModelConfig, fail) -> None:
     """The model keys each `model.format` takes, and a YOLO layout that resolves."""
     if m.format == "odapi":
@@ -515,15 +515,11 @@ def _check_model_format(m: ModelConfig, fail) -> None:
         if y.labels is not None and m.category_columns is not None:
             fail("model.yolo.labels", "give labels or model.category_columns, not both")
         if y.labels is not None:
-            from tfcal.detectors.yolo import read_labels
-
             try:
                 read_labels(y.labels)
             except TfcalError as err:
                 fail("model.yolo.labels", str(err))
         if m.path is not None:
-            from tfcal.detectors.yolo import resolve_layout
-
             try:
                 resolve_layout(m.path, preset=y.preset, layout=y.layout, box_units=y.box_units,
                                resize=y.resize, pixel_range=y.pixel_range,

@@ -15,20 +15,17 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 from tfcal import TfcalError, atomic, validation
 from tfcal.rundir import DETECTOR_FILE, POSTPROCESS_FILE
-from tfcal.coco.cache import model_fingerprint
-from tfcal.ops import SCORE_CONVERTERS
+from tfcal.raw.fingerprint import model_fingerprint
+from tfcal.vocabulary import (DETECTOR_FORMATS, HEAD_BOX_FORMATS, SCORE_CONVERTERS,
+                              DetectorFormat, HeadBoxFormat, ScoreConverter)
 
-__all__ = ["BOX_FORMATS", "DETECTOR_FORMATS", "DETECTOR_FILE", "POSTPROCESS_FILE",
+__all__ = ["DETECTOR_FILE", "POSTPROCESS_FILE",
            "DetectorDescription", "check_detector", "check_fingerprint"]
 
-BoxFormat = Literal["yxyx_normalized", "cxcywh_normalized", "cxcywh_pixels"]
-BOX_FORMATS: tuple[str, ...] = ("yxyx_normalized", "cxcywh_normalized", "cxcywh_pixels")
-DetectorFormat = Literal["odapi", "yolo", "keras"]
-DETECTOR_FORMATS: tuple[str, ...] = ("odapi", "yolo", "keras")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +45,8 @@ class DetectorDescription:
         ymax, xmax]` in `[0, 1]`, OD API), ``cxcywh_normalized`` or ``cxcywh_pixels`` (YOLO
         centre-size, normalized to or in pixels of the network input). The adapter always
         hands the tuner and the exported graph ``yxyx_normalized`` boxes of the original image.
-      score_converter: how raw scores become probabilities, one of `ops.SCORE_CONVERTERS`.
+      score_converter: how raw scores become probabilities, one of `SCORE_CONVERTERS`
+        (`tfcal.vocabulary`).
       background_column: True when score column 0 is background.
       label_offset: class id = class column + `label_offset` (>= 0).
       category_ids: the category id of each class column (-1: no category), `[K]`.
@@ -68,8 +66,8 @@ class DetectorDescription:
     input_dtype: str | None = None
     raw_boxes: str = "raw_detection_boxes"
     raw_scores: str = "raw_detection_scores"
-    box_format: BoxFormat = "yxyx_normalized"
-    score_converter: str = "sigmoid"
+    box_format: HeadBoxFormat = "yxyx_normalized"
+    score_converter: ScoreConverter = "sigmoid"
     background_column: bool = True
     label_offset: int = 1
     category_ids: tuple[int, ...] = ()
@@ -83,7 +81,7 @@ class DetectorDescription:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name}: must be a non-empty string, got {value!r}")
-        validation.choice("box_format", self.box_format, BOX_FORMATS)
+        validation.choice("box_format", self.box_format, HEAD_BOX_FORMATS)
         validation.choice("format", self.format, DETECTOR_FORMATS)
         if not isinstance(self.layout, Mapping):
             raise ValueError(f"layout: must be a mapping, got {self.layout!r}")
@@ -133,7 +131,7 @@ class DetectorDescription:
     def fingerprint(self) -> str | None:
         """The fingerprint of the model on disk and the keys (None: no model there).
 
-        OD API: `tfcal.coco.cache.model_fingerprint` of the SavedModel and its signature keys.
+        OD API: `tfcal.raw.fingerprint.model_fingerprint` of the SavedModel and its signature keys.
         Other formats: of the SavedModel folder or the model file's bytes, with the format and
         its layout keys (what the raw outputs depend on)."""
         if self.saved_model is None:

@@ -37,15 +37,18 @@ Threshold and NMS conventions (stated once, relied on by the layers and the tune
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import NamedTuple
+
 import numpy as np
 import tensorflow as tf
 
 from tfcal import validation
+from tfcal.vocabulary import SCORE_CONVERTERS
 
 EPS = 1e-7
 """Probability clip before taking logits (float32-safe; `tfcal.calibration` uses this value)."""
-
-SCORE_CONVERTERS = ("sigmoid", "softmax", "identity")
 
 SKIP_EMPTY_CLASSES_MAX_BOXES = 512
 """`combined_nms` sends only the class columns with a candidate to the op when at most this many
@@ -56,6 +59,7 @@ _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 __all__ = [
     "EPS",
     "SCORE_CONVERTERS",
+    "NmsOptions",
     "apply_class_thresholds",
     "box_iou",
     "change_box_frame",
@@ -249,18 +253,14 @@ def iou_groups(iou_threshold, num_classes: int) -> list[tuple[float, list[int]]]
       `[(iou, columns), ...]` sorted by IoU; `columns` ascending. One group when all are equal.
 
     Raises:
-      ValueError: wrong length or a value outside [0, 1].
+      ValueError: wrong length or a value outside [0, 1] (`tfcal.validation.iou_thresholds`).
     """
-    values = np.atleast_1d(np.asarray(iou_threshold, dtype=np.float64))
-    if values.ndim != 1 or values.size not in (1, num_classes):
-        raise ValueError(f"iou_threshold: expected a scalar or {num_classes} values, "
-                         f"got {np.asarray(iou_threshold).tolist()}")
-    if not np.all((values >= 0) & (values <= 1)):
-        raise ValueError(f"iou_threshold: each value must be in [0, 1], got {values.tolist()}")
-    if values.size == 1:
-        return [(float(values[0]), list(range(num_classes)))]
+    values = validation.iou_thresholds("iou_threshold", _as_list(iou_threshold),
+                                       lengths=(1, num_classes), scalar_ok=True)
+    if len(values) == 1:
+        return [(values[0], list(range(num_classes)))]
     groups: dict[float, list[int]] = {}
-    for k, v in enumerate(values.astype(np.float32).tolist()):
+    for k, v in enumerate(np.asarray(values, np.float32).tolist()):
         groups.setdefault(v, []).append(k)
     return sorted(groups.items())
 
@@ -278,21 +278,114 @@ def nms_groups(iou_threshold, soft_nms_sigma, num_classes: int
       `[(iou, sigma, columns), ...]` sorted by (sigma, iou); `columns` ascending.
 
     Raises:
-      ValueError: wrong length or a value out of range.
+      ValueError: wrong length or a value out of range (`tfcal.validation`).
     """
-    sigmas = np.atleast_1d(np.asarray(soft_nms_sigma, dtype=np.float64))
-    if sigmas.ndim != 1 or sigmas.size not in (1, num_classes):
-        raise ValueError(f"soft_nms_sigma: expected a scalar or {num_classes} values, "
-                         f"got {np.asarray(soft_nms_sigma).tolist()}")
-    if not np.all(np.isfinite(sigmas) & (sigmas >= 0)):
-        raise ValueError(f"soft_nms_sigma: each value must be finite and >= 0, got "
-                         f"{sigmas.tolist()}")
-    sigmas = np.broadcast_to(sigmas.astype(np.float32), [num_classes])
+    sigmas = validation.soft_nms_sigmas("soft_nms_sigma", _as_list(soft_nms_sigma),
+                                        lengths=(1, num_classes), scalar_ok=True)
+    sigmas = np.broadcast_to(np.asarray(sigmas, np.float32), [num_classes])
     groups: dict[tuple[float, float], list[int]] = {}
     for iou, columns in iou_groups(iou_threshold, num_classes):
         for k in columns:
             groups.setdefault((float(sigmas[k]), iou), []).append(k)
     return [(iou, sigma, sorted(cols)) for (sigma, iou), cols in sorted(groups.items())]
+
+
+def _as_list(value):
+    """A NumPy array or scalar as plain Python values (the validators take sequences)."""
+    return np.asarray(value).tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class NmsOptions:
+    """What `combined_nms` does: IoU, soft-NMS, caps, box clipping and class ids (one record).
+
+    Validated once, on construction, by `tfcal.validation` (the checks `PostProcessConfig` and
+    the tuning config run too); tuples are stored, so a record is hashable and can key a cache of
+    traced functions.
+
+    Attributes:
+      iou_threshold: 1 or K floats in [0, 1] (a float is read as one), default 0.5: a box is
+        suppressed by a higher-scored box of its class iff their IoU > the class's threshold.
+      soft_nms_sigma: 1 or K floats >= 0, default 0.0 (hard NMS): the classes with a sigma > 0
+        run Gaussian soft-NMS (see the module docstring; their IoU threshold has no effect) and
+        emit decayed scores. Classes sharing (IoU, sigma) form one group.
+      max_detections_per_class: int >= 1, detections kept per class and image; default None:
+        no cap below `max_total_detections`. With `class_agnostic`: None or >=
+        `max_total_detections` (one NMS over all classes has no per-class cap; see
+        `tfcal.validation.detection_caps`).
+      max_total_detections: int >= 1, default 100: rows of the output (M).
+      class_agnostic: one NMS over all classes: each box keeps only its best class score (and,
+        for per-class boxes, that class's box); needs a single IoU and sigma.
+      clip_boxes: clip the output boxes to [0, 1]; NMS itself uses the boxes as given (as
+        `tf.image.combined_non_max_suppression` does).
+      clip_window: None or 4 floats `[ymin, xmin, ymax, xmax]` (ymin < ymax, xmin < xmax), or a
+        float32 `[4]` tensor, as the OD API's `clip_window`: after per-class NMS (which sees the
+        boxes as given), every detection's box is clipped to the window and detections whose
+        clipped box has zero area are dropped before the `max_total_detections` cut (as the OD
+        API's `multiclass_non_max_suppression` does).
+      change_coordinate_frame: with `clip_window`, re-express the clipped boxes in the window's
+        frame: `(box - [ymin, xmin, ymin, xmin]) / [h, w, h, w]` (OD API semantics).
+      label_offset: int >= 0, default 1: output class id = column + `label_offset` (OD API
+        ids), when no `class_ids` are given to `combined_nms`.
+    """
+
+    iou_threshold: float | tuple[float, ...] = 0.5
+    soft_nms_sigma: float | tuple[float, ...] = 0.0
+    max_detections_per_class: int | None = None
+    max_total_detections: int = 100
+    class_agnostic: bool = False
+    clip_boxes: bool = False
+    clip_window: tuple[float, ...] | tf.Tensor | None = None
+    change_coordinate_frame: bool = False
+    label_offset: int = 1
+
+    def __post_init__(self):
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        agnostic = validation.boolean("class_agnostic", self.class_agnostic)
+        put("class_agnostic", agnostic)
+        put("iou_threshold", validation.iou_thresholds("iou_threshold", self.iou_threshold,
+                                                       scalar_ok=True))
+        put("soft_nms_sigma", validation.soft_nms_sigmas("soft_nms_sigma", self.soft_nms_sigma,
+                                                         scalar_ok=True))
+        for name in ("iou_threshold", "soft_nms_sigma"):
+            validation.one_value_when_agnostic(name, getattr(self, name), agnostic)
+        ious, sigmas = len(self.iou_threshold), len(self.soft_nms_sigma)
+        if ious > 1 and sigmas > 1 and ious != sigmas:
+            raise ValueError(f"soft_nms_sigma: {sigmas} values but iou_threshold has {ious}")
+        per_class, total = validation.detection_caps(
+            self.max_detections_per_class, self.max_total_detections, class_agnostic=agnostic)
+        put("max_detections_per_class", per_class)
+        put("max_total_detections", total)
+        put("clip_boxes", validation.boolean("clip_boxes", self.clip_boxes))
+        window = self.clip_window
+        if window is not None and not isinstance(window, (tf.Tensor, tf.Variable)):
+            window = None if len(window) == 0 else validation.clip_window("clip_window", window)
+        put("clip_window", window)
+        put("change_coordinate_frame", validation.window_frame(self.change_coordinate_frame,
+                                                               window))
+        put("label_offset", validation.label_offset("label_offset", self.label_offset))
+
+    @property
+    def per_class_cap(self) -> int:
+        """The per-class cap in effect: `max_detections_per_class`, or the total without one."""
+        return self.max_detections_per_class or self.max_total_detections
+
+    def groups(self, num_classes: int) -> list[tuple[float, float, list[int]]]:
+        """`nms_groups` of this record for K class columns (checks the lengths against K)."""
+        return nms_groups(self.iou_threshold, self.soft_nms_sigma, num_classes)
+
+
+class _Found(NamedTuple):
+    """Detections of one NMS stage: float32 boxes `[B, R, 4]`, scores `[B, R]`, class columns
+    `[B, R]` (float32 or int32) and int32 counts `[B]`; rows at or beyond the count are
+    padding."""
+
+    boxes: tf.Tensor
+    scores: tf.Tensor
+    columns: tf.Tensor
+    num: tf.Tensor
 
 
 def _pad_rows(boxes, scores, classes, num, max_total):
@@ -304,47 +397,129 @@ def _pad_rows(boxes, scores, classes, num, max_total):
     return boxes, scores, classes
 
 
-def _agnostic_nms(boxes, scores, *, iou, max_total, threshold, clip_boxes, sigma=0.0,
-                  min_score_thresh=None):
-    """Class-agnostic NMS: each box competes once with its best class score; `max_total` rows
+def _agnostic_nms(boxes, scores, options: NmsOptions, *, rows, threshold, clip_boxes,
+                  min_score_thresh=None) -> _Found:
+    """Class-agnostic NMS: each box competes once with its best class score; `rows` rows
     (a Python int or a scalar tensor)."""
+    iou, sigma = options.iou_threshold[0], options.soft_nms_sigma[0]
+    best = tf.argmax(scores, axis=-1, output_type=tf.int32)
     if boxes.shape.rank == 4:
-        best = tf.argmax(scores, axis=-1, output_type=tf.int32)
         boxes = tf.gather(boxes, best, axis=2, batch_dims=2)
-    else:
-        best = tf.argmax(scores, axis=-1, output_type=tf.int32)
     best_scores = tf.reduce_max(scores, axis=-1)
 
     def one_image(args):
         b, s, c = args
         idx, sel_scores, n = tf.raw_ops.NonMaxSuppressionV5(
-            boxes=b, scores=s, max_output_size=max_total, iou_threshold=iou,
+            boxes=b, scores=s, max_output_size=rows, iou_threshold=iou,
             score_threshold=threshold, soft_nms_sigma=sigma, pad_to_max_output_size=True)
+        # A zero box (class 0) after the last keeps the padding index 0 valid with no boxes.
+        b = tf.concat([b, tf.zeros([1, 4], b.dtype)], 0)
+        c = tf.concat([c, tf.zeros([1], c.dtype)], 0)
         return tf.gather(b, idx), sel_scores, tf.cast(tf.gather(c, idx), tf.float32), n
 
-    out_boxes, out_scores, out_classes, num = tf.map_fn(
+    static_rows = tf.get_static_value(rows)
+    found = _Found(*tf.map_fn(
         one_image, (boxes, best_scores, best),
-        fn_output_signature=(tf.TensorSpec([tf.get_static_value(max_total), 4], tf.float32),
-                             tf.TensorSpec([tf.get_static_value(max_total)], tf.float32),
-                             tf.TensorSpec([tf.get_static_value(max_total)], tf.float32),
-                             tf.TensorSpec([], tf.int32)))
+        fn_output_signature=(tf.TensorSpec([static_rows, 4], tf.float32),
+                             tf.TensorSpec([static_rows], tf.float32),
+                             tf.TensorSpec([static_rows], tf.float32),
+                             tf.TensorSpec([], tf.int32))))
     if sigma > 0 and min_score_thresh is not None:
         # Decayed scores must still reach their class's threshold.
-        valid = tf.range(max_total)[None, :] < num[:, None]
+        valid = tf.range(rows)[None, :] < found.num[:, None]
         thresh = _broadcast_thresholds(min_score_thresh, scores.shape[-1])
-        valid &= out_scores >= tf.gather(thresh, tf.cast(out_classes, tf.int32))
-        out_boxes, out_scores, out_classes, num = _compact(out_boxes, out_scores, out_classes,
-                                                           valid, max_total)
+        valid &= found.scores >= tf.gather(thresh, tf.cast(found.columns, tf.int32))
+        found = _Found(*_compact(found.boxes, found.scores, found.columns, valid, rows))
     if clip_boxes:
-        out_boxes = tf.clip_by_value(out_boxes, 0.0, 1.0)
-    return out_boxes, out_scores, out_classes, num
+        found = found._replace(boxes=tf.clip_by_value(found.boxes, 0.0, 1.0))
+    return found
 
 
-def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: int | None = None,
-                 max_total_detections: int = 100, score_threshold=0.0, clip_boxes: bool = False,
-                 class_agnostic: bool = False, label_offset: int = 1,
-                 class_ids=None, soft_nms_sigma=0.0, min_score_thresh=None,
-                 clip_window=None, change_coordinate_frame: bool = False,
+def _per_class_nms(boxes, scores, groups, options: NmsOptions, *, rows, threshold, clip_boxes,
+                   min_score_thresh=None) -> _Found:
+    """Per-class NMS: one combined NMS per hard-NMS IoU group, one loop of
+    `NonMaxSuppressionV5` for the soft-NMS columns, merged by score (see `combined_nms`)."""
+    num_classes = scores.shape[-1]
+    if boxes.shape.rank == 3:
+        boxes = boxes[:, :, None, :]
+    active = tf.reduce_any(scores > threshold, axis=[0, 1])  # [K]
+    few_boxes = tf.shape(scores)[1] <= SKIP_EMPTY_CLASSES_MAX_BOXES
+    per_group = []
+    # Soft-NMS columns run in one loop of NonMaxSuppressionV5, each with its own IoU and
+    # sigma; the others by IoU group in combined NMS.
+    column_iou = np.zeros(num_classes, np.float32)
+    column_sigma = np.zeros(num_classes, np.float32)
+    looped = []
+    for iou, sigma, columns in groups:
+        column_iou[columns], column_sigma[columns] = iou, sigma
+        if sigma > 0:
+            looped += columns
+    if looped:
+        looped_boxes, looped_scores, picked = _group_columns(boxes, scores, sorted(looped),
+                                                             active, few_boxes)
+        per_group.append(_soft_nms_group(
+            looped_boxes, looped_scores, picked, column_iou=column_iou,
+            column_sigma=column_sigma, per_class=options.per_class_cap, max_total=rows,
+            threshold=threshold, clip_boxes=clip_boxes, min_score_thresh=min_score_thresh,
+            num_classes=num_classes))
+    for iou, sigma, columns in groups:
+        if sigma > 0:
+            continue
+        group_boxes, group_scores, picked = _group_columns(boxes, scores, columns, active,
+                                                           few_boxes)
+        # No class can keep more boxes than it has above the threshold, so capping the op's
+        # per-class output at the largest such count changes no detection.
+        most = tf.reduce_max(tf.reduce_sum(tf.cast(group_scores > threshold, tf.int32), axis=1))
+        per_class = tf.clip_by_value(most, 1, options.per_class_cap)
+        r = tf.image.combined_non_max_suppression(
+            group_boxes, group_scores, max_output_size_per_class=per_class,
+            max_total_size=rows, iou_threshold=iou, score_threshold=threshold,
+            pad_per_class=False, clip_boxes=clip_boxes)
+        group_classes = tf.gather(picked, tf.cast(r.nmsed_classes, tf.int32))
+        per_group.append((r.nmsed_boxes, r.nmsed_scores, group_classes, r.valid_detections))
+    found = _Found(*(per_group[0] if len(per_group) == 1 else _merge_groups(per_group, rows)))
+    return found._replace(columns=tf.cast(found.columns, tf.float32))
+
+
+def _rows_before_window(boxes, scores, threshold, window, class_agnostic: bool, max_total):
+    """Rows to ask NMS for: `max_total`, plus (with a window) as many as there are candidate
+    (box, class) pairs whose box clips to zero area, since those are dropped before the cut."""
+    if window is None:
+        return max_total
+    outside = tf.logical_not(_nonzero_area(clip_to_window(boxes, window)))
+    if outside.shape.rank == 3 and class_agnostic:
+        outside = tf.reduce_any(outside, axis=-1)
+    if outside.shape.rank == 2 and not class_agnostic:
+        outside = outside[..., None]
+    passing = scores > threshold if not class_agnostic else \
+        tf.reduce_max(scores, axis=-1) > threshold
+    extra = tf.reduce_max(tf.reduce_sum(tf.cast(passing & outside, tf.int32),
+                                        axis=list(range(1, passing.shape.rank))))
+    return max_total + extra
+
+
+def _check_nms_inputs(boxes, scores) -> tuple[tf.Tensor, tf.Tensor]:
+    """float32 boxes `[B, N, 4]` or `[B, N, K, 4]` (a class axis of 1 is dropped) and scores
+    `[B, N, K]` with a static K; ValueError on shapes known to be wrong at trace time."""
+    boxes = tf.cast(tf.convert_to_tensor(boxes), tf.float32)
+    scores = tf.cast(tf.convert_to_tensor(scores), tf.float32)
+    if scores.shape.rank != 3:
+        raise ValueError(f"scores: expected [batch, num_boxes, num_classes], got {scores.shape}")
+    if boxes.shape.rank not in (3, 4) or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes: expected [batch, num_boxes, 4] or [batch, num_boxes, "
+                         f"num_classes, 4], got {boxes.shape}")
+    num_classes = scores.shape[-1]
+    if num_classes is None:
+        raise ValueError("scores: the class axis must have a static size")
+    if boxes.shape.rank == 4 and boxes.shape[2] not in (None, 1, num_classes):
+        raise ValueError(f"boxes: class axis {boxes.shape[2]} != scores class axis {num_classes}")
+    if boxes.shape.rank == 4 and boxes.shape[2] == 1:
+        boxes = boxes[:, :, 0, :]  # [batch, num_boxes, 1, 4]: shared by all classes
+    return boxes, scores
+
+
+def combined_nms(boxes, scores, options: NmsOptions | None = None, *, score_threshold=0.0,
+                 min_score_thresh=None, class_ids=None,
                  return_indices: bool = False) -> dict[str, tf.Tensor]:
     """Batched per-class NMS over `tf.image.combined_non_max_suppression`, with per-class IoU.
 
@@ -363,41 +538,25 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
     the last row at the `max_total_detections` cut: the op breaks such ties by an order that
     depends on the class columns it is given.
 
+    Stages: inputs checked (`_check_nms_inputs`) -> class thresholds and candidate boxes ->
+    class-agnostic or per-class NMS (`_agnostic_nms`, `_per_class_nms`) -> input indices, clip
+    window and frame, class ids and padding (`_finish`).
+
     Args:
       boxes: float `[batch, num_boxes, 4]` or `[batch, num_boxes, 1, 4]` (shared by all
         classes), or `[batch, num_boxes, num_classes, 4]`, as `[ymin, xmin, ymax, xmax]`.
       scores: float `[batch, num_boxes, num_classes]` class probabilities (no background).
-      iou_threshold: Python float or sequence of 1 or K floats in [0, 1]; a box is suppressed
-        by a higher-scored box of its class iff their IoU > the class's threshold.
-      max_detections_per_class: int >= 1, detections kept per class and image; default None:
-        `max_total_detections` (no cap below the total). Must be None when `class_agnostic`.
-      max_total_detections: int >= 1, rows of the output (M).
-      score_threshold: float scalar >= 0 (Python or tensor): detections need
+      options: the `NmsOptions` (IoU, soft-NMS sigma, caps, clipping, label offset); default
+        `NmsOptions()`.
+      score_threshold: float scalar in [0, 1] (Python or tensor): detections need
         `score >= score_threshold` and `score > 0`.
-      clip_boxes: clip the output boxes to [0, 1]; NMS itself uses the boxes as given (as
-        `tf.image.combined_non_max_suppression` does).
-      class_agnostic: one NMS over all classes: each box keeps only its best class score (and,
-        for per-class boxes, that class's box); needs a single IoU and no per-class cap.
-      label_offset: int; output class id = column + `label_offset` (1: OD API ids). Not used
-        when `class_ids` is given.
-      class_ids: optional float or int `[K]` (a constant, a variable or a tensor): the class id
-        of each column; the output class is `class_ids[column]`, gathered in the graph (ids up
-        to 2**24 are exact in float32).
-      soft_nms_sigma: Python float or sequence of 1 or K floats >= 0, default 0.0 (hard NMS):
-        the classes with a sigma > 0 run Gaussian soft-NMS (see the module docstring; their IoU
-        threshold has no effect), one `NonMaxSuppressionV5` per image and class column with a
-        candidate, and emit decayed scores. Classes sharing (IoU, sigma) form one group.
       min_score_thresh: optional float `[1]` or `[K]` (a tensor or variable): detections of
         column k need `score >= min_score_thresh[k]`, on the decayed score for soft-NMS. For
         hard NMS this equals zeroing the input scores below it first (as `ClassThresholds`
         does), which is what is done.
-      clip_window: optional 4 floats `[ymin, xmin, ymax, xmax]` (a sequence or a float32 `[4]`
-        tensor), as the OD API's `clip_window`: after per-class NMS (which sees the boxes as
-        given), every detection's box is clipped to the window and detections whose clipped box
-        has zero area are dropped before the `max_total_detections` cut (as the OD API's
-        `multiclass_non_max_suppression` does).
-      change_coordinate_frame: with `clip_window`, re-express the clipped boxes in the window's
-        frame: `(box - [ymin, xmin, ymin, xmin]) / [h, w, h, w]` (OD API semantics).
+      class_ids: optional float or int `[K]` (a constant, a variable or a tensor): the class id
+        of each column; the output class is `class_ids[column]`, gathered in the graph (ids up
+        to 2**24 are exact in float32). Default: column + `options.label_offset`.
       return_indices: also return `detection_indices`, int32 `[batch, M]`: the input box index
         of each detection (-1 for padding rows), to gather per-box outputs of the detector for
         the kept boxes (`gather_detections`). The NMS ops do not return indices, so each
@@ -408,126 +567,65 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
 
     Returns:
       dict (OD API names and conventions), rows sorted by descending score, rows at or beyond
-      `num_detections` all zero:
+      `num_detections` all zero, `M = options.max_total_detections`:
         `detection_boxes`: float32 `[batch, M, 4]`;
         `detection_scores`: float32 `[batch, M]`;
         `detection_classes`: float32 `[batch, M]`, `class_ids[column]` or column +
           `label_offset`;
         `num_detections`: float32 `[batch]`.
+      With no class column (K = 0) every output is padding, as TF's op gives.
 
     Raises:
       ValueError: bad arguments or shapes known at trace time.
+
+    Example:
+      >>> out = combined_nms(boxes, scores, NmsOptions(iou_threshold=(0.5, 0.6, 0.5),
+      ...                                              max_total_detections=100),
+      ...                    score_threshold=0.3)
     """
-    boxes = tf.convert_to_tensor(boxes)
-    scores = tf.convert_to_tensor(scores)
-    boxes = tf.cast(boxes, tf.float32)
-    scores = tf.cast(scores, tf.float32)
-    if scores.shape.rank != 3:
-        raise ValueError(f"scores: expected [batch, num_boxes, num_classes], got {scores.shape}")
-    if boxes.shape.rank not in (3, 4) or boxes.shape[-1] != 4:
-        raise ValueError(f"boxes: expected [batch, num_boxes, 4] or [batch, num_boxes, "
-                         f"num_classes, 4], got {boxes.shape}")
-    num_classes = scores.shape[-1]
-    if num_classes is None:
-        raise ValueError("scores: the class axis must have a static size")
-    if boxes.shape.rank == 4 and boxes.shape[2] not in (None, 1, num_classes):
-        raise ValueError(f"boxes: class axis {boxes.shape[2]} != scores class axis {num_classes}")
-    max_total = validation.integer("max_total_detections", max_total_detections, minimum=1)
-    if class_agnostic and max_detections_per_class is not None:
-        raise ValueError(f"max_detections_per_class: not used by class_agnostic NMS (one NMS "
-                         f"over all classes); leave it None, got {max_detections_per_class!r}")
-    per_class_cap = max_total if max_detections_per_class is None else validation.integer(
-        "max_detections_per_class", max_detections_per_class, minimum=1)
-    if isinstance(score_threshold, (int, float)) and not 0.0 <= score_threshold <= 1.0:
-        raise ValueError(f"score_threshold: expected a value in [0, 1], got {score_threshold!r}")
-    if boxes.shape.rank == 4 and boxes.shape[2] == 1:
-        boxes = boxes[:, :, 0, :]  # [batch, num_boxes, 1, 4]: shared by all classes
-    groups = nms_groups(iou_threshold, soft_nms_sigma, num_classes)
+    options = NmsOptions() if options is None else options
+    if not isinstance(options, NmsOptions):
+        raise TypeError(f"options: expected an NmsOptions, got {type(options).__name__}")
+    boxes, scores = _check_nms_inputs(boxes, scores)
+    max_total = options.max_total_detections
+    if isinstance(score_threshold, (int, float)):
+        validation.score_thresholds("score_threshold", score_threshold, lengths=(1,),
+                                    scalar_ok=True)
+    if scores.shape[-1] == 0:
+        # No class column, so nothing to emit (an empty batch, as TF's op returns it).
+        return _no_detections(tf.shape(scores)[0], max_total, return_indices)
+    groups = options.groups(scores.shape[-1])
     threshold = strict_score_threshold(score_threshold)
-    if class_agnostic and len(groups) != 1:
-        raise ValueError(f"iou_threshold, soft_nms_sigma: class_agnostic NMS needs a single IoU "
-                         f"and sigma, got {np.asarray(iou_threshold).tolist()}, "
-                         f"{np.asarray(soft_nms_sigma).tolist()}")
-    if change_coordinate_frame and clip_window is None:
-        raise ValueError("change_coordinate_frame: needs a clip_window (the frame to change to)")
-    window = None if clip_window is None else _check_window(clip_window)
+    window = None if options.clip_window is None else _window_tensor(options.clip_window)
     if min_score_thresh is not None:
         scores = apply_class_thresholds(scores, min_score_thresh)
-    in_boxes, in_scores = boxes, scores
-    # Box clipping to [0, 1] happens after the detections' input boxes are found.
-    op_clips = clip_boxes and not return_indices
+    given = (boxes, scores)
     # Only boxes with some class score above the threshold can be emitted.
     boxes, scores = select_passing_boxes(boxes, scores,
                                          tf.reduce_max(scores, axis=-1) > threshold)
-    rows = max_total
-    if window is not None:
-        # Detections whose clipped box has zero area are dropped before the total cut: ask NMS
-        # for as many more rows as there are candidate (box, class) pairs outside the window.
-        outside = tf.logical_not(_nonzero_area(clip_to_window(boxes, window)))
-        if outside.shape.rank == 3 and class_agnostic:
-            outside = tf.reduce_any(outside, axis=-1)
-        if outside.shape.rank == 2 and not class_agnostic:
-            outside = outside[..., None]
-        passing = scores > threshold if not class_agnostic else \
-            tf.reduce_max(scores, axis=-1) > threshold
-        extra = tf.reduce_max(tf.reduce_sum(tf.cast(passing & outside, tf.int32),
-                                            axis=list(range(1, passing.shape.rank))))
-        rows = max_total + extra
-
-    if class_agnostic:
-        out_boxes, out_scores, out_classes, num = _agnostic_nms(
-            boxes, scores, iou=groups[0][0], max_total=rows, threshold=threshold,
-            clip_boxes=op_clips, sigma=groups[0][1], min_score_thresh=min_score_thresh)
-    else:
-        if boxes.shape.rank == 3:
-            boxes = boxes[:, :, None, :]
-        active = tf.reduce_any(scores > threshold, axis=[0, 1])  # [K]
-        few_boxes = tf.shape(scores)[1] <= SKIP_EMPTY_CLASSES_MAX_BOXES
-        per_group = []
-        # Soft-NMS columns run in one loop of NonMaxSuppressionV5, each with its own IoU and
-        # sigma; the others by IoU group in combined NMS.
-        column_iou = np.zeros(num_classes, np.float32)
-        column_sigma = np.zeros(num_classes, np.float32)
-        looped = []
-        for iou, sigma, columns in groups:
-            column_iou[columns], column_sigma[columns] = iou, sigma
-            if sigma > 0:
-                looped += columns
-        if looped:
-            looped_boxes, looped_scores, picked = _group_columns(boxes, scores, sorted(looped),
-                                                                 active, few_boxes)
-            per_group.append(_soft_nms_group(
-                looped_boxes, looped_scores, picked, column_iou=column_iou,
-                column_sigma=column_sigma, per_class=per_class_cap, max_total=rows,
-                threshold=threshold, clip_boxes=op_clips, min_score_thresh=min_score_thresh,
-                num_classes=num_classes))
-        for iou, sigma, columns in groups:
-            if sigma > 0:
-                continue
-            group_boxes, group_scores, picked = _group_columns(boxes, scores, columns, active,
-                                                               few_boxes)
-            # No class can keep more boxes than it has above the threshold, so capping the op's
-            # per-class output at the largest such count changes no detection.
-            most = tf.reduce_max(tf.reduce_sum(tf.cast(group_scores > threshold, tf.int32),
-                                               axis=1))
-            per_class = tf.clip_by_value(most, 1, per_class_cap)
-            r = tf.image.combined_non_max_suppression(
-                group_boxes, group_scores, max_output_size_per_class=per_class,
-                max_total_size=rows, iou_threshold=iou, score_threshold=threshold,
-                pad_per_class=False, clip_boxes=op_clips)
-            group_classes = tf.gather(picked, tf.cast(r.nmsed_classes, tf.int32))
-            per_group.append((r.nmsed_boxes, r.nmsed_scores, group_classes, r.valid_detections))
-        if len(per_group) == 1:
-            out_boxes, out_scores, classes, num = per_group[0]
-        else:
-            out_boxes, out_scores, classes, num = _merge_groups(per_group, rows)
-        out_classes = tf.cast(classes, tf.float32)
+    nms = _agnostic_nms if options.class_agnostic else functools.partial(_per_class_nms,
+                                                                         groups=groups)
+    found = nms(boxes, scores, options=options, threshold=threshold,
+                rows=_rows_before_window(boxes, scores, threshold, window,
+                                         options.class_agnostic, max_total),
+                # Box clipping to [0, 1] happens after the detections' input boxes are found.
+                clip_boxes=options.clip_boxes and not return_indices,
+                min_score_thresh=min_score_thresh)
     indices = None
     if return_indices:
-        indices = _detection_indices(in_boxes, in_scores, out_boxes, out_scores, out_classes, num,
-                                     exact_scores=not any(g[1] > 0 for g in groups))
-        if clip_boxes:
-            out_boxes = tf.clip_by_value(out_boxes, 0.0, 1.0)
+        indices = _detection_indices(*given, found.boxes, found.scores, found.columns,
+                                     found.num, exact_scores=not any(g[1] > 0 for g in groups))
+        if options.clip_boxes:
+            found = found._replace(boxes=tf.clip_by_value(found.boxes, 0.0, 1.0))
+    return _finish(found, indices, options, window=window, class_ids=class_ids)
+
+
+def _finish(found: _Found, indices, options: NmsOptions, *, window, class_ids
+            ) -> dict[str, tf.Tensor]:
+    """The output dict: boxes clipped to the window (zero-area ones dropped before the cut) and
+    in its frame, class ids of the columns, padding rows zeroed (see `combined_nms`)."""
+    max_total = options.max_total_detections
+    out_boxes, out_scores, out_classes, num = found
     if window is not None:
         out_boxes = clip_to_window(out_boxes, window)
         valid = (tf.range(tf.shape(out_scores)[1])[None, :] < num[:, None]) & \
@@ -541,9 +639,9 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
         else:
             out_boxes, out_scores, out_classes, num = _compact(out_boxes, out_scores,
                                                                out_classes, valid, max_total)
-        if change_coordinate_frame:
+        if options.change_coordinate_frame:
             out_boxes = change_box_frame(out_boxes, window)
-    out_classes = class_ids_of_columns(out_classes, class_ids, label_offset)
+    out_classes = class_ids_of_columns(out_classes, class_ids, options.label_offset)
     out_boxes, out_scores, out_classes = _pad_rows(out_boxes, out_scores, out_classes, num,
                                                    max_total)
     out = {
@@ -555,6 +653,19 @@ def combined_nms(boxes, scores, *, iou_threshold=0.5, max_detections_per_class: 
     if indices is not None:
         valid = tf.range(max_total)[None, :] < num[:, None]
         out["detection_indices"] = tf.where(valid, indices, -1)
+    return out
+
+
+def _no_detections(batch, max_total: int, return_indices: bool) -> dict[str, tf.Tensor]:
+    """All-padding outputs for `batch` images (`[batch, max_total, ...]` zeros)."""
+    out = {
+        "detection_boxes": tf.zeros([batch, max_total, 4], tf.float32),
+        "detection_scores": tf.zeros([batch, max_total], tf.float32),
+        "detection_classes": tf.zeros([batch, max_total], tf.float32),
+        "num_detections": tf.zeros([batch], tf.float32),
+    }
+    if return_indices:
+        out["detection_indices"] = tf.fill([batch, max_total], -1)
     return out
 
 
@@ -608,10 +719,9 @@ def gather_detections(values, indices) -> tf.Tensor:
     return tf.where(mask, picked, tf.zeros_like(picked))
 
 
-def _check_window(clip_window):
-    if isinstance(clip_window, (tf.Tensor, tf.Variable)):
-        return tf.reshape(tf.cast(clip_window, tf.float32), [4])
-    return tf.constant(validation.clip_window("clip_window", clip_window), tf.float32)
+def _window_tensor(clip_window) -> tf.Tensor:
+    """float32 `[4]` of a window `NmsOptions` holds (validated there, or a tensor)."""
+    return tf.reshape(tf.cast(clip_window, tf.float32), [4])
 
 
 def clip_to_window(boxes, window) -> tf.Tensor:

@@ -15,8 +15,9 @@ Semantics (binding for the ops, the layers and the NumPy fitters):
 - Disabled classes (`class_enabled[k] = False`) are never emitted: their scores are zeroed before
   NMS, so they neither appear nor suppress other classes' boxes (NMS is per class).
 - NMS is per class; a box is suppressed iff IoU > `nms_iou[k]` with a higher-scored box of its
-  class. `class_agnostic` needs a single `nms_iou` value. With `soft_nms_sigma[k] > 0` class k
-  runs Gaussian soft-NMS (the OD API's `soft_nms_sigma`, see `tfcal.ops`): the scores of its
+  class. `class_agnostic` runs one NMS over all classes: it needs a single `nms_iou` and sigma,
+  and a `max_detections_per_class` that cannot bind (None or >= `max_total_detections`). With
+  `soft_nms_sigma[k] > 0` class k runs Gaussian soft-NMS (the OD API's `soft_nms_sigma`, see `tfcal.ops`): the scores of its
   boxes decay by `exp(-0.5 * iou**2 / sigma)` with the IoU to each selected box, `nms_iou[k]` has
   no effect (as in TF and the OD API), and a detection needs a decayed score >=
   `min_score_thresh[k]`.
@@ -35,14 +36,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from tfcal import TfcalError, atomic, ops, validation
 from tfcal import calibration as _calibration
+from tfcal.vocabulary import ScoreConverter
 
-ScoreConverter = Literal["sigmoid", "softmax", "identity"]
 
 __all__ = ["PostProcessConfig", "ScoreConverter"]
 
@@ -65,15 +66,19 @@ class PostProcessConfig:
         is read as `isotonic`.
       calibration_params: the method's parameters, validated by the method (temperature:
         `temperature`, 1 or K values > 0; platt: `platt_a`, `platt_b`, K values each; isotonic:
-        `knots_x`, `knots_y`, K rows). They are given, stored in JSON, and read as attributes
-        under their own names: `PostProcessConfig(..., calibration="temperature",
-        temperature=(1.3,))`, `cfg.temperature`.
+        `knots_x`, `knots_y`, K rows), by name: `PostProcessConfig(2, calibration=
+        "temperature", calibration_params={"temperature": (1.3,)})`, read as
+        `cfg.calibration_params["temperature"]`. Only the method's own names are accepted (a
+        parameter it would ignore is an error). In JSON (`to_dict`), they are top-level keys
+        after `calibration`.
       min_score_thresh: 1 or K values in [0, 1]; kept iff `score >= min_score_thresh`.
       class_enabled: () (all enabled) or K booleans; disabled classes are never emitted.
-      nms_iou: 1 or K values in [0, 1].
+      nms_iou: 1 or K values in [0, 1] (`tfcal.validation.iou_thresholds`).
       soft_nms_sigma: 1 or K values >= 0, default (0.0,): hard NMS; > 0: Gaussian soft-NMS.
-      class_agnostic: one NMS over all classes (needs a single `nms_iou`).
-      max_detections_per_class: int >= 1 (not used when `class_agnostic`).
+      class_agnostic: one NMS over all classes (needs a single `nms_iou` and sigma).
+      max_detections_per_class: int >= 1, or None: no cap below `max_total_detections`. With
+        `class_agnostic` (one NMS, no per-class cap): None or >= `max_total_detections`; the
+        rule the layers and the op follow too (`tfcal.validation.detection_caps`).
       max_total_detections: int >= 1, rows of every output.
       clip_boxes: clip output boxes to [0, 1].
       clip_window: () or 4 floats `[ymin, xmin, ymax, xmax]`, ymin < ymax, xmin < xmax.
@@ -95,7 +100,7 @@ class PostProcessConfig:
     nms_iou: tuple[float, ...] = (0.5,)
     soft_nms_sigma: tuple[float, ...] = (0.0,)
     class_agnostic: bool = False
-    max_detections_per_class: int = 100
+    max_detections_per_class: int | None = 100
     max_total_detections: int = 100
     clip_boxes: bool = False
     clip_window: tuple[float, ...] = ()
@@ -104,12 +109,12 @@ class PostProcessConfig:
     class_ids: tuple[int, ...] = ()
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-    def __init__(self, num_classes, score_converter="sigmoid", background_column=True,
+    def __init__(self, num_classes, *, score_converter="sigmoid", background_column=True,
                  calibration="none", calibration_params=None, min_score_thresh=(0.0,),
                  class_enabled=(), nms_iou=(0.5,), soft_nms_sigma=(0.0,), class_agnostic=False,
                  max_detections_per_class=100, max_total_detections=100, clip_boxes=False,
                  clip_window=(), change_coordinate_frame=False, label_offset=1, class_ids=(),
-                 metadata=None, **method_params):
+                 metadata=None):
         def put(name, value):
             object.__setattr__(self, name, value)
 
@@ -117,40 +122,39 @@ class PostProcessConfig:
         put("num_classes", k)
         put("score_converter", validation.choice("score_converter", score_converter,
                                                  ops.SCORE_CONVERTERS))
-        for name, value in (("background_column", background_column),
-                            ("class_agnostic", class_agnostic), ("clip_boxes", clip_boxes),
-                            ("change_coordinate_frame", change_coordinate_frame)):
-            put(name, validation.boolean(name, value))
+        put("background_column", validation.boolean("background_column", background_column))
         try:
             method = _calibration.get(calibration)
         except ValueError:
             raise ValueError(f"calibration: expected one of {list(_calibration.names())}, "
                              f"got {calibration!r}") from None
         put("calibration", method.name)
-        given = dict(calibration_params or {})
-        given.update(method_params)
-        put("calibration_params", method.check_params(_calibration.split_params(method, given), k))
-        put("min_score_thresh", validation.floats("min_score_thresh", min_score_thresh,
-                                                  lengths=(1, k), lo=0.0, hi=1.0))
-        put("nms_iou", validation.floats("nms_iou", nms_iou, lengths=(1, k), lo=0.0, hi=1.0))
-        put("soft_nms_sigma", validation.floats("soft_nms_sigma", soft_nms_sigma, lengths=(1, k),
-                                                lo=0.0))
+        params = {} if calibration_params is None else calibration_params
+        if not isinstance(params, Mapping):
+            raise ValueError(f"calibration_params: expected a mapping of the method's "
+                             f"parameters, got {params!r}")
+        method.own_params(params)
+        put("calibration_params", method.check_params(params, k))
+        put("min_score_thresh", validation.score_thresholds("min_score_thresh", min_score_thresh,
+                                                            lengths=(1, k)))
         put("class_enabled", validation.booleans("class_enabled", class_enabled, lengths=(0, k)))
+        put("nms_iou", validation.iou_thresholds("nms_iou", nms_iou, lengths=(1, k)))
+        put("soft_nms_sigma", validation.soft_nms_sigmas("soft_nms_sigma", soft_nms_sigma,
+                                                         lengths=(1, k)))
+        agnostic = validation.boolean("class_agnostic", class_agnostic)
         for name in ("nms_iou", "soft_nms_sigma"):
-            if self.class_agnostic and len(set(getattr(self, name))) > 1:
-                raise ValueError(f"{name}: class_agnostic needs a single value, got "
-                                 f"{list(getattr(self, name))}")
-        for name, value in (("max_detections_per_class", max_detections_per_class),
-                            ("max_total_detections", max_total_detections)):
-            put(name, validation.integer(name, value, minimum=1))
-        if clip_window is None or (hasattr(clip_window, "__len__") and len(clip_window) == 0):
-            put("clip_window", ())
-        else:
-            put("clip_window", validation.clip_window("clip_window", clip_window))
-        if self.change_coordinate_frame and not self.clip_window:
-            raise ValueError("change_coordinate_frame: needs a clip_window (the frame to change "
-                             "to), got clip_window []")
-        put("label_offset", validation.integer("label_offset", label_offset, minimum=0))
+            validation.one_value_when_agnostic(name, getattr(self, name), agnostic)
+        # The other NMS numbers: checked by the record the NMS op takes, as in the layers.
+        nms = ops.NmsOptions(
+            iou_threshold=self.nms_iou, soft_nms_sigma=self.soft_nms_sigma,
+            max_detections_per_class=max_detections_per_class,
+            max_total_detections=max_total_detections, class_agnostic=agnostic,
+            clip_boxes=clip_boxes, clip_window=clip_window,
+            change_coordinate_frame=change_coordinate_frame, label_offset=label_offset)
+        for name in ("class_agnostic", "max_detections_per_class", "max_total_detections",
+                     "clip_boxes", "change_coordinate_frame", "label_offset"):
+            put(name, getattr(nms, name))
+        put("clip_window", () if nms.clip_window is None else nms.clip_window)
         put("class_ids", validation.class_ids("class_ids", class_ids, lengths=(0, k)))
         metadata = {} if metadata is None else metadata
         if not isinstance(metadata, Mapping):
@@ -161,16 +165,15 @@ class PostProcessConfig:
             raise ValueError(f"metadata: must be JSON-serializable ({e})") from None
         put("metadata", dict(metadata))
 
-    def __getattr__(self, name: str):
-        # The calibration parameters read as attributes: `cfg.temperature`; another method's
-        # parameter reads as () (it is not set).
-        params = self.__dict__.get("calibration_params")
-        if params is not None:
-            if name in params:
-                return params[name]
-            if name in _parameter_names():
-                return ()
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+    def nms_options(self) -> ops.NmsOptions:
+        """The `tfcal.ops.NmsOptions` of these numbers (IoU, sigma, caps, clipping, offset)."""
+        return ops.NmsOptions(
+            iou_threshold=self.nms_iou, soft_nms_sigma=self.soft_nms_sigma,
+            max_detections_per_class=self.max_detections_per_class,
+            max_total_detections=self.max_total_detections, class_agnostic=self.class_agnostic,
+            clip_boxes=self.clip_boxes, clip_window=self.clip_window or None,
+            change_coordinate_frame=self.change_coordinate_frame,
+            label_offset=self.label_offset)
 
     # ------------------------------------------------------------------------- conversions
 
@@ -192,16 +195,26 @@ class PostProcessConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PostProcessConfig":
-        """Builds and validates a config from `to_dict` output; unknown keys raise ValueError."""
+        """Builds and validates a config from `to_dict` output (the calibration parameters as
+        top-level keys); unknown keys raise ValueError."""
         if not isinstance(data, Mapping):
             raise ValueError(f"postprocess config: expected a mapping, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"calibration_params"}
+        names = _FIELDS - {"calibration_params"}
         unknown = sorted(set(data) - names - _parameter_names())
         if unknown:
             raise ValueError(f"postprocess config: unknown field(s) {unknown}")
         if "num_classes" not in data:
             raise ValueError("postprocess config: num_classes is required")
-        return cls(**data)
+        fields = {k: v for k, v in data.items() if k in names}
+        given = {k: v for k, v in data.items() if k not in names}
+        try:
+            method = _calibration.get(fields.get("calibration", "none"))
+        except ValueError:
+            method = None  # the constructor names the field
+        if method is not None:
+            # Another method's field, empty, is how older records say "not used".
+            fields["calibration_params"] = _calibration.split_params(method, given)
+        return cls(**fields)
 
     def to_json(self) -> str:
         """Indented JSON of every field (no NaN/Infinity)."""
@@ -232,13 +245,18 @@ class PostProcessConfig:
             raise TfcalError(f"{path}: {e}") from None
 
     def replace(self, **changes) -> "PostProcessConfig":
-        """A validated copy with `changes` applied (calibration parameters by their names; a new
-        `calibration` method starts from no parameters)."""
+        """A validated copy with `changes` applied, by `to_dict` names: fields, or the
+        calibration parameters by their own names (`replace(temperature=(1.2,))`). A new
+        `calibration` method starts from no parameters unless they are given."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if "calibration" in changes and "calibration_params" not in changes:
-            fields["calibration_params"] = {}
+        params = dict(fields.pop("calibration_params"))
+        if "calibration" in changes:
+            params = {}
+        params.update(changes.pop("calibration_params", {}))
+        own = {k: changes.pop(k) for k in list(changes) if k in _parameter_names()}
+        params.update(own)
         fields.update(changes)
-        return type(self)(**fields)
+        return type(self)(**fields, calibration_params=params)
 
     def thresholds(self) -> tuple[float, ...]:
         """`min_score_thresh` broadcast to K values."""
@@ -281,6 +299,9 @@ class PostProcessConfig:
         """`nms_iou` broadcast to K values."""
         v = self.nms_iou
         return v * self.num_classes if len(v) == 1 else v
+
+
+_FIELDS = {f.name for f in dataclasses.fields(PostProcessConfig)}
 
 
 def _jsonable(v):

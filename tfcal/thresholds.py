@@ -30,6 +30,7 @@ OBJECTIVES = ("f1", "fbeta", "youden", "cost", "precision_target", "recall_targe
 __all__ = [
     "OBJECTIVES",
     "PrecisionRecallCurve",
+    "ThresholdObjective",
     "ThresholdResult",
     "clopper_pearson",
     "cost_threshold",
@@ -242,9 +243,42 @@ def _check_target(target) -> float:
     return float(target)
 
 
-def select_threshold(scores, labels, objective: Objective = "f1", *, beta: float = 1.0,
-                     c_fp: float = 1.0, c_fn: float = 1.0, target: float | None = None,
-                     confidence: float | None = None,
+@dataclasses.dataclass(frozen=True)
+class ThresholdObjective:
+    """What `select_threshold` optimizes: an objective and its arguments (validated here, once).
+
+    Attributes:
+      name: one of {'f1', 'fbeta', 'youden', 'cost', 'precision_target', 'recall_target'},
+        default 'f1'.
+      beta: fbeta's beta, a finite number > 0, default 1.
+      c_fp, c_fn: cost's per-error costs, finite numbers >= 0 (not both 0), default 1.
+      target: the precision or recall target in (0, 1]; required by the target objectives.
+      confidence: precision_target only: certify the target at this level in (0, 1), default
+        None (point precision).
+    """
+
+    name: Objective = "f1"
+    beta: float = 1.0
+    c_fp: float = 1.0
+    c_fn: float = 1.0
+    target: float | None = None
+    confidence: float | None = None
+
+    def __post_init__(self):
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.name!r}")
+        if not isinstance(self.beta, (int, float, np.number)) or not 0 < self.beta < np.inf:
+            raise ValueError(f"beta: must be a finite number > 0, got {self.beta!r}")
+        _check_costs(self.c_fp, self.c_fn)
+        if self.name in ("precision_target", "recall_target"):
+            _check_target(self.target)
+        if self.confidence is not None and (
+                not isinstance(self.confidence, (int, float, np.number))
+                or not 0 < self.confidence < 1):
+            raise ValueError(f"confidence: must be in (0, 1), got {self.confidence!r}")
+
+
+def select_threshold(scores, labels, objective: Objective | ThresholdObjective = "f1", *,
                      num_positives: int | None = None) -> ThresholdResult:
     """Chooses the score threshold that optimizes `objective` over the observed scores.
 
@@ -265,13 +299,9 @@ def select_threshold(scores, labels, objective: Objective = "f1", *, beta: float
     Args:
       scores: float `[N]` scores (any finite range; usually calibrated probabilities).
       labels: `[N]` 0/1 (or bool): 1 = positive (for detections: matched, true positive).
-      objective: one of {'f1', 'fbeta', 'youden', 'cost', 'precision_target',
-        'recall_target'}, default 'f1'.
-      beta: fbeta's beta > 0, default 1.
-      c_fp, c_fn: cost's per-error costs, >= 0, default 1.
-      target: the precision or recall target in (0, 1].
-      confidence: precision_target only: certify the target at this level in (0, 1), default
-        None (point precision).
+      objective: a `ThresholdObjective` (the objective with its arguments: beta, costs,
+        target, confidence), or the name of one that needs no arguments ('f1', 'youden',
+        'cost' with unit costs), default 'f1'.
       num_positives: recall denominator, default `sum(labels)`; for detections the number of
         ground truths (undetected ground truths count as false negatives).
 
@@ -282,8 +312,9 @@ def select_threshold(scores, labels, objective: Objective = "f1", *, beta: float
       ValueError: empty input, NaN, bad labels, unknown objective or bad objective arguments,
         or an objective that needs positives (or negatives) that are absent.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    spec = objective if isinstance(objective, ThresholdObjective) else \
+        ThresholdObjective(objective)
+    objective, confidence = spec.name, spec.confidence
     s, y = _validate(scores, labels)
     label_pos = int(y.sum())
     P = _num_positives(num_positives, label_pos)
@@ -297,9 +328,7 @@ def select_threshold(scores, labels, objective: Objective = "f1", *, beta: float
     if objective == "f1":
         value = c.f1
     elif objective == "fbeta":
-        if not isinstance(beta, (int, float, np.number)) or not 0 < beta < np.inf:
-            raise ValueError(f"beta: must be a finite number > 0, got {beta!r}")
-        b2 = float(beta) ** 2
+        b2 = float(spec.beta) ** 2
         value = (1 + b2) * c.tp / ((1 + b2) * c.tp + b2 * c.fn + c.fp)
     elif objective == "youden":
         if N == 0:
@@ -307,10 +336,9 @@ def select_threshold(scores, labels, objective: Objective = "f1", *, beta: float
                              "label (FPR is undefined)")
         value = c.tp / P - c.fp / N
     elif objective == "cost":
-        _check_costs(c_fp, c_fn)
-        value = -(float(c_fp) * c.fp + float(c_fn) * c.fn) / (N + P)
+        value = -(float(spec.c_fp) * c.fp + float(spec.c_fn) * c.fn) / (N + P)
     elif objective == "precision_target":
-        t = _check_target(target)
+        t = float(spec.target)
         feasible = c.precision >= t
         if confidence is not None:
             # Certified along the curve (tfcal.certification): valid after choosing among all
@@ -320,7 +348,7 @@ def select_threshold(scores, labels, objective: Objective = "f1", *, beta: float
             lower = np.asarray(clopper_pearson(c.tp, c.tp + c.fp, confidence, sided="one")[0])
         value = np.where(feasible, c.recall, -np.inf)
     else:  # recall_target
-        t = _check_target(target)
+        t = float(spec.target)
         value = np.where(c.recall >= t, c.precision, -np.inf)
     j = int(np.argmax(value))  # first maximum = highest threshold among ties
     if objective in ("precision_target", "recall_target") and value[j] == -np.inf:

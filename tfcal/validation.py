@@ -1,9 +1,13 @@
-"""Argument validators shared by `PostProcessConfig`, the calibration methods and the layers.
+"""Argument validators shared by the tuning config, `PostProcessConfig`, the ops, the calibration
+methods and the layers.
 
-Each number of the serving side is checked once, where it enters (a `PostProcessConfig`, a layer's
-`__init__`, a calibration method's parameters), by the same functions here, so a value is either
-accepted everywhere or rejected everywhere with the same message. Every check raises a
-`ValueError` that starts with the argument's name and includes the bad value.
+Each number of the serving side is checked once, where it enters (the tuning config file, a
+`PostProcessConfig`, a `tfcal.ops.NmsOptions`, a layer's `__init__`, a calibration method's
+parameters), by the same functions here, so a value is either accepted everywhere or rejected
+everywhere with the same message: IoU thresholds, score thresholds, soft-NMS sigmas, detection
+caps (one rule for class-agnostic NMS, `detection_caps`), clip windows, label offsets and class
+ids. Every check raises a `ValueError` that starts with the argument's name and includes the bad
+value (`tfcal.config` turns it into one line naming the file and key).
 
 Plain Python and NumPy only: no TF, no Keras, no config objects.
 """
@@ -23,12 +27,19 @@ __all__ = [
     "choice",
     "class_ids",
     "clip_window",
+    "detection_caps",
     "floats",
     "integer",
+    "iou_thresholds",
     "is_bool",
     "is_int",
     "is_number",
     "knot_rows",
+    "label_offset",
+    "one_value_when_agnostic",
+    "score_thresholds",
+    "soft_nms_sigmas",
+    "window_frame",
 ]
 
 
@@ -72,6 +83,7 @@ def floats(name: str, value, *, lengths: Sequence[int] | None = None, lo: float 
     Raises:
       ValueError: not numbers, a non-finite value, a value out of range, or a wrong length.
     """
+    scalar = scalar_ok and isinstance(value, numbers.Real) and not is_bool(value)
     values = _sequence(name, value, scalar_ok=scalar_ok)
     if lengths is None and not values:
         raise ValueError(f"{name}: expected at least one value, got []")
@@ -80,10 +92,14 @@ def floats(name: str, value, *, lengths: Sequence[int] | None = None, lo: float 
         raise ValueError(f"{name}: expected {want} values, got {len(values)}: {values}")
     for v in values:
         if not is_number(v):
+            if scalar:
+                raise ValueError(f"{name}: expected a finite number, got {value!r}")
             raise ValueError(f"{name}: expected finite numbers, got {values}")
         if (lo is not None and v < lo) or (hi is not None and v > hi) or (positive and v <= 0):
             rng = "> 0" if positive else (f">= {lo}" if hi is None else
                                           f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
+            if scalar:
+                raise ValueError(f"{name}: must be {rng}, got {value!r}")
             raise ValueError(f"{name}: each value must be {rng}, got {[float(x) for x in values]}")
     return tuple(float(v) for v in values)
 
@@ -191,3 +207,83 @@ def knot_rows(knots_x, knots_y, *, rows: int | None = None
         out_x.append(x)
         out_y.append(y)
     return tuple(out_x), tuple(out_y)
+
+
+# ----------------------------------------------------------------------------- shared numbers
+# The numbers of the detection stage, checked by these functions wherever they enter: the
+# tuning config (`tfcal.config`), `PostProcessConfig`, `tfcal.ops.NmsOptions` and the layers.
+
+
+def iou_thresholds(name: str, value, *, lengths: Sequence[int] | None = None,
+                   scalar_ok: bool = False, allow_zero: bool = True) -> tuple[float, ...]:
+    """NMS IoU thresholds: finite numbers in [0, 1] (in (0, 1] without `allow_zero`).
+
+    A box is suppressed iff its IoU with a higher-scored box of its class is > the threshold, so
+    0 suppresses any overlap and 1 suppresses only identical boxes.
+    """
+    values = floats(name, value, lengths=lengths, lo=0.0, hi=1.0, scalar_ok=scalar_ok)
+    if not allow_zero and any(v == 0.0 for v in values):
+        if scalar_ok and len(values) == 1 and not hasattr(value, "__len__"):
+            raise ValueError(f"{name}: must be in (0, 1], got {value!r}")
+        raise ValueError(f"{name}: each value must be in (0, 1], got {list(values)}")
+    return values
+
+
+def score_thresholds(name: str, value, *, lengths: Sequence[int] | None = None,
+                     scalar_ok: bool = False) -> tuple[float, ...]:
+    """Score thresholds on probabilities: finite numbers in [0, 1]."""
+    return floats(name, value, lengths=lengths, lo=0.0, hi=1.0, scalar_ok=scalar_ok)
+
+
+def soft_nms_sigmas(name: str, value, *, lengths: Sequence[int] | None = None,
+                    scalar_ok: bool = False) -> tuple[float, ...]:
+    """Soft-NMS sigmas: finite numbers >= 0 (0: hard NMS)."""
+    return floats(name, value, lengths=lengths, lo=0.0, scalar_ok=scalar_ok)
+
+
+def label_offset(name: str, value) -> int:
+    """The class id of column 0 when no class ids are given: an int >= 0."""
+    return integer(name, value, minimum=0)
+
+
+def detection_caps(max_detections_per_class, max_total_detections, *,
+                   class_agnostic: bool = False) -> tuple[int | None, int]:
+    """The per-class and total detection caps of NMS, one rule for every caller.
+
+    `max_total_detections` is an int >= 1 (the output rows); `max_detections_per_class` is an
+    int >= 1, or None for no cap below the total. Class-agnostic NMS (one NMS over all classes)
+    has no per-class cap, so there a per-class cap must be one that cannot bind: None or
+    >= `max_total_detections` (an OD API config's default 100 with 100 total is one).
+
+    Returns:
+      `(max_detections_per_class, max_total_detections)` as given, ints or None.
+
+    Raises:
+      ValueError: a cap that is not an int >= 1, or a binding per-class cap with
+        `class_agnostic`.
+    """
+    total = integer("max_total_detections", max_total_detections, minimum=1)
+    if max_detections_per_class is None:
+        return None, total
+    per_class = integer("max_detections_per_class", max_detections_per_class, minimum=1)
+    if class_agnostic and per_class < total:
+        raise ValueError(f"max_detections_per_class: class_agnostic NMS has no per-class cap, so "
+                         f"it must be None or >= max_total_detections ({total}), got "
+                         f"{per_class}")
+    return per_class, total
+
+
+def one_value_when_agnostic(name: str, values: Sequence[float], class_agnostic: bool) -> None:
+    """Class-agnostic NMS is one NMS: it takes a single IoU threshold and a single sigma."""
+    if class_agnostic and len(set(values)) > 1:
+        raise ValueError(f"{name}: class_agnostic needs a single value, got {list(values)}")
+
+
+def window_frame(change_coordinate_frame: bool, clip_window) -> bool:
+    """`change_coordinate_frame` as a bool; it needs a clip window (the frame to change to)."""
+    change = boolean("change_coordinate_frame", change_coordinate_frame)
+    if change and (clip_window is None or (hasattr(clip_window, "__len__")
+                                           and len(clip_window) == 0)):
+        raise ValueError(f"change_coordinate_frame: needs a clip_window (the frame to change "
+                         f"to), got clip_window {clip_window!r}")
+    return change

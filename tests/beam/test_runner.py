@@ -32,7 +32,7 @@ MULTI_PROCESS = ["--runner=DirectRunner", "--direct_running_mode=multi_processin
                  "--direct_num_workers=2"]
 
 
-def _config(root: Path, name: str, runner: dict, *, annotations: str = "data/instances.json"
+def _runner_config(root: Path, name: str, runner: dict, *, annotations: str = "data/instances.json"
             ) -> Path:
     s = demo_settings(root)
     s["data"]["annotations"] = annotations
@@ -59,16 +59,16 @@ def _cache_hashes(cache_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
+def local_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("beam")
     generate_dataset(root / "data", num_images=NUM_IMAGES, seed=2026)
-    local = run_tune(load_config(_config(root, "local", {"kind": "local"})), export=False)
+    local = run_tune(load_config(_runner_config(root, "local", {"kind": "local"})), export=False)
     return root, _choices(local.run_dir), _cache_hashes(root / "cache-local")
 
 
-def test_beam_in_process_gives_the_local_postprocess_json(job, capsys):
-    root, choices, hashes = job
-    cfg = _config(root, "inproc", {"kind": "local", "shard_images": 5})
+def test_beam_in_process_gives_the_local_postprocess_json(local_run, capsys):
+    root, choices, hashes = local_run
+    cfg = _runner_config(root, "inproc", {"kind": "local", "shard_images": 5})
     # --runner beam and Beam's own flags after --, as a user types them
     assert main(["tune", str(cfg), "--runner", "beam", "--", "--runner=DirectRunner"]) == 0
     assert "postprocess:" in capsys.readouterr().out
@@ -80,9 +80,9 @@ def test_beam_in_process_gives_the_local_postprocess_json(job, capsys):
     assert sum(len(s["image_keys"]) for s in shards) == NUM_IMAGES
 
 
-def test_beam_with_two_worker_processes_gives_the_local_postprocess_json(job):
-    root, choices, hashes = job
-    cfg = load_config(_config(root, "multi", {"kind": "beam", "shard_images": 8,
+def test_beam_with_two_worker_processes_gives_the_local_postprocess_json(local_run):
+    root, choices, hashes = local_run
+    cfg = load_config(_runner_config(root, "multi", {"kind": "beam", "shard_images": 8,
                                               "beam_options": MULTI_PROCESS}))
     result = run_tune(cfg, export=False)
     assert _cache_hashes(root / "cache-multi") == hashes
@@ -98,12 +98,12 @@ def _subset(root: Path, num: int) -> str:
     return f"data/first{num}.json"
 
 
-def test_new_images_merge_into_the_statistics_without_rerunning_old_ones(job, caplog):
-    root, _, hashes = job
+def test_new_images_merge_into_the_statistics_without_rerunning_old_ones(local_run, caplog):
+    root, _, hashes = local_run
     runner = {"kind": "beam", "shard_images": 16}
     with caplog.at_level(logging.INFO, logger="tfcal.beam"):
-        prepare(load_config(_config(root, "incr", runner, annotations=_subset(root, 16))))
-        raw = prepare(load_config(_config(root, "incr", runner))).raw
+        prepare(load_config(_runner_config(root, "incr", runner, annotations=_subset(root, 16))))
+        raw = prepare(load_config(_runner_config(root, "incr", runner))).raw
     stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("beam 1/3")]
     assert stages[0].startswith("beam 1/3: 16 of 16 images need the detector (0 held")
     assert stages[1].startswith(f"beam 1/3: 8 of {NUM_IMAGES} images need the detector (16 held")
@@ -114,8 +114,8 @@ def test_new_images_merge_into_the_statistics_without_rerunning_old_ones(job, ca
     assert raw.num_images == NUM_IMAGES and np.isfinite(np.asarray(raw.scores)).all()
 
 
-def test_a_broken_image_is_reported_by_id_and_only_it_is_retried(job, caplog):
-    root, _, hashes = job
+def test_a_broken_image_is_reported_by_id_and_only_it_is_retried(local_run, caplog):
+    root, _, hashes = local_run
     data = root / "data-broken"
     shutil.copytree(root / "data", data)
     coco = json.loads((data / "instances.json").read_text())
@@ -123,7 +123,7 @@ def test_a_broken_image_is_reported_by_id_and_only_it_is_retried(job, caplog):
     image = data / "images" / victim["file_name"]
     good = image.read_bytes()
     image.write_bytes(good[:40])  # a truncated PNG: the header passes, decoding fails
-    s = yaml.safe_load(_config(root, "broken", {"kind": "beam"}).read_text())
+    s = yaml.safe_load(_runner_config(root, "broken", {"kind": "beam"}).read_text())
     s["data"]["annotations"] = str(data / "instances.json")
     s["data"]["images"] = str(data / "images")
     (root / "broken.yaml").write_text(yaml.safe_dump(s))
@@ -175,17 +175,17 @@ def test_failed_inferences_and_bad_outputs_reach_the_dead_letter_list(tmp_path, 
                                    shard_images=2, beam_options=[])
     assert [e.image_keys for e in entries] == [("k1",)]
     assert [i for i, _ in failed] == [2, 3, 4]
-    assert "boxes must be normalized" in failed[0][1]
+    assert "boxes: must be normalized" in failed[0][1]
     assert failed[1][1] == "detector failed: RuntimeError('boom')"
     assert "decoded size 16x16 differs from the JSON height x width 8x16" in failed[2][1]
 
 
-def test_a_second_run_on_one_store_stops_at_once_naming_the_holder(job):
+def test_a_second_run_on_one_store_stops_at_once_naming_the_holder(local_run):
     from tfcal import locks
     from tfcal.detectors import open_detector
 
-    root, _, _ = job
-    cfg = load_config(_config(root, "locked", {"kind": "beam"}))
+    root, _, _ = local_run
+    cfg = load_config(_runner_config(root, "locked", {"kind": "beam"}))
     store = statistics.store_path(root / "cache-locked", open_detector(cfg.model).fingerprint())
     with locks.hold(store, "tfcal tune other.yaml", what="the Beam statistics store"):
         with pytest.raises(TfcalError, match="the Beam statistics store.*tfcal tune other.yaml"):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tfcal.raw.cache import meta_checksum
+
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 
 
@@ -124,10 +126,8 @@ def write_images(folder: Path, gt: dict, seed: int = 0, *, fmt_cycle=("PNG", "JP
 def edit_cache_meta(path: Path, **fields) -> None:
     """Rewrites a cache's meta.json with `fields` and a matching checksum (a consistent file
     with wrong or stale content)."""
-    from tfcal.coco import cache as cache_lib
-
     meta = json.loads((path / "meta.json").read_text())
     meta.update(fields)
     del meta["meta_sha256"]
-    meta["meta_sha256"] = cache_lib._meta_checksum(meta)
+    meta["meta_sha256"] = meta_checksum(meta)
     (path / "meta.json").write_text(json.dumps(meta))

@@ -17,7 +17,9 @@ import yaml
 
 from tfcal import TfcalError
 from tfcal.coco import boxes as box_lib
+from tfcal.coco.boxes import normalized_to_coco_xywh
 from tfcal.coco.dataset import CategoryMapping, load_coco
+from tfcal.raw import RawOutputs
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 NANODET = SHARED / "models" / "nanodet_odapi"
@@ -49,7 +51,8 @@ def demo(tmp_path_factory):
     return root, ann, ds, arrays
 
 
-def _config(root: Path, ann: Path, arrays: dict, name: str, save=np.savez, **model) -> Path:
+def _raw_outputs_config(root: Path, ann: Path, arrays: dict, name: str, save=np.savez,
+                        **model) -> Path:
     save(root / f"{name}.npz", **arrays)
     cfg = {"model": {"raw_outputs": f"{name}.npz", "score_converter": "sigmoid", **model},
            "data": {"annotations": str(ann)}, "calibration": {"method": "none"},
@@ -85,7 +88,6 @@ def test_inverted_share():
 
 
 def test_sample_ap_equals_pycocotools_ap50(demo):
-    from tfcal.coco.cache import RawOutputs, normalized_to_coco_xywh
     from tfcal.coco.evaluation import coco_stats
     from tfcal.coco.matching import Detections
 
@@ -108,7 +110,7 @@ def test_sample_ap_equals_pycocotools_ap50(demo):
 
 def test_correct_layout_passes(demo, caplog):
     root, ann, _, a = demo
-    prep = _prepare(_config(root, ann, a, "yxyx"))
+    prep = _prepare(_raw_outputs_config(root, ann, a, "yxyx"))
     np.testing.assert_array_equal(prep.raw.boxes, a["boxes"])
 
 
@@ -116,13 +118,13 @@ def test_correct_layout_passes(demo, caplog):
 def test_declared_layout_is_converted_at_load(demo, fmt, convert):
     root, ann, _, a = demo
     stored = dict(a, boxes=convert(a["boxes"]).astype(np.float32))
-    prep = _prepare(_config(root, ann, stored, f"declared_{fmt}", box_format=fmt))
+    prep = _prepare(_raw_outputs_config(root, ann, stored, f"declared_{fmt}", box_format=fmt))
     np.testing.assert_allclose(prep.raw.boxes, np.clip(a["boxes"], 0, 1), atol=2e-6)
 
 
 def test_xyxy_boxes_read_as_yxyx_are_refused_with_the_fix(demo):
     root, ann, _, a = demo
-    path = _config(root, ann, dict(a, boxes=_xyxy(a["boxes"])), "xyxy")
+    path = _raw_outputs_config(root, ann, dict(a, boxes=_xyxy(a["boxes"])), "xyxy")
     with pytest.raises(TfcalError) as err:
         _prepare(path)
     msg = str(err.value)
@@ -133,7 +135,8 @@ def test_xyxy_boxes_read_as_yxyx_are_refused_with_the_fix(demo):
 
 def test_centre_size_boxes_are_refused_as_inverted(demo):
     root, ann, _, a = demo
-    path = _config(root, ann, dict(a, boxes=_cxcywh(a["boxes"]).astype(np.float32)), "cxcywh")
+    path = _raw_outputs_config(root, ann, dict(a, boxes=_cxcywh(a["boxes"]).astype(np.float32)),
+                               "cxcywh")
     with pytest.raises(TfcalError, match=r"ymin > ymax or xmin > xmax as model.box_format: "
                                          r"yxyx reads them; set model.box_format .*cxcywh"):
         _prepare(path)
@@ -143,7 +146,7 @@ def test_class_columns_that_do_not_line_up_are_refused(demo):
     root, ann, ds, a = demo
     names = [ds.category_name(int(c)) for c in ds.category_ids]
     rotated = {name: (i + 1) % len(names) for i, name in enumerate(names)}  # every column wrong
-    path = _config(root, ann, a, "rotated", category_columns=rotated)
+    path = _raw_outputs_config(root, ann, a, "rotated", category_columns=rotated)
     with pytest.raises(TfcalError, match=r"AP 0\.0\d\d at tuning.match_iou 0.5 .* check "
                                          r"model.box_format and model.label_offset / "
                                          r"model.category_columns$"):
@@ -160,7 +163,7 @@ def test_bad_layouts_exit_2_with_one_line_through_the_cli(demo, capsys):
                               ("cli_pixels", a["boxes"] * scale, np.savez),
                               # converted batch by batch first: refused before it is kept
                               ("cli_pixels_packed", a["boxes"] * scale, np.savez_compressed)):
-        path = _config(root, ann, dict(a, boxes=boxes), name, save=save)
+        path = _raw_outputs_config(root, ann, dict(a, boxes=boxes), name, save=save)
         assert main(["tune", str(path), "--no-export"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1, err
@@ -206,7 +209,6 @@ def test_no_false_alarm_on_nanodet_outputs(tmp_path):
 
 
 def test_per_class_boxes_are_sampled_with_their_class(demo):
-    from tfcal.coco.cache import RawOutputs
 
     _, _, ds, a = demo
     k = a["scores"].shape[-1] - 1
@@ -227,7 +229,6 @@ def test_per_class_boxes_are_sampled_with_their_class(demo):
 
 @pytest.mark.parametrize("n,k,top_k", [(50, 7, 20), (3, 4, 10), (30, 1, 30)])
 def test_sample_candidates_are_the_top_entries_over_boxes_and_classes(n, k, top_k):
-    from tfcal.coco.cache import RawOutputs
 
     rng = np.random.default_rng(n + k)
     scores = rng.random((11, n, 1 + k), dtype=np.float32)  # continuous: no ties
@@ -244,3 +245,11 @@ def test_sample_candidates_are_the_top_entries_over_boxes_and_classes(n, k, top_
         got = np.sort(np.array(box_of) * k + s.column[m])
         np.testing.assert_array_equal(got, want)
         np.testing.assert_allclose(np.sort(s.score[m]), np.sort(flat[want]))
+
+
+def test_normalized_to_coco_xywh():
+    # ymin, xmin, ymax, xmax = 0.1, 0.2, 0.5, 0.6 on a 200 (h) x 100 (w) image:
+    # x = 20, y = 20, width = 40, height = 80.
+    out = normalized_to_coco_xywh(np.array([[[0.1, 0.2, 0.5, 0.6]]]), np.array([200]),
+                                  np.array([100]))
+    np.testing.assert_allclose(out, [[[20.0, 20.0, 40.0, 80.0]]])

@@ -157,12 +157,6 @@ def test_unreadable_image(tmp_path):
         load_coco(path, images)
 
 
-@pytest.fixture
-def dataset(tmp_path):
-    gt = make_gt(1, num_images=2, num_categories=3)  # ids 2, 4, 6
-    return load_coco(write_json(tmp_path / "instances.json", gt))
-
-
 def test_mapping_odapi_default(dataset):
     m = CategoryMapping.odapi(dataset, num_classes=6)  # column k -> id k + 1
     assert m.column_category_ids.tolist() == [-1, 2, -1, 4, -1, 6]

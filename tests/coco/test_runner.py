@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from tfcal import TfcalError
-from tfcal.coco import cache as cache_lib
 from tfcal.coco import runner
 from tfcal.coco.dataset import CategoryMapping, load_coco
+from tfcal.coco.boxes import normalized_to_coco_xywh
 from tfcal.coco.runner import SignatureKeys, run_detector
+from tfcal.raw import data_fingerprint, load_cache, model_fingerprint
 
 from .cocogen import SHARED, edit_cache_meta, write_images, write_json
 
@@ -134,7 +135,7 @@ def test_outputs_match_reference(tmp_path, saved_model, signature, sizes):
         boxes, scores = reference_outputs(img)
         np.testing.assert_allclose(raw.boxes[i], boxes, atol=1e-6)
         np.testing.assert_allclose(raw.scores[i], scores, atol=1e-6)
-    xywh = raw.boxes_xywh()
+    xywh = normalized_to_coco_xywh(raw.boxes, raw.image_heights, raw.image_widths)
     np.testing.assert_allclose(xywh[0, 0, 2], (raw.boxes[0, 0, 3] - raw.boxes[0, 0, 1]) * 30,
                                rtol=1e-6)
 
@@ -328,15 +329,15 @@ def test_memory_is_bounded_by_a_batch(tmp_path):
 
 def test_fingerprint_follows_model_keys_and_data(tmp_path, saved_model):
     ds = _dataset(tmp_path, [(16, 16)])
-    base = cache_lib.model_fingerprint(saved_model, keys=SignatureKeys().as_tuple())
-    other = cache_lib.model_fingerprint(saved_model,
+    base = model_fingerprint(saved_model, keys=SignatureKeys().as_tuple())
+    other = model_fingerprint(saved_model,
                                         keys=SignatureKeys(signature="batch_one").as_tuple())
     assert base != other
-    d0 = cache_lib.data_fingerprint(ds)
-    c0 = cache_lib.data_fingerprint(ds, content_hash=True)
+    d0 = data_fingerprint(ds)
+    c0 = data_fingerprint(ds, content_hash=True)
     ds.image_paths[0].write_bytes(ds.image_paths[0].read_bytes() + b"\0")  # touched image
-    assert cache_lib.data_fingerprint(ds) != d0
-    assert cache_lib.data_fingerprint(ds, content_hash=True) != c0
+    assert data_fingerprint(ds) != d0
+    assert data_fingerprint(ds, content_hash=True) != c0
 
 
 NANODET = SHARED / "models" / "nanodet_odapi"
@@ -362,7 +363,8 @@ def test_nanodet_on_three_real_images(tmp_path):
     from tfcal.coco.matching import Detections, match_detections
     best = raw.scores[..., 1:].reshape(3, -1).argmax(axis=1)
     box_row, col = np.divmod(best, 90)
-    xywh = raw.boxes_xywh()[np.arange(3), box_row]
+    xywh = normalized_to_coco_xywh(raw.boxes, raw.image_heights,
+                                   raw.image_widths)[np.arange(3), box_row]
     dets = Detections.from_arrays(raw.image_ids, mapping.columns_to_category_ids(col), xywh,
                                   raw.scores[np.arange(3), box_row, col + 1])
     assert match_detections(ds, dets, iou_threshold=0.5).tp.sum() >= 2
@@ -398,5 +400,5 @@ def test_cache_changed_in_place_is_rebuilt(tmp_path, saved_model, caplog):
     assert "scores.npy: data bytes changed since written" in caplog.text
     assert "recomputing" in caplog.text
     np.testing.assert_array_equal(again.scores, expected)
-    assert cache_lib.load_cache(path, json.loads((path / "meta.json").read_text())[
+    assert load_cache(path, json.loads((path / "meta.json").read_text())[
         "fingerprint"], ds) is not None  # the rebuilt cache verifies

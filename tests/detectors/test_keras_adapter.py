@@ -35,7 +35,7 @@ def keras_file(tmp_path_factory):
     return path, model
 
 
-def _config(path, **keys):
+def _keras_model_config(path, **keys):
     return ModelConfig(format="keras", path=path, keras=KerasConfig(**keys),
                        score_converter="identity")
 
@@ -47,7 +47,7 @@ def _images(seed=0):
 
 def test_outputs_are_the_model_on_resized_images(keras_file):
     path, model = keras_file
-    det = open_detector(_config(path))
+    det = open_detector(_keras_model_config(path))
     assert isinstance(det, KerasDetector) and det.batchable
     images = _images()
     boxes, scores = det(images)
@@ -63,18 +63,20 @@ def test_outputs_are_the_model_on_resized_images(keras_file):
     np.testing.assert_allclose(s, scores, atol=1e-5)
     # A fresh detector first run inside a trace loads eagerly (a Keras model loaded inside a
     # tf.function trace would run with other weights).
-    traced = tf.function(open_detector(_config(path)).raw_fn)(tf.constant(np.stack(images)))
+    traced = tf.function(open_detector(_keras_model_config(path)).raw_fn)(
+        tf.constant(np.stack(images)))
     np.testing.assert_allclose(traced[1], scores, atol=1e-5)
-    d = describe(_config(path))
+    d = describe(_keras_model_config(path))
     assert d.format == "keras" and d.layout["boxes_output"] == "boxes"
-    assert d.fingerprint() != describe(_config(path, scores_output="other")).fingerprint()
+    other = _keras_model_config(path, scores_output="other")
+    assert d.fingerprint() != describe(other).fingerprint()
 
 
 def test_every_serving_input_type_gives_the_adapter_outputs(keras_file):
     from tfcal.detectors.base import INPUT_TYPES
     from tfcal.detectors.odapi import encode_example
 
-    det = open_detector(_config(keras_file[0]))
+    det = open_detector(_keras_model_config(keras_file[0]))
     images = _images(seed=2)
     boxes, scores = det(images)
     png = [tf.io.encode_png(im).numpy() for im in images]
@@ -92,7 +94,7 @@ def test_every_serving_input_type_gives_the_adapter_outputs(keras_file):
 
 
 def test_missing_outputs_are_named(keras_file):
-    det = open_detector(_config(keras_file[0], scores_output="logits"))
+    det = open_detector(_keras_model_config(keras_file[0], scores_output="logits"))
     with pytest.raises(TfcalError, match=r"outputs 'boxes' and 'logits'.*not found \(has "
                                          r"\['boxes', 'scores'\]\)"):
         det(_images())
@@ -104,7 +106,7 @@ def test_exported_model_takes_images_and_runs_the_tuned_postprocessing(tmp_path,
     from tfcal.layers import PostProcessor
 
     path, _ = keras_file
-    cfg = _config(path)
+    cfg = _keras_model_config(path)
     ppc = PostProcessConfig(num_classes=C - 1, score_converter="identity",
                             min_score_thresh=(0.3, 0.2), nms_iou=(0.5, 0.6),
                             max_detections_per_class=4, max_total_detections=5)
@@ -157,7 +159,7 @@ def test_export_input_type_from_the_config(tmp_path, keras_file):
     from tfcal.layers import PostProcessor
 
     path, _ = keras_file
-    cfg = _config(path)
+    cfg = _keras_model_config(path)
     ppc = PostProcessConfig(num_classes=C - 1, score_converter="identity",
                             min_score_thresh=(0.3, 0.2), nms_iou=(0.5, 0.6),
                             max_detections_per_class=4, max_total_detections=5)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from box_reference import iou, xywh_to_corners
 from tfcal.cli import main
 from tfcal.coco.dataset import load_coco
 from tfcal.demo.data import generate_dataset
@@ -78,7 +79,7 @@ def test_backends_match_the_numpy_letterbox_reference(models, data):
     assert top.any() and np.abs(boxes[0][top] - refs[0][0][top]).max() < 0.05
 
 
-def _tune(tmp_path, data, model_path, labels, name, *, verify=True):
+def _tune_yolo(tmp_path, data, model_path, labels, name, *, verify=True):
     settings = demo_settings(tmp_path)
     settings["model"] = {"format": "yolo", "path": str(model_path), "batch_size": 8,
                          "yolo": {"preset": "yolov8", "box_units": "normalized",
@@ -96,7 +97,7 @@ def _tune(tmp_path, data, model_path, labels, name, *, verify=True):
 
 @pytest.mark.slow
 def test_tune_and_export_a_yolo_saved_model_emits_category_ids(tmp_path, models, data):
-    _tune(tmp_path, data, models["saved_model"], models["labels"], "yolo", verify=False)
+    _tune_yolo(tmp_path, data, models["saved_model"], models["labels"], "yolo", verify=False)
     ppc = json.loads((tmp_path / "run" / "postprocess.json").read_text())
     # Column j is demo class PERM[j], category id PERM[j] + 1, by the labels file's names.
     assert ppc["class_ids"] == [k + 1 for k in yolo_test_model.PERM]
@@ -121,9 +122,9 @@ def test_tune_and_export_a_yolo_saved_model_emits_category_ids(tmp_path, models,
         for box, cls in zip(out["detection_boxes"][0, :n].numpy(),
                             out["detection_classes"][0, :n].numpy()):
             y0, x0, y1, x1 = box * [HEIGHT, WIDTH, HEIGHT, WIDTH]
-            best = max(gt, key=lambda a: _iou([x0, y0, x1 - x0, y1 - y0], a["bbox"]),
+            best = max(gt, key=lambda a: iou([x0, y0, x1, y1], xywh_to_corners(a["bbox"])),
                        default=None)
-            if best is not None and _iou([x0, y0, x1 - x0, y1 - y0], best["bbox"]) >= 0.5:
+            if best is not None and iou([x0, y0, x1, y1], xywh_to_corners(best["bbox"])) >= 0.5:
                 emitted.append((int(cls), int(best["category_id"])))
     assert len(emitted) >= 20, emitted
     right = np.mean([c == g for c, g in emitted])
@@ -132,17 +133,9 @@ def test_tune_and_export_a_yolo_saved_model_emits_category_ids(tmp_path, models,
     assert right >= 0.8, (right, emitted)
 
 
-def _iou(a, b):
-    """IoU of two COCO `[x, y, width, height]` boxes."""
-    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / max(a[2] * a[3] + b[2] * b[3] - inter, 1e-9)
-
-
 @pytest.mark.slow
 def test_a_tflite_yolo_exports_its_postprocessing_alone(tmp_path, models, data):
-    _tune(tmp_path, data, models["tflite"], models["labels"], "yolo", verify=False)
+    _tune_yolo(tmp_path, data, models["tflite"], models["labels"], "yolo", verify=False)
     described = DetectorDescription.load(tmp_path / "run" / "detector.json")
     assert described.layout["backend"] == "tflite"
     assert not (tmp_path / "export" / "yolo").exists()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from odapi_test_model import build_odapi_test_model
-from odapi_test_model import sample_image
+from .odapi_test_model import build_odapi_test_model
+from .odapi_test_model import sample_image
 from tfcal.postprocess import PostProcessConfig
 
 
@@ -17,7 +17,7 @@ def postprocess_config() -> PostProcessConfig:
     return PostProcessConfig(
         num_classes=3,
         calibration="temperature",
-        temperature=(1.5,),
+        calibration_params={"temperature": (1.5,)},
         min_score_thresh=(0.3, 0.4, 0.2),
         nms_iou=(0.5, 0.6, 0.5),
         max_detections_per_class=5,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import yaml
 
-from odapi_test_model import export_job
+from .odapi_test_model import export_job
 from tfcal.cli import main
 
 

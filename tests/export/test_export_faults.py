@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tfcal import atomic
-from odapi_test_model import export_job
+from .odapi_test_model import export_job
 from tfcal.cli import main
 from tfcal.export import serving
 
@@ -73,21 +73,21 @@ def test_leftovers_of_a_killed_export_are_reclaimed(tmp_path, image_detector,
                                                     postprocess_config):
     # Fault corpus: after a SIGKILL during export, `.1.*.tmp` and `.tfcal_meta.*` stayed in
     # the model folder forever. The export is killed right after the SavedModel is written.
-    from tfcal.export import export_for_serving
+    from tfcal.export import ServingOptions, export_for_serving
 
     ppc_path = postprocess_config.save(tmp_path / "postprocess.json")
     root = tmp_path / "export"
     script = textwrap.dedent(f"""
         import os, signal
         import tensorflow as tf
-        from tfcal.export import export_for_serving
+        from tfcal.export import ServingOptions, export_for_serving
         real = tf.saved_model.save
         def save_then_die(*a, **k):
             real(*a, **k)
             os.kill(os.getpid(), signal.SIGKILL)
         tf.saved_model.save = save_then_die
         export_for_serving({str(image_detector)!r}, {str(ppc_path)!r}, {str(root)!r}, "det",
-                           verify=False)
+                           options=ServingOptions(verify=False))
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(serving.__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
@@ -97,6 +97,7 @@ def test_leftovers_of_a_killed_export_are_reclaimed(tmp_path, image_detector,
     left = sorted(p.name for p in (root / "det").iterdir() if p.name.startswith("."))
     assert any(n.startswith(".version.tmp-") for n in left), left
     assert any(n.startswith(".tfcal_meta.tmp-") for n in left), left
-    done = export_for_serving(image_detector, ppc_path, root, "det", verify=False)
+    done = export_for_serving(image_detector, ppc_path, root, "det",
+                              options=ServingOptions(verify=False))
     assert done.version == 1
     assert sorted(p.name for p in (root / "det").iterdir()) == ["1"]

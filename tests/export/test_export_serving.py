@@ -153,15 +153,18 @@ def test_next_version_and_no_overwrite(served, image_detector, postprocess_confi
     root = served.model_dir.parent
     with pytest.raises(FileExistsError, match="1 already exists; pass overwrite=True"):
         serving.export_for_serving(
-            image_detector, postprocess_config, root, "det", version=1, verify=False
+            image_detector, postprocess_config, root, "det",
+            options=serving.ServingOptions(version=1, verify=False)
         )
     second = serving.export_for_serving(
-        image_detector, postprocess_config, root, "det", verify=False
+        image_detector, postprocess_config, root, "det",
+        options=serving.ServingOptions(verify=False)
     )
     assert second.version == 2 and (second.version_dir / "saved_model.pb").is_file()
     before = (served.model_dir / "2" / "saved_model.pb").stat().st_mtime_ns
     again = serving.export_for_serving(
-        image_detector, postprocess_config, root, "det", version=2, overwrite=True, verify=False
+        image_detector, postprocess_config, root, "det",
+        options=serving.ServingOptions(version=2, overwrite=True, verify=False)
     )
     assert (
         again.version == 2 and (again.version_dir / "saved_model.pb").stat().st_mtime_ns != before
@@ -179,7 +182,8 @@ def test_next_version_and_no_overwrite(served, image_detector, postprocess_confi
 )
 def test_bad_arguments(tmp_path, postprocess_config, kwargs, match):
     with pytest.raises(TfcalError, match=match):
-        serving.export_for_serving(None, postprocess_config, tmp_path, **kwargs)
+        serving.export_for_serving(None, postprocess_config, tmp_path, kwargs.pop("model_name"),
+                                   options=serving.ServingOptions(**kwargs))
 
 
 @pytest.mark.slow
@@ -199,7 +203,8 @@ def test_failure_mid_write_leaves_no_version(
     monkeypatch.setattr(serving, "write_warmup_requests", failing_warmup)
     with pytest.raises(type(error)):
         serving.export_for_serving(
-            image_detector, postprocess_config, tmp_path, "det", verify=False
+            image_detector, postprocess_config, tmp_path, "det",
+            options=serving.ServingOptions(verify=False)
         )
     assert "saved_model.pb" in written[0]
     assert list((tmp_path / "det").iterdir()) == []  # no version, no temporary directory

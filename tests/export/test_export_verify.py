@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from odapi_test_model import build_odapi_test_model
-from odapi_test_model import encode_png
-from odapi_test_model import sample_image
-from tfcal.export import odapi
+from .odapi_test_model import build_odapi_test_model
+from .odapi_test_model import encode_png
+from .odapi_test_model import sample_image
+from tfcal.export import saved_model
 from tfcal.export import serving
 from tfcal.export import verify
 from tfcal.layers import PostProcessor
@@ -109,7 +109,7 @@ def test_nanodet_export_reload_parity(tmp_path):
     config = PostProcessConfig(
         num_classes=90,
         calibration="temperature",
-        temperature=(1.2,),
+        calibration_params={"temperature": (1.2,)},
         min_score_thresh=(0.05,),
         nms_iou=ious,
         max_detections_per_class=100,
@@ -135,7 +135,7 @@ def test_nanodet_export_reload_parity(tmp_path):
         want = layer(raw["raw_detection_boxes"], raw["raw_detection_scores"])
         got = loaded.signatures["serving_default"](input_tensor=x)
         assert int(got["num_detections"][0]) == int(want["num_detections"][0]) > 0
-        for key in odapi.DETECTION_KEYS:
+        for key in saved_model.DETECTION_KEYS:
             np.testing.assert_allclose(got[key].numpy(), want[key].numpy(), atol=1e-5)
             np.testing.assert_allclose(batch[key].numpy()[i], got[key].numpy()[0], atol=1e-5)
     meta = loaded.signatures["metadata"](request=tf.constant([""]))["postprocess_config"]
@@ -149,8 +149,10 @@ def test_box_dependent_calibration_exports_and_verifies(tmp_path, image_detector
     # post-processing layer on the detector's raw outputs (the verification's parity checks).
     from tfcal.postprocess import PostProcessConfig
 
-    config = PostProcessConfig(num_classes=3, calibration="box_platt", box_a=(1.2, 0.8, 1.0),
-                               box_b=(0.1, -0.2, 0.3), box_c=(2.0, -1.5, 0.5),
+    config = PostProcessConfig(num_classes=3, calibration="box_platt",
+                               calibration_params=dict(box_a=(1.2, 0.8, 1.0),
+                                                       box_b=(0.1, -0.2, 0.3),
+                                                       box_c=(2.0, -1.5, 0.5)),
                                min_score_thresh=(0.3, 0.4, 0.2), nms_iou=(0.5, 0.6, 0.5),
                                max_detections_per_class=5, max_total_detections=10)
     result = serving.export_for_serving(image_detector, config, tmp_path / "export", "det",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from odapi_test_model import NUM_BOXES, NUM_CLASSES, build_odapi_test_model, sample_image
+from .odapi_test_model import NUM_BOXES, NUM_CLASSES, build_odapi_test_model, sample_image
 from tfcal import TfcalError
 from tfcal.detectors import open_described
 from tfcal.detectors.base import Detector
@@ -149,7 +149,7 @@ def test_masks_made_after_the_models_own_nms_are_refused(tmp_path):
     tuned NMS: the adapter refuses it in one line naming the output, for tuning and export."""
     import tensorflow as tf
 
-    from tfcal.export.odapi import load_detector
+    from tfcal.export.saved_model import load_detector
 
     class WithMasks(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([1, None, None, 3], tf.uint8)])

@@ -17,7 +17,8 @@ from tfcal.postprocess import PostProcessConfig
 K = 3
 
 PP_CONFIG = PostProcessConfig(
-    num_classes=K, calibration="temperature", temperature=(1.5, 0.7, 1.1),
+    num_classes=K, calibration="temperature",
+    calibration_params={"temperature": (1.5, 0.7, 1.1)},
     min_score_thresh=(0.3, 0.2, 0.4), class_enabled=(True, True, False), nms_iou=(0.5, 0.7, 0.5),
     max_detections_per_class=4, max_total_detections=6, label_offset=1)
 
@@ -152,7 +153,7 @@ def test_layers_trace_once_for_any_batch_and_output_float32(layer_factory, input
     (lambda: ScoreCalibration(method="temperature", temperature=[1.3], platt_a=[1.0] * K),
      "platt_a: a parameter of calibration method 'platt'"),
     (lambda: CombinedNMS(class_agnostic=True, max_detections_per_class=10),
-     "max_detections_per_class: not used by class_agnostic"),
+     "max_detections_per_class: class_agnostic NMS has no per-class cap"),
     (lambda: ClassThresholds(min_score_thresh=1.5), "min_score_thresh"),
     (lambda: ClassThresholds(min_score_thresh=[0.1, 0.2], num_classes=3), "min_score_thresh"),
     (lambda: ClassThresholds(class_enabled=[1, 0]), "class_enabled"),
@@ -167,7 +168,7 @@ def test_layers_trace_once_for_any_batch_and_output_float32(layer_factory, input
     (lambda: CombinedNMS(class_ids=[1.0, 2.0]), "class_ids"),
     (lambda: CombinedNMS(class_ids=[1, 2 ** 24 + 1]), "class_ids"),
     (lambda: CombinedNMS(iou_threshold=[0.5, 0.6], class_ids=[1, 2, 3]), "class_ids: 3 ids"),
-    (lambda: CombinedNMS(soft_nms_sigma=-0.5), "soft_nms_sigma: each value must be >= 0"),
+    (lambda: CombinedNMS(soft_nms_sigma=-0.5), "soft_nms_sigma: must be >= 0.0, got -0.5"),
     (lambda: CombinedNMS(iou_threshold=[0.5, 0.6], soft_nms_sigma=[0.1, 0.2, 0.3]),
      "soft_nms_sigma: 3 values"),
     (lambda: CombinedNMS(soft_nms_sigma=[0.1, 0.2], class_agnostic=True), "soft_nms_sigma"),
@@ -256,7 +257,8 @@ def test_candidate_prefilter_gives_identical_detections(converter, method, param
     rng = np.random.default_rng(21)
     cfg = PostProcessConfig(num_classes=K, score_converter=converter, calibration=method,
                             min_score_thresh=(0.35, 0.2, 0.5), nms_iou=(0.3, 0.6, 0.3),
-                            max_detections_per_class=5, max_total_detections=8, **params)
+                            max_detections_per_class=5, max_total_detections=8,
+                            calibration_params=params)
     boxes, _ = make_inputs(22, batch=3, num_boxes=40)
     if converter == "identity":
         raw = rng.normal(-2, 2, (3, 40, K + 1)).astype(np.float32)
@@ -286,8 +288,9 @@ def test_box_platt_per_class_boxes_through_the_prefilter():
     rng = np.random.default_rng(25)
     boxes, raw = make_inputs(26, batch=2, num_boxes=30)
     per_class = boxes[:, :, None, :] + rng.normal(0, 0.02, (2, 30, K, 4)).astype(np.float32)
-    cfg = PostProcessConfig(num_classes=K, calibration="box_platt", box_a=(1.1, 0.9, 1.0),
-                            box_b=(0.2, -0.1, 0.0), box_c=(3.0, -2.0, 1.0),
+    cfg = PostProcessConfig(num_classes=K, calibration="box_platt",
+                            calibration_params=dict(box_a=(1.1, 0.9, 1.0), box_b=(0.2, -0.1, 0.0),
+                                                    box_c=(3.0, -2.0, 1.0)),
                             min_score_thresh=(0.4, 0.3, 0.5), nms_iou=(0.5,),
                             max_total_detections=6)
     fast = PostProcessor(cfg)(per_class, raw)
@@ -313,10 +316,9 @@ def test_post_processor_matches_the_ops_chain():
     boxes, raw = make_inputs(8, batch=2, num_boxes=30)
     out = PostProcessor(PP_CONFIG)(boxes, raw)
     q = calibration.calibrate_scores_tf(raw, method="temperature",
-                                        temperature=PP_CONFIG.temperature)
+                                        **PP_CONFIG.calibration_params)
     q = ops.apply_class_thresholds(q, PP_CONFIG.min_score_thresh, PP_CONFIG.class_enabled)
-    ref = ops.combined_nms(boxes, q, iou_threshold=PP_CONFIG.nms_iou, max_detections_per_class=4,
-                           max_total_detections=6)
+    ref = ops.combined_nms(boxes, q, PP_CONFIG.nms_options())
     for key in out:
         np.testing.assert_array_equal(out[key].numpy(), ref[key].numpy(), err_msg=key)
     assert 3.0 not in out["detection_classes"].numpy(), "class 3 is disabled"
@@ -366,8 +368,17 @@ def test_tf_saved_model_round_trip_with_dynamic_shapes(tmp_path):
             np.testing.assert_array_equal(got[key].numpy(), want[key].numpy(), err_msg=key)
 
 
+def test_combined_nms_on_an_empty_batch_with_no_classes():
+    # tf.image.combined_non_max_suppression gives [0, max_total, ...] here; so does the layer.
+    out = CombinedNMS(max_total_detections=5)(tf.zeros([0, 0, 0, 4]), tf.zeros([0, 0, 0]))
+    assert out["detection_boxes"].shape == (0, 5, 4)
+    assert out["detection_scores"].shape == out["detection_classes"].shape == (0, 5)
+    assert out["num_detections"].shape == (0,)
+
+
 def test_class_agnostic_post_processor_with_per_class_boxes():
-    cfg = PP_CONFIG.replace(nms_iou=(0.5,), class_agnostic=True)
+    # One NMS over all classes: no per-class cap.
+    cfg = PP_CONFIG.replace(nms_iou=(0.5,), class_agnostic=True, max_detections_per_class=None)
     boxes, raw = make_inputs(25, batch=2, num_boxes=30)
     per_class = np.repeat(boxes[:, :, None, :], K, axis=2)
     fast = PostProcessor(cfg)(per_class, raw)
@@ -406,7 +417,8 @@ def test_the_stages_one_by_one_give_what_post_processor_gives(converter, method,
     thresh = [0.35, 0.2, 0.5]
     cfg = PostProcessConfig(num_classes=K, score_converter=converter, calibration=method,
                             min_score_thresh=tuple(thresh), nms_iou=(0.3, 0.6, 0.3),
-                            max_detections_per_class=5, max_total_detections=8, **params)
+                            max_detections_per_class=5, max_total_detections=8,
+                            calibration_params=params)
     boxes, _ = make_inputs(32, batch=2, num_boxes=40)
     raw = (rng.normal(-2, 2, (2, 40, K + 1)) if converter == "identity" else
            rng.dirichlet(np.ones(K + 1) * 0.3, size=(2, 40))).astype(np.float32)

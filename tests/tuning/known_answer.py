@@ -51,10 +51,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import yaml
+
+from tfcal.config import load_config
+from tfcal.tuning.pipeline import run_tune
 
 IMAGE_SIZE = 240
 CELL = 40
@@ -289,3 +292,26 @@ def write_job(root: Path, *, num_images: int = 60, config: dict | None = None,
 def expected_threshold(value: float) -> float:
     """A threshold as the search reports it: the float32 observed score, as a Python float."""
     return float(np.float32(value))
+
+
+class Tuned(NamedTuple):
+    """A tuned known-answer job (`tune`)."""
+
+    report: dict
+    postprocess: dict
+    run_dir: Path
+    config_path: Path
+
+    def holdout_counts(self) -> dict[str, tuple[int, int, int]]:
+        """``{class name: (TP, FP, FN)}`` on the holdout images."""
+        return {c["name"]: (c["holdout"]["tp"], c["holdout"]["fp"], c["holdout"]["fn"])
+                for c in self.report["classes"]}
+
+
+def tune(root: Path, *, raw: dict | None = None, **sections: dict) -> Tuned:
+    """Writes the job into `root` (`default_config` updated by `sections`, raw outputs `raw`
+    or the built ones) and tunes it without export."""
+    path = write_job(root, config=default_config(**sections), raw=raw)
+    result = run_tune(load_config(path), export=False)
+    return Tuned(result.report, json.loads(result.postprocess_path.read_text()),
+                 result.run_dir, path)

@@ -30,8 +30,9 @@ DRIFTED_CAR_FP = (0.80, 0.85)
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    """The tuned job: `(root, config path)`, with the new data sets' annotations beside it."""
+def tuned_job(tmp_path_factory):
+    """The tuned known-answer job: `(root, config path)`, with the new data sets' annotations
+    beside it."""
     root = tmp_path_factory.mktemp("drift")
     coco, raw = ka.build(TUNE_IDS)
     drift_coco, drift_raw = ka.build(DRIFT_IDS, car_fp_scores=DRIFTED_CAR_FP)
@@ -60,8 +61,8 @@ def _classes(drift: dict) -> dict[str, dict]:
     return {c["name"]: c for c in drift["classes"]}
 
 
-def test_same_data_is_ok(job, capsys):
-    root, config = job
+def test_same_data_is_ok(tuned_job, capsys):
+    root, config = tuned_job
     code, out, err = _drift(capsys, config, root / "instances.json", root / "images")
     assert code == 0, err
     drift = _newest(root / "run" / "drift")
@@ -82,8 +83,8 @@ def test_same_data_is_ok(job, capsys):
     assert "drift: OK" in out
 
 
-def test_new_data_from_the_same_source_is_ok(job, capsys, tmp_path):
-    root, config = job
+def test_new_data_from_the_same_source_is_ok(tuned_job, capsys, tmp_path):
+    root, config = tuned_job
     out_path = tmp_path / "drift.json"
     code, out, err = _drift(capsys, config, root / "same.json", root / "images",
                             "--out", str(out_path))
@@ -94,8 +95,8 @@ def test_new_data_from_the_same_source_is_ok(job, capsys, tmp_path):
     assert _classes(drift)["car"]["precision_new"] == 1.0
 
 
-def test_drifted_precision_exits_1_and_names_the_class(job, capsys, tmp_path):
-    root, config = job
+def test_drifted_precision_exits_1_and_names_the_class(tuned_job, capsys, tmp_path):
+    root, config = tuned_job
     out_path = tmp_path / "drift.json"
     code, out, err = _drift(capsys, config, root / "drifted.json", root / "images",
                             "--out", str(out_path))
@@ -117,10 +118,10 @@ def test_drifted_precision_exits_1_and_names_the_class(job, capsys, tmp_path):
     assert "DRIFT DETECTED" in out and "car:" in out
 
 
-def test_precision_tolerance_is_configurable(job, capsys, tmp_path):
+def test_precision_tolerance_is_configurable(tuned_job, capsys, tmp_path):
     # A tolerance of 0.6 accepts car's fall from 1.0 to 0.5 against the report (and any ECE
     # change up to 1.0); its precision 0.5 is still significantly below the 0.9 target.
-    root, config = job
+    root, config = tuned_job
     cfg = yaml.safe_load(config.read_text())
     cfg["drift"] = {"precision_tolerance": 0.6, "ece_tolerance": 1.0}
     loose = root / "loose.yaml"
@@ -135,10 +136,10 @@ def test_precision_tolerance_is_configurable(job, capsys, tmp_path):
     assert [f.split(":")[0] for f in drift["failures"]] == ["car"]
 
 
-def _config_with_run_dir(job, tmp_path, run_dir: Path, **drift) -> Path:
+def _config_with_run_dir(tuned_job, tmp_path, run_dir: Path, **drift) -> Path:
     """The job's config written to `tmp_path`, with absolute paths, `run_dir` as output.dir
     and, if given, the `drift` section."""
-    root, config = job
+    root, config = tuned_job
     cfg = yaml.safe_load(config.read_text())
     cfg["model"]["raw_outputs"] = str(root / "raw.npz")
     cfg["data"]["annotations"] = str(root / "instances.json")
@@ -150,9 +151,9 @@ def _config_with_run_dir(job, tmp_path, run_dir: Path, **drift) -> Path:
     return path
 
 
-def test_missing_postprocess_json_exits_2(job, capsys, tmp_path):
-    root, _ = job
-    config = _config_with_run_dir(job, tmp_path, tmp_path / "never_tuned")
+def test_missing_postprocess_json_exits_2(tuned_job, capsys, tmp_path):
+    root, _ = tuned_job
+    config = _config_with_run_dir(tuned_job, tmp_path, tmp_path / "never_tuned")
     code, out, err = _drift(capsys, config, root / "same.json", root / "images")
     assert code == 2, err
     assert err.count("\n") == 0 and err.startswith("tfcal: error: ")
@@ -160,37 +161,37 @@ def test_missing_postprocess_json_exits_2(job, capsys, tmp_path):
     assert not (tmp_path / "never_tuned").exists()
 
 
-def test_corrupt_postprocess_json_exits_2(job, capsys, tmp_path):
+def test_corrupt_postprocess_json_exits_2(tuned_job, capsys, tmp_path):
     # A damaged postprocess.json is bad input (exit 2, one line naming the file), not an
     # internal error.
-    root, _ = job
+    root, _ = tuned_job
     run_dir = tmp_path / "run"
     shutil.copytree(root / "run", run_dir)
     ppc = json.loads((run_dir / "postprocess.json").read_text())
     ppc["min_score_thresh"] = [0.7, 1.5, 1.0]
     (run_dir / "postprocess.json").write_text(json.dumps(ppc))
-    config = _config_with_run_dir(job, tmp_path, run_dir)
+    config = _config_with_run_dir(tuned_job, tmp_path, run_dir)
     code, out, err = _drift(capsys, config, root / "same.json", root / "images")
     assert code == 2, err
     assert err.count("\n") == 0 and err.startswith("tfcal: error: ")
     assert "postprocess.json" in err and "min_score_thresh" in err
 
 
-def test_missing_report_json_exits_2(job, capsys, tmp_path):
-    root, _ = job
+def test_missing_report_json_exits_2(tuned_job, capsys, tmp_path):
+    root, _ = tuned_job
     run_dir = tmp_path / "run"
     shutil.copytree(root / "run", run_dir, ignore=shutil.ignore_patterns("drift"))
     (run_dir / "report.json").unlink()
-    config = _config_with_run_dir(job, tmp_path, run_dir)
+    config = _config_with_run_dir(tuned_job, tmp_path, run_dir)
     code, out, err = _drift(capsys, config, root / "same.json", root / "images")
     assert code == 2, err
     assert "report.json" in err
     assert not (run_dir / "drift").exists()
 
 
-def test_new_images_without_raw_outputs_exit_2(job, capsys, tmp_path):
+def test_new_images_without_raw_outputs_exit_2(tuned_job, capsys, tmp_path):
     # New images whose raw outputs are not in model.raw_outputs: a clear error naming the npz.
-    root, config = job
+    root, config = tuned_job
     coco, _ = ka.build(list(range(5001, 5011)))
     new = tmp_path / "unseen.json"
     new.write_text(json.dumps(coco))
@@ -199,10 +200,10 @@ def test_new_images_without_raw_outputs_exit_2(job, capsys, tmp_path):
     assert "raw.npz" in err and "image_ids" in err
 
 
-def test_raw_outputs_of_the_new_images_without_images_dir(job, capsys, tmp_path):
+def test_raw_outputs_of_the_new_images_without_images_dir(tuned_job, capsys, tmp_path):
     # The new images' outputs in their own npz (not in the tuned config's): --raw-outputs
     # replaces the config's model, and no --images is needed.
-    root, config = job
+    root, config = tuned_job
     _, drift_raw = ka.build(DRIFT_IDS, car_fp_scores=DRIFTED_CAR_FP)
     np.savez(tmp_path / "new_raw.npz", **drift_raw)
     out_path = tmp_path / "drift.json"
@@ -216,9 +217,9 @@ def test_raw_outputs_of_the_new_images_without_images_dir(job, capsys, tmp_path)
     assert drift["raw_outputs"].startswith("raw_outputs:")
 
 
-def test_raw_outputs_missing_the_new_images_exits_2(job, capsys, tmp_path):
+def test_raw_outputs_missing_the_new_images_exits_2(tuned_job, capsys, tmp_path):
     # The tuning npz holds no rows for these ids: bad input naming the file, no drift.json.
-    root, config = job
+    root, config = tuned_job
     _, drift_raw = ka.build(DRIFT_IDS[:5])
     np.savez(tmp_path / "partial.npz", **drift_raw)
     out_path = tmp_path / "drift.json"
@@ -230,10 +231,10 @@ def test_raw_outputs_missing_the_new_images_exits_2(job, capsys, tmp_path):
     assert not out_path.exists()
 
 
-def test_drift_checks_the_boxes_of_the_new_outputs(job, capsys, tmp_path):
+def test_drift_checks_the_boxes_of_the_new_outputs(tuned_job, capsys, tmp_path):
     # Centre-size boxes of the new images, read as corners: most are inverted; refused in one
     # line naming model.box_format before any drift file is written.
-    root, config = job
+    root, config = tuned_job
     _, drift_raw = ka.build(DRIFT_IDS, car_fp_scores=DRIFTED_CAR_FP)
     y0, x0, y1, x1 = np.moveaxis(drift_raw["boxes"], -1, 0)
     drift_raw["boxes"] = np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)
@@ -247,8 +248,8 @@ def test_drift_checks_the_boxes_of_the_new_outputs(job, capsys, tmp_path):
     assert not out_path.exists()
 
 
-def test_saved_model_config_needs_images(job, capsys, tmp_path):
-    root, config = job
+def test_saved_model_config_needs_images(tuned_job, capsys, tmp_path):
+    root, config = tuned_job
     cfg = yaml.safe_load(config.read_text())
     cfg["model"].pop("raw_outputs")
     cfg["model"]["saved_model"] = str(tmp_path / "detector")
@@ -263,12 +264,12 @@ def test_saved_model_config_needs_images(job, capsys, tmp_path):
     assert "--images" in err
 
 
-def test_calibration_checks_alone_fail_on_the_drifted_set(job, capsys, tmp_path):
+def test_calibration_checks_alone_fail_on_the_drifted_set(tuned_job, capsys, tmp_path):
     # min_support above any count leaves every class unjudged; with ECE tolerance 0 the
     # confident false positives (0.80, 0.85) raise ECE, LaECE_0 and LaACE_0 above the
     # report's (false positives count IoU 0), and that alone exits 1.
-    root, _ = job
-    config = _config_with_run_dir(job, tmp_path, root / "run", min_support=100000,
+    root, _ = tuned_job
+    config = _config_with_run_dir(tuned_job, tmp_path, root / "run", min_support=100000,
                                   ece_tolerance=0.0)
     out_path = tmp_path / "drift.json"
     code, out, err = _drift(capsys, config, root / "drifted.json", root / "images",
@@ -289,9 +290,9 @@ def test_calibration_checks_alone_fail_on_the_drifted_set(job, capsys, tmp_path)
     assert same["localization"]["la_ece_0_new"] < loc["la_ece_0_new"]
 
 
-def test_classes_below_min_support_are_reported_not_judged(job, capsys, tmp_path):
-    root, _ = job
-    config = _config_with_run_dir(job, tmp_path, root / "run", min_support=100000,
+def test_classes_below_min_support_are_reported_not_judged(tuned_job, capsys, tmp_path):
+    root, _ = tuned_job
+    config = _config_with_run_dir(tuned_job, tmp_path, root / "run", min_support=100000,
                                   ece_tolerance=1.0)
     out_path = tmp_path / "drift.json"
     code, _, err = _drift(capsys, config, root / "drifted.json", root / "images",
@@ -306,11 +307,11 @@ def test_classes_below_min_support_are_reported_not_judged(job, capsys, tmp_path
 
 
 @pytest.mark.slow
-def test_each_run_writes_a_new_file_and_never_replaces_one(job, capsys, tmp_path):
-    root, _ = job
+def test_each_run_writes_a_new_file_and_never_replaces_one(tuned_job, capsys, tmp_path):
+    root, _ = tuned_job
     run_dir = tmp_path / "run"
     shutil.copytree(root / "run", run_dir, ignore=shutil.ignore_patterns("drift"))
-    config = _config_with_run_dir(job, tmp_path, run_dir)
+    config = _config_with_run_dir(tuned_job, tmp_path, run_dir)
     for _ in range(3):
         code, out, err = _drift(capsys, config, root / "same.json", root / "images")
         assert code == 0, err
@@ -334,13 +335,13 @@ def test_each_run_writes_a_new_file_and_never_replaces_one(job, capsys, tmp_path
 # --- the detector must be the tuned one ----------------------------------------------------
 
 
-def test_outputs_of_another_model_are_refused_not_called_drift(job, capsys, tmp_path):
+def test_outputs_of_another_model_are_refused_not_called_drift(tuned_job, capsys, tmp_path):
     # The run was tuned on a model with fingerprint "a" * 64; the new raw outputs (a cache
     # folder) say they come from model "b" * 64. Comparing them would report a huge "drift"
     # (ECE 0.096 -> 0.997 in the fault corpus); the right answer is: not the tuned model.
-    from tfcal.coco.cache import RawOutputs, save_cache
+    from tfcal.raw import RawOutputs, save_cache
 
-    root, _ = job
+    root, _ = tuned_job
     run_dir = tmp_path / "run"
     shutil.copytree(root / "run", run_dir, ignore=shutil.ignore_patterns("drift"))
     ppc_path = (run_dir / "postprocess.json").resolve()
@@ -354,7 +355,7 @@ def test_outputs_of_another_model_are_refused_not_called_drift(job, capsys, tmp_
     cache = save_cache(tmp_path / "other_model", RawOutputs(
         ids, raw["boxes"], raw["scores"], *sizes, fingerprint="f" * 64,
         model_fingerprint="b" * 64, data_fingerprint="d" * 64))
-    config = _config_with_run_dir(job, tmp_path, run_dir)
+    config = _config_with_run_dir(tuned_job, tmp_path, run_dir)
     code = main(["drift", str(config), "--annotations", str(root / "drifted.json"),
                  "--raw-outputs", str(cache)])
     err = capsys.readouterr().err.strip()

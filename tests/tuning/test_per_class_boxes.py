@@ -13,27 +13,17 @@ tuning, and softmax heads (a background column) end to end.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 import known_answer as ka
+from box_reference import iou as box_iou
 from tfcal import TfcalError
-from tfcal.coco.cache import RawOutputs
-from tfcal.config import Config, load_config
+from tfcal.config import Config
 from tfcal.postprocess import PostProcessConfig
+from tfcal.raw import RawOutputs
 from tfcal.tuning.candidates import collect_candidates
 from tfcal.tuning.detections import _calibrate_fn, postprocess_images
-from tfcal.tuning.pipeline import run_tune
-
-
-def _iou(a, b):
-    y0, x0 = np.maximum(a[0], b[0]), np.maximum(a[1], b[1])
-    y1, x1 = np.minimum(a[2], b[2]), np.minimum(a[3], b[3])
-    inter = max(0.0, y1 - y0) * max(0.0, x1 - x0)
-    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
 
 
 def _reference_nms(boxes_k, scores_k, iou, thresh):
@@ -44,7 +34,7 @@ def _reference_nms(boxes_k, scores_k, iou, thresh):
         s = scores_k[n]
         if s < thresh or s <= 0:
             break
-        if all(_iou(boxes_k[n], b) <= iou for _, b in kept):
+        if all(box_iou(boxes_k[n], b) <= iou for _, b in kept):
             kept.append((s, boxes_k[n]))
     return kept
 
@@ -68,7 +58,7 @@ def test_tuner_candidates_equal_the_exported_post_processor_per_class(seed):
     b, n, k, _ = boxes.shape
     iou, thresh = 0.5, 0.3
     cand = collect_candidates([(np.arange(b), boxes, scores)], _calibrate_fn(Config(), None),
-                              [iou], thresh, 100, 100)[iou]
+                              [iou], thresh)[iou]
     ppc = PostProcessConfig(num_classes=k, min_score_thresh=(thresh,), nms_iou=(iou,),
                             label_offset=0)
     raw = RawOutputs(np.arange(b), boxes, scores, np.full(b, 100), np.full(b, 100))
@@ -95,7 +85,7 @@ def test_per_class_thresholds_and_ious_agree_with_the_post_processor(seed):
     b, _, k, _ = boxes.shape
     thresholds, ious = (0.3, 0.5, 0.7), (0.4, 0.6, 0.4)
     cands = collect_candidates([(np.arange(b), boxes, scores)], _calibrate_fn(Config(), None),
-                               sorted(set(ious)), min(thresholds), 100, 100)
+                               sorted(set(ious)), min(thresholds))
     ppc = PostProcessConfig(num_classes=k, min_score_thresh=thresholds, nms_iou=ious,
                             label_offset=0)
     raw = RawOutputs(np.arange(b), boxes, scores, np.full(b, 100), np.full(b, 100))
@@ -126,19 +116,10 @@ def _per_class(raw, seed=0):
     return dict(raw, boxes=out)
 
 
-def _tune(root, raw, **sections):
-    path = ka.write_job(root, config=ka.default_config(**sections), raw=raw)
-    result = run_tune(load_config(path), export=False)
-    ppc = json.loads(result.postprocess_path.read_text())
-    counts = {c["name"]: (c["holdout"]["tp"], c["holdout"]["fp"], c["holdout"]["fn"])
-              for c in result.report["classes"]}
-    return ppc, counts
-
-
 @pytest.fixture(scope="module")
 def known(tmp_path_factory):
     _, raw = ka.build(list(range(1, 61)))
-    return raw, _tune(tmp_path_factory.mktemp("shared_boxes"), raw)
+    return raw, ka.tune(tmp_path_factory.mktemp("shared_boxes"), raw=raw)
 
 
 def _same_choice(a, b):
@@ -147,12 +128,13 @@ def _same_choice(a, b):
 
 
 def test_per_class_boxes_tune_to_the_known_answer(tmp_path, known):
-    raw, (ppc, counts) = known
+    raw, shared = known
+    counts = shared.holdout_counts()
     per_class = _per_class(raw)
     assert per_class["boxes"].shape == (60, ka.NUM_RAW_BOXES, 3, 4)
-    got_ppc, got_counts = _tune(tmp_path, per_class)
-    _same_choice(got_ppc, ppc)
-    assert got_counts == counts
+    got = ka.tune(tmp_path, raw=per_class)
+    _same_choice(got.postprocess, shared.postprocess)
+    assert got.holdout_counts() == counts
     assert counts["car"] == (2 * 18, 0, 0) and counts["person"] == (12 * 18, 18, 18)
 
 
@@ -163,7 +145,7 @@ def test_per_class_boxes_for_the_background_column_are_refused(tmp_path, known):
     with pytest.raises(TfcalError, match=r"raw.npz: boxes: per-class boxes \[60, 26, 4, 4\] "
                                          r"need one box per class column \(3 with "
                                          r"model.background_column: true\), got 4"):
-        _tune(tmp_path, bad)
+        ka.tune(tmp_path, raw=bad)
 
 
 def _softmax(raw):
@@ -173,24 +155,23 @@ def _softmax(raw):
 
 
 def test_softmax_head_tunes_to_the_same_answer(tmp_path, known):
-    raw, (ppc, counts) = known
-    got_ppc, got_counts = _tune(tmp_path / "none", _softmax(raw),
-                                model={"score_converter": "softmax"})
-    assert got_ppc["score_converter"] == "softmax"
-    _same_choice(got_ppc, ppc)
-    assert got_counts == counts
+    raw, shared = known
+    got = ka.tune(tmp_path / "none", raw=_softmax(raw), model={"score_converter": "softmax"})
+    assert got.postprocess["score_converter"] == "softmax"
+    _same_choice(got.postprocess, shared.postprocess)
+    assert got.holdout_counts() == shared.holdout_counts()
 
 
 def test_softmax_head_with_platt_runs_end_to_end(tmp_path, known):
     raw, _ = known
-    got_ppc, got_counts = _tune(tmp_path / "platt", _softmax(raw),
-                                model={"score_converter": "softmax"},
-                                calibration={"method": "platt", "per_class": False})
+    got = ka.tune(tmp_path / "platt", raw=_softmax(raw), model={"score_converter": "softmax"},
+                  calibration={"method": "platt", "per_class": False})
+    got_ppc = got.postprocess
     assert got_ppc["calibration"] == "platt"
     assert all(np.isfinite(got_ppc["platt_a"])) and all(np.isfinite(got_ppc["platt_b"]))
-    assert got_counts["car"][0] > 0
+    assert got.holdout_counts()["car"][0] > 0
     # Temperature is refused for softmax heads, in one line naming the key.
     with pytest.raises(TfcalError, match=r"calibration.method: temperature with score_converter "
                                          r"softmax is not tuned per detection"):
-        _tune(tmp_path / "temperature", _softmax(raw), model={"score_converter": "softmax"},
-              calibration={"method": "temperature"})
+        ka.tune(tmp_path / "temperature", raw=_softmax(raw), model={"score_converter": "softmax"},
+                calibration={"method": "temperature"})

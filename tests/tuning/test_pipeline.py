@@ -25,18 +25,6 @@ from tfcal.tuning.pipeline import run_tune
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _tune(root: Path, *, raw=None, **sections):
-    """Writes the job (default config updated by `sections`) and tunes it without export.
-
-    Returns:
-      `(report, postprocess dict, run_dir, config_path)`.
-    """
-    path = ka.write_job(root, config=ka.default_config(**sections), raw=raw)
-    result = run_tune(load_config(path), export=False)
-    ppc = json.loads(result.postprocess_path.read_text())
-    return result.report, ppc, result.run_dir, path
-
-
 def _by_name(report) -> dict[str, dict]:
     return {c["name"]: c for c in report["classes"]}
 
@@ -75,7 +63,7 @@ def _check_choice(report, ppc, expected: dict[str, ka.Point]):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return _tune(tmp_path_factory.mktemp("base"))
+    return ka.tune(tmp_path_factory.mktemp("base"))
 
 
 def test_split_sizes(base):
@@ -169,9 +157,9 @@ def test_report_subgroups(base):
 def test_subgroup_below_target_is_flagged(tmp_path):
     # Global target 0.95, person kept at 0.9 by an override: the choices stay those of the base
     # job (car precision 1 >= 0.95), so each subgroup's precision is 14/15 = 0.933 < 0.95.
-    report, *_ = _tune(tmp_path, tuning={"target_precision": 0.95,
-                                         "classes": {"person": {"target_precision": 0.9}}},
-                       output={"plots": False})
+    report, *_ = ka.tune(tmp_path, tuning={"target_precision": 0.95,
+                                            "classes": {"person": {"target_precision": 0.9}}},
+                          output={"plots": False})
     assert report["subgroups"]
     for g in report["subgroups"]:
         assert g["precision"] == pytest.approx(14 / 15)
@@ -246,7 +234,7 @@ def perturbed(tmp_path_factory, base):
                 raw["scores"][r, n, cat] = 0.05
             elif cat == 3 and score != ka.FLAG_TP_SCORE:
                 raw["scores"][r, n, cat] = 0.01
-    return _tune(tmp_path_factory.mktemp("perturbed"), raw=raw), rows
+    return ka.tune(tmp_path_factory.mktemp("perturbed"), raw=raw), rows
 
 
 def test_holdout_scores_do_not_change_the_choice(base, perturbed):
@@ -304,8 +292,8 @@ def _check_monotone_calibration(report, ppc, base):
 
 
 def test_pooled_temperature_keeps_the_choice(tmp_path, base):
-    report, ppc, *_ = _tune(tmp_path, calibration={"method": "temperature", "per_class": False},
-                            output={"plots": False})
+    report, ppc, *_ = ka.tune(tmp_path, calibration={"method": "temperature", "per_class": False},
+                               output={"plots": False})
     _check_monotone_calibration(report, ppc, base)
     temps = {c["temperature"] for c in report["classes"]}
     assert len(temps) == 1 and 0.05 < temps.pop() < 20.0
@@ -322,8 +310,8 @@ def test_per_class_temperature_warns_on_separable_classes(tmp_path, base):
     # the pooled fit instead, with a warning naming them.
     with pytest.warns(TfcalWarning,
                       match=r"stopped at a bound .*classes \[car \(id 1\), flag \(id 3\)\]"):
-        report, ppc, *_ = _tune(tmp_path, calibration={"method": "temperature"},
-                                output={"plots": False})
+        report, ppc, *_ = ka.tune(tmp_path, calibration={"method": "temperature"},
+                                   output={"plots": False})
     _check_monotone_calibration(report, ppc, base)
     classes = _by_name(report)
     pooled = report["calibration"]["pooled"]["temperature"]
@@ -336,8 +324,8 @@ def test_per_class_temperature_warns_on_separable_classes(tmp_path, base):
 
 
 def test_best_effort_policy(tmp_path):
-    report, ppc, *_ = _tune(tmp_path, tuning={"on_unreachable": "best_effort"},
-                            output={"plots": False})
+    report, ppc, *_ = ka.tune(tmp_path, tuning={"on_unreachable": "best_effort"},
+                               output={"plots": False})
     _check_choice(report, ppc, ka.EXPECTED["best_effort"])
     flag = _by_name(report)["flag"]
     assert flag["holdout"]["precision"] == pytest.approx(1 / 3)
@@ -360,13 +348,13 @@ def test_error_policy_exits_2_with_one_line(tmp_path, capsys):
 
 def test_error_policy_per_class_override_only_hits_that_class(tmp_path):
     # on_unreachable error for car only (reachable): the run succeeds, flag stays disabled.
-    report, ppc, *_ = _tune(tmp_path, tuning={"classes": {"car": {"on_unreachable": "error"}}},
-                            output={"plots": False})
+    report, ppc, *_ = ka.tune(tmp_path, tuning={"classes": {"car": {"on_unreachable": "error"}}},
+                               output={"plots": False})
     _check_choice(report, ppc, ka.EXPECTED["precision_target"])
 
 
 def test_class_overrides_by_name_and_id(tmp_path):
-    report, ppc, *_ = _tune(
+    report, ppc, *_ = ka.tune(
         tmp_path, tuning={"classes": {"person": {"target_precision": 0.95},
                                       3: {"target_precision": 0.3}}},
         output={"plots": False})
@@ -398,7 +386,7 @@ OBJECTIVE_CASES = {
 
 @pytest.mark.parametrize("case", sorted(OBJECTIVE_CASES))
 def test_objectives(tmp_path, case):
-    report, ppc, *_ = _tune(tmp_path, tuning=OBJECTIVE_CASES[case], output={"plots": False})
+    report, ppc, *_ = ka.tune(tmp_path, tuning=OBJECTIVE_CASES[case], output={"plots": False})
     _check_choice(report, ppc, ka.EXPECTED[case])
     assert all(c["objective"] == OBJECTIVE_CASES[case]["objective"] for c in report["classes"])
     assert report["target"]["objective"] == OBJECTIVE_CASES[case]["objective"]
@@ -407,7 +395,7 @@ def test_objectives(tmp_path, case):
 def test_kfold_evaluates_every_image_out_of_fold(tmp_path):
     # Every fold's tune part holds whole images of identical per-class counts, so each fold
     # chooses the known answer, and the out-of-fold counts are the per-image counts times 60.
-    report, ppc, *_ = _tune(tmp_path, data={"kfold": 3}, output={"plots": False})
+    report, ppc, *_ = ka.tune(tmp_path, data={"kfold": 3}, output={"plots": False})
     assert report["split"]["mode"] == "kfold" and report["split"]["k"] == 3
     assert report["split"]["holdout_images"] == report["split"]["tune_images"] == 60
     _check_choice(report, ppc, ka.EXPECTED["precision_target"])
@@ -415,7 +403,7 @@ def test_kfold_evaluates_every_image_out_of_fold(tmp_path):
 
 
 def test_rerun_is_deterministic(tmp_path, base):
-    report, ppc, *_ = _tune(tmp_path)
+    report, ppc, *_ = ka.tune(tmp_path)
     assert ppc["min_score_thresh"] == base[1]["min_score_thresh"]
     assert report["classes"] == base[0]["classes"]
     assert report["summary"] == base[0]["summary"]
@@ -440,7 +428,7 @@ def test_score_columns_without_a_category_are_never_emitted(tmp_path):
 def test_tune_hands_serving_a_detector_description(tmp_path):
     from tfcal.handoff import DetectorDescription
 
-    _, ppc, run_dir, _ = _tune(tmp_path)
+    _, ppc, run_dir, _ = ka.tune(tmp_path)
     d = DetectorDescription.load(run_dir / "detector.json")
     assert d.saved_model is None  # tuned from precomputed raw outputs
     assert list(d.category_ids) == ppc["class_ids"] == [1, 2, 3]
@@ -456,9 +444,9 @@ def test_pooled_scope_fits_the_calibration_on_the_learn_part_only(tmp_path):
     from tfcal.tuning.prepare import prepare
     from tfcal.tuning.tune import learn_split
 
-    report, ppc, _, path = _tune(tmp_path, calibration={"method": "platt", "per_class": False},
-                                 tuning={"scope": "pooled", "confidence": 0.95},
-                                 output={"plots": False})
+    report, ppc, _, path = ka.tune(tmp_path, calibration={"method": "platt", "per_class": False},
+                                    tuning={"scope": "pooled", "confidence": 0.95},
+                                    output={"plots": False})
     assert report["calibration"]["fitted_on"] == "learn"
     cfg = load_config(path)
     prep = prepare(cfg)
@@ -471,9 +459,9 @@ def test_pooled_scope_fits_the_calibration_on_the_learn_part_only(tmp_path):
     assert ppc["platt_a"] == pytest.approx(list(on_learn.platt_a))
     assert ppc["platt_b"] == pytest.approx(list(on_learn.platt_b))
     assert list(on_tune.platt_a) != pytest.approx(list(on_learn.platt_a))
-    per_class, *_ = _tune(tmp_path / "per_class",
-                          calibration={"method": "platt", "per_class": False},
-                          tuning={"confidence": 0.95}, output={"plots": False})
+    per_class, *_ = ka.tune(tmp_path / "per_class",
+                             calibration={"method": "platt", "per_class": False},
+                             tuning={"confidence": 0.95}, output={"plots": False})
     assert per_class["calibration"]["fitted_on"] == "tune"
 
 
@@ -493,9 +481,10 @@ def test_pool_policy_fits_on_the_learn_part_and_reports_the_group(tmp_path):
     expect person (see `known_answer`) nor flag (precision 1/3) to, so they form the group,
     which is certified together at one calibrated threshold: person's top detections carry it.
     Without pooling both are disabled."""
-    report, ppc, run_dir, _ = _tune(tmp_path, calibration={"method": "platt", "per_class": False},
-                                    tuning={"confidence": 0.95, "on_unreachable": "pool"},
-                                    output={"plots": False})
+    report, ppc, run_dir, _ = ka.tune(tmp_path,
+                                       calibration={"method": "platt", "per_class": False},
+                                       tuning={"confidence": 0.95, "on_unreachable": "pool"},
+                                       output={"plots": False})
     assert report["calibration"]["fitted_on"] == "learn"
     assert report["target"]["on_unreachable"] == "pool"
     g = report["summary"]["guarantee"]
@@ -515,9 +504,9 @@ def test_pool_policy_fits_on_the_learn_part_and_reports_the_group(tmp_path):
     for key in ("tp", "fp", "fn"):
         assert group["holdout"][key] == sum(c["holdout"][key] for c in members)
     assert "Pooled group (2 classes, certified): threshold" in (run_dir / "report.md").read_text()
-    plain, plain_ppc, *_ = _tune(tmp_path / "plain",
-                                 calibration={"method": "platt", "per_class": False},
-                                 tuning={"confidence": 0.95}, output={"plots": False})
+    plain, plain_ppc, *_ = ka.tune(tmp_path / "plain",
+                                    calibration={"method": "platt", "per_class": False},
+                                    tuning={"confidence": 0.95}, output={"plots": False})
     assert [plain_ppc["class_enabled"][classes[n]["column"]] for n in ("person", "flag")] == [
         False, False]
     assert "group" not in plain["summary"]["guarantee"]
@@ -555,9 +544,9 @@ def test_box_platt_is_fitted_on_the_learn_part_and_served_with_the_boxes(tmp_pat
     # flag's learn detections are anti-ordered: its class-only Platt slope is clamped to 0
     # (and its box fit, whose slope is negative too, is not used).
     with pytest.warns(TfcalWarning, match=r"clamped to a = 0 .*flag"):
-        report, ppc, run_dir, path = _tune(tmp_path, calibration={"method": "box_platt"},
-                                           tuning={"confidence": 0.95},
-                                           output={"plots": False})
+        report, ppc, run_dir, path = ka.tune(tmp_path, calibration={"method": "box_platt"},
+                                             tuning={"confidence": 0.95},
+                                             output={"plots": False})
     assert report["calibration"]["fitted_on"] == "learn"
     assert set(report["classes"][0]["calibration"]) == {"a", "b", "c"}
     cfg = load_config(path)

@@ -315,7 +315,16 @@ def test_cli_report_malformed_curves_exit_2(tmp_path, capsys):
     (lambda r: r["curves"]["classes"][0].pop("recall"), "curves.classes[0].recall"),
     (lambda r: r["curves"]["reliability"].update(label_after=[1]), "curves.reliability"),
     (lambda r: r["curves"].update(iou_grid=[0.5]), "curves.iou_grid"),
-    (lambda r: r["classes"][0].pop("name"), "cannot render"),
+    (lambda r: r["classes"][0].pop("name"), "classes[0].name: missing"),
+    # A class without its held-out block: the field is named, not a KeyError.
+    (lambda r: r["classes"][1].pop("holdout"), "classes[1].holdout: missing"),
+    (lambda r: r["classes"][0]["holdout"].pop("fp"), "classes[0].holdout.fp: missing"),
+    (lambda r: r["classes"][2].update(holdout=[0, 0]), "classes[2].holdout: must be an object"),
+    (lambda r: r["summary"].pop("holdout"), "summary.holdout: missing"),
+    (lambda r: r["target"].pop("match_iou"), "target.match_iou: missing"),
+    (lambda r: r["provenance"].pop("versions"), "provenance.versions: missing"),
+    (lambda r: r["subgroups"][1].pop("ece"), "subgroups[1].ece: missing"),
+    (lambda r: r.pop("holdout_confidence"), "holdout_confidence: missing"),
 ])
 def test_cli_report_malformed_fields_exit_2_naming_them(tmp_path, capsys, edit, field):
     report = minimal_report(curves=True)

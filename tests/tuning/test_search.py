@@ -482,7 +482,7 @@ def test_pool_needs_a_learn_split_and_the_default_objective():
 
 def test_pool_group_block_of_the_report_sums_its_members(tmp_path):
     from tfcal.config import load_config
-    from tfcal.tuning.evaluate import _guarantee_block
+    from tfcal.tuning.holdout import _guarantee_block
 
     certify, learn = pool_fixture()
     found = joint_search(certify, POOL, learn=learn)

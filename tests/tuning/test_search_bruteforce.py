@@ -91,13 +91,14 @@ def brute_force_counts(ids, boxes, scores, coco):
     """{(iou, threshold): (tp [K], fp [K])} and num_gt [K], from COCOeval at every grid point."""
     from pycocotools.cocoeval import COCOeval
 
-    from tfcal.ops import combined_nms
+    from tfcal.ops import NmsOptions, combined_nms
 
     counts, num_gt = {}, None
     for g in GRID:
         for t in THRESHOLDS:
-            out = combined_nms(boxes, scores, iou_threshold=g, max_detections_per_class=100,
-                               max_total_detections=100, score_threshold=t, label_offset=1)
+            out = combined_nms(boxes, scores, NmsOptions(
+                iou_threshold=g, max_detections_per_class=100, max_total_detections=100,
+                label_offset=1), score_threshold=t)
             nv = out["num_detections"].numpy().astype(np.int64)
             valid = np.arange(out["detection_scores"].shape[1])[None, :] < nv[:, None]
             tp = np.zeros(NUM_CLASSES, np.int64)
@@ -187,7 +188,7 @@ def case(request):
     ids, boxes, scores, dataset = generate(request.param)
     coco = _coco(dataset)
     counts, num_gt = brute_force_counts(ids, boxes, scores, coco)
-    cands = collect_candidates([(ids, boxes, scores)], None, GRID, min(THRESHOLDS), 100, 100)
+    cands = collect_candidates([(ids, boxes, scores)], None, GRID, min(THRESHOLDS))
     gt = ground_truth(coco)
     matched = {}
     for g, c in cands.items():
@@ -239,9 +240,9 @@ def test_collect_candidates_threshold_semantics_and_batching():
     scores[0, 1, 1] = np.nextafter(np.float32(t), np.float32(0))  # dropped
     boxes[0, 1] = [0.9, 0.9, 0.95, 0.95]  # far from everything: only the threshold decides
     boxes[0, 0] = [0.0, 0.9, 0.05, 0.95]
-    whole = collect_candidates([(ids, boxes, scores)], None, GRID, t, 100, 100)
+    whole = collect_candidates([(ids, boxes, scores)], None, GRID, t)
     parts = collect_candidates([(ids[:2], boxes[:2], scores[:2]), (ids[2:], boxes[2:], scores[2:])],
-                               None, GRID, t, 100, 100)
+                               None, GRID, t)
     for g in GRID:
         a, b = whole[g], parts[g]
         np.testing.assert_array_equal(a.image_id, b.image_id)
@@ -254,6 +255,6 @@ def test_collect_candidates_threshold_semantics_and_batching():
     # Looser NMS keeps at least as many detections.
     assert len(whole[0.3]) <= len(whole[0.5]) <= len(whole[0.7])
     with pytest.raises(ValueError, match="iou_grid"):
-        collect_candidates([], None, (), t, 100, 100)
+        collect_candidates([], None, (), t)
     with pytest.raises(ValueError, match="batch shapes"):
-        collect_candidates([(ids[:2], boxes[:3], scores[:2])], None, GRID, t, 100, 100)
+        collect_candidates([(ids[:2], boxes[:3], scores[:2])], None, GRID, t)

@@ -14,6 +14,7 @@ import numpy as np
 import known_answer as ka
 from tfcal.config import load_config
 from tfcal.layers import PostProcessor
+from tfcal.ops import NmsOptions
 from tfcal.postprocess import PostProcessConfig
 from tfcal.tuning.candidates import collect_candidates
 from tfcal.tuning.pipeline import run_tune
@@ -27,9 +28,9 @@ def test_candidates_cut_at_a_threshold_equal_the_served_soft_nms():
     coco, raw = ka.build(list(range(1, 5)))
     batches = [(raw["image_ids"], raw["boxes"], raw["scores"])]
     sigma = 0.5
-    cands = collect_candidates(batches, _calibrate, (0.5,), 0.01, 100, 100,
-                               soft_nms_sigma=sigma)[0.5]
-    hard = collect_candidates(batches, _calibrate, (0.5,), 0.01, 100, 100)[0.5]
+    cands = collect_candidates(batches, _calibrate, (0.5,), 0.01,
+                               NmsOptions(soft_nms_sigma=sigma))[0.5]
+    hard = collect_candidates(batches, _calibrate, (0.5,), 0.01)[0.5]
     assert not np.array_equal(np.sort(cands.score), np.sort(hard.score)), "soft-NMS decays"
     for t in (0.3, 0.6, 0.8):
         cfg = PostProcessConfig(num_classes=3, min_score_thresh=(t,), nms_iou=(0.5,),

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from tfcal import TfcalError, locks
 from tfcal.beam import statistics
-from tfcal.coco import cache as cache_lib
 from tfcal.config import ModelConfig, RunnerConfig
 from tfcal.detectors import open_detector
+from tfcal.raw import (RawOutputs, cache_path, combined_fingerprint, data_fingerprint,
+                       load_cache)
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ SHOWN_FAILURES = 10
 
 
 def run_detector(model: ModelConfig, runner: RunnerConfig, dataset, *, cache_dir: Path,
-                 source: str = "config") -> cache_lib.RawOutputs:
+                 source: str = "config") -> RawOutputs:
     """Raw outputs of `model` for every image of `dataset`, computed on Beam where missing.
 
     Stages (one log line each): 1. look the images up in the cache and the statistics store;
@@ -51,10 +52,10 @@ def run_detector(model: ModelConfig, runner: RunnerConfig, dataset, *, cache_dir
     """
     detector = open_detector(model)  # checks the files; loads nothing yet
     model_fp = detector.fingerprint()
-    data_fp = cache_lib.data_fingerprint(dataset)
-    fingerprint = cache_lib.combined_fingerprint(model_fp, data_fp)
-    target = cache_lib.cache_path(cache_dir, fingerprint)
-    cached = cache_lib.load_cache(target, fingerprint, dataset)
+    data_fp = data_fingerprint(dataset)
+    fingerprint = combined_fingerprint(model_fp, data_fp)
+    target = cache_path(cache_dir, fingerprint)
+    cached = load_cache(target, fingerprint, dataset)
     if cached is not None:
         log.info("beam 1/3: every image's raw outputs are cached in %s", target)
         return cached
@@ -66,7 +67,7 @@ def run_detector(model: ModelConfig, runner: RunnerConfig, dataset, *, cache_dir
 
 
 def _run_and_merge(model, runner, dataset, detector, store: Path, target: Path, *,
-                   fingerprint: str, data_fp: str, source: str) -> cache_lib.RawOutputs:
+                   fingerprint: str, data_fp: str, source: str) -> RawOutputs:
     index = statistics.load_index(store, detector.fingerprint())
     image_keys = statistics.image_keys(dataset)
     held = index.location
@@ -77,7 +78,7 @@ def _run_and_merge(model, runner, dataset, detector, store: Path, target: Path, 
              len(image_keys), len(image_keys) - len(todo), store)
     if todo:
         detector.batchable  # loads it: a bad model fails here, in one line, before any pipeline
-        try:
+        try:  # apache_beam (the tfcal[beam] extra): imported only when a pipeline runs
             from tfcal.beam import pipeline
         except ImportError as e:
             raise TfcalError(f"{source}: runner.kind: beam needs Apache Beam ({e}); install "

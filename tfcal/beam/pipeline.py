@@ -28,9 +28,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from tfcal import atomic
 from tfcal.beam.statistics import ImageRecord, ShardAccumulator, ShardEntry
-from tfcal.coco.cache import BOX_TOLERANCE
 from tfcal.config import ModelConfig
 from tfcal.detectors import open_detector
+from tfcal.raw.checks import check_boxes_normalized
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,11 @@ class _ToRecord(beam.DoFn):
                        f"{list(scores.shape)}")
         elif not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
             problem = "raw outputs hold NaN or inf"
-        elif boxes.size and (boxes.min() < -BOX_TOLERANCE or boxes.max() > 1 + BOX_TOLERANCE):
-            problem = (f"boxes must be normalized [ymin, xmin, ymax, xmax] in [0, 1] (pixel "
-                       f"coordinates?), got values in [{boxes.min():.4g}, {boxes.max():.4g}]")
+        else:
+            try:
+                check_boxes_normalized(boxes)
+            except ValueError as e:
+                problem = str(e)
         if problem is not None:
             yield beam.pvalue.TaggedOutput(_FAILED, (image_id, problem))
             return

@@ -18,7 +18,7 @@ KiB; COCO val2017, 5,000 images: 3.4 GiB). Records never pile up in memory: a
 `ShardAccumulator` holds at most `shard_images` records and spills them to an immutable shard
 folder, so a worker's memory is one shard, and merging accumulators joins lists of shard
 names. `merge_into_cache` streams the shards into the standard raw-output cache
-(`tfcal.coco.cache`), one image batch at a time, in the data set's image order: the merged
+(`tfcal.raw.cache`), one image batch at a time, in the data set's image order: the merged
 cache is the one the local runner writes (same fingerprint, same bytes).
 
 Store layout, ``<model.cache_dir>/beam-<model fingerprint[:16]>/``:
@@ -50,7 +50,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from tfcal import TfcalError, atomic
-from tfcal.coco import cache as cache_lib
+from tfcal.raw import RawOutputs, RawOutputsWriter, ReleasingMemmap, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ _FLOAT = np.dtype("<f4")
 
 def image_keys(dataset) -> list[str]:
     """One key per image of `dataset`: its id, file name, size in the JSON and the file's byte
-    size and mtime (as `tfcal.coco.cache.data_fingerprint` hashes them), so an image whose
+    size and mtime (as `tfcal.raw.fingerprint.data_fingerprint` hashes them), so an image whose
     file changed is run again."""
     paths = dataset.image_paths or (None,) * dataset.num_images
     keys = []
@@ -124,7 +124,7 @@ def write_shard(store: str | Path, records: Sequence[ImageRecord]) -> ShardEntry
                                         dtype=_FLOAT)
             np.save(tmp / f"{array}.npy", data)
             meta["arrays"][array] = {"shape": list(data.shape),
-                                     "file_sha256": cache_lib.file_sha256(tmp / f"{array}.npy")}
+                                     "file_sha256": file_sha256(tmp / f"{array}.npy")}
         atomic.write_json(tmp / SHARD_META, meta)
     return ShardEntry(name, tuple(meta["image_keys"]))
 
@@ -257,9 +257,9 @@ class _Shard:
             for array in ("boxes", "scores"):
                 file = folder / f"{array}.npy"
                 rec = meta["arrays"][array]
-                if cache_lib.file_sha256(file) != rec["file_sha256"]:
+                if file_sha256(file) != rec["file_sha256"]:
                     raise ValueError(f"{array}.npy changed since written")
-                data = np.load(file, mmap_mode="r").view(cache_lib.ReleasingMemmap)
+                data = np.load(file, mmap_mode="r").view(ReleasingMemmap)
                 if data.dtype != _FLOAT or list(data.shape) != rec["shape"]:
                     raise ValueError(f"{array}.npy is {data.dtype} {list(data.shape)}, "
                                      f"{SHARD_META} says {rec['shape']}")
@@ -271,9 +271,9 @@ class _Shard:
 
 def merge_into_cache(index: StoreIndex, dataset, keys: Sequence[str], target: Path, *,
                      fingerprint: str, data_fingerprint: str, batch: int = 32
-                     ) -> cache_lib.RawOutputs:
+                     ) -> RawOutputs:
     """Streams the shards holding `keys` (one per image of `dataset`, in its order) into the
-    raw-output cache `target` (`tfcal.coco.cache.RawOutputsWriter`: atomic, one batch of rows
+    raw-output cache `target` (`tfcal.raw.cache.RawOutputsWriter`: atomic, one batch of rows
     in memory); returns it, memory-mapped.
 
     Raises:
@@ -286,7 +286,7 @@ def merge_into_cache(index: StoreIndex, dataset, keys: Sequence[str], target: Pa
         raise TfcalError(f"{index.path}: no statistics for {len(missing)} images "
                          f"(ids {missing[:10]})")
     shards: dict[str, _Shard] = {}
-    with cache_lib.RawOutputsWriter(
+    with RawOutputsWriter(
             target, image_ids=dataset.image_ids, image_heights=dataset.image_heights,
             image_widths=dataset.image_widths, fingerprint=fingerprint,
             model_fingerprint=index.model_fingerprint,

@@ -139,7 +139,7 @@ def _as_class_index(class_index, shape, num_classes: int) -> np.ndarray:
 
 def fit_per_class(method: str, logits_or_probs, labels, class_index, num_classes: int, *,
                   min_samples: int = 30, class_labels: Sequence[str] | None = None,
-                  boxes=None, **options) -> PerClassCalibration:
+                  **options) -> PerClassCalibration:
     """Fits one calibration map per class column, shrinking small classes toward the pooled fit.
 
     Shrinkage rule. Let `n_k` be the number of detections of class `k` and
@@ -169,9 +169,9 @@ def fit_per_class(method: str, logits_or_probs, labels, class_index, num_classes
       num_classes: K >= 1.
       min_samples: detections a class needs for full weight on its own fit, default 30.
       class_labels: optional K names for the classes in warnings (default: column indices).
-      boxes: float `[N, 4]` normalized boxes of the detections, for a method that `uses_boxes`
-        (required there, refused by the others).
-      **options: the method's fit options, e.g. temperature `bounds` (default (0.05, 20.0)).
+      **options: the method's fit options, e.g. temperature `bounds` (default (0.05, 20.0)),
+        and `boxes`: float `[N, 4]` normalized boxes of the detections, for a method that
+        `uses_boxes` (required there, refused by the others).
 
     Returns:
       A `PerClassCalibration`.
@@ -196,6 +196,7 @@ def fit_per_class(method: str, logits_or_probs, labels, class_index, num_classes
     single = (pos == 0) | (pos == counts)
     w = np.minimum(1.0, counts / float(min_samples))
     w[(counts == 0) | single] = 0.0
+    boxes = options.pop("boxes", None)
     takes = set(inspect.signature(m.fit).parameters) - _FIT_ARGUMENTS
     unknown = sorted(set(options) - takes)
     if unknown:

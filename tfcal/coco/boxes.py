@@ -27,7 +27,7 @@ set):
   times better on the same numbers is almost surely the one the detector writes. (On the
   demo detector the right layout gives AP50 0.38, the transposed one 0.011.)
 
-Pixel coordinates are refused before, by `tfcal.coco.cache.check_value_ranges`.
+Pixel coordinates are refused before, by `tfcal.raw.checks.check_value_ranges`.
 The candidates are the top `TOP_K` (box, class) entries of each of up to `SAMPLE_IMAGES` images
 spread evenly over the set, read `_READ_ROWS` images at a time (memory: a few images of raw
 scores). Per-class boxes ``[I, N, K, 4]`` give each entry the box of its class.
@@ -37,17 +37,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Literal, get_args
 
 import numpy as np
 
 from tfcal import TfcalError
 from tfcal.coco.matching import Detections, match_detections
+from tfcal.vocabulary import BOX_FORMATS, BoxFormat
 
 logger = logging.getLogger(__name__)
 
-BoxFormat = Literal["yxyx", "xyxy", "cxcywh"]
-BOX_FORMATS: tuple[str, ...] = get_args(BoxFormat)
 
 SAMPLE_IMAGES = 200
 TOP_K = 100
@@ -59,7 +57,7 @@ MIN_ALT_AP = 0.05
 _READ_ROWS = 8
 
 
-def to_yxyx(boxes: np.ndarray, box_format: str) -> np.ndarray:
+def to_yxyx(boxes: np.ndarray, box_format: BoxFormat) -> np.ndarray:
     """Boxes of `box_format` as ``[ymin, xmin, ymax, xmax]``, clipped to [0, 1] (except yxyx,
     returned as given).
 
@@ -84,7 +82,7 @@ def to_yxyx(boxes: np.ndarray, box_format: str) -> np.ndarray:
     return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
 
 
-def converted(raw, box_format: str):
+def converted(raw, box_format: BoxFormat):
     """`raw` (`RawOutputs`) with its boxes converted to yxyx in memory (itself for yxyx).
 
     Boxes are `4 / C` of the raw outputs' size (C score columns), converted
@@ -97,6 +95,18 @@ def converted(raw, box_format: str):
         out[start:start + step] = to_yxyx(raw.boxes[start:start + step], box_format)
     logger.info("boxes converted from %s to [ymin, xmin, ymax, xmax]", box_format)
     return dataclasses.replace(raw, boxes=out)
+
+
+def normalized_to_coco_xywh(boxes: np.ndarray, heights: np.ndarray,
+                            widths: np.ndarray) -> np.ndarray:
+    """float `[I, M, 4]` ``[ymin, xmin, ymax, xmax]`` in [0, 1] -> float64 `[I, M, 4]` pixel
+    ``[x, y, width, height]`` (COCO's box) using each image's int `[I]` `heights` and
+    `widths`."""
+    b = np.asarray(boxes, dtype=np.float64)
+    h = np.asarray(heights, dtype=np.float64)[:, None]
+    w = np.asarray(widths, dtype=np.float64)[:, None]
+    x0, y0 = b[..., 1] * w, b[..., 0] * h
+    return np.stack([x0, y0, b[..., 3] * w - x0, b[..., 2] * h - y0], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,8 +212,6 @@ def sample_ap(sample: BoxSample, boxes_yxyx: np.ndarray, dataset, mapping, *,
               match_iou: float, max_dets: int = TOP_K) -> tuple[float, int]:
     """``(AP, ground-truth boxes)`` of the sampled candidates with these yxyx boxes, on the
     sampled images (see `average_precision`)."""
-    from tfcal.coco.cache import normalized_to_coco_xywh
-
     cat = mapping.columns_to_category_ids(sample.column)
     keep = cat >= 0
     idx = sample.image_index[keep]
@@ -215,7 +223,7 @@ def sample_ap(sample: BoxSample, boxes_yxyx: np.ndarray, dataset, mapping, *,
     return average_precision(result)
 
 
-def check_boxes(raw, dataset, mapping, *, box_format: str, background_column: bool,
+def check_boxes(raw, dataset, mapping, *, box_format: BoxFormat, background_column: bool,
                 match_iou: float, source: str, boxes_key: str = "boxes") -> dict:
     """Refuses raw outputs whose boxes cannot be right (see the module docstring).
 

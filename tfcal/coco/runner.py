@@ -3,7 +3,7 @@
 The detector comes through the seam (`tfcal.detectors.open_detector`): decoded RGB images in,
 normalized pre-NMS boxes float32 `[B, N, 4]` and scores float32 `[B, N, C]` out. Images are
 decoded in parallel with tf.data and prefetched; they are batched when the detector is
-`batchable` and every image has the same size. Outputs are cached by `tfcal.coco.cache` under
+`batchable` and every image has the same size. Outputs are cached by `tfcal.raw.cache` under
 a fingerprint of the model (`Detector.fingerprint`) and the data, so re-tuning never re-runs
 the detector, and a cache hit never loads it. With a cache folder, each batch of outputs is
 written straight into the cache's memory-mapped ``.npy`` files, so memory stays at one batch
@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 
 from tfcal import TfcalError
-from tfcal.coco import cache as cache_lib
-from tfcal.coco.cache import RawOutputs
 from tfcal.detectors.base import Detector
+from tfcal.detectors.odapi import OdapiDetector
+from tfcal.handoff import DetectorDescription
+from tfcal.raw import RawOutputs, RawOutputsWriter, cache_path, checks, load_cache
+from tfcal.raw.fingerprint import combined_fingerprint, data_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -77,22 +79,18 @@ def run_detector(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not isinstance(detector, Detector):
-        # Late: tfcal.detectors.odapi -> tfcal.handoff -> tfcal.coco (this package).
-        from tfcal.detectors.odapi import OdapiDetector
-        from tfcal.handoff import DetectorDescription
-
         detector = OdapiDetector(DetectorDescription(
             saved_model=str(detector), signature=keys.signature, input=keys.input,
             raw_boxes=keys.raw_boxes, raw_scores=keys.raw_scores), num_score_columns)
     if dataset.image_paths is None:
         raise TfcalError(f"{dataset.path}: images folder not given; cannot run the detector")
     model_fp = detector.fingerprint()
-    data_fp = cache_lib.data_fingerprint(dataset, content_hash=content_hash)
-    fingerprint = cache_lib.combined_fingerprint(model_fp, data_fp)
+    data_fp = data_fingerprint(dataset, content_hash=content_hash)
+    fingerprint = combined_fingerprint(model_fp, data_fp)
     target = None
     if cache_dir is not None:
-        target = cache_lib.cache_path(cache_dir, fingerprint)
-        cached = cache_lib.load_cache(target, fingerprint, dataset, num_score_columns)
+        target = cache_path(cache_dir, fingerprint)
+        cached = load_cache(target, fingerprint, dataset, num_score_columns)
         if cached is not None:
             return cached
 
@@ -102,7 +100,7 @@ def run_detector(
                          f"{num_score_columns}")
     sizes = set(zip(dataset.image_heights.tolist(), dataset.image_widths.tolist()))
     batch = batch_size if detector.batchable and len(sizes) == 1 else 1
-    with cache_lib.RawOutputsWriter(
+    with RawOutputsWriter(
             target, image_ids=dataset.image_ids, image_heights=dataset.image_heights,
             image_widths=dataset.image_widths, fingerprint=fingerprint,
             model_fingerprint=model_fp, data_fingerprint=data_fp) as writer:
@@ -127,7 +125,7 @@ def _image_pipeline(paths: list[str], batch: int):
 
 
 def _run(detector: Detector, dataset, batch: int, progress: bool,
-         writer: cache_lib.RawOutputsWriter) -> None:
+         writer: RawOutputsWriter) -> None:
     """Runs `detector` over the dataset's images, appending each batch's checked outputs to
     `writer`."""
     import tensorflow as tf
@@ -151,13 +149,11 @@ def _run(detector: Detector, dataset, batch: int, progress: bool,
                             f"{dataset.image_widths[done + j]} ({paths[done + j]})")
                 arrays = list(images.numpy())
                 b, s = detector(arrays)
-                if b.size and (b.min() < -cache_lib.BOX_TOLERANCE or
-                               b.max() > 1.0 + cache_lib.BOX_TOLERANCE):  # found at once
-                    raise TfcalError(f"{path}: output {detector.description.raw_boxes!r}: must be "
-                                     f"normalized "
-                                     f"[ymin, xmin, ymax, xmax] in [0, 1] (pixel coordinates?), "
-                                     f"got values in [{b.min():.4g}, {b.max():.4g}] for "
-                                     f"{paths[done:done + k]}")
+                try:  # found at once, before anything is written
+                    checks.check_boxes_normalized(
+                        b, f"output {detector.description.raw_boxes!r}")
+                except ValueError as e:
+                    raise TfcalError(f"{path}: {e} for {paths[done:done + k]}") from None
                 try:  # the writer checks row shapes against the first batch, and finiteness
                     writer.append(b, s)
                 except ValueError as e:

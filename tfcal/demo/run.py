@@ -14,8 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from tfcal import atomic
+from tfcal import TfcalError, atomic
 from tfcal.config import load_config
+from tfcal.demo.data import generate_dataset
+from tfcal.tuning.pipeline import run_tune
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +91,9 @@ def run_demo(out: str | Path = "runs/demo", *, num_images: int | None = None):
     Returns:
       A `DemoResult` whose `summary()` says where everything went.
     """
-    from tfcal.demo.data import generate_dataset
-    from tfcal.tuning.pipeline import run_tune
-
     out = Path(out).resolve()
     num_images = DEFAULT_NUM_IMAGES if num_images is None else num_images
     if num_images < 20:
-        from tfcal import TfcalError
         raise TfcalError(f"--num-images: must be >= 20 for a meaningful split, got {num_images}")
     data_dir = out / "data"
     stamp = data_dir / "generated.json"

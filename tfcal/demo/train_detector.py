@@ -72,6 +72,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfcal import atomic
+from tfcal.coco.dataset import load_coco
+from tfcal.coco.evaluation import coco_stats
 from tfcal.demo import data as shapes
 
 log = logging.getLogger(__name__)
@@ -342,9 +344,6 @@ def evaluate(saved_model: str | Path, *, num_images: int = 400, seed: int = 2026
       dict with AP, AP50, AP75, ece, num_scored_detections, tp_rate, mean_score,
       seconds_per_image (signature call only, batch 1).
     """
-    from tfcal.coco.dataset import load_coco
-    from tfcal.coco.evaluation import coco_stats
-
     model = tf.saved_model.load(str(saved_model))
     fn = model.signatures["serving_default"]
     with tempfile.TemporaryDirectory() as tmp:

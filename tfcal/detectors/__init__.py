@@ -14,13 +14,14 @@ hold the picklable `ModelConfig` and open the detector itself.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tfcal import TfcalError
 from tfcal.detectors.base import INPUT_TYPES, Detector, DetectorInfo, ServingGraph
-
-if TYPE_CHECKING:  # imported late: tfcal.handoff -> tfcal.coco -> the runner -> this package
-    from tfcal.handoff import DetectorDescription
+from tfcal.detectors.keras_model import KerasDetector
+from tfcal.detectors.odapi import OdapiDetector
+from tfcal.detectors.yolo import YoloDetector, resolve_layout
+from tfcal.handoff import DetectorDescription
 
 __all__ = ["INPUT_TYPES", "Detector", "DetectorInfo", "ServingGraph", "describe", "open_described",
            "open_detector", "servable"]
@@ -29,14 +30,10 @@ __all__ = ["INPUT_TYPES", "Detector", "DetectorInfo", "ServingGraph", "describe"
 def describe(model: Any) -> DetectorDescription:
     """The `DetectorDescription` of a config's model section (`tfcal.config.ModelConfig`),
     without its category ids (the tuner fills them in from the data set)."""
-    from tfcal.handoff import DetectorDescription
-
     path = model.detector_path
     layout: dict[str, Any] = {}
     box_format = "yxyx_normalized"
     if model.format == "yolo" and path is not None:
-        from tfcal.detectors.yolo import resolve_layout
-
         y = model.yolo
         layout = resolve_layout(path, preset=y.preset, layout=y.layout, box_units=y.box_units,
                                 resize=y.resize, pixel_range=y.pixel_range,
@@ -62,15 +59,9 @@ def open_described(description: DetectorDescription, num_score_columns: int | No
     if description.saved_model is None:
         raise TfcalError("model: no detector to open (tuned from precomputed raw outputs)")
     if description.format == "yolo":
-        from tfcal.detectors.yolo import YoloDetector
-
         return YoloDetector(description)
     if description.format == "keras":
-        from tfcal.detectors.keras_model import KerasDetector
-
         return KerasDetector(description)
-    from tfcal.detectors.odapi import OdapiDetector
-
     return OdapiDetector(description, num_score_columns)
 
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
 from tfcal import TfcalError
-
-if TYPE_CHECKING:  # not at run time: tfcal.handoff -> tfcal.coco -> the runner -> this module
-    from tfcal.handoff import DetectorDescription
+from tfcal.handoff import DetectorDescription
 
 InputType = Literal[
     "image_tensor", "float_image_tensor", "encoded_image_string_tensor", "tf_example"

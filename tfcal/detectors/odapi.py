@@ -30,10 +30,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tfcal import TfcalError
-from tfcal.coco.cache import model_fingerprint
 from tfcal.detectors.base import (INPUT_TYPES, Detector, DetectorInfo, InputType, ServingGraph,
                                   check_outputs)
 from tfcal.handoff import DetectorDescription
+from tfcal.raw import model_fingerprint
 
 __all__ = ["INPUT_TYPES", "InputType", "NMS_OPS", "OdapiDetector", "Signature",
            "detect_input_type", "load_saved_model", "load_serving_graph", "read_signature"]

@@ -34,26 +34,25 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence, get_args
 
 import numpy as np
 
 from tfcal import TfcalError
 from tfcal.detectors.base import (Detector, ServingGraph, check_outputs, image_serving_graph,
                                   load_keras_model)
+from tfcal.detectors.odapi import load_saved_model
 
 logger = logging.getLogger(__name__)
 
 Layout = Literal["boxes_first", "boxes_last", "objectness"]
-LAYOUTS: tuple[str, ...] = ("boxes_first", "boxes_last", "objectness")
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 BoxUnits = Literal["normalized", "pixels"]
-BOX_UNITS: tuple[str, ...] = ("normalized", "pixels")
+BOX_UNITS: tuple[str, ...] = get_args(BoxUnits)
 Resize = Literal["letterbox", "stretch"]
-RESIZES: tuple[str, ...] = ("letterbox", "stretch")
+RESIZES: tuple[str, ...] = get_args(Resize)
 PixelRange = Literal["unit", "byte"]
-PIXEL_RANGES: tuple[str, ...] = ("unit", "byte")
-Backend = Literal["tflite", "saved_model", "keras"]
-BACKENDS: tuple[str, ...] = ("tflite", "saved_model", "keras")
+PIXEL_RANGES: tuple[str, ...] = get_args(PixelRange)
 PAD_VALUE = 114.0  # Ultralytics' letterbox gray
 
 #: Presets: the layout keys of the common exports (explicit keys override them). Ultralytics
@@ -358,8 +357,6 @@ class _Graph:
                 out = model(x, training=False)
                 return _pick(out, output, path)
         else:
-            from tfcal.detectors.odapi import load_saved_model
-
             loaded = load_saved_model(path)
             key = keys.get("signature") or "serving_default"
             if key not in loaded.signatures:

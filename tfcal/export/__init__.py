@@ -1,19 +1,20 @@
 """Exports tuned post-processing: detector wrapping (through its adapter), TF Serving package,
 verification."""
 
-from tfcal.export.odapi import DETECTION_KEYS
-from tfcal.export.odapi import INPUT_TYPES
-from tfcal.export.odapi import DetectorInfo
-from tfcal.export.odapi import ExportResult
-from tfcal.export.odapi import ModelOptions
-from tfcal.export.odapi import ServingGraph
-from tfcal.export.odapi import count_nms_ops
-from tfcal.export.odapi import detect_input_type
-from tfcal.export.odapi import export_detector
-from tfcal.export.odapi import load_detector
+from tfcal.export.saved_model import DETECTION_KEYS
+from tfcal.export.saved_model import INPUT_TYPES
+from tfcal.export.saved_model import DetectorInfo
+from tfcal.export.saved_model import ExportResult
+from tfcal.export.saved_model import ModelOptions
+from tfcal.export.saved_model import ServingGraph
+from tfcal.export.saved_model import count_nms_ops
+from tfcal.export.saved_model import detect_input_type
+from tfcal.export.saved_model import export_detector
+from tfcal.export.saved_model import load_detector
 from tfcal.export.serving import BatchingParameters
 from tfcal.export.serving import ExportOptions
 from tfcal.export.serving import ServingExport
+from tfcal.export.serving import ServingOptions
 from tfcal.export.serving import export_for_serving
 from tfcal.export.serving import export_handoff
 from tfcal.export.serving import next_version
@@ -36,6 +37,7 @@ __all__ = [
     "ModelOptions",
     "ServingGraph",
     "ServingExport",
+    "ServingOptions",
     "VerificationReport",
     "VerificationSample",
     "VerifyOptions",

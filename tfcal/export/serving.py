@@ -39,7 +39,8 @@ import numpy as np
 
 from tfcal import TfcalError
 from tfcal import atomic, locks
-from tfcal.export import odapi
+from tfcal.export import saved_model
+from tfcal.export import verify as verify_mod
 from tfcal.handoff import DetectorDescription, check_detector
 from tfcal.postprocess import PostProcessConfig
 
@@ -118,7 +119,7 @@ class ServingExport:
       models_config: path of `models.config`.
       batching_parameters: path of the batching parameters file.
       warmup_requests: path of `assets.extra/tf_serving_warmup_requests`.
-      export: the `odapi.ExportResult` (signatures, metadata, detector info).
+      export: the `saved_model.ExportResult` (signatures, metadata, detector info).
       verification: the `verify.VerificationReport`, or None when verification was skipped.
     """
 
@@ -233,7 +234,7 @@ def default_warmup_image(height: int = 96, width: int = 128) -> np.ndarray:
     return image.astype(np.uint8)
 
 
-def serving_input(info: odapi.DetectorInfo, image) -> dict[str, np.ndarray]:
+def serving_input(info: saved_model.DetectorInfo, image) -> dict[str, np.ndarray]:
     """One `serving_default` input (a batch of one) for an image, in the detector's input type.
 
     Args:
@@ -330,7 +331,7 @@ def read_warmup_requests(path: str | os.PathLike) -> list[Any]:
 
 
 def _original_raw_outputs(
-    detector: odapi.ServingGraph, feed: dict[str, np.ndarray]
+    detector: saved_model.ServingGraph, feed: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray] | None:
     """The unmodified detector's raw outputs on `feed` (None when not at hand)."""
     if detector.reference is None:
@@ -339,37 +340,34 @@ def _original_raw_outputs(
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportOptions:
-    """Where and how a TF Serving version is written (validated here, once).
+class ServingOptions:
+    """How a TF Serving version is written (validated here, once).
 
     Attributes:
-      export_root: the directory TF Serving mounts (holds `models.config`).
-      model_name: the served model name, also the directory `export_root/<model_name>`.
       version: the version number (>= 1); default the next free one.
       overwrite: allow replacing an existing `version`; otherwise an existing one raises.
-      container_base_path: absolute path where `export_root` is mounted in the container.
+      container_base_path: absolute path where `export_root` is mounted in the container,
+        default "/models".
       batching: the batching parameters file content; default `BatchingParameters()` (with
         `max_batch_size=1` when the detector's batch is fixed to 1).
-      verify: run `verify.verify_export` on the new version before it is published.
-      model: what the SavedModel holds (input type, raw outputs, `encoded_image` signature,
-        pruning), the `odapi.ModelOptions`; default `ModelOptions()`.
+      verify: run `verify.verify_export` on the new version before it is published, default
+        True.
+      model: what the SavedModel holds (input type, raw outputs, extra outputs, `encoded_image`
+        signature, pruning), the `saved_model.ModelOptions`; default `ModelOptions()`.
     """
 
-    export_root: Path
-    model_name: str
     version: int | None = None
     overwrite: bool = False
     container_base_path: str = "/models"
     batching: BatchingParameters | None = None
     verify: bool = True
-    model: odapi.ModelOptions = odapi.ModelOptions()
+    model: saved_model.ModelOptions = saved_model.ModelOptions()
 
     def __post_init__(self):
-        _check_model_name(self.model_name)
-        if not isinstance(self.model, odapi.ModelOptions):
-            raise TypeError(f"model: expected an odapi.ModelOptions, got {self.model!r}")
-        object.__setattr__(self, "export_root", Path(self.export_root))
-        if not self.container_base_path.startswith("/"):
+        if not isinstance(self.model, saved_model.ModelOptions):
+            raise TypeError(f"model: expected a saved_model.ModelOptions, got {self.model!r}")
+        if not isinstance(self.container_base_path, str) or \
+                not self.container_base_path.startswith("/"):
             raise TfcalError(
                 f"container_base_path: must be an absolute path, got {self.container_base_path!r}"
             )
@@ -378,44 +376,59 @@ class ExportOptions:
             raise TfcalError(f"version: must be an integer >= 1, got {v!r}")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportOptions(ServingOptions):
+    """Where a TF Serving version goes, and how it is written (the `ServingOptions` fields).
+
+    Attributes:
+      export_root: the directory TF Serving mounts (holds `models.config`).
+      model_name: the served model name, also the directory `export_root/<model_name>`.
+    """
+
+    export_root: Path
+    model_name: str
+
+    def __post_init__(self):
+        _check_model_name(self.model_name)
+        object.__setattr__(self, "export_root", Path(self.export_root))
+        super().__post_init__()
+
+    @classmethod
+    def at(cls, export_root: str | os.PathLike, model_name: str,
+           serving: ServingOptions | None = None) -> "ExportOptions":
+        """`serving`'s options for the model `model_name` under `export_root`."""
+        serving = ServingOptions() if serving is None else serving
+        if not isinstance(serving, ServingOptions):
+            raise TypeError(f"options: expected a ServingOptions, got {serving!r}")
+        fields = {f.name: getattr(serving, f.name) for f in dataclasses.fields(ServingOptions)}
+        return cls(export_root=Path(export_root), model_name=model_name, **fields)
+
+
 def export_for_serving(
-    detector_dir: str | os.PathLike | None,
+    detector: str | os.PathLike | DetectorDescription | None,
     postprocess_config,
     export_root: str | os.PathLike,
     model_name: str,
     *,
-    version: int | None = None,
-    overwrite: bool = False,
+    options: ServingOptions | None = None,
     warmup_images: Sequence[Any] = (),
-    container_base_path: str = "/models",
-    batching: BatchingParameters | None = None,
-    verify: bool = True,
-    signature_key: str = "serving_default",
-    input_type: odapi.InputType | None = None,
-    raw_boxes_key: str = "raw_detection_boxes",
-    raw_scores_key: str = "raw_detection_scores",
-    include_raw_outputs: bool = False,
-    extra_outputs: Sequence[str] = (),
-    encoded_image_signature: bool = True,
-    prune: bool = True,
-    config_source: str | os.PathLike | None = None,
 ) -> ServingExport:
     """Exports a detector (plus tuned post-processing) as a new TF Serving model version.
 
-    The keyword form of `export_handoff`, for callers without the two handoff records.
+    The form of `export_handoff` for callers without the two handoff records of a tuning run.
 
     Args:
-      detector_dir: the OD API detector SavedModel; None exports a `postprocess_only` model.
-      postprocess_config: a `PostProcessConfig`, a `postprocess.json` path or its dict.
-      export_root, model_name, version, overwrite, container_base_path, batching, verify: see
-        `ExportOptions`.
-      input_type, include_raw_outputs, extra_outputs, encoded_image_signature, prune: see
-        `odapi.ModelOptions`.
+      detector: the OD API detector SavedModel folder, or a `DetectorDescription` (its
+        SavedModel, signature and raw output keys, for a detector whose keys are not the OD
+        API's); None exports a `postprocess_only` model.
+      postprocess_config: a `PostProcessConfig`, a `postprocess.json` path (named in errors) or
+        its dict.
+      export_root: the directory TF Serving mounts (holds `models.config`).
+      model_name: the served model name, also the directory `export_root/<model_name>`.
+      options: the `ServingOptions` (version, overwrite, container path, batching, verification,
+        and the `ModelOptions` of what the SavedModel holds); default `ServingOptions()`.
       warmup_images: paths, encoded bytes or uint8 `[H, W, 3]` arrays for the warmup requests and
         the verification; default one small generated image. Use real images from your data.
-      signature_key, raw_boxes_key, raw_scores_key: see `odapi.load_detector`.
-      config_source: the file `postprocess_config` came from, named in errors (default: the
-        path when one is given).
 
     Returns:
       A `ServingExport`.
@@ -424,22 +437,18 @@ def export_for_serving(
       TfcalError: bad model name, version or container path; FileExistsError: the version
         exists and `overwrite` is False; verify.ExportVerificationError: verification failed
         (nothing is published).
+
+    Example:
+      >>> export_for_serving("detector/saved_model", "runs/x/postprocess.json", "export",
+      ...                    "detector", options=ServingOptions(version=3, overwrite=True))
     """
-    options = ExportOptions(
-        export_root=Path(export_root), model_name=model_name, version=version,
-        overwrite=overwrite, container_base_path=container_base_path, batching=batching,
-        verify=verify, model=odapi.ModelOptions(
-            input_type=input_type, include_raw_outputs=include_raw_outputs,
-            extra_outputs=tuple(extra_outputs), encoded_image_signature=encoded_image_signature,
-            prune=prune))
-    detector = None if detector_dir is None else DetectorDescription(
-        saved_model=str(detector_dir), signature=signature_key, raw_boxes=raw_boxes_key,
-        raw_scores=raw_scores_key)
-    if config_source is None and isinstance(postprocess_config, (str, os.PathLike)):
-        config_source = postprocess_config
-    config = odapi.load_postprocess_config(postprocess_config)
-    return _export(config, detector, options, warmup_images=warmup_images,
-                   config_source=config_source or "postprocess config")
+    export = ExportOptions.at(export_root, model_name, options)
+    if detector is not None and not isinstance(detector, DetectorDescription):
+        detector = DetectorDescription(saved_model=str(detector))
+    source = postprocess_config if isinstance(postprocess_config, (str, os.PathLike)) else \
+        "postprocess config"
+    config = saved_model.load_postprocess_config(postprocess_config)
+    return _export(config, detector, export, warmup_images=warmup_images, config_source=source)
 
 
 def export_handoff(
@@ -484,8 +493,6 @@ def _export(config: PostProcessConfig, description: DetectorDescription | None,
             options: ExportOptions, *, warmup_images: Sequence[Any], config_source,
             category_ids: Sequence[int] | None = None) -> ServingExport:
     """Builds, verifies and publishes one version (see the module docstring)."""
-    from tfcal.export import verify as verify_mod
-
     export_root = options.export_root
     model_name = options.model_name
     container_base_path = options.container_base_path
@@ -500,7 +507,7 @@ def _export(config: PostProcessConfig, description: DetectorDescription | None,
 
     detector = None
     if description is not None:
-        detector = odapi.load_described(description, options.model)
+        detector = saved_model.load_described(description, options.model)
         _check_columns(config, detector.info, config_source)
     if detector is not None:
         images = list(warmup_images) or [default_warmup_image()]
@@ -518,7 +525,7 @@ def _export(config: PostProcessConfig, description: DetectorDescription | None,
         atomic.remove_stale(folder, what="an interrupted export")
     tmp = atomic.mkdtemp(model_dir, "version")
     try:
-        result = odapi.save_export(tmp, config, detector, options.model)
+        result = saved_model.save_export(tmp, config, detector, options.model)
         write_warmup_requests(tmp / "assets.extra" / WARMUP_FILE, feeds, model_name=model_name)
         report = None
         if options.verify:
@@ -592,7 +599,7 @@ def _publish(tmp: Path, model_dir: Path, version: int | None, overwrite: bool) -
             version += 1
 
 
-def _check_columns(config, info: odapi.DetectorInfo, source) -> None:
+def _check_columns(config, info: saved_model.DetectorInfo, source) -> None:
     """The post-processing must read exactly the detector's raw score columns."""
     columns = info.raw_scores_shape[-1] if info.raw_scores_shape else None
     expected = config.num_classes + (1 if config.background_column else 0)

@@ -36,7 +36,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from tfcal import validation
-from tfcal.export import odapi
+from tfcal.export import saved_model
+from tfcal.layers import PostProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def _compare(
     report: VerificationReport, name: str, got: Mapping[str, np.ndarray], expected, atol: float
 ):
     _compare_classes(report, name, got, expected)
-    missing = [k for k in odapi.DETECTION_KEYS if k not in got]
+    missing = [k for k in saved_model.DETECTION_KEYS if k not in got]
     if missing:
         report.add(f"{name} parity", False, f"missing outputs {missing}")
         return
@@ -348,7 +349,7 @@ def verify_export(
     saved_model_dir: str | os.PathLike,
     postprocess_config,
     sample: VerificationSample,
-    detector: odapi.DetectorInfo | None = None,
+    detector: saved_model.DetectorInfo | None = None,
     options: VerifyOptions = VerifyOptions(),
     category_ids=None,
 ) -> VerificationReport:
@@ -372,7 +373,7 @@ def verify_export(
       ExportVerificationError: a check failed (and `options.raise_on_failure`).
     """
     start = time.perf_counter()
-    config = odapi.load_postprocess_config(postprocess_config)
+    config = saved_model.load_postprocess_config(postprocess_config)
     if category_ids is None:
         category_ids = config.emitted_class_ids()
     category_ids = np.asarray(category_ids, np.int64).reshape(-1)
@@ -380,7 +381,7 @@ def verify_export(
         raise ValueError(f"category_ids: expected {config.num_classes} ids (one per class "
                          f"column), got {category_ids.tolist()}")
     saved_model_dir = Path(saved_model_dir)
-    sha = odapi.config_sha256(config)
+    sha = saved_model.config_sha256(config)
     report = VerificationReport(saved_model_dir=str(saved_model_dir))
     specs = read_signature_specs(saved_model_dir)
     _check_specs(report, specs, config, detector)
@@ -400,7 +401,7 @@ def verify_export(
 
 def _check_metadata_asset(report: VerificationReport, saved_model_dir: Path, sha: str) -> None:
     """The assets file holds the config's hash."""
-    asset = saved_model_dir / "assets" / odapi.METADATA_ASSET
+    asset = saved_model_dir / "assets" / saved_model.METADATA_ASSET
     try:
         asset_meta = json.loads(asset.read_text(encoding="utf-8"))
         report.add("metadata asset", asset_meta.get("config_sha256") == sha, f"config_sha256 {sha}")
@@ -409,10 +410,10 @@ def _check_metadata_asset(report: VerificationReport, saved_model_dir: Path, sha
 
 
 def _check_detector_nms(report: VerificationReport, saved_model_dir: Path, specs,
-                        detector: odapi.DetectorInfo | None) -> None:
+                        detector: saved_model.DetectorInfo | None) -> None:
     """Counts the NMS ops per signature; a pruned detector adds none to `serving_default`."""
     report.nms_ops = {
-        key: odapi.count_nms_ops(saved_model_dir, key) for key in specs if key != "metadata"
+        key: saved_model.count_nms_ops(saved_model_dir, key) for key in specs if key != "metadata"
     }
     if detector is not None and "postprocess_only" in report.nms_ops:
         own = report.nms_ops["postprocess_only"]
@@ -506,13 +507,12 @@ def _run_fresh_processes(
 
 def _check_fresh_results(
     report: VerificationReport, config, sha: str, sample: VerificationSample,
-    detector: odapi.DetectorInfo | None, fresh: Mapping[str, np.ndarray],
+    detector: saved_model.DetectorInfo | None, fresh: Mapping[str, np.ndarray],
     cli: Mapping[str, np.ndarray] | None, atol: float, category_ids: np.ndarray,
 ) -> None:
     """The fresh process's metadata, and each run's parity with the in-process PostProcessor
     applied to the exported model's own raw outputs, its columns named by `category_ids`."""
     import tensorflow as tf
-    from tfcal.layers import PostProcessor
 
     report.signatures = tuple(str(s) for s in fresh["signatures"])
     meta = json.loads(str(fresh["metadata"]))
@@ -539,7 +539,7 @@ def _check_fresh_results(
         for k, v in layer(
             tf.constant(boxes, tf.float32), tf.constant(scores, tf.float32)
         ).items()
-        if k in odapi.DETECTION_KEYS
+        if k in saved_model.DETECTION_KEYS
     }
     n = expected["num_detections"].astype(np.int64)
     valid = np.arange(expected["detection_classes"].shape[1])[None, :] < n[:, None]

@@ -36,8 +36,8 @@ class ClassThresholds(keras.layers.Layer):
         super().__init__(**float32_by_default(kwargs))
         k = check_num_classes(num_classes)
         self.num_classes = k
-        self.min_score_thresh = list(validation.floats(
-            "min_score_thresh", min_score_thresh, lo=0.0, hi=1.0, scalar_ok=True,
+        self.min_score_thresh = list(validation.score_thresholds(
+            "min_score_thresh", min_score_thresh, scalar_ok=True,
             lengths=(1, k) if k is not None else None))
         if class_enabled is not None:
             class_enabled = list(validation.booleans(

@@ -22,8 +22,10 @@ class CombinedNMS(keras.layers.Layer):
     Args:
       iou_threshold: float or 1 or K floats in [0, 1]; default 0.5. A box is suppressed iff its
         IoU with a higher-scored box of the same class is > the class's value.
-      max_detections_per_class: int >= 1; default None: up to `max_total_detections`. Must be
-        None with `class_agnostic` (it would be ignored).
+      max_detections_per_class: int >= 1; default None: up to `max_total_detections`. With
+        `class_agnostic`, None or >= `max_total_detections` (one NMS over all classes has no
+        per-class cap; the rule `PostProcessConfig` follows too,
+        `tfcal.validation.detection_caps`).
       max_total_detections: int >= 1, default 100: the output row count M.
       score_threshold: float in [0, 1], default 0.0.
       clip_boxes: clip output boxes to [0, 1]; default False.
@@ -66,39 +68,25 @@ class CombinedNMS(keras.layers.Layer):
                  class_agnostic=False, label_offset=1, class_ids=None, soft_nms_sigma=0.0,
                  clip_window=None, change_coordinate_frame=False, **kwargs):
         super().__init__(**float32_by_default(kwargs))
-        self.iou_threshold = list(validation.floats("iou_threshold", iou_threshold, lo=0.0,
-                                                    hi=1.0, scalar_ok=True))
-        self.max_total_detections = validation.integer("max_total_detections",
-                                                       max_total_detections, minimum=1)
-        self.score_threshold = validation.floats("score_threshold", score_threshold, lo=0.0,
-                                                 hi=1.0, lengths=(1,), scalar_ok=True)[0]
-        self.clip_boxes = validation.boolean("clip_boxes", clip_boxes)
-        self.class_agnostic = validation.boolean("class_agnostic", class_agnostic)
-        if self.class_agnostic and len(set(self.iou_threshold)) > 1:
-            raise ValueError(f"iou_threshold: class_agnostic needs a single value, got "
-                             f"{self.iou_threshold}")
-        if self.class_agnostic and max_detections_per_class is not None:
-            raise ValueError(f"max_detections_per_class: not used by class_agnostic NMS; leave "
-                             f"it None, got {max_detections_per_class!r}")
-        self.max_detections_per_class = None if max_detections_per_class is None else \
-            validation.integer("max_detections_per_class", max_detections_per_class, minimum=1)
-        self.label_offset = validation.integer("label_offset", label_offset, minimum=0)
-        self.soft_nms_sigma = list(validation.floats("soft_nms_sigma", soft_nms_sigma, lo=0.0,
-                                                     scalar_ok=True))
-        if len(self.iou_threshold) > 1 and len(self.soft_nms_sigma) > 1 and \
-                len(self.soft_nms_sigma) != len(self.iou_threshold):
-            raise ValueError(f"soft_nms_sigma: {len(self.soft_nms_sigma)} values but "
-                             f"iou_threshold has {len(self.iou_threshold)}")
-        self.clip_window = None if clip_window is None else list(
-            validation.clip_window("clip_window", clip_window))
-        self.change_coordinate_frame = validation.boolean("change_coordinate_frame",
-                                                          change_coordinate_frame)
-        if self.change_coordinate_frame and self.clip_window is None:
-            raise ValueError("change_coordinate_frame: needs a clip_window (the frame to change "
-                             "to), got clip_window None")
-        if self.class_agnostic and len(set(self.soft_nms_sigma)) > 1:
-            raise ValueError(f"soft_nms_sigma: class_agnostic needs a single value, got "
-                             f"{self.soft_nms_sigma}")
+        # Every NMS number is checked once, by the record the op takes (`tfcal.validation`).
+        self.options = ops.NmsOptions(
+            iou_threshold=iou_threshold, soft_nms_sigma=soft_nms_sigma,
+            max_detections_per_class=max_detections_per_class,
+            max_total_detections=max_total_detections, class_agnostic=class_agnostic,
+            clip_boxes=clip_boxes, clip_window=clip_window,
+            change_coordinate_frame=change_coordinate_frame, label_offset=label_offset)
+        o = self.options
+        self.iou_threshold = list(o.iou_threshold)
+        self.soft_nms_sigma = list(o.soft_nms_sigma)
+        self.max_detections_per_class = o.max_detections_per_class
+        self.max_total_detections = o.max_total_detections
+        self.class_agnostic = o.class_agnostic
+        self.clip_boxes = o.clip_boxes
+        self.clip_window = None if o.clip_window is None else list(o.clip_window)
+        self.change_coordinate_frame = o.change_coordinate_frame
+        self.label_offset = o.label_offset
+        self.score_threshold = validation.score_thresholds(
+            "score_threshold", score_threshold, lengths=(1,), scalar_ok=True)[0]
         self.class_ids = None if class_ids is None else list(
             validation.class_ids("class_ids", class_ids))
         if self.class_ids is not None and len(self.iou_threshold) > 1 and \
@@ -124,9 +112,6 @@ class CombinedNMS(keras.layers.Layer):
                 config["max_detections_per_class"] = None
         return cls(**config)
 
-    def _iou(self):
-        return self.iou_threshold[0] if len(self.iou_threshold) == 1 else self.iou_threshold
-
     @property
     def soft(self) -> bool:
         """Whether some class runs soft-NMS (sigma > 0)."""
@@ -144,17 +129,11 @@ class CombinedNMS(keras.layers.Layer):
             raise ValueError(f"scores: {k} class columns but class_ids has "
                              f"{len(self.class_ids)} ids")
         return ops.combined_nms(
-            tf.cast(boxes, tf.float32), tf.cast(scores, tf.float32), iou_threshold=self._iou(),
-            max_detections_per_class=self.max_detections_per_class,
-            max_total_detections=self.max_total_detections,
-            score_threshold=self.score_threshold, clip_boxes=self.clip_boxes,
-            class_agnostic=self.class_agnostic, label_offset=self.label_offset,
+            tf.cast(boxes, tf.float32), tf.cast(scores, tf.float32), self.options,
+            score_threshold=self.score_threshold,
             class_ids=None if self._class_ids is None else tf.convert_to_tensor(self._class_ids),
-            soft_nms_sigma=self.soft_nms_sigma[0] if len(self.soft_nms_sigma) == 1
-            else self.soft_nms_sigma,
             min_score_thresh=None if min_score_thresh is None else tf.cast(min_score_thresh,
                                                                            tf.float32),
-            clip_window=self.clip_window, change_coordinate_frame=self.change_coordinate_frame,
             return_indices=bool(return_indices))
 
     def compute_output_spec(self, boxes, scores, min_score_thresh=None, return_indices=False):

@@ -95,7 +95,8 @@ class PostProcessor(keras.layers.Layer):
       `num_detections` float32 `[batch]`, with `M = max_total_detections`.
 
     Example:
-      >>> cfg = PostProcessConfig(num_classes=90, calibration="temperature", temperature=(1.3,),
+      >>> cfg = PostProcessConfig(90, calibration="temperature",
+      ...                         calibration_params={"temperature": (1.3,)},
       ...                         min_score_thresh=(0.3,), nms_iou=(0.6,))
       >>> out = PostProcessor.from_postprocess_config(cfg)(boxes, raw_scores)
     """
@@ -126,7 +127,7 @@ class PostProcessor(keras.layers.Layer):
             num_classes=k, name="class_thresholds")
         self.nms = CombinedNMS(
             iou_threshold=list(cfg.nms_iou),
-            max_detections_per_class=None if cfg.class_agnostic else cfg.max_detections_per_class,
+            max_detections_per_class=cfg.max_detections_per_class,
             max_total_detections=cfg.max_total_detections, score_threshold=0.0,
             clip_boxes=cfg.clip_boxes, class_agnostic=cfg.class_agnostic,
             label_offset=cfg.label_offset,

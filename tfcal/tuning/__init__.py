@@ -1,5 +1,5 @@
 """Tuning: the job split by owner (prepare, detections, objectives, calibrate, search, tune,
-evaluate, report; `pipeline` orders them); re-exports the split, candidate collection and the
+holdout, report; `pipeline` orders them); re-exports the split, candidate collection and the
 search."""
 
 from tfcal.tuning.candidates import Candidates, collect_candidates

@@ -28,6 +28,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from tfcal import validation
+from tfcal.ops import NmsOptions, combined_nms
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Candidates:
@@ -56,11 +59,8 @@ def _identity(scores):
 
 
 @functools.lru_cache(maxsize=8)
-def _combined_nms_fn(iou_grid, lowest_threshold, max_per_class, max_total, clip_boxes,
-                     calibrate_fn, soft_nms_sigma=0.0, clip_window=None):
+def _combined_nms_fn(iou_grid, lowest_threshold, nms: NmsOptions, calibrate_fn):
     import tensorflow as tf
-
-    from tfcal.ops import combined_nms
 
     @tf.function(reduce_retracing=True)
     def run(boxes, raw_scores):
@@ -70,11 +70,8 @@ def _combined_nms_fn(iou_grid, lowest_threshold, max_per_class, max_total, clip_
             scores = tf.cast(calibrate_fn(raw_scores), tf.float32)
         outs = []
         for g in iou_grid:
-            r = combined_nms(boxes, scores, iou_threshold=g,
-                             max_detections_per_class=max_per_class,
-                             max_total_detections=max_total, score_threshold=lowest_threshold,
-                             clip_boxes=clip_boxes, label_offset=0,
-                             soft_nms_sigma=soft_nms_sigma, clip_window=clip_window)
+            r = combined_nms(boxes, scores, dataclasses.replace(nms, iou_threshold=g),
+                             score_threshold=lowest_threshold)
             outs.append((r["detection_boxes"], r["detection_scores"], r["detection_classes"],
                          tf.cast(r["num_detections"], tf.int32)))
         return outs
@@ -87,12 +84,7 @@ def collect_candidates(
     calibrate_fn: Callable | None,
     iou_grid: Sequence[float],
     lowest_threshold: float,
-    max_detections_per_class: int,
-    max_total_detections: int,
-    *,
-    clip_boxes: bool = False,
-    soft_nms_sigma: float = 0.0,
-    clip_window: Sequence[float] | None = None,
+    nms: NmsOptions = NmsOptions(),
 ) -> dict[float, Candidates]:
     """Calibrates and post-processes raw outputs batch by batch, once per NMS IoU.
 
@@ -105,32 +97,27 @@ def collect_candidates(
             `tf.function`); None when the raw scores already are the `K` class probabilities.
         iou_grid: NMS IoU values, each in (0, 1].
         lowest_threshold: the lowest candidate `min_score_thresh`, in [0, 1].
-        max_detections_per_class: per-class cap of the combined NMS.
-        max_total_detections: per-image cap.
-        clip_boxes: passed to the NMS.
-        soft_nms_sigma: passed to the NMS (>= 0; 0: hard NMS).
-        clip_window: passed to the NMS (boxes clipped after NMS, zero-area ones dropped; the
-            candidates stay in image frame).
+        nms: the rest of the serving NMS (`tfcal.ops.NmsOptions`: detection caps, soft-NMS
+            sigma, clipping and clip window; boxes clipped to a window after NMS and zero-area
+            ones dropped, the candidates staying in image frame), default `NmsOptions()` (100
+            detections, no per-class cap below it). Its `iou_threshold` is replaced by each
+            value of `iou_grid` and its `label_offset` by 0 (candidates carry class columns).
 
     Returns:
         `{nms_iou: Candidates}` in grid order.
 
     Raises:
-        ValueError: bad grid, threshold or caps, or inconsistent batch shapes.
+        ValueError: bad grid or threshold, or inconsistent batch shapes.
     """
-    grid = tuple(float(g) for g in iou_grid)
-    if not grid or any(not 0.0 < g <= 1.0 for g in grid):
-        raise ValueError(f"iou_grid must be non-empty with values in (0, 1], got {list(iou_grid)}")
-    if not 0.0 <= float(lowest_threshold) <= 1.0:
-        raise ValueError(f"lowest_threshold must be in [0, 1], got {lowest_threshold!r}")
-    if max_detections_per_class < 1 or max_total_detections < 1:
-        raise ValueError(f"detection caps must be >= 1, got {max_detections_per_class}, "
-                         f"{max_total_detections}")
-    fn = _combined_nms_fn(grid, float(lowest_threshold), int(max_detections_per_class),
-                          int(max_total_detections), bool(clip_boxes),
-                          calibrate_fn if calibrate_fn is not None else _identity,
-                          float(soft_nms_sigma),
-                          None if clip_window is None else tuple(float(v) for v in clip_window))
+    grid = validation.iou_thresholds("iou_grid", list(iou_grid), allow_zero=False)
+    lowest = validation.score_thresholds("lowest_threshold", lowest_threshold, lengths=(1,),
+                                         scalar_ok=True)[0]
+    if not isinstance(nms, NmsOptions):
+        raise TypeError(f"nms: expected an NmsOptions, got {type(nms).__name__}")
+    # One change of frame would hide the candidates' image-frame boxes from the matching.
+    nms = dataclasses.replace(nms, label_offset=0, change_coordinate_frame=False)
+    fn = _combined_nms_fn(grid, lowest, nms,
+                          calibrate_fn if calibrate_fn is not None else _identity)
     parts: list[list[tuple]] = [[] for _ in grid]
     for image_ids, boxes, raw_scores in raw_batches:
         image_ids = np.asarray(image_ids, np.int64).reshape(-1)

@@ -19,6 +19,7 @@ from tfcal.calibration import PerClassCalibration
 from tfcal.coco.matching import Detections, match_detections
 from tfcal.config import Config
 from tfcal.layers import PostProcessor
+from tfcal.ops import NmsOptions
 from tfcal.postprocess import PostProcessConfig
 from tfcal.tuning.candidates import collect_candidates
 from tfcal.tuning.prepare import Prepared
@@ -205,9 +206,10 @@ def matched_candidates(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray,
     run_grid = grid[:1] if t.soft_nms_sigma > 0 else grid
     candidates = collect_candidates(
         _raw_batches(prep.raw, tune_idx, POSTPROCESS_BATCH), _calibrate_fn(cfg, calib),
-        run_grid, t.min_candidate_thresh,
-        t.max_detections_per_class, t.max_total_detections, soft_nms_sigma=t.soft_nms_sigma,
-        clip_window=t.clip_window)
+        run_grid, t.min_candidate_thresh, NmsOptions(
+            max_detections_per_class=t.max_detections_per_class,
+            max_total_detections=t.max_total_detections, soft_nms_sigma=t.soft_nms_sigma,
+            clip_window=t.clip_window))
     candidates = {iou: candidates.get(iou, candidates[run_grid[0]]) for iou in grid}
     matched = {}
     for iou, cand in candidates.items():

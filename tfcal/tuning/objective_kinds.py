@@ -1,7 +1,7 @@
 """The tuning objectives as one registry: what each maximizes, what it targets, whether it can
 be certified, and how the report names and judges it.
 
-The search (`tfcal.tuning.search`), the held-out evidence (`tfcal.tuning.evaluate`), drift and
+The search (`tfcal.tuning.search`), the held-out evidence (`tfcal.tuning.holdout`), drift and
 the report all read `KINDS[name]`; a new objective is one `Kind` here and its tests.
 
 Every kind ranks a class's candidate points by a primary key, then a secondary one (both

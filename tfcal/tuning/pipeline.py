@@ -25,14 +25,14 @@ import tensorflow as tf
 
 import tfcal
 from tfcal import TfcalError, atomic, locks, rundir
-from tfcal.coco.cache import file_sha256
 from tfcal.config import Config
 from tfcal.detectors import describe, servable
 from tfcal.export import ExportOptions, ModelOptions, export_handoff
 from tfcal.handoff import DETECTOR_FILE, POSTPROCESS_FILE, DetectorDescription
 from tfcal.postprocess import PostProcessConfig
+from tfcal.raw import file_sha256
 from tfcal.tuning import baseline, report as report_lib
-from tfcal.tuning.evaluate import HoldoutEvidence, collect_evidence, holdout_report
+from tfcal.tuning.holdout import HoldoutEvidence, collect_evidence, holdout_report
 from tfcal.tuning.prepare import Prepared, prepare
 from tfcal.tuning.split import kfold, split_images
 from tfcal.tuning.tune import learn_split, tune_on, uses_learn_split

@@ -17,12 +17,12 @@ import numpy as np
 
 from tfcal import TfcalError, beam
 from tfcal.coco import boxes, runner
-from tfcal.coco.cache import check_value_ranges, load_raw_outputs, model_fingerprint
 from tfcal.coco.dataset import CategoryMapping, load_coco
 from tfcal.config import Config
 from tfcal.detectors import describe, open_detector
 from tfcal.detectors.yolo import label_columns, read_labels
 from tfcal.handoff import check_fingerprint
+from tfcal.raw import check_value_ranges, load_raw_outputs, model_fingerprint
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from tfcal import TfcalError, atomic, locks, rundir
+from tfcal import plots as plot_lib
 from tfcal.tuning.localization_text import markdown_lines
 from tfcal.tuning.objective_kinds import KINDS
 
@@ -254,10 +255,15 @@ def write_plots(report: dict, plots_dir: Path) -> dict[str, str]:
     says so; the report itself is complete without plots.
     """
     try:
-        from tfcal import plots
+        return _draw_plots(report, plots_dir)
     except ImportError as err:  # pragma: no cover - depends on the environment
         log.warning("plots skipped: %s (pip install 'tfcal[plots]')", err)
         return {}
+
+
+def _draw_plots(report: dict, plots_dir: Path) -> dict[str, str]:
+    """`write_plots` itself; ImportError without matplotlib (before any file is written)."""
+    plots = plot_lib
     curves = report.get("curves") or {}
     out: dict[str, str] = {}
     rel = Path("plots")
@@ -315,11 +321,50 @@ def load_report(path: str | Path) -> dict:
         if not isinstance(report[key], kind):
             raise TfcalError(f"{path}: {key}: must be {'a list' if kind is list else 'an object'}"
                              f", got {type(report[key]).__name__}")
-    for i, c in enumerate(report["classes"]):
-        if not isinstance(c, dict):
-            raise TfcalError(f"{path}: classes[{i}]: must be an object, got {type(c).__name__}")
+    _check_fields(path, report)
     _check_curves(path, report.get("curves"))
     return report
+
+
+# The fields `render_markdown` reads, by block (a hand-edited report.json is checked against
+# them, so that a missing one is named instead of failing inside the renderer).
+_HOLDOUT_KEYS = ("tp", "fp", "fn", "precision", "recall")
+_CLASS_KEYS = ("category_id", "name", "status", "nms_iou", "holdout")
+_BLOCK_KEYS = {
+    "target": ("objective", "match_iou", "nms_iou_grid"),
+    "calibration": ("method",),
+    "summary": ("holdout",),
+    "provenance": ("config_sha256", "model_fingerprint", "data_fingerprint", "versions"),
+}
+_SUBGROUP_KEYS = ("field", "value", "images", "tp", "fp", "fn", "precision", "recall", "ece",
+                  "below_target")
+
+
+def _need(path: Path, where: str, block: Any, keys: tuple[str, ...]) -> None:
+    """`block` is an object holding every key of `keys`; else one error naming the field."""
+    if not isinstance(block, dict):
+        raise TfcalError(f"{path}: {where}: must be an object, got {type(block).__name__}")
+    for key in keys:
+        if key not in block:
+            raise TfcalError(f"{path}: {where}.{key}: missing" if where else
+                             f"{path}: {key}: missing")
+
+
+def _check_fields(path: Path, report: dict) -> None:
+    """The fields the renderer reads are present (names the first one that is not)."""
+    _need(path, "", report, ("holdout_confidence",))
+    for block, keys in _BLOCK_KEYS.items():
+        _need(path, block, report[block], keys)
+    _need(path, "summary.holdout", report["summary"]["holdout"], _HOLDOUT_KEYS)
+    for i, c in enumerate(report["classes"]):
+        where = f"classes[{i}]"
+        _need(path, where, c, _CLASS_KEYS + (("threshold",) if c.get("enabled", True) else ()))
+        _need(path, f"{where}.holdout", c["holdout"], _HOLDOUT_KEYS)
+    subgroups = report.get("subgroups") or []
+    if not isinstance(subgroups, list):
+        raise TfcalError(f"{path}: subgroups: must be a list, got {type(subgroups).__name__}")
+    for i, g in enumerate(subgroups):
+        _need(path, f"subgroups[{i}]", g, _SUBGROUP_KEYS)
 
 
 _RELIABILITY_KEYS = ("confidence_before", "label_before", "confidence_after", "label_after")
@@ -390,8 +435,11 @@ def render_report(path: str | Path) -> Path:
                         shutil.copy2(record, generation / record.name)
         except TfcalError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        except KeyError as err:
             # A hand-edited report.json that passed the checks above but not the renderer.
+            raise TfcalError(f"{source}: cannot render: a field {err.args[0]!r} is "
+                             "missing") from None
+        except (TypeError, ValueError, AttributeError, IndexError) as err:
             raise TfcalError(f"{source}: cannot render: {type(err).__name__}: {err}") from None
     return output_dir / "report.md"
 

@@ -5,7 +5,7 @@ from pathlib import Path
 from tfcal.config import config_to_dict, load_config
 from tfcal.demo.run import DETECTOR_DIR, write_demo_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _normalized(cfg, out: Path):

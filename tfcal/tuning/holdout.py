@@ -24,7 +24,7 @@ from tfcal.tuning.detections import (FlatDetections, default_postprocess_config,
 from tfcal.tuning.localization import localization_block
 from tfcal.tuning.objective_kinds import KINDS, kind_of
 from tfcal.tuning.objectives import objectives
-from tfcal.tuning.report import STAT_KEYS, jsonable
+from tfcal.tuning.report import jsonable
 from tfcal.tuning.tune import calibration_fit_part
 
 #: Two-sided level of the holdout precision intervals in the report.

@@ -1,4 +1,5 @@
-"""Wraps a detector's raw outputs with the tuned PostProcessor and saves the SavedModel.
+"""Wraps a detector's raw outputs with the tuned PostProcessor and saves the SavedModel, for
+every detector format (OD API, YOLO, Keras) and for post-processing alone.
 
 What to wrap comes from the detector's adapter (`tfcal.detectors`): its `ServingGraph` takes
 an OD API input and returns raw boxes and scores, with the adapter's preprocessing and decoding
@@ -52,6 +53,8 @@ from tfcal.detectors import open_described
 from tfcal.detectors.base import INPUT_TYPES, DetectorInfo, InputType, ServingGraph
 from tfcal.detectors.odapi import NMS_OPS, detect_input_type, load_serving_graph
 from tfcal.handoff import DetectorDescription
+from tfcal.layers import PostProcessor
+from tfcal.postprocess import PostProcessConfig
 
 __all__ = ["DETECTION_KEYS", "EXTRA_OUTPUTS", "INPUT_TYPES", "NMS_OPS", "DetectorInfo", "ExportResult",
            "ModelOptions", "ServingGraph", "count_nms_ops", "detect_input_type",
@@ -68,7 +71,6 @@ DETECTION_KEYS: tuple[str, ...] = (
 )
 METADATA_ASSET = "tfcal_postprocess.json"
 METADATA_FORMAT = "tfcal.export.metadata/1"
-_CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +159,6 @@ def load_detector(
 
 def load_postprocess_config(config) -> Any:
     """Returns a `PostProcessConfig` from a config object, a `postprocess.json` path or a dict."""
-    from tfcal.postprocess import PostProcessConfig
-
     if isinstance(config, PostProcessConfig):
         return config
     if isinstance(config, (str, os.PathLike)):
@@ -274,8 +274,6 @@ def _build_module(
     metadata_asset_path: str,
     options: ModelOptions,
 ) -> tuple[_ExportModule, dict[str, Any]]:
-    from tfcal.layers import PostProcessor
-
     include_raw_outputs = options.include_raw_outputs
     extra_outputs = options.extra_outputs
     raw_scores_columns = options.raw_scores_columns

@@ -1,4 +1,4 @@
-"""Tests for tfcal.coco.cache: precomputed raw outputs, box conversion, atomic npz writes, and
+"""Tests for tfcal.raw: precomputed raw outputs, atomic npz writes, and
 the memory-mapped cache directory (layout, validation on load, atomic and interrupted writes)."""
 
 import json
@@ -9,22 +9,20 @@ import numpy as np
 import pytest
 
 from tfcal import TfcalError, TfcalWarning, atomic
-from tfcal.coco import cache as cache_lib
-from tfcal.coco.cache import (RawOutputs, RawOutputsWriter, cache_path, load_cache,
-                              load_raw_outputs, normalized_to_coco_xywh, save_cache,
-                              save_npz_atomic)
-from tfcal.coco.dataset import load_coco
+from tfcal.raw import (RawOutputs, RawOutputsWriter, cache_path, load_cache, load_raw_outputs,
+                       save_cache, save_npz_atomic)
 
-from .cocogen import edit_cache_meta, make_gt, write_json
+from coco.cocogen import edit_cache_meta
 
 
-@pytest.fixture
-def dataset(tmp_path):
-    gt = make_gt(0, num_images=4, num_categories=3)
+def _smaller_second_image(gt):
     gt["images"][1]["width"], gt["images"][1]["height"] = 100, 50
     # Its boxes were drawn for 640 x 480: they would lie outside the smaller image.
     gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] != gt["images"][1]["id"]]
-    return load_coco(write_json(tmp_path / "instances.json", gt))
+
+
+#: The `dataset` fixture (tests/conftest.py): 4 images, the second one smaller than the others.
+COCO_SET = {"seed": 0, "num_images": 4, "num_categories": 3, "edit": _smaller_second_image}
 
 
 def _arrays(ds, seed=0, n=5, c=4):
@@ -88,14 +86,6 @@ def test_slightly_out_of_range_boxes_are_clipped_with_warning(tmp_path, dataset)
     with pytest.warns(TfcalWarning, match="clipped"):
         raw = load_raw_outputs(path, dataset)
     np.testing.assert_array_equal(raw.boxes[0, 0], np.float32([0.0, 0.2, 0.5, 1.0]))
-
-
-def test_normalized_to_coco_xywh():
-    # ymin, xmin, ymax, xmax = 0.1, 0.2, 0.5, 0.6 on a 200 (h) x 100 (w) image:
-    # x = 20, y = 20, width = 40, height = 80.
-    out = normalized_to_coco_xywh(np.array([[[0.1, 0.2, 0.5, 0.6]]]), np.array([200]),
-                                  np.array([100]))
-    np.testing.assert_allclose(out, [[[20.0, 20.0, 40.0, 80.0]]])
 
 
 FP = "f" * 64

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from box_reference import iou
 from tfcal.demo import data as shapes
 from tfcal.demo import train_detector
 
@@ -43,13 +44,6 @@ def test_signature_has_od_api_names_dtypes_and_shapes(signature):
         assert outputs[name].shape.as_list() == shape, name
 
 
-def _iou(a, b):
-    lt = np.maximum(a[:2], b[:2])
-    rb = np.minimum(a[2:], b[2:])
-    inter = np.prod(np.clip(rb - lt, 0, None))
-    return inter / (np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter)
-
-
 def test_runs_on_generated_images_and_finds_the_shapes(signature):
     # Held-out scenes (seed 7 was not used for training); several sizes exercise the resize.
     scenes = shapes.render_scenes(3, seed=7) + shapes.render_scenes(
@@ -71,7 +65,7 @@ def test_runs_on_generated_images_and_finds_the_shapes(signature):
         for (x, y, bw, bh), cat in zip(scene.boxes, scene.category_ids):
             gt = np.array([y, x, y + bh, x + bw])
             total += 1
-            found += any(c == cat and _iou(b, gt) > 0.5
+            found += any(c == cat and iou(b, gt) > 0.5
                          for b, c in zip(boxes[keep], classes[keep]))
     # Far better than chance: most objects get a correct-class detection at IoU > 0.5.
     assert total > 5 and found / total >= 0.6

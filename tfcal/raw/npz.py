@@ -4,7 +4,7 @@ zip offset, compressed members streamed a few rows at a time.
 An ``.npz`` is a zip archive of ``.npy`` files. `np.savez` stores them uncompressed
 (``ZIP_STORED``): the ``.npy`` bytes then sit contiguously in the archive, after the member's
 local header, and `open_members` memory-maps the array data right there (read-only, no copy;
-`tfcal.coco.cache` views it as a `ReleasingMemmap`, so reading rows does not leave them in the
+`tfcal.raw` views it as a `ReleasingMemmap`, so reading rows does not leave them in the
 process RSS). `np.savez_compressed` deflates them: such a member (or a Fortran-order or
 non-native-endian one, which cannot be mapped as C rows) is an `NpzStream`, whose `batches`
 decompress `rows` rows at a time. Nothing here reads a whole array into memory.

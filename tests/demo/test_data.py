@@ -12,38 +12,38 @@ from tfcal.demo import data as shapes
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def shapes_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
     return shapes.generate_dataset(out, num_images=30, image_size=(96, 128), seed=3)
 
 
-def test_same_seed_gives_identical_json_and_image_bytes(dataset, tmp_path):
+def test_same_seed_gives_identical_json_and_image_bytes(shapes_set, tmp_path):
     again = shapes.generate_dataset(tmp_path, num_images=30, image_size=(96, 128), seed=3)
-    assert again.read_bytes() == dataset.read_bytes()
-    doc = json.loads(dataset.read_text())
+    assert again.read_bytes() == shapes_set.read_bytes()
+    doc = json.loads(shapes_set.read_text())
     for info in doc["images"]:
-        first = (dataset.parent / "images" / info["file_name"]).read_bytes()
+        first = (shapes_set.parent / "images" / info["file_name"]).read_bytes()
         assert (tmp_path / "images" / info["file_name"]).read_bytes() == first
 
 
-def test_other_seed_gives_other_data(dataset, tmp_path):
+def test_other_seed_gives_other_data(shapes_set, tmp_path):
     other = shapes.generate_dataset(tmp_path, num_images=30, image_size=(96, 128), seed=4)
-    assert other.read_bytes() != dataset.read_bytes()
+    assert other.read_bytes() != shapes_set.read_bytes()
 
 
-def test_render_scenes_match_written_images(dataset):
-    doc = json.loads(dataset.read_text())
+def test_render_scenes_match_written_images(shapes_set):
+    doc = json.loads(shapes_set.read_text())
     scenes = shapes.render_scenes(3, image_size=(96, 128), seed=3)
     for scene, info in zip(scenes, doc["images"]):
-        image = np.asarray(Image.open(dataset.parent / "images" / info["file_name"]))
+        image = np.asarray(Image.open(shapes_set.parent / "images" / info["file_name"]))
         np.testing.assert_array_equal(image, scene.image)
         anns = [a for a in doc["annotations"] if a["image_id"] == info["id"]]
         np.testing.assert_allclose([a["bbox"] for a in anns], scene.boxes, atol=0.01)
         assert info["lighting"] == scene.lighting and info["camera"] == scene.camera
 
 
-def test_coco_fields_and_boxes_inside_images(dataset):
-    doc = json.loads(dataset.read_text())
+def test_coco_fields_and_boxes_inside_images(shapes_set):
+    doc = json.loads(shapes_set.read_text())
     assert [c["id"] for c in doc["categories"]] == [1, 2, 3, 4, 5]
     assert all({"id", "name", "supercategory"} <= set(c) for c in doc["categories"])
     images = {im["id"]: im for im in doc["images"]}
@@ -51,7 +51,7 @@ def test_coco_fields_and_boxes_inside_images(dataset):
     for im in doc["images"]:
         assert (im["width"], im["height"]) == (128, 96)
         assert im["lighting"] in ("day", "night") and im["camera"] in ("cam_a", "cam_b")
-        with Image.open(dataset.parent / "images" / im["file_name"]) as png:
+        with Image.open(shapes_set.parent / "images" / im["file_name"]) as png:
             assert png.size == (128, 96) and png.mode == "RGB"
     ids = [a["id"] for a in doc["annotations"]]
     assert len(set(ids)) == len(ids)
@@ -64,11 +64,11 @@ def test_coco_fields_and_boxes_inside_images(dataset):
         assert a["iscrowd"] == 0 and a["category_id"] in (1, 2, 3, 4, 5)
 
 
-def test_pycocotools_loads_it(dataset):
+def test_pycocotools_loads_it(shapes_set):
     from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(dataset))
+        coco = COCO(str(shapes_set))
     assert len(coco.getImgIds()) == 30
     assert coco.getCatIds() == [1, 2, 3, 4, 5]
     assert len(coco.getAnnIds()) >= 60
@@ -102,8 +102,8 @@ def test_bad_arguments_raise(tmp_path, kwargs):
         shapes.generate_dataset(tmp_path, **kwargs)
 
 
-def test_project_validator_accepts_it(dataset):
+def test_project_validator_accepts_it(shapes_set):
     from tfcal.coco.dataset import load_coco
 
-    ds = load_coco(dataset, dataset.parent / "images")
+    ds = load_coco(shapes_set, shapes_set.parent / "images")
     assert ds.num_images == 30

@@ -1,4 +1,4 @@
-"""Tests for tfcal.coco.npz and the streaming npz path of tfcal.coco.cache: stored members are
+"""Tests for tfcal.raw.npz and the streaming npz path of tfcal.raw.precomputed: stored members are
 memory-mapped at their zip offset, compressed ones streamed, and loading a multi-batch npz keeps
 the traced allocations near one batch (the in-memory path, measured the same way, holds the
 whole file)."""
@@ -12,22 +12,17 @@ import numpy as np
 import pytest
 
 from tfcal import TfcalError
-from tfcal.coco import cache as cache_lib
-from tfcal.coco.cache import RawOutputs, convert_raw_outputs, load_raw_outputs
-from tfcal.coco.dataset import load_coco
-from tfcal.coco.npz import NpzStream, open_members
-
-from .cocogen import make_gt, write_json
+from tfcal.raw import (RawOutputs, checks, convert_raw_outputs, file_sha256, fingerprint,
+                       load_raw_outputs)
+from tfcal.raw.npz import NpzStream, open_members
 
 NUM_IMAGES, NUM_BOXES, NUM_COLUMNS = 48, 400, 41  # scores: 48 x 400 x 41 x 4 B = 3.1 MB
 SCAN_BYTES = 1 << 17  # 128 KB slices: 2 images of scores per batch, 24 batches
 HASH_CHUNK = 1 << 16
 
 
-@pytest.fixture
-def dataset(tmp_path):
-    return load_coco(write_json(tmp_path / "instances.json",
-                                make_gt(1, num_images=NUM_IMAGES, num_categories=3)))
+#: The `dataset` fixture (tests/conftest.py).
+COCO_SET = {"seed": 1, "num_images": NUM_IMAGES, "num_categories": 3}
 
 
 def _arrays(ds, seed=0):
@@ -93,8 +88,8 @@ def _traced_load_and_read(path, ds, **kw) -> tuple[int, RawOutputs, float]:
 @pytest.mark.parametrize("save,reorder", [(np.savez, False), (np.savez_compressed, False),
                                           (np.savez_compressed, True), (np.savez, True)])
 def test_memory_stays_near_one_batch(tmp_path, dataset, monkeypatch, save, reorder):
-    monkeypatch.setattr(cache_lib, "_SCAN_BYTES", SCAN_BYTES)
-    monkeypatch.setattr(cache_lib, "_CHUNK", HASH_CHUNK)
+    monkeypatch.setattr(checks, "_SCAN_BYTES", SCAN_BYTES)
+    monkeypatch.setattr(fingerprint, "_CHUNK", HASH_CHUNK)
     a = _arrays(dataset)
     expected = float(a["scores"].sum(dtype=np.float64))
     if reorder:  # rows in another order than the dataset's, plus float64 boxes
@@ -123,14 +118,14 @@ def test_memory_stays_near_one_batch(tmp_path, dataset, monkeypatch, save, reord
 def test_converted_folder_is_reused_and_fingerprint_is_the_npz(tmp_path, dataset, caplog):
     a = _arrays(dataset)
     np.savez_compressed(tmp_path / "raw.npz", **a)
-    caplog.set_level("INFO", logger="tfcal.coco.cache")
+    caplog.set_level("INFO", logger="tfcal.raw")
     first = load_raw_outputs(tmp_path / "raw.npz", dataset, cache_dir=tmp_path / "cache")
     assert "converting it once" in caplog.text
     caplog.clear()
     again = load_raw_outputs(tmp_path / "raw.npz", dataset, cache_dir=tmp_path / "cache")
     assert "converting" not in caplog.text and "using raw-output cache" in caplog.text
     in_memory = load_raw_outputs(tmp_path / "raw.npz", dataset)
-    sha = cache_lib.file_sha256(tmp_path / "raw.npz")
+    sha = file_sha256(tmp_path / "raw.npz")
     assert first.fingerprint == again.fingerprint == in_memory.fingerprint == sha
     np.testing.assert_array_equal(again.scores, in_memory.scores)
 
@@ -149,7 +144,7 @@ def test_convert_raw_outputs_writes_a_folder_usable_as_raw_outputs(tmp_path, dat
     np.savez_compressed(tmp_path / "raw.npz", **a)
     dest = convert_raw_outputs(tmp_path / "raw.npz", tmp_path / "folder")
     meta = json.loads((dest / "meta.json").read_text())
-    assert meta["fingerprint"] == cache_lib.file_sha256(tmp_path / "raw.npz")
+    assert meta["fingerprint"] == file_sha256(tmp_path / "raw.npz")
     raw = load_raw_outputs(dest, dataset)
     assert isinstance(raw.scores, np.memmap)
     np.testing.assert_array_equal(raw.scores, a["scores"])
