@@ -275,6 +275,14 @@ def _draw_plots(report: dict, plots_dir: Path) -> dict[str, str]:
             num_bins=rd.get("num_bins", 10),
             title="Holdout detections: reliability before and after calibration")
         out["Reliability diagram (before and after calibration)"] = str(rel / "reliability.png")
+    loc = (report.get("summary") or {}).get("localization")
+    if loc:
+        plots.plot_reliability_by_size(
+            loc["before"]["reliability_by_size"], loc["after"]["reliability_by_size"],
+            plots_dir / "reliability_by_size.png",
+            title="Holdout detections by COCO size: reliability before and after calibration")
+        out["Reliability by box size (COCO small / medium / large)"] = str(
+            rel / "reliability_by_size.png")
     for c in curves.get("classes", []):
         name = f"pr_threshold_{c['category_id']}.png"
         plots.plot_threshold_curves(
