@@ -80,7 +80,7 @@ def test_same_data_is_ok(tuned_job, capsys):
     # The same images: LaECE_0 and LaACE_0 as in the tuning report's holdout (a subset).
     assert drift["localization"]["la_ece_0_new"] is not None
     assert drift["localization"]["la_ece_0_report"] is not None
-    assert "drift: OK" in out
+    assert "drift: OK" in out and "LaECE_0: " in out
 
 
 def test_new_data_from_the_same_source_is_ok(tuned_job, capsys, tmp_path):

@@ -10,6 +10,9 @@ Then, against the tuning report:
 - ECE of the calibrated detection scores (every detection at the report's default NMS IoU,
   no threshold), against the report's holdout `ece_after`: drift when it rose by more than
   `drift.ece_tolerance`.
+- LaECE_0 and LaACE_0 of the same detections (`tfcal.tuning.localization.localization_drift`),
+  against the report's `summary.localization.after`: drift when either rose by more than
+  `drift.ece_tolerance` (reports without them are not checked).
 - Each enabled class's precision at its deployed threshold, judged by two one-sided exact
   tests, each needing `drift.min_support` detections on both sides it compares:
 
@@ -66,6 +69,11 @@ class DriftResult:
         lines = [f"drift: {'OK' if self.ok else 'DRIFT DETECTED'} ({self.out})",
                  f"ECE: {_f(r['ece_report'])} in the tuning report, {_f(r['ece_new'])} now "
                  f"(tolerance +{r['tolerances']['ece']})"]
+        loc = r.get("localization")
+        if loc:
+            lines.append(f"LaECE_0: {_f(loc['la_ece_0_report'])} in the tuning report, "
+                         f"{_f(loc['la_ece_0_new'])} now; LaACE_0: "
+                         f"{_f(loc['la_ace_0_report'])} -> {_f(loc['la_ace_0_new'])}")
         lines += [f"  {x}" for x in r["failures"]]
         return "\n".join(lines)
 
