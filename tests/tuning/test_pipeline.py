@@ -190,10 +190,10 @@ def test_report_files(base):
     on_disk = json.loads((run_dir / "report.json").read_text())
     assert on_disk["classes"] == report["classes"]
     plots = on_disk["plots"]
-    # Plotted: the reliability diagram, the IoU trade-off and the enabled classes with ground
-    # truth (car, person; the disabled flag is not plotted).
-    expected = {"plots/reliability.png", "plots/iou_tradeoff.png", "plots/pr_threshold_1.png",
-                "plots/pr_threshold_2.png"}
+    # Plotted: the reliability diagram (also by box size), the IoU trade-off and the enabled
+    # classes with ground truth (car, person; the disabled flag is not plotted).
+    expected = {"plots/reliability.png", "plots/reliability_by_size.png",
+                "plots/iou_tradeoff.png", "plots/pr_threshold_1.png", "plots/pr_threshold_2.png"}
     assert set(plots.values()) == expected
     for rel in expected:
         data = (run_dir / rel).read_bytes()
