@@ -16,8 +16,9 @@ median of repeats:
 Inputs:
 
 - synthetic, heavy-tailed scores (most tiny, a few objects with high scores), with per-class
-  temperature, thresholds around 0.3 and 4 IoU groups: SSD-like (batch 8, 1917 boxes, 90
-  classes + background) and NanoDet-like (batch 1, 3549 boxes);
+  temperature (and again with the box-dependent `box_platt`, whose calibration reads each box's
+  size), thresholds around 0.3 and 4 IoU groups: SSD-like (batch 8, 1917 boxes, 90 classes +
+  background) and NanoDet-like (batch 1, 3549 boxes);
 - with `--raw-outputs DIR --postprocess FILE`: real detector outputs, one image per call, from
   a tfcal raw-output cache folder (`boxes.npy`, `scores.npy`, e.g.
   `runs/x/cache/raw_outputs-<fingerprint>`) with the tuned `postprocess.json` of that run.
@@ -77,13 +78,21 @@ def make_inputs(rng: np.random.Generator, batch: int, num_boxes: int, num_object
     return boxes.astype(np.float32), scores.astype(np.float32)
 
 
-def make_config(rng: np.random.Generator) -> PostProcessConfig:
-    """Per-class temperature, thresholds around 0.3, and 4 distinct IoU values."""
+def make_config(rng: np.random.Generator, method: str = "temperature") -> PostProcessConfig:
+    """Per-class temperature (or box_platt: the slope 1 / T, a size coefficient in [-1, 1]
+    centred on the typical box), thresholds around 0.3, and 4 distinct IoU values."""
+    temperature = tuple(rng.uniform(0.8, 1.6, NUM_CLASSES).round(3).tolist())
+    if method == "box_platt":
+        # A size effect of up to one logit either way, centred (as a fit centres it through b)
+        # on the synthetic boxes' typical relative log size 0.6.
+        c = rng.uniform(-1.0, 1.0, NUM_CLASSES).round(3)
+        params = dict(box_a=tuple(round(1 / t, 4) for t in temperature),
+                      box_b=tuple((-0.6 * c).round(4).tolist()), box_c=tuple(c.tolist()))
+    else:
+        params = dict(temperature=temperature)
     return PostProcessConfig(
         num_classes=NUM_CLASSES, score_converter="sigmoid", background_column=True,
-        calibration="temperature",
-        calibration_params={"temperature": tuple(
-            rng.uniform(0.8, 1.6, NUM_CLASSES).round(3).tolist())},
+        calibration=method, calibration_params=params,
         min_score_thresh=tuple(rng.uniform(0.25, 0.35, NUM_CLASSES).round(3).tolist()),
         nms_iou=tuple(rng.choice([0.4, 0.5, 0.6, 0.7], NUM_CLASSES).tolist()),
         max_detections_per_class=100, max_total_detections=100)
@@ -123,11 +132,11 @@ def build_functions(config: PostProcessConfig, num_columns: int):
     @tf.function(input_signature=spec)
     def composed(boxes, scores):
         boxes, scores = candidates(boxes, scores)
-        return nms(boxes, thresholds(calibration(scores)))["num_detections"]
+        return nms(boxes, thresholds(calibration(scores, boxes)))["num_detections"]
 
     @tf.function(input_signature=spec)
     def composed_dense(boxes, scores):
-        return nms(boxes, thresholds(calibration(scores)))["num_detections"]
+        return nms(boxes, thresholds(calibration(scores, boxes)))["num_detections"]
 
     @tf.function(input_signature=spec)
     def plain(boxes, scores):
@@ -174,7 +183,7 @@ def check_identical(config: PostProcessConfig, inputs) -> None:
     for b, s in inputs[:4]:
         want = post(b, s)
         kept_b, kept_s = candidates(b, s)
-        got = nms(kept_b, thresholds(calibration(kept_s)))
+        got = nms(kept_b, thresholds(calibration(kept_s, kept_b)))
         for key in want:
             if not np.array_equal(want[key].numpy(), got[key].numpy()):
                 raise AssertionError(f"composed stages differ from PostProcessor in {key}")
@@ -221,24 +230,33 @@ def main(argv=None) -> int:
                         help="a raw-output cache folder (boxes.npy, scores.npy) of real outputs")
     parser.add_argument("--postprocess", type=Path, default=None,
                         help="the postprocess.json tuned on those outputs")
+    parser.add_argument("--methods", nargs="+", default=["temperature", "box_platt"],
+                        choices=["temperature", "box_platt"],
+                        help="calibration methods of the synthetic configs (default both)")
     parser.add_argument("--images", type=int, default=32,
                         help="images of --raw-outputs per timed pass (default 32)")
     args = parser.parse_args(argv)
     if (args.raw_outputs is None) != (args.postprocess is None):
         parser.error("--raw-outputs and --postprocess go together")
     rng = np.random.default_rng(0)
-    config = make_config(rng)
+    # The temperature config draws from the inputs' stream (as before methods were compared);
+    # box_platt's from a copy of it, so its slopes are the temperature config's 1 / T.
+    configs = {"temperature": make_config(rng, "temperature")}
+    configs["box_platt"] = make_config(np.random.default_rng(0), "box_platt")
+    configs = {m: configs[m] for m in args.methods}
     print(f"tensorflow {tf.__version__}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}")
     ok = True
     for name, batch, num_boxes, repeats in (("SSD-like", 8, 1917, args.repeats),
                                             ("NanoDet-like", 1, 3549, 4 * args.repeats)):
         boxes, scores = make_inputs(rng, batch, num_boxes)
-        ok &= report(name, f"synthetic, batch {batch}, {num_boxes} boxes, {NUM_CLASSES} "
-                     f"classes, temperature, thresholds "
-                     f"[{min(config.min_score_thresh):.3f}, {max(config.min_score_thresh):.3f}], "
-                     f"IoU groups {sorted(set(config.nms_iou))}", config, [(boxes, scores)],
-                     repeats)
+        for method, config in configs.items():
+            ok &= report(f"{name} {method}", f"synthetic, batch {batch}, {num_boxes} boxes, "
+                         f"{NUM_CLASSES} classes, {method}, thresholds "
+                         f"[{min(config.min_score_thresh):.3f}, "
+                         f"{max(config.min_score_thresh):.3f}], "
+                         f"IoU groups {sorted(set(config.nms_iou))}", config,
+                         [(boxes, scores)], repeats)
     if args.raw_outputs is not None:
         real = PostProcessConfig.load(args.postprocess).replace(metadata={})
         inputs = load_raw_outputs(args.raw_outputs, args.images)

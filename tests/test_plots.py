@@ -91,3 +91,18 @@ def test_missing_matplotlib_gives_clear_error(tmp_path, monkeypatch):
 def test_bad_curve_shapes(tmp_path):
     with pytest.raises(ValueError, match="equal non-empty 1-D"):
         plots.plot_threshold_curves([0.1, 0.2], [1.0], [0.5, 0.4], tmp_path / "x.png")
+
+
+def test_reliability_by_size(tmp_path):
+    # Curves as report.json holds them (summary.localization.*.reliability_by_size).
+    from tfcal.localization_metrics import curve_dict, reliability_by_size
+
+    rng = np.random.default_rng(2)
+    p = rng.random(300)
+    y = (rng.random(300) < p).astype(int)
+    area = np.where(np.arange(300) < 150, 500.0, 5000.0)  # small and medium only
+    before = {k: curve_dict(v) for k, v in reliability_by_size(p, y, area).items()}
+    after = {k: curve_dict(v) for k, v in reliability_by_size(p ** 2, y, area).items()}
+    out = plots.plot_reliability_by_size(before, after, tmp_path / "size.png", title="t")
+    _check_png(out["path"], out["size"])
+    assert out["buckets"] == ["small", "medium"] and before["large"] is None

@@ -14,7 +14,9 @@ Detection ECE (D-ECE, Küppers et al., "Multivariate Confidence Calibration for 
 Detection", CVPR-W 2020) applies the same sum to detections labelled true/false positive by
 matching, where a bin's "accuracy" is its precision; bins are over the confidence alone or over
 the joint grid of the confidence and box features (`cx`, `cy`, `w`, `h` in normalized image
-coordinates).
+coordinates, and the relative log size `size = 1 + log10(clip(w * h, 1e-4, 1)) / 4`, in [0, 1]:
+0 for boxes of at most 1e-4 of the image, 1 for the whole image; uniform bins on it separate
+small, medium and large boxes, where uniform bins on `w * h` would put most boxes in the first).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import numpy as np
 
 Strategy = Literal["uniform", "quantile"]
 BOX_FEATURES = ("cx", "cy", "w", "h")
+#: Every box feature `detection_ece` knows: `BOX_FEATURES` and the relative log size `size`.
+BOX_FEATURE_NAMES = BOX_FEATURES + ("size",)
 
 __all__ = [
     "ReliabilityCurve",
@@ -228,10 +232,12 @@ def _box_features(boxes, n: int, features: Sequence[str]) -> np.ndarray:
         raise ValueError("boxes: contains non-finite values")
     ymin, xmin, ymax, xmax = b.T
     table = {"cx": (xmin + xmax) / 2, "cy": (ymin + ymax) / 2, "w": xmax - xmin,
-             "h": ymax - ymin}
+             "h": ymax - ymin,
+             "size": 1.0 + np.log10(np.clip(np.clip(xmax - xmin, 0, None)
+                                            * np.clip(ymax - ymin, 0, None), 1e-4, 1.0)) / 4.0}
     bad = [f for f in features if f not in table]
     if bad:
-        raise ValueError(f"box_features: expected names from {BOX_FEATURES}, got {bad}")
+        raise ValueError(f"box_features: expected names from {BOX_FEATURE_NAMES}, got {bad}")
     return np.stack([np.clip(table[f], 0.0, 1.0) for f in features], axis=1)
 
 
@@ -243,7 +249,8 @@ def detection_ece(scores, tp, *, boxes=None, num_bins: int = 10, box_bins: int =
     `precision_b` is the share of true positives among the detections in bin `b`. Without
     `boxes` the bins are `num_bins` uniform confidence bins (the confidence-only D-ECE); with
     `boxes` they are the joint grid of `num_bins` confidence bins times `box_bins` uniform bins on
-    [0, 1] for each of `box_features` (box center `cx`, `cy`, width `w`, height `h`, in
+    [0, 1] for each of `box_features` (box center `cx`, `cy`, width `w`, height `h`, relative
+    log size `size`, in
     normalized image coordinates, clipped to [0, 1]). Only non-empty bins count.
 
     Args:
@@ -251,7 +258,8 @@ def detection_ece(scores, tp, *, boxes=None, num_bins: int = 10, box_bins: int =
       tp: `[N]` 0/1: 1 if the detection matched a ground truth (true positive).
       boxes: optional float `[N, 4]` `[ymin, xmin, ymax, xmax]`, normalized to [0, 1].
       num_bins: confidence bins, default 10. box_bins: bins per box feature, default 5.
-      box_features: subset of ('cx', 'cy', 'w', 'h'), default all four.
+      box_features: subset of ('cx', 'cy', 'w', 'h', 'size'), default ('cx', 'cy', 'w', 'h');
+        `size` is the relative log size `1 + log10(clip(w * h, 1e-4, 1)) / 4`.
 
     Returns:
       D-ECE in [0, 1].

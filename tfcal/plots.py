@@ -18,7 +18,8 @@ from tfcal import atomic, metrics
 DPI = 100
 FIGSIZE = (6.4, 6.4)
 
-__all__ = ["plot_iou_tradeoff", "plot_reliability_diagram", "plot_threshold_curves"]
+__all__ = ["plot_iou_tradeoff", "plot_reliability_by_size", "plot_reliability_diagram",
+           "plot_threshold_curves"]
 
 
 def _figure(figsize=FIGSIZE):
@@ -91,6 +92,51 @@ def plot_reliability_diagram(probs, labels, path, *, probs_after=None, labels_af
     out, size = _save(fig, path)
     return {"path": out, "size": size, "before": before, "after": after,
             "ece_before": before.ece, "ece_after": after.ece if after else None}
+
+
+def plot_reliability_by_size(before: dict, after: dict, path, *,
+                             title: str | None = None) -> dict[str, Any]:
+    """Reliability diagrams per COCO size bucket (small, medium, large), before and after.
+
+    Args:
+      before, after: `{bucket: curve}` as report.json's
+        `summary.localization.{before,after}.reliability_by_size` holds them (`confidence`,
+        `accuracy` per bin, None for empty bins, `ece`, `count`; a bucket may be None).
+      path: PNG file to write (atomically).
+      title: optional figure title.
+
+    Returns:
+      dict: `path`, `size` (width, height) in pixels, `buckets` drawn.
+    """
+    buckets = ("small", "medium", "large")
+    fig = _figure((3 * FIGSIZE[0] / 1.6, FIGSIZE[1] / 1.3))
+    drawn = []
+    for i, bucket in enumerate(buckets):
+        ax = fig.add_subplot(1, 3, i + 1)
+        ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1)
+        for name, side, color in (("before", before, "tab:red"), ("after", after, "tab:blue")):
+            curve = (side or {}).get(bucket)
+            if not curve:
+                continue
+            pts = [(c, a) for c, a in zip(curve["confidence"], curve["accuracy"])
+                   if c is not None and a is not None]
+            if pts:
+                x, y = zip(*pts)
+                ax.plot(x, y, marker="o", color=color,
+                        label=f"{name} (ECE {curve['ece']:.3f}, n={curve['count']})")
+                drawn.append(bucket)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(bucket if bucket in drawn else f"{bucket}: no detections")
+        ax.set_xlabel("confidence")
+        if i == 0:
+            ax.set_ylabel("accuracy (fraction positive)")
+        if bucket in drawn:
+            ax.legend(loc="upper left", fontsize="small")
+    if title:
+        fig.suptitle(title)
+    out, size = _save(fig, path)
+    return {"path": out, "size": size, "buckets": sorted(set(drawn), key=buckets.index)}
 
 
 def _chosen_point(chosen, t: np.ndarray, p: np.ndarray, r: np.ndarray) -> dict | None:

@@ -21,6 +21,7 @@ EXAMPLES = {
     "none": {},
     "temperature": dict(temperature=[1.7, 0.6]),
     "platt": dict(platt_a=[1.3, 0.7], platt_b=[-0.2, 0.4]),
+    "box_platt": dict(box_a=[1.3, 0.7], box_b=[-0.2, 0.4], box_c=[1.5, -2.0]),
     "isotonic": dict(knots_x=[[0.0, 0.4, 1.0], [0.2, 0.9]],
                      knots_y=[[0.05, 0.3, 0.95], [0.0, 1.0]]),
 }
@@ -29,6 +30,7 @@ IDENTITY = {
     "none": {},
     "temperature": dict(temperature=[1.0]),
     "platt": dict(platt_a=[1.0, 1.0, 1.0], platt_b=[0.0, 0.0, 0.0]),
+    "box_platt": dict(box_a=[1.0] * 3, box_b=[0.0] * 3, box_c=[0.0] * 3),
     "isotonic": dict(knots_x=[[0, 1]] * 3, knots_y=[[0, 1]] * 3),
 }
 METHODS = list(calibration.names())
@@ -36,6 +38,16 @@ METHODS = list(calibration.names())
 
 def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
+
+
+def boxes_for(shape, seed=5):
+    """Normalized boxes `[*shape, 4]` of every size from 1e-5 of the image to all of it (every
+    method gets them; only box-dependent ones read them)."""
+    rng = np.random.default_rng(seed)
+    side = 10 ** rng.uniform(-2.5, 0, shape + (2,))
+    y0 = rng.uniform(0, 1, shape) * (1 - side[..., 0])
+    x0 = rng.uniform(0, 1, shape) * (1 - side[..., 1])
+    return np.stack([y0, x0, y0 + side[..., 0], x0 + side[..., 1]], -1).astype(np.float32)
 
 
 def test_every_registered_method_has_an_example():
@@ -75,6 +87,7 @@ def test_scores_exactly_zero_and_one_through_every_converter(converter, method):
     else:
         raw = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], np.float32)  # p = 0 and 1
     q = calibration.calibrate_scores_tf(raw, score_converter=converter, method=method,
+                                        boxes=boxes_for(raw.shape[:-1]),
                                         **EXAMPLES[method]).numpy()
     assert q.shape == (1, 2, 2) and q.dtype == np.float32
     assert np.all(np.isfinite(q)) and np.all((q >= 0) & (q <= 1))
@@ -94,6 +107,7 @@ def test_identity_parameters_return_the_input(converter, method):
         raw[0, 0] = [0.0, 0.0, 1.0, 0.0]
         expected = raw[..., 1:]
     q = calibration.calibrate_scores_tf(raw, score_converter=converter, method=method,
+                                        boxes=boxes_for(raw.shape[:-1]),
                                         **IDENTITY[method]).numpy()
     np.testing.assert_allclose(q, expected, atol=1e-6)
 
@@ -107,7 +121,7 @@ def test_numpy_twin_equals_the_tf_map(converter, method):
     else:
         raw = rng.dirichlet(np.ones(3) * 0.5, size=(3, 7)).astype(np.float32)
     kw = dict(score_converter=converter, background_column=True, method=method,
-              **EXAMPLES[method])
+              boxes=boxes_for(raw.shape[:-1]), **EXAMPLES[method])
     np.testing.assert_allclose(calibration.calibrate_scores_tf(raw, **kw).numpy(),
                                calibration.calibrate_scores(raw, **kw), atol=2e-6)
 
@@ -123,7 +137,7 @@ def test_raw_score_lower_bounds_are_conservative(converter, method):
     params = EXAMPLES[method]
     thresh = np.array([0.3, 0.05], np.float32)
     q = calibration.calibrate_scores_tf(raw, score_converter=converter, method=method,
-                                        **params).numpy()
+                                        boxes=boxes_for(raw.shape[:-1]), **params).numpy()
     bounds = calibration.raw_score_lower_bounds(thresh, [1.0, 1.0], score_converter=converter,
                                                 method=method, num_classes=2, **params).numpy()
     passing = q >= thresh
@@ -157,9 +171,12 @@ def test_raw_bounds_hold_at_float32_resolution(converter, method):
             vals = vals[(vals >= 0) & (vals <= 1)]
         raw = np.zeros((1, vals.size, 3), np.float32)
         raw[0, :, k + 1] = vals
-        q = calibration.calibrate_scores_tf(raw, score_converter=converter, method=method,
-                                            **params).numpy()[0, :, k]
-        assert not np.any((q >= thresh[k]) & (vals < bounds[k])), (k, bounds[k])
+        # The extreme box sizes (a box-dependent map is largest at one of them).
+        for box in ([0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.5001, 0.5001]):
+            boxes = np.broadcast_to(np.float32(box), (1, vals.size, 4))
+            q = calibration.calibrate_scores_tf(raw, score_converter=converter, method=method,
+                                                boxes=boxes, **params).numpy()[0, :, k]
+            assert not np.any((q >= thresh[k]) & (vals < bounds[k])), (k, bounds[k], box)
         checked += 1
     assert checked >= 1
 

@@ -141,3 +141,20 @@ def test_nanodet_export_reload_parity(tmp_path):
     meta = loaded.signatures["metadata"](request=tf.constant([""]))["postprocess_config"]
     meta = json.loads(meta[0].numpy())
     assert meta["provenance"]["data_fingerprint"] == "coco_val2017_tiny"
+
+
+@pytest.mark.slow
+def test_box_dependent_calibration_exports_and_verifies(tmp_path, image_detector):
+    # box_platt reads each box in the serving graph; the exported model must reproduce the
+    # post-processing layer on the detector's raw outputs (the verification's parity checks).
+    from tfcal.postprocess import PostProcessConfig
+
+    config = PostProcessConfig(num_classes=3, calibration="box_platt",
+                               calibration_params=dict(box_a=(1.2, 0.8, 1.0),
+                                                       box_b=(0.1, -0.2, 0.3),
+                                                       box_c=(2.0, -1.5, 0.5)),
+                               min_score_thresh=(0.3, 0.4, 0.2), nms_iou=(0.5, 0.6, 0.5),
+                               max_detections_per_class=5, max_total_detections=10)
+    result = serving.export_for_serving(image_detector, config, tmp_path / "export", "det",
+                                        warmup_images=[sample_image(seed=1)])
+    assert result.verification.passed, result.verification.failures()

@@ -77,7 +77,10 @@ def test_same_data_is_ok(tuned_job, capsys):
     assert classes["car"]["precision_new"] == classes["car"]["precision_report"] == 1.0
     assert all(c["status"] == "ok" for c in classes.values())
     assert drift["ece_new"] is not None and drift["ece_report"] is not None
-    assert "drift: OK" in out
+    # The same images: LaECE_0 and LaACE_0 as in the tuning report's holdout (a subset).
+    assert drift["localization"]["la_ece_0_new"] is not None
+    assert drift["localization"]["la_ece_0_report"] is not None
+    assert "drift: OK" in out and "LaECE_0: " in out
 
 
 def test_new_data_from_the_same_source_is_ok(tuned_job, capsys, tmp_path):
@@ -261,10 +264,10 @@ def test_saved_model_config_needs_images(tuned_job, capsys, tmp_path):
     assert "--images" in err
 
 
-def test_ece_check_alone_fails_on_the_drifted_set(tuned_job, capsys, tmp_path):
+def test_calibration_checks_alone_fail_on_the_drifted_set(tuned_job, capsys, tmp_path):
     # min_support above any count leaves every class unjudged; with ECE tolerance 0 the
-    # confident false positives (0.80, 0.85) raise ECE above the report's, and that alone
-    # exits 1.
+    # confident false positives (0.80, 0.85) raise ECE, LaECE_0 and LaACE_0 above the
+    # report's (false positives count IoU 0), and that alone exits 1.
     root, _ = tuned_job
     config = _config_with_run_dir(tuned_job, tmp_path, root / "run", min_support=100000,
                                   ece_tolerance=0.0)
@@ -274,11 +277,17 @@ def test_ece_check_alone_fails_on_the_drifted_set(tuned_job, capsys, tmp_path):
     assert code == 1, err
     drift = json.loads(out_path.read_text())
     assert drift["ece_new"] > drift["ece_report"]
-    assert len(drift["failures"]) == 1 and drift["failures"][0].startswith("ECE rose from")
+    loc = drift["localization"]
+    assert loc["la_ece_0_new"] > loc["la_ece_0_report"]
+    assert loc["la_ace_0_new"] > loc["la_ace_0_report"]
+    assert [f.split(" rose from")[0] for f in drift["failures"]] == ["ECE", "LaECE_0",
+                                                                      "LaACE_0"]
     # New data from the undrifted source is better calibrated than the drifted set.
     same_path = tmp_path / "same_drift.json"
     _drift(capsys, config, root / "same.json", root / "images", "--out", str(same_path))
-    assert json.loads(same_path.read_text())["ece_new"] < drift["ece_new"]
+    same = json.loads(same_path.read_text())
+    assert same["ece_new"] < drift["ece_new"]
+    assert same["localization"]["la_ece_0_new"] < loc["la_ece_0_new"]
 
 
 def test_classes_below_min_support_are_reported_not_judged(tuned_job, capsys, tmp_path):

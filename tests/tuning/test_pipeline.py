@@ -190,10 +190,10 @@ def test_report_files(base):
     on_disk = json.loads((run_dir / "report.json").read_text())
     assert on_disk["classes"] == report["classes"]
     plots = on_disk["plots"]
-    # Plotted: the reliability diagram, the IoU trade-off and the enabled classes with ground
-    # truth (car, person; the disabled flag is not plotted).
-    expected = {"plots/reliability.png", "plots/iou_tradeoff.png", "plots/pr_threshold_1.png",
-                "plots/pr_threshold_2.png"}
+    # Plotted: the reliability diagram (also by box size), the IoU trade-off and the enabled
+    # classes with ground truth (car, person; the disabled flag is not plotted).
+    expected = {"plots/reliability.png", "plots/reliability_by_size.png",
+                "plots/iou_tradeoff.png", "plots/pr_threshold_1.png", "plots/pr_threshold_2.png"}
     assert set(plots.values()) == expected
     for rel in expected:
         data = (run_dir / rel).read_bytes()
@@ -510,3 +510,59 @@ def test_pool_policy_fits_on_the_learn_part_and_reports_the_group(tmp_path):
     assert [plain_ppc["class_enabled"][classes[n]["column"]] for n in ("person", "flag")] == [
         False, False]
     assert "group" not in plain["summary"]["guarantee"]
+
+
+def test_report_localization_block(base):
+    report, *_ = base
+    loc = report["summary"]["localization"]
+    # Calibration none: the same scores before and after, so the same numbers.
+    assert loc["before"] == loc["after"]
+    side = loc["before"]
+    assert 0.0 < side["la_ece_0"] < 1.0 and 0.0 < side["la_ace_0"] < 1.0
+    assert {c["name"] for c in side["classes"]} <= set(ka.NAMES)
+    # Every box is 20 x 20 px: only the small bucket has detections.
+    assert side["reliability_by_size"]["medium"] is None
+    assert side["reliability_by_size"]["large"] is None
+    assert side["reliability_by_size"]["small"]["ece"] == pytest.approx(
+        report["summary"]["ece_before"])
+    # One size bucket, so the score x size D-ECE is the score-only one (10 bins, like the ECE).
+    assert side["d_ece"]["score_x_size"] == pytest.approx(side["d_ece"]["score"])
+    assert side["d_ece"]["score"] == pytest.approx(report["summary"]["ece_before"])
+
+
+def test_box_platt_is_fitted_on_the_learn_part_and_served_with_the_boxes(tmp_path):
+    """box_platt reorders a class's own detections (the threshold moves with the box size), so
+    with a certified per-class target it is fitted on the learn part only; the deployed
+    post-processing reads the boxes (the known-answer boxes are all 20 x 20 px, so the size
+    feature is one constant and the fit is the class-only fit plus a shift)."""
+    from tfcal.layers import PostProcessor
+    from tfcal.postprocess import PostProcessConfig
+    from tfcal.tuning.calibrate import fit_calibration
+    from tfcal.tuning.prepare import prepare
+    from tfcal.tuning.tune import learn_split
+
+    # flag's learn detections are anti-ordered: its class-only Platt slope is clamped to 0
+    # (and its box fit, whose slope is negative too, is not used).
+    with pytest.warns(TfcalWarning, match=r"clamped to a = 0 .*flag"):
+        report, ppc, run_dir, path = ka.tune(tmp_path, calibration={"method": "box_platt"},
+                                             tuning={"confidence": 0.95},
+                                             output={"plots": False})
+    assert report["calibration"]["fitted_on"] == "learn"
+    assert set(report["classes"][0]["calibration"]) == {"a", "b", "c"}
+    cfg = load_config(path)
+    prep = prepare(cfg)
+    ids = prep.dataset.image_ids.tolist()
+    tune_idx = np.sort([ids.index(i) for i in report["split"]["tune_image_ids"]])
+    learn_idx, _ = learn_split(cfg, prep, tune_idx)
+    with pytest.warns(TfcalWarning, match="flag"):
+        on_learn = fit_calibration(cfg, prep, learn_idx)
+    for name in ("box_a", "box_b", "box_c"):
+        assert ppc[name] == pytest.approx(list(getattr(on_learn, name)))
+    # The served graph calibrates with the boxes: a larger box changes the score.
+    layer = PostProcessor(PostProcessConfig.from_dict(ppc).replace(min_score_thresh=(0.0,)))
+    raw = np.zeros((1, 2, prep.num_classes + 1), np.float32)
+    raw[:, :, 1] = 0.8
+    boxes = np.float32([[[0.0, 0.0, 0.05, 0.05], [0.0, 0.0, 0.9, 0.9]]])
+    scores = layer.score_calibration(raw, boxes).numpy()[0, :, 0]
+    assert (scores[1] > scores[0]) == (ppc["box_c"][0] > 0)
+    assert "LaECE_0" in (run_dir / "report.md").read_text()

@@ -10,6 +10,8 @@ layers and the tuner accept its name and parameters from then on.
 - `none`: `q = p` (`identity` converter: `q = sigmoid(z)`).
 - `temperature`: `q = sigmoid(z / T)` (softmax converter: `q = softmax(z / T)` over all columns).
 - `platt`: `q = sigmoid(a * z + b)`.
+- `box_platt`: `q = sigmoid(a * z + b + c * s)`, `s` the box's relative log size in [0, 1]
+  (`box_platt.py`); the one method that reads the boxes (`uses_boxes`).
 - `isotonic` (older records: `piecewise_linear`): `q = interp(u, knots_x, knots_y)` on the
   uncalibrated probability `u`, clamped to the end knots' `y` outside the knot range.
 
@@ -67,7 +69,7 @@ __all__ = [
 
 
 def calibrate_scores(raw_scores, *, score_converter: str = "sigmoid",
-                     background_column: bool = True, method: str = "none",
+                     background_column: bool = True, method: str = "none", boxes=None,
                      **params: Any):
     """Raw detector scores to calibrated class probabilities, NumPy (twin of
     `calibrate_scores_tf`).
@@ -77,18 +79,21 @@ def calibrate_scores(raw_scores, *, score_converter: str = "sigmoid",
       score_converter: {'sigmoid', 'softmax', 'identity'}, default='sigmoid'.
       background_column: raw column 0 is background and is dropped from the output.
       method: a registered method name, default='none'.
+      boxes: float `[..., 4]` normalized boxes of the rows, for a method that reads them
+        (`box_platt`); ignored by the others.
       **params: the method's parameters (e.g. `temperature=[1.3]`), checked by the method.
 
     Returns:
       float32 `[..., K]` calibrated class probabilities.
     """
     return get(method).calibrate(raw_scores, params, score_converter=score_converter,
-                                 background_column=background_column)
+                                 background_column=background_column, boxes=boxes)
 
 
 def calibrate_scores_tf(raw_scores, *, score_converter: str = "sigmoid",
                         background_column: bool = True, method: str = "none",
-                        num_classes: int | None = None, **params: Any) -> tf.Tensor:
+                        num_classes: int | None = None, boxes=None,
+                        **params: Any) -> tf.Tensor:
     """Raw detector scores to calibrated class probabilities, TF, from Python parameters.
 
     The parameters are checked once here (against `num_classes` when given); the layers keep
@@ -100,6 +105,7 @@ def calibrate_scores_tf(raw_scores, *, score_converter: str = "sigmoid",
       background_column: raw column 0 is background and is dropped from the output.
       method: a registered method name, default='none'.
       num_classes: K, to check parameter lengths (default: from the static shape, if known).
+      boxes: as for `calibrate_scores`.
       **params: the method's parameters.
 
     Returns:
@@ -111,7 +117,7 @@ def calibrate_scores_tf(raw_scores, *, score_converter: str = "sigmoid",
         num_classes = None if columns is None else columns - int(background_column)
     weights = m.weights(m.check_params(params, num_classes))
     return m.calibrate_tf(raw_scores, weights, score_converter=score_converter,
-                          background_column=background_column)
+                          background_column=background_column, boxes=boxes)
 
 
 def raw_score_lower_bounds(min_score_thresh, class_enabled=None, *, num_classes: int,

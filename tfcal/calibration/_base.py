@@ -101,9 +101,13 @@ class CalibrationMethod:
         `identity` converter, else `logit(clip(p))`); `probability`: `u` (`p`, or `sigmoid(z)` for
         `identity`).
       params: parameter names, as `PostProcessConfig` fields and layer arguments.
+      uses_boxes: the map also reads each box (`apply`, `apply_tf` and `fit` take `boxes`,
+        normalized `[ymin, xmin, ymax, xmax]`, `[..., 4]` or `[..., K, 4]`); the other methods
+        ignore boxes.
     """
 
     name: ClassVar[str]
+    uses_boxes: ClassVar[bool] = False
     aliases: ClassVar[tuple[str, ...]] = ()
     space: ClassVar[Literal["logit", "probability"]]
     params: ClassVar[tuple[str, ...]] = ()
@@ -219,8 +223,8 @@ class CalibrationMethod:
     # ------------------------------------------------------------------------- raw scores
 
     def calibrate(self, raw_scores, params: Mapping[str, Any], *,
-                  score_converter: str = "sigmoid", background_column: bool = True
-                  ) -> np.ndarray:
+                  score_converter: str = "sigmoid", background_column: bool = True,
+                  boxes=None) -> np.ndarray:
         """NumPy twin of `calibrate_tf`: float `[..., C]` raw scores -> float32 `[..., K]`."""
         validation.choice("score_converter", score_converter, ops.SCORE_CONVERTERS)
         s = nx.as_float_array(raw_scores, "raw_scores")
@@ -234,11 +238,13 @@ class CalibrationMethod:
         else:
             nx.check_probs(cls, "raw_scores")
             x = nx.probs_to_logits(cls) if self.space == "logit" else cls
+        if self.uses_boxes:
+            return self.apply(x, params, boxes=boxes)
         return self.apply(x, params)
 
     def calibrate_tf(self, raw_scores, weights: Mapping[str, Any], *,
-                     score_converter: str = "sigmoid", background_column: bool = True
-                     ) -> tf.Tensor:
+                     score_converter: str = "sigmoid", background_column: bool = True,
+                     boxes=None) -> tf.Tensor:
         """Raw detector scores to calibrated class probabilities, TF.
 
         Args:
@@ -246,6 +252,8 @@ class CalibrationMethod:
           weights: this method's parameters as from `weights()` (or variables holding them).
           score_converter: {'sigmoid', 'softmax', 'identity'}, default='sigmoid'.
           background_column: raw column 0 is background and is dropped from the output.
+          boxes: float `[..., 4]` or `[..., K, 4]` normalized boxes of the rows of
+            `raw_scores`; read only by methods that `uses_boxes` (required there).
 
         Returns:
           float32 `[..., K]` calibrated probabilities in [0, 1].
@@ -257,6 +265,8 @@ class CalibrationMethod:
             x = cls if self.space == "logit" else tf.sigmoid(cls)
         else:
             x = ops.scores_to_logits(cls, "sigmoid") if self.space == "logit" else cls
+        if self.uses_boxes:
+            return self.apply_tf(x, weights, boxes=boxes)
         return self.apply_tf(x, weights)
 
     def raw_lower_bounds(self, min_score_thresh, weights: Mapping[str, Any], *,

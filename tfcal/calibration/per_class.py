@@ -19,7 +19,8 @@ from tfcal.calibration._base import CalibrationMethod, get
 
 __all__ = ["PerClassCalibration", "fit_per_class"]
 
-_FIT_ARGUMENTS = {"self", "x", "y", "c", "num_classes", "w", "class_labels"}
+_FIT_ARGUMENTS = {"self", "x", "y", "c", "num_classes", "w", "class_labels", "boxes",
+                  "min_samples"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +97,7 @@ class PerClassCalibration:
         out["fallback"] = k in self.fallback_classes
         return out
 
-    def apply(self, x, class_index=None) -> np.ndarray:
+    def apply(self, x, class_index=None, boxes=None) -> np.ndarray:
         """Calibrates scores exactly as the TF map does (sigmoid/identity converter semantics).
 
         Args:
@@ -104,22 +105,25 @@ class PerClassCalibration:
             and `platt`, uncalibrated probabilities for `isotonic`). Either float `[N]` with
             `class_index`, or float `[..., K]` (one column per class) with `class_index=None`.
           class_index: int `[N]` class column per score, or None.
+          boxes: float `[N, 4]` (or `[..., 4]`) normalized boxes of the scores, for a method
+            that `uses_boxes` (ignored by the others).
 
         Returns:
           float32, same shape as `x`: calibrated probabilities.
         """
         v = nx.as_float_array(x, "x")
+        extra = {"boxes": boxes} if self.calibration_method.uses_boxes else {}
         if class_index is None:
             if v.shape[-1] != self.num_classes:
                 raise ValueError(f"x: last axis must be num_classes={self.num_classes} when "
                                  f"class_index is None, got shape {v.shape}")
-            return self.calibration_method.apply(v, self.params)
+            return self.calibration_method.apply(v, self.params, **extra)
         c = _as_class_index(class_index, v.shape, self.num_classes)
-        return self.calibration_method.apply(v, self.params, c)
+        return self.calibration_method.apply(v, self.params, c, **extra)
 
-    def apply_to_probabilities(self, probs, class_index=None) -> np.ndarray:
+    def apply_to_probabilities(self, probs, class_index=None, boxes=None) -> np.ndarray:
         """`apply` on uncalibrated probabilities (converted to the method's space first)."""
-        return self.apply(self.calibration_method.to_space(probs), class_index)
+        return self.apply(self.calibration_method.to_space(probs), class_index, boxes)
 
 
 def _as_class_index(class_index, shape, num_classes: int) -> np.ndarray:
@@ -165,7 +169,9 @@ def fit_per_class(method: str, logits_or_probs, labels, class_index, num_classes
       num_classes: K >= 1.
       min_samples: detections a class needs for full weight on its own fit, default 30.
       class_labels: optional K names for the classes in warnings (default: column indices).
-      **options: the method's fit options, e.g. temperature `bounds` (default (0.05, 20.0)).
+      **options: the method's fit options, e.g. temperature `bounds` (default (0.05, 20.0)),
+        and `boxes`: float `[N, 4]` normalized boxes of the detections, for a method that
+        `uses_boxes` (required there, refused by the others).
 
     Returns:
       A `PerClassCalibration`.
@@ -190,11 +196,18 @@ def fit_per_class(method: str, logits_or_probs, labels, class_index, num_classes
     single = (pos == 0) | (pos == counts)
     w = np.minimum(1.0, counts / float(min_samples))
     w[(counts == 0) | single] = 0.0
+    boxes = options.pop("boxes", None)
     takes = set(inspect.signature(m.fit).parameters) - _FIT_ARGUMENTS
     unknown = sorted(set(options) - takes)
     if unknown:
         raise ValueError(f"{unknown[0]}: not an option of calibration method {m.name!r} "
                          f"(its options: {sorted(takes) or 'none'})")
+    if m.uses_boxes:
+        if boxes is None:
+            raise ValueError(f"boxes: calibration method {m.name!r} needs the detections' boxes")
+        options = {**options, "boxes": boxes, "min_samples": int(min_samples)}
+    elif boxes is not None:
+        raise ValueError(f"boxes: calibration method {m.name!r} does not use boxes")
     params, pooled, w = m.fit(x, y, c, k, w, class_labels=class_labels, **options)
     return PerClassCalibration(
         method=m.name, num_classes=k, params=params,

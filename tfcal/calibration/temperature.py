@@ -251,7 +251,7 @@ class Temperature(CalibrationMethod):
     # The softmax converter mixes every column: its own raw-score maps, and no per-column bound.
 
     def calibrate(self, raw_scores, params, *, score_converter="sigmoid",
-                  background_column=True):
+                  background_column=True, boxes=None):
         if score_converter != "softmax":
             return super().calibrate(raw_scores, params, score_converter=score_converter,
                                      background_column=background_column)
@@ -265,7 +265,7 @@ class Temperature(CalibrationMethod):
         return apply_temperature(z, t_full, softmax=True)[..., start:]
 
     def calibrate_tf(self, raw_scores, weights, *, score_converter="sigmoid",
-                     background_column=True):
+                     background_column=True, boxes=None):
         if score_converter != "softmax":
             return super().calibrate_tf(raw_scores, weights, score_converter=score_converter,
                                         background_column=background_column)

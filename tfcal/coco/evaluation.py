@@ -19,6 +19,7 @@ import numpy as np
 
 from tfcal import TfcalError, atomic
 from tfcal.coco.dataset import CocoDataset, load_coco, quiet, read_json
+from tfcal.coco.localization import summary as localization_summary
 from tfcal.coco.matching import Detections, as_detections, match_detections
 
 STAT_KEYS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -149,7 +150,8 @@ def evaluate_detections_file(annotations_path: str | Path, detections_path: str 
 
     Returns:
       ``{"coco_stats": {STAT_KEYS...: float}, "per_class": [{category_id, name, tp, fp, fn,
-      precision, recall}, ...], "match_iou": float}`` (JSON-able; undefined ratios are None).
+      precision, recall}, ...], "match_iou": float, "localization": {...}}`` (JSON-able;
+      undefined ratios are None; `localization`: see `tfcal.coco.localization.summary`).
 
     Raises:
       TfcalError: a bad annotations or detections file (see `load_coco`, `load_detections`).
@@ -160,7 +162,8 @@ def evaluate_detections_file(annotations_path: str | Path, detections_path: str 
     dets = load_detections(detections_path, dataset)
     return {"coco_stats": coco_stats(dataset, dets),
             "per_class": per_class_counts(dataset, dets, match_iou=match_iou),
-            "match_iou": float(match_iou)}
+            "match_iou": float(match_iou),
+            "localization": localization_summary(dataset, dets, match_iou=match_iou)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +176,12 @@ class EvaluateResult:
     def summary(self) -> str:
         s = self.report["coco_stats"]
         head = "  ".join(f"{k} {s[k]:.3f}" for k in ("AP", "AP50", "AP75", "AR_100"))
+        loc = self.report.get("localization")
+        if loc:
+            head += "  " + "  ".join(
+                f"{name} {'n/a' if loc[key] is None else format(loc[key], '.3f')}"
+                for name, key in (("LaECE_0", "la_ece_0"), ("LaACE_0", "la_ace_0"),
+                                  ("D-ECE(score x size)", "d_ece_score_x_size")))
         where = f"\nreport: {self.out}" if self.out else ""
         return f"{head}{where}"
 

@@ -168,12 +168,34 @@ class PostProcessor(keras.layers.Layer):
             None if enabled is None else tf.convert_to_tensor(enabled),
             num_classes=self.postprocess_config.num_classes)
 
+    @property
+    def _box_floor(self) -> bool:
+        return hasattr(self.score_calibration.calibration_method, "box_candidate_floor_tf")
+
+    def _box_candidates(self, boxes, raw_scores):
+        """bool `[batch, num_boxes]`: the boxes whose best class score reaches their own floor."""
+        thresholds = self.class_thresholds
+        enabled = thresholds.class_enabled_weight
+        floor = self.score_calibration.box_candidate_floor(
+            boxes, tf.convert_to_tensor(thresholds.min_score_thresh_weight),
+            None if enabled is None else tf.convert_to_tensor(enabled),
+            num_classes=self.postprocess_config.num_classes)
+        cls = raw_scores[:, :, 1:] if self.postprocess_config.background_column else raw_scores
+        return tf.reduce_max(cls, axis=-1) >= floor
+
     def call(self, boxes, raw_scores, extras=None):
         extras = _check_extras(extras)
         boxes = tf.cast(boxes, tf.float32)
         raw_scores = tf.cast(raw_scores, tf.float32)
         kept = None  # input index of each box the NMS sees, when it is not the identity
-        if self.uses_candidate_prefilter:
+        if self.uses_candidate_prefilter and self._box_floor and boxes.shape.rank == 3:
+            # A box-dependent calibration: each box's floor from its size (tighter).
+            found = ops.select_passing_boxes(
+                boxes, raw_scores, self._box_candidates(boxes, raw_scores),
+                return_indices=bool(extras))
+            boxes, raw_scores = found[:2]
+            kept = found[2] if extras else None
+        elif self.uses_candidate_prefilter:
             # Only boxes that can pass some class threshold are calibrated and sent to NMS; the
             # result is identical, and most boxes of a real detector are dropped here.
             found = ops.select_candidate_boxes(
@@ -182,7 +204,10 @@ class PostProcessor(keras.layers.Layer):
                 return_indices=bool(extras))
             boxes, raw_scores = found[:2]
             kept = found[2] if extras else None
-        scores = self.score_calibration(raw_scores)
+        if self.score_calibration.calibration_method.uses_boxes:
+            scores = self.score_calibration(raw_scores, boxes)
+        else:
+            scores = self.score_calibration(raw_scores)
         scores = self.class_thresholds(scores)
         # Soft-NMS decays scores: the decayed ones are held to the class thresholds too.
         nms_args = {}

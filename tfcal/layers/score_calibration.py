@@ -101,6 +101,15 @@ class ScoreCalibration(keras.layers.Layer):
             min_score_thresh, self._weight_tensors(), num_classes=num_classes,
             score_converter=self.score_converter, class_enabled=class_enabled)
 
+    def box_candidate_floor(self, boxes, min_score_thresh, class_enabled=None, *,
+                            num_classes: int) -> tf.Tensor:
+        """Per-box raw-score floors of a box-dependent method (`box_candidate_floor_tf`, e.g.
+        `tfcal.calibration.box_platt`), from the current weights: float32
+        `[batch, num_boxes]` for boxes `[batch, num_boxes, 4]`."""
+        return self._method.box_candidate_floor_tf(
+            boxes, min_score_thresh, self._weight_tensors(), num_classes=num_classes,
+            score_converter=self.score_converter, class_enabled=class_enabled)
+
     def _check_columns(self, columns) -> None:
         k = self._expected_classes
         if columns is None or k is None:
@@ -110,20 +119,26 @@ class ScoreCalibration(keras.layers.Layer):
                              f"({k} classes, background_column={self.background_column}), "
                              f"got {columns}")
 
-    def build(self, input_shape):
-        self._check_columns(input_shape[-1])
+    def build(self, raw_scores_shape, boxes_shape=None):
+        self._check_columns(raw_scores_shape[-1])
 
-    def call(self, raw_scores):
+    def call(self, raw_scores, boxes=None):
+        """`raw_scores` float `[..., C]` -> float32 `[..., K]`; `boxes` (float `[..., 4]` or
+        `[..., K, 4]`, normalized) are required by a method that reads boxes (`box_platt`) and
+        ignored by the others."""
         raw_scores = tf.cast(raw_scores, tf.float32)
         self._check_columns(raw_scores.shape[-1])
+        if self._method.uses_boxes and boxes is None:
+            raise ValueError(f"boxes: calibration method {self.method!r} needs the boxes")
         return self._method.calibrate_tf(raw_scores, self._weight_tensors(),
                                          score_converter=self.score_converter,
-                                         background_column=self.background_column)
+                                         background_column=self.background_column,
+                                         boxes=boxes)
 
-    def compute_output_shape(self, input_shape):
-        columns = input_shape[-1]
+    def compute_output_shape(self, raw_scores_shape, boxes_shape=None):
+        columns = raw_scores_shape[-1]
         k = None if columns is None else columns - int(self.background_column)
-        return tuple(input_shape[:-1]) + (k,)
+        return tuple(raw_scores_shape[:-1]) + (k,)
 
     def get_config(self):
         config = super().get_config()

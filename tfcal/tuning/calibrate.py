@@ -7,7 +7,8 @@ import numpy as np
 
 from tfcal import TfcalError, calibration
 from tfcal.config import Config
-from tfcal.tuning.detections import default_postprocess_config, match, postprocess_images
+from tfcal.tuning.detections import (default_postprocess_config, match, postprocess_images,
+                                     to_coco_detections)
 from tfcal.tuning.prepare import Prepared
 from tfcal.tuning.search import default_iou
 
@@ -30,6 +31,9 @@ def fit_calibration(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
     dets = postprocess_images(default_postprocess_config(cfg, prep, iou), prep.raw, tune_idx)
     result, columns, _ = match(prep, dets, tune_idx, cfg)
     keep = ~result.ignored
+    coco_rows = np.flatnonzero(to_coco_detections(dets, prep)[1])
+    boxes = dets.boxes[coco_rows[result.det_index[keep]]].astype(np.float64)
+    extra = {"boxes": boxes} if method.uses_boxes else {}
     probs = result.score[keep].astype(np.float64)
     labels = result.tp[keep].astype(np.int64)
     cols = columns[keep]
@@ -41,8 +45,8 @@ def fit_calibration(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
         names = [prep.column_label(k) for k in range(prep.num_classes)]
         return calibration.fit_per_class(method.name, x, labels, cols, prep.num_classes,
                                          min_samples=cfg.calibration.min_samples,
-                                         class_labels=names)
+                                         class_labels=names, **extra)
     pooled = calibration.fit_per_class(method.name, x, labels, np.zeros_like(cols), 1,
-                                       min_samples=cfg.calibration.min_samples)
+                                       min_samples=cfg.calibration.min_samples, **extra)
     return pooled.broadcast(prep.num_classes)
 

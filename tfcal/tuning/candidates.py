@@ -65,7 +65,10 @@ def _combined_nms_fn(iou_grid, lowest_threshold, nms: ops.NmsOptions, calibrate_
 
     @tf.function(reduce_retracing=True)
     def run(boxes, raw_scores):
-        scores = tf.cast(calibrate_fn(raw_scores), tf.float32)
+        if getattr(calibrate_fn, "uses_boxes", False):  # box-dependent calibration
+            scores = tf.cast(calibrate_fn(raw_scores, boxes), tf.float32)
+        else:
+            scores = tf.cast(calibrate_fn(raw_scores), tf.float32)
         outs = []
         for g in iou_grid:
             r = combined_nms(boxes, scores, dataclasses.replace(nms, iou_threshold=g),

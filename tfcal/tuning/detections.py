@@ -179,10 +179,11 @@ def _calibrate_fn(cfg: Config, calib):
     method = calibration.get("none" if calib is None else calib.method)
     weights = method.weights({} if calib is None else calib.params)
 
-    def calibrate(raw_scores):
+    def calibrate(raw_scores, boxes=None):
         return method.calibrate_tf(raw_scores, weights, score_converter=cfg.model.score_converter,
-                                   background_column=cfg.model.background_column)
+                                   background_column=cfg.model.background_column, boxes=boxes)
 
+    calibrate.uses_boxes = method.uses_boxes
     return calibrate
 
 

@@ -10,6 +10,9 @@ Then, against the tuning report:
 - ECE of the calibrated detection scores (every detection at the report's default NMS IoU,
   no threshold), against the report's holdout `ece_after`: drift when it rose by more than
   `drift.ece_tolerance`.
+- LaECE_0 and LaACE_0 of the same detections (`tfcal.tuning.localization.localization_drift`),
+  against the report's `summary.localization.after`: drift when either rose by more than
+  `drift.ece_tolerance` (reports without them are not checked).
 - Each enabled class's precision at its deployed threshold, judged by two one-sided exact
   tests, each needing `drift.min_support` detections on both sides it compares:
 
@@ -45,6 +48,7 @@ from tfcal.metrics import expected_calibration_error
 from tfcal.postprocess import PostProcessConfig
 from tfcal.tuning.detections import ODAPI_DEFAULT_SCORE_THRESH, match, postprocess_images
 from tfcal.tuning.holdout import ECE_MIN_SCORE
+from tfcal.tuning.localization import localization_drift
 from tfcal.tuning.objective_kinds import KINDS
 from tfcal.tuning.prepare import check_model_fingerprint, prepare
 from tfcal.tuning.report import jsonable, load_report
@@ -65,6 +69,11 @@ class DriftResult:
         lines = [f"drift: {'OK' if self.ok else 'DRIFT DETECTED'} ({self.out})",
                  f"ECE: {_f(r['ece_report'])} in the tuning report, {_f(r['ece_new'])} now "
                  f"(tolerance +{r['tolerances']['ece']})"]
+        loc = r.get("localization")
+        if loc:
+            lines.append(f"LaECE_0: {_f(loc['la_ece_0_report'])} in the tuning report, "
+                         f"{_f(loc['la_ece_0_new'])} now; LaACE_0: "
+                         f"{_f(loc['la_ace_0_report'])} -> {_f(loc['la_ace_0_new'])}")
         lines += [f"  {x}" for x in r["failures"]]
         return "\n".join(lines)
 
@@ -257,6 +266,10 @@ def run_drift(cfg: Config, annotations: Path, images: Path | None = None, *,
     if ece_new is not None and ece_report is not None and ece_new > ece_report + d.ece_tolerance:
         failures.append(f"ECE rose from {ece_report:.3f} to {ece_new:.3f} "
                         f"(> +{d.ece_tolerance})")
+    localization = localization_drift(prep, dets, every, report, tolerance=d.ece_tolerance,
+                                      min_score=ECE_MIN_SCORE,
+                                      max_dets=cfg.tuning.max_total_detections)
+    failures += localization.pop("failures")
     classes = []
     for c in reference:
         if not 0 <= c["column"] < prep.num_classes:
@@ -275,6 +288,7 @@ def run_drift(cfg: Config, annotations: Path, images: Path | None = None, *,
     result = {
         "ok": not failures, "failures": failures,
         "ece_report": ece_report, "ece_new": ece_new,
+        "localization": localization,
         "tolerances": {"ece": d.ece_tolerance, "precision": d.precision_tolerance,
                        "min_support": d.min_support, "significance": d.significance,
                        "multiple_testing": d.multiple_testing},

@@ -21,6 +21,7 @@ from tfcal.tuning.baseline import recall_at_precision
 from tfcal.tuning.detections import (FlatDetections, default_postprocess_config, match,
                                      postprocess_images, to_coco_detections,
                                      ODAPI_DEFAULT_SCORE_THRESH)
+from tfcal.tuning.localization import localization_block
 from tfcal.tuning.objective_kinds import KINDS, kind_of
 from tfcal.tuning.objectives import objectives
 from tfcal.tuning.report import jsonable
@@ -67,11 +68,12 @@ def _precision_block(tp: int, fp: int, fn: int) -> dict:
     }
 
 
-def _calibrated(calib, cfg, scores, columns):
-    """Calibrated probabilities of uncalibrated post-processed `scores` of class `columns`."""
+def _calibrated(calib, cfg, scores, columns, boxes=None):
+    """Calibrated probabilities of uncalibrated post-processed `scores` of class `columns`
+    (and `boxes`, normalized `[D, 4]`, for a box-dependent calibration)."""
     if calib is None or scores.size == 0:
         return scores.astype(np.float64)
-    return calib.apply_to_probabilities(scores, columns).astype(np.float64)
+    return calib.apply_to_probabilities(scores, columns, boxes).astype(np.float64)
 
 
 #: A class is "clearly below" its precision target on the held-out images when it emitted at
@@ -136,7 +138,8 @@ def collect_evidence(cfg, prep, ppc, calib, default_iou: float, idx, baseline) -
     """Runs the default, the tuned and the baseline post-processing over the images `idx`."""
     before_ppc = default_postprocess_config(cfg, prep, default_iou)
     before = postprocess_images(before_ppc, prep.raw, idx)
-    return HoldoutEvidence(before, _calibrated(calib, cfg, before.score, before.column),
+    return HoldoutEvidence(before, _calibrated(calib, cfg, before.score, before.column,
+                                               before.boxes),
                            postprocess_images(ppc, prep.raw, idx),
                            postprocess_images(baseline.ppc, prep.raw, idx),
                            (baseline.choice,))
@@ -224,6 +227,9 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
                                    "score_threshold": ODAPI_DEFAULT_SCORE_THRESH,
                                    "calibration": "none"},
     }
+    summary["localization"] = localization_block(
+        prep, before, evidence.before_calibrated, eval_idx, b_match, mapped, keep,
+        min_score=ECE_MIN_SCORE, max_dets=cfg.tuning.max_total_detections)
     summary["baseline"] = _baseline_block(cfg, prep, evidence, eval_idx, classes, total,
                                           b_match, num_gt, mapped_cols, objective)
     summary["guarantee"] = _guarantee_block(cfg, found, classes)

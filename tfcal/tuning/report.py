@@ -21,6 +21,9 @@ says `tune`):
   `baseline` (one global raw-score threshold chosen on the same tune images: its thresholds,
   held-out precision/recall, emitted and clearly-below classes beside tfcal's, and
   `same_precision`: the recall one raw threshold reaches at tfcal's held-out precision).
+- `summary.localization`: `tfcal.tuning.localization`: `before` / `after` calibration, each
+  `la_ece_0`, `la_ace_0`, per-class `classes`, `d_ece` (`score`, `score_x_size`,
+  `score_x_position`) and `reliability_by_size` (COCO small / medium / large curves).
 - `split`: how images were split, with `tune_image_ids` / `holdout_image_ids` (k-fold:
   `fold_image_ids`, the evaluated images of each fold).
 - `subgroups`: per image-level field value: images, TP/FP/FN, precision with its bounds, recall,
@@ -42,6 +45,7 @@ import numpy as np
 
 from tfcal import TfcalError, atomic, locks, rundir
 from tfcal import plots as plot_lib
+from tfcal.tuning.localization_text import markdown_lines
 from tfcal.tuning.objective_kinds import KINDS
 
 log = logging.getLogger(__name__)
@@ -99,6 +103,7 @@ def render_markdown(report: dict) -> str:
         f"(all detections: {_fmt(s.get('ece_all_detections_before'))} -> "
         f"{_fmt(s.get('ece_all_detections_after'))}). Brier {_fmt(s.get('brier_before'))} -> "
         f"{_fmt(s.get('brier_after'))}.",
+        *markdown_lines(s),
         f"- Holdout at the chosen thresholds: TP {s['holdout']['tp']}, FP {s['holdout']['fp']}, "
         f"FN {s['holdout']['fn']}; precision {_fmt(s['holdout']['precision'])}, "
         f"recall {_fmt(s['holdout']['recall'])}.",
@@ -270,6 +275,14 @@ def _draw_plots(report: dict, plots_dir: Path) -> dict[str, str]:
             num_bins=rd.get("num_bins", 10),
             title="Holdout detections: reliability before and after calibration")
         out["Reliability diagram (before and after calibration)"] = str(rel / "reliability.png")
+    loc = (report.get("summary") or {}).get("localization")
+    if loc:
+        plots.plot_reliability_by_size(
+            loc["before"]["reliability_by_size"], loc["after"]["reliability_by_size"],
+            plots_dir / "reliability_by_size.png",
+            title="Holdout detections by COCO size: reliability before and after calibration")
+        out["Reliability by box size (COCO small / medium / large)"] = str(
+            rel / "reliability_by_size.png")
     for c in curves.get("classes", []):
         name = f"pr_threshold_{c['category_id']}.png"
         plots.plot_threshold_curves(

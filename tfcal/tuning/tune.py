@@ -13,7 +13,7 @@ import logging
 
 import numpy as np
 
-from tfcal import TfcalError
+from tfcal import TfcalError, calibration
 from tfcal.config import Config
 from tfcal.tuning.calibrate import fit_calibration
 from tfcal.tuning.detections import matched_candidates, tuned_postprocess_config
@@ -102,9 +102,12 @@ def calibration_images(cfg: Config, prep: Prepared, tune_idx: np.ndarray) -> np.
 def calibration_fit_part(cfg: Config, prep: Prepared, num_tune: int) -> str:
     """``"learn"`` when the calibration is fitted on the learn part only (see
     `calibration_images`), else ``"tune"``. With `tuning.on_unreachable: pool` the group's
-    shared threshold compares its classes' calibrated scores, as the pooled scope does."""
+    shared threshold compares its classes' calibrated scores, as the pooled scope does; a
+    box-dependent calibration reorders a class's own detections (its threshold moves with the
+    box size), so the certify part must not shape it either."""
     t = cfg.tuning
-    compared = t.scope == "pooled" or t.on_unreachable == "pool"
+    compared = (t.scope == "pooled" or t.on_unreachable == "pool"
+                or calibration.get(cfg.calibration.method).uses_boxes)
     return "learn" if compared and uses_learn_split(cfg, prep, num_tune) else "tune"
 
 
