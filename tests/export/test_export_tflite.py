@@ -32,7 +32,8 @@ IDS = (1, 3, 7, 20, 44)  # gapped category ids
 M = 12
 
 
-CALIBRATION_PARAMS = ("temperature", "platt_a", "platt_b", "knots_x", "knots_y")
+CALIBRATION_PARAMS = ("temperature", "platt_a", "platt_b", "knots_x", "knots_y", "box_a", "box_b",
+                      "box_c")
 
 
 def _config(**changes) -> PostProcessConfig:
@@ -176,11 +177,13 @@ def test_zero_area_boxes(plain, temperature):
          knots_y=[[0, .1, .6, .9]] * 3 + [[0, .3, .95]] * 2),
     dict(score_converter="identity", calibration="temperature", temperature=(1.3,)),
     dict(score_converter="softmax", calibration="temperature", temperature=(0.7,)),
+    dict(calibration="box_platt", box_a=(1.1, 0.9, 1.0, 1.3, 1.2), box_b=(0.1, -0.2, 0.0, 0.3, 0.0),
+         box_c=(1.5, -1.0, 0.0, 2.0, 0.5)),
     dict(soft_nms_sigma=(0.3, 0.5, 0.0, 0.0, 0.2)),
     dict(class_agnostic=True, nms_iou=(0.5,), max_detections_per_class=None),
     dict(clip_window=(0.1, 0.2, 0.8, 0.9), change_coordinate_frame=True, clip_boxes=True),
-], ids=["temperature", "platt", "isotonic", "identity", "softmax", "soft_nms", "agnostic",
-        "window"])
+], ids=["temperature", "platt", "isotonic", "identity", "softmax", "box_platt", "soft_nms",
+        "agnostic", "window"])
 def variant(request) -> Model:
     changes = dict(request.param)
     if changes.get("max_detections_per_class", 0) is None:

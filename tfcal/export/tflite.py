@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfcal import atomic, ops
+from tfcal import atomic, calibration, ops
 from tfcal.export.saved_model import config_sha256
 from tfcal.postprocess import PostProcessConfig
 
@@ -176,10 +176,13 @@ def raw_keep_bounds(config: PostProcessConfig, postprocessor=None) -> RawKeepBou
       postprocessor: the TF reference (`reference_postprocessor(config)` when None).
 
     Returns:
-      A `RawKeepBounds`, or None for softmax temperature scaling (columns mix).
+      A `RawKeepBounds`, or None for softmax temperature scaling (columns mix) and for a
+      calibration that reads the box (`box_platt`: no raw bound holds for every box).
     """
     if config.score_converter == "softmax" and config.calibration == "temperature":
         return None
+    if calibration.get(config.calibration).uses_boxes:
+        return None  # the keep decision depends on the box too: the device thresholds p itself
     pp = reference_postprocessor(config) if postprocessor is None else postprocessor
     k = config.num_classes
     if config.score_converter == "identity":
@@ -229,16 +232,16 @@ def raw_keep_bounds(config: PostProcessConfig, postprocessor=None) -> RawKeepBou
 # ----------------------------------------------------------------------------- graph
 
 
-def _calibrate(config: PostProcessConfig, raw: tf.Tensor) -> tf.Tensor:
-    """Raw scores float32 `[N, C]` to calibrated probabilities `[N, K]` with builtin ops."""
-    from tfcal import calibration  # noqa: PLC0415
-
+def _calibrate(config: PostProcessConfig, raw: tf.Tensor, boxes: tf.Tensor) -> tf.Tensor:
+    """Raw scores float32 `[N, C]` (of boxes `[N, 4]`) to calibrated probabilities `[N, K]`
+    with builtin ops."""
     method = calibration.get(config.calibration)
     weights = {name: tf.constant(v) for name, v in method.weights(config.calibration_params)
                .items()}
     if method.name != "isotonic":
+        extra = {"boxes": boxes} if method.uses_boxes else {}
         return method.calibrate_tf(raw, weights, score_converter=config.score_converter,
-                                   background_column=config.background_column)
+                                   background_column=config.background_column, **extra)
     cls = raw[:, 1:] if config.background_column else raw
     u = tf.sigmoid(cls) if config.score_converter == "identity" else cls
     return _piecewise_linear(u, weights["knots_x"], weights["knots_y"])
@@ -274,7 +277,7 @@ def _kept_scores(config: PostProcessConfig, boxes: tf.Tensor, raw: tf.Tensor, bo
     """
     enabled = np.asarray(config.enabled(), bool)
     if bounds is None:
-        scores = _calibrate(config, raw)
+        scores = _calibrate(config, raw, boxes)
         keep = (scores >= tf.constant(np.asarray(config.thresholds(), np.float32))) & \
             (scores > 0.0) & tf.constant(enabled)
         return boxes, tf.where(keep, scores, _REJECT)
@@ -288,14 +291,14 @@ def _kept_scores(config: PostProcessConfig, boxes: tf.Tensor, raw: tf.Tensor, bo
         boxes, raw = _with_filler(tf.gather(boxes, index), tf.gather(raw, index))
         cls = raw[:, 1:] if config.background_column else raw
         keep = (cls >= tf.constant(bounds.bound)) & tf.constant(enabled)
-        return boxes, tf.where(keep, _calibrate(config, raw), _REJECT)
+        return boxes, tf.where(keep, _calibrate(config, raw, boxes), _REJECT)
     keep = tf.where(tf.constant(bounds.increasing), cls >= tf.constant(bounds.bound),
                     cls <= tf.constant(bounds.bound))
     keep &= tf.constant(enabled)
     index = tf.reshape(tf.where(tf.reduce_any(keep, axis=1)), [-1])
     boxes, raw = _with_filler(tf.gather(boxes, index), tf.gather(raw, index))
     keep = tf.concat([tf.gather(keep, index), tf.zeros([1, config.num_classes], tf.bool)], 0)
-    return boxes, tf.where(keep, _calibrate(config, raw), _REJECT)
+    return boxes, tf.where(keep, _calibrate(config, raw, boxes), _REJECT)
 
 
 def _with_filler(boxes, raw):
