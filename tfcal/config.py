@@ -22,7 +22,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from tfcal import TfcalError
-from tfcal.tuning.objective_kinds import KINDS, check_fields
+from tfcal.objective_kinds import KINDS, ConfidenceBudget, ObjectiveName, OnUnreachable, check_fields
 
 ScoreConverter = Literal["sigmoid", "softmax", "identity"]
 BoxFormat = Literal["yxyx", "xyxy", "cxcywh"]  # tfcal.coco.boxes.BOX_FORMATS
@@ -37,9 +37,6 @@ ExtraOutput = Literal["detection_multiclass_scores", "detection_anchor_indices"]
 ServedInputType = Literal["image_tensor", "float_image_tensor", "encoded_image_string_tensor",
                           "tf_example"]  # tfcal.detectors.odapi.INPUT_TYPES
 CalibrationMethod = str  # a name in tfcal.calibration.names(), checked at load
-Objective = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
-OnUnreachable = Literal["disable", "best_effort", "error", "pool"]
-ConfidenceBudget = Literal["per_class", "simultaneous"]
 Scope = Literal["per_class", "pooled"]
 MultipleTesting = Literal["holm", "none"]
 RunnerKind = Literal["local", "beam"]
@@ -176,8 +173,8 @@ class CalibrationConfig:
 class ClassOverride:
     """Per-class changes to the tuning target, keyed by category id or name."""
 
-    objective: Objective | None = None
-    # Ranges of the objective fields: tfcal.tuning.objective_kinds.check_fields, at load.
+    objective: ObjectiveName | None = None
+    # Ranges of the objective fields: tfcal.objective_kinds.check_fields, at load.
     target_precision: float | None = None
     target_recall: float | None = None
     beta: float | None = None
@@ -190,8 +187,8 @@ class ClassOverride:
 class TuningConfig:
     """The per-class joint search of `min_score_thresh` and NMS IoU."""
 
-    objective: Objective = "precision_target"
-    # Ranges of the objective fields: tfcal.tuning.objective_kinds.check_fields, at load.
+    objective: ObjectiveName = "precision_target"
+    # Ranges of the objective fields: tfcal.objective_kinds.check_fields, at load.
     target_precision: float = 0.9
     target_recall: float = 0.9
     beta: float = 1.0

@@ -378,11 +378,14 @@ def test_learn_split_pays_no_grid_correction():
 def test_objective_registry_is_the_one_vocabulary():
     import typing
 
-    from tfcal import config
-    from tfcal.tuning.objective_kinds import KINDS, kind_of
+    from tfcal import config, thresholds
+    from tfcal.objective_kinds import KINDS, ObjectiveName, kind_of
 
-    # The config's choices, the search's Objective and the registry name the same objectives.
-    assert set(typing.get_args(config.Objective)) == set(KINDS)
+    # One Literal names the objectives; the registry, the config and the search read it.
+    assert typing.get_args(ObjectiveName) == tuple(KINDS)
+    assert typing.get_type_hints(config.TuningConfig)["objective"] is ObjectiveName
+    assert typing.get_type_hints(Objective)["name"] is ObjectiveName
+    assert thresholds.OBJECTIVES == (*KINDS, "youden")
     assert {k for k, v in KINDS.items() if v.certifiable} == {"precision_target",
                                                              "recall_target"}
     obj = Objective(target_precision=0.8)

@@ -21,7 +21,7 @@ from tfcal.tuning.baseline import recall_at_precision
 from tfcal.tuning.detections import (FlatDetections, default_postprocess_config, match,
                                      postprocess_images, to_coco_detections,
                                      ODAPI_DEFAULT_SCORE_THRESH)
-from tfcal.tuning.objective_kinds import KINDS, kind_of
+from tfcal.objective_kinds import KINDS, kind_of
 from tfcal.tuning.objectives import objectives
 from tfcal.tuning.report import STAT_KEYS, jsonable
 from tfcal.tuning.tune import calibration_fit_part

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from tfcal import TfcalError, atomic, locks, rundir
-from tfcal.tuning.objective_kinds import KINDS
+from tfcal.objective_kinds import KINDS
 
 log = logging.getLogger(__name__)
 

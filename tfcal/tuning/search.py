@@ -76,18 +76,14 @@ from typing import Literal
 import numpy as np
 
 from tfcal import TfcalError, certification
+from tfcal.objective_kinds import (BUDGETS, KINDS, ConfidenceBudget, Counts, Keys,
+                                   ObjectiveName, OnUnreachable, check_fields, kind_of)
 from tfcal.thresholds import clopper_pearson
-from tfcal.tuning.objective_kinds import KINDS, Counts, check_fields, kind_of
 
 log = logging.getLogger(__name__)
 
-ObjectiveName = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
-OnUnreachable = Literal["disable", "best_effort", "error", "pool"]
 Status = Literal["ok", "unreachable", "insufficient_data", "pooled"]
 Guarantee = Literal["certified", "estimate", "pooled", "none"]
-ConfidenceBudget = Literal["per_class", "simultaneous"]
-_POLICIES = ("disable", "best_effort", "error")
-_BUDGETS = ("per_class", "simultaneous")
 
 
 class UnreachableTargetError(TfcalError):
@@ -475,28 +471,31 @@ def _cp_lower(tp, n, level):
     return out
 
 
-def _keys(obj: Objective, tp, fp, num_gt, level):
-    """Returns (feasible, primary, secondary, value, fallback_primary, fallback_secondary, lower).
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Ranking:
+    """How one objective ranks points: its `Keys`, the best-effort primary key, and the
+    precision lower bound (float64 arrays of the points' shape)."""
 
-    All float64 arrays of the points' shape. `feasible` is the point-estimate rule; certified
-    objectives replace it with the certified points. `level` is the per-point test level of a
-    certified objective (its best effort ranks by the lower bound at that level), or None.
-    """
+    keys: Keys
+    fallback_primary: np.ndarray
+    precision_lower: np.ndarray
+
+
+def _keys(obj: Objective, tp, fp, num_gt, level) -> _Ranking:
+    """The objective's ranking of the points. `keys.feasible` is the point-estimate rule;
+    certified objectives replace it with the certified points. `level` is the per-point test
+    level of a certified objective (its best effort ranks by the lower confidence bound of the
+    certified rate at that level, which orders points as the rate does at a fixed number of
+    boxes), or None."""
     c = Counts.of(tp, fp, num_gt)
-    k = kind_of(obj.name).keys(obj, c)
+    kind = kind_of(obj.name)
+    k = kind.keys(obj, c)
     lower = np.full(c.tp.shape, np.nan)
     fb_primary = k.fallback_primary
-    if obj.name == "precision_target" and level is not None and obj.on_unreachable == "best_effort":
-        lower = _cp_lower(c.tp, c.tp + c.fp, level)  # best effort ranks by it; else the choice only
-        fb_primary = lower
-    return (k.feasible, k.primary, k.secondary, k.value, fb_primary, k.fallback_secondary, lower)
-
-
-def _certify_segment(obj: Objective, tp, fp, num_gt: int, level: float):
-    """Certified points and p-values of one class's curve at one IoU (thresholds descending)."""
-    if obj.name == "precision_target":
-        return certification.certify_precision(tp, tp + fp, obj.target_precision, level)
-    return certification.certify_recall(tp, num_gt, obj.target_recall, level)
+    if kind.metric == "precision" and level is not None and obj.on_unreachable == "best_effort":
+        lower = _cp_lower(c.tp, kind.trials(c.tp, c.fp, num_gt), level)
+        fb_primary = lower  # best effort ranks by it; else the lower bound is for the choice only
+    return _Ranking(k, fb_primary, lower)
 
 
 def _learn_detections(srt: _Sorted, column: int) -> tuple[np.ndarray, np.ndarray]:
@@ -505,88 +504,121 @@ def _learn_detections(srt: _Sorted, column: int) -> tuple[np.ndarray, np.ndarray
     return srt.score[lo:hi], np.diff(srt.tp_cum[lo:hi], prepend=0) > 0
 
 
-def _learned_segments(obj: Objective, curves: Sequence[Curves], learn: Sequence[_Sorted],
-                      column: int, num_gt_learn: int, level: float, ranks: np.ndarray):
-    """Learn then test for one class: the learn split picks the NMS IoU and where the sequence
-    starts; the certify split (`curves`) tests it at the class's whole level.
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Plan:
+    """A class's Learn-then-Test plan on one IoU curve, and its outcome on the certify part.
 
-    Precision: per IoU, a smooth model of the learn split's TP chance by score
-    (`certification.TpChanceModel`) simulates the certify split's labels at its own label-free
-    detection counts; each tested point's value is the expected TP certified by the fixed
-    sequence started there (`certification.plan_precision_run`), and the best (IoU, start) is
-    kept (ties: the IoU nearest the default). Recall: from the lowest threshold up; the learn
-    split's predicted passes choose the IoU by predicted precision.
-
-    Returns:
-        `(iou index, curve rows, certified, p-values, start chance)` of the chosen IoU curve
-        (the start chance: the predicted probability that the sequence's first test passes), or
-        None when no IoU can be tested (precision: too few certify detections; recall: too few
-        boxes, or the learn split predicts no pass).
+    Attributes:
+        iou: index of the chosen NMS IoU in the grid.
+        rows: int64 `[R]` rows of that IoU's `Curves` in test order (the fixed sequence).
+        certified: bool `[R]` the points the certify part certifies.
+        p_value: float64 `[R]` their exact binomial p-values.
+        start_chance: the learn part's predicted probability that the first test passes.
+        value: what the plan was chosen by (precision: expected certified TPs; recall: the
+            predicted precision at the run's end).
     """
-    plans = []
-    for i, cv in enumerate(curves):
-        lo, hi = int(cv.offsets[column]), int(cv.offsets[column + 1])
-        if hi == lo:
-            continue
-        tp, fp, thr = cv.tp[lo:hi], cv.fp[lo:hi], cv.threshold[lo:hi]
-        n_gt = int(cv.num_gt[column])
-        if obj.name == "precision_target":
-            n = tp + fp
-            rows = certification.grid_points(n, certification.min_count(obj.target_precision,
-                                                                         level))
-            if rows.size == 0:
-                continue
-            score_l, tp_l = _learn_detections(learn[i], column)
-            expected = np.zeros(rows.shape)  # no learn detection: from the top, valued 0
-            chance = np.zeros(rows.shape)
-            if score_l.size:
-                model = certification.TpChanceModel.fit(score_l, tp_l)
-                expected, chance = certification.plan_precision_run(
-                    model, thr, n, rows, obj.target_precision, level, with_pass=True)
-            # A hopeless curve (value 0) is still tested from its first point: it costs nothing.
-            start = int(np.argmax(expected))
-            value = float(expected[start])  # expected certified TPs (recall x the box count)
-            start_chance = float(chance[start])
-            rows = rows[start:]
-            p = certification.binomial_pvalue(tp[rows], n[rows], obj.target_precision)
-            weights = np.zeros(rows.shape)
-            weights[0] = 1.0
-        else:
-            if n_gt < certification.min_count(obj.target_recall, level):
-                continue
-            rows = np.arange(hi - lo)[::-1]  # from the lowest threshold up
-            t_l, f_l = learn[i].counts_at_many(column, thr[rows])
-            passing = certification.predictive_pass_probability(
-                t_l, num_gt_learn - t_l, np.full(rows.shape, n_gt), obj.target_recall,
-                level) >= 0.5
-            run = int(np.cumprod(passing).sum())
-            if run == 0:
-                continue
-            e = run - 1
-            value = t_l[e] / max(t_l[e] + f_l[e], 1)  # predicted precision
-            start_chance = 1.0  # the run's first point is predicted to pass
-            p = certification.binomial_pvalue(tp[rows], np.full(rows.shape, n_gt),
-                                              obj.target_recall)
-            weights = np.zeros(rows.shape)
-            weights[0] = 1.0  # recall: one fixed sequence from the bottom
-        plans.append((-value, int(ranks[i]), i, lo + rows, p, weights, start_chance))
-    if not plans:
+
+    iou: int
+    rows: np.ndarray
+    certified: np.ndarray
+    p_value: np.ndarray
+    start_chance: float
+    value: float
+
+    @property
+    def expected_to_pass(self) -> bool:
+        """The learn part expects the sequence's first test to pass (chance >= 0.5)."""
+        return self.start_chance >= 0.5
+
+
+def _plan_precision(obj: Objective, cv: Curves, learn: _Sorted, column: int, level: float,
+                    num_gt_learn: int):
+    """`(value, rows, p-values, start chance)` of one IoU curve for `precision_target`, or None.
+
+    A smooth model of the learn split's TP chance by score (`certification.TpChanceModel`)
+    simulates the certify split's labels at its own label-free detection counts; each tested
+    point's value is the expected TP certified by the fixed sequence started there
+    (`certification.plan_precision_run`)."""
+    lo, hi = int(cv.offsets[column]), int(cv.offsets[column + 1])
+    tp, fp, thr = cv.tp[lo:hi], cv.fp[lo:hi], cv.threshold[lo:hi]
+    n = tp + fp
+    rows = certification.grid_points(n, certification.min_count(obj.target_precision, level))
+    if rows.size == 0:
         return None
-    _, _, i, rows, p, weights, start_chance = min(plans, key=lambda x: (x[0], x[1]))
-    return i, rows, certification.fallback_reject(p, weights, level), p, start_chance
+    score_l, tp_l = _learn_detections(learn, column)
+    expected = np.zeros(rows.shape)  # no learn detection: from the top, valued 0
+    chance = np.zeros(rows.shape)
+    if score_l.size:
+        model = certification.TpChanceModel.fit(score_l, tp_l)
+        expected, chance = certification.plan_precision_run(
+            model, thr, n, rows, obj.target_precision, level, with_pass=True)
+    # A hopeless curve (value 0) is still tested from its first point: it costs nothing.
+    start = int(np.argmax(expected))
+    rows = rows[start:]
+    p = certification.binomial_pvalue(tp[rows], n[rows], obj.target_precision)
+    return float(expected[start]), lo + rows, p, float(chance[start])
+
+
+def _plan_recall(obj: Objective, cv: Curves, learn: _Sorted, column: int, level: float,
+                 num_gt_learn: int):
+    """`(value, rows, p-values, start chance)` of one IoU curve for `recall_target`, or None:
+    from the lowest threshold up, as far as the learn split predicts passes; valued by the
+    learn split's precision at the run's end."""
+    lo, hi = int(cv.offsets[column]), int(cv.offsets[column + 1])
+    tp, thr = cv.tp[lo:hi], cv.threshold[lo:hi]
+    n_gt = int(cv.num_gt[column])
+    if n_gt < certification.min_count(obj.target_recall, level):
+        return None
+    rows = np.arange(hi - lo)[::-1]  # from the lowest threshold up
+    t_l, f_l = learn.counts_at_many(column, thr[rows])
+    passing = certification.predictive_pass_probability(
+        t_l, num_gt_learn - t_l, np.full(rows.shape, n_gt), obj.target_recall, level) >= 0.5
+    run = int(np.cumprod(passing).sum())
+    if run == 0:
+        return None
+    e = run - 1
+    p = certification.binomial_pvalue(tp[rows], np.full(rows.shape, n_gt), obj.target_recall)
+    # the run's first point is predicted to pass
+    return float(t_l[e] / max(t_l[e] + f_l[e], 1)), lo + rows, p, 1.0
+
+
+#: The learn-part planner of each certified rate (`Kind.metric`).
+_PLANNERS = {"precision": _plan_precision, "recall": _plan_recall}
+
+
+def _learned_plan(obj: Objective, curves: Sequence[Curves], learn: Sequence[_Sorted],
+                  column: int, num_gt_learn: int, level: float, ranks: np.ndarray) -> _Plan | None:
+    """Learn then test for one class: the learn split picks the NMS IoU and where the sequence
+    starts; the certify split (`curves`) tests one fixed sequence at the class's whole level.
+    The best-valued IoU is kept (ties: the IoU nearest the default). None when no IoU can be
+    tested (precision: too few certify detections; recall: too few boxes, or the learn split
+    predicts no pass)."""
+    planner = _PLANNERS[kind_of(obj.name).metric]
+    best = None
+    for i, cv in enumerate(curves):
+        if cv.offsets[column + 1] == cv.offsets[column]:
+            continue
+        found = planner(obj, cv, learn[i], column, level, num_gt_learn)
+        if found is None:
+            continue
+        value, rows, p, chance = found
+        if best is None or (-value, int(ranks[i])) < (-best[0], int(ranks[best[1]])):
+            best = (value, i, rows, p, chance)
+    if best is None:
+        return None
+    value, i, rows, p, chance = best
+    weights = np.zeros(rows.shape)
+    weights[0] = 1.0  # one fixed sequence from the planned start
+    return _Plan(i, rows, certification.fallback_reject(p, weights, level), p, chance, value)
 
 
 def _boxes_to_certify(obj: Objective, curves: Sequence[Curves], column: int, level: float):
     """The smallest estimated box count over the class's IoU curves (None if none can)."""
+    kind = kind_of(obj.name)
     best = None
     for cv in curves:
         s = slice(int(cv.offsets[column]), int(cv.offsets[column + 1]))
-        tp, fp, n = cv.tp[s], cv.fp[s], int(cv.num_gt[column])
-        if obj.name == "precision_target":
-            need = certification.boxes_to_certify(tp, tp + fp, n, obj.target_precision, level)
-        else:
-            need = certification.boxes_to_certify(tp, np.full(tp.shape, n), n,
-                                                  obj.target_recall, level)
+        need = kind.boxes_to_certify(obj, cv.tp[s], cv.fp[s], int(cv.num_gt[column]), level)
         if need is not None and (best is None or need < best):
             best = need
     return best
@@ -647,6 +679,244 @@ class _Points:
                    np.repeat(np.arange(len(curves), dtype=np.int64), sizes), base)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Setup:
+    """The validated inputs of one search: the grid, the certify (or tune) split's sorted
+    detections and curves, and the learn split's sorted detections (or None)."""
+
+    grid: tuple[float, ...]
+    mds: list
+    num_gt: np.ndarray
+    default_nms_iou: float
+    ranks: np.ndarray
+    thr: np.ndarray | None
+    sorted_: list
+    curves: list
+    pts: _Points
+    learn_sorted: list | None
+    learn_gt: np.ndarray | None
+
+    @property
+    def k(self) -> int:
+        return int(self.num_gt.shape[0])
+
+    @classmethod
+    def of(cls, matched, default_nms_iou, thresholds, learn) -> "_Setup":
+        if not matched:
+            raise ValueError("matched must hold at least one NMS IoU, got an empty mapping")
+        grid = tuple(float(g) for g in matched)
+        mds = [matched[g] for g in matched]
+        num_gt = mds[0].num_gt
+        k = num_gt.shape[0]
+        for g, md in zip(grid, mds):
+            if not np.array_equal(md.num_gt, num_gt):
+                raise ValueError(f"num_gt must be the same at every NMS IoU; it differs at "
+                                 f"nms_iou={g}")
+        if default_nms_iou is None:
+            default_nms_iou = default_iou(grid)
+        if float(default_nms_iou) not in grid:
+            raise ValueError(f"default_nms_iou must be one of the grid {list(grid)}, "
+                             f"got {default_nms_iou}")
+        thr = None
+        if thresholds is not None:
+            thr = np.unique(np.asarray(thresholds, np.float32).reshape(-1))[::-1]
+            if thr.size == 0 or not np.all(np.isfinite(thr)):
+                raise ValueError(f"thresholds must be a non-empty list of finite values, "
+                                 f"got {thresholds!r}")
+        sorted_ = [_sort_and_count(md.score[~md.ignored], md.column[~md.ignored],
+                                   md.tp[~md.ignored], k) for md in mds]
+        curves = [_curves(srt, num_gt, g, thr) for g, srt in zip(grid, sorted_)]
+        learn_sorted = learn_gt = None
+        if learn is not None:
+            if tuple(float(g) for g in learn) != grid:
+                raise ValueError(f"learn must have the grid {list(grid)}, got {list(learn)}")
+            learn_sorted = [_sort_and_count(md.score[~md.ignored], md.column[~md.ignored],
+                                            md.tp[~md.ignored], k) for md in learn.values()]
+            learn_gt = next(iter(learn.values())).num_gt
+            if learn_gt.shape[0] != k:
+                raise ValueError(f"learn must have {k} class columns, got {learn_gt.shape[0]}")
+        return cls(grid, mds, num_gt, float(default_nms_iou),
+                   _iou_ranks(grid, float(default_nms_iou)), thr, sorted_, curves,
+                   _Points.of(curves), learn_sorted, learn_gt)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Budget:
+    """Who is certified and at which level.
+
+    Attributes:
+        cert_cols: the class columns searched in certified mode.
+        level: float64 `[K]` each class's test level (per IoU curve without a learn split),
+            NaN for classes not certified.
+        group_level: the `on_unreachable="pool"` group's level, NaN without a group.
+    """
+
+    cert_cols: tuple[int, ...]
+    level: np.ndarray
+    group_level: float
+
+    @classmethod
+    def of(cls, setup: _Setup, objectives, objective: Objective, insufficient,
+           confidence_budget: str, pool: bool) -> "_Budget":
+        cert_cols = tuple(c for c in range(setup.k)
+                          if not insufficient[c] and objectives[c].certified)
+        # One more statement for the group: the simultaneous budget splits delta over it too.
+        statements = len(cert_cols) + (1 if pool else 0)
+        share = statements if confidence_budget == "simultaneous" else 1
+        level = np.full(setup.k, np.nan)
+        for c in cert_cols:
+            delta = (1.0 - objectives[c].confidence) / share
+            level[c] = delta if setup.learn_sorted is not None else delta / len(setup.grid)
+        group_level = (1.0 - objective.confidence) / share if pool else math.nan
+        return cls(cert_cols, level, group_level)
+
+
+@dataclasses.dataclass(eq=False)
+class _PointTable:
+    """Every curve point's ranking keys and certification (float64 / bool `[P]`)."""
+
+    feasible: np.ndarray
+    primary: np.ndarray
+    secondary: np.ndarray
+    value: np.ndarray
+    fb_primary: np.ndarray
+    fb_secondary: np.ndarray
+    lower: np.ndarray
+    pvalue: np.ndarray
+
+    @classmethod
+    def rank(cls, setup: _Setup, objectives, budget: _Budget) -> "_PointTable":
+        """The point-estimate ranking of every point under its class's objective."""
+        pts = setup.pts
+        n = pts.col.shape[0]
+        table = cls(np.zeros(n, bool), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n),
+                    np.zeros(n), np.full(n, np.nan), np.full(n, np.nan))
+        ngt = setup.num_gt[pts.col]
+        for obj in dict.fromkeys(objectives):  # distinct objectives, deterministic order
+            m = np.isin(pts.col, [c for c in range(setup.k) if objectives[c] == obj])
+            lv = budget.level[pts.col[m]] if obj.certified else None
+            r = _keys(obj, pts.tp[m], pts.fp[m], ngt[m], lv)
+            table.feasible[m] = r.keys.feasible
+            table.primary[m] = r.keys.primary
+            table.secondary[m] = r.keys.secondary
+            table.value[m] = r.keys.value
+            table.fb_primary[m] = r.fallback_primary
+            table.fb_secondary[m] = r.keys.fallback_secondary
+            table.lower[m] = r.precision_lower
+        return table
+
+
+def _certify(setup: _Setup, table: _PointTable, objectives, budget: _Budget, joins) -> list[int]:
+    """Replaces the point-estimate rule of certified classes by their certified points (in
+    place). With a learn split each class is planned there (`_learned_plan`); a class that
+    `joins` the group and is not expected to certify alone is left to the group instead.
+
+    Returns:
+        The columns that join the group for want of a plan that is expected to pass.
+    """
+    pts = setup.pts
+    group = []
+    for c in budget.cert_cols:
+        for i, cv in enumerate(setup.curves):
+            s = slice(int(pts.base[i] + cv.offsets[c]), int(pts.base[i] + cv.offsets[c + 1]))
+            table.feasible[s] = False
+            if setup.learn_sorted is None:
+                ok, p = kind_of(objectives[c].name).certify(
+                    objectives[c], pts.tp[s], pts.fp[s], int(setup.num_gt[c]), budget.level[c])
+                table.feasible[s] = ok & (pts.tp[s] > 0)
+                table.pvalue[s] = p
+        if setup.learn_sorted is None:
+            continue
+        plan = _learned_plan(objectives[c], setup.curves, setup.learn_sorted, c,
+                             int(setup.learn_gt[c]), budget.level[c], setup.ranks)
+        if joins[c] and (plan is None or not plan.expected_to_pass):
+            group.append(c)  # not expected to certify alone (learn part): joins the group
+            continue
+        if plan is not None:
+            at = pts.base[plan.iou] + plan.rows
+            table.feasible[at] = plan.certified & (pts.tp[at] > 0)
+            table.pvalue[at] = plan.p_value
+    return group
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Chooser:
+    """Turns a point of the table into a class's `ClassChoice` (the search's last step)."""
+
+    setup: _Setup
+    table: _PointTable
+    objective: Objective
+    objectives: list
+    budget: _Budget
+
+    def need(self, c: int) -> int | None:
+        """Estimated boxes class `c` needs to be certified (both splits grow), or None."""
+        setup = self.setup
+        if c not in self.budget.cert_cols:
+            return None
+        got = _boxes_to_certify(self.objectives[c], setup.curves, c, self.budget.level[c])
+        if got is None or setup.learn_gt is None or setup.num_gt[c] == 0:
+            return got
+        return int(math.ceil(got * (setup.num_gt[c] + setup.learn_gt[c]) / setup.num_gt[c]))
+
+    def have(self, c: int) -> int | None:
+        """Labelled boxes class `c` has over the learn and certify parts (certified mode)."""
+        if c not in self.budget.cert_cols:
+            return None
+        learn = self.setup.learn_gt[c] if self.setup.learn_gt is not None else 0
+        return int(self.setup.num_gt[c] + learn)
+
+    def disabled(self, c: int, status: Status, obj: Objective) -> ClassChoice:
+        return ClassChoice.disabled(c, status, nms_iou=self.setup.default_nms_iou,
+                                    num_gt=int(self.setup.num_gt[c]), objective=obj.name,
+                                    guarantee="none", test_level=float(self.budget.level[c]),
+                                    boxes_to_certify=self.need(c), boxes_available=self.have(c))
+
+    def at_point(self, c: int, status: Status, i: int, obj: Objective) -> ClassChoice:
+        """Class `c` at its own point `i` of the table."""
+        pts, table, level = self.setup.pts, self.table, self.budget.level
+        t, f = int(pts.tp[i]), int(pts.fp[i])
+        if obj.certified and kind_of(obj.name).metric == "precision" \
+                and math.isnan(table.lower[i]):
+            table.lower[i] = _cp_lower(np.array([t]), np.array([t + f]), level[c])[0]
+        certified = status == "ok" and c in self.budget.cert_cols
+        guarantee = "certified" if certified else ("estimate" if status == "ok" else "none")
+        return ClassChoice.at_counts(
+            c, status, min_score_thresh=float(pts.thv[i]), nms_iou=self.setup.grid[pts.gi[i]],
+            tp=t, fp=f, num_gt=int(self.setup.num_gt[c]), value=float(table.value[i]),
+            precision_lower=float(table.lower[i]), objective=obj.name, guarantee=guarantee,
+            test_level=float(level[c]),
+            p_value=float(table.pvalue[i]) if certified else math.nan,
+            boxes_to_certify=None if certified else self.need(c), boxes_available=self.have(c))
+
+    def at_shared(self, c: int, status: Status, point, **extra) -> ClassChoice:
+        """Class `c` at a shared `(grid index, threshold)`, with its own counts there."""
+        g_idx, t_shared = point
+        t, f = self.setup.sorted_[g_idx].counts_at(c, t_shared)
+        n = int(self.setup.num_gt[c])
+        val = _keys(self.objective, np.array([t]), np.array([f]), np.array([n]),
+                    None).keys.value[0]
+        return ClassChoice.at_counts(c, status, min_score_thresh=float(t_shared),
+                                     nms_iou=self.setup.grid[g_idx], tp=t, fp=f, num_gt=n,
+                                     value=float(val), objective=self.objective.name, **extra)
+
+
+def _check_pool(objective: Objective, objectives, learn) -> bool:
+    """Whether the `on_unreachable="pool"` group is searched; ValueError when it cannot be."""
+    pool = objective.on_unreachable == "pool"
+    if any(o.on_unreachable == "pool" for o in objectives) and not pool:
+        raise ValueError("on_unreachable='pool' is set on the default objective (the group is "
+                         "searched for it), not on an override alone")
+    if pool:
+        if not objective.certified:
+            raise ValueError("on_unreachable='pool' needs a certified objective (a target with "
+                             "a confidence): the group's pooled target is what is certified")
+        if learn is None:
+            raise ValueError("on_unreachable='pool' needs learn (a learn split): which classes "
+                             "form the group is decided there, without the certify labels")
+    return pool
+
+
 def joint_search(
     matched: Mapping[float, MatchedDetections],
     objective: Objective = Objective(),
@@ -666,6 +936,10 @@ def joint_search(
     sequence starts (the point most likely to pass), and `matched` (the certify split) tests one
     fixed sequence at the class's whole level; no Bonferroni over the grid is needed, since the
     choice was made on other images. Without it, the grid is paid for by Bonferroni.
+
+    The search runs in three steps, each owned by one helper: the setup (`_Setup`: validated
+    inputs, sorted counts, curves), the feasibility of every point (`_PointTable.rank`, then
+    `_certify` with each class's `_Plan`), and the choice (`_pick`, then `_Chooser`).
 
     Args:
         matched: `{nms_iou: MatchedDetections}` for every value of the NMS IoU grid (insertion
@@ -690,134 +964,36 @@ def joint_search(
         ValueError: inconsistent inputs (empty grid, grid mismatch, bad override column).
         UnreachableTargetError: classes with `on_unreachable="error"` cannot reach the target.
     """
-    if not matched:
-        raise ValueError("matched must hold at least one NMS IoU, got an empty mapping")
-    grid = tuple(float(g) for g in matched)
-    mds = [matched[g] for g in matched]
-    num_gt = mds[0].num_gt
-    k = num_gt.shape[0]
-    for g, md in zip(grid, mds):
-        if not np.array_equal(md.num_gt, num_gt):
-            raise ValueError(f"num_gt must be the same at every NMS IoU; it differs at nms_iou={g}")
-    if default_nms_iou is None:
-        default_nms_iou = default_iou(grid)
-    if float(default_nms_iou) not in grid:
-        raise ValueError(f"default_nms_iou must be one of the grid {list(grid)}, "
-                         f"got {default_nms_iou}")
-    default_nms_iou = float(default_nms_iou)
+    setup = _Setup.of(matched, default_nms_iou, thresholds, learn)
+    k, grid, num_gt, pts = setup.k, setup.grid, setup.num_gt, setup.pts
     overrides = dict(overrides or {})
     for col in overrides:
         if not (isinstance(col, (int, np.integer)) and 0 <= col < k):
             raise ValueError(f"overrides keys must be class columns in [0, {k}), got {col!r}")
-    if confidence_budget not in _BUDGETS:
-        raise ValueError(f"confidence_budget must be one of {_BUDGETS}, got {confidence_budget!r}")
-    thr = None
-    if thresholds is not None:
-        thr = np.unique(np.asarray(thresholds, np.float32).reshape(-1))[::-1]
-        if thr.size == 0 or not np.all(np.isfinite(thr)):
-            raise ValueError(f"thresholds must be a non-empty list of finite values, "
-                             f"got {thresholds!r}")
-
-    ranks = _iou_ranks(grid, default_nms_iou)
-    sorted_ = []
-    curves = []
-    for g, md in zip(grid, mds):
-        keep = ~md.ignored
-        srt = _sort_and_count(md.score[keep], md.column[keep], md.tp[keep], k)
-        sorted_.append(srt)
-        curves.append(_curves(srt, num_gt, g, thr))
-    pts = _Points.of(curves)
-    col, thv, tp, fp, gi = pts.col, pts.thv, pts.tp, pts.fp, pts.gi
-    rank = ranks[gi]
-    ngt = num_gt[col]
-
+    if confidence_budget not in BUDGETS:
+        raise ValueError(f"confidence_budget must be one of {BUDGETS}, got {confidence_budget!r}")
     objectives = [overrides.get(c, objective) for c in range(k)]
-    dets_per_class = np.max([np.diff(s.offsets) for s in sorted_], axis=0)
+    pool = _check_pool(objective, objectives, learn)
+    dets_per_class = np.max([np.diff(s.offsets) for s in setup.sorted_], axis=0)
     insufficient = (num_gt < min_support) | (dets_per_class < min_detections)
+    budget = _Budget.of(setup, objectives, objective, insufficient, confidence_budget, pool)
 
-    # Certified mode: each class's error budget, split over its G IoU curves.
-    cert_cols = [c for c in range(k) if not insufficient[c] and objectives[c].certified]
-    learn_sorted = None
-    if learn is not None:
-        if tuple(float(g) for g in learn) != grid:
-            raise ValueError(f"learn must have the grid {list(grid)}, got {list(learn)}")
-        learn_sorted = [_sort_and_count(md.score[~md.ignored], md.column[~md.ignored],
-                                        md.tp[~md.ignored], k) for md in learn.values()]
-        learn_gt = next(iter(learn.values())).num_gt
-        if learn_gt.shape[0] != k:
-            raise ValueError(f"learn must have {k} class columns, got {learn_gt.shape[0]}")
-    pool = objective.on_unreachable == "pool"
-    if any(o.on_unreachable == "pool" for o in objectives) and not pool:
-        raise ValueError("on_unreachable='pool' is set on the default objective (the group is "
-                         "searched for it), not on an override alone")
-    if pool:
-        if not objective.certified:
-            raise ValueError("on_unreachable='pool' needs a certified objective (a target with "
-                             "a confidence): the group's pooled target is what is certified")
-        if learn is None:
-            raise ValueError("on_unreachable='pool' needs learn (a learn split): which classes "
-                             "form the group is decided there, without the certify labels")
-    # One more statement for the group: the simultaneous budget splits delta over it too.
-    statements = len(cert_cols) + (1 if pool else 0)
-    level = np.full(k, np.nan)
-    for c in cert_cols:
-        delta = 1.0 - objectives[c].confidence
-        if confidence_budget == "simultaneous":
-            delta /= statements
-        level[c] = delta if learn is not None else delta / len(grid)
-    group_level = math.nan
-    if pool:
-        group_level = (1.0 - objective.confidence) / (
-            statements if confidence_budget == "simultaneous" else 1)
+    # Feasibility: the point-estimate rule, replaced by the certified points where certified.
+    table = _PointTable.rank(setup, objectives, budget)
     # Group members share the default objective; an override with another target is disabled.
     joins = [pool and objectives[c] == objective for c in range(k)]
     group = [c for c in range(k) if insufficient[c] and joins[c]]
+    group += _certify(setup, table, objectives, budget, joins)
 
-    n_pts = col.shape[0]
-    feasible = np.zeros(n_pts, bool)
-    primary = np.zeros(n_pts)
-    secondary = np.zeros(n_pts)
-    value = np.zeros(n_pts)
-    fb_primary = np.zeros(n_pts)
-    fb_secondary = np.zeros(n_pts)
-    lower = np.full(n_pts, np.nan)
-    pvalue = np.full(n_pts, np.nan)
-    for obj in dict.fromkeys(objectives):  # distinct objectives, deterministic order
-        cols = [c for c in range(k) if objectives[c] == obj]
-        m = np.isin(col, cols)
-        lv = level[col[m]] if obj.certified else None
-        out = _keys(obj, tp[m], fp[m], ngt[m], lv)
-        targets = (feasible, primary, secondary, value, fb_primary, fb_secondary, lower)
-        for arr, o in zip(targets, out):
-            arr[m] = o
-    for c in cert_cols:  # certified points replace the point-estimate rule
-        for i, cv in enumerate(curves):
-            s = slice(int(pts.base[i] + cv.offsets[c]), int(pts.base[i] + cv.offsets[c + 1]))
-            if learn is None:
-                ok, p = _certify_segment(objectives[c], tp[s], fp[s], int(num_gt[c]), level[c])
-                feasible[s] = ok & (tp[s] > 0)
-                pvalue[s] = p
-            else:
-                feasible[s] = False
-        if learn is not None:
-            plan = _learned_segments(objectives[c], curves, learn_sorted, c, int(learn_gt[c]),
-                                     level[c], ranks)
-            if joins[c] and (plan is None or plan[4] < 0.5):
-                group.append(c)  # not expected to certify alone (learn part): joins the group
-                continue
-            if plan is not None:
-                i, rows, ok, p, _ = plan
-                at = pts.base[i] + rows
-                feasible[at] = ok & (tp[at] > 0)
-                pvalue[at] = p
-
-    best = _pick(col, primary, secondary, rank, thv, feasible, k)
-    fallback = _pick(col, fb_primary, fb_secondary, rank, thv, tp > 0, k)
-
+    # Choice: the best feasible point of each class, and the best effort.
+    rank = setup.ranks[pts.gi]
+    best = _pick(pts.col, table.primary, table.secondary, rank, pts.thv, table.feasible, k)
+    fallback = _pick(pts.col, table.fb_primary, table.fb_secondary, rank, pts.thv, pts.tp > 0, k)
     # Trade-off across the grid: best feasible value per (IoU, class).
-    cell = _pick(gi * k + col, primary, secondary, rank, thv, feasible, len(grid) * k)
+    cell = _pick(pts.gi * k + pts.col, table.primary, table.secondary, rank, pts.thv,
+                 table.feasible, len(grid) * k)
     iou_table = np.full(len(grid) * k, np.nan)
-    iou_table[cell >= 0] = value[cell[cell >= 0]]
+    iou_table[cell >= 0] = table.value[cell[cell >= 0]]
     iou_table = iou_table.reshape(len(grid), k)
 
     pooled_choice, pooled_point = None, None
@@ -825,86 +1001,46 @@ def joint_search(
     group = sorted(group)
     if pool and group:
         group_choice, group_point = _group_search(matched, learn, group, objective,
-                                                  group_level, thr, default_nms_iou)
+                                                  budget.group_level, setup.thr,
+                                                  setup.default_nms_iou)
     # Without a certified group, classes under min_support keep the uncertified pooled fallback.
     group_set = set(group) if group_point is not None else set()
     if insufficient.any() and group_point is None:
-        pooled_choice, pooled_point = _pooled(mds, grid, objective, ranks, thr, default_nms_iou,
-                                              learn)
+        pooled_choice, pooled_point = _pooled(setup.mds, grid, objective, setup.ranks, setup.thr,
+                                              setup.default_nms_iou, learn)
 
-    def need(c):
-        if c not in cert_set:
-            return None
-        got = _boxes_to_certify(objectives[c], curves, c, level[c])
-        if got is None or learn is None or num_gt[c] == 0:
-            return got
-        return int(math.ceil(got * (num_gt[c] + learn_gt[c]) / num_gt[c]))  # both splits grow
-
-    def have(c):
-        if c not in cert_set:
-            return None
-        return int(num_gt[c] + (learn_gt[c] if learn is not None else 0))
-
-    def disabled(c, status, obj):
-        n = int(num_gt[c])
-        return ClassChoice.disabled(c, status, nms_iou=default_nms_iou, num_gt=n,
-                                    objective=obj.name, guarantee="none",
-                                    test_level=float(level[c]), boxes_to_certify=need(c),
-                                    boxes_available=have(c))
-
-    def at_point(c, status, i, obj):
-        t, f, n = int(tp[i]), int(fp[i]), int(num_gt[c])
-        if obj.certified and obj.name == "precision_target" and math.isnan(lower[i]):
-            lower[i] = _cp_lower(np.array([t]), np.array([t + f]), level[c])[0]
-        certified = status == "ok" and c in cert_set
-        guarantee = "certified" if certified else ("estimate" if status == "ok" else "none")
-        return ClassChoice.at_counts(
-            c, status, min_score_thresh=float(thv[i]), nms_iou=grid[gi[i]], tp=t, fp=f,
-            num_gt=n, value=float(value[i]), precision_lower=float(lower[i]),
-            objective=obj.name, guarantee=guarantee, test_level=float(level[c]),
-            p_value=float(pvalue[i]) if certified else math.nan,
-            boxes_to_certify=None if certified else need(c), boxes_available=have(c))
-
-    def at_shared(c, status, point, **extra):
-        """Class `c` at a shared `(grid index, threshold)`, with its own counts there."""
-        g_idx, t_shared = point
-        t, f = sorted_[g_idx].counts_at(c, t_shared)
-        n = int(num_gt[c])
-        val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None)[3][0]
-        return ClassChoice.at_counts(c, status, min_score_thresh=float(t_shared),
-                                     nms_iou=grid[g_idx], tp=t, fp=f, num_gt=n,
-                                     value=float(val), objective=objective.name, **extra)
-
-    cert_set = set(cert_cols)
+    chooser = _Chooser(setup, table, objective, objectives, budget)
     choices: list[ClassChoice] = []
     errors = []
     for c in range(k):
         obj = objectives[c]
         if c in group_set:
-            choices.append(at_shared(c, "pooled", group_point, guarantee="pooled",
-                                     test_level=group_level, boxes_to_certify=need(c),
-                                     boxes_available=have(c)))
+            choices.append(chooser.at_shared(c, "pooled", group_point, guarantee="pooled",
+                                             test_level=budget.group_level,
+                                             boxes_to_certify=chooser.need(c),
+                                             boxes_available=chooser.have(c)))
         elif insufficient[c]:
             if pooled_point is None:
-                choices.append(disabled(c, "insufficient_data", objective))
+                choices.append(chooser.disabled(c, "insufficient_data", objective))
                 continue
-            choices.append(at_shared(c, "insufficient_data", pooled_point, guarantee="none"))
+            choices.append(chooser.at_shared(c, "insufficient_data", pooled_point,
+                                             guarantee="none"))
         elif best[c] >= 0:
-            choices.append(at_point(c, "ok", best[c], obj))
+            choices.append(chooser.at_point(c, "ok", best[c], obj))
         elif obj.on_unreachable == "error":
             errors.append(c)
         elif obj.on_unreachable == "best_effort" and fallback[c] >= 0:
-            choices.append(at_point(c, "unreachable", fallback[c], obj))
+            choices.append(chooser.at_point(c, "unreachable", fallback[c], obj))
         else:
-            choices.append(disabled(c, "unreachable", obj))
+            choices.append(chooser.disabled(c, "unreachable", obj))
     if errors:
         detail = ", ".join(f"column {c} ({objectives[c].name}, num_gt {int(num_gt[c])})"
                            for c in errors)
         raise UnreachableTargetError(
             f"tuning target unreachable on the tune split for {len(errors)} classes: {detail}",
             errors, [num_gt[c] for c in errors])
-    return SearchResult(tuple(choices), grid, default_nms_iou, tuple(curves), iou_table,
-                        group_choice if group_choice is not None else pooled_choice)
+    return SearchResult(tuple(choices), grid, setup.default_nms_iou, tuple(setup.curves),
+                        iou_table, group_choice if group_choice is not None else pooled_choice)
 
 
 def pool_classes(matched: Mapping[float, MatchedDetections],
@@ -978,7 +1114,7 @@ def pooled_search(matched: Mapping[float, MatchedDetections], objective: Objecti
     for c in range(k):
         n = int(num_gt[c])
         t, f = srt.counts_at(c, choice.min_score_thresh) if choice.enabled else (0, 0)
-        val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None)[3][0]
+        val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None).keys.value[0]
         classes.append(dataclasses.replace(
             ClassChoice.at_counts(c, choice.status, min_score_thresh=choice.min_score_thresh,
                                   nms_iou=choice.nms_iou, tp=t, fp=f, num_gt=n, value=float(val),
