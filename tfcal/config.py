@@ -223,7 +223,10 @@ class TuningConfig:
     min_support: int = dataclasses.field(default=10, metadata=_check(_positive, "must be > 0"))
     min_candidate_thresh: float = dataclasses.field(
         default=0.001, metadata=_check(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"))
-    on_unreachable: OnUnreachable = "disable"
+    # pool (default when the target is certified per class with a learn split, else disable):
+    # every class the learn part does not show below the target keeps the strongest certified
+    # statement it can carry, alone or in the group (tfcal.tuning.search).
+    on_unreachable: OnUnreachable = "pool"
     classes: dict[str, ClassOverride] = dataclasses.field(default_factory=dict)
 
 
@@ -534,6 +537,23 @@ def _check_model_format(m: ModelConfig, fail) -> None:
         fail("model.path", "format keras takes a .keras file", str(m.path))
 
 
+def _pool_possible(t: TuningConfig) -> bool:
+    """Whether `on_unreachable: pool` can run: a certified target, per class, a learn split."""
+    return (KINDS[t.objective].certifiable and t.confidence is not None
+            and t.scope == "per_class" and t.learn_fraction > 0)
+
+
+def _on_unreachable_default(cfg: Config, raw: Any) -> Config:
+    """`tuning.on_unreachable` left unset: pool where it can run, else disable."""
+    given = raw.get("tuning") if isinstance(raw, Mapping) else None
+    if isinstance(given, Mapping) and "on_unreachable" in given:
+        return cfg
+    if cfg.tuning.objective not in KINDS or _pool_possible(cfg.tuning):
+        return cfg  # an unknown objective is reported by the validation
+    return dataclasses.replace(cfg, tuning=dataclasses.replace(cfg.tuning,
+                                                               on_unreachable="disable"))
+
+
 def _format_defaults(cfg: Config, raw: Any) -> Config:
     """The score space of `model.format` for the score keys the file does not set."""
     defaults = FORMAT_SCORE_DEFAULTS.get(cfg.model.format)
@@ -590,7 +610,7 @@ def load_config(path: str | Path) -> Config:
         problem = getattr(err, "problem", None) or "not valid YAML"
         raise TfcalError(f"{path}: invalid YAML{where}: {problem}") from None
     loader = _Loader(str(path), path.resolve().parent)
-    cfg = _format_defaults(loader.build(Config, raw, ""), raw)
+    cfg = _on_unreachable_default(_format_defaults(loader.build(Config, raw, ""), raw), raw)
     _cross_checks(cfg, loader.fail)
     return dataclasses.replace(cfg, source=path, sha256=hashlib.sha256(text).hexdigest())
 

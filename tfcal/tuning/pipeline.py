@@ -55,7 +55,9 @@ class TuneResult:
         statuses = {}
         for c in self.report["classes"]:
             statuses[c["status"]] = statuses.get(c["status"], 0) + 1
-        lines = [
+        cmp = s.get("comparison") or {}
+        lines = [f"verdict:     {cmp['line']}"] if cmp.get("line") else []
+        lines += [
             f"report:      {self.run_dir / 'report.md'} (and report.json, plots/)",
             f"postprocess: {self.postprocess_path}",
             f"classes:     " + ", ".join(f"{v} {k}" for k, v in sorted(statuses.items())),

@@ -48,17 +48,34 @@ Conventions (the brute-force reference in tests/tuning/test_search_bruteforce.py
   (its lower bound in confidence mode) with tp > 0, then recall; for `recall_target` the highest
   recall, then precision; a class with no TP anywhere is disabled even then (it would only emit
   false positives); `"error"` raises `UnreachableTargetError` listing every such class.
-- `on_unreachable="pool"` (a certified default objective with a learn split): the classes the
-  learn part does not expect to certify on their own (no plan, or a planned start whose
-  predicted pass probability is < 0.5) and those under `min_support` form one group, decided
-  without any certify label. The group shares one `(min_score_thresh, nms_iou)`, chosen on its
-  detections pooled and certified on its pooled precision (or recall) by the same Learn-then-Test
-  at the full `delta` (per class) or `delta / (K_cert + 1)` (simultaneous: the group is one more
-  statement). Its classes get status and guarantee `"pooled"`: together they keep the target,
-  none of them alone is promised. A class tested alone that then fails on the certify part stays
-  disabled: moving it into the group would let the certify labels choose the group. When the
-  group cannot be certified, its classes are disabled, except those under `min_support`, which
-  keep the uncertified pooled fallback below.
+- `on_unreachable="pool"` (a certified default objective with a learn split; the config's
+  default): every class carries the strongest statement its data can carry, and which classes
+  are tested how is decided on the learn part, without any certify label:
+  - *below target*: a class whose learn part shows it cannot reach the target (the one-sided
+    Clopper–Pearson upper bound of its rate, at `confidence`, under the target at every
+    threshold of every IoU; `_below_target`) is disabled, status `"below_target"`. Too little
+    evidence is never a reason to disable.
+  - *the group*: every other class of the default objective (classes under `min_support`
+    included) is a member of ONE group, fixed on the learn part. The group shares one
+    `(min_score_thresh, nms_iou)`, chosen on its members' calibrated detections pooled and
+    certified on their pooled precision (or recall) by the same Learn-then-Test.
+  - *alone*: a member whose learn plan is expected to pass (`_Plan.expected_to_pass`) is also
+    tested alone. Certified alone, it emits at its own point (status `"ok"`, guarantee
+    `"certified"`), or at the group's point when it has more true positives there; a member
+    not certified alone emits at the group's point (status and guarantee `"pooled"`: the group
+    together keeps the target, the class alone is not promised). The group's hypothesis names
+    every member at the group's point in advance, so a class that falls back to it after a
+    failed alone test carries a statement whose detections were fixed before the test.
+  Error: a member carries one of two statements depending on the certify data, so the two
+  are tested as one family by a graphical (sequentially rejective) procedure. Under
+  `"per_class"` the group is tested first at `GROUP_SHARE delta`; when it is certified its level
+  passes on and each alone test runs at the whole `delta`, else at `(1 - GROUP_SHARE) delta`.
+  Each class's family {its alone test, the group} then has family-wise error <= delta under any
+  dependence, so the statement it carries fails with probability <= delta. Under
+  `"simultaneous"` the family is every certified class's alone test plus the group, each at
+  `delta / (K_cert + 1)`; a certified group's share passes on equally, the alone tests then
+  run at `delta / K_cert`. When the group cannot be certified, members not certified alone
+  are disabled, except those under `min_support`, which keep the uncertified pooled fallback.
 - Too little support (`num_gt < min_support`, or fewer than `min_detections` non-ignored
   detections at every IoU): status `insufficient_data`; the class gets the choice of the default
   objective over all classes' detections pooled (per IoU), falling back to the pooled best effort
@@ -82,7 +99,13 @@ from tfcal.thresholds import clopper_pearson
 
 log = logging.getLogger(__name__)
 
-Status = Literal["ok", "unreachable", "insufficient_data", "pooled"]
+Status = Literal["ok", "unreachable", "insufficient_data", "pooled", "below_target"]
+
+#: Under the per-class budget, the share of each class's error `delta` that the pool group's
+#: test gets; a member's alone test gets the rest, and all of `delta` once the group is
+#: certified (a graphical procedure over the two statements a member can carry), so whichever
+#: it carries fails with probability <= `delta`.
+GROUP_SHARE = 0.5
 Guarantee = Literal["certified", "estimate", "pooled", "none"]
 
 
@@ -346,6 +369,8 @@ class SearchResult:
             feasible point): the trade-off across the grid, for plots.
         pooled: the pooled choice used for `insufficient_data` classes, or with
             `on_unreachable="pool"` the group's certified choice (column -1), or None.
+        group: the `on_unreachable="pool"` group's members (fixed on the learn part, whether
+            or not each is emitted at the group's point), ascending; () without a group.
     """
 
     classes: tuple[ClassChoice, ...]
@@ -354,6 +379,7 @@ class SearchResult:
     curves: tuple[Curves, ...]
     iou_table: np.ndarray
     pooled: ClassChoice | None = None
+    group: tuple[int, ...] = ()
 
     @property
     def min_score_thresh(self) -> tuple[float, ...]:
@@ -532,8 +558,9 @@ class _Plan:
 
 
 def _plan_precision(obj: Objective, cv: Curves, learn: _Sorted, column: int, level: float,
-                    num_gt_learn: int):
-    """`(value, rows, p-values, start chance)` of one IoU curve for `precision_target`, or None.
+                    num_gt_learn: int, first_level: float):
+    """`(value, rows, p-values, start chance, start)` of one IoU curve for `precision_target`,
+    or None: `rows` are every label-free tested point from the top, `start` the planned one.
 
     A smooth model of the learn split's TP chance by score (`certification.TpChanceModel`)
     simulates the certify split's labels at its own label-free detection counts; each tested
@@ -542,7 +569,9 @@ def _plan_precision(obj: Objective, cv: Curves, learn: _Sorted, column: int, lev
     lo, hi = int(cv.offsets[column]), int(cv.offsets[column + 1])
     tp, fp, thr = cv.tp[lo:hi], cv.fp[lo:hi], cv.threshold[lo:hi]
     n = tp + fp
-    rows = certification.grid_points(n, certification.min_count(obj.target_precision, level))
+    # The first point can pass at `first_level` (the smallest weight of the sequence).
+    rows = certification.grid_points(n, certification.min_count(obj.target_precision,
+                                                                first_level))
     if rows.size == 0:
         return None
     score_l, tp_l = _learn_detections(learn, column)
@@ -554,14 +583,13 @@ def _plan_precision(obj: Objective, cv: Curves, learn: _Sorted, column: int, lev
             model, thr, n, rows, obj.target_precision, level, with_pass=True)
     # A hopeless curve (value 0) is still tested from its first point: it costs nothing.
     start = int(np.argmax(expected))
-    rows = rows[start:]
     p = certification.binomial_pvalue(tp[rows], n[rows], obj.target_precision)
-    return float(expected[start]), lo + rows, p, float(chance[start])
+    return float(expected[start]), lo + rows, p, float(chance[start]), start
 
 
 def _plan_recall(obj: Objective, cv: Curves, learn: _Sorted, column: int, level: float,
-                 num_gt_learn: int):
-    """`(value, rows, p-values, start chance)` of one IoU curve for `recall_target`, or None:
+                 num_gt_learn: int, first_level: float):
+    """`(value, rows, p-values, start chance, 0)` of one IoU curve for `recall_target`, or None:
     from the lowest threshold up, as far as the learn split predicts passes; valued by the
     learn split's precision at the run's end."""
     lo, hi = int(cv.offsets[column]), int(cv.offsets[column + 1])
@@ -579,7 +607,7 @@ def _plan_recall(obj: Objective, cv: Curves, learn: _Sorted, column: int, level:
     e = run - 1
     p = certification.binomial_pvalue(tp[rows], np.full(rows.shape, n_gt), obj.target_recall)
     # the run's first point is predicted to pass
-    return float(t_l[e] / max(t_l[e] + f_l[e], 1)), lo + rows, p, 1.0
+    return float(t_l[e] / max(t_l[e] + f_l[e], 1)), lo + rows, p, 1.0, 0
 
 
 #: The learn-part planner of each certified rate (`Kind.metric`).
@@ -587,28 +615,38 @@ _PLANNERS = {"precision": _plan_precision, "recall": _plan_recall}
 
 
 def _learned_plan(obj: Objective, curves: Sequence[Curves], learn: Sequence[_Sorted],
-                  column: int, num_gt_learn: int, level: float, ranks: np.ndarray) -> _Plan | None:
+                  column: int, num_gt_learn: int, level: float, ranks: np.ndarray,
+                  top_share: float = 0.0) -> _Plan | None:
     """Learn then test for one class: the learn split picks the NMS IoU and where the sequence
     starts; the certify split (`curves`) tests one fixed sequence at the class's whole level.
     The best-valued IoU is kept (ties: the IoU nearest the default). None when no IoU can be
     tested (precision: too few certify detections; recall: too few boxes, or the learn split
-    predicts no pass)."""
+    predicts no pass).
+
+    With `top_share > 0` (precision) the sequence is a fallback procedure over every tested
+    point from the top: `top_share` of the level on the first point, the rest on the planned
+    start (`certification.fallback_reject`), so a plan the learn part got wrong still
+    certifies what the certify part shows from the top."""
     planner = _PLANNERS[kind_of(obj.name).metric]
     best = None
     for i, cv in enumerate(curves):
         if cv.offsets[column + 1] == cv.offsets[column]:
             continue
-        found = planner(obj, cv, learn[i], column, level, num_gt_learn)
+        found = planner(obj, cv, learn[i], column, level, num_gt_learn,
+                        level * top_share if top_share > 0 else level)
         if found is None:
             continue
-        value, rows, p, chance = found
-        if best is None or (-value, int(ranks[i])) < (-best[0], int(ranks[best[1]])):
-            best = (value, i, rows, p, chance)
+        if best is None or (-found[0], int(ranks[i])) < (-best[0][0], int(ranks[best[1]])):
+            best = (found, i)
     if best is None:
         return None
-    value, i, rows, p, chance = best
+    (value, rows, p, chance, start), i = best
+    if top_share <= 0.0:  # one fixed sequence from the planned start
+        rows, p = rows[start:], p[start:]
+        start = 0
     weights = np.zeros(rows.shape)
-    weights[0] = 1.0  # one fixed sequence from the planned start
+    weights[0] += top_share
+    weights[start] += 1.0 - top_share
     return _Plan(i, rows, certification.fallback_reject(p, weights, level), p, chance, value)
 
 
@@ -757,17 +795,29 @@ class _Budget:
 
     @classmethod
     def of(cls, setup: _Setup, objectives, objective: Objective, insufficient,
-           confidence_budget: str, pool: bool) -> "_Budget":
+           confidence_budget: str, joins, group_certified: bool = False) -> "_Budget":
+        """The levels; with a group (`joins`), those after its test: the graphical procedure
+        passes a certified group's level on to the alone tests (see the module docstring)."""
+        pool = any(joins)
         cert_cols = tuple(c for c in range(setup.k)
                           if not insufficient[c] and objectives[c].certified)
         # One more statement for the group: the simultaneous budget splits delta over it too.
         statements = len(cert_cols) + (1 if pool else 0)
-        share = statements if confidence_budget == "simultaneous" else 1
+        simultaneous = confidence_budget == "simultaneous"
+        share = statements if simultaneous else 1
+        if simultaneous and pool and group_certified and cert_cols:
+            share = len(cert_cols)  # the group's delta / (K + 1) shared by the K alone tests
         level = np.full(setup.k, np.nan)
         for c in cert_cols:
             delta = (1.0 - objectives[c].confidence) / share
+            if joins[c] and not simultaneous and not group_certified:
+                delta *= 1.0 - GROUP_SHARE  # a member may carry either statement: see below
             level[c] = delta if setup.learn_sorted is not None else delta / len(setup.grid)
-        group_level = (1.0 - objective.confidence) / share if pool else math.nan
+        group_level = math.nan
+        if pool:
+            group_level = (1.0 - objective.confidence) / (statements if simultaneous else 1)
+            if not simultaneous:
+                group_level *= GROUP_SHARE
         return cls(cert_cols, level, group_level)
 
 
@@ -806,16 +856,13 @@ class _PointTable:
         return table
 
 
-def _certify(setup: _Setup, table: _PointTable, objectives, budget: _Budget, joins) -> list[int]:
+def _certify(setup: _Setup, table: _PointTable, objectives, budget: _Budget, joins) -> None:
     """Replaces the point-estimate rule of certified classes by their certified points (in
     place). With a learn split each class is planned there (`_learned_plan`); a class that
-    `joins` the group and is not expected to certify alone is left to the group instead.
-
-    Returns:
-        The columns that join the group for want of a plan that is expected to pass.
+    `joins` the group and is not expected to certify alone (the learn part) is not tested alone:
+    the group speaks for it.
     """
     pts = setup.pts
-    group = []
     for c in budget.cert_cols:
         for i, cv in enumerate(setup.curves):
             s = slice(int(pts.base[i] + cv.offsets[c]), int(pts.base[i] + cv.offsets[c + 1]))
@@ -830,13 +877,45 @@ def _certify(setup: _Setup, table: _PointTable, objectives, budget: _Budget, joi
         plan = _learned_plan(objectives[c], setup.curves, setup.learn_sorted, c,
                              int(setup.learn_gt[c]), budget.level[c], setup.ranks)
         if joins[c] and (plan is None or not plan.expected_to_pass):
-            group.append(c)  # not expected to certify alone (learn part): joins the group
-            continue
+            continue  # not expected to certify alone (learn part): not tested alone
         if plan is not None:
             at = pts.base[plan.iou] + plan.rows
             table.feasible[at] = plan.certified & (pts.tp[at] > 0)
             table.pvalue[at] = plan.p_value
-    return group
+
+
+def _below_target(setup: _Setup, obj: Objective, column: int) -> bool:
+    """Whether the learn part shows that class `column` cannot reach its target at any
+    threshold: it has learn evidence (detections for precision, ground truth for recall) and the
+    one-sided Clopper–Pearson upper bound of the rate, at `confidence`, is below the target at
+    every threshold of every IoU curve (recall: at the lowest threshold, where it is highest).
+    A learn-part decision: it uses no certify label, so it costs no error.
+
+    Every threshold counts, the highest (one detection) too: a class is never disabled for
+    lack of evidence. With a precision target <= `confidence` (0.9 at 0.95) the top detection
+    alone keeps the bound above it, so such a class is never shown below the target; its
+    detections still enter the group only above the group's calibrated threshold.
+    """
+    kind = kind_of(obj.name)
+    target = kind.target(obj)
+    n_gt = int(setup.learn_gt[column])
+    seen = False
+    for srt in setup.learn_sorted:
+        lo, hi = int(srt.offsets[column]), int(srt.offsets[column + 1])
+        if kind.metric == "precision":
+            if hi == lo:
+                continue
+            tp, trials = srt.tp_cum[lo:hi], np.arange(1, hi - lo + 1)
+        else:
+            if n_gt == 0:
+                continue
+            tp = np.array([srt.tp_cum[hi - 1] if hi > lo else 0])  # the lowest threshold
+            trials = np.array([n_gt])
+        seen = True
+        upper = clopper_pearson(tp, trials, obj.confidence, sided="one")[1]
+        if np.any(np.asarray(upper) >= target):
+            return False
+    return seen
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -976,14 +1055,24 @@ def joint_search(
     pool = _check_pool(objective, objectives, learn)
     dets_per_class = np.max([np.diff(s.offsets) for s in setup.sorted_], axis=0)
     insufficient = (num_gt < min_support) | (dets_per_class < min_detections)
-    budget = _Budget.of(setup, objectives, objective, insufficient, confidence_budget, pool)
+    # Group members share the default objective; an override with another target is not one.
+    joins = [pool and objectives[c] == objective for c in range(k)]
+    budget = _Budget.of(setup, objectives, objective, insufficient, confidence_budget, joins)
+    # The group: every joining class the learn part does not show below the target. It is
+    # tested first; a certified group passes its level on to the alone tests.
+    below = [joins[c] and _below_target(setup, objective, c) for c in range(k)]
+    group = [c for c in range(k) if joins[c] and not below[c]]
+    group_choice, group_point = None, None
+    if pool and group:
+        group_choice, group_point = _group_search(matched, learn, group, objective,
+                                                  budget.group_level, setup.thr,
+                                                  setup.default_nms_iou)
+        budget = _Budget.of(setup, objectives, objective, insufficient, confidence_budget,
+                            joins, group_certified=group_point is not None)
 
     # Feasibility: the point-estimate rule, replaced by the certified points where certified.
     table = _PointTable.rank(setup, objectives, budget)
-    # Group members share the default objective; an override with another target is disabled.
-    joins = [pool and objectives[c] == objective for c in range(k)]
-    group = [c for c in range(k) if insufficient[c] and joins[c]]
-    group += _certify(setup, table, objectives, budget, joins)
+    _certify(setup, table, objectives, budget, joins)
 
     # Choice: the best feasible point of each class, and the best effort.
     rank = setup.ranks[pts.gi]
@@ -997,14 +1086,7 @@ def joint_search(
     iou_table = iou_table.reshape(len(grid), k)
 
     pooled_choice, pooled_point = None, None
-    group_choice, group_point = None, None
-    group = sorted(group)
-    if pool and group:
-        group_choice, group_point = _group_search(matched, learn, group, objective,
-                                                  budget.group_level, setup.thr,
-                                                  setup.default_nms_iou)
     # Without a certified group, classes under min_support keep the uncertified pooled fallback.
-    group_set = set(group) if group_point is not None else set()
     if insufficient.any() and group_point is None:
         pooled_choice, pooled_point = _pooled(setup.mds, grid, objective, setup.ranks, setup.thr,
                                               setup.default_nms_iou, learn)
@@ -1014,11 +1096,9 @@ def joint_search(
     errors = []
     for c in range(k):
         obj = objectives[c]
-        if c in group_set:
-            choices.append(chooser.at_shared(c, "pooled", group_point, guarantee="pooled",
-                                             test_level=budget.group_level,
-                                             boxes_to_certify=chooser.need(c),
-                                             boxes_available=chooser.have(c)))
+        if joins[c]:
+            choices.append(_member_choice(chooser, c, best[c], below[c], insufficient[c],
+                                          group_point, pooled_point))
         elif insufficient[c]:
             if pooled_point is None:
                 choices.append(chooser.disabled(c, "insufficient_data", objective))
@@ -1040,7 +1120,37 @@ def joint_search(
             f"tuning target unreachable on the tune split for {len(errors)} classes: {detail}",
             errors, [num_gt[c] for c in errors])
     return SearchResult(tuple(choices), grid, setup.default_nms_iou, tuple(setup.curves),
-                        iou_table, group_choice if group_choice is not None else pooled_choice)
+                        iou_table, group_choice if group_choice is not None else pooled_choice,
+                        tuple(group) if pool else ())
+
+
+def _member_choice(chooser: _Chooser, c: int, best: int, below: bool, insufficient: bool,
+                   group_point, pooled_point) -> ClassChoice:
+    """The choice of a class that joins the `on_unreachable="pool"` group.
+
+    Shown below the target on the learn part: disabled (`"below_target"`). Certified alone: the
+    alone point, or the group's when the class has more true positives there (it then carries
+    the group's statement, whose hypothesis fixed its detections at the group's point in
+    advance). Otherwise: the group's point when the group is certified; else the uncertified
+    pooled fallback under `min_support`, or disabled.
+    """
+    obj = chooser.objective
+    if below:
+        return chooser.disabled(c, "below_target", obj)
+    group = None
+    if group_point is not None:
+        group = chooser.at_shared(c, "pooled", group_point, guarantee="pooled",
+                                  test_level=chooser.budget.group_level,
+                                  boxes_to_certify=chooser.need(c),
+                                  boxes_available=chooser.have(c))
+    if c in chooser.budget.cert_cols and best >= 0:
+        alone = chooser.at_point(c, "ok", best, obj)
+        return group if group is not None and group.tp > alone.tp else alone
+    if group is not None:
+        return group
+    if insufficient and pooled_point is not None:
+        return chooser.at_shared(c, "insufficient_data", pooled_point, guarantee="none")
+    return chooser.disabled(c, "insufficient_data" if insufficient else "unreachable", obj)
 
 
 def pool_classes(matched: Mapping[float, MatchedDetections],
@@ -1058,27 +1168,56 @@ def pool_classes(matched: Mapping[float, MatchedDetections],
     return out
 
 
+#: The share of the group's level on its sequence's first point (the rest on the learn part's
+#: planned start): a plan from a small learn part can start too deep and fail, while the top of
+#: the pooled curve is certified anyway (`_learned_plan`).
+GROUP_TOP_SHARE = 0.5
+
+
 def _group_search(matched, learn, group, objective: Objective, level: float, thr,
                   default_nms_iou: float):
     """The group's shared `(min_score_thresh, nms_iou)` (`on_unreachable="pool"`): the default
     objective over the group's detections pooled, certified at `level` by Learn-then-Test (the
-    learn part plans, the certify part tests), so the group's pooled precision (or recall) keeps
-    the promise. Returns `(choice, (grid index, threshold) or None)`, column -1."""
-    grid = tuple(float(g) for g in matched)
+    learn part plans, the certify part tests a fallback sequence with `GROUP_TOP_SHARE` of the
+    level from the top), so the group's pooled precision (or recall) keeps the promise. Returns
+    `(choice, (grid index, threshold) or None)`, column -1."""
     inner = dataclasses.replace(objective, confidence=1.0 - level, on_unreachable="disable")
-    found = joint_search(pool_classes(matched, group), inner, default_nms_iou=default_nms_iou,
-                         min_support=1, thresholds=thr, learn=pool_classes(learn, group))
-    c = dataclasses.replace(found.classes[0], column=-1,
-                            guarantee="certified" if found.classes[0].enabled else "none")
-    if c.status != "ok" or not c.enabled:
+    setup = _Setup.of(pool_classes(matched, group), default_nms_iou, thr,
+                      pool_classes(learn, group))
+    pts, n = setup.pts, int(setup.num_gt[0])
+    plan = None
+    if n > 0 and pts.col.size:
+        plan = _learned_plan(inner, setup.curves, setup.learn_sorted, 0, int(setup.learn_gt[0]),
+                             level, setup.ranks, top_share=GROUP_TOP_SHARE)
+    chosen = -1
+    if plan is not None:
+        at = pts.base[plan.iou] + plan.rows
+        ok = plan.certified & (pts.tp[at] > 0)
+        if ok.any():
+            keys = _keys(inner, pts.tp[at], pts.fp[at], np.full(at.shape, n), None).keys
+            j = _pick(np.zeros(at.shape, np.int64), keys.primary, keys.secondary,
+                      setup.ranks[pts.gi[at]], pts.thv[at], ok, 1)[0]
+            chosen = int(at[j])
+            value, p_value = float(keys.value[j]), float(plan.p_value[j])
+    if chosen < 0:
         md = next(iter(matched.values()))
         seen = sum(1 for m in group if md.num_gt[m] > 0 or np.any(md.column == m))
         log.warning("on_unreachable pool: the group (%d classes with ground truth or "
-                    "detections) cannot be certified at the %s target; its classes are "
-                    "disabled, those under min_support keep the uncertified pooled fallback",
-                    seen, objective.name)
-        return c, None
-    return c, (grid.index(c.nms_iou), float(c.min_score_thresh))
+                    "detections) cannot be certified at the %s target; its classes not "
+                    "certified alone are disabled, those under min_support keep the "
+                    "uncertified pooled fallback", seen, objective.name)
+        return ClassChoice.disabled(-1, "unreachable", nms_iou=setup.default_nms_iou, num_gt=n,
+                                    objective=objective.name, guarantee="none",
+                                    test_level=level), None
+    t, f = int(pts.tp[chosen]), int(pts.fp[chosen])
+    lower = _cp_lower(np.array([t]), np.array([t + f]), level)[0] \
+        if kind_of(objective.name).metric == "precision" else math.nan
+    c = ClassChoice.at_counts(-1, "ok", min_score_thresh=float(pts.thv[chosen]),
+                              nms_iou=setup.grid[pts.gi[chosen]], tp=t, fp=f, num_gt=n,
+                              value=value, precision_lower=float(lower),
+                              objective=objective.name, guarantee="certified",
+                              test_level=level, p_value=p_value)
+    return c, (int(pts.gi[chosen]), float(c.min_score_thresh))
 
 
 def pooled_search(matched: Mapping[float, MatchedDetections], objective: Objective = Objective(),

@@ -156,7 +156,8 @@ def tune_on(cfg: Config, prep: Prepared, tune_idx: np.ndarray) -> Tuned:
                  sum(bool(used[k]) for k in calib.fallback_classes))
     found = search(cfg, prep, calib, parts)
     mapped = [c for c in found.classes if used[c.column]]
-    log.info("search: %d categories ok, %d unreachable, %d insufficient data, %d pooled",
-             *(sum(c.status == s for c in mapped)
-               for s in ("ok", "unreachable", "insufficient_data", "pooled")))
+    log.info("search: %d categories ok, %d unreachable, %d insufficient data, %d pooled, "
+             "%d below target", *(sum(c.status == s for c in mapped)
+                                  for s in ("ok", "unreachable", "insufficient_data", "pooled",
+                                            "below_target")))
     return Tuned(parts, calib, found, tuned_postprocess_config(cfg, prep, calib, found))
