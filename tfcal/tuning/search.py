@@ -137,7 +137,8 @@ class Objective:
         c_fn: cost of one false negative, > 0, default 1.0 (`cost`).
         confidence: in (0, 1) or None (`precision_target` and `recall_target`): certify the
             target at this level (see the module docstring); None is a point estimate.
-        on_unreachable: `{"disable", "best_effort", "error"}`, default `"disable"`.
+        on_unreachable: `{"disable", "best_effort", "error", "pool"}`, default `"disable"`
+            (the config's default is `"pool"` where it can run; see the module docstring).
     """
 
     name: ObjectiveName = "precision_target"
@@ -292,8 +293,9 @@ class ClassChoice:
 
     Attributes:
         column: class column.
-        status: `"ok"`, `"unreachable"`, `"insufficient_data"` or `"pooled"` (a member of the
-            `on_unreachable="pool"` group, emitted at the group's certified point).
+        status: `"ok"`, `"unreachable"`, `"insufficient_data"`, `"pooled"` (a member of the
+            `on_unreachable="pool"` group, emitted at the group's certified point) or
+            `"below_target"` (disabled: the learn part shows it below the target).
         enabled: False when the class is never emitted (unreachable with `disable`, or no TP).
         min_score_thresh: chosen threshold (a float32 value; 1.0 for a disabled class).
         nms_iou: chosen NMS IoU (the default IoU for a disabled class).
