@@ -527,13 +527,15 @@ def test_pool_group_block_of_the_report_sums_its_members(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data: {annotations: a.json}\nmodel: {raw_outputs: r.npz}\n"
                     "tuning: {on_unreachable: pool}\n")
-    classes = [{"status": c.status, "guarantee": {"kind": c.guarantee},
+    # Column 4 maps to no category of the annotations: the report leaves it out, and the
+    # group's member count with it.
+    classes = [{"column": c.column, "status": c.status, "guarantee": {"kind": c.guarantee},
                 "holdout": {"tp": 10 * i, "fp": i, "fn": 3}}
-               for i, c in enumerate(found.classes)]
+               for i, c in enumerate(found.classes) if c.column != 4]
     block = _guarantee_block(load_config(path), found, classes)
     g = block["group"]
-    assert block["classes"] == {"certified": 1, "pooled": 4}
-    assert g["classes"] == 4 and g["guarantee"] == "certified"
+    assert block["classes"] == {"certified": 1, "pooled": 3}
+    assert (g["members"], g["classes"], g["guarantee"]) == (4, 3, "certified")
     assert (g["threshold"], g["nms_iou"]) == (found.pooled.min_score_thresh, found.pooled.nms_iou)
-    assert (g["holdout"]["tp"], g["holdout"]["fp"], g["holdout"]["fn"]) == (100, 10, 12)
-    assert g["holdout"]["precision"] == pytest.approx(100 / 110)
+    assert (g["holdout"]["tp"], g["holdout"]["fp"], g["holdout"]["fn"]) == (60, 6, 9)
+    assert g["holdout"]["precision"] == pytest.approx(60 / 66)

@@ -343,7 +343,8 @@ def _guarantee_block(cfg, found, classes) -> dict:
         fp = sum(c["holdout"]["fp"] for c in members)
         fn = sum(c["holdout"]["fn"] for c in members)
         out["group"] = {
-            "classes": len(members), "members": len(getattr(found, "group", ())),
+            "classes": len(members),
+            "members": sum(1 for c in classes if c.get("column") in set(found.group)),
             "guarantee": g.guarantee if g is not None else "none",
             "threshold": float(g.min_score_thresh) if g is not None and g.enabled else None,
             "nms_iou": float(g.nms_iou) if g is not None and g.enabled else None,
