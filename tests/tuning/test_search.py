@@ -215,9 +215,9 @@ def test_insufficient_support_gets_pooled_choice():
     assert (c1.tp, c1.fp, c1.fn, c1.enabled) == (1, 0, 1, True)
 
 
-def test_too_few_detections_is_insufficient():
-    m = {0.5: _md([(0.9, 0, 1), (0.8, 0, 1), (0.7, 1, 1)], [20, 20])}
-    r = joint_search(m, Objective("f1"), min_support=1, min_detections=2)
+def test_no_detection_is_insufficient():
+    m = {0.5: _md([(0.9, 0, 1), (0.8, 0, 1)], [20, 20])}
+    r = joint_search(m, Objective("f1"), min_support=1)
     assert [c.status for c in r.classes] == ["ok", "insufficient_data"]
 
 

@@ -76,9 +76,9 @@ Conventions (the brute-force reference in tests/tuning/test_search_bruteforce.py
   `delta / (K_cert + 1)`; a certified group's share passes on equally, the alone tests then
   run at `delta / K_cert`. When the group cannot be certified, members not certified alone
   are disabled, except those under `min_support`, which keep the uncertified pooled fallback.
-- Too little support (`num_gt < min_support`, or fewer than `min_detections` non-ignored
-  detections at every IoU): status `insufficient_data`; the class gets the choice of the default
-  objective over all classes' detections pooled (per IoU), falling back to the pooled best effort
+- Too little support (`num_gt < min_support`, or no non-ignored detection at any IoU): status
+  `insufficient_data`; the class gets the choice of the default objective over all classes'
+  detections pooled (per IoU), falling back to the pooled best effort
   when the pooled target is unreachable. Its reported counts are its own at that point.
 """
 
@@ -1005,7 +1005,6 @@ def joint_search(
     overrides: Mapping[int, Objective] | None = None,
     default_nms_iou: float | None = None,
     min_support: int = 10,
-    min_detections: int = 1,
     thresholds: Sequence[float] | np.ndarray | None = None,
     confidence_budget: ConfidenceBudget = "per_class",
     learn: Mapping[float, MatchedDetections] | None = None,
@@ -1030,7 +1029,6 @@ def joint_search(
         default_nms_iou: the IoU ties are broken toward; must be in the grid. Default: the grid's
             middle value (`default_iou`).
         min_support: classes with fewer non-ignored ground truths get the pooled fallback.
-        min_detections: classes with fewer non-ignored detections at every IoU get it too.
         thresholds: explicit candidate thresholds shared by all classes, or None (default) for
             the observed scores (label-free either way).
         confidence_budget: `{"per_class", "simultaneous"}`, default `"per_class"` (see the
@@ -1056,7 +1054,7 @@ def joint_search(
     objectives = [overrides.get(c, objective) for c in range(k)]
     pool = _check_pool(objective, objectives, learn)
     dets_per_class = np.max([np.diff(s.offsets) for s in setup.sorted_], axis=0)
-    insufficient = (num_gt < min_support) | (dets_per_class < min_detections)
+    insufficient = (num_gt < min_support) | (dets_per_class < 1)
     # Group members share the default objective; an override with another target is not one.
     joins = [pool and objectives[c] == objective for c in range(k)]
     budget = _Budget.of(setup, objectives, objective, insufficient, confidence_budget, joins)
