@@ -183,3 +183,19 @@ def test_pooled_scope_without_a_learn_split_is_fine_when_nothing_orders_the_clas
                "calibration": {"method": method}}
         cfg = load_config(_write(tmp_path, doc))
         assert cfg.tuning.scope == "pooled" and cfg.tuning.learn_fraction == 0
+
+
+def test_on_unreachable_defaults_to_pool_where_it_can_run(tmp_path):
+    """Unset, `tuning.on_unreachable` is pool for a certified per-class target with a learn
+    split, and disable where pool cannot run (never an error for a key the user did not set);
+    a value the user sets is kept, and checked."""
+    def resolved(tuning):
+        return load_config(_write(tmp_path, {**MINIMAL, "tuning": tuning})).tuning.on_unreachable
+
+    assert resolved({}) == "pool"
+    assert resolved({"objective": "recall_target"}) == "pool"
+    for tuning in ({"confidence": None}, {"objective": "f1"}, {"scope": "pooled"},
+                   {"learn_fraction": 0}):
+        assert resolved(tuning) == "disable", tuning
+    assert resolved({"on_unreachable": "disable"}) == "disable"
+    assert resolved({"on_unreachable": "best_effort"}) == "best_effort"

@@ -23,8 +23,8 @@ import yaml
 
 from tfcal import TfcalError, validation
 from tfcal.detectors.yolo import BoxUnits, Layout, PixelRange, Resize, read_labels, resolve_layout
+from tfcal.objective_kinds import KINDS, ConfidenceBudget, ObjectiveName, OnUnreachable, check_fields
 from tfcal.vocabulary import BoxFormat, DetectorFormat, ScoreConverter
-from tfcal.tuning.objective_kinds import KINDS, check_fields
 
 YoloPreset = Literal["yolov8", "yolo11", "yolov5"]
 OnUnknownLabel = Literal["error", "disable"]
@@ -32,9 +32,6 @@ ExtraOutput = Literal["detection_multiclass_scores", "detection_anchor_indices"]
 ServedInputType = Literal["image_tensor", "float_image_tensor", "encoded_image_string_tensor",
                           "tf_example"]  # tfcal.detectors.odapi.INPUT_TYPES
 CalibrationMethod = str  # a name in tfcal.calibration.names(), checked at load
-Objective = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
-OnUnreachable = Literal["disable", "best_effort", "error", "pool"]
-ConfidenceBudget = Literal["per_class", "simultaneous"]
 Scope = Literal["per_class", "pooled"]
 MultipleTesting = Literal["holm", "none"]
 RunnerKind = Literal["local", "beam"]
@@ -163,8 +160,8 @@ class CalibrationConfig:
 class ClassOverride:
     """Per-class changes to the tuning target, keyed by category id or name."""
 
-    objective: Objective | None = None
-    # Ranges of the objective fields: tfcal.tuning.objective_kinds.check_fields, at load.
+    objective: ObjectiveName | None = None
+    # Ranges of the objective fields: tfcal.objective_kinds.check_fields, at load.
     target_precision: float | None = None
     target_recall: float | None = None
     beta: float | None = None
@@ -177,8 +174,8 @@ class ClassOverride:
 class TuningConfig:
     """The per-class joint search of `min_score_thresh` and NMS IoU."""
 
-    objective: Objective = "precision_target"
-    # Ranges of the objective fields: tfcal.tuning.objective_kinds.check_fields, at load.
+    objective: ObjectiveName = "precision_target"
+    # Ranges of the objective fields: tfcal.objective_kinds.check_fields, at load.
     target_precision: float = 0.9
     target_recall: float = 0.9
     beta: float = 1.0
@@ -210,7 +207,10 @@ class TuningConfig:
     min_support: int = dataclasses.field(default=10, metadata=_check(_positive, "must be > 0"))
     min_candidate_thresh: float = dataclasses.field(
         default=0.001, metadata=_check(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"))
-    on_unreachable: OnUnreachable = "disable"
+    # pool (default when the target is certified per class with a learn split, else disable):
+    # every class the learn part does not show below the target keeps the strongest certified
+    # statement it can carry, alone or in the group (tfcal.tuning.search).
+    on_unreachable: OnUnreachable = "pool"
     classes: dict[str, ClassOverride] = dataclasses.field(default_factory=dict)
 
 
@@ -534,6 +534,23 @@ def _check_model_format(m: ModelConfig, fail) -> None:
         fail("model.path", "format keras takes a .keras file", str(m.path))
 
 
+def _pool_possible(t: TuningConfig) -> bool:
+    """Whether `on_unreachable: pool` can run: a certified target, per class, a learn split."""
+    return (KINDS[t.objective].certifiable and t.confidence is not None
+            and t.scope == "per_class" and t.learn_fraction > 0)
+
+
+def _on_unreachable_default(cfg: Config, raw: Any) -> Config:
+    """`tuning.on_unreachable` left unset: pool where it can run, else disable."""
+    given = raw.get("tuning") if isinstance(raw, Mapping) else None
+    if isinstance(given, Mapping) and "on_unreachable" in given:
+        return cfg
+    if cfg.tuning.objective not in KINDS or _pool_possible(cfg.tuning):
+        return cfg  # an unknown objective is reported by the validation
+    return dataclasses.replace(cfg, tuning=dataclasses.replace(cfg.tuning,
+                                                               on_unreachable="disable"))
+
+
 def _format_defaults(cfg: Config, raw: Any) -> Config:
     """The score space of `model.format` for the score keys the file does not set."""
     defaults = FORMAT_SCORE_DEFAULTS.get(cfg.model.format)
@@ -590,7 +607,7 @@ def load_config(path: str | Path) -> Config:
         problem = getattr(err, "problem", None) or "not valid YAML"
         raise TfcalError(f"{path}: invalid YAML{where}: {problem}") from None
     loader = _Loader(str(path), path.resolve().parent)
-    cfg = _format_defaults(loader.build(Config, raw, ""), raw)
+    cfg = _on_unreachable_default(_format_defaults(loader.build(Config, raw, ""), raw), raw)
     _cross_checks(cfg, loader.fail)
     return dataclasses.replace(cfg, source=path, sha256=hashlib.sha256(text).hexdigest())
 

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 from tfcal import certification
 from tfcal.metrics import validate_binary
+from tfcal.objective_kinds import ObjectiveName
 
-Objective = Literal["f1", "fbeta", "youden", "cost", "precision_target", "recall_target"]
-OBJECTIVES = ("f1", "fbeta", "youden", "cost", "precision_target", "recall_target")
+# One binary threshold: the tuning objectives (`tfcal.objective_kinds`) and Youden's J.
+Objective = Literal[ObjectiveName, "youden"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 __all__ = [
     "OBJECTIVES",

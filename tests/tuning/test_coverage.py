@@ -152,3 +152,40 @@ def test_pooled_group_promise_holds():
                                                                  r.group_coverage_se)
     # Members are emitted at the group's point, which makes no statement about them alone.
     assert r.pooled.any() and np.all(r.enabled[r.pooled])
+
+
+STATEMENT_SETS = 150
+
+
+def statement_scenario():
+    """A class that certifies alone in most tune sets (crowd-500's curves, 200 boxes), one that
+    is too small to (easy-20) and two that only just reach 0.9 (just-50, flat-100)."""
+    by_name = {m.name: m for m in default_scenario()}
+    return (dataclasses.replace(by_name["crowd-500"], name="crowd-200", num_gt=200),
+            by_name["easy-20"], by_name["just-50"], by_name["flat-100"])
+
+
+def test_every_statement_kind_and_the_carried_statement_keep_the_level():
+    """The default (`on_unreachable: pool`): a member carries its own statement (certified
+    alone) or the group's, depending on the certify data; each kind, the statement each class
+    actually carries (per class, per_class budget) and all of them at once (simultaneous
+    budget) hold with probability >= 0.95 - 2 SE."""
+    obj = Objective(target_precision=TARGET, confidence=LEVEL, on_unreachable="pool")
+    per_class, simultaneous = coverage_runs(
+        statement_scenario(), [(obj, "per_class"), (obj, "simultaneous")], GRID,
+        STATEMENT_SETS, SEED, learn_fraction=0.3)
+    r = per_class
+    assert r.members.all()  # one detection cannot show a class below 0.9: all are members
+    alone, alone_se, n_alone = r.kind_coverage("alone")
+    group, group_se, n_group = r.kind_coverage("group")
+    assert n_alone > 30 and n_group > 30, (n_alone, n_group)  # both kinds are carried
+    switches = (r.carries & r.pooled).any(axis=0) & (r.carries & ~r.pooled).any(axis=0)
+    assert switches.any()  # some class carries either statement, as the data fall
+    assert alone >= LEVEL - 2 * alone_se, (alone, alone_se)
+    assert group >= LEVEL - 2 * group_se, (group, group_se)
+    cov, se = r.statement_coverage, r.statement_coverage_se
+    assert np.all(cov >= LEVEL - 2 * se), (cov, se)
+    s = simultaneous
+    assert s.simultaneous_statement_coverage >= LEVEL - 2 * s.simultaneous_statement_coverage_se
+    # The group's statement is at stake: its true pooled precision falls below 0.9 at times.
+    assert np.nanmin(r.group_metric) < TARGET

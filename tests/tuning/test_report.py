@@ -375,9 +375,36 @@ def test_markdown_pooled_group_line():
                               "precision_lower": 0.786, "precision_upper": 0.928,
                               "recall": 86 / 1310}}}
     md = render_markdown(report)
-    assert ("Pooled group (2 classes, certified): threshold 0.720, NMS IoU 0.5; holdout "
-            "precision 0.869 [0.786, 0.928], recall 0.066.") in md
-    assert "classes not expected to certify alone share one certified threshold" in md
+    assert ("Pooled group (2 members, 2 emitted at its threshold, certified): threshold 0.720, "
+            "NMS IoU 0.5; holdout precision 0.869 [0.786, 0.928], recall 0.066.") in md
+    assert "every class not shown below the target is in one group with one certified" in md
     report["summary"]["guarantee"]["group"].update(guarantee="none", threshold=None,
                                                    nms_iou=None, holdout=None, classes=0)
-    assert "Pooled group (0 classes, none): not certified: disabled." in render_markdown(report)
+    assert ("Pooled group (0 members, 0 emitted at its threshold, none): not certified: "
+            "disabled.") in render_markdown(report)
+
+
+def test_comparison_verdict_reads_recall_at_the_same_precision():
+    from tfcal.tuning.evaluate import comparison
+
+    def verdict(recall, global_recall, tp=10):
+        return comparison({"precision": 0.939, "recall": recall, "tp": tp},
+                          {"same_precision": {"recall": global_recall}})
+
+    c = verdict(0.768, 0.761)
+    assert c["verdict"] == "wins"
+    assert c["line"] == ("tfcal beats one global threshold: recall 0.768 vs 0.761 at the same "
+                         "held-out precision 0.939")
+    assert verdict(0.7, 0.761)["verdict"] == "loses"
+    assert verdict(0.7612, 0.7608)["verdict"] == "ties"  # equal to 3 decimals
+    assert verdict(0.5, None)["verdict"] == "wins"  # no global threshold reaches 0.939
+    assert verdict(0.0, 0.5, tp=0)["verdict"] is None
+
+
+def test_markdown_leads_with_the_verdict():
+    report = minimal_report()
+    report["summary"]["comparison"] = {"line": "tfcal trails one global threshold: recall 0.100 "
+                                               "vs 0.200 at the same held-out precision 0.900"}
+    md = render_markdown(report).splitlines()
+    assert md[2] == ("**tfcal trails one global threshold: recall 0.100 vs 0.200 at the same "
+                     "held-out precision 0.900.**")

@@ -1,6 +1,7 @@
 """Tests of tfcal.tuning.search: a hand-built fixture with known answers, properties against a
 naive per-threshold loop, policies, overrides, confidence mode and input validation."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from tfcal import TfcalError
 from tfcal.tuning.search import (
+    GROUP_SHARE,
     MatchedDetections,
     Objective,
     UnreachableTargetError,
@@ -213,9 +215,9 @@ def test_insufficient_support_gets_pooled_choice():
     assert (c1.tp, c1.fp, c1.fn, c1.enabled) == (1, 0, 1, True)
 
 
-def test_too_few_detections_is_insufficient():
-    m = {0.5: _md([(0.9, 0, 1), (0.8, 0, 1), (0.7, 1, 1)], [20, 20])}
-    r = joint_search(m, Objective("f1"), min_support=1, min_detections=2)
+def test_no_detection_is_insufficient():
+    m = {0.5: _md([(0.9, 0, 1), (0.8, 0, 1)], [20, 20])}
+    r = joint_search(m, Objective("f1"), min_support=1)
     assert [c.status for c in r.classes] == ["ok", "insufficient_data"]
 
 
@@ -378,11 +380,14 @@ def test_learn_split_pays_no_grid_correction():
 def test_objective_registry_is_the_one_vocabulary():
     import typing
 
-    from tfcal import config
-    from tfcal.tuning.objective_kinds import KINDS, kind_of
+    from tfcal import config, thresholds
+    from tfcal.objective_kinds import KINDS, ObjectiveName, kind_of
 
-    # The config's choices, the search's Objective and the registry name the same objectives.
-    assert set(typing.get_args(config.Objective)) == set(KINDS)
+    # One Literal names the objectives; the registry, the config and the search read it.
+    assert typing.get_args(ObjectiveName) == tuple(KINDS)
+    assert typing.get_type_hints(config.TuningConfig)["objective"] is ObjectiveName
+    assert typing.get_type_hints(Objective)["name"] is ObjectiveName
+    assert thresholds.OBJECTIVES == (*KINDS, "youden")
     assert {k for k, v in KINDS.items() if v.certifiable} == {"precision_target",
                                                              "recall_target"}
     obj = Objective(target_precision=0.8)
@@ -399,63 +404,96 @@ def _clean(column, n_tp, n_fp, top=0.99, step=0.001):
     return rows + [(top - step * (n_tp + i), column, 0) for i in range(n_fp)]
 
 
-def pool_fixture(*, hopeless_group=False):
+def pool_fixture(*, hopeless_group=False, failing_certify=False):
     """Class 0: 200 clean true positives (certifies alone at 0.9). Classes 1-3: 25 true
     positives each, above 1 false positive: 26 detections, fewer than the 29 an exact test of
     0.9 at level 0.05 needs (29 straight true positives), so none can be tested alone, while
-    their 75 + 3 pooled (with class 4's) can pass. Class 4 has 4 ground truths (< min_support
-    10). The learn part is the same shape. With `hopeless_group`, classes 1-3 are mostly false
-    positives.
+    the group can pass. Class 4 has 4 ground truths (< min_support 10). The learn part is the
+    same shape. With `hopeless_group`, classes 1-3 are 40 false positives in both parts (the
+    95% upper bound of their precision is 0.95 at one detection, lower at more). With `failing_certify`, the learn part is the plain one
+    and the certify part's class 0 and classes 1-3 are all false positives.
     """
-    def part(scale):
-        rows = _clean(0, 200 * scale, 5)
+    def part(scale, hopeless=False, failing=False):
+        rows = _clean(0, 200 * scale, 5) if not failing else _clean(0, 0, 205)
         for c in (1, 2, 3):
-            rows += (_clean(c, 25 * scale, 1, top=0.95 - 0.01 * c) if not hopeless_group
-                     else _clean(c, 2 * scale, 12 * scale, top=0.95 - 0.01 * c))
+            if hopeless:
+                rows += _clean(c, 0, 40 * scale, top=0.95 - 0.01 * c)
+            elif failing:
+                rows += _clean(c, 0, 26 * scale, top=0.95 - 0.01 * c)
+            else:
+                rows += _clean(c, 25 * scale, 1, top=0.95 - 0.01 * c)
         rows += _clean(4, 4, 0, top=0.9)
         gt = [200 * scale + 10, 25 * scale + 2, 25 * scale + 2, 25 * scale + 2, 4]
         return {0.5: _md(rows, gt), 0.6: _md(rows, gt)}
-    return part(1), part(1)
+    return part(1, hopeless_group, failing_certify), part(1, hopeless_group)
 
 
 POOL = Objective(target_precision=0.9, confidence=0.95, on_unreachable="pool")
 
 
-def test_pool_groups_what_the_learn_part_does_not_expect_to_certify():
+def test_pool_group_holds_every_class_the_learn_part_does_not_show_below_target():
     certify, learn = pool_fixture()
     r = joint_search(certify, POOL, learn=learn)
     c = r.classes
+    assert r.group == (0, 1, 2, 3, 4)  # inclusive: the class tested alone is a member too
+    # Class 0 certifies alone (at the whole 0.05: the group was certified first); as many TPs at the
+    # group's point as at its own (200), so it keeps its own statement.
     assert (c[0].status, c[0].guarantee) == ("ok", "certified")
+    assert c[0].test_level == pytest.approx(0.05)  # the certified group passed its level on
     for m in c[1:]:
         assert (m.status, m.guarantee, m.enabled) == ("pooled", "pooled", True)
         assert (m.min_score_thresh, m.nms_iou) == (r.pooled.min_score_thresh, r.pooled.nms_iou)
-        assert m.test_level == pytest.approx(0.05)
+        assert m.test_level == pytest.approx(0.05 * GROUP_SHARE)
     g = r.pooled
     assert (g.column, g.status, g.guarantee) == (-1, "ok", "certified")
-    assert g.tp + g.fp == sum(m.tp + m.fp for m in c[1:])  # the group is its members pooled
-    assert g.num_gt == sum(m.num_gt for m in c[1:])
-    assert g.p_value <= 0.05 and g.precision >= 0.9
+    assert g.num_gt == sum(m.num_gt for m in c)  # the group is all its members pooled
+    assert g.p_value <= 0.05 * GROUP_SHARE and g.precision >= 0.9
     # Without pooling the same classes are disabled (1-3) or get the uncertified fallback (4).
     plain = joint_search(certify, Objective(target_precision=0.9, confidence=0.95), learn=learn)
     assert [m.status for m in plain.classes] == ["ok", "unreachable", "unreachable",
                                                   "unreachable", "insufficient_data"]
     assert [m.guarantee for m in plain.classes[1:]] == ["none"] * 4
-    assert plain.classes[0] == c[0]  # a class tested alone is untouched by the group
+    assert plain.classes[0].tp == c[0].tp == 200
 
 
 def test_pool_simultaneous_budget_counts_the_group_as_one_more_statement():
     certify, learn = pool_fixture()
     r = joint_search(certify, POOL, learn=learn, confidence_budget="simultaneous")
-    assert r.classes[0].test_level == pytest.approx(0.05 / 5)  # 4 certified classes + group
-    assert r.pooled.test_level == pytest.approx(0.05 / 5)
+    assert r.pooled.test_level == pytest.approx(0.05 / 5)  # 4 certified classes + group
+    # The certified group's 0.01 passes on equally to the 4 alone tests: 0.05 / 4 each.
+    assert r.classes[0].test_level == pytest.approx(0.05 / 4)
+
+
+def test_pool_alone_tests_keep_the_reduced_level_when_the_group_fails():
+    certify, learn = pool_fixture(failing_certify=True)
+    r = joint_search(certify, POOL, learn=learn)
+    assert not r.pooled.enabled
+    assert r.classes[0].test_level == pytest.approx(0.05 * (1 - GROUP_SHARE))
+    r = joint_search(certify, POOL, learn=learn, confidence_budget="simultaneous")
+    assert r.classes[0].test_level == pytest.approx(0.05 / 5)
+
+
+def test_pool_disables_only_classes_the_learn_part_shows_below_target():
+    certify, learn = pool_fixture(hopeless_group=True)
+    # Target 0.97: the 95% upper bound of 0 TP in 1 detection, 1 - 0.05 = 0.95, is under it,
+    # and lower at every larger count: classes 1-3 are shown below the target.
+    strict = dataclasses.replace(POOL, target_precision=0.97)
+    r = joint_search(certify, strict, learn=learn)
+    assert [m.status for m in r.classes[1:4]] == ["below_target"] * 3
+    assert not any(m.enabled for m in r.classes[1:4])
+    assert r.group == (0, 4)
+    # Class 4 (4 clean boxes: its bound is 1) is a member.
+    assert r.classes[4].status in ("pooled", "ok") and r.classes[4].enabled
+    # Target 0.9: one detection cannot show a class below it (bound 0.95): all are members.
+    assert joint_search(certify, POOL, learn=learn).group == (0, 1, 2, 3, 4)
 
 
 def test_pool_group_that_cannot_be_certified_is_disabled():
-    certify, learn = pool_fixture(hopeless_group=True)
+    certify, learn = pool_fixture(failing_certify=True)
     r = joint_search(certify, POOL, learn=learn)
     assert r.pooled.guarantee == "none" and not r.pooled.enabled
-    assert [m.status for m in r.classes[1:4]] == ["unreachable"] * 3
-    assert not any(m.enabled for m in r.classes[1:4])
+    assert [m.status for m in r.classes[:4]] == ["unreachable"] * 4
+    assert not any(m.enabled for m in r.classes[:4])
     # The class under min_support keeps the uncertified pooled fallback, as without pooling.
     assert (r.classes[4].status, r.classes[4].guarantee) == ("insufficient_data", "none")
 
@@ -489,13 +527,15 @@ def test_pool_group_block_of_the_report_sums_its_members(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data: {annotations: a.json}\nmodel: {raw_outputs: r.npz}\n"
                     "tuning: {on_unreachable: pool}\n")
-    classes = [{"status": c.status, "guarantee": {"kind": c.guarantee},
+    # Column 4 maps to no category of the annotations: the report leaves it out, and the
+    # group's member count with it.
+    classes = [{"column": c.column, "status": c.status, "guarantee": {"kind": c.guarantee},
                 "holdout": {"tp": 10 * i, "fp": i, "fn": 3}}
-               for i, c in enumerate(found.classes)]
+               for i, c in enumerate(found.classes) if c.column != 4]
     block = _guarantee_block(load_config(path), found, classes)
     g = block["group"]
-    assert block["classes"] == {"certified": 1, "pooled": 4}
-    assert g["classes"] == 4 and g["guarantee"] == "certified"
+    assert block["classes"] == {"certified": 1, "pooled": 3}
+    assert (g["members"], g["classes"], g["guarantee"]) == (4, 3, "certified")
     assert (g["threshold"], g["nms_iou"]) == (found.pooled.min_score_thresh, found.pooled.nms_iou)
-    assert (g["holdout"]["tp"], g["holdout"]["fp"], g["holdout"]["fn"]) == (100, 10, 12)
-    assert g["holdout"]["precision"] == pytest.approx(100 / 110)
+    assert (g["holdout"]["tp"], g["holdout"]["fp"], g["holdout"]["fn"]) == (60, 6, 9)
+    assert g["holdout"]["precision"] == pytest.approx(60 / 66)

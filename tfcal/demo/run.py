@@ -51,7 +51,7 @@ def demo_settings(out: Path, detector: Path = DETECTOR_DIR) -> dict:
             "nms_iou_grid": [0.3, 0.4, 0.5, 0.6, 0.7],
             "max_detections_per_class": 50,
             "max_total_detections": 100,
-            "on_unreachable": "disable",
+            "on_unreachable": "pool",
         },
         "output": {"dir": "run"},
         "export": {"enabled": True, "dir": "export", "model_name": "demo_detector"},

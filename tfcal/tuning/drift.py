@@ -47,9 +47,9 @@ from tfcal.config import Config
 from tfcal.metrics import expected_calibration_error
 from tfcal.postprocess import PostProcessConfig
 from tfcal.tuning.detections import ODAPI_DEFAULT_SCORE_THRESH, match, postprocess_images
+from tfcal.objective_kinds import KINDS
 from tfcal.tuning.holdout import ECE_MIN_SCORE
 from tfcal.tuning.localization import localization_drift
-from tfcal.tuning.objective_kinds import KINDS
 from tfcal.tuning.prepare import check_model_fingerprint, prepare
 from tfcal.tuning.report import jsonable, load_report
 

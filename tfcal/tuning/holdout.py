@@ -21,8 +21,8 @@ from tfcal.tuning.baseline import recall_at_precision
 from tfcal.tuning.detections import (FlatDetections, default_postprocess_config, match,
                                      postprocess_images, to_coco_detections,
                                      ODAPI_DEFAULT_SCORE_THRESH)
+from tfcal.objective_kinds import KINDS, kind_of
 from tfcal.tuning.localization import localization_block
-from tfcal.tuning.objective_kinds import KINDS, kind_of
 from tfcal.tuning.objectives import objectives
 from tfcal.tuning.report import jsonable
 from tfcal.tuning.tune import calibration_fit_part
@@ -233,6 +233,7 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
     summary["baseline"] = _baseline_block(cfg, prep, evidence, eval_idx, classes, total,
                                           b_match, num_gt, mapped_cols, objective)
     summary["guarantee"] = _guarantee_block(cfg, found, classes)
+    summary["comparison"] = comparison(total, summary["baseline"])
     subgroups = _subgroups(cfg, prep, eval_idx, f_match, b_match, keep, p_after, labels,
                            seen_after)
     notes = _notes(cfg, prep, classes, calib)
@@ -301,6 +302,36 @@ def _baseline_block(cfg, prep, evidence, eval_idx, classes, total, b_match, num_
     }
 
 
+def comparison(total: dict, baseline: dict) -> dict:
+    """The comparison users make, and its one-line verdict: tfcal's held-out recall against the
+    best recall one global raw-score threshold reaches on the same held-out images at tfcal's
+    held-out precision (chosen with the held-out labels: the baseline's best case).
+
+    Returns:
+      `{"precision", "recall", "global_recall", "verdict", "line"}`; `verdict` is `"wins"`
+      (tfcal's recall is higher, or no global threshold reaches that precision), `"ties"`
+      (equal to 3 decimals), `"loses"`, or None when there is nothing to compare.
+    """
+    p, r = total.get("precision"), total.get("recall")
+    same = baseline.get("same_precision") or {}
+    g = same.get("recall")
+    out = {"precision": p, "recall": r, "global_recall": g, "verdict": None, "line": None}
+    if p is None or r is None or total.get("tp", 0) == 0:
+        out["line"] = "nothing emitted on the held-out images: no comparison"
+        return out
+    if g is None:
+        verdict = "wins"
+        line = (f"tfcal wins: recall {r:.3f} at held-out precision {p:.3f}, which no global "
+                f"raw-score threshold reaches")
+    else:
+        verdict = "ties" if round(r, 3) == round(g, 3) else ("wins" if r > g else "loses")
+        word = {"wins": "beats", "ties": "ties with", "loses": "trails"}[verdict]
+        line = (f"tfcal {word} one global threshold: recall {r:.3f} vs {g:.3f} at the same "
+                f"held-out precision {p:.3f}")
+    out.update(verdict=verdict, line=line)
+    return out
+
+
 def _guarantee_block(cfg, found, classes) -> dict:
     """What is promised, in words, and how many classes carry the promise."""
     t = cfg.tuning
@@ -318,7 +349,9 @@ def _guarantee_block(cfg, found, classes) -> dict:
         fp = sum(c["holdout"]["fp"] for c in members)
         fn = sum(c["holdout"]["fn"] for c in members)
         out["group"] = {
-            "classes": len(members), "guarantee": g.guarantee if g is not None else "none",
+            "classes": len(members),
+            "members": sum(1 for c in classes if c.get("column") in set(found.group)),
+            "guarantee": g.guarantee if g is not None else "none",
             "threshold": float(g.min_score_thresh) if g is not None and g.enabled else None,
             "nms_iou": float(g.nms_iou) if g is not None and g.enabled else None,
             "test_level": float(g.test_level) if g is not None else None,
@@ -350,10 +383,15 @@ def guarantee_statement(cfg) -> str:
             if t.confidence_budget == "per_class" else "")
     group = ""
     if t.on_unreachable == "pool":
-        group = (f" The classes marked pooled (those the learn images did not expect to certify "
-                 f"alone, and those under min_support) share one threshold: with probability >= "
-                 f"{level}, their detections taken together have {what} >= {target}; none of "
-                 f"them is promised alone.")
+        group = (f" Every class the learn images do not show below the target is a member of "
+                 f"one group with one threshold on calibrated scores: with probability >= "
+                 f"{level}, the members' detections at that threshold, taken together, have "
+                 f"{what} >= {target}. A class marked pooled is emitted at the group's threshold "
+                 f"and carries only that statement, none of its own; a class marked certified "
+                 f"is emitted at its own certified threshold."
+                 + (" Whichever of the two a class carries holds with that probability (its "
+                    "own test and the group's share its error)."
+                    if t.confidence_budget == "per_class" else ""))
     return (f"With probability >= {level} over the draw of the tune images, {who} has {what} >= "
             f"{target} on new images from the same distribution{tail}.{group} Classes not "
             f"marked certified{' or pooled' if group else ''} (pooled fallback, best effort, "
@@ -416,6 +454,9 @@ def _notes(cfg, prep, classes, calib) -> list[str]:
                                                "choice"),
                          ("pooled", "share the group's certified threshold (on_unreachable: "
                                     "pool)"),
+                         ("below_target", "are shown below the target by the learn part (upper "
+                                          "confidence bound under it at every threshold) and "
+                                          "disabled"),
                          ("disabled", "are disabled (never emitted)")):
         names = [c["name"] for c in classes if c["status"] == status]
         if names:

@@ -35,7 +35,7 @@ from tfcal.tuning import baseline, report as report_lib
 from tfcal.tuning.holdout import HoldoutEvidence, collect_evidence, holdout_report
 from tfcal.tuning.prepare import Prepared, prepare
 from tfcal.tuning.split import kfold, split_images
-from tfcal.tuning.tune import learn_split, tune_on, uses_learn_split
+from tfcal.tuning.tune import tune_on
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,9 @@ class TuneResult:
         statuses = {}
         for c in self.report["classes"]:
             statuses[c["status"]] = statuses.get(c["status"], 0) + 1
-        lines = [
+        cmp = s.get("comparison") or {}
+        lines = [f"verdict:     {cmp['line']}"] if cmp.get("line") else []
+        lines += [
             f"report:      {self.run_dir / 'report.md'} (and report.json, plots/)",
             f"postprocess: {self.postprocess_path}",
             f"classes:     " + ", ".join(f"{v} {k}" for k, v in sorted(statuses.items())),
@@ -111,13 +113,13 @@ def _tune(cfg: Config, *, export: bool) -> TuneResult:
                      len(fold_eval))
             f_idx = np.sort(prep.dataset.image_index(fold_eval))
             f_tune = np.sort(prep.dataset.image_index(fold_tune))
-            f_calib, f_found, f_ppc = tune_on(cfg, prep, f_tune)
-            parts.append(collect_evidence(cfg, prep, f_ppc, f_calib, f_found.default_nms_iou, f_idx,
-                                          baseline.choose(cfg, prep, f_tune)))
+            f = tune_on(cfg, prep, f_tune)
+            parts.append(collect_evidence(cfg, prep, f.ppc, f.calib, f.found.default_nms_iou,
+                                          f_idx, baseline.choose(cfg, prep, f_tune)))
             folds.append(sorted(int(i) for i in fold_eval))
         evidence = HoldoutEvidence.concat(parts)
         eval_idx = np.arange(prep.dataset.num_images)
-        calib, found, ppc = tune_on(cfg, prep, eval_idx)
+        tuned = tune_on(cfg, prep, eval_idx)
         split = {"mode": "kfold", "k": k, "seed": cfg.data.seed,
                  "tune_images": int(len(ids)), "holdout_images": int(len(ids)),
                  "fold_image_ids": folds}
@@ -128,20 +130,22 @@ def _tune(cfg: Config, *, export: bool) -> TuneResult:
         tune_idx = np.sort(prep.dataset.image_index(tune_ids))
         eval_idx = np.sort(prep.dataset.image_index(holdout_ids))
         log.info("split: %d tune images, %d holdout images", len(tune_idx), len(eval_idx))
-        calib, found, ppc = tune_on(cfg, prep, tune_idx)
+        tuned = tune_on(cfg, prep, tune_idx)
         log.info("final check: the serving post-processing on %d holdout images", len(eval_idx))
-        evidence = collect_evidence(cfg, prep, ppc, calib, found.default_nms_iou, eval_idx,
+        evidence = collect_evidence(cfg, prep, tuned.ppc, tuned.calib,
+                                    tuned.found.default_nms_iou, eval_idx,
                                     baseline.choose(cfg, prep, tune_idx))
         split = {"mode": "holdout", "holdout_fraction": cfg.data.holdout_fraction,
                  "seed": cfg.data.seed, "tune_images": int(len(tune_idx)),
                  "holdout_images": int(len(eval_idx)),
                  "tune_image_ids": [int(i) for i in ids[tune_idx]],
                  "holdout_image_ids": [int(i) for i in ids[eval_idx]]}
-        if uses_learn_split(cfg, prep, len(tune_idx)):
-            learn_idx, cert_idx = learn_split(cfg, prep, tune_idx)
-            split.update(learn_images=int(len(learn_idx)), certify_images=int(len(cert_idx)),
-                         learn_image_ids=[int(i) for i in ids[learn_idx]])
-    ppc = ppc.replace(metadata=_provenance(cfg, prep, found))
+        if tuned.parts.learn is not None:
+            split.update(learn_images=int(len(tuned.parts.learn)),
+                         certify_images=int(len(tuned.parts.certify)),
+                         learn_image_ids=[int(i) for i in ids[tuned.parts.learn]])
+    calib, found = tuned.calib, tuned.found
+    ppc = tuned.ppc.replace(metadata=_provenance(cfg, prep, found))
     report = holdout_report(cfg, prep, ppc, calib, found, split, eval_idx, evidence)
     run_dir = cfg.output.dir
     ppc = ppc.replace(metadata={**ppc.metadata, "report_summary": _short(report)})

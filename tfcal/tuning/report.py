@@ -45,8 +45,8 @@ import numpy as np
 
 from tfcal import TfcalError, atomic, locks, rundir
 from tfcal import plots as plot_lib
+from tfcal.objective_kinds import KINDS
 from tfcal.tuning.localization_text import markdown_lines
-from tfcal.tuning.objective_kinds import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,23 @@ def render_markdown(report: dict) -> str:
     s = report["summary"]
     t = report["target"]
     lines = ["# tfcal tuning report", ""]
+    cmp = s.get("comparison") or {}
+    b = s.get("baseline")
+    if cmp.get("line"):
+        lines += [f"**{cmp['line']}.**", ""]
+    if b:
+        bh, same = b["holdout"], b["same_precision"]
+        lines += [
+            "| on the holdout images | precision | recall | emitted classes | clearly below "
+            "target |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            f"| tfcal | {_fmt(s['holdout']['precision'])} | {_fmt(s['holdout']['recall'])} | "
+            f"{b['tfcal_emitted_classes']} | {b['tfcal_clearly_below_classes']} |",
+            f"| one global raw threshold, same precision | {_fmt(same['precision'])} | "
+            f"{_fmt(same['recall'])} | – | – |",
+            f"| one global raw threshold, chosen on the tune images | {_fmt(bh['precision'])} | "
+            f"{_fmt(bh['recall'])} | {b['emitted_classes']} | {b['clearly_below_classes']} |",
+            ""]
     target = t["objective"]
     kind = KINDS.get(target)
     certifiable = kind is not None and kind.certifiable
@@ -87,7 +104,8 @@ def render_markdown(report: dict) -> str:
     if t.get("scope") == "pooled":
         target += ", one pooled threshold for all classes"
     elif t.get("on_unreachable") == "pool":
-        target += ", classes not expected to certify alone share one certified threshold"
+        target += (", every class not shown below the target is in one group with one certified "
+                   "threshold; classes certified alone keep their own")
     lines += [
         f"- Target: {target}; match IoU {t['match_iou']}; NMS IoU grid {t['nms_iou_grid']}.",
         _split_text(report["split"]),
@@ -123,11 +141,11 @@ def render_markdown(report: dict) -> str:
             h = grp.get("holdout")
             where = (f"threshold {_fmt(grp['threshold'])}, NMS IoU {grp['nms_iou']}"
                      if grp.get("threshold") is not None else "not certified: disabled")
-            lines += [f"Pooled group ({grp['classes']} classes, {grp['guarantee']}): {where}"
+            lines += [f"Pooled group ({grp.get('members', grp['classes'])} members, "
+                      f"{grp['classes']} emitted at its threshold, {grp['guarantee']}): {where}"
                       + (f"; holdout precision {_fmt(h['precision'])} "
                          f"[{_fmt(h['precision_lower'])}, {_fmt(h['precision_upper'])}], recall "
                          f"{_fmt(h['recall'])}" if h else "") + ".", ""]
-    b = s.get("baseline")
     if b:
         bh, same = b["holdout"], b["same_precision"]
         thr = ", ".join("unreachable" if v is None else f"{v:.3f}" for v in b["thresholds"])
@@ -166,7 +184,8 @@ def render_markdown(report: dict) -> str:
         "",
         "## Per class",
         "",
-        "Precision interval: Clopper–Pearson, "
+        "Grouped by the statement each class carries: `certified` (its own), `pooled` (the "
+        "group's), `estimate`, then `none`. Precision interval: Clopper–Pearson, "
         f"{report['holdout_confidence']:.0%} two-sided, on the holdout images.",
         "",
         "| id | name | status | guarantee | threshold | NMS IoU | calibration | TP | FP | FN | "
@@ -175,7 +194,9 @@ def render_markdown(report: dict) -> str:
         "--- | ---: |",
     ]
     method = report["calibration"]["method"]
-    for c in report["classes"]:
+    order = {"certified": 0, "pooled": 1, "estimate": 2, "none": 3}
+    for c in sorted(report["classes"],
+                    key=lambda c: order.get((c.get("guarantee") or {}).get("kind"), 4)):
         h = c["holdout"]
         meets = {True: "yes", False: "**no**", None: "–"}[h.get("meets_target")]
         if h.get("clearly_below"):

@@ -48,20 +48,37 @@ Conventions (the brute-force reference in tests/tuning/test_search_bruteforce.py
   (its lower bound in confidence mode) with tp > 0, then recall; for `recall_target` the highest
   recall, then precision; a class with no TP anywhere is disabled even then (it would only emit
   false positives); `"error"` raises `UnreachableTargetError` listing every such class.
-- `on_unreachable="pool"` (a certified default objective with a learn split): the classes the
-  learn part does not expect to certify on their own (no plan, or a planned start whose
-  predicted pass probability is < 0.5) and those under `min_support` form one group, decided
-  without any certify label. The group shares one `(min_score_thresh, nms_iou)`, chosen on its
-  detections pooled and certified on its pooled precision (or recall) by the same Learn-then-Test
-  at the full `delta` (per class) or `delta / (K_cert + 1)` (simultaneous: the group is one more
-  statement). Its classes get status and guarantee `"pooled"`: together they keep the target,
-  none of them alone is promised. A class tested alone that then fails on the certify part stays
-  disabled: moving it into the group would let the certify labels choose the group. When the
-  group cannot be certified, its classes are disabled, except those under `min_support`, which
-  keep the uncertified pooled fallback below.
-- Too little support (`num_gt < min_support`, or fewer than `min_detections` non-ignored
-  detections at every IoU): status `insufficient_data`; the class gets the choice of the default
-  objective over all classes' detections pooled (per IoU), falling back to the pooled best effort
+- `on_unreachable="pool"` (a certified default objective with a learn split; the config's
+  default): every class carries the strongest statement its data can carry, and which classes
+  are tested how is decided on the learn part, without any certify label:
+  - *below target*: a class whose learn part shows it cannot reach the target (the one-sided
+    Clopper–Pearson upper bound of its rate, at `confidence`, under the target at every
+    threshold of every IoU; `_below_target`) is disabled, status `"below_target"`. Too little
+    evidence is never a reason to disable.
+  - *the group*: every other class of the default objective (classes under `min_support`
+    included) is a member of ONE group, fixed on the learn part. The group shares one
+    `(min_score_thresh, nms_iou)`, chosen on its members' calibrated detections pooled and
+    certified on their pooled precision (or recall) by the same Learn-then-Test.
+  - *alone*: a member whose learn plan is expected to pass (`_Plan.expected_to_pass`) is also
+    tested alone. Certified alone, it emits at its own point (status `"ok"`, guarantee
+    `"certified"`), or at the group's point when it has more true positives there; a member
+    not certified alone emits at the group's point (status and guarantee `"pooled"`: the group
+    together keeps the target, the class alone is not promised). The group's hypothesis names
+    every member at the group's point in advance, so a class that falls back to it after a
+    failed alone test carries a statement whose detections were fixed before the test.
+  Error: a member carries one of two statements depending on the certify data, so the two
+  are tested as one family by a graphical (sequentially rejective) procedure. Under
+  `"per_class"` the group is tested first at `GROUP_SHARE delta`; when it is certified its level
+  passes on and each alone test runs at the whole `delta`, else at `(1 - GROUP_SHARE) delta`.
+  Each class's family {its alone test, the group} then has family-wise error <= delta under any
+  dependence, so the statement it carries fails with probability <= delta. Under
+  `"simultaneous"` the family is every certified class's alone test plus the group, each at
+  `delta / (K_cert + 1)`; a certified group's share passes on equally, the alone tests then
+  run at `delta / K_cert`. When the group cannot be certified, members not certified alone
+  are disabled, except those under `min_support`, which keep the uncertified pooled fallback.
+- Too little support (`num_gt < min_support`, or no non-ignored detection at any IoU): status
+  `insufficient_data`; the class gets the choice of the default objective over all classes'
+  detections pooled (per IoU), falling back to the pooled best effort
   when the pooled target is unreachable. Its reported counts are its own at that point.
 """
 
@@ -76,18 +93,20 @@ from typing import Literal
 import numpy as np
 
 from tfcal import TfcalError, certification
+from tfcal.objective_kinds import (BUDGETS, KINDS, ConfidenceBudget, Counts, Keys,
+                                   ObjectiveName, OnUnreachable, check_fields, kind_of)
 from tfcal.thresholds import clopper_pearson
-from tfcal.tuning.objective_kinds import KINDS, Counts, check_fields, kind_of
 
 log = logging.getLogger(__name__)
 
-ObjectiveName = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
-OnUnreachable = Literal["disable", "best_effort", "error", "pool"]
-Status = Literal["ok", "unreachable", "insufficient_data", "pooled"]
+Status = Literal["ok", "unreachable", "insufficient_data", "pooled", "below_target"]
+
+#: Under the per-class budget, the share of each class's error `delta` that the pool group's
+#: test gets; a member's alone test gets the rest, and all of `delta` once the group is
+#: certified (a graphical procedure over the two statements a member can carry), so whichever
+#: it carries fails with probability <= `delta`.
+GROUP_SHARE = 0.5
 Guarantee = Literal["certified", "estimate", "pooled", "none"]
-ConfidenceBudget = Literal["per_class", "simultaneous"]
-_POLICIES = ("disable", "best_effort", "error")
-_BUDGETS = ("per_class", "simultaneous")
 
 
 class UnreachableTargetError(TfcalError):
@@ -118,7 +137,8 @@ class Objective:
         c_fn: cost of one false negative, > 0, default 1.0 (`cost`).
         confidence: in (0, 1) or None (`precision_target` and `recall_target`): certify the
             target at this level (see the module docstring); None is a point estimate.
-        on_unreachable: `{"disable", "best_effort", "error"}`, default `"disable"`.
+        on_unreachable: `{"disable", "best_effort", "error", "pool"}`, default `"disable"`
+            (the config's default is `"pool"` where it can run; see the module docstring).
     """
 
     name: ObjectiveName = "precision_target"
@@ -273,8 +293,9 @@ class ClassChoice:
 
     Attributes:
         column: class column.
-        status: `"ok"`, `"unreachable"`, `"insufficient_data"` or `"pooled"` (a member of the
-            `on_unreachable="pool"` group, emitted at the group's certified point).
+        status: `"ok"`, `"unreachable"`, `"insufficient_data"`, `"pooled"` (a member of the
+            `on_unreachable="pool"` group, emitted at the group's certified point) or
+            `"below_target"` (disabled: the learn part shows it below the target).
         enabled: False when the class is never emitted (unreachable with `disable`, or no TP).
         min_score_thresh: chosen threshold (a float32 value; 1.0 for a disabled class).
         nms_iou: chosen NMS IoU (the default IoU for a disabled class).
@@ -350,6 +371,8 @@ class SearchResult:
             feasible point): the trade-off across the grid, for plots.
         pooled: the pooled choice used for `insufficient_data` classes, or with
             `on_unreachable="pool"` the group's certified choice (column -1), or None.
+        group: the `on_unreachable="pool"` group's members (fixed on the learn part, whether
+            or not each is emitted at the group's point), ascending; () without a group.
     """
 
     classes: tuple[ClassChoice, ...]
@@ -358,6 +381,7 @@ class SearchResult:
     curves: tuple[Curves, ...]
     iou_table: np.ndarray
     pooled: ClassChoice | None = None
+    group: tuple[int, ...] = ()
 
     @property
     def min_score_thresh(self) -> tuple[float, ...]:
@@ -475,28 +499,31 @@ def _cp_lower(tp, n, level):
     return out
 
 
-def _keys(obj: Objective, tp, fp, num_gt, level):
-    """Returns (feasible, primary, secondary, value, fallback_primary, fallback_secondary, lower).
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Ranking:
+    """How one objective ranks points: its `Keys`, the best-effort primary key, and the
+    precision lower bound (float64 arrays of the points' shape)."""
 
-    All float64 arrays of the points' shape. `feasible` is the point-estimate rule; certified
-    objectives replace it with the certified points. `level` is the per-point test level of a
-    certified objective (its best effort ranks by the lower bound at that level), or None.
-    """
+    keys: Keys
+    fallback_primary: np.ndarray
+    precision_lower: np.ndarray
+
+
+def _keys(obj: Objective, tp, fp, num_gt, level) -> _Ranking:
+    """The objective's ranking of the points. `keys.feasible` is the point-estimate rule;
+    certified objectives replace it with the certified points. `level` is the per-point test
+    level of a certified objective (its best effort ranks by the lower confidence bound of the
+    certified rate at that level, which orders points as the rate does at a fixed number of
+    boxes), or None."""
     c = Counts.of(tp, fp, num_gt)
-    k = kind_of(obj.name).keys(obj, c)
+    kind = kind_of(obj.name)
+    k = kind.keys(obj, c)
     lower = np.full(c.tp.shape, np.nan)
     fb_primary = k.fallback_primary
-    if obj.name == "precision_target" and level is not None and obj.on_unreachable == "best_effort":
-        lower = _cp_lower(c.tp, c.tp + c.fp, level)  # best effort ranks by it; else the choice only
-        fb_primary = lower
-    return (k.feasible, k.primary, k.secondary, k.value, fb_primary, k.fallback_secondary, lower)
-
-
-def _certify_segment(obj: Objective, tp, fp, num_gt: int, level: float):
-    """Certified points and p-values of one class's curve at one IoU (thresholds descending)."""
-    if obj.name == "precision_target":
-        return certification.certify_precision(tp, tp + fp, obj.target_precision, level)
-    return certification.certify_recall(tp, num_gt, obj.target_recall, level)
+    if kind.metric == "precision" and level is not None and obj.on_unreachable == "best_effort":
+        lower = _cp_lower(c.tp, kind.trials(c.tp, c.fp, num_gt), level)
+        fb_primary = lower  # best effort ranks by it; else the lower bound is for the choice only
+    return _Ranking(k, fb_primary, lower)
 
 
 def _learn_detections(srt: _Sorted, column: int) -> tuple[np.ndarray, np.ndarray]:
@@ -505,88 +532,133 @@ def _learn_detections(srt: _Sorted, column: int) -> tuple[np.ndarray, np.ndarray
     return srt.score[lo:hi], np.diff(srt.tp_cum[lo:hi], prepend=0) > 0
 
 
-def _learned_segments(obj: Objective, curves: Sequence[Curves], learn: Sequence[_Sorted],
-                      column: int, num_gt_learn: int, level: float, ranks: np.ndarray):
-    """Learn then test for one class: the learn split picks the NMS IoU and where the sequence
-    starts; the certify split (`curves`) tests it at the class's whole level.
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Plan:
+    """A class's Learn-then-Test plan on one IoU curve, and its outcome on the certify part.
 
-    Precision: per IoU, a smooth model of the learn split's TP chance by score
-    (`certification.TpChanceModel`) simulates the certify split's labels at its own label-free
-    detection counts; each tested point's value is the expected TP certified by the fixed
-    sequence started there (`certification.plan_precision_run`), and the best (IoU, start) is
-    kept (ties: the IoU nearest the default). Recall: from the lowest threshold up; the learn
-    split's predicted passes choose the IoU by predicted precision.
-
-    Returns:
-        `(iou index, curve rows, certified, p-values, start chance)` of the chosen IoU curve
-        (the start chance: the predicted probability that the sequence's first test passes), or
-        None when no IoU can be tested (precision: too few certify detections; recall: too few
-        boxes, or the learn split predicts no pass).
+    Attributes:
+        iou: index of the chosen NMS IoU in the grid.
+        rows: int64 `[R]` rows of that IoU's `Curves` in test order (the fixed sequence).
+        certified: bool `[R]` the points the certify part certifies.
+        p_value: float64 `[R]` their exact binomial p-values.
+        start_chance: the learn part's predicted probability that the first test passes.
+        value: what the plan was chosen by (precision: expected certified TPs; recall: the
+            predicted precision at the run's end).
     """
-    plans = []
-    for i, cv in enumerate(curves):
-        lo, hi = int(cv.offsets[column]), int(cv.offsets[column + 1])
-        if hi == lo:
-            continue
-        tp, fp, thr = cv.tp[lo:hi], cv.fp[lo:hi], cv.threshold[lo:hi]
-        n_gt = int(cv.num_gt[column])
-        if obj.name == "precision_target":
-            n = tp + fp
-            rows = certification.grid_points(n, certification.min_count(obj.target_precision,
-                                                                         level))
-            if rows.size == 0:
-                continue
-            score_l, tp_l = _learn_detections(learn[i], column)
-            expected = np.zeros(rows.shape)  # no learn detection: from the top, valued 0
-            chance = np.zeros(rows.shape)
-            if score_l.size:
-                model = certification.TpChanceModel.fit(score_l, tp_l)
-                expected, chance = certification.plan_precision_run(
-                    model, thr, n, rows, obj.target_precision, level, with_pass=True)
-            # A hopeless curve (value 0) is still tested from its first point: it costs nothing.
-            start = int(np.argmax(expected))
-            value = float(expected[start])  # expected certified TPs (recall x the box count)
-            start_chance = float(chance[start])
-            rows = rows[start:]
-            p = certification.binomial_pvalue(tp[rows], n[rows], obj.target_precision)
-            weights = np.zeros(rows.shape)
-            weights[0] = 1.0
-        else:
-            if n_gt < certification.min_count(obj.target_recall, level):
-                continue
-            rows = np.arange(hi - lo)[::-1]  # from the lowest threshold up
-            t_l, f_l = learn[i].counts_at_many(column, thr[rows])
-            passing = certification.predictive_pass_probability(
-                t_l, num_gt_learn - t_l, np.full(rows.shape, n_gt), obj.target_recall,
-                level) >= 0.5
-            run = int(np.cumprod(passing).sum())
-            if run == 0:
-                continue
-            e = run - 1
-            value = t_l[e] / max(t_l[e] + f_l[e], 1)  # predicted precision
-            start_chance = 1.0  # the run's first point is predicted to pass
-            p = certification.binomial_pvalue(tp[rows], np.full(rows.shape, n_gt),
-                                              obj.target_recall)
-            weights = np.zeros(rows.shape)
-            weights[0] = 1.0  # recall: one fixed sequence from the bottom
-        plans.append((-value, int(ranks[i]), i, lo + rows, p, weights, start_chance))
-    if not plans:
+
+    iou: int
+    rows: np.ndarray
+    certified: np.ndarray
+    p_value: np.ndarray
+    start_chance: float
+    value: float
+
+    @property
+    def expected_to_pass(self) -> bool:
+        """The learn part expects the sequence's first test to pass (chance >= 0.5)."""
+        return self.start_chance >= 0.5
+
+
+def _plan_precision(obj: Objective, cv: Curves, learn: _Sorted, column: int, level: float,
+                    num_gt_learn: int, first_level: float):
+    """`(value, rows, p-values, start chance, start)` of one IoU curve for `precision_target`,
+    or None: `rows` are every label-free tested point from the top, `start` the planned one.
+
+    A smooth model of the learn split's TP chance by score (`certification.TpChanceModel`)
+    simulates the certify split's labels at its own label-free detection counts; each tested
+    point's value is the expected TP certified by the fixed sequence started there
+    (`certification.plan_precision_run`)."""
+    lo, hi = int(cv.offsets[column]), int(cv.offsets[column + 1])
+    tp, fp, thr = cv.tp[lo:hi], cv.fp[lo:hi], cv.threshold[lo:hi]
+    n = tp + fp
+    # The first point can pass at `first_level` (the smallest weight of the sequence).
+    rows = certification.grid_points(n, certification.min_count(obj.target_precision,
+                                                                first_level))
+    if rows.size == 0:
         return None
-    _, _, i, rows, p, weights, start_chance = min(plans, key=lambda x: (x[0], x[1]))
-    return i, rows, certification.fallback_reject(p, weights, level), p, start_chance
+    score_l, tp_l = _learn_detections(learn, column)
+    expected = np.zeros(rows.shape)  # no learn detection: from the top, valued 0
+    chance = np.zeros(rows.shape)
+    if score_l.size:
+        model = certification.TpChanceModel.fit(score_l, tp_l)
+        expected, chance = certification.plan_precision_run(
+            model, thr, n, rows, obj.target_precision, level, with_pass=True)
+    # A hopeless curve (value 0) is still tested from its first point: it costs nothing.
+    start = int(np.argmax(expected))
+    p = certification.binomial_pvalue(tp[rows], n[rows], obj.target_precision)
+    return float(expected[start]), lo + rows, p, float(chance[start]), start
+
+
+def _plan_recall(obj: Objective, cv: Curves, learn: _Sorted, column: int, level: float,
+                 num_gt_learn: int, first_level: float):
+    """`(value, rows, p-values, start chance, 0)` of one IoU curve for `recall_target`, or None:
+    from the lowest threshold up, as far as the learn split predicts passes; valued by the
+    learn split's precision at the run's end."""
+    lo, hi = int(cv.offsets[column]), int(cv.offsets[column + 1])
+    tp, thr = cv.tp[lo:hi], cv.threshold[lo:hi]
+    n_gt = int(cv.num_gt[column])
+    if n_gt < certification.min_count(obj.target_recall, level):
+        return None
+    rows = np.arange(hi - lo)[::-1]  # from the lowest threshold up
+    t_l, f_l = learn.counts_at_many(column, thr[rows])
+    passing = certification.predictive_pass_probability(
+        t_l, num_gt_learn - t_l, np.full(rows.shape, n_gt), obj.target_recall, level) >= 0.5
+    run = int(np.cumprod(passing).sum())
+    if run == 0:
+        return None
+    e = run - 1
+    p = certification.binomial_pvalue(tp[rows], np.full(rows.shape, n_gt), obj.target_recall)
+    # the run's first point is predicted to pass
+    return float(t_l[e] / max(t_l[e] + f_l[e], 1)), lo + rows, p, 1.0, 0
+
+
+#: The learn-part planner of each certified rate (`Kind.metric`).
+_PLANNERS = {"precision": _plan_precision, "recall": _plan_recall}
+
+
+def _learned_plan(obj: Objective, curves: Sequence[Curves], learn: Sequence[_Sorted],
+                  column: int, num_gt_learn: int, level: float, ranks: np.ndarray,
+                  top_share: float = 0.0) -> _Plan | None:
+    """Learn then test for one class: the learn split picks the NMS IoU and where the sequence
+    starts; the certify split (`curves`) tests one fixed sequence at the class's whole level.
+    The best-valued IoU is kept (ties: the IoU nearest the default). None when no IoU can be
+    tested (precision: too few certify detections; recall: too few boxes, or the learn split
+    predicts no pass).
+
+    With `top_share > 0` (precision) the sequence is a fallback procedure over every tested
+    point from the top: `top_share` of the level on the first point, the rest on the planned
+    start (`certification.fallback_reject`), so a plan the learn part got wrong still
+    certifies what the certify part shows from the top."""
+    planner = _PLANNERS[kind_of(obj.name).metric]
+    best = None
+    for i, cv in enumerate(curves):
+        if cv.offsets[column + 1] == cv.offsets[column]:
+            continue
+        found = planner(obj, cv, learn[i], column, level, num_gt_learn,
+                        level * top_share if top_share > 0 else level)
+        if found is None:
+            continue
+        if best is None or (-found[0], int(ranks[i])) < (-best[0][0], int(ranks[best[1]])):
+            best = (found, i)
+    if best is None:
+        return None
+    (value, rows, p, chance, start), i = best
+    if top_share <= 0.0:  # one fixed sequence from the planned start
+        rows, p = rows[start:], p[start:]
+        start = 0
+    weights = np.zeros(rows.shape)
+    weights[0] += top_share
+    weights[start] += 1.0 - top_share
+    return _Plan(i, rows, certification.fallback_reject(p, weights, level), p, chance, value)
 
 
 def _boxes_to_certify(obj: Objective, curves: Sequence[Curves], column: int, level: float):
     """The smallest estimated box count over the class's IoU curves (None if none can)."""
+    kind = kind_of(obj.name)
     best = None
     for cv in curves:
         s = slice(int(cv.offsets[column]), int(cv.offsets[column + 1]))
-        tp, fp, n = cv.tp[s], cv.fp[s], int(cv.num_gt[column])
-        if obj.name == "precision_target":
-            need = certification.boxes_to_certify(tp, tp + fp, n, obj.target_precision, level)
-        else:
-            need = certification.boxes_to_certify(tp, np.full(tp.shape, n), n,
-                                                  obj.target_recall, level)
+        need = kind.boxes_to_certify(obj, cv.tp[s], cv.fp[s], int(cv.num_gt[column]), level)
         if need is not None and (best is None or need < best):
             best = need
     return best
@@ -647,6 +719,285 @@ class _Points:
                    np.repeat(np.arange(len(curves), dtype=np.int64), sizes), base)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Setup:
+    """The validated inputs of one search: the grid, the certify (or tune) split's sorted
+    detections and curves, and the learn split's sorted detections (or None)."""
+
+    grid: tuple[float, ...]
+    mds: list
+    num_gt: np.ndarray
+    default_nms_iou: float
+    ranks: np.ndarray
+    thr: np.ndarray | None
+    sorted_: list
+    curves: list
+    pts: _Points
+    learn_sorted: list | None
+    learn_gt: np.ndarray | None
+
+    @property
+    def k(self) -> int:
+        return int(self.num_gt.shape[0])
+
+    @classmethod
+    def of(cls, matched, default_nms_iou, thresholds, learn) -> "_Setup":
+        if not matched:
+            raise ValueError("matched must hold at least one NMS IoU, got an empty mapping")
+        grid = tuple(float(g) for g in matched)
+        mds = [matched[g] for g in matched]
+        num_gt = mds[0].num_gt
+        k = num_gt.shape[0]
+        for g, md in zip(grid, mds):
+            if not np.array_equal(md.num_gt, num_gt):
+                raise ValueError(f"num_gt must be the same at every NMS IoU; it differs at "
+                                 f"nms_iou={g}")
+        if default_nms_iou is None:
+            default_nms_iou = default_iou(grid)
+        if float(default_nms_iou) not in grid:
+            raise ValueError(f"default_nms_iou must be one of the grid {list(grid)}, "
+                             f"got {default_nms_iou}")
+        thr = None
+        if thresholds is not None:
+            thr = np.unique(np.asarray(thresholds, np.float32).reshape(-1))[::-1]
+            if thr.size == 0 or not np.all(np.isfinite(thr)):
+                raise ValueError(f"thresholds must be a non-empty list of finite values, "
+                                 f"got {thresholds!r}")
+        sorted_ = [_sort_and_count(md.score[~md.ignored], md.column[~md.ignored],
+                                   md.tp[~md.ignored], k) for md in mds]
+        curves = [_curves(srt, num_gt, g, thr) for g, srt in zip(grid, sorted_)]
+        learn_sorted = learn_gt = None
+        if learn is not None:
+            if tuple(float(g) for g in learn) != grid:
+                raise ValueError(f"learn must have the grid {list(grid)}, got {list(learn)}")
+            learn_sorted = [_sort_and_count(md.score[~md.ignored], md.column[~md.ignored],
+                                            md.tp[~md.ignored], k) for md in learn.values()]
+            learn_gt = next(iter(learn.values())).num_gt
+            if learn_gt.shape[0] != k:
+                raise ValueError(f"learn must have {k} class columns, got {learn_gt.shape[0]}")
+        return cls(grid, mds, num_gt, float(default_nms_iou),
+                   _iou_ranks(grid, float(default_nms_iou)), thr, sorted_, curves,
+                   _Points.of(curves), learn_sorted, learn_gt)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Budget:
+    """Who is certified and at which level.
+
+    Attributes:
+        cert_cols: the class columns searched in certified mode.
+        level: float64 `[K]` each class's test level (per IoU curve without a learn split),
+            NaN for classes not certified.
+        group_level: the `on_unreachable="pool"` group's level, NaN without a group.
+    """
+
+    cert_cols: tuple[int, ...]
+    level: np.ndarray
+    group_level: float
+
+    @classmethod
+    def of(cls, setup: _Setup, objectives, objective: Objective, insufficient,
+           confidence_budget: str, joins, group_certified: bool = False) -> "_Budget":
+        """The levels; with a group (`joins`), those after its test: the graphical procedure
+        passes a certified group's level on to the alone tests (see the module docstring)."""
+        pool = any(joins)
+        cert_cols = tuple(c for c in range(setup.k)
+                          if not insufficient[c] and objectives[c].certified)
+        # One more statement for the group: the simultaneous budget splits delta over it too.
+        statements = len(cert_cols) + (1 if pool else 0)
+        simultaneous = confidence_budget == "simultaneous"
+        share = statements if simultaneous else 1
+        if simultaneous and pool and group_certified and cert_cols:
+            share = len(cert_cols)  # the group's delta / (K + 1) shared by the K alone tests
+        level = np.full(setup.k, np.nan)
+        for c in cert_cols:
+            delta = (1.0 - objectives[c].confidence) / share
+            if joins[c] and not simultaneous and not group_certified:
+                delta *= 1.0 - GROUP_SHARE  # a member may carry either statement: see below
+            level[c] = delta if setup.learn_sorted is not None else delta / len(setup.grid)
+        group_level = math.nan
+        if pool:
+            group_level = (1.0 - objective.confidence) / (statements if simultaneous else 1)
+            if not simultaneous:
+                group_level *= GROUP_SHARE
+        return cls(cert_cols, level, group_level)
+
+
+@dataclasses.dataclass(eq=False)
+class _PointTable:
+    """Every curve point's ranking keys and certification (float64 / bool `[P]`)."""
+
+    feasible: np.ndarray
+    primary: np.ndarray
+    secondary: np.ndarray
+    value: np.ndarray
+    fb_primary: np.ndarray
+    fb_secondary: np.ndarray
+    lower: np.ndarray
+    pvalue: np.ndarray
+
+    @classmethod
+    def rank(cls, setup: _Setup, objectives, budget: _Budget) -> "_PointTable":
+        """The point-estimate ranking of every point under its class's objective."""
+        pts = setup.pts
+        n = pts.col.shape[0]
+        table = cls(np.zeros(n, bool), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n),
+                    np.zeros(n), np.full(n, np.nan), np.full(n, np.nan))
+        ngt = setup.num_gt[pts.col]
+        for obj in dict.fromkeys(objectives):  # distinct objectives, deterministic order
+            m = np.isin(pts.col, [c for c in range(setup.k) if objectives[c] == obj])
+            lv = budget.level[pts.col[m]] if obj.certified else None
+            r = _keys(obj, pts.tp[m], pts.fp[m], ngt[m], lv)
+            table.feasible[m] = r.keys.feasible
+            table.primary[m] = r.keys.primary
+            table.secondary[m] = r.keys.secondary
+            table.value[m] = r.keys.value
+            table.fb_primary[m] = r.fallback_primary
+            table.fb_secondary[m] = r.keys.fallback_secondary
+            table.lower[m] = r.precision_lower
+        return table
+
+
+def _certify(setup: _Setup, table: _PointTable, objectives, budget: _Budget, joins) -> None:
+    """Replaces the point-estimate rule of certified classes by their certified points (in
+    place). With a learn split each class is planned there (`_learned_plan`); a class that
+    `joins` the group and is not expected to certify alone (the learn part) is not tested alone:
+    the group speaks for it.
+    """
+    pts = setup.pts
+    for c in budget.cert_cols:
+        for i, cv in enumerate(setup.curves):
+            s = slice(int(pts.base[i] + cv.offsets[c]), int(pts.base[i] + cv.offsets[c + 1]))
+            table.feasible[s] = False
+            if setup.learn_sorted is None:
+                ok, p = kind_of(objectives[c].name).certify(
+                    objectives[c], pts.tp[s], pts.fp[s], int(setup.num_gt[c]), budget.level[c])
+                table.feasible[s] = ok & (pts.tp[s] > 0)
+                table.pvalue[s] = p
+        if setup.learn_sorted is None:
+            continue
+        plan = _learned_plan(objectives[c], setup.curves, setup.learn_sorted, c,
+                             int(setup.learn_gt[c]), budget.level[c], setup.ranks)
+        if joins[c] and (plan is None or not plan.expected_to_pass):
+            continue  # not expected to certify alone (learn part): not tested alone
+        if plan is not None:
+            at = pts.base[plan.iou] + plan.rows
+            table.feasible[at] = plan.certified & (pts.tp[at] > 0)
+            table.pvalue[at] = plan.p_value
+
+
+def _below_target(setup: _Setup, obj: Objective, column: int) -> bool:
+    """Whether the learn part shows that class `column` cannot reach its target at any
+    threshold: it has learn evidence (detections for precision, ground truth for recall) and the
+    one-sided Clopper–Pearson upper bound of the rate, at `confidence`, is below the target at
+    every threshold of every IoU curve (recall: at the lowest threshold, where it is highest).
+    A learn-part decision: it uses no certify label, so it costs no error.
+
+    Every threshold counts, the highest (one detection) too: a class is never disabled for
+    lack of evidence. With a precision target <= `confidence` (0.9 at 0.95) the top detection
+    alone keeps the bound above it, so such a class is never shown below the target; its
+    detections still enter the group only above the group's calibrated threshold.
+    """
+    kind = kind_of(obj.name)
+    target = kind.target(obj)
+    n_gt = int(setup.learn_gt[column])
+    seen = False
+    for srt in setup.learn_sorted:
+        lo, hi = int(srt.offsets[column]), int(srt.offsets[column + 1])
+        if kind.metric == "precision":
+            if hi == lo:
+                continue
+            tp, trials = srt.tp_cum[lo:hi], np.arange(1, hi - lo + 1)
+        else:
+            if n_gt == 0:
+                continue
+            tp = np.array([srt.tp_cum[hi - 1] if hi > lo else 0])  # the lowest threshold
+            trials = np.array([n_gt])
+        seen = True
+        upper = clopper_pearson(tp, trials, obj.confidence, sided="one")[1]
+        if np.any(np.asarray(upper) >= target):
+            return False
+    return seen
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Chooser:
+    """Turns a point of the table into a class's `ClassChoice` (the search's last step)."""
+
+    setup: _Setup
+    table: _PointTable
+    objective: Objective
+    objectives: list
+    budget: _Budget
+
+    def need(self, c: int) -> int | None:
+        """Estimated boxes class `c` needs to be certified (both splits grow), or None."""
+        setup = self.setup
+        if c not in self.budget.cert_cols:
+            return None
+        got = _boxes_to_certify(self.objectives[c], setup.curves, c, self.budget.level[c])
+        if got is None or setup.learn_gt is None or setup.num_gt[c] == 0:
+            return got
+        return int(math.ceil(got * (setup.num_gt[c] + setup.learn_gt[c]) / setup.num_gt[c]))
+
+    def have(self, c: int) -> int | None:
+        """Labelled boxes class `c` has over the learn and certify parts (certified mode)."""
+        if c not in self.budget.cert_cols:
+            return None
+        learn = self.setup.learn_gt[c] if self.setup.learn_gt is not None else 0
+        return int(self.setup.num_gt[c] + learn)
+
+    def disabled(self, c: int, status: Status, obj: Objective) -> ClassChoice:
+        return ClassChoice.disabled(c, status, nms_iou=self.setup.default_nms_iou,
+                                    num_gt=int(self.setup.num_gt[c]), objective=obj.name,
+                                    guarantee="none", test_level=float(self.budget.level[c]),
+                                    boxes_to_certify=self.need(c), boxes_available=self.have(c))
+
+    def at_point(self, c: int, status: Status, i: int, obj: Objective) -> ClassChoice:
+        """Class `c` at its own point `i` of the table."""
+        pts, table, level = self.setup.pts, self.table, self.budget.level
+        t, f = int(pts.tp[i]), int(pts.fp[i])
+        if obj.certified and kind_of(obj.name).metric == "precision" \
+                and math.isnan(table.lower[i]):
+            table.lower[i] = _cp_lower(np.array([t]), np.array([t + f]), level[c])[0]
+        certified = status == "ok" and c in self.budget.cert_cols
+        guarantee = "certified" if certified else ("estimate" if status == "ok" else "none")
+        return ClassChoice.at_counts(
+            c, status, min_score_thresh=float(pts.thv[i]), nms_iou=self.setup.grid[pts.gi[i]],
+            tp=t, fp=f, num_gt=int(self.setup.num_gt[c]), value=float(table.value[i]),
+            precision_lower=float(table.lower[i]), objective=obj.name, guarantee=guarantee,
+            test_level=float(level[c]),
+            p_value=float(table.pvalue[i]) if certified else math.nan,
+            boxes_to_certify=None if certified else self.need(c), boxes_available=self.have(c))
+
+    def at_shared(self, c: int, status: Status, point, **extra) -> ClassChoice:
+        """Class `c` at a shared `(grid index, threshold)`, with its own counts there."""
+        g_idx, t_shared = point
+        t, f = self.setup.sorted_[g_idx].counts_at(c, t_shared)
+        n = int(self.setup.num_gt[c])
+        val = _keys(self.objective, np.array([t]), np.array([f]), np.array([n]),
+                    None).keys.value[0]
+        return ClassChoice.at_counts(c, status, min_score_thresh=float(t_shared),
+                                     nms_iou=self.setup.grid[g_idx], tp=t, fp=f, num_gt=n,
+                                     value=float(val), objective=self.objective.name, **extra)
+
+
+def _check_pool(objective: Objective, objectives, learn) -> bool:
+    """Whether the `on_unreachable="pool"` group is searched; ValueError when it cannot be."""
+    pool = objective.on_unreachable == "pool"
+    if any(o.on_unreachable == "pool" for o in objectives) and not pool:
+        raise ValueError("on_unreachable='pool' is set on the default objective (the group is "
+                         "searched for it), not on an override alone")
+    if pool:
+        if not objective.certified:
+            raise ValueError("on_unreachable='pool' needs a certified objective (a target with "
+                             "a confidence): the group's pooled target is what is certified")
+        if learn is None:
+            raise ValueError("on_unreachable='pool' needs learn (a learn split): which classes "
+                             "form the group is decided there, without the certify labels")
+    return pool
+
+
 def joint_search(
     matched: Mapping[float, MatchedDetections],
     objective: Objective = Objective(),
@@ -654,7 +1005,6 @@ def joint_search(
     overrides: Mapping[int, Objective] | None = None,
     default_nms_iou: float | None = None,
     min_support: int = 10,
-    min_detections: int = 1,
     thresholds: Sequence[float] | np.ndarray | None = None,
     confidence_budget: ConfidenceBudget = "per_class",
     learn: Mapping[float, MatchedDetections] | None = None,
@@ -667,6 +1017,10 @@ def joint_search(
     fixed sequence at the class's whole level; no Bonferroni over the grid is needed, since the
     choice was made on other images. Without it, the grid is paid for by Bonferroni.
 
+    The search runs in three steps, each owned by one helper: the setup (`_Setup`: validated
+    inputs, sorted counts, curves), the feasibility of every point (`_PointTable.rank`, then
+    `_certify` with each class's `_Plan`), and the choice (`_pick`, then `_Chooser`).
+
     Args:
         matched: `{nms_iou: MatchedDetections}` for every value of the NMS IoU grid (insertion
             order is the grid order). Every entry must have the same `num_gt`.
@@ -675,7 +1029,6 @@ def joint_search(
         default_nms_iou: the IoU ties are broken toward; must be in the grid. Default: the grid's
             middle value (`default_iou`).
         min_support: classes with fewer non-ignored ground truths get the pooled fallback.
-        min_detections: classes with fewer non-ignored detections at every IoU get it too.
         thresholds: explicit candidate thresholds shared by all classes, or None (default) for
             the observed scores (label-free either way).
         confidence_budget: `{"per_class", "simultaneous"}`, default `"per_class"` (see the
@@ -690,221 +1043,114 @@ def joint_search(
         ValueError: inconsistent inputs (empty grid, grid mismatch, bad override column).
         UnreachableTargetError: classes with `on_unreachable="error"` cannot reach the target.
     """
-    if not matched:
-        raise ValueError("matched must hold at least one NMS IoU, got an empty mapping")
-    grid = tuple(float(g) for g in matched)
-    mds = [matched[g] for g in matched]
-    num_gt = mds[0].num_gt
-    k = num_gt.shape[0]
-    for g, md in zip(grid, mds):
-        if not np.array_equal(md.num_gt, num_gt):
-            raise ValueError(f"num_gt must be the same at every NMS IoU; it differs at nms_iou={g}")
-    if default_nms_iou is None:
-        default_nms_iou = default_iou(grid)
-    if float(default_nms_iou) not in grid:
-        raise ValueError(f"default_nms_iou must be one of the grid {list(grid)}, "
-                         f"got {default_nms_iou}")
-    default_nms_iou = float(default_nms_iou)
+    setup = _Setup.of(matched, default_nms_iou, thresholds, learn)
+    k, grid, num_gt, pts = setup.k, setup.grid, setup.num_gt, setup.pts
     overrides = dict(overrides or {})
     for col in overrides:
         if not (isinstance(col, (int, np.integer)) and 0 <= col < k):
             raise ValueError(f"overrides keys must be class columns in [0, {k}), got {col!r}")
-    if confidence_budget not in _BUDGETS:
-        raise ValueError(f"confidence_budget must be one of {_BUDGETS}, got {confidence_budget!r}")
-    thr = None
-    if thresholds is not None:
-        thr = np.unique(np.asarray(thresholds, np.float32).reshape(-1))[::-1]
-        if thr.size == 0 or not np.all(np.isfinite(thr)):
-            raise ValueError(f"thresholds must be a non-empty list of finite values, "
-                             f"got {thresholds!r}")
-
-    ranks = _iou_ranks(grid, default_nms_iou)
-    sorted_ = []
-    curves = []
-    for g, md in zip(grid, mds):
-        keep = ~md.ignored
-        srt = _sort_and_count(md.score[keep], md.column[keep], md.tp[keep], k)
-        sorted_.append(srt)
-        curves.append(_curves(srt, num_gt, g, thr))
-    pts = _Points.of(curves)
-    col, thv, tp, fp, gi = pts.col, pts.thv, pts.tp, pts.fp, pts.gi
-    rank = ranks[gi]
-    ngt = num_gt[col]
-
+    if confidence_budget not in BUDGETS:
+        raise ValueError(f"confidence_budget must be one of {BUDGETS}, got {confidence_budget!r}")
     objectives = [overrides.get(c, objective) for c in range(k)]
-    dets_per_class = np.max([np.diff(s.offsets) for s in sorted_], axis=0)
-    insufficient = (num_gt < min_support) | (dets_per_class < min_detections)
-
-    # Certified mode: each class's error budget, split over its G IoU curves.
-    cert_cols = [c for c in range(k) if not insufficient[c] and objectives[c].certified]
-    learn_sorted = None
-    if learn is not None:
-        if tuple(float(g) for g in learn) != grid:
-            raise ValueError(f"learn must have the grid {list(grid)}, got {list(learn)}")
-        learn_sorted = [_sort_and_count(md.score[~md.ignored], md.column[~md.ignored],
-                                        md.tp[~md.ignored], k) for md in learn.values()]
-        learn_gt = next(iter(learn.values())).num_gt
-        if learn_gt.shape[0] != k:
-            raise ValueError(f"learn must have {k} class columns, got {learn_gt.shape[0]}")
-    pool = objective.on_unreachable == "pool"
-    if any(o.on_unreachable == "pool" for o in objectives) and not pool:
-        raise ValueError("on_unreachable='pool' is set on the default objective (the group is "
-                         "searched for it), not on an override alone")
-    if pool:
-        if not objective.certified:
-            raise ValueError("on_unreachable='pool' needs a certified objective (a target with "
-                             "a confidence): the group's pooled target is what is certified")
-        if learn is None:
-            raise ValueError("on_unreachable='pool' needs learn (a learn split): which classes "
-                             "form the group is decided there, without the certify labels")
-    # One more statement for the group: the simultaneous budget splits delta over it too.
-    statements = len(cert_cols) + (1 if pool else 0)
-    level = np.full(k, np.nan)
-    for c in cert_cols:
-        delta = 1.0 - objectives[c].confidence
-        if confidence_budget == "simultaneous":
-            delta /= statements
-        level[c] = delta if learn is not None else delta / len(grid)
-    group_level = math.nan
-    if pool:
-        group_level = (1.0 - objective.confidence) / (
-            statements if confidence_budget == "simultaneous" else 1)
-    # Group members share the default objective; an override with another target is disabled.
+    pool = _check_pool(objective, objectives, learn)
+    dets_per_class = np.max([np.diff(s.offsets) for s in setup.sorted_], axis=0)
+    insufficient = (num_gt < min_support) | (dets_per_class < 1)
+    # Group members share the default objective; an override with another target is not one.
     joins = [pool and objectives[c] == objective for c in range(k)]
-    group = [c for c in range(k) if insufficient[c] and joins[c]]
+    budget = _Budget.of(setup, objectives, objective, insufficient, confidence_budget, joins)
+    # The group: every joining class the learn part does not show below the target. It is
+    # tested first; a certified group passes its level on to the alone tests.
+    below = [joins[c] and _below_target(setup, objective, c) for c in range(k)]
+    group = [c for c in range(k) if joins[c] and not below[c]]
+    group_choice, group_point = None, None
+    if pool and group:
+        group_choice, group_point = _group_search(matched, learn, group, objective,
+                                                  budget.group_level, setup.thr,
+                                                  setup.default_nms_iou)
+        budget = _Budget.of(setup, objectives, objective, insufficient, confidence_budget,
+                            joins, group_certified=group_point is not None)
 
-    n_pts = col.shape[0]
-    feasible = np.zeros(n_pts, bool)
-    primary = np.zeros(n_pts)
-    secondary = np.zeros(n_pts)
-    value = np.zeros(n_pts)
-    fb_primary = np.zeros(n_pts)
-    fb_secondary = np.zeros(n_pts)
-    lower = np.full(n_pts, np.nan)
-    pvalue = np.full(n_pts, np.nan)
-    for obj in dict.fromkeys(objectives):  # distinct objectives, deterministic order
-        cols = [c for c in range(k) if objectives[c] == obj]
-        m = np.isin(col, cols)
-        lv = level[col[m]] if obj.certified else None
-        out = _keys(obj, tp[m], fp[m], ngt[m], lv)
-        targets = (feasible, primary, secondary, value, fb_primary, fb_secondary, lower)
-        for arr, o in zip(targets, out):
-            arr[m] = o
-    for c in cert_cols:  # certified points replace the point-estimate rule
-        for i, cv in enumerate(curves):
-            s = slice(int(pts.base[i] + cv.offsets[c]), int(pts.base[i] + cv.offsets[c + 1]))
-            if learn is None:
-                ok, p = _certify_segment(objectives[c], tp[s], fp[s], int(num_gt[c]), level[c])
-                feasible[s] = ok & (tp[s] > 0)
-                pvalue[s] = p
-            else:
-                feasible[s] = False
-        if learn is not None:
-            plan = _learned_segments(objectives[c], curves, learn_sorted, c, int(learn_gt[c]),
-                                     level[c], ranks)
-            if joins[c] and (plan is None or plan[4] < 0.5):
-                group.append(c)  # not expected to certify alone (learn part): joins the group
-                continue
-            if plan is not None:
-                i, rows, ok, p, _ = plan
-                at = pts.base[i] + rows
-                feasible[at] = ok & (tp[at] > 0)
-                pvalue[at] = p
+    # Feasibility: the point-estimate rule, replaced by the certified points where certified.
+    table = _PointTable.rank(setup, objectives, budget)
+    _certify(setup, table, objectives, budget, joins)
 
-    best = _pick(col, primary, secondary, rank, thv, feasible, k)
-    fallback = _pick(col, fb_primary, fb_secondary, rank, thv, tp > 0, k)
-
+    # Choice: the best feasible point of each class, and the best effort.
+    rank = setup.ranks[pts.gi]
+    best = _pick(pts.col, table.primary, table.secondary, rank, pts.thv, table.feasible, k)
+    fallback = _pick(pts.col, table.fb_primary, table.fb_secondary, rank, pts.thv, pts.tp > 0, k)
     # Trade-off across the grid: best feasible value per (IoU, class).
-    cell = _pick(gi * k + col, primary, secondary, rank, thv, feasible, len(grid) * k)
+    cell = _pick(pts.gi * k + pts.col, table.primary, table.secondary, rank, pts.thv,
+                 table.feasible, len(grid) * k)
     iou_table = np.full(len(grid) * k, np.nan)
-    iou_table[cell >= 0] = value[cell[cell >= 0]]
+    iou_table[cell >= 0] = table.value[cell[cell >= 0]]
     iou_table = iou_table.reshape(len(grid), k)
 
     pooled_choice, pooled_point = None, None
-    group_choice, group_point = None, None
-    group = sorted(group)
-    if pool and group:
-        group_choice, group_point = _group_search(matched, learn, group, objective,
-                                                  group_level, thr, default_nms_iou)
     # Without a certified group, classes under min_support keep the uncertified pooled fallback.
-    group_set = set(group) if group_point is not None else set()
     if insufficient.any() and group_point is None:
-        pooled_choice, pooled_point = _pooled(mds, grid, objective, ranks, thr, default_nms_iou,
-                                              learn)
+        pooled_choice, pooled_point = _pooled(setup.mds, grid, objective, setup.ranks, setup.thr,
+                                              setup.default_nms_iou, learn)
 
-    def need(c):
-        if c not in cert_set:
-            return None
-        got = _boxes_to_certify(objectives[c], curves, c, level[c])
-        if got is None or learn is None or num_gt[c] == 0:
-            return got
-        return int(math.ceil(got * (num_gt[c] + learn_gt[c]) / num_gt[c]))  # both splits grow
-
-    def have(c):
-        if c not in cert_set:
-            return None
-        return int(num_gt[c] + (learn_gt[c] if learn is not None else 0))
-
-    def disabled(c, status, obj):
-        n = int(num_gt[c])
-        return ClassChoice.disabled(c, status, nms_iou=default_nms_iou, num_gt=n,
-                                    objective=obj.name, guarantee="none",
-                                    test_level=float(level[c]), boxes_to_certify=need(c),
-                                    boxes_available=have(c))
-
-    def at_point(c, status, i, obj):
-        t, f, n = int(tp[i]), int(fp[i]), int(num_gt[c])
-        if obj.certified and obj.name == "precision_target" and math.isnan(lower[i]):
-            lower[i] = _cp_lower(np.array([t]), np.array([t + f]), level[c])[0]
-        certified = status == "ok" and c in cert_set
-        guarantee = "certified" if certified else ("estimate" if status == "ok" else "none")
-        return ClassChoice.at_counts(
-            c, status, min_score_thresh=float(thv[i]), nms_iou=grid[gi[i]], tp=t, fp=f,
-            num_gt=n, value=float(value[i]), precision_lower=float(lower[i]),
-            objective=obj.name, guarantee=guarantee, test_level=float(level[c]),
-            p_value=float(pvalue[i]) if certified else math.nan,
-            boxes_to_certify=None if certified else need(c), boxes_available=have(c))
-
-    def at_shared(c, status, point, **extra):
-        """Class `c` at a shared `(grid index, threshold)`, with its own counts there."""
-        g_idx, t_shared = point
-        t, f = sorted_[g_idx].counts_at(c, t_shared)
-        n = int(num_gt[c])
-        val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None)[3][0]
-        return ClassChoice.at_counts(c, status, min_score_thresh=float(t_shared),
-                                     nms_iou=grid[g_idx], tp=t, fp=f, num_gt=n,
-                                     value=float(val), objective=objective.name, **extra)
-
-    cert_set = set(cert_cols)
+    chooser = _Chooser(setup, table, objective, objectives, budget)
     choices: list[ClassChoice] = []
     errors = []
     for c in range(k):
         obj = objectives[c]
-        if c in group_set:
-            choices.append(at_shared(c, "pooled", group_point, guarantee="pooled",
-                                     test_level=group_level, boxes_to_certify=need(c),
-                                     boxes_available=have(c)))
+        if joins[c]:
+            choices.append(_member_choice(chooser, c, best[c], below[c], insufficient[c],
+                                          group_point, pooled_point))
         elif insufficient[c]:
             if pooled_point is None:
-                choices.append(disabled(c, "insufficient_data", objective))
+                choices.append(chooser.disabled(c, "insufficient_data", objective))
                 continue
-            choices.append(at_shared(c, "insufficient_data", pooled_point, guarantee="none"))
+            choices.append(chooser.at_shared(c, "insufficient_data", pooled_point,
+                                             guarantee="none"))
         elif best[c] >= 0:
-            choices.append(at_point(c, "ok", best[c], obj))
+            choices.append(chooser.at_point(c, "ok", best[c], obj))
         elif obj.on_unreachable == "error":
             errors.append(c)
         elif obj.on_unreachable == "best_effort" and fallback[c] >= 0:
-            choices.append(at_point(c, "unreachable", fallback[c], obj))
+            choices.append(chooser.at_point(c, "unreachable", fallback[c], obj))
         else:
-            choices.append(disabled(c, "unreachable", obj))
+            choices.append(chooser.disabled(c, "unreachable", obj))
     if errors:
         detail = ", ".join(f"column {c} ({objectives[c].name}, num_gt {int(num_gt[c])})"
                            for c in errors)
         raise UnreachableTargetError(
             f"tuning target unreachable on the tune split for {len(errors)} classes: {detail}",
             errors, [num_gt[c] for c in errors])
-    return SearchResult(tuple(choices), grid, default_nms_iou, tuple(curves), iou_table,
-                        group_choice if group_choice is not None else pooled_choice)
+    return SearchResult(tuple(choices), grid, setup.default_nms_iou, tuple(setup.curves),
+                        iou_table, group_choice if group_choice is not None else pooled_choice,
+                        tuple(group) if pool else ())
+
+
+def _member_choice(chooser: _Chooser, c: int, best: int, below: bool, insufficient: bool,
+                   group_point, pooled_point) -> ClassChoice:
+    """The choice of a class that joins the `on_unreachable="pool"` group.
+
+    Shown below the target on the learn part: disabled (`"below_target"`). Certified alone: the
+    alone point, or the group's when the class has more true positives there (it then carries
+    the group's statement, whose hypothesis fixed its detections at the group's point in
+    advance). Otherwise: the group's point when the group is certified; else the uncertified
+    pooled fallback under `min_support`, or disabled.
+    """
+    obj = chooser.objective
+    if below:
+        return chooser.disabled(c, "below_target", obj)
+    group = None
+    if group_point is not None:
+        group = chooser.at_shared(c, "pooled", group_point, guarantee="pooled",
+                                  test_level=chooser.budget.group_level,
+                                  boxes_to_certify=chooser.need(c),
+                                  boxes_available=chooser.have(c))
+    if c in chooser.budget.cert_cols and best >= 0:
+        alone = chooser.at_point(c, "ok", best, obj)
+        return group if group is not None and group.tp > alone.tp else alone
+    if group is not None:
+        return group
+    if insufficient and pooled_point is not None:
+        return chooser.at_shared(c, "insufficient_data", pooled_point, guarantee="none")
+    return chooser.disabled(c, "insufficient_data" if insufficient else "unreachable", obj)
 
 
 def pool_classes(matched: Mapping[float, MatchedDetections],
@@ -922,27 +1168,56 @@ def pool_classes(matched: Mapping[float, MatchedDetections],
     return out
 
 
+#: The share of the group's level on its sequence's first point (the rest on the learn part's
+#: planned start): a plan from a small learn part can start too deep and fail, while the top of
+#: the pooled curve is certified anyway (`_learned_plan`).
+GROUP_TOP_SHARE = 0.5
+
+
 def _group_search(matched, learn, group, objective: Objective, level: float, thr,
                   default_nms_iou: float):
     """The group's shared `(min_score_thresh, nms_iou)` (`on_unreachable="pool"`): the default
     objective over the group's detections pooled, certified at `level` by Learn-then-Test (the
-    learn part plans, the certify part tests), so the group's pooled precision (or recall) keeps
-    the promise. Returns `(choice, (grid index, threshold) or None)`, column -1."""
-    grid = tuple(float(g) for g in matched)
+    learn part plans, the certify part tests a fallback sequence with `GROUP_TOP_SHARE` of the
+    level from the top), so the group's pooled precision (or recall) keeps the promise. Returns
+    `(choice, (grid index, threshold) or None)`, column -1."""
     inner = dataclasses.replace(objective, confidence=1.0 - level, on_unreachable="disable")
-    found = joint_search(pool_classes(matched, group), inner, default_nms_iou=default_nms_iou,
-                         min_support=1, thresholds=thr, learn=pool_classes(learn, group))
-    c = dataclasses.replace(found.classes[0], column=-1,
-                            guarantee="certified" if found.classes[0].enabled else "none")
-    if c.status != "ok" or not c.enabled:
+    setup = _Setup.of(pool_classes(matched, group), default_nms_iou, thr,
+                      pool_classes(learn, group))
+    pts, n = setup.pts, int(setup.num_gt[0])
+    plan = None
+    if n > 0 and pts.col.size:
+        plan = _learned_plan(inner, setup.curves, setup.learn_sorted, 0, int(setup.learn_gt[0]),
+                             level, setup.ranks, top_share=GROUP_TOP_SHARE)
+    chosen = -1
+    if plan is not None:
+        at = pts.base[plan.iou] + plan.rows
+        ok = plan.certified & (pts.tp[at] > 0)
+        if ok.any():
+            keys = _keys(inner, pts.tp[at], pts.fp[at], np.full(at.shape, n), None).keys
+            j = _pick(np.zeros(at.shape, np.int64), keys.primary, keys.secondary,
+                      setup.ranks[pts.gi[at]], pts.thv[at], ok, 1)[0]
+            chosen = int(at[j])
+            value, p_value = float(keys.value[j]), float(plan.p_value[j])
+    if chosen < 0:
         md = next(iter(matched.values()))
         seen = sum(1 for m in group if md.num_gt[m] > 0 or np.any(md.column == m))
         log.warning("on_unreachable pool: the group (%d classes with ground truth or "
-                    "detections) cannot be certified at the %s target; its classes are "
-                    "disabled, those under min_support keep the uncertified pooled fallback",
-                    seen, objective.name)
-        return c, None
-    return c, (grid.index(c.nms_iou), float(c.min_score_thresh))
+                    "detections) cannot be certified at the %s target; its classes not "
+                    "certified alone are disabled, those under min_support keep the "
+                    "uncertified pooled fallback", seen, objective.name)
+        return ClassChoice.disabled(-1, "unreachable", nms_iou=setup.default_nms_iou, num_gt=n,
+                                    objective=objective.name, guarantee="none",
+                                    test_level=level), None
+    t, f = int(pts.tp[chosen]), int(pts.fp[chosen])
+    lower = _cp_lower(np.array([t]), np.array([t + f]), level)[0] \
+        if kind_of(objective.name).metric == "precision" else math.nan
+    c = ClassChoice.at_counts(-1, "ok", min_score_thresh=float(pts.thv[chosen]),
+                              nms_iou=setup.grid[pts.gi[chosen]], tp=t, fp=f, num_gt=n,
+                              value=value, precision_lower=float(lower),
+                              objective=objective.name, guarantee="certified",
+                              test_level=level, p_value=p_value)
+    return c, (int(pts.gi[chosen]), float(c.min_score_thresh))
 
 
 def pooled_search(matched: Mapping[float, MatchedDetections], objective: Objective = Objective(),
@@ -978,7 +1253,7 @@ def pooled_search(matched: Mapping[float, MatchedDetections], objective: Objecti
     for c in range(k):
         n = int(num_gt[c])
         t, f = srt.counts_at(c, choice.min_score_thresh) if choice.enabled else (0, 0)
-        val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None)[3][0]
+        val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None).keys.value[0]
         classes.append(dataclasses.replace(
             ClassChoice.at_counts(c, choice.status, min_score_thresh=choice.min_score_thresh,
                                   nms_iou=choice.nms_iou, tp=t, fp=f, num_gt=n, value=float(val),

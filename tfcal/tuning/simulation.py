@@ -436,11 +436,14 @@ class CoverageResult:
         nms_iou, min_score_thresh: float64 `[S, K]` the chosen point (NaN where disabled).
         precision, recall: float64 `[S, K]` true precision and recall at the chosen point (0
             where disabled).
-        pooled: bool `[S, K]`: the class is a member of the `on_unreachable="pool"` group in
-            that set (emitted at the group's point; its statement is the group's, not its own).
+        pooled: bool `[S, K]`: the class is emitted at the `on_unreachable="pool"` group's
+            point in that set (status `"pooled"`: the statement it carries is the group's).
         group_metric: float64 `[S]` the group's true pooled metric at its point: precision
             `sum_k num_gt_k E[TP_k] / sum_k num_gt_k E[TP_k + FP_k]` over its members, or
             recall `sum_k num_gt_k E[TP_k] / sum_k num_gt_k`; NaN where no group is emitted.
+        members: bool `[S, K]`: the group's members (fixed on the learn part), whether emitted
+            at the group's point or alone: the group's statement is about all of them at its
+            point.
     """
 
     objective: Objective
@@ -457,6 +460,7 @@ class CoverageResult:
     recall: np.ndarray
     pooled: np.ndarray | None = None
     group_metric: np.ndarray | None = None
+    members: np.ndarray | None = None
 
     @property
     def num_sets(self) -> int:
@@ -492,6 +496,57 @@ class CoverageResult:
         meets the target."""
         member = self.pooled if self.pooled is not None else np.zeros_like(self.enabled)
         return ~self.enabled | member | (self.metric >= self.target)
+
+    @property
+    def carries(self) -> np.ndarray:
+        """bool `[S, K]`: the class carries a statement: its own (certified alone) or the
+        group's (emitted at the group's point). Classes under `min_support` outside the group
+        get the uncertified pooled fallback and carry none."""
+        at_group = self.pooled if self.pooled is not None else np.zeros_like(self.enabled)
+        return self.enabled & (at_group | self.judged[None, :])
+
+    @property
+    def statement_holds(self) -> np.ndarray:
+        """bool `[S, K]`: the statement the class actually carries in that set holds (True
+        where it carries none): its own true metric meets the target when certified alone,
+        the group's true pooled metric when emitted at the group's point."""
+        at_group = self.pooled if self.pooled is not None else np.zeros_like(self.enabled)
+        group_ok = np.nan_to_num(self.group_metric, nan=-1.0) >= self.target \
+            if self.group_metric is not None else np.zeros(self.num_sets, bool)
+        own = self.metric >= self.target
+        holds = np.where(at_group, group_ok[:, None], own)
+        return ~self.carries | holds
+
+    @property
+    def statement_coverage(self) -> np.ndarray:
+        """float64 `[K]` P(the statement the class carries holds) per class."""
+        return self.statement_holds.mean(axis=0)
+
+    @property
+    def statement_coverage_se(self) -> np.ndarray:
+        p = self.statement_coverage
+        return np.sqrt(p * (1.0 - p) / self.num_sets)
+
+    @property
+    def simultaneous_statement_coverage(self) -> float:
+        """P(every carried statement holds at once)."""
+        return float(self.statement_holds.all(axis=1).mean())
+
+    @property
+    def simultaneous_statement_coverage_se(self) -> float:
+        p = self.simultaneous_statement_coverage
+        return math.sqrt(p * (1.0 - p) / self.num_sets)
+
+    def kind_coverage(self, kind: str) -> tuple[float, float, int]:
+        """`(coverage, SE, count)` over (set, class) pairs carrying one statement kind:
+        `"alone"` (certified alone) or `"group"` (at the group's point); NaN with no pair."""
+        at_group = self.pooled if self.pooled is not None else np.zeros_like(self.enabled)
+        sel = self.carries & (at_group if kind == "group" else ~at_group)
+        n = int(sel.sum())
+        if n == 0:
+            return math.nan, math.nan, 0
+        p = float(self.statement_holds[sel].mean())
+        return p, math.sqrt(p * (1.0 - p) / n), n
 
     @property
     def enabled_rate(self) -> np.ndarray:
@@ -591,6 +646,7 @@ def coverage_runs(scenario: Sequence[ClassModel], runs: Sequence[tuple[Objective
     chosen_iou = np.full(shape, np.nan)
     chosen_thr = np.full(shape, np.nan)
     member = np.zeros(shape, bool)
+    in_group = np.zeros(shape, bool)
     group_thr = np.full(shape[:2], np.nan)
     group_iou = np.full(shape[:2], np.nan)
     with _quiet_search():
@@ -616,7 +672,9 @@ def coverage_runs(scenario: Sequence[ClassModel], runs: Sequence[tuple[Objective
                         chosen_iou[r, i, c.column] = c.nms_iou
                         chosen_thr[r, i, c.column] = c.min_score_thresh
                         member[r, i, c.column] = c.status == "pooled"
-                if member[r, i].any():
+                in_group[r, i, list(found.group)] = True
+                if found.group and found.pooled is not None and found.pooled.enabled \
+                        and found.pooled.guarantee == "certified":
                     group_thr[r, i] = found.pooled.min_score_thresh
                     group_iou[r, i] = found.pooled.nms_iou
     precision = np.zeros(shape)
@@ -636,13 +694,13 @@ def coverage_runs(scenario: Sequence[ClassModel], runs: Sequence[tuple[Objective
     g_gt = np.zeros(shape[:2])
     for col, model in enumerate(scenario):
         for g in grid:
-            m = member[:, :, col] & (group_iou == g)
+            m = in_group[:, :, col] & (group_iou == g)
             if m.any():
                 tp, fp = expected_counts(model, group_thr[m], g)
                 g_tp[m] += model.num_gt * tp
                 g_det[m] += model.num_gt * (tp + fp)
                 g_gt[m] += model.num_gt
-    has = member.any(axis=2)
+    has = np.isfinite(group_thr)
     names = tuple(m.name for m in scenario)
     num_gt = np.array([m.num_gt for m in scenario], np.int64)
     judged = num_gt >= min_support
@@ -654,7 +712,7 @@ def coverage_runs(scenario: Sequence[ClassModel], runs: Sequence[tuple[Objective
         metric[~has[r]] = np.nan
         out.append(CoverageResult(obj, budget, grid, names, num_gt, judged, float(target),
                                   enabled[r], chosen_iou[r], chosen_thr[r], precision[r],
-                                  recall[r], member[r], metric))
+                                  recall[r], member[r], metric, in_group[r]))
     return out
 
 

@@ -2,8 +2,8 @@
 over the calibrated candidates (planned on a learn part of the images when the objectives are
 certified), and the `PostProcessConfig` they give.
 
-`tune_on` is what `tuning.pipeline` runs once per holdout split or fold; `learn_split` and
-`uses_learn_split` say how the tune images are divided for certification.
+`tune_on` is what `tuning.pipeline` runs once per holdout split or fold. How the tune images are
+divided for certification is decided once, by `tune_parts`, and travels as a `TuneParts`.
 """
 
 from __future__ import annotations
@@ -50,20 +50,62 @@ def uses_learn_split(cfg: Config, prep: Prepared, num_tune: int) -> bool:
     return True
 
 
-def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
+@dataclasses.dataclass(frozen=True, eq=False)
+class TuneParts:
+    """How one set of tune images is used, decided once by `tune_parts`.
+
+    Attributes:
+        tune: int `[N]` the tune images (indices into the dataset), ascending.
+        learn, certify: int arrays, the learn part (plans the certified tests) and the certify
+            part (runs them), or both None when the tune images are not split.
+        calibration_fit: `"learn"` when the calibration is fitted on the learn part only (see
+            `calibration_images`), else `"tune"`.
+    """
+
+    tune: np.ndarray
+    learn: np.ndarray | None
+    certify: np.ndarray | None
+    calibration_fit: str
+
+    @property
+    def calibration_images(self) -> np.ndarray:
+        return self.learn if self.calibration_fit == "learn" else self.tune
+
+
+def tune_parts(cfg: Config, prep: Prepared, tune_idx: np.ndarray) -> TuneParts:
+    """The learn/certify split of the tune images `tune_idx` (or none), and the calibration's
+    fit part."""
+    if uses_learn_split(cfg, prep, len(tune_idx)):
+        learn_idx, cert_idx = learn_split(cfg, prep, tune_idx)
+        return TuneParts(tune_idx, learn_idx, cert_idx,
+                         calibration_fit_part(cfg, prep, len(tune_idx)))
+    return TuneParts(tune_idx, None, None, "tune")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tuned:
+    """What `tune_on` returns: the parts, the calibration (or None), the search result and
+    the `PostProcessConfig` they give."""
+
+    parts: TuneParts
+    calib: object
+    found: object
+    ppc: object
+
+
+def search(cfg: Config, prep: Prepared, calib, parts: TuneParts):
     """The per-class joint search (or, with `tuning.scope: pooled`, the one shared decision)
     over the tune split's calibrated candidates."""
     t = cfg.tuning
     objective, overrides = objectives(cfg, prep)
     learn = None
-    if uses_learn_split(cfg, prep, len(tune_idx)):
-        learn_idx, cert_idx = learn_split(cfg, prep, tune_idx)
+    if parts.learn is not None:
         log.info("certification: %d tune images plan the tests, %d certify them",
-                 len(learn_idx), len(cert_idx))
-        learn = matched_candidates(cfg, prep, calib, learn_idx)
-        matched = matched_candidates(cfg, prep, calib, cert_idx)
+                 len(parts.learn), len(parts.certify))
+        learn = matched_candidates(cfg, prep, calib, parts.learn)
+        matched = matched_candidates(cfg, prep, calib, parts.certify)
     else:
-        matched = matched_candidates(cfg, prep, calib, tune_idx)
+        matched = matched_candidates(cfg, prep, calib, parts.tune)
     if t.scope == "pooled":
         return pooled_search(matched, objective, default_nms_iou=t.default_nms_iou, learn=learn)
     if learn is None and objective.on_unreachable == "pool":
@@ -83,37 +125,31 @@ def search(cfg: Config, prep: Prepared, calib, tune_idx: np.ndarray):
                          f"best_effort") from None
 
 
-def calibration_images(cfg: Config, prep: Prepared, tune_idx: np.ndarray) -> np.ndarray:
-    """The images the calibration is fitted on: the tune images, or only their learn part with
-    `tuning.scope: pooled` and a certified target.
+def calibration_fit_part(cfg: Config, prep: Prepared, num_tune: int) -> str:
+    """``"learn"`` when the calibration is fitted on the learn part only, else ``"tune"``: the
+    tune images, or only their learn part with `tuning.scope: pooled` or `tuning.on_unreachable:
+    pool` and a certified target (the group's shared threshold compares its classes' calibrated
+    scores, as the pooled scope does).
 
     The pooled decision compares every class's detections by calibrated score, so a calibration
     fitted with the certify images' labels would make the certified sequence depend on them:
     with isotonic maps fitted on all tune images, the pooled promise held in 0.846 of 1,000
     simulated tune sets instead of >= 0.95 (0.988 fitted on the learn part) (`simulation.pooled_coverage`). Per class, a calibration is one
     increasing map per class and leaves each class's order, and so its certified sequence, as
-    it was; there the fit keeps every tune image.
+    it was; there the fit keeps every tune image. A box-dependent calibration (`box_platt`)
+    reorders a class's own detections (its threshold moves with the box size), so it is fitted
+    on the learn part too.
     """
-    if calibration_fit_part(cfg, prep, len(tune_idx)) == "learn":
-        return learn_split(cfg, prep, tune_idx)[0]
-    return tune_idx
-
-
-def calibration_fit_part(cfg: Config, prep: Prepared, num_tune: int) -> str:
-    """``"learn"`` when the calibration is fitted on the learn part only (see
-    `calibration_images`), else ``"tune"``. With `tuning.on_unreachable: pool` the group's
-    shared threshold compares its classes' calibrated scores, as the pooled scope does; a
-    box-dependent calibration reorders a class's own detections (its threshold moves with the
-    box size), so the certify part must not shape it either."""
     t = cfg.tuning
     compared = (t.scope == "pooled" or t.on_unreachable == "pool"
                 or calibration.get(cfg.calibration.method).uses_boxes)
     return "learn" if compared and uses_learn_split(cfg, prep, num_tune) else "tune"
 
 
-def tune_on(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
-    """Calibration fit and search on the images `tune_idx`; returns (calib, found, ppc)."""
-    fit_idx = calibration_images(cfg, prep, tune_idx)
+def tune_on(cfg: Config, prep: Prepared, tune_idx: np.ndarray) -> Tuned:
+    """Calibration fit and search on the images `tune_idx`."""
+    parts = tune_parts(cfg, prep, tune_idx)
+    fit_idx = parts.calibration_images
     calib = fit_calibration(cfg, prep, fit_idx)
     used = prep.mapping.column_category_ids >= 0
     if calib is not None:
@@ -121,9 +157,10 @@ def tune_on(cfg: Config, prep: Prepared, tune_idx: np.ndarray):
                  "pooled fit)", calib.method, len(fit_idx),
                  "learn " if len(fit_idx) < len(tune_idx) else "",
                  sum(bool(used[k]) for k in calib.fallback_classes))
-    found = search(cfg, prep, calib, tune_idx)
+    found = search(cfg, prep, calib, parts)
     mapped = [c for c in found.classes if used[c.column]]
-    log.info("search: %d categories ok, %d unreachable, %d insufficient data, %d pooled",
-             *(sum(c.status == s for c in mapped)
-               for s in ("ok", "unreachable", "insufficient_data", "pooled")))
-    return calib, found, tuned_postprocess_config(cfg, prep, calib, found)
+    log.info("search: %d categories ok, %d unreachable, %d insufficient data, %d pooled, "
+             "%d below target", *(sum(c.status == s for c in mapped)
+                                  for s in ("ok", "unreachable", "insufficient_data", "pooled",
+                                            "below_target")))
+    return Tuned(parts, calib, found, tuned_postprocess_config(cfg, prep, calib, found))

@@ -1,8 +1,10 @@
-"""The tuning objectives as one registry: what each maximizes, what it targets, whether it can
-be certified, and how the report names and judges it.
+"""The tuning objectives as one registry: what each maximizes, what it targets, how it is
+certified, and how the report names and judges it; with the vocabulary of the objective fields
+(`ObjectiveName`, `OnUnreachable`, `ConfidenceBudget`).
 
-The search (`tfcal.tuning.search`), the held-out evidence (`tfcal.tuning.holdout`), drift and
-the report all read `KINDS[name]`; a new objective is one `Kind` here and its tests.
+The config (`tfcal.config`), the search (`tfcal.tuning.search`), the held-out evidence
+(`tfcal.tuning.holdout`), drift and the report all read `KINDS[name]`; a new objective is one
+`Kind` here and its tests. This module imports no tuning module, so the config can read it.
 
 Every kind ranks a class's candidate points by a primary key, then a secondary one (both
 maximized), and says which points are feasible; `value` is what the report shows. Points are
@@ -13,10 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import numpy as np
 
-__all__ = ["KINDS", "ON_UNREACHABLE", "Kind", "Keys", "check_fields", "kind_of"]
+from tfcal import certification
+
+__all__ = ["BUDGETS", "KINDS", "ON_UNREACHABLE", "ConfidenceBudget", "Kind", "Keys",
+           "ObjectiveName", "OnUnreachable", "check_fields", "kind_of"]
+
+#: The config's `tuning.objective` values (one `Kind` each in `KINDS`).
+ObjectiveName = Literal["precision_target", "recall_target", "f1", "fbeta", "cost"]
+#: What a class that cannot reach its target on its own gets (see `tfcal.tuning.search`).
+OnUnreachable = Literal["disable", "best_effort", "error", "pool"]
+#: How the error of the certified statements is shared (see `tfcal.tuning.search`).
+ConfidenceBudget = Literal["per_class", "simultaneous"]
+ON_UNREACHABLE: tuple[str, ...] = get_args(OnUnreachable)
+BUDGETS: tuple[str, ...] = get_args(ConfidenceBudget)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -58,6 +73,29 @@ class Kind:
     @property
     def certifiable(self) -> bool:
         return self.metric is not None
+
+    def trials(self, tp, fp, num_gt):
+        """The binomial trials of the certified rate at each point: the detections (`tp + fp`)
+        for precision, the ground-truth boxes (`num_gt`, broadcast) for recall."""
+        tp = np.asarray(tp)
+        if self.metric == "precision":
+            return tp + np.asarray(fp)
+        if self.metric == "recall":
+            return np.broadcast_to(np.asarray(num_gt, np.int64), tp.shape)
+        raise ValueError(f"objective {self.name!r} has no certified rate")
+
+    def certify(self, objective, tp, fp, num_gt: int, level: float):
+        """`(certified, p_value)` along one class's curve at one NMS IoU (thresholds
+        descending), tested as `tfcal.certification` does for this kind's rate."""
+        if self.metric == "precision":
+            return certification.certify_precision(tp, self.trials(tp, fp, num_gt),
+                                                   self.target(objective), level)
+        return certification.certify_recall(tp, num_gt, self.target(objective), level)
+
+    def boxes_to_certify(self, objective, tp, fp, num_gt: int, level: float) -> int | None:
+        """Estimated labelled boxes one curve needs to be certified (None if it cannot)."""
+        return certification.boxes_to_certify(tp, self.trials(tp, fp, num_gt), num_gt,
+                                              self.target(objective), level)
 
     def target(self, objective) -> float | None:
         """The target rate of `objective` (its `target_precision` or `target_recall`)."""
@@ -148,10 +186,6 @@ def kind_of(name: str) -> Kind:
         return KINDS[name]
     except KeyError:
         raise ValueError(f"objective must be one of {tuple(KINDS)}, got {name!r}") from None
-
-
-#: What a class that cannot reach its target gets.
-ON_UNREACHABLE = ("disable", "best_effort", "error", "pool")
 
 
 def check_fields(**fields) -> None:
