@@ -385,7 +385,7 @@ def test_markdown_pooled_group_line():
 
 
 def test_comparison_verdict_reads_recall_at_the_same_precision():
-    from tfcal.tuning.evaluate import comparison
+    from tfcal.tuning.holdout import comparison
 
     def verdict(recall, global_recall, tp=10):
         return comparison({"precision": 0.939, "recall": recall, "tp": tp},
