@@ -59,3 +59,18 @@ def tf_serving(tmp_path_factory):
     finally:
         server.stop(grace=None)
 
+
+
+@pytest.fixture(scope="module")
+def tflite_postprocess():
+    """The on-device post-processing of a small tuned config, converted with builtin ops, and
+    one seeded input for it: `(model bytes, (boxes [1, N, 4], scores [1, N, C]))`."""
+    from tfcal.export import tflite
+    from tfcal.postprocess import PostProcessConfig
+
+    config = PostProcessConfig(num_classes=3, min_score_thresh=[0.3, 0.4, 0.35],
+                               nms_iou=[0.5, 0.6, 0.45], max_total_detections=100,
+                               calibration="temperature",
+                               calibration_params={"temperature": (1.2,)})
+    model = tflite.convert(tflite.build_postprocess_fn(config, 64))
+    return model, tflite.seeded_inputs(config, 64, count=1, seed=0)[0]

@@ -78,7 +78,7 @@ def test_defaults_on_the_page_are_the_dataclass_defaults():
                 "| `nms_iou_grid` | list of numbers | `[0.4, 0.5, 0.6, 0.7]` |",
                 "| `confidence` | number or `null` | `0.95` |",
                 "| `background_column` | `true` or `false` | `true` |",
-                "| `on_unreachable` | one of `disable`, `best_effort`, `error`, `pool` | `disable` |"):
+                "| `on_unreachable` | one of `disable`, `best_effort`, `error`, `pool` | `pool` |"):
         assert row in text
 
 

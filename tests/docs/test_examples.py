@@ -21,7 +21,7 @@ PAGES = sorted((REPO / "docs").rglob("*.md")) + [REPO / "README.md"]
 _BLOCK = re.compile(r"^```python\n(?P<code>.*?)^```$", re.S | re.M)
 _SKIP = re.compile(r"<!-- docs-example: skip \((?P<reason>[^)]+)\) -->\s*$")
 _WITH = re.compile(r"<!-- docs-example: with (?P<setup>[\w-]+)\b.*-->\s*$")
-SETUPS = {"tf-serving"}
+SETUPS = {"tf-serving", "tflite"}
 # Blocks that import TensorFlow take seconds (its import alone): marked slow.
 _HEAVY = re.compile(r"\b(keras|tensorflow|tfcal\.(layers|calibration|postprocess|export))\b")
 
@@ -69,7 +69,14 @@ def test_example_runs(page, line, code, skip, setup, tmp_path, monkeypatch, requ
             target.replace("localhost:8500", f"localhost:{port}"), *a, **k))
         (tmp_path / "image.jpg").write_bytes(jpeg)
     namespace = {"__name__": "__docs_example__"}
+    if setup == "tflite":  # a converted post-processing where the example reads it, and inputs
+        model, inputs = request.getfixturevalue("tflite_postprocess")
+        (tmp_path / "export" / "detector_tflite").mkdir(parents=True)
+        (tmp_path / "export" / "detector_tflite" / "postprocess.tflite").write_bytes(model)
+        namespace["boxes"], namespace["scores"] = inputs
     exec(compile(code, f"{page}:{line}", "exec"), namespace)
+    if setup == "tflite":  # the example read the on-device detections
+        assert 0 < namespace["n"] <= 100 and namespace["ids"].shape == (namespace["n"],)
     if setup == "tf-serving":  # the example read the served detections
         num = namespace["num"]
         assert 0 <= num <= 100 and namespace["boxes"].shape == (num, 4)

@@ -51,7 +51,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfcal import atomic, calibration, ops
+from tfcal import TfcalError, atomic, calibration, ops
+from tfcal.detectors import open_described
+from tfcal.detectors import yolo as yolo_adapter
+from tfcal.layers import PostProcessor
 from tfcal.export.saved_model import config_sha256
 from tfcal.postprocess import PostProcessConfig
 
@@ -108,7 +111,6 @@ class TFLiteVerificationError(RuntimeError):
 
 def reference_postprocessor(config: PostProcessConfig):
     """The TF reference: the `PostProcessor` layer the SavedModel's `postprocess_only` runs."""
-    from tfcal.layers import PostProcessor  # noqa: PLC0415 - keeps this module light to import
 
     return PostProcessor.from_postprocess_config(config)
 
@@ -427,12 +429,11 @@ def build_yolo_postprocess_fn(config: PostProcessConfig, keys: Mapping[str, Any]
       A `tf.function` of `yolo_output` float32 `raw_shape` and `image_size` float32 `[2]`
       (original height, width in pixels), returning the `DETECTION_KEYS` dict.
     """
-    from tfcal.detectors import yolo  # noqa: PLC0415
 
     shape = [int(v) for v in raw_shape]
     if len(shape) != 3 or shape[0] != 1:
         raise ValueError(f"raw_shape: expected [1, rows, columns], got {list(raw_shape)}")
-    k, n = yolo.num_classes_of(shape, keys["layout"])
+    k, n = yolo_adapter.num_classes_of(shape, keys["layout"])
     if k != config.num_classes or config.background_column:
         raise ValueError(f"raw_shape: {shape} in layout {keys['layout']} has {k} classes; the "
                          f"config has {config.num_classes} (background_column "
@@ -470,7 +471,7 @@ def build_yolo_postprocess_fn(config: PostProcessConfig, keys: Mapping[str, Any]
                 filler = tf.concat([tf.zeros([1, 1, 4]), tf.fill([1, 1, k], np.float32(np.nan))],
                                    2)
                 raw = tf.gather(tf.concat([raw, filler], 1), index, axis=1)
-        boxes, scores = yolo.decode(raw, (image_size[0], image_size[1]), keys, input_size)
+        boxes, scores = yolo_adapter.decode(raw, (image_size[0], image_size[1]), keys, input_size)
         return _detections(config, boxes[0], scores[0], bounds, num_boxes=n)
 
     return postprocess
@@ -787,10 +788,9 @@ class YoloVariant:
     def seeded_inputs(self, count: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
         """Seeded detector outputs (centre-size boxes in the layout's units, class scores in
         [0, 1]) and original image sizes of several aspect ratios."""
-        from tfcal.detectors import yolo  # noqa: PLC0415
 
         rng = np.random.default_rng(seed)
-        k, n = yolo.num_classes_of(self.raw_shape, self.keys["layout"])
+        k, n = yolo_adapter.num_classes_of(self.raw_shape, self.keys["layout"])
         scale = np.array(self.input_size[::-1] * 2, np.float64)  # w, h, w, h in pixels
         if self.keys["box_units"] == "normalized":
             scale = np.ones(4)
@@ -848,7 +848,6 @@ def verify_yolo_tflite(model: bytes | str | Path, config: PostProcessConfig,
                        variant: YoloVariant, inputs: Iterable[Mapping[str, np.ndarray]], *,
                        postprocessor=None) -> TFLiteVerification:
     """The YOLO variant on LiteRT against the adapter's TF decode + the TF reference."""
-    from tfcal.detectors import yolo  # noqa: PLC0415
 
     pp = reference_postprocessor(config) if postprocessor is None else postprocessor
     lite = LiteRunner(model)
@@ -857,7 +856,7 @@ def verify_yolo_tflite(model: bytes | str | Path, config: PostProcessConfig,
     failures = []
     for i, one in enumerate(inputs):
         raw, hw = one["yolo_output"], one["image_size"]
-        boxes, scores = yolo.decode(tf.constant(raw), (float(hw[0]), float(hw[1])), variant.keys,
+        boxes, scores = yolo_adapter.decode(tf.constant(raw), (float(hw[0]), float(hw[1])), variant.keys,
                                     variant.input_size)
         want = {k: v.numpy() for k, v in pp(boxes, scores).items()}
         got = lite(yolo_output=raw, image_size=hw)
@@ -994,14 +993,12 @@ def export_tflite_handoff(config: PostProcessConfig, detector, export_root: str 
       TfcalError: N unknown, or per-class boxes (`[1, N, K, 4]`: not supported on device).
       TFLiteVerificationError: LiteRT differs from TF.
     """
-    from tfcal import TfcalError  # noqa: PLC0415
 
     out = Path(export_root) / f"{model_name}_tflite"
     variant = None
     if detector is not None and detector.format == "yolo" and detector.saved_model:
-        from tfcal.detectors.yolo import YoloDetector  # noqa: PLC0415
 
-        det = YoloDetector(detector)
+        det = yolo_adapter.YoloDetector(detector)
         det.num_score_columns  # loads the model: its input size and output shape
         variant = YoloVariant(dict(detector.layout), tuple(det.input_size),
                               tuple(int(v) for v in det.raw_shape))
@@ -1013,11 +1010,9 @@ def export_tflite_handoff(config: PostProcessConfig, detector, export_root: str 
                              f"[1, N, 4]")
         num_boxes = int(boxes.shape[1])
     elif variant is not None:
-        from tfcal.detectors.yolo import num_classes_of  # noqa: PLC0415
 
-        num_boxes = int(num_classes_of(variant.raw_shape, variant.keys["layout"])[1])
+        num_boxes = int(yolo_adapter.num_classes_of(variant.raw_shape, variant.keys["layout"])[1])
     elif detector is not None and detector.saved_model:
-        from tfcal.detectors import open_described  # noqa: PLC0415
 
         shape = open_described(detector).serving_graph().info.raw_boxes_shape
         if len(shape) != 3 or shape[1] is None:
