@@ -281,7 +281,7 @@ def test_a_mismatch_fails_the_export_and_writes_nothing(tmp_path, monkeypatch):
 def test_yolo_raw_output_variant_equals_the_adapter():
     from tfcal.detectors import yolo
 
-    keys = yolo.resolve_layout("model.tflite", preset="yolov8")
+    keys = yolo.resolve_layout("model.tflite", yolo.LayoutChoices(preset="yolov8"))
     k, n = 4, 200
     cfg = PostProcessConfig(num_classes=k, background_column=False, calibration="temperature",
                             calibration_params={"temperature": (1.2,)}, min_score_thresh=(0.3, 0.4, 0.35, 0.5),
