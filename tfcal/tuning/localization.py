@@ -46,9 +46,7 @@ def localization_side(prep, dets, scores: np.ndarray, eval_idx, *, min_score: fl
     coco, _ = to_coco_detections(shown, prep)
     m = match_with_iou(prep.dataset, coco, tau=0.0, max_dets=max_dets,
                        image_ids=prep.dataset.image_ids[eval_idx])
-    errors = localization_errors(m.category_id, m.score, m.tp, m.fp, m.iou,
-                                 dict(zip(m.category_ids.tolist(), m.num_gt.tolist())),
-                                 ignored=m.ignored)
+    errors = localization_errors(m.matches, m.num_gt_by_category)
     names = dict(zip(prep.dataset.category_ids.tolist(), prep.dataset.category_names))
     classes = [{"category_id": c["category_id"], "name": names.get(c["category_id"]),
                 "la_ece_0": c["la_ece"], "la_ace_0": c["la_ace"]}
@@ -107,9 +105,7 @@ def localization_drift(prep, dets, eval_idx, report: dict, *, tolerance: float,
     coco, _ = to_coco_detections(shown, prep)
     m = match_with_iou(prep.dataset, coco, tau=0.0, max_dets=max_dets,
                        image_ids=prep.dataset.image_ids[eval_idx])
-    e = localization_errors(m.category_id, m.score, m.tp, m.fp, m.iou,
-                            dict(zip(m.category_ids.tolist(), m.num_gt.tolist())),
-                            ignored=m.ignored)
+    e = localization_errors(m.matches, m.num_gt_by_category)
     ref = ((report.get("summary") or {}).get("localization") or {}).get("after") or {}
     out = {"la_ece_0_report": ref.get("la_ece_0"), "la_ece_0_new": e.la_ece,
            "la_ace_0_report": ref.get("la_ace_0"), "la_ace_0_new": e.la_ace, "failures": []}
