@@ -57,6 +57,7 @@ import numpy as np
 
 from tfcal.tuning.search import Objective
 from tfcal.tuning.simulation import (
+    CalibrationFit,
     coverage_runs,
     default_scenario,
     pooled_coverage,
@@ -164,7 +165,8 @@ def run_pooled(num_sets, seed, learn_fraction):
     for method in ("temperature", "platt", "isotonic"):
         for fit_on in ("learn", "tune"):
             r = pooled_coverage(default_scenario(), objective, DEFAULT_GRID, num_sets, seed,
-                                method=method, fit_on=fit_on, learn_fraction=learn_fraction)
+                                CalibrationFit(method, fit_on=fit_on),
+                                learn_fraction=learn_fraction)
             print(f"  {method:<11} fitted on {fit_on:<5}: coverage {r.coverage:.3f} +- "
                   f"{r.coverage_se:.3f}, enabled {r.enabled.mean():.3f}, mean pooled recall "
                   f"{r.recall.mean():.3f}")

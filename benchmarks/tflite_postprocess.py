@@ -97,7 +97,7 @@ def main() -> None:
     from tfcal.coco.dataset import load_coco
 
     cfg = PostProcessConfig.load(args.postprocess) if args.postprocess else _seeded_config()
-    keys = yolo.resolve_layout(args.model, preset="yolov8")
+    keys = yolo.resolve_layout(args.model, yolo.LayoutChoices(preset="yolov8"))
     det = Interpreter(model_path=str(args.model), num_threads=args.threads)
     det.allocate_tensors()
     d_in, d_out = det.get_input_details()[0], det.get_output_details()[0]

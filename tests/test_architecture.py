@@ -477,10 +477,6 @@ def test_every_module_imports_alone_without_a_cycle(fresh_tfcal):
     assert not failures, "\n".join(failures)
 
 
-#: Where the rule on wide signatures is held (the serving side, the exporter, threshold
-#: selection and candidate collection).
-NARROW_AREAS = ("validation", "ops", "calibration", "postprocess", "layers", "export",
-                "thresholds")
 MAX_PARAMETERS = 8
 
 
@@ -490,12 +486,14 @@ def _parameter_count(node: ast.FunctionDef) -> int:
     return len(names) + bool(a.vararg) + bool(a.kwarg)
 
 
-@pytest.mark.parametrize("module", [m for a in NARROW_AREAS for m in _in(a)]
-                         + ["tfcal.tuning.candidates"])
+@pytest.mark.parametrize("module", sorted(MODULES))
 def test_public_functions_take_at_most_eight_parameters(module):
-    # More than that travels as a record (`NmsOptions`, `ServingOptions`, `ThresholdObjective`,
-    # `ModelOptions`...). Constructors are exempt: a record's is its typed, documented fields,
-    # a Keras layer's is its `get_config`.
+    # Every public function and method of every module (nested ones too; a name without a
+    # leading underscore is public). More than that travels as a record (`NmsOptions`,
+    # `ServingOptions`, `ThresholdObjective`, `ModelOptions`, `LayoutChoices`,
+    # `TFLiteVerifyInputs`, `DetectionMatches`, `PointCounts`, `CalibrationFit`...).
+    # Constructors are exempt: a record's is its typed, documented fields, a Keras layer's is
+    # its `get_config`.
     tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
     wide = [f"{node.name} ({_parameter_count(node)})" for node in ast.walk(tree)
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))

@@ -9,7 +9,7 @@ import pytest
 from tests.coco.cocogen import make_gt, make_results, write_json
 from tfcal.coco.dataset import load_coco
 from tfcal.coco.localization import match_with_iou
-from tfcal.localization_metrics import (box_detection_ece, localization_errors,
+from tfcal.localization_metrics import (DetectionMatches, box_detection_ece, localization_errors,
                                         reliability_by_size, size_bucket)
 
 
@@ -45,9 +45,7 @@ def _hand_fixture(tmp_path):
 
 
 def _errors(m):
-    return localization_errors(m.category_id, m.score, m.tp, m.fp, m.iou,
-                               dict(zip(m.category_ids.tolist(), m.num_gt.tolist())),
-                               ignored=m.ignored)
+    return localization_errors(m.matches, m.num_gt_by_category)
 
 
 def test_match_at_iou_zero_records_ious_and_the_tau_zero_quirks(tmp_path):
@@ -109,24 +107,25 @@ def test_laece_bins_include_the_right_edge_and_zero_in_the_first_bin():
     # Scores 0.0 and 0.04 share bin 0 ([0, 0.04]); 0.0400001 is in bin 1. Two TPs of IoU 1:
     # bin 0 accuracy 1, mean score 0.02 -> 0.98 with weight 2/3; bin 1: |1 - 0.0400001|, 1/3.
     s = np.array([0.0, 0.04, 0.0400001])
-    e = localization_errors([1, 1, 1], s, [True] * 3, [False] * 3, [1.0] * 3, {1: 3})
+    e = localization_errors(DetectionMatches([1, 1, 1], s, [True] * 3, [False] * 3, [1.0] * 3),
+                            {1: 3})
     assert e.la_ece == pytest.approx(2 / 3 * 0.98 + 1 / 3 * (1 - 0.0400001))
 
 
 def test_a_perfectly_calibrated_class_drops_out_of_the_mean_as_in_the_reference():
     # Class 1: one TP of IoU 0.7 at score 0.7: error 0, so the mean is over class 2 alone.
-    e = localization_errors([1, 2], [0.7, 0.5], [True, False], [False, True], [0.7, 0.0],
-                            {1: 1, 2: 1})
+    e = localization_errors(DetectionMatches([1, 2], [0.7, 0.5], [True, False], [False, True],
+                                             [0.7, 0.0]), {1: 1, 2: 1})
     assert e.per_class_la_ece == pytest.approx({1: 0.0, 2: 0.5})
     assert e.la_ece == pytest.approx(0.5)
-    assert localization_errors([], [], [], [], [], {1: 1}).la_ece is None
+    assert localization_errors(DetectionMatches([], [], [], [], []), {1: 1}).la_ece is None
 
 
 def test_localization_errors_rejects_bad_input():
     with pytest.raises(ValueError, match="score"):
-        localization_errors([1], [1.5], [True], [False], [1.0], {1: 1})
+        localization_errors(DetectionMatches([1], [1.5], [True], [False], [1.0]), {1: 1})
     with pytest.raises(ValueError, match="both"):
-        localization_errors([1], [0.5], [True], [True], [1.0], {1: 1})
+        localization_errors(DetectionMatches([1], [0.5], [True], [True], [1.0]), {1: 1})
 
 
 def test_box_dece_sees_a_size_effect_the_score_alone_hides():

@@ -22,7 +22,8 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from tfcal import TfcalError, validation
-from tfcal.detectors.yolo import BoxUnits, Layout, PixelRange, Resize, read_labels, resolve_layout
+from tfcal.detectors.yolo import (BoxUnits, Layout, LayoutChoices, PixelRange, Resize,
+                                  read_labels, resolve_layout)
 from tfcal.objective_kinds import KINDS, ConfidenceBudget, ObjectiveName, OnUnreachable, check_fields
 from tfcal.vocabulary import BoxFormat, DetectorFormat, ScoreConverter
 
@@ -82,6 +83,12 @@ class YoloConfig:
     output: str | None = None  # the output key, when the model has several
     labels: Path | None = None  # class names, one per line, in column order
     on_unknown_label: OnUnknownLabel = "error"  # a label that is no data set category
+
+    def layout_choices(self) -> LayoutChoices:
+        """The layout keys this section gives (`tfcal.detectors.yolo.resolve_layout`)."""
+        return LayoutChoices(preset=self.preset, layout=self.layout, box_units=self.box_units,
+                             resize=self.resize, pixel_range=self.pixel_range,
+                             input_size=self.input_size, output=self.output)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -522,9 +529,7 @@ def _check_model_format(m: ModelConfig, fail) -> None:
                 fail("model.yolo.labels", str(err))
         if m.path is not None:
             try:
-                resolve_layout(m.path, preset=y.preset, layout=y.layout, box_units=y.box_units,
-                               resize=y.resize, pixel_range=y.pixel_range,
-                               input_size=y.input_size, output=y.output, signature=m.signature)
+                resolve_layout(m.path, y.layout_choices(), signature=m.signature)
             except ValueError as err:
                 field, _, message = str(err).partition(": ")
                 fail(f"model.yolo.{field}", message)

@@ -40,6 +40,7 @@ from tfcal.metrics import ReliabilityCurve, detection_ece, reliability_curve
 __all__ = [
     "LAECE_BINS",
     "SIZE_BUCKETS",
+    "DetectionMatches",
     "LocalizationErrors",
     "box_detection_ece",
     "localization_errors",
@@ -52,6 +53,25 @@ LAECE_BINS = 25
 #: COCO's size buckets by pixel area: (name, low, high), low inclusive, high exclusive.
 SIZE_BUCKETS = (("small", 0.0, 32.0 ** 2), ("medium", 32.0 ** 2, 96.0 ** 2),
                 ("large", 96.0 ** 2, np.inf))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DetectionMatches:
+    """Detections matched at IoU `tau`, one row each (`localization_errors` checks them).
+
+    Attributes:
+      category_id: int `[D]`. score: float `[D]` in [0, 1].
+      tp, fp: bool `[D]` (true positive, false positive; a detection that is neither is ignored).
+      iou: float `[D]` IoU of each true positive (other values are not read).
+      ignored: optional bool `[D]`; default: neither `tp` nor `fp`. Only LaACE reads it.
+    """
+
+    category_id: Sequence[int] | np.ndarray
+    score: Sequence[float] | np.ndarray
+    tp: Sequence[bool] | np.ndarray
+    fp: Sequence[bool] | np.ndarray
+    iou: Sequence[float] | np.ndarray
+    ignored: Sequence[bool] | np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,29 +114,26 @@ def _mean_nonzero(values: Sequence[float]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def localization_errors(category_id, score, tp, fp, iou, num_gt: Mapping[int, int], *,
-                        ignored=None, num_bins: int = LAECE_BINS,
-                        tau: float = 0.0) -> LocalizationErrors:
+def localization_errors(matches: DetectionMatches, num_gt: Mapping[int, int], *,
+                        num_bins: int = LAECE_BINS, tau: float = 0.0) -> LocalizationErrors:
     """LaECE and LaACE of detections matched at `tau` (see the module docstring).
 
     Args:
-      category_id: int `[D]`. score: float `[D]` in [0, 1].
-      tp, fp: bool `[D]` (true positive, false positive; a detection that is neither is ignored).
-      iou: float `[D]` IoU of each true positive (other values are not read).
+      matches: the detections, matched at `tau`.
       num_gt: `{category_id: non-ignored ground truths}` on the evaluated images; classes with 0
         (or missing) take no part.
-      ignored: optional bool `[D]`; default: neither `tp` nor `fp`. Only LaACE reads it.
       num_bins: LaECE bins, default 25 (the reference's).
       tau: recorded in the result.
 
     Returns:
       A `LocalizationErrors`.
     """
-    cat = np.asarray(category_id, dtype=np.int64).reshape(-1)
-    s = np.asarray(score, dtype=np.float64).reshape(-1)
-    tp = np.asarray(tp, dtype=bool).reshape(-1)
-    fp = np.asarray(fp, dtype=bool).reshape(-1)
-    iou = np.asarray(iou, dtype=np.float64).reshape(-1)
+    cat = np.asarray(matches.category_id, dtype=np.int64).reshape(-1)
+    s = np.asarray(matches.score, dtype=np.float64).reshape(-1)
+    tp = np.asarray(matches.tp, dtype=bool).reshape(-1)
+    fp = np.asarray(matches.fp, dtype=bool).reshape(-1)
+    iou = np.asarray(matches.iou, dtype=np.float64).reshape(-1)
+    ignored = matches.ignored
     n = cat.size
     for name, a in (("score", s), ("tp", tp), ("fp", fp), ("iou", iou)):
         if a.size != n:

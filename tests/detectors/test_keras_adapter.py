@@ -122,7 +122,7 @@ def test_exported_model_takes_images_and_runs_the_tuned_postprocessing(tmp_path,
 
 
 def test_a_keras_yolo_head_through_the_yolo_adapter(tmp_path):
-    from tfcal.detectors.yolo import YoloDetector, resolve_layout
+    from tfcal.detectors.yolo import LayoutChoices, YoloDetector, resolve_layout
     from tfcal.handoff import DetectorDescription
 
     from .test_yolo import _np_letterbox_decode
@@ -138,7 +138,7 @@ def test_a_keras_yolo_head_through_the_yolo_adapter(tmp_path):
     model.save(path)
     det = YoloDetector(DetectorDescription(
         saved_model=str(path), format="yolo",
-        layout=resolve_layout(path, layout="boxes_first", box_units="normalized")))
+        layout=resolve_layout(path, LayoutChoices(layout="boxes_first", box_units="normalized"))))
     image = np.random.default_rng(3).integers(0, 256, (24, 32, 3), dtype=np.uint8)
     boxes, scores = det([image])
     # 24 x 32 into 32 x 32: no resize, 4 gray rows above and below (hand-derived).

@@ -78,7 +78,8 @@ def test_yolov8n_tflite_through_the_adapter_matches_a_numpy_letterbox_reference(
 
     from tfcal.coco.dataset import load_coco
     from tfcal.coco.evaluation import coco_stats
-    from tfcal.detectors.yolo import YoloDetector, label_columns, read_labels, resolve_layout
+    from tfcal.detectors.yolo import (LayoutChoices, YoloDetector, label_columns, read_labels,
+                                      resolve_layout)
     from tfcal.handoff import DetectorDescription
 
     dataset = load_coco(DATA / "instances_val2017.json", DATA / "images")
@@ -87,8 +88,8 @@ def test_yolov8n_tflite_through_the_adapter_matches_a_numpy_letterbox_reference(
                             source=str(LABELS))
     by_name = dict(zip(dataset.category_names, dataset.category_ids))
     col_ids = np.array([by_name[columns[c]] for c in range(len(names))])
-    det = YoloDetector(DetectorDescription(saved_model=str(MODEL), format="yolo",
-                                           layout=resolve_layout(MODEL, preset="yolov8")))
+    layout = resolve_layout(MODEL, LayoutChoices(preset="yolov8"))
+    det = YoloDetector(DetectorDescription(saved_model=str(MODEL), format="yolo", layout=layout))
     interpreter = tf.lite.Interpreter(model_path=str(MODEL), num_threads=2)
     interpreter.allocate_tensors()
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]

@@ -133,9 +133,10 @@ def test_presets_and_explicit_keys(tmp_path):
     tfl.write_bytes(b"")
     sm = tmp_path / "sm"
     sm.mkdir()
-    assert yolo.resolve_layout(tfl, preset="yolov8")["box_units"] == "normalized"
-    assert yolo.resolve_layout(sm, preset="yolov8")["box_units"] == "pixels"
-    v5 = yolo.resolve_layout(sm, preset="yolov5", resize="stretch")
+    v8 = yolo.LayoutChoices(preset="yolov8")
+    assert yolo.resolve_layout(tfl, v8)["box_units"] == "normalized"
+    assert yolo.resolve_layout(sm, v8)["box_units"] == "pixels"
+    v5 = yolo.resolve_layout(sm, yolo.LayoutChoices(preset="yolov5", resize="stretch"))
     assert (v5["layout"], v5["resize"], v5["backend"]) == ("objectness", "stretch", "saved_model")
     with pytest.raises(ValueError, match="layout: give a preset"):
         yolo.resolve_layout(tfl)

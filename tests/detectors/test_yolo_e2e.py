@@ -15,7 +15,7 @@ from tfcal.coco.dataset import load_coco
 from tfcal.demo.data import generate_dataset
 from tfcal.demo.run import demo_settings
 from tfcal.detectors import open_described
-from tfcal.detectors.yolo import YoloDetector, resolve_layout
+from tfcal.detectors.yolo import LayoutChoices, YoloDetector, resolve_layout
 from tfcal.handoff import DetectorDescription
 
 from . import yolo_test_model
@@ -39,7 +39,7 @@ def data(tmp_path_factory):
 
 
 def _adapter(path, **keys):
-    layout = resolve_layout(path, preset="yolov8", box_units="normalized", **keys)
+    layout = resolve_layout(path, LayoutChoices(preset="yolov8", box_units="normalized", **keys))
     return YoloDetector(DetectorDescription(saved_model=str(path), format="yolo", layout=layout))
 
 

@@ -260,6 +260,22 @@ def test_export_writes_verified_files(tmp_path):
         tl.export_tflite(cfg, out.directory, num_boxes=N)
 
 
+def test_export_verifies_on_the_given_inputs(tmp_path):
+    cfg = _config()
+    given = tl.TFLiteVerifyInputs(tl.seeded_inputs(cfg, N, count=3, seed=4), "three test inputs")
+    out = tl.export_tflite(cfg, tmp_path / "tflite", num_boxes=N, inputs=given)
+    assert (out.verification.images, out.verification.source) == (3, "three test inputs")
+    assert out.verification.passed
+    with pytest.raises(ValueError, match="pairs: need at least one"):
+        tl.TFLiteVerifyInputs([])
+    # The tuning run's handoff reads N from the cached raw outputs it verifies on.
+    handed = tl.export_tflite_handoff(cfg, None, tmp_path / "export", "det", raw_inputs=given)
+    assert handed.directory == tmp_path / "export" / "det_tflite"
+    assert (handed.verification.images, handed.verification.source) == (3, "three test inputs")
+    meta = json.loads(handed.metadata_path.read_text())
+    assert meta["inputs"]["raw_detection_boxes"] == [1, N, 4]
+
+
 def test_a_mismatch_fails_the_export_and_writes_nothing(tmp_path, monkeypatch):
     cfg = _config()
     real = tl._detections
@@ -281,7 +297,7 @@ def test_a_mismatch_fails_the_export_and_writes_nothing(tmp_path, monkeypatch):
 def test_yolo_raw_output_variant_equals_the_adapter():
     from tfcal.detectors import yolo
 
-    keys = yolo.resolve_layout("model.tflite", preset="yolov8")
+    keys = yolo.resolve_layout("model.tflite", yolo.LayoutChoices(preset="yolov8"))
     k, n = 4, 200
     cfg = PostProcessConfig(num_classes=k, background_column=False, calibration="temperature",
                             calibration_params={"temperature": (1.2,)}, min_score_thresh=(0.3, 0.4, 0.35, 0.5),

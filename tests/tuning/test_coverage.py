@@ -17,6 +17,7 @@ import pytest
 
 from tfcal.tuning.search import Objective
 from tfcal.tuning.simulation import (
+    CalibrationFit,
     coverage_runs,
     default_scenario,
     pooled_coverage,
@@ -113,9 +114,9 @@ def test_pooled_promise_holds_with_isotonic_fitted_on_the_learn_part():
     pooled sequence follows, and coverage falls below the level (0.846 at 1,000 sets)."""
     obj = Objective(target_precision=TARGET, confidence=LEVEL)
     learn = pooled_coverage(default_scenario(), obj, GRID, POOLED_SETS, SEED,
-                            method="isotonic", fit_on="learn")
+                            CalibrationFit("isotonic", fit_on="learn"))
     tune = pooled_coverage(default_scenario(), obj, GRID, POOLED_SETS, SEED,
-                           method="isotonic", fit_on="tune")
+                           CalibrationFit("isotonic", fit_on="tune"))
     assert learn.enabled.mean() > 0.9, learn.enabled.mean()
     assert learn.coverage >= LEVEL - 2 * learn.coverage_se, (learn.coverage, learn.coverage_se)
     # The reason for the rule, measured on the same tune sets: a fit on all of them breaks it.
@@ -126,14 +127,14 @@ def test_pooled_coverage_checks_its_arguments():
     obj = Objective(target_precision=TARGET, confidence=LEVEL)
     with pytest.raises(ValueError, match="certified precision_target"):
         pooled_coverage(default_scenario(), Objective(target_precision=TARGET, confidence=None),
-                        GRID, 1, 0, method="platt")
+                        GRID, 1, 0, CalibrationFit("platt"))
     with pytest.raises(ValueError, match="fit_on"):
-        pooled_coverage(default_scenario(), obj, GRID, 1, 0, method="platt", fit_on="all")
+        CalibrationFit("platt", fit_on="all")
     with pytest.raises(ValueError, match="'none'"):
-        pooled_coverage(default_scenario(), obj, GRID, 1, 0, method="none")
+        CalibrationFit("none")
     with pytest.raises(ValueError, match="calibration_iou"):
-        pooled_coverage(default_scenario(), obj, GRID, 1, 0, method="platt",
-                        calibration_iou=0.55)
+        pooled_coverage(default_scenario(), obj, GRID, 1, 0,
+                        CalibrationFit("platt", calibration_iou=0.55))
 
 
 # ---------------------------------------------------------------------------------------------

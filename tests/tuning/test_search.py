@@ -12,6 +12,7 @@ from tfcal.tuning.search import (
     GROUP_SHARE,
     MatchedDetections,
     Objective,
+    PointCounts,
     UnreachableTargetError,
     default_iou,
     joint_search,
@@ -539,3 +540,11 @@ def test_pool_group_block_of_the_report_sums_its_members(tmp_path):
     assert (g["threshold"], g["nms_iou"]) == (found.pooled.min_score_thresh, found.pooled.nms_iou)
     assert (g["holdout"]["tp"], g["holdout"]["fp"], g["holdout"]["fn"]) == (60, 6, 9)
     assert g["holdout"]["precision"] == pytest.approx(60 / 66)
+
+
+def test_point_counts_give_fn_precision_and_recall():
+    # 3 TP, 1 FP of 5 ground truths: fn 5 - 3 = 2, precision 3/4, recall 3/5.
+    c = PointCounts(3, 1, 5)
+    assert (c.fn, c.precision, c.recall) == (2, 0.75, 0.6)
+    # Nothing predicted and no ground truth: both undefined, reported as 0.0.
+    assert (PointCounts(0, 0, 0).precision, PointCounts(0, 0, 0).recall) == (0.0, 0.0)

@@ -20,7 +20,7 @@ import numpy as np
 
 from tfcal.coco.dataset import CocoDataset, quiet
 from tfcal.coco.matching import as_detections, match_detections
-from tfcal.localization_metrics import box_detection_ece, localization_errors
+from tfcal.localization_metrics import DetectionMatches, box_detection_ece, localization_errors
 
 __all__ = ["LocalizationMatch", "match_with_iou", "summary"]
 
@@ -49,6 +49,17 @@ class LocalizationMatch:
     det_index: np.ndarray
     category_ids: np.ndarray
     num_gt: np.ndarray
+
+    @property
+    def matches(self) -> DetectionMatches:
+        """The rows `tfcal.localization_metrics.localization_errors` reads."""
+        return DetectionMatches(self.category_id, self.score, self.tp, self.fp, self.iou,
+                                self.ignored)
+
+    @property
+    def num_gt_by_category(self) -> dict[int, int]:
+        """`{category_id: non-ignored ground truths}` on the evaluated images."""
+        return dict(zip(self.category_ids.tolist(), self.num_gt.tolist()))
 
 
 def match_with_iou(dataset: CocoDataset, detections: Any, *, tau: float = 0.0,
@@ -155,9 +166,7 @@ def summary(dataset: CocoDataset, detections: Any, *, match_iou: float = 0.5,
                            "d_ece_score_x_position": None, "match_iou": float(match_iou)}
     if len(dets) == 0 or dets.score.min() < 0 or dets.score.max() > 1:
         return out
-    e = localization_errors(m.category_id, m.score, m.tp, m.fp, m.iou,
-                            dict(zip(m.category_ids.tolist(), m.num_gt.tolist())),
-                            ignored=m.ignored).to_dict()
+    e = localization_errors(m.matches, m.num_gt_by_category).to_dict()
     out.update(la_ece_0=e["la_ece"], la_ace_0=e["la_ace"], classes=e["classes"])
     r = match_detections(dataset, dets, iou_threshold=match_iou, max_dets=max_dets)
     keep = ~r.ignored

@@ -34,11 +34,7 @@ def describe(model: Any) -> DetectorDescription:
     layout: dict[str, Any] = {}
     box_format = "yxyx_normalized"
     if model.format == "yolo" and path is not None:
-        y = model.yolo
-        layout = resolve_layout(path, preset=y.preset, layout=y.layout, box_units=y.box_units,
-                                resize=y.resize, pixel_range=y.pixel_range,
-                                input_size=y.input_size, output=y.output,
-                                signature=model.signature)
+        layout = resolve_layout(path, model.yolo.layout_choices(), signature=model.signature)
         box_format = f"cxcywh_{layout['box_units']}"
     elif model.format == "keras":
         k = model.keras

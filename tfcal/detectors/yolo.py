@@ -32,6 +32,7 @@ tuning only, not exportable as a SavedModel); a SavedModel folder runs its signa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, get_args
@@ -79,12 +80,36 @@ def backend_of(path: str | Path) -> str:
     raise TfcalError(f"{path}: not a .tflite file, a .keras file or a SavedModel folder")
 
 
-def resolve_layout(path: str | Path, *, preset: str | None = None, layout: str | None = None,
-                   box_units: str | None = None, resize: str | None = None,
-                   pixel_range: str | None = None, input_size: Sequence[int] | None = None,
-                   output: str | None = None, signature: str = "serving_default"
-                   ) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class LayoutChoices:
+    """The layout keys given for a YOLO model (`model.yolo`); None takes the preset's.
+
+    Attributes:
+      preset: {'yolov8', 'yolo11', 'yolov5'} or None.
+      layout: {'boxes_first', 'boxes_last', 'objectness'} or None (then `preset` is needed).
+      box_units: {'normalized', 'pixels'} or None. resize: {'letterbox', 'stretch'} or None
+        (default letterbox). pixel_range: {'unit', 'byte'} or None (default unit).
+      input_size: `[height, width]` or None (the model input's).
+      output: the output key, when the model has several.
+    """
+
+    preset: str | None = None
+    layout: Layout | None = None
+    box_units: BoxUnits | None = None
+    resize: Resize | None = None
+    pixel_range: PixelRange | None = None
+    input_size: Sequence[int] | None = None
+    output: str | None = None
+
+
+def resolve_layout(path: str | Path, choices: LayoutChoices = LayoutChoices(), *,
+                   signature: str = "serving_default") -> dict[str, Any]:
     """The layout keys of a YOLO model: the preset's, overridden by the explicit ones.
+
+    Args:
+      path: the model (its backend follows from it, `backend_of`).
+      choices: the keys given; None fields come from the preset.
+      signature: the SavedModel signature, recorded in the result.
 
     Returns:
       A JSON-able dict: `backend`, `layout`, `box_units`, `resize`, `pixel_range`,
@@ -93,14 +118,15 @@ def resolve_layout(path: str | Path, *, preset: str | None = None, layout: str |
     Raises:
       ValueError: an unknown choice, or no layout given (neither `preset` nor `layout`).
     """
+    preset, input_size = choices.preset, choices.input_size
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset: must be one of {' | '.join(PRESETS)}, got {preset!r}")
     backend = backend_of(path)
     keys: dict[str, Any] = dict(PRESETS.get(preset, {}))
     if preset in ("yolov8", "yolo11"):
         keys["box_units"] = "normalized" if backend == "tflite" else "pixels"
-    given = {"layout": layout, "box_units": box_units, "resize": resize,
-             "pixel_range": pixel_range}
+    given = {"layout": choices.layout, "box_units": choices.box_units,
+             "resize": choices.resize, "pixel_range": choices.pixel_range}
     keys.update({k: v for k, v in given.items() if v is not None})
     keys.setdefault("resize", "letterbox")
     keys.setdefault("pixel_range", "unit")
@@ -108,17 +134,17 @@ def resolve_layout(path: str | Path, *, preset: str | None = None, layout: str |
         raise ValueError("layout: give a preset (yolov8, yolo11, yolov5) or a layout "
                          f"({' | '.join(LAYOUTS)})")
     keys.setdefault("box_units", "normalized")
-    for name, choices in (("layout", LAYOUTS), ("box_units", BOX_UNITS), ("resize", RESIZES),
+    for name, allowed in (("layout", LAYOUTS), ("box_units", BOX_UNITS), ("resize", RESIZES),
                           ("pixel_range", PIXEL_RANGES)):
-        if keys[name] not in choices:
-            raise ValueError(f"{name}: must be one of {' | '.join(choices)}, got {keys[name]!r}")
+        if keys[name] not in allowed:
+            raise ValueError(f"{name}: must be one of {' | '.join(allowed)}, got {keys[name]!r}")
     if input_size is not None:
         input_size = [int(v) for v in input_size]
         if len(input_size) != 2 or min(input_size) < 1:
             raise ValueError(f"input_size: must be [height, width] > 0, got {input_size}")
     return {"backend": backend, **{k: keys[k] for k in ("layout", "box_units", "resize",
                                                         "pixel_range")},
-            "input_size": input_size, "output": output, "signature": signature}
+            "input_size": input_size, "output": choices.output, "signature": signature}
 
 
 def read_labels(path: str | Path) -> tuple[str, ...]:

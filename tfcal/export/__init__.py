@@ -21,6 +21,7 @@ from tfcal.export.serving import next_version
 from tfcal.export.serving import read_warmup_requests
 from tfcal.export.serving import write_models_config
 from tfcal.export.tflite import TFLiteVerificationError
+from tfcal.export.tflite import TFLiteVerifyInputs
 from tfcal.export.tflite import export_tflite_handoff
 from tfcal.export.verify import ExportVerificationError
 from tfcal.export.verify import VerificationReport
@@ -39,6 +40,7 @@ __all__ = [
     "ModelOptions",
     "ServingGraph",
     "TFLiteVerificationError",
+    "TFLiteVerifyInputs",
     "ServingExport",
     "ServingOptions",
     "VerificationReport",

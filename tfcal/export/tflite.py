@@ -66,6 +66,7 @@ __all__ = [
     "TFLiteExport",
     "TFLiteVerification",
     "TFLiteVerificationError",
+    "TFLiteVerifyInputs",
     "build_fused_fn",
     "build_postprocess_fn",
     "build_yolo_postprocess_fn",
@@ -776,6 +777,25 @@ def seeded_inputs(config: PostProcessConfig, num_boxes: int, count: int = 8, see
 # ----------------------------------------------------------------------------- export
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class TFLiteVerifyInputs:
+    """Raw detector outputs to verify an export on, and where they came from.
+
+    Attributes:
+      pairs: (boxes `[1, N, 4]`, raw scores `[1, N, C]`) pairs, at least one.
+      source: a word on where they came from, for the summary (e.g. "tune images' cached raw
+        outputs").
+    """
+
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]]
+    source: str = "given"
+
+    def __post_init__(self):
+        object.__setattr__(self, "pairs", tuple(self.pairs))
+        if not self.pairs:
+            raise ValueError("pairs: need at least one (boxes, raw scores) pair, got none")
+
+
 @dataclasses.dataclass(frozen=True)
 class YoloVariant:
     """What the YOLO raw-output variant needs: the adapter's layout keys, the network input
@@ -873,8 +893,7 @@ def verify_yolo_tflite(model: bytes | str | Path, config: PostProcessConfig,
 
 
 def export_tflite(config: PostProcessConfig, directory: str | Path, *, num_boxes: int,
-                  name: str = "postprocess", inputs: Sequence[tuple[np.ndarray, np.ndarray]]
-                  | None = None, source: str | None = None,
+                  name: str = "postprocess", inputs: TFLiteVerifyInputs | None = None,
                   category_names: Mapping[int, str] | None = None,
                   yolo: YoloVariant | None = None, overwrite: bool = False) -> TFLiteExport:
     """Builds, converts, verifies and writes the on-device post-processing.
@@ -889,9 +908,8 @@ def export_tflite(config: PostProcessConfig, directory: str | Path, *, num_boxes
       directory: the output directory (must not exist unless `overwrite`).
       num_boxes: N, the detector's raw box count.
       name: the files' base name.
-      inputs: (boxes `[1, N, 4]`, raw scores `[1, N, C]`) pairs to verify on, e.g. the tune
-        images' cached raw outputs; None: 8 seeded inputs (`seeded_inputs`).
-      source: a word on where `inputs` came from, for the summary.
+      inputs: the raw outputs to verify on and their source, e.g. the tune images' cached raw
+        outputs; None: 8 seeded inputs (`seeded_inputs`).
       category_names: optional class id -> name for the labels file.
       yolo: also write the YOLO raw-output variant (`build_yolo_postprocess_fn`), verified on
         seeded detector outputs.
@@ -911,8 +929,8 @@ def export_tflite(config: PostProcessConfig, directory: str | Path, *, num_boxes
     bounds = raw_keep_bounds(config, pp)
     model = convert(build_postprocess_fn(config, num_boxes, bounds=bounds))
     if inputs is None:
-        inputs, source = seeded_inputs(config, num_boxes), "seeded"
-    check = verify_tflite(model, config, inputs, source=source or "given", postprocessor=pp)
+        inputs = TFLiteVerifyInputs(seeded_inputs(config, num_boxes), "seeded")
+    check = verify_tflite(model, config, inputs.pairs, source=inputs.source, postprocessor=pp)
     if not check.passed:
         raise TFLiteVerificationError(check.summary())
     yolo_model = yolo_check = None
@@ -969,8 +987,7 @@ def export_tflite(config: PostProcessConfig, directory: str | Path, *, num_boxes
 
 def export_tflite_handoff(config: PostProcessConfig, detector, export_root: str | Path,
                           model_name: str, *,
-                          raw_inputs: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
-                          source: str | None = None,
+                          raw_inputs: TFLiteVerifyInputs | None = None,
                           category_names: Mapping[int, str] | None = None,
                           overwrite: bool = False) -> TFLiteExport:
     """The TFLite export of a tuning run's handoff: `<export_root>/<model_name>_tflite/`.
@@ -984,8 +1001,8 @@ def export_tflite_handoff(config: PostProcessConfig, detector, export_root: str 
       detector: the run's `tfcal.handoff.DetectorDescription`.
       export_root: `export.dir`.
       model_name: `export.model_name`.
-      raw_inputs: (boxes `[1, N, 4]`, raw scores `[1, N, C]`) pairs, or None (seeded).
-      source: where `raw_inputs` came from, for the summary.
+      raw_inputs: (boxes `[1, N, 4]`, raw scores `[1, N, C]`) pairs and where they came
+        from, or None (seeded inputs).
       category_names: class id -> name, for the labels file.
       overwrite: replace an existing `<model_name>_tflite` folder.
 
@@ -1002,8 +1019,8 @@ def export_tflite_handoff(config: PostProcessConfig, detector, export_root: str 
         det.num_score_columns  # loads the model: its input size and output shape
         variant = YoloVariant(dict(detector.layout), tuple(det.input_size),
                               tuple(int(v) for v in det.raw_shape))
-    if raw_inputs:
-        boxes = np.asarray(raw_inputs[0][0])
+    if raw_inputs is not None:
+        boxes = np.asarray(raw_inputs.pairs[0][0])
         if boxes.ndim != 3:
             raise TfcalError(f"export.tflite: the detector's raw boxes are per class "
                              f"{list(boxes.shape)}; the on-device export takes shared boxes "
@@ -1023,9 +1040,8 @@ def export_tflite_handoff(config: PostProcessConfig, detector, export_root: str 
         raise TfcalError("export.tflite: the detector's box count is unknown without its raw "
                          "outputs; export it from `tfcal tune` with export.tflite: true")
     try:
-        return export_tflite(config, out, num_boxes=num_boxes, inputs=raw_inputs or None,
-                             source=source, category_names=category_names, yolo=variant,
-                             overwrite=overwrite)
+        return export_tflite(config, out, num_boxes=num_boxes, inputs=raw_inputs,
+                             category_names=category_names, yolo=variant, overwrite=overwrite)
     except FileExistsError:
         raise TfcalError(f"{out}: already exists; pass --overwrite (or set export.overwrite: "
                          f"true) to replace it") from None

@@ -22,7 +22,7 @@ from tfcal.tuning.detections import (FlatDetections, default_postprocess_config,
                                      postprocess_images, to_coco_detections,
                                      ODAPI_DEFAULT_SCORE_THRESH)
 from tfcal.objective_kinds import KINDS, kind_of
-from tfcal.tuning.localization import localization_block
+from tfcal.tuning.localization import MatchedBefore, localization_block
 from tfcal.tuning.objectives import objectives
 from tfcal.tuning.report import jsonable
 from tfcal.tuning.tune import calibration_fit_part
@@ -228,7 +228,7 @@ def holdout_report(cfg, prep, ppc, calib, found, split: dict, eval_idx,
                                    "calibration": "none"},
     }
     summary["localization"] = localization_block(
-        prep, before, evidence.before_calibrated, eval_idx, b_match, mapped, keep,
+        prep, MatchedBefore(before, mapped, b_match), evidence.before_calibrated, eval_idx,
         min_score=ECE_MIN_SCORE, max_dets=cfg.tuning.max_total_detections)
     summary["baseline"] = _baseline_block(cfg, prep, evidence, eval_idx, classes, total,
                                           b_match, num_gt, mapped_cols, objective)

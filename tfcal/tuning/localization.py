@@ -11,14 +11,43 @@ at `match_iou`. See `tfcal.localization_metrics` for the definitions.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from tfcal.coco.localization import match_with_iou
+from tfcal.coco.matching import MatchResult
 from tfcal.localization_metrics import (box_detection_ece, curve_dict, localization_errors,
                                         reliability_by_size)
 from tfcal.tuning.detections import FlatDetections, to_coco_detections
 
-__all__ = ["localization_block", "localization_side"]
+__all__ = ["MatchedBefore", "localization_block", "localization_side"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MatchedBefore:
+    """The default post-processing's detections on the evaluated images, matched at
+    `match_iou`.
+
+    Attributes:
+      dets: `FlatDetections` (normalized boxes).
+      mapped: bool `[len(dets)]`, `to_coco_detections`'s kept mask.
+      match: the match of the mapped detections at `match_iou` (`tfcal.tuning.detections.match`).
+    """
+
+    dets: FlatDetections
+    mapped: np.ndarray
+    match: MatchResult
+
+    @property
+    def rows(self) -> np.ndarray:
+        """int `[R]`: the rows of `dets` of the matched, non-ignored detections."""
+        return np.flatnonzero(self.mapped)[self.match.det_index][~self.match.ignored]
+
+    @property
+    def tp(self) -> np.ndarray:
+        """`[R]` TP at `match_iou` of those rows."""
+        return self.match.tp[~self.match.ignored]
 
 
 def localization_side(prep, dets, scores: np.ndarray, eval_idx, *, min_score: float,
@@ -46,9 +75,7 @@ def localization_side(prep, dets, scores: np.ndarray, eval_idx, *, min_score: fl
     coco, _ = to_coco_detections(shown, prep)
     m = match_with_iou(prep.dataset, coco, tau=0.0, max_dets=max_dets,
                        image_ids=prep.dataset.image_ids[eval_idx])
-    errors = localization_errors(m.category_id, m.score, m.tp, m.fp, m.iou,
-                                 dict(zip(m.category_ids.tolist(), m.num_gt.tolist())),
-                                 ignored=m.ignored)
+    errors = localization_errors(m.matches, m.num_gt_by_category)
     names = dict(zip(prep.dataset.category_ids.tolist(), prep.dataset.category_names))
     classes = [{"category_id": c["category_id"], "name": names.get(c["category_id"]),
                 "la_ece_0": c["la_ece"], "la_ace_0": c["la_ace"]}
@@ -70,23 +97,21 @@ def localization_side(prep, dets, scores: np.ndarray, eval_idx, *, min_score: fl
             "detections": int(seen.sum())}
 
 
-def localization_block(prep, before, calibrated: np.ndarray, eval_idx, b_match, mapped,
-                       keep, *, min_score: float, max_dets: int) -> dict:
+def localization_block(prep, before: MatchedBefore, calibrated: np.ndarray, eval_idx, *,
+                       min_score: float, max_dets: int) -> dict:
     """`{"before": side, "after": side, "min_score": ...}` (see `localization_side`).
 
     Args:
-      before: `FlatDetections` of the default post-processing on `eval_idx`.
-      calibrated: float `[len(before)]` calibrated scores of `before`.
-      b_match, mapped, keep: the match of `before` at `match_iou` (rows of the mapped
-        detections, `to_coco_detections`'s kept mask) and its non-ignored rows.
+      before: the default post-processing's detections on `eval_idx` and their match.
+      calibrated: float `[len(before.dets)]` calibrated scores of `before.dets`.
     """
-    rows = np.flatnonzero(mapped)[b_match.det_index][keep]
-    tp = b_match.tp[keep]
-    common = {"min_score": min_score, "max_dets": max_dets, "tp": tp, "rows": rows}
+    dets = before.dets
+    common = {"min_score": min_score, "max_dets": max_dets, "tp": before.tp,
+              "rows": before.rows}
     return {"min_score": min_score,
-            "before": localization_side(prep, before, before.score.astype(np.float64),
+            "before": localization_side(prep, dets, dets.score.astype(np.float64),
                                         eval_idx, **common),
-            "after": localization_side(prep, before, np.asarray(calibrated, np.float64),
+            "after": localization_side(prep, dets, np.asarray(calibrated, np.float64),
                                        eval_idx, **common)}
 
 
@@ -107,9 +132,7 @@ def localization_drift(prep, dets, eval_idx, report: dict, *, tolerance: float,
     coco, _ = to_coco_detections(shown, prep)
     m = match_with_iou(prep.dataset, coco, tau=0.0, max_dets=max_dets,
                        image_ids=prep.dataset.image_ids[eval_idx])
-    e = localization_errors(m.category_id, m.score, m.tp, m.fp, m.iou,
-                            dict(zip(m.category_ids.tolist(), m.num_gt.tolist())),
-                            ignored=m.ignored)
+    e = localization_errors(m.matches, m.num_gt_by_category)
     ref = ((report.get("summary") or {}).get("localization") or {}).get("after") or {}
     out = {"la_ece_0_report": ref.get("la_ece_0"), "la_ece_0_new": e.la_ece,
            "la_ace_0_report": ref.get("la_ace_0"), "la_ace_0_new": e.la_ace, "failures": []}

@@ -27,7 +27,8 @@ import tfcal
 from tfcal import TfcalError, atomic, locks, rundir
 from tfcal.config import Config
 from tfcal.detectors import describe, servable
-from tfcal.export import ExportOptions, ModelOptions, export_handoff, export_tflite_handoff
+from tfcal.export import (ExportOptions, ModelOptions, TFLiteVerifyInputs, export_handoff,
+                          export_tflite_handoff)
 from tfcal.handoff import DETECTOR_FILE, POSTPROCESS_FILE, DetectorDescription
 from tfcal.postprocess import PostProcessConfig
 from tfcal.raw import file_sha256
@@ -335,14 +336,14 @@ def _export_tflite(cfg: Config, ppc: PostProcessConfig, detector: DetectorDescri
                    prep: Prepared | None = None, tune_idx=None, overwrite: bool = False):
     """The on-device export (`tfcal.export.tflite`), verified on up to TFLITE_VERIFY_IMAGES
     tune images' cached raw outputs when the run has them, else on seeded inputs."""
-    inputs, names, source = None, None, None
+    inputs, names = None, None
     if prep is not None and tune_idx is not None and len(tune_idx):
         rows = np.asarray(tune_idx)[:TFLITE_VERIFY_IMAGES]
         boxes, scores = prep.raw.boxes[rows], prep.raw.scores[rows]
-        inputs = [(boxes[i:i + 1], scores[i:i + 1]) for i in range(len(rows))]
-        source = "tune images' cached raw outputs"
+        inputs = TFLiteVerifyInputs([(boxes[i:i + 1], scores[i:i + 1]) for i in range(len(rows))],
+                                    "tune images' cached raw outputs")
         names = dict(zip((int(i) for i in prep.dataset.category_ids),
                          prep.dataset.category_names))
     return export_tflite_handoff(ppc, detector, cfg.export.dir, cfg.export.model_name,
-                                 raw_inputs=inputs, source=source, category_names=names,
+                                 raw_inputs=inputs, category_names=names,
                                  overwrite=overwrite or cfg.export.overwrite)

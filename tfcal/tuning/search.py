@@ -287,6 +287,34 @@ class Curves:
         return self.threshold[s].astype(np.float64), precision, recall
 
 
+@dataclasses.dataclass(frozen=True)
+class PointCounts:
+    """One class's counts at one operating point.
+
+    Attributes:
+        tp, fp: true and false positives there (non-ignored detections).
+        num_gt: non-ignored ground truths of the class.
+    """
+
+    tp: int
+    fp: int
+    num_gt: int
+
+    @property
+    def fn(self) -> int:
+        return self.num_gt - self.tp
+
+    @property
+    def precision(self) -> float:
+        """`tp / (tp + fp)`, 0.0 when nothing is predicted."""
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
+
+    @property
+    def recall(self) -> float:
+        """`tp / num_gt`, 0.0 without ground truth."""
+        return self.tp / self.num_gt if self.num_gt else 0.0
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ClassChoice:
     """The chosen operating point of one class, measured on the tune split.
@@ -340,14 +368,15 @@ class ClassChoice:
     boxes_available: int | None = None
 
     @classmethod
-    def at_counts(cls, column: int, status: Status, *, min_score_thresh: float, nms_iou: float,
-                  tp: int, fp: int, num_gt: int, value: float, **fields) -> "ClassChoice":
-        """An emitted class at the point with `tp` and `fp` of `num_gt` (fn, precision and
-        recall follow from them; 0.0 when undefined)."""
+    def at_counts(cls, column: int, status: Status, counts: PointCounts, *,
+                  min_score_thresh: float, nms_iou: float, value: float,
+                  **fields) -> "ClassChoice":
+        """An emitted class at the point `(min_score_thresh, nms_iou)` with `counts` there (fn,
+        precision and recall follow from them; 0.0 when undefined)."""
         return cls(column=column, status=status, enabled=True, min_score_thresh=min_score_thresh,
-                   nms_iou=nms_iou, tp=tp, fp=fp, fn=num_gt - tp, num_gt=num_gt,
-                   precision=tp / (tp + fp) if tp + fp else 0.0,
-                   recall=tp / num_gt if num_gt else 0.0, value=value, **fields)
+                   nms_iou=nms_iou, tp=counts.tp, fp=counts.fp, fn=counts.fn,
+                   num_gt=counts.num_gt, precision=counts.precision, recall=counts.recall,
+                   value=value, **fields)
 
     @classmethod
     def disabled(cls, column: int, status: Status, *, nms_iou: float, num_gt: int,
@@ -963,9 +992,10 @@ class _Chooser:
         certified = status == "ok" and c in self.budget.cert_cols
         guarantee = "certified" if certified else ("estimate" if status == "ok" else "none")
         return ClassChoice.at_counts(
-            c, status, min_score_thresh=float(pts.thv[i]), nms_iou=self.setup.grid[pts.gi[i]],
-            tp=t, fp=f, num_gt=int(self.setup.num_gt[c]), value=float(table.value[i]),
-            precision_lower=float(table.lower[i]), objective=obj.name, guarantee=guarantee,
+            c, status, PointCounts(t, f, int(self.setup.num_gt[c])),
+            min_score_thresh=float(pts.thv[i]), nms_iou=self.setup.grid[pts.gi[i]],
+            value=float(table.value[i]), precision_lower=float(table.lower[i]),
+            objective=obj.name, guarantee=guarantee,
             test_level=float(level[c]),
             p_value=float(table.pvalue[i]) if certified else math.nan,
             boxes_to_certify=None if certified else self.need(c), boxes_available=self.have(c))
@@ -977,9 +1007,10 @@ class _Chooser:
         n = int(self.setup.num_gt[c])
         val = _keys(self.objective, np.array([t]), np.array([f]), np.array([n]),
                     None).keys.value[0]
-        return ClassChoice.at_counts(c, status, min_score_thresh=float(t_shared),
-                                     nms_iou=self.setup.grid[g_idx], tp=t, fp=f, num_gt=n,
-                                     value=float(val), objective=self.objective.name, **extra)
+        return ClassChoice.at_counts(c, status, PointCounts(t, f, n),
+                                     min_score_thresh=float(t_shared),
+                                     nms_iou=self.setup.grid[g_idx], value=float(val),
+                                     objective=self.objective.name, **extra)
 
 
 def _check_pool(objective: Objective, objectives, learn) -> bool:
@@ -1212,10 +1243,11 @@ def _group_search(matched, learn, group, objective: Objective, level: float, thr
     t, f = int(pts.tp[chosen]), int(pts.fp[chosen])
     lower = _cp_lower(np.array([t]), np.array([t + f]), level)[0] \
         if kind_of(objective.name).metric == "precision" else math.nan
-    c = ClassChoice.at_counts(-1, "ok", min_score_thresh=float(pts.thv[chosen]),
-                              nms_iou=setup.grid[pts.gi[chosen]], tp=t, fp=f, num_gt=n,
-                              value=value, precision_lower=float(lower),
-                              objective=objective.name, guarantee="certified",
+    c = ClassChoice.at_counts(-1, "ok", PointCounts(t, f, n),
+                              min_score_thresh=float(pts.thv[chosen]),
+                              nms_iou=setup.grid[pts.gi[chosen]], value=value,
+                              precision_lower=float(lower), objective=objective.name,
+                              guarantee="certified",
                               test_level=level, p_value=p_value)
     return c, (int(pts.gi[chosen]), float(c.min_score_thresh))
 
@@ -1255,8 +1287,9 @@ def pooled_search(matched: Mapping[float, MatchedDetections], objective: Objecti
         t, f = srt.counts_at(c, choice.min_score_thresh) if choice.enabled else (0, 0)
         val = _keys(objective, np.array([t]), np.array([f]), np.array([n]), None).keys.value[0]
         classes.append(dataclasses.replace(
-            ClassChoice.at_counts(c, choice.status, min_score_thresh=choice.min_score_thresh,
-                                  nms_iou=choice.nms_iou, tp=t, fp=f, num_gt=n, value=float(val),
+            ClassChoice.at_counts(c, choice.status, PointCounts(t, f, n),
+                                  min_score_thresh=choice.min_score_thresh,
+                                  nms_iou=choice.nms_iou, value=float(val),
                                   objective=objective.name, guarantee="pooled"),
             enabled=choice.enabled))
     thr = (None if thresholds is None

@@ -64,6 +64,7 @@ from tfcal import calibration
 from tfcal.tuning.search import MatchedDetections, Objective, joint_search, pooled_search
 
 __all__ = [
+    "CalibrationFit",
     "ClassModel",
     "CoverageResult",
     "PooledCoverageResult",
@@ -722,6 +723,35 @@ def coverage_runs(scenario: Sequence[ClassModel], runs: Sequence[tuple[Objective
 FitOn = Literal["learn", "tune"]
 
 
+@dataclasses.dataclass(frozen=True)
+class CalibrationFit:
+    """How `pooled_coverage` fits the per-class calibration on each simulated tune set.
+
+    Attributes:
+        method: a calibration method name other than `none` (`tfcal.calibration.names()`).
+        fit_on: {'learn', 'tune'}, default 'learn': the learn part's detections (the tuner's
+            rule for the pooled scope) or the whole tune set's (which lets the certify part's
+            labels shape how classes are compared).
+        calibration_iou: the IoU whose detections fit the calibration; default None, the
+            grid's middle value, as `tuning.default_nms_iou` defaults.
+        min_samples: the per-class shrinkage of `fit_per_class`, default 30.
+
+    Raises:
+        ValueError: `fit_on` not one of the choices, or `method` is `none` or unknown.
+    """
+
+    method: str
+    fit_on: FitOn = "learn"
+    calibration_iou: float | None = None
+    min_samples: int = 30
+
+    def __post_init__(self):
+        if self.fit_on not in ("learn", "tune"):
+            raise ValueError(f"fit_on must be 'learn' or 'tune', got {self.fit_on!r}")
+        if calibration.get(self.method).name == "none":
+            raise ValueError("method must be a fitted calibration, got 'none'")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PooledCoverageResult:
     """What `pooled_coverage` measured over S tune sets.
@@ -769,16 +799,15 @@ def _cut_for(calib, column: int, level: float, grid: np.ndarray) -> float:
 
 
 def pooled_coverage(scenario: Sequence[ClassModel], objective: Objective, grid: Sequence[float],
-                    num_sets: int, seed: int, *, method: str, fit_on: FitOn = "learn",
-                    learn_fraction: float = 0.3, calibration_iou: float | None = None,
-                    min_samples: int = 30, resolution: int = 4001) -> PooledCoverageResult:
+                    num_sets: int, seed: int, fit: CalibrationFit, *,
+                    learn_fraction: float = 0.3, resolution: int = 4001) -> PooledCoverageResult:
     """Coverage of the certified pooled decision (`tuning.scope: pooled`) on per-class
     calibrated scores, with the calibration fitted as the tuner fits it.
 
     Each seeded tune set is drawn as a learn part and a certify part (`learn_fraction`). The
-    per-class calibration `method` is fitted on the detections at `calibration_iou` of the learn
-    part (`fit_on="learn"`, the tuner's rule for the pooled scope) or of the whole tune set
-    (`fit_on="tune"`, which lets the certify part's labels shape how classes are compared);
+    per-class calibration `fit.method` is fitted on the detections at `fit.calibration_iou` of
+    the learn part (`fit.fit_on="learn"`, the tuner's rule for the pooled scope) or of the whole
+    tune set (`"tune"`, which lets the certify part's labels shape how classes are compared);
     `pooled_search` then certifies one calibrated threshold on the certify part, planned on the
     learn part. The chosen level `lambda` keeps, per class, the raw scores `>= r_k` with
     `calibrated_k(r_k) >= lambda` (found on a `resolution`-point grid of [0, 1]), and the true
@@ -789,12 +818,8 @@ def pooled_coverage(scenario: Sequence[ClassModel], objective: Objective, grid: 
         objective: a certified `precision_target` objective.
         grid: the NMS IoU grid. num_sets: >= 1. seed: int >= 0 (set `i` draws with
             `np.random.default_rng([seed, i])`).
-        method: a calibration method name other than `none` (`tfcal.calibration.names()`).
-        fit_on: {'learn', 'tune'}, default 'learn'.
+        fit: how the calibration is fitted (method, part, IoU, shrinkage).
         learn_fraction: in (0, 1), default 0.3.
-        calibration_iou: the IoU whose detections fit the calibration; default the grid's middle
-            value, as `tuning.default_nms_iou` defaults.
-        min_samples: the per-class shrinkage of `fit_per_class`, default 30.
         resolution: points of the raw-score grid the cuts are read on, default 4001.
 
     Returns:
@@ -803,16 +828,13 @@ def pooled_coverage(scenario: Sequence[ClassModel], objective: Objective, grid: 
     if objective.name != "precision_target" or objective.confidence is None:
         raise ValueError(f"objective must be a certified precision_target, got {objective.name!r} "
                          f"with confidence {objective.confidence!r}")
-    if fit_on not in ("learn", "tune"):
-        raise ValueError(f"fit_on must be 'learn' or 'tune', got {fit_on!r}")
     if not 0.0 < learn_fraction < 1.0:
         raise ValueError(f"learn_fraction must be in (0, 1), got {learn_fraction!r}")
-    fitter = calibration.get(method)
-    if fitter.name == "none":
-        raise ValueError("method must be a fitted calibration, got 'none'")
+    fitter = calibration.get(fit.method)
     scenario = tuple(scenario)
     grid = tuple(float(g) for g in grid)
-    g0 = sorted(grid)[(len(grid) - 1) // 2] if calibration_iou is None else float(calibration_iou)
+    g0 = (sorted(grid)[(len(grid) - 1) // 2] if fit.calibration_iou is None
+          else float(fit.calibration_iou))
     if g0 not in grid:
         raise ValueError(f"calibration_iou {g0} is not in the grid {list(grid)}")
     raw_grid = np.linspace(0.0, 1.0, int(resolution)).astype(np.float32)
@@ -825,10 +847,10 @@ def pooled_coverage(scenario: Sequence[ClassModel], objective: Objective, grid: 
             rng = np.random.default_rng([int(seed), i])
             learn = simulate(_scaled(scenario, learn_fraction), grid, rng)
             certify = simulate(_scaled(scenario, 1.0 - learn_fraction), grid, rng)
-            src = (learn if fit_on == "learn" else merge_sets(learn, certify))[g0]
+            src = (learn if fit.fit_on == "learn" else merge_sets(learn, certify))[g0]
             calib = calibration.fit_per_class(
                 fitter.name, fitter.to_space(src.score.astype(np.float64)),
-                src.tp.astype(np.int64), src.column, len(scenario), min_samples=min_samples)
+                src.tp.astype(np.int64), src.column, len(scenario), min_samples=fit.min_samples)
 
             def calibrated(md):
                 return dataclasses.replace(md, score=calib.apply_to_probabilities(
@@ -850,8 +872,8 @@ def pooled_coverage(scenario: Sequence[ClassModel], objective: Objective, grid: 
             if enabled[i]:
                 precision[i] = tp / (tp + fp)
                 recall[i] = tp / num_gt.sum()
-    return PooledCoverageResult(fitter.name, fit_on, float(objective.target_precision), enabled,
-                                precision, recall)
+    return PooledCoverageResult(fitter.name, fit.fit_on, float(objective.target_precision),
+                                enabled, precision, recall)
 
 
 @contextlib.contextmanager
