@@ -38,6 +38,12 @@ MultipleTesting = Literal["holm", "none"]
 RunnerKind = Literal["local", "beam"]
 
 
+def _checked_elsewhere(message: str) -> dict:
+    """The rule a field's value must meet, for the config reference, where the check itself runs
+    in `_check_shared_numbers` (by `tfcal.validation`, shared with the serving side)."""
+    return {"rule": message}
+
+
 def _check(predicate, message):
     """Field metadata: `predicate(value)` must hold, else `message` (with the value appended;
     a callable message is called when it is needed)."""
@@ -125,7 +131,7 @@ class ModelConfig:
     box_format: BoxFormat = "yxyx"  # normalized layout of raw boxes, converted at load
     score_converter: ScoreConverter = "sigmoid"
     background_column: bool = True
-    label_offset: int = 1  # >= 0 (tfcal.validation.label_offset)
+    label_offset: int = dataclasses.field(default=1, metadata=_checked_elsewhere("must be >= 0"))
     category_columns: dict[str, int] | None = None  # explicit {category id or name: column}
     batch_size: int = dataclasses.field(default=8, metadata=_check(_positive, "must be > 0"))
     cache_dir: Path | None = None  # default: <output.dir>/cache
@@ -199,18 +205,22 @@ class TuningConfig:
     match_iou: float = dataclasses.field(
         default=0.5, metadata=_check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"))
     nms_iou_grid: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)
-    default_nms_iou: float | None = None
+    default_nms_iou: float | None = dataclasses.field(
+        default=None, metadata=_checked_elsewhere("must be in (0, 1] and in nms_iou_grid"))
     # OD API soft_nms_sigma: > 0 runs Gaussian soft-NMS, in the search's candidates and in the
     # served graph alike (the NMS IoU then has no effect, as in TF); 0: hard NMS.
-    soft_nms_sigma: float = 0.0
+    soft_nms_sigma: float = dataclasses.field(default=0.0,
+                                              metadata=_checked_elsewhere("must be >= 0"))
     # OD API clip_window [ymin, xmin, ymax, xmax] (normalized): boxes are clipped to it after NMS
     # and zero-area ones dropped, in the search and the served graph; change_coordinate_frame
     # makes the served boxes relative to the window (the tuner matches them in image frame).
     clip_window: tuple[float, ...] | None = None
     change_coordinate_frame: bool = False
     # The numbers the served NMS takes too are checked by `tfcal.validation`, as there.
-    max_detections_per_class: int = 100
-    max_total_detections: int = 100
+    max_detections_per_class: int = dataclasses.field(
+        default=100, metadata=_checked_elsewhere("must be > 0 and <= max_total_detections"))
+    max_total_detections: int = dataclasses.field(default=100,
+                                                  metadata=_checked_elsewhere("must be > 0"))
     min_support: int = dataclasses.field(default=10, metadata=_check(_positive, "must be > 0"))
     min_candidate_thresh: float = dataclasses.field(
         default=0.001, metadata=_check(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"))

@@ -133,8 +133,8 @@ def _default_text(field: dataclasses.Field) -> str:
 
 def _check_text(field: dataclasses.Field) -> str:
     check = field.metadata.get("check")
-    if check is None:
-        return ""
+    if check is None:  # checked with other fields, or by tfcal.validation: the rule in words
+        return field.metadata.get("rule", "")
     message = check[1]() if callable(check[1]) else check[1]
     return message
 
