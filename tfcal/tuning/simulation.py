@@ -87,6 +87,12 @@ def _logistic(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
+
+def _binomial_se(p, n: int):
+    """The binomial standard error `sqrt(p (1 - p) / n)` of a rate `p` (float or array) over `n`
+    seeded sets."""
+    return np.sqrt(np.multiply(p, 1.0 - np.asarray(p)) / n)
+
 @dataclasses.dataclass(frozen=True)
 class ClassModel:
     """The generative model of one class (see the module docstring).
@@ -484,7 +490,7 @@ class CoverageResult:
     @property
     def group_coverage_se(self) -> float:
         p = self.group_coverage
-        return math.sqrt(p * (1.0 - p) / self.num_sets)
+        return float(_binomial_se(p, self.num_sets))
 
     @property
     def metric(self) -> np.ndarray:
@@ -526,7 +532,7 @@ class CoverageResult:
     @property
     def statement_coverage_se(self) -> np.ndarray:
         p = self.statement_coverage
-        return np.sqrt(p * (1.0 - p) / self.num_sets)
+        return _binomial_se(p, self.num_sets)
 
     @property
     def simultaneous_statement_coverage(self) -> float:
@@ -536,7 +542,7 @@ class CoverageResult:
     @property
     def simultaneous_statement_coverage_se(self) -> float:
         p = self.simultaneous_statement_coverage
-        return math.sqrt(p * (1.0 - p) / self.num_sets)
+        return float(_binomial_se(p, self.num_sets))
 
     def kind_coverage(self, kind: str) -> tuple[float, float, int]:
         """`(coverage, SE, count)` over (set, class) pairs carrying one statement kind:
@@ -547,7 +553,7 @@ class CoverageResult:
         if n == 0:
             return math.nan, math.nan, 0
         p = float(self.statement_holds[sel].mean())
-        return p, math.sqrt(p * (1.0 - p) / n), n
+        return p, float(_binomial_se(p, n)), n
 
     @property
     def enabled_rate(self) -> np.ndarray:
@@ -562,7 +568,7 @@ class CoverageResult:
     def class_coverage_se(self) -> np.ndarray:
         """float64 `[K]` its binomial standard error."""
         p = self.class_coverage
-        return np.sqrt(p * (1.0 - p) / self.num_sets)
+        return _binomial_se(p, self.num_sets)
 
     @property
     def conditional_coverage(self) -> np.ndarray:
@@ -579,7 +585,7 @@ class CoverageResult:
     @property
     def simultaneous_coverage_se(self) -> float:
         p = self.simultaneous_coverage
-        return math.sqrt(p * (1.0 - p) / self.num_sets)
+        return float(_binomial_se(p, self.num_sets))
 
     @property
     def mean_recall(self) -> np.ndarray:
